@@ -1,0 +1,302 @@
+"""Where pymta's files are, and the few settings `sendmail` needs, read without YAML.
+
+`sendmail` runs for every cron job, and importing a YAML parser costs more than the rest of an enqueue. It
+needs only a handful of top-level scalars (where the spool is, whether to start a flush), so it reads them
+with the small line reader here. Anything the reader is not certain about (a flow collection, an anchor, a
+block scalar, a continued line) makes it fall back to the real YAML parser, so both always agree; a test
+checks that against PyYAML.
+
+A config file that is broken *elsewhere* does not stop `sendmail`: the mail is queued and the flush, which
+validates the whole file (`pymta.config`), refuses to run until it is fixed. Mail is kept, not lost.
+
+The search order for the config file (DESIGN.md) lives here too, so `sendmail` and `pymta` agree on it.
+"""
+
+import os
+
+ENV_CONFIG = "PYMTA_CONFIG"
+SYSTEM_CONFIG = "/etc/pymta/pymta.yaml"
+SYSTEM_SPOOL = "/var/spool/pymta"
+
+# Plain scalars starting with these are YAML structure, not text: leave them to the real parser.
+_YAML_INDICATORS = frozenset("[]{}&*!|>%@`,?")
+
+
+def _home() -> str:
+    """The real user's home: $HOME unless it is unset or "/" (sudo runs sendmail with HOME=/), else passwd."""
+    home = os.environ.get("HOME", "")
+    if home and home != "/":
+        return home
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir or "/"
+    except KeyError:  # a uid with no passwd entry
+        return home or "/"
+
+
+def _xdg(variable: str, fallback: str) -> str:
+    value = os.environ.get(variable, "")
+    return value if os.path.isabs(value) else os.path.join(_home(), fallback)
+
+
+def config_candidates(explicit: str | None = None) -> list[str]:
+    """The config files in the order they are tried; a `-C` file or $PYMTA_CONFIG is the only one."""
+    if explicit:
+        return [explicit]
+    from_env = os.environ.get(ENV_CONFIG, "")
+    if from_env:
+        return [from_env]
+    return [SYSTEM_CONFIG, os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "pymta", "pymta.yaml")]
+
+
+def find_config(explicit: str | None = None) -> str | None:
+    """The config file to use, or None when there is none (which is valid: defaults apply).
+
+    A file named explicitly (`-C`, $PYMTA_CONFIG) is returned even if missing, so reading it reports that.
+    """
+    candidates = config_candidates(explicit)
+    if explicit or os.environ.get(ENV_CONFIG, ""):
+        return candidates[0]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def default_spool() -> str:
+    """The spool when the config names none: the system spool once `pymta setup` made it, else the user's."""
+    if os.path.isdir(os.path.join(SYSTEM_SPOOL, "new")):
+        return SYSTEM_SPOOL
+    return os.path.join(_xdg("XDG_STATE_HOME", os.path.join(".local", "state")), "pymta")
+
+
+class Unsure(Exception):
+    """The line reader met YAML it does not handle; the real parser must decide."""
+
+
+def _unquote_double(text: str) -> str:
+    out: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == '"':
+            rest = "".join(chars).strip()
+            if rest and not rest.startswith("#"):
+                raise Unsure
+            return "".join(out)
+        if char == "\\":
+            escaped = next(chars, "")
+            simple = {"\\": "\\", '"': '"', "n": "\n", "t": "\t", "/": "/", " ": " "}
+            if escaped not in simple:
+                raise Unsure
+            out.append(simple[escaped])
+        else:
+            out.append(char)
+    raise Unsure  # unterminated: it continues on the next line
+
+
+def _unquote_single(text: str) -> str:
+    out = []
+    i = 0
+    while i < len(text):
+        if text[i] == "'":
+            if text[i + 1 : i + 2] == "'":
+                out.append("'")
+                i += 2
+                continue
+            rest = text[i + 1 :].strip()
+            if rest and not rest.startswith("#"):
+                raise Unsure
+            return "".join(out)
+        out.append(text[i])
+        i += 1
+    raise Unsure
+
+
+# Plain scalars YAML 1.1 reads as booleans, or as the merge and value tags: not text.
+_NOT_TEXT = frozenset(
+    "yes Yes YES no No NO true True TRUE false False FALSE on On ON off Off OFF = <<".split()
+)
+
+
+def _may_be_number(text: str) -> bool:
+    """Whether YAML 1.1 might read `text` as a number or a date (0x1F, 010, 1_000, 1:20, 2001-12-14, .5, +1).
+
+    A plain decimal and a decimal with a unit of letters (35M, 5d) are certainly what they look like.
+    """
+    digits = len(text) - len(text.lstrip("0123456789"))
+    if digits == 0:
+        return text[0] in "+-."
+    rest = text[digits:]
+    return (text[0] == "0" and len(text) > 1) or not (rest == "" or (rest.isascii() and rest.isalpha()))
+
+
+def _plain(text: str) -> str | None:
+    # A comment starts at " #" (or is all there is); a ": " inside a plain scalar is a nested mapping.
+    cut = text.find(" #")
+    if cut >= 0:
+        text = text[:cut]
+    text = text.strip()
+    if not text or text.startswith("#") or text in ("~", "null", "Null", "NULL"):
+        return None
+    if text[0] in _YAML_INDICATORS or ": " in text or text.endswith(":") or "\t" in text:
+        raise Unsure
+    if text in _NOT_TEXT or _may_be_number(text):
+        raise Unsure  # YAML reads it as a bool, number or date; let it say which
+    return text
+
+
+def _check_closed(node: str) -> None:
+    """Raise Unsure unless the quoted scalar or [flow] {collection} that `node` starts with ends on its line.
+
+    PyYAML lets such a node continue on lines at any indentation, even column 0, where the line reader
+    would take its continuation for a top-level key.
+    """
+    if node[0] == '"':
+        _unquote_double(node[1:])
+        return
+    if node[0] == "'":
+        _unquote_single(node[1:])
+        return
+    depth = 0
+    quote = ""
+    i = 0
+    while i < len(node):
+        char = node[i]
+        if quote:
+            if char == "\\" and quote == '"':
+                i += 1
+            elif char == quote and node[i + 1 : i + 2] == "'" == quote:
+                i += 1
+            elif char == quote:
+                quote = ""
+        elif char in "\"'" and node[i - 1] in " [{,:":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                rest = node[i + 1 :].strip()
+                if rest and not rest.startswith("#"):
+                    raise Unsure
+                return
+        elif char == "#" and node[i - 1] in " \t":
+            raise Unsure  # a comment inside an open collection: it goes on
+        i += 1
+    raise Unsure
+
+
+def _node(line: str) -> tuple[str, int]:
+    """Where a value starts in `line` (after "- ", "? ", anchors, tags and a plain "key: "), and the offset
+    of the key that owns it: a block scalar's lines are indented beyond that."""
+    content = line
+    owner = 0
+    while True:
+        if content[:2] in ("- ", "? ", ": ") or content in ("-", "?", ":"):
+            content = content[2:].lstrip(" ")
+        elif content[:1] in ("&", "!"):
+            content = content.partition(" ")[2].lstrip(" ")
+        elif not content or content[0] in "\"'[{|>":
+            return content, owner
+        else:
+            owner = len(line) - len(content)
+            key, colon, rest = content.partition(": ")
+            if not colon:
+                return "", owner
+            content = rest.lstrip(" ")
+
+
+def _continues(lines: list[str], number: int) -> bool:
+    """Whether the next line with content after `number` is indented, i.e. belongs to this line's value."""
+    for following in lines[number + 1 :]:
+        stripped = following.strip()
+        if stripped and not stripped.startswith("#"):
+            return following[0] in " \t"
+    return False
+
+
+def _scan(text: str, keys: frozenset[str]) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    lines = text.splitlines()
+    block_column = -1  # lines indented beyond this column are the content of a | or > block scalar
+    for number, line in enumerate(lines):
+        content = line.lstrip(" ")
+        indent = len(line) - len(content)
+        if block_column >= 0 and (indent > block_column or not content.strip()):
+            continue
+        block_column = -1
+        if not content.strip() or content.startswith("#"):
+            continue
+        if line.startswith(("---", "...")) and line[3:4] in ("", " ", "\t"):
+            if line[3:].strip() and not line[3:].strip().startswith("#"):
+                raise Unsure  # content on the document marker line
+            continue
+        node, owner = _node(content)
+        if node[:1] in ("|", ">"):
+            block_column = indent + owner
+        elif node[:1] in ('"', "'", "[", "{"):
+            _check_closed(node)
+        if indent:
+            continue
+        if line.startswith("%") or line[0] in "\"'?-[{\t":
+            raise Unsure  # directives, quoted or complex keys, a top-level sequence
+        key, colon, rest = line.partition(":")
+        if not colon:
+            raise Unsure
+        key = key.rstrip()
+        if key == "<<":
+            raise Unsure  # a merge key can bring in any key
+        if key not in keys:
+            continue
+        if rest and rest[0] != " ":
+            raise Unsure
+        if _continues(lines, number):
+            raise Unsure  # a nested block, or a value continued on the next lines
+        value = rest.strip()
+        if value.startswith('"'):
+            found[key] = _unquote_double(value[1:])
+        elif value.startswith("'"):
+            found[key] = _unquote_single(value[1:])
+        else:
+            found[key] = _plain(value)
+    return found
+
+
+def read_scalars(path: str, keys: frozenset[str]) -> dict[str, str | None]:
+    """The top-level scalar values of `keys` in the YAML file at `path` (absent keys are left out).
+
+    Values are returned as the text YAML would give for a string; callers interpret them. Raises OSError
+    when the file cannot be read and ValueError when it cannot be parsed.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise Unsure
+        return _scan(text, keys)
+    except (Unsure, UnicodeDecodeError):
+        return _read_with_yaml(data, keys)
+
+
+def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
+    import yaml
+
+    try:
+        document = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc).replace("\n", " ")) from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ValueError("the file must be a mapping of keys to values")
+    found: dict[str, str | None] = {}
+    for key in keys:
+        if key in document:
+            value = document[key]
+            if isinstance(value, bool):
+                found[key] = "true" if value else "false"
+            else:
+                found[key] = None if value is None else str(value)
+    return found

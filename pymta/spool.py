@@ -1,0 +1,578 @@
+"""The on-disk queue: durable submission, listing and per-message state. It knows nothing of SMTP.
+
+Layout of a spool directory (DESIGN.md, "Two ways to run"):
+
+    tmp/ID       a submission being written; only its writer ever opens it
+    new/ID       a committed submission waiting to be picked up (system mode: the drop directory, 1733)
+    queue/ID     a picked-up message; never changes after it is written
+    state/ID     its delivery state (JSON), replaced atomically on every change; absent means never tried.
+                 Its mtime is the time of the next attempt, so finding what is due reads no file at all.
+    corrupt/ID   a submission the pick-up could not read, kept for the admin
+    flush.lock   held (flock) by the one flush that may run; flush.request asks it to look again
+
+A submission file is one line of envelope JSON (sender, recipients, who submitted it, when, DSN options)
+followed by the message exactly as it will be stored. One file, so that it appears whole or not at all.
+
+The commit protocol of `Spool.submit`, and what a crash after each step leaves behind:
+
+    1. open tmp/ID with O_CREAT | O_EXCL | O_NOFOLLOW; ID is 64 random bits behind a time prefix
+    2. write the envelope line and the message          crash: a partial tmp/ID that nobody reads
+    3. fsync the file                                   crash: a complete tmp/ID that nobody reads
+    4. rename tmp/ID to new/ID (atomic)                 crash: new/ID may not survive a power loss, and
+                                                        sendmail has not yet said it was accepted
+    5. fsync new/                                       the entry is durable: only now sendmail exits 0
+
+So a reader sees a whole entry in new/ or none, and a caller told "accepted" has a durable entry. Leftovers in
+tmp/ are removed by the flush once they are older than `STALE_TMP_AGE`.
+
+Unlike Python's mailbox.Maildir.add this fsyncs both the file and the directory, and unlike nullmailer it
+renames rather than links, so a rename over an existing name cannot happen: the random ID makes it so.
+
+In system mode new/ and tmp/ are writable by everyone but listable by no one (1733); a dropped file must be
+readable by the flusher, so it is protected by its unguessable name, not by its mode (0644). In user mode
+everything is the user's own and private (0700 directories, 0600 files).
+
+`sendmail` imports this module on every cron job: module level imports only os, time and errno; the
+reading side imports json when it is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+from .errors import SpoolError, SpoolFullError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+SUBDIRS = ("tmp", "new", "queue", "state", "corrupt")
+ENVELOPE_VERSION = 1
+# A writer killed mid-message leaves tmp/ID behind; Maildir's rule says such files may go after 36 hours.
+STALE_TMP_AGE = 36 * 3600
+# An envelope line longer than this is not one we wrote: refuse it rather than read a huge file into memory.
+MAX_ENVELOPE_LINE = 4 * 1024 * 1024
+
+# The next-attempt time of a message that no flush should pick (held, failed): the largest 32-bit time.
+NEVER = float(2**31 - 1)
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def new_id() -> str:
+    """A queue id: 8 hex digits of the time (so ids sort by submission) and 64 unguessable random bits."""
+    return f"{int(time.time()):08x}{os.urandom(8).hex()}"
+
+
+def _json_string(text: str) -> str:
+    out = ['"']
+    for char in text:
+        code = ord(char)
+        if char == '"' or char == "\\":
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    out.append('"')
+    return "".join(out)
+
+
+def encode_json(value: object) -> str:
+    """JSON for the envelope's plain values, ASCII only, without importing json (it pulls in re)."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return _json_string(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(encode_json(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_json_string(str(k))}:{encode_json(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot encode {type(value).__name__} in an envelope")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class Spool:
+    """A spool directory. Cheap to construct; nothing touches the disk until a method is called."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.private = True  # after submit(): whether the spool is this user's own (user mode)
+
+    def dir(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    # -- the write side (sendmail) --
+
+    def create_private(self) -> None:
+        """Create a user-mode spool (directories 0700). Its parent must exist: a typo is not silently made."""
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
+            parent = os.path.dirname(os.path.abspath(self.path))
+            raise SpoolError(
+                f"cannot create the spool {self.path}: {parent} does not exist; "
+                f"create it or set 'spool:' in the config (or run pymta setup)"
+            )
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            for name in SUBDIRS:
+                os.makedirs(self.dir(name), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise self._write_error("cannot create the spool", self.path, exc) from None
+
+    def submit(self, envelope: dict[str, object], message: bytes, *, create: bool = True) -> str:
+        """Commit a submission durably (the protocol in the module docstring) and return its id.
+
+        `envelope` gets `v` and `id` added. Raises SpoolError (EX_CANTCREAT) when the spool cannot be
+        written and SpoolFullError (EX_TEMPFAIL) when the disk or the file size limit is full; either way
+        nothing is left that a reader could pick up.
+        """
+        new_dir = self.dir("new")
+        try:
+            drop = os.stat(new_dir)
+        except FileNotFoundError:
+            if not create or _is_nonempty_dir(self.path):
+                raise SpoolError(
+                    f"the spool {self.path} has no new/ directory; "
+                    "run 'pymta setup' or fix 'spool:' in the config"
+                ) from None
+            self.create_private()
+            drop = os.stat(new_dir)
+        except OSError as exc:
+            raise self._write_error("cannot use the spool", self.path, exc) from None
+        # A drop directory owned by someone else is the system-mode maildrop: the flusher must read the file.
+        self.private = drop.st_uid == os.geteuid()
+        mode = 0o600 if self.private else 0o644
+        message_id = new_id()
+        envelope = {"v": ENVELOPE_VERSION, "id": message_id, **envelope}
+        data = encode_json(envelope).encode("ascii") + b"\n" + message
+        tmp_path = os.path.join(self.dir("tmp"), message_id)
+        try:
+            fd = os.open(tmp_path, _OPEN_FLAGS, mode)
+        except OSError as exc:
+            raise self._write_error("cannot write to the spool", self.dir("tmp"), exc) from None
+        try:
+            try:
+                os.fchmod(fd, mode)  # whatever the caller's umask
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, os.path.join(new_dir, message_id))
+        except OSError as exc:
+            _unlink_quietly(tmp_path)
+            raise self._write_error("cannot write the message to the spool", self.path, exc) from None
+        try:
+            _fsync_dir(new_dir)
+        except OSError as exc:
+            # The entry exists but may not be durable; the caller must not be told it was accepted.
+            raise self._write_error("cannot make the queued message durable", new_dir, exc) from None
+        return message_id
+
+    @staticmethod
+    def _write_error(what: str, path: str, exc: OSError) -> SpoolError:
+        reason = exc.strerror or str(exc)
+        if exc.errno in _NO_SPACE:
+            return SpoolFullError(f"{what} {path}: {reason}; free some space, then send again")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return SpoolError(f"{what} {path}: {reason}; check its owner and mode (pymta setup --check)")
+        if exc.errno == errno.ENOENT:
+            return SpoolError(
+                f"{what} {path}: it does not exist; run 'pymta setup' or fix 'spool:' in the config"
+            )
+        return SpoolError(f"{what} {path}: {reason}")
+
+    # -- the read side (pymta queue, mailq, the flush) --
+
+    def entries(self) -> tuple[list[QueueEntry], list[str]]:
+        """Every committed message, oldest first, and a line for each entry that could not be read."""
+        found: list[QueueEntry] = []
+        problems: list[str] = []
+        for location in ("new", "queue"):
+            for name in self._names(location):
+                try:
+                    found.append(self.read_entry(location, name))
+                except FileNotFoundError:
+                    continue  # picked up or deleted while we looked
+                except (OSError, ValueError) as exc:
+                    problems.append(f"{location}/{name}: {exc}")
+        found.sort(key=lambda entry: (entry.queued_at, entry.id))
+        return found, problems
+
+    def _names(self, location: str) -> Iterator[str]:
+        try:
+            with os.scandir(self.dir(location)) as listing:
+                for item in listing:
+                    if not item.name.startswith("."):
+                        yield item.name
+        except FileNotFoundError:
+            return
+
+    def read_entry(self, location: str, name: str) -> QueueEntry:
+        """Read the envelope of new/NAME or queue/NAME, and state/NAME if there is one."""
+        import stat
+
+        path = os.path.join(self.dir(location), name)
+        fd = os.open(path, _READ_FLAGS)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                line = handle.readline(MAX_ENVELOPE_LINE)
+        finally:
+            os.close(fd)
+        if not line.endswith(b"\n"):
+            raise ValueError("no envelope line: not a pymta queue file")
+        envelope = _parse_envelope(line)
+        state = self._read_state(name) if location == "queue" else None
+        return QueueEntry(location, path, envelope, state, info.st_size - len(line), info.st_uid)
+
+    def _read_state(self, name: str) -> dict[str, object] | None:
+        import json
+
+        try:
+            with open(os.path.join(self.dir("state"), name), "rb") as handle:
+                state = json.load(handle)
+        except FileNotFoundError:
+            return None
+        if not isinstance(state, dict):
+            raise ValueError("state file is not a JSON object")
+        return state
+
+    def read_message(self, entry: QueueEntry) -> bytes:
+        """The stored message of an entry, without its envelope line."""
+        fd = os.open(entry.path, _READ_FLAGS)
+        with os.fdopen(fd, "rb") as handle:
+            handle.readline(MAX_ENVELOPE_LINE)
+            return handle.read()
+
+    # -- the flush side: pick-up, due messages, state, lock --
+
+    def pick_up(self, max_size: int, report: Callable[[str], None]) -> list[str]:
+        """Move committed submissions from new/ into queue/ and return their ids.
+
+        Only what the kernel says is trusted: a file is opened with O_NOFOLLOW and checked on its descriptor
+        (a regular file with one link, at most `max_size` bytes of message). A submission owned by us (user
+        mode) is renamed into place; one owned by another user (system mode) is copied into a file of ours,
+        with `submitted_by` and `uid` taken from the file's owner, so its writer can change it no longer.
+        Links, FIFOs and devices are removed, unreadable files moved to corrupt/; each gets a `report` line.
+        """
+        picked = []
+        for name in sorted(self._names("new")):
+            source = os.path.join(self.dir("new"), name)
+            try:
+                if self._pick_up_one(name, source, max_size, report):
+                    picked.append(name)
+            except FileNotFoundError:
+                continue
+        if picked:
+            _fsync_dir(self.dir("queue"))
+            _fsync_dir(self.dir("new"))
+        return picked
+
+    def _pick_up_one(self, name: str, source: str, max_size: int, report: Callable[[str], None]) -> bool:
+        import stat
+
+        try:
+            fd = os.open(source, _READ_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                os.unlink(source)
+                report(f"refused new/{name}: a symbolic link; removed")
+                return False
+            raise
+        try:
+            info = os.fstat(fd)
+            refusal = ""
+            if not stat.S_ISREG(info.st_mode):
+                refusal = "not a regular file (a FIFO, device or directory)"
+            elif info.st_nlink != 1:
+                refusal = f"a hard link ({info.st_nlink} names)"
+            if refusal:
+                if stat.S_ISDIR(info.st_mode):
+                    report(f"refused new/{name}: {refusal}; left in place for the admin")
+                else:
+                    os.unlink(source)
+                    report(f"refused new/{name} of uid {info.st_uid}: {refusal}; removed")
+                return False
+            if info.st_size > max_size + MAX_ENVELOPE_LINE:
+                self._set_aside(name, source, f"{info.st_size} bytes, over max_message_size", report)
+                return False
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read()
+        finally:
+            os.close(fd)
+        line, _, message = data.partition(b"\n")
+        try:
+            envelope = _parse_envelope(line)
+            QueueEntry("new", source, envelope, None, len(message), info.st_uid)
+        except ValueError as exc:
+            self._set_aside(name, source, str(exc), report)
+            return False
+        target = os.path.join(self.dir("queue"), name)
+        if info.st_uid == os.geteuid():
+            os.rename(source, target)
+            return True
+        import pwd
+
+        try:
+            owner = pwd.getpwuid(info.st_uid).pw_name
+        except KeyError:
+            owner = f"uid{info.st_uid}"
+        envelope.update(submitted_by=owner, uid=info.st_uid)
+        self._write_private(target, encode_json(envelope).encode("ascii") + b"\n" + message)
+        os.unlink(source)
+        return True
+
+    def exists(self) -> bool:
+        """Whether the spool has been created (by a first submission or by pymta setup)."""
+        return os.path.isdir(self.dir("queue"))
+
+    def set_aside_queued(self, name: str) -> None:
+        """Move an unreadable queue/NAME (and its state) to corrupt/, where the admin can look at it."""
+        os.makedirs(self.dir("corrupt"), mode=0o700, exist_ok=True)
+        try:
+            os.rename(os.path.join(self.dir("queue"), name), os.path.join(self.dir("corrupt"), name))
+        except FileNotFoundError:
+            pass
+        _unlink_quietly(os.path.join(self.dir("state"), name))
+
+    def _set_aside(self, name: str, source: str, why: str, report: Callable[[str], None]) -> None:
+        os.makedirs(self.dir("corrupt"), mode=0o700, exist_ok=True)
+        os.rename(source, os.path.join(self.dir("corrupt"), name))
+        report(f"refused new/{name}: {why}; moved to corrupt/ for the admin")
+
+    def _write_private(self, target: str, data: bytes, mtime: float | None = None) -> None:
+        """Write `data` to `target` atomically and durably: a dot-file beside it, fsync, rename."""
+        directory, name = os.path.split(target)
+        tmp_path = os.path.join(directory, f".{name}.tmp")
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if mtime is not None:
+                os.utime(tmp_path, (mtime, mtime))
+            os.rename(tmp_path, target)
+        except BaseException:
+            _unlink_quietly(tmp_path)
+            raise
+
+    def remove_stale_tmp(self, now: float) -> int:
+        """Remove submissions abandoned mid-write (their writer was killed); return how many."""
+        removed = 0
+        for name in self._names("tmp"):
+            path = os.path.join(self.dir("tmp"), name)
+            try:
+                if now - os.lstat(path).st_mtime > STALE_TMP_AGE:
+                    os.unlink(path)
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
+    def due(self, now: float) -> list[str]:
+        """The ids in queue/ whose next attempt has come, oldest submission first. Reads no file."""
+        times = {}
+        for name in self._names("state"):
+            try:
+                times[name] = os.stat(os.path.join(self.dir("state"), name)).st_mtime
+            except FileNotFoundError:
+                continue
+        return sorted(name for name in self._names("queue") if times.get(name, 0.0) <= now)
+
+    def write_state(self, name: str, state: dict[str, object], next_attempt: float) -> None:
+        """Replace state/NAME atomically and durably; its mtime records `next_attempt`."""
+        import json
+
+        data = json.dumps(state, separators=(",", ":")).encode()
+        self._write_private(os.path.join(self.dir("state"), name), data, mtime=next_attempt)
+
+    def remove(self, name: str) -> None:
+        """Forget a message whose every recipient is done: its queue file, then its state."""
+        _unlink_quietly(os.path.join(self.dir("queue"), name))
+        _unlink_quietly(os.path.join(self.dir("state"), name))
+
+    def lock_flush(self) -> int | None:
+        """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""
+        import fcntl
+
+        fd = os.open(os.path.join(self.path, "flush.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def release_flush(self, fd: int) -> None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def request_flush(self) -> None:
+        """Ask the flush that holds the lock to look at the queue once more before it stops."""
+        fd = os.open(os.path.join(self.path, "flush.request"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+    def take_flush_request(self) -> bool:
+        """True (and the request cleared) when someone asked for another look since the last call."""
+        try:
+            os.unlink(os.path.join(self.path, "flush.request"))
+        except FileNotFoundError:
+            return False
+        return True
+
+
+class RecipientStatus:
+    """One recipient of a queued message and how its delivery stands."""
+
+    __slots__ = ("address", "status", "last_error")
+
+    def __init__(self, address: str, status: str = "pending", last_error: str | None = None) -> None:
+        self.address = address
+        self.status = status
+        self.last_error = last_error
+
+
+class QueueEntry:
+    """A queued message as the spool describes it: its envelope and its delivery state."""
+
+    __slots__ = (
+        "location",
+        "path",
+        "id",
+        "sender",
+        "recipients",
+        "submitted_by",
+        "uid",
+        "full_name",
+        "queued_at",
+        "dsn_notify",
+        "dsn_ret",
+        "dsn_envid",
+        "body_type",
+        "state",
+        "attempts",
+        "next_attempt",
+        "last_error",
+        "size",
+        "owner_uid",
+    )
+
+    def __init__(
+        self,
+        location: str,
+        path: str,
+        envelope: dict[str, object],
+        state: dict[str, object] | None,
+        size: int,
+        owner_uid: int,
+    ) -> None:
+        self.location = location
+        self.path = path
+        self.id = _text(envelope, "id")
+        self.sender = _text(envelope, "sender")
+        self.submitted_by = _text(envelope, "submitted_by")
+        self.full_name = _text(envelope, "full_name")
+        self.uid = int(_number(envelope, "uid", -1))
+        self.queued_at = float(_number(envelope, "queued_at", 0))
+        self.dsn_notify = _optional_text(envelope, "notify")
+        self.dsn_ret = _optional_text(envelope, "ret")
+        self.dsn_envid = _optional_text(envelope, "envid")
+        self.body_type = _optional_text(envelope, "body_type")
+        addresses = envelope.get("recipients")
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise ValueError("envelope has no recipient list")
+        state = state or {}
+        per_recipient = state.get("recipients")
+        per_recipient = per_recipient if isinstance(per_recipient, dict) else {}
+        self.recipients = []
+        for address in addresses:
+            known = per_recipient.get(address)
+            known = known if isinstance(known, dict) else {}
+            self.recipients.append(
+                RecipientStatus(
+                    address, _text(known, "status") or "pending", _optional_text(known, "last_error")
+                )
+            )
+        self.state = _text(state, "state") or "queued"
+        self.attempts = int(_number(state, "attempts", 0))
+        self.next_attempt = float(_number(state, "next_attempt", self.queued_at))
+        self.last_error = _optional_text(state, "last_error")
+        self.size = size
+        self.owner_uid = owner_uid
+
+
+def _parse_envelope(line: bytes) -> dict[str, object]:
+    import json
+
+    try:
+        envelope = json.loads(line)
+    except ValueError:
+        raise ValueError("the envelope line is not JSON: not a pymta queue file") from None
+    if not isinstance(envelope, dict) or envelope.get("v") != ENVELOPE_VERSION:
+        raise ValueError("unknown envelope format")
+    return envelope
+
+
+def _text(data: dict[str, object], key: str) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"envelope field {key!r} is not text")
+    return value
+
+
+def _optional_text(data: dict[str, object], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _number(data: dict[str, object], key: str, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"envelope field {key!r} is not a number")
+    return value
+
+
+def _is_nonempty_dir(path: str) -> bool:
+    try:
+        return bool(os.listdir(path))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

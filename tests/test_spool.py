@@ -1,0 +1,148 @@
+"""The spool's commit protocol: whole entries or none, the right modes, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
+from pymta.spool import Spool, encode_json, new_id
+
+ENVELOPE: dict[str, object] = {
+    "sender": "alice",
+    "recipients": ["root", "bob@example.org"],
+    "submitted_by": "alice",
+    "uid": 1000,
+    "full_name": "Alice",
+    "queued_at": 1_700_000_000.5,
+    "notify": None,
+    "ret": None,
+    "envid": None,
+    "body_type": None,
+}
+
+
+def test_submit_commits_one_entry_with_envelope_and_message(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    queue_id = spool.submit(ENVELOPE, b"Subject: hi\r\n\r\nbody\r\n")
+    entries, problems = spool.entries()
+    assert problems == []
+    assert [entry.id for entry in entries] == [queue_id]
+    entry = entries[0]
+    assert entry.location == "new"
+    assert entry.sender == "alice"
+    assert [r.address for r in entry.recipients] == ["root", "bob@example.org"]
+    assert entry.state == "queued"
+    assert entry.size == len(b"Subject: hi\r\n\r\nbody\r\n")
+    assert spool.read_message(entry) == b"Subject: hi\r\n\r\nbody\r\n"
+    assert os.listdir(spool.dir("tmp")) == []
+
+
+def test_user_mode_spool_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        spool = Spool(str(tmp_path / "spool"))
+        queue_id = spool.submit(ENVELOPE, b"x\r\n")
+    finally:
+        os.umask(old)
+    for name in ("tmp", "new", "queue", "state"):
+        assert stat.S_IMODE(os.stat(spool.dir(name)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(spool.dir("new"), queue_id)).st_mode) == 0o600
+
+
+def test_ids_are_unique_sortable_and_unguessable() -> None:
+    ids = [new_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 24 and all(c in "0123456789abcdef" for c in i) for i in ids)
+    assert len({i[8:] for i in ids}) == 1000  # the random part alone is unique
+
+
+def test_missing_parent_is_a_clear_error_and_creates_nothing(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "no" / "such" / "spool"))
+    with pytest.raises(SpoolError) as caught:
+        spool.submit(ENVELOPE, b"x\r\n")
+    assert caught.value.exit_code == EX_CANTCREAT
+    assert "does not exist" in str(caught.value)
+    assert not (tmp_path / "no").exists()
+
+
+def test_spool_without_layout_is_not_silently_reused(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "something-else").write_text("not ours")
+    with pytest.raises(SpoolError, match="no new/ directory"):
+        Spool(str(tmp_path / "spool")).submit(ENVELOPE, b"x\r\n")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only directories")
+def test_unwritable_spool_is_cantcreat(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_private()
+    os.chmod(spool.dir("tmp"), 0o500)
+    try:
+        with pytest.raises(SpoolError) as caught:
+            spool.submit(ENVELOPE, b"x\r\n")
+    finally:
+        os.chmod(spool.dir("tmp"), 0o700)
+    assert caught.value.exit_code == EX_CANTCREAT
+    assert "Permission denied" in str(caught.value)
+    assert spool.entries() == ([], [])
+
+
+def test_file_size_limit_is_tempfail_and_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_private()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(SpoolFullError) as caught:
+            spool.submit(ENVELOPE, b"x" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert caught.value.exit_code == EX_TEMPFAIL
+    assert "free some space" in str(caught.value)
+    assert spool.entries() == ([], [])
+    assert os.listdir(spool.dir("tmp")) == []
+
+
+def test_unreadable_entries_are_reported_not_fatal(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    good = spool.submit(ENVELOPE, b"x\r\n")
+    Path(spool.dir("new"), "garbage").write_bytes(b"not an envelope")
+    Path(spool.dir("new"), "halfjson").write_bytes(b'{"v": 1, "id": \n')
+    os.symlink("/etc/passwd", os.path.join(spool.dir("new"), "link"))
+    entries, problems = spool.entries()
+    assert [entry.id for entry in entries] == [good]
+    assert sorted(problem.split(":")[0] for problem in problems) == [
+        "new/garbage",
+        "new/halfjson",
+        "new/link",
+    ]
+
+
+def test_tmp_files_are_never_listed(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create_private()
+    Path(spool.dir("tmp"), new_id()).write_bytes(json.dumps(ENVELOPE).encode() + b"\npartial")
+    assert spool.entries() == ([], [])
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_envelope_encoder_round_trips_through_json(value: object) -> None:
+    encoded = encode_json(value)
+    assert encoded.isascii()
+    assert "\n" not in encoded
+    assert json.loads(encoded) == value
