@@ -1,0 +1,301 @@
+"""What is done to a message: normalised and stripped of Bcc at submission, completed at delivery.
+
+Messages are bytes in any charset, possibly 8-bit, with NUL bytes and lines of any length. Submission changes
+only what it must: line endings become CRLF (bare LF and lone CR too, against SMTP smuggling), a leading mbox
+`From ` line goes, the fields `_FIELD_RULES` marks `dropped` are removed, and an empty line is inserted
+where a header block ends without one. Delivery adds Date, Message-ID and From when missing and qualifies bare
+addresses in place. Main invariant: every other byte, and the whole body, stays exactly as it came.
+
+`sendmail` imports this module on every cron job: it imports nothing heavy at module level. Only `complete()`,
+which runs at delivery, imports `email.utils` and `email.header`, inside the function.
+"""
+
+from __future__ import annotations
+
+from .address import excerpt, is_local_part_only, parse_list, qualify, recipient_addrs, unique_addresses
+from .errors import AddressError, MessageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+CRLF = b"\r\n"
+# A leading line in mbox format that is no header field (Postfix, nullmailer and dma drop it too).
+_MBOX_SEPARATORS = (b"From ", b">From ")
+_FOLD_STARTS = (ord(" "), ord("\t"))
+# RFC 5322 specials: a display name holding one of these must be quoted.
+_DISPLAY_SPECIALS = frozenset('()<>[]:;@\\,."')
+
+
+class _FieldRule:
+    """What pymta does with one header field: its `-t` recipient set, removal at submission, qualification."""
+
+    __slots__ = ("recipients", "dropped", "qualified")
+
+    def __init__(self, recipients: str = "", *, dropped: bool = False, qualified: bool = False) -> None:
+        self.recipients = recipients  # "original" or "resent": which -t recipient set it feeds; "" for none
+        self.dropped = dropped  # removed from the stored copy at submission
+        self.qualified = qualified  # bare local parts get @domain at delivery
+
+
+# Header fields pymta acts on, by lower-case name. Dropped fields follow Postfix's message_drop_headers: Bcc
+# must reach neither the other recipients nor the disk; Return-Path is written by the final delivery; a
+# Content-Length from the caller is wrong once line endings change. When any Resent- field is present, `-t`
+# reads only the Resent- recipients (Postfix rule: the message is being re-sent).
+_FIELD_RULES: dict[str, _FieldRule] = {
+    "to": _FieldRule("original", qualified=True),
+    "cc": _FieldRule("original", qualified=True),
+    "bcc": _FieldRule("original", dropped=True),
+    "resent-to": _FieldRule("resent", qualified=True),
+    "resent-cc": _FieldRule("resent", qualified=True),
+    "resent-bcc": _FieldRule("resent", dropped=True),
+    "from": _FieldRule(qualified=True),
+    "sender": _FieldRule(qualified=True),
+    "reply-to": _FieldRule(qualified=True),
+    "resent-from": _FieldRule(qualified=True),
+    "resent-sender": _FieldRule(qualified=True),
+    "resent-reply-to": _FieldRule(qualified=True),
+    "return-path": _FieldRule(dropped=True),
+    "content-length": _FieldRule(dropped=True),
+}
+_NO_RULE = _FieldRule()
+
+
+class _HeaderBlock:
+    """The header fields at the start of a message and where they end.
+
+    `end` is the offset just after the last field: the empty line, the body, or the end of the message; 0
+    when the message has no header block. `separator_missing` is true when the block ended at a line that is
+    neither a field nor empty, so an empty line must be inserted before it.
+    """
+
+    __slots__ = ("fields", "end", "separator_missing")
+
+    def __init__(self, fields: list[tuple[str, bytes]], end: int, separator_missing: bool) -> None:
+        self.fields = fields
+        self.end = end
+        self.separator_missing = separator_missing
+
+
+def normalise_line_endings(data: bytes) -> bytes:
+    """`data` with every line ending (CRLF, bare LF, lone CR) as CRLF; an unterminated end gets one."""
+    if not data:
+        return data
+    normalised = data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
+    return normalised if normalised.endswith(CRLF) else normalised + CRLF
+
+
+def _field_name(message: bytes, start: int, end: int) -> str | None:
+    """The name of the header field on the line message[start:end], or None when the line is not a field.
+
+    A field is `name:` with a name of printable ASCII (33-126) except ':'; whitespace before the colon is
+    tolerated as RFC 5322 obsolete syntax allows (Postfix does too).
+    """
+    colon = message.find(b":", start, end)
+    if colon < 0:
+        return None
+    name = message[start:colon].rstrip(b" \t")
+    if not name or not all(33 <= byte <= 126 for byte in name):
+        return None
+    return name.decode("ascii")
+
+
+def _header_block(message: bytes) -> _HeaderBlock:
+    """Find the header fields at the start of `message` (lines end in LF or CRLF).
+
+    The block ends at the first empty line. When the first line is not a field there is no header block at all
+    (zed and careless scripts send bare text; no body line may be taken for a header). A later line that is
+    neither a field, a continuation nor empty ends the block too: the lines from there on are body.
+    """
+    fields: list[tuple[str, bytes]] = []
+    name = ""
+    field_start = 0
+    position = 0
+    length = len(message)
+    separator_missing = False
+    while position < length:
+        newline = message.find(b"\n", position)
+        line_end = length if newline < 0 else newline + 1
+        if message[position] in _FOLD_STARTS:
+            if not name:
+                break  # a first line that starts with blanks is no field: all of it is body
+            position = line_end
+            continue
+        line_name = _field_name(message, position, line_end)
+        if line_name is None:
+            separator_missing = bool(name) and message[position:line_end] not in (CRLF, b"\n")
+            break
+        if name:
+            fields.append((name, message[field_start:position]))
+        name = line_name
+        field_start = position
+        position = line_end
+    if name:
+        fields.append((name, message[field_start:position]))
+    return _HeaderBlock(fields, position if name else 0, separator_missing)
+
+
+def header_fields(message: bytes) -> list[tuple[str, bytes]]:
+    """The header fields of `message`: (name as written, raw bytes with continuation lines and CRLF)."""
+    return _header_block(message).fields
+
+
+def _raw_value(field: bytes) -> bytes:
+    """The bytes after the colon of a raw field, without its final line ending (folds kept)."""
+    value = field[field.index(b":") + 1 :]
+    if value.endswith(CRLF):
+        return value[:-2]
+    return value[:-1] if value.endswith(b"\n") else value
+
+
+def _unfolded(field: bytes) -> str:
+    """The value of a raw field, unfolded and stripped, decoded as UTF-8 (other bytes kept as surrogates)."""
+    value = _raw_value(field).replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
+    return value.decode("utf-8", "surrogateescape")
+
+
+def get_header(message: bytes, name: str) -> str | None:
+    """The unfolded value of the first field called `name` (any case), or None when there is none."""
+    wanted = name.lower()
+    for field_name, field in _header_block(message).fields:
+        if field_name.lower() == wanted:
+            return _unfolded(field)
+    return None
+
+
+def _drop_mbox_separator(message: bytes) -> bytes:
+    """`message` without a leading mbox `From ` / `>From ` line."""
+    if message.startswith(_MBOX_SEPARATORS):
+        return message[message.index(CRLF) + 2 :]
+    return message
+
+
+def prepare_submission(data: bytes, *, extract_recipients: bool) -> tuple[bytes, list[str]]:
+    """The copy of a submitted message to store, and with `extract_recipients` (-t) its header recipients.
+
+    Line endings become CRLF, a leading mbox `From ` line and the fields marked `dropped` in `_FIELD_RULES`
+    (Bcc, Resent-Bcc, Return-Path, Content-Length) are removed, a missing empty line after the header block is
+    inserted; nothing else changes. Raises MessageError when a recipient field cannot be read.
+    """
+    if not data:
+        return b"", []
+    message = _drop_mbox_separator(normalise_line_endings(data))
+    block = _header_block(message)
+    kept: list[bytes] = []
+    recipient_fields: dict[str, list[tuple[str, bytes]]] = {"original": [], "resent": []}
+    resent = False
+    for name, field in block.fields:
+        lower_name = name.lower()
+        resent = resent or lower_name.startswith("resent-")
+        rule = _FIELD_RULES.get(lower_name, _NO_RULE)
+        if rule.recipients:
+            recipient_fields[rule.recipients].append((name, field))
+        if not rule.dropped:
+            kept.append(field)
+    recipients: list[str] = []
+    if extract_recipients:
+        recipients = _recipients(recipient_fields["resent" if resent else "original"])
+    if len(kept) == len(block.fields) and not block.separator_missing:
+        return message, recipients
+    separator = CRLF if block.separator_missing else b""
+    return b"".join(kept) + separator + message[block.end :], recipients
+
+
+def _recipients(fields: list[tuple[str, bytes]]) -> list[str]:
+    """The addr-specs in the given recipient fields, in order, without repeats."""
+    addrs: list[str] = []
+    for name, field in fields:
+        value = _raw_value(field).decode("utf-8", "surrogateescape")
+        try:
+            addrs.extend(recipient_addrs(parse_list(value), value))
+        except AddressError as error:
+            shown = excerpt(f"{name}: {_unfolded(field)}")
+            raise MessageError(f"cannot read the recipients in {shown}: {error}") from None
+    return unique_addresses(addrs)
+
+
+def _qualified_field(field: bytes, domain: str) -> bytes:
+    """`field` with `@domain` inserted after each bare local part; every other byte as it was.
+
+    A field that cannot be parsed is returned untouched: delivery must not fail on a header.
+    """
+    colon = field.index(b":") + 1
+    value = _raw_value(field)
+    text = value.decode("utf-8", "surrogateescape")
+    try:
+        mailboxes = parse_list(text)
+    except AddressError:
+        return field
+    bare = [mailbox for mailbox in mailboxes if is_local_part_only(mailbox.addr)]
+    if not bare:
+        return field
+    for mailbox in reversed(bare):  # from the end, so earlier spans stay valid
+        text = f"{text[: mailbox.end]}@{domain}{text[mailbox.end :]}"
+    return field[:colon] + text.encode("utf-8", "surrogateescape") + field[colon + len(value) :]
+
+
+def _display_name(full_name: str) -> str:
+    """`full_name` for a From field: controls removed, quoted if it holds specials, RFC 2047 if not ASCII."""
+    name = "".join(" " if ord(char) < 32 or char == "\x7f" else char for char in full_name).strip()
+    # GECOS bytes that are not UTF-8 arrive as surrogates; they cannot be encoded, so they become U+FFFD.
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if not name.isascii():
+        from email.header import Header
+
+        return Header(name, "utf-8", header_name="From").encode(linesep="\r\n")
+    if any(char in _DISPLAY_SPECIALS for char in name):
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return name
+
+
+def _from_value(full_name: str, addr: str) -> str:
+    """The value of a generated From field."""
+    display = _display_name(full_name)
+    return f"{display} <{addr}>" if display else addr
+
+
+def _date_value(queued_at: float) -> str:
+    """`queued_at` as an RFC 5322 date in the local time zone, English names whatever the locale."""
+    from email.utils import formatdate
+
+    return formatdate(queued_at, localtime=True)
+
+
+def complete(
+    message: bytes,
+    *,
+    queued_at: float,
+    message_id: str,
+    sender: str,
+    submitted_by: str,
+    full_name: str,
+    domain: str,
+    hostname: str,
+) -> bytes:
+    """The copy of a prepared message to deliver: Date, Message-ID and From added when missing, bare addresses
+    qualified.
+
+    The result depends only on the arguments, so every delivery attempt of one queued message carries the same
+    Message-ID. New fields go after the existing ones; a message without a header block gets them followed by
+    an empty line. The body is not touched.
+    """
+    block = _header_block(message)
+    header: list[bytes] = []
+    present: set[str] = set()
+    for name, field in block.fields:
+        present.add(name.lower())
+        completed = field
+        if _FIELD_RULES.get(name.lower(), _NO_RULE).qualified and domain:
+            completed = _qualified_field(field, domain)
+        header.append(completed if completed.endswith(b"\n") else completed + CRLF)
+    generated: tuple[tuple[str, Callable[[], str]], ...] = (
+        ("Date", lambda: _date_value(queued_at)),
+        ("Message-ID", lambda: f"<{message_id}@{hostname}>"),
+        ("From", lambda: _from_value(full_name, qualify(sender or submitted_by, domain))),
+    )
+    for name, value in generated:
+        if name.lower() not in present:
+            header.append(f"{name}: {value()}\r\n".encode("utf-8", "surrogateescape"))
+    if not block.fields or block.separator_missing:
+        header.append(CRLF)
+    return b"".join(header) + message[block.end :]
