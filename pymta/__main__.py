@@ -1,0 +1,7 @@
+"""`python -m pymta` is the `pymta` command; sendmail starts its background flush this way."""
+
+import sys
+
+from pymta.cli import main
+
+sys.exit(main())

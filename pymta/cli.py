@@ -1,0 +1,148 @@
+"""The `pymta` command: a thin click layer over the library. Each command parses its options, makes one or
+two library calls and turns a library error (PymtaError) into one line on stderr and its sysexits code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__, listing
+from .errors import EX_SOFTWARE, EX_USAGE, PymtaError
+
+
+def _spool_path(config_file: str | None) -> str:
+    """The spool the config names (validated by the full config loader), or the default."""
+    from .config import load
+
+    return load(config_file).spool
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pymta")
+def cli() -> None:
+    """pymta: a small, trustworthy mail relay.
+
+    `sendmail` queues each message in the spool; `pymta flush` delivers the queue to the configured
+    smarthost. These commands let you look at and manage what is waiting.
+
+    The config is read from -C FILE, else $PYMTA_CONFIG, else /etc/pymta/pymta.yaml, else
+    $XDG_CONFIG_HOME/pymta/pymta.yaml. See pymta(1) and pymta.yaml(5).
+    """
+
+
+config_option = click.option(
+    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
+)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the format scripts rely on).")
+@config_option
+@click.pass_context
+def queue(ctx: click.Context, as_json: bool, config_file: str | None) -> None:
+    """See what is waiting in the queue, and why.
+
+    With no subcommand, lists the queue like `pymta queue list`: one line per message with its id, age,
+    size, state, sender and the recipients still to be delivered, and the last error below it.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_queue, as_json=as_json, config_file=config_file)
+
+
+@queue.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the format scripts rely on).")
+@config_option
+def list_queue(as_json: bool, config_file: str | None) -> None:
+    """List the queued messages, oldest first.
+
+    \b
+    The JSON has one object per message with: id, state (queued, deferred, held, failed), sender ("" is
+    the null sender), recipients (address, status, last_error), size, submitted_by, queued_at,
+    next_attempt (ISO 8601, UTC), attempts and last_error.
+    """
+    entries, problems = listing.load(_spool_path(config_file))
+    for problem in problems:
+        click.echo(f"pymta: cannot read {problem}", err=True)
+    if as_json:
+        click.echo(json.dumps([listing.entry_to_json(entry) for entry in entries], indent=2))
+    else:
+        click.echo("\n".join(listing.format_table(entries)))
+
+
+@cli.command()
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log each delivery attempt on stderr, as it goes to syslog."
+)
+@click.option(
+    "--now", "force", is_flag=True, help="Try every waiting message now, not only those that are due."
+)
+@click.option("--background", is_flag=True, hidden=True, help="Started by sendmail: print nothing.")
+@config_option
+def flush(verbose: bool, force: bool, background: bool, config_file: str | None) -> None:
+    """Deliver the queue to the smarthost.
+
+    Picks up what `sendmail` queued, then sends every message that is due (with --now: every waiting
+    message) over one connection per smarthost. 4xx answers and network, TLS or AUTH trouble defer a
+    recipient until its next retry; a 5xx answer fails it. Exits 0 when the run itself worked, even if
+    messages were deferred; when another flush is running it exits 0 at once and that one looks again.
+
+    Run it from a timer every few minutes; `deliver: immediate` also starts it after each message.
+    Every attempt is logged to syslog (facility mail) as `id=... to=<...> relay=... status=...`.
+    """
+    from . import log
+    from .config import load
+    from .flush import Flusher
+
+    config = load(config_file)
+    logger = log.setup(verbose=verbose and not background)
+    show_progress = not (verbose or background) and sys.stderr.isatty()
+    report = Flusher(config, logger).run(force=force, progress=_progress_line if show_progress else None)
+    if show_progress:
+        click.echo("", err=True)
+    if verbose or (not background and sys.stdout.isatty()):
+        click.echo(report.summary())
+
+
+def _progress_line(done: int, total: int) -> None:
+    """A one-line progress display on the terminal: messages done of the total, and the percentage."""
+    if total >= 10:
+        click.echo(f"\rdelivering {done}/{total} ({100 * done // total}%)", err=True, nl=False)
+
+
+def _register_optional_groups() -> None:
+    from .config_cli import config_group
+
+    cli.add_command(config_group)
+
+
+_register_optional_groups()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pymta` console script: click's usage errors become EX_USAGE (64)."""
+    try:
+        code = cli.main(args=argv, prog_name="pymta", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("pymta: aborted", err=True)
+        return EX_USAGE
+    except click.ClickException as exc:
+        exc.show()
+        return EX_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except PymtaError as exc:
+        click.echo(f"pymta: {exc}", err=True)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:
+        click.echo(f"pymta: {exc}", err=True)
+        return EX_SOFTWARE
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

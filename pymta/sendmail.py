@@ -1,0 +1,460 @@
+"""The sendmail(8), mailq(1) and newaliases(1) front door: flags, standard input, exit codes.
+
+Every program on the machine that sends mail runs this, once per message (cron, mail, git, PHP, sudo...), so
+it does as little as it can: parse the flags, read the message, prepare it, commit it to the spool and exit
+with a sysexits code. It never touches the network (DESIGN.md invariant 5) and imports nothing heavy: no
+email, json, re, typing, yaml or click (a test checks the module list of a real run).
+
+The flags are one table, `FLAGS`, read like getopt(3) on Linux: boolean flags group (`-ti`), a flag that
+takes a value takes the rest of its word or else the next word (`-fX`, `-f X`), options may follow
+recipients, and `--` ends them. What each flag means, and why the ignored ones are ignored, is in the table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import errors
+from .errors import PymtaError, UnavailableError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+PROGRAM = "sendmail"
+
+
+class Invocation:
+    """Everything the command line asked for."""
+
+    __slots__ = (
+        "mode",
+        "extract",
+        "ignore_dots",
+        "verbose",
+        "sender",
+        "full_name",
+        "body_type",
+        "notify",
+        "ret",
+        "envid",
+        "config",
+        "queue_only",
+        "recipients",
+        "notes",
+    )
+
+    def __init__(self) -> None:
+        self.mode = "deliver"
+        self.extract = False
+        self.ignore_dots = False
+        self.verbose = False
+        self.sender: str | None = None
+        self.full_name: str | None = None
+        self.body_type: str | None = None
+        self.notify: str | None = None
+        self.ret: str | None = None
+        self.envid: str | None = None
+        self.config: str | None = None
+        self.queue_only = False
+        self.recipients: list[str] = []
+        self.notes: list[str] = []  # what was accepted and ignored, said under -v
+
+
+def _ignored(reason: str) -> Callable[[Invocation, str | None], None]:
+    def note(invocation: Invocation, value: str | None) -> None:
+        invocation.notes.append(reason)
+
+    return note
+
+
+def _set_sender(invocation: Invocation, value: str | None) -> None:
+    from .address import parse_envelope_address
+
+    invocation.sender = parse_envelope_address(value or "")
+
+
+def _set_full_name(invocation: Invocation, value: str | None) -> None:
+    name = value or ""
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise UsageError("-F: the full name contains a line break or control character; give a plain name")
+    invocation.full_name = name
+
+
+def _choice(field: str, flag: str, allowed: tuple[str, ...]) -> Callable[[Invocation, str | None], None]:
+    def store(invocation: Invocation, value: str | None) -> None:
+        normal = (value or "").strip().upper() if flag == "-B" else (value or "").strip().lower()
+        if normal not in allowed:
+            raise UsageError(f"{flag} {value!r}: takes {' or '.join(allowed)}")
+        setattr(invocation, field, normal)
+
+    return store
+
+
+def _set_notify(invocation: Invocation, value: str | None) -> None:
+    words = [word.strip().lower() for word in (value or "").split(",")]
+    valid = {"success", "failure", "delay"}
+    if words != ["never"] and not (words and all(word in valid for word in words)):
+        raise UsageError(
+            f"-N {value!r}: takes 'never' or a list of success, failure, delay (e.g. -N failure,delay)"
+        )
+    invocation.notify = ",".join(words)
+
+
+def _set_envid(invocation: Invocation, value: str | None) -> None:
+    envid = value or ""
+    if not 0 < len(envid) <= 100 or not all(33 <= ord(char) <= 126 for char in envid):
+        raise UsageError("-V: the envelope id must be 1 to 100 printable ASCII characters without spaces")
+    invocation.envid = envid
+
+
+def _set_config(invocation: Invocation, value: str | None) -> None:
+    invocation.config = value
+
+
+def _set(field: str, value: object) -> Callable[[Invocation, str | None], None]:
+    def store(invocation: Invocation, _: str | None) -> None:
+        setattr(invocation, field, value)
+
+    return store
+
+
+def _mode(invocation: Invocation, value: str | None) -> None:
+    entry = MODES.get(value or "")
+    if entry is None:
+        raise UsageError(
+            f"-b{value}: unknown mode; pymta's sendmail knows -bm (send), -bp (list the queue), -bi"
+        )
+    mode, message = entry
+    if message:
+        raise (UnavailableError if mode == "later" else UsageError)(message)
+    invocation.mode = mode
+
+
+def _queue_run(invocation: Invocation, value: str | None) -> None:
+    if value:  # -q30m and friends start a daemon's periodic run: Postfix ignores them too
+        invocation.notes.append(
+            f"-q{value}: ignored; pymta's timer (pymta-flush.timer) decides when to retry"
+        )
+        return
+    raise UnavailableError("-q: running the queue from sendmail is not available yet; use the delivery timer")
+
+
+def _option(invocation: Invocation, value: str | None) -> None:
+    text = value or ""
+    for prefix, handler in OPTIONS:
+        if text.startswith(prefix):
+            handler(invocation, text[len(prefix) :])
+            return
+    invocation.notes.append(f"-o{text}: unknown option, ignored as sendmail does")
+
+
+def _error_mode(invocation: Invocation, value: str | None) -> None:
+    if value not in ("m", "e", "p", "q", "w"):
+        invocation.notes.append(f"-oe{value}: unknown error mode, ignored")
+    else:
+        invocation.notes.append(
+            f"-oe{value}: accepted; errors are reported on stderr with a sysexits code, and failed deliveries"
+            " are bounced to the sender"
+        )
+
+
+def _delivery_mode(invocation: Invocation, value: str | None) -> None:
+    if value in ("q", "d"):
+        invocation.queue_only = True
+        invocation.notes.append(f"-od{value}: queue only; the timer delivers")
+    else:
+        invocation.notes.append(f"-od{value}: accepted; sendmail always queues and never waits for delivery")
+
+
+# flag letter -> (takes a value, handler). Letters not listed are usage errors.
+FLAGS: dict[str, tuple[bool, Callable[[Invocation, str | None], None]]] = {
+    "t": (False, _set("extract", True)),
+    "i": (False, _set("ignore_dots", True)),
+    "v": (False, _set("verbose", True)),
+    "f": (True, _set_sender),
+    "r": (True, _set_sender),  # the obsolete form of -f
+    "F": (True, _set_full_name),
+    "B": (True, _choice("body_type", "-B", ("7BIT", "8BITMIME"))),
+    "N": (True, _set_notify),
+    "R": (True, _choice("ret", "-R", ("hdrs", "full"))),
+    "V": (True, _set_envid),
+    "C": (True, _set_config),
+    "b": (True, _mode),
+    "o": (True, _option),
+    "q": (False, _queue_run),  # takes only a glued value (-q30m), handled in parse_args
+    "I": (False, _set("mode", "newaliases")),
+    "m": (False, _ignored("-m: ignored; the sender always gets a copy when listed as a recipient")),
+    "n": (False, _ignored("-n: ignored; aliases are applied at delivery")),
+    "U": (False, _ignored("-U: ignored; every submission is an initial user submission")),
+    "G": (False, _ignored("-G: ignored; pymta does not relay for others")),
+    "c": (False, _ignored("-c: ignored (sendmail's 'hold expensive connections')")),
+    "x": (False, _ignored("-x: ignored")),
+    "A": (True, _ignored("-A: ignored; the same rules apply to every submission")),
+    "L": (True, _ignored("-L: ignored; pymta logs to syslog as 'pymta'")),
+    "X": (True, _ignored("-X: ignored; see pymta's own log lines")),
+    "h": (True, _ignored("-h: ignored; hop counts are not used")),
+    "O": (True, _ignored("-O: ignored; long options are not used")),
+    "p": (True, _ignored("-p: ignored; the protocol is always local submission")),
+    "e": (True, _error_mode),  # Exim's -e<x> is -oe<x>
+}
+
+# -o<x>: prefix -> handler of the rest. Checked in order; anything else is ignored with a note.
+OPTIONS: tuple[tuple[str, Callable[[Invocation, str | None], None]], ...] = (
+    ("i", _set("ignore_dots", True)),
+    ("e", _error_mode),
+    ("d", _delivery_mode),
+    ("m", _ignored("-om: ignored; the sender always gets a copy when listed as a recipient")),
+    ("A", _ignored("-oA: ignored; aliases are read at delivery")),
+)
+
+# -b<x>: letter -> (mode, refusal). A refusal is a message and makes the run fail.
+MODES: dict[str, tuple[str, str]] = {
+    "m": ("deliver", ""),
+    "p": ("list", ""),
+    "i": ("newaliases", ""),
+    "s": ("later", "-bs: SMTP on standard input is not available yet; pipe the message to sendmail instead"),
+    "d": ("refused", "-bd: pymta never runs as a daemon; a timer runs 'pymta flush'"),
+    "l": ("refused", "-bl: pymta never runs as a daemon; a timer runs 'pymta flush'"),
+    "v": ("refused", "-bv: address verification is not supported"),
+    "t": ("refused", "-bt: address test mode is not supported"),
+    "h": ("refused", "-bh: there is no host status database"),
+    "H": ("refused", "-bH: there is no host status database"),
+    "D": ("refused", "-bD: pymta never runs as a daemon"),
+    "P": ("refused", "-bP: there are no queue groups"),
+}
+
+
+def parse_args(args: list[str]) -> Invocation:
+    """Parse sendmail's command line (without argv[0]) into an Invocation. Raises UsageError."""
+    invocation = Invocation()
+    words: list[str] = []
+    position = 0
+    while position < len(args):
+        word = args[position]
+        position += 1
+        if word == "--":
+            words.extend(args[position:])
+            break
+        if not word.startswith("-") or word == "-":
+            words.append(word)
+            continue
+        letters = word[1:]
+        while letters:
+            letter, letters = letters[0], letters[1:]
+            entry = FLAGS.get(letter)
+            if entry is None:
+                raise UsageError(
+                    f"-{letter}: unknown flag (in {word!r}); see 'man sendmail' for the flags pymta knows"
+                )
+            takes_value, handler = entry
+            if letter == "q":
+                handler(invocation, letters)
+                break
+            if not takes_value:
+                handler(invocation, None)
+                continue
+            if not letters:
+                if position >= len(args):
+                    raise UsageError(f"-{letter}: needs a value")
+                letters = args[position]
+                position += 1
+            handler(invocation, letters)
+            break
+    if words:
+        from .address import recipients_from_args
+
+        invocation.recipients = recipients_from_args(words)
+    return invocation
+
+
+def read_stdin(stop_at_dot: bool) -> bytes:
+    """The whole of standard input as bytes; with `stop_at_dot`, up to a line holding only '.'.
+
+    DESIGN.md, "Lone dot": reading ends at EOF, except at a terminal without -i/-oi, where a line with only
+    '.' ends the message as sendmail(8) always did.
+    """
+    if stop_at_dot:
+        lines = []
+        with os.fdopen(os.dup(0), "rb", buffering=0) as terminal:
+            while True:
+                line = terminal.readline()
+                if not line or line.rstrip(b"\r\n") == b".":
+                    break
+                lines.append(line)
+        return b"".join(lines)
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(0, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as exc:
+        raise errors.NoInputError(
+            f"cannot read the message from standard input: {exc.strerror}; pipe the message into sendmail"
+        ) from None
+    return b"".join(chunks)
+
+
+def _user() -> tuple[str, str, int]:
+    """The real submitting user, as the operating system knows them: login name, GECOS name, uid."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return f"uid{uid}", "", uid
+    gecos = entry.pw_gecos.split(",", 1)[0].replace("&", entry.pw_name.capitalize())
+    return entry.pw_name, gecos.strip(), uid
+
+
+def _settings(invocation: Invocation) -> tuple[str, str | None, list[str]]:
+    """Spool path and delivery mode from the config, read without YAML; warnings when the config is broken."""
+    from . import quickconfig
+
+    warnings: list[str] = []
+    values: dict[str, str | None] = {}
+    path = quickconfig.find_config(invocation.config)
+    if path is not None:
+        try:
+            values = quickconfig.read_scalars(path, frozenset(("spool", "deliver")))
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            warnings.append(
+                f"cannot read the config {path} ({reason}); queued in the default spool, "
+                "fix the config and run 'pymta config check'"
+            )
+    spool = values.get("spool") or quickconfig.default_spool()
+    return spool, values.get("deliver"), warnings
+
+
+def submit(invocation: Invocation, data: bytes) -> tuple[str, list[str]]:
+    """Prepare the message read from stdin and commit it to the spool; return its queue id and recipients."""
+    import time
+
+    from .address import unique_addresses
+    from .message import prepare_submission
+    from .spool import Spool
+
+    message, header_recipients = prepare_submission(data, extract_recipients=invocation.extract)
+    # -t plus argv recipients: the union (Postfix, nullmailer), each address once
+    recipients = unique_addresses([*invocation.recipients, *header_recipients])
+    if not recipients:
+        where = "in the To, Cc or Bcc headers" if invocation.extract else "on the command line (or use -t)"
+        raise UsageError(f"no recipients: give at least one address {where}")
+    login, gecos, uid = _user()
+    envelope: dict[str, object] = {
+        "sender": login if invocation.sender is None else invocation.sender,
+        "recipients": recipients,
+        "submitted_by": login,
+        "uid": uid,
+        "full_name": gecos if invocation.full_name is None else invocation.full_name,
+        "queued_at": time.time(),
+        "notify": invocation.notify,
+        "ret": invocation.ret,
+        "envid": invocation.envid,
+        "body_type": invocation.body_type,
+    }
+    spool_path, deliver, warnings = _settings(invocation)
+    for warning in warnings:
+        _say(warning)
+    spool = Spool(spool_path)
+    queue_id = spool.submit(envelope, message)
+    # In system mode the spool's owner delivers (a systemd path unit or the timer); in user mode we start it.
+    if deliver != "queue" and not invocation.queue_only and spool.private:
+        _start_flush(invocation)
+    return queue_id, recipients
+
+
+def _start_flush(invocation: Invocation) -> None:
+    """Start `pymta flush` detached: its own session, no stdio of the caller's, never waited for.
+
+    The caller (cron, PHP, sudo) waits for sendmail's exit and for its stdout/stderr to close; the flush holds
+    none of them, so it never delays the caller. Many flushes started at once are harmless: the spool's
+    flush lock lets one deliver, and the others ask it to look again.
+    """
+    argv = [sys.executable, "-m", "pymta", "flush", "--background"]
+    if invocation.config:
+        argv += ["-C", invocation.config]
+    devnull = os.devnull
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0),
+    ]
+    try:
+        os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setsid=True)
+    except OSError as exc:
+        if invocation.verbose:
+            _say(f"could not start a delivery now ({exc.strerror}); the timer will deliver the message")
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a caller that closed stderr (at, anacron) must not make us fail."""
+    try:
+        os.write(2, f"{PROGRAM}: {line}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _run(argv: list[str]) -> int:
+    name = os.path.basename(argv[0]) if argv else "sendmail"
+    if name == "mailq":
+        invocation = parse_args(argv[1:])
+        invocation.mode = "list"
+    elif name == "newaliases":
+        invocation = parse_args(argv[1:])
+        invocation.mode = "newaliases"
+    else:
+        invocation = parse_args(argv[1:])
+    if invocation.mode == "list":
+        from .listing import print_queue
+
+        spool_path, _, warnings = _settings(invocation)
+        for warning in warnings:
+            _say(warning)
+        return print_queue(spool_path)
+    if invocation.mode == "newaliases":
+        _say("newaliases: nothing to rebuild; pymta reads the aliases file when it delivers")
+        return errors.EX_OK
+    if invocation.verbose:
+        for note in invocation.notes:
+            _say(note)
+    data = read_stdin(stop_at_dot=not invocation.ignore_dots and os.isatty(0))
+    queue_id, recipients = submit(invocation, data)
+    if invocation.verbose:
+        _say(f"queued as {queue_id} for {', '.join(recipients)}")
+    return errors.EX_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sendmail` console script (and of `mailq`, `newaliases` by argv[0])."""
+    import _signal  # type: ignore[import-not-found]  # the C module: `signal` would import enum
+
+    # Python ignores SIGPIPE; sendmail(8) dies of it like any C program, and must not queue when it does.
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+    argv = sys.argv if argv is None else argv
+    try:
+        return _run(argv)
+    except PymtaError as exc:
+        _say(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("interrupted; nothing was queued")
+        return errors.EX_TEMPFAIL
+    except MemoryError:
+        _say("out of memory while reading the message; nothing was queued")
+        return errors.EX_TEMPFAIL
+
+
+def mailq() -> int:
+    """Entry point of the `mailq` console script: the same as `sendmail -bp`."""
+    return main(["mailq", *sys.argv[1:]])
+
+
+def newaliases() -> int:
+    """Entry point of the `newaliases` console script."""
+    return main(["newaliases", *sys.argv[1:]])
