@@ -47,6 +47,11 @@ def queue(ctx: click.Context, as_json: bool, config_file: str | None) -> None:
 
     With no subcommand, lists the queue like `pymta queue list`: one line per message with its id, age,
     size, state, sender and the recipients still to be delivered, and the last error below it.
+
+    \b
+    With --json: a JSON array, one object per message with id, state (queued, deferred, held, failed),
+    sender ("" is the null sender), recipients (address, status, last_error), size, submitted_by,
+    queued_at, next_attempt (ISO 8601, UTC), attempts and last_error.
     """
     if ctx.invoked_subcommand is None:
         ctx.invoke(list_queue, as_json=as_json, config_file=config_file)

@@ -222,6 +222,8 @@ def _qualified_field(field: bytes, domain: str) -> bytes:
     colon = field.index(b":") + 1
     value = _raw_value(field)
     text = value.decode("utf-8", "surrogateescape")
+    if _plainly_qualified(text):
+        return field
     try:
         mailboxes = parse_list(text)
     except AddressError:
@@ -232,6 +234,19 @@ def _qualified_field(field: bytes, domain: str) -> bytes:
     for mailbox in reversed(bare):  # from the end, so earlier spans stay valid
         text = f"{text[: mailbox.end]}@{domain}{text[mailbox.end :]}"
     return field[:colon] + text.encode("utf-8", "surrogateescape") + field[colon + len(value) :]
+
+
+def _plainly_qualified(text: str) -> bool:
+    """True when every address of a simple field already has a domain: no quotes, comments, groups or
+    escapes, and each comma-separated member has an @ (inside its <> when it has one). A fast path for the
+    common `Name <a@example.org>`; anything less plain goes through the parser."""
+    if any(char in text for char in '"(\\:;'):
+        return False
+    for member in text.split(","):
+        angle = member.find("<")
+        if "@" not in (member[angle:] if angle >= 0 else member):
+            return False
+    return True
 
 
 def _display_name(full_name: str) -> str:

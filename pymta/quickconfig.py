@@ -263,11 +263,41 @@ def _scan(text: str, keys: frozenset[str]) -> dict[str, str | None]:
     return found
 
 
+class BrokenConfig(ValueError):
+    """The file is not valid YAML. `salvaged` holds the wanted keys that stand plainly on a line of their
+    own (`spool: /path` at the start of a line), so a broken line elsewhere does not move the mail to
+    another spool."""
+
+    def __init__(self, message: str, salvaged: dict[str, str | None]) -> None:
+        super().__init__(message)
+        self.salvaged = salvaged
+
+
+def _salvage(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    lines = data.decode("utf-8", "replace").splitlines()
+    for number, line in enumerate(lines):
+        key, colon, rest = line.partition(":")
+        if colon and key in keys and rest[:1] == " " and not _continues(lines, number):
+            value = rest.strip()
+            try:
+                if value.startswith('"'):
+                    found[key] = _unquote_double(value[1:])
+                elif value.startswith("'"):
+                    found[key] = _unquote_single(value[1:])
+                else:
+                    found[key] = _plain(value)
+            except Unsure:
+                continue
+    return found
+
+
 def read_scalars(path: str, keys: frozenset[str]) -> dict[str, str | None]:
     """The top-level scalar values of `keys` in the YAML file at `path` (absent keys are left out).
 
     Values are returned as the text YAML would give for a string; callers interpret them. Raises OSError
-    when the file cannot be read and ValueError when it cannot be parsed.
+    when the file cannot be read, BrokenConfig when it is not valid YAML, and ValueError when it is valid
+    YAML but not a mapping.
     """
     with open(path, "rb") as handle:
         data = handle.read()
@@ -286,7 +316,7 @@ def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     try:
         document = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise ValueError(str(exc).replace("\n", " ")) from None
+        raise BrokenConfig(" ".join(str(exc).split()), _salvage(data, keys)) from None
     if document is None:
         return {}
     if not isinstance(document, dict):

@@ -311,8 +311,9 @@ def _user() -> tuple[str, str, int]:
     return entry.pw_name, gecos.strip(), uid
 
 
-def _settings(invocation: Invocation) -> tuple[str, str | None, list[str]]:
-    """Spool path and delivery mode from the config, read without YAML; warnings when the config is broken."""
+def _settings(invocation: Invocation) -> tuple[str, bool, str | None, list[str]]:
+    """The spool (and whether it is the default one), the delivery mode, and warnings when the config is
+    broken: read without YAML where possible. A broken config never stops a submission."""
     from . import quickconfig
 
     warnings: list[str] = []
@@ -323,12 +324,13 @@ def _settings(invocation: Invocation) -> tuple[str, str | None, list[str]]:
             values = quickconfig.read_scalars(path, frozenset(("spool", "deliver")))
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            warnings.append(
-                f"cannot read the config {path} ({reason}); queued in the default spool, "
-                "fix the config and run 'pymta config check'"
-            )
-    spool = values.get("spool") or quickconfig.default_spool()
-    return spool, values.get("deliver"), warnings
+            warnings.append(f"cannot read the config {path} ({reason}); fix it and run 'pymta config check'")
+            if isinstance(exc, quickconfig.BrokenConfig):
+                values = exc.salvaged
+    spool = values.get("spool")
+    if spool:
+        return spool, False, values.get("deliver"), warnings
+    return quickconfig.default_spool(), True, values.get("deliver"), warnings
 
 
 def submit(invocation: Invocation, data: bytes) -> tuple[str, list[str]]:
@@ -358,11 +360,17 @@ def submit(invocation: Invocation, data: bytes) -> tuple[str, list[str]]:
         "envid": invocation.envid,
         "body_type": invocation.body_type,
     }
-    spool_path, deliver, warnings = _settings(invocation)
-    for warning in warnings:
-        _say(warning)
+    spool_path, default, deliver, warnings = _settings(invocation)
     spool = Spool(spool_path)
-    queue_id = spool.submit(envelope, message)
+    try:
+        # The default user spool may be the first thing under ~/.local/state on a fresh machine.
+        queue_id = spool.submit(envelope, message, create_parents=default)
+    except PymtaError:
+        for warning in warnings:
+            _say(warning)
+        raise
+    for warning in warnings:  # one line: what is wrong, and that the mail is safe all the same
+        _say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {spool_path}")
     # In system mode the spool's owner delivers (a systemd path unit or the timer); in user mode we start it.
     if deliver != "queue" and not invocation.queue_only and spool.private:
         _start_flush(invocation)
@@ -413,7 +421,7 @@ def _run(argv: list[str]) -> int:
     if invocation.mode == "list":
         from .listing import print_queue
 
-        spool_path, _, warnings = _settings(invocation)
+        spool_path, _, _, warnings = _settings(invocation)
         for warning in warnings:
             _say(warning)
         return print_queue(spool_path)

@@ -131,22 +131,31 @@ class Spool:
 
     # -- the write side (sendmail) --
 
-    def create_private(self) -> None:
-        """Create a user-mode spool (directories 0700). Its parent must exist: a typo is not silently made."""
-        if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
+    def create_private(self, parents: bool = False) -> None:
+        """Create a user-mode spool (directories 0700). Its parent must exist unless `parents` (the default
+        spool under ~/.local/state): a typo in a configured spool is not silently made."""
+        if not parents and not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
             parent = os.path.dirname(os.path.abspath(self.path))
             raise SpoolError(
                 f"cannot create the spool {self.path}: {parent} does not exist; "
                 f"create it or set 'spool:' in the config (or run pymta setup)"
             )
         try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            missing = []
+            path = os.path.abspath(self.path)
+            while not os.path.isdir(path):
+                missing.append(path)
+                path = os.path.dirname(path)
+            for directory in reversed(missing):  # XDG: create missing base directories 0700
+                os.makedirs(directory, mode=0o700, exist_ok=True)
             for name in SUBDIRS:
                 os.makedirs(self.dir(name), mode=0o700, exist_ok=True)
         except OSError as exc:
             raise self._write_error("cannot create the spool", self.path, exc) from None
 
-    def submit(self, envelope: dict[str, object], message: bytes, *, create: bool = True) -> str:
+    def submit(
+        self, envelope: dict[str, object], message: bytes, *, create: bool = True, create_parents: bool = False
+    ) -> str:
         """Commit a submission durably (the protocol in the module docstring) and return its id.
 
         `envelope` gets `v` and `id` added. Raises SpoolError (EX_CANTCREAT) when the spool cannot be
@@ -162,7 +171,7 @@ class Spool:
                     f"the spool {self.path} has no new/ directory; "
                     "run 'pymta setup' or fix 'spool:' in the config"
                 ) from None
-            self.create_private()
+            self.create_private(parents=create_parents)
             drop = os.stat(new_dir)
         except OSError as exc:
             raise self._write_error("cannot use the spool", self.path, exc) from None
@@ -265,6 +274,28 @@ class Spool:
         if not isinstance(state, dict):
             raise ValueError("state file is not a JSON object")
         return state
+
+    def load(self, name: str) -> tuple[QueueEntry, bytes]:
+        """A picked-up message and its entry, from one read of queue/NAME (the flush's hot path)."""
+        import stat
+
+        path = os.path.join(self.dir("queue"), name)
+        fd = os.open(path, _READ_FLAGS)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read()
+        finally:
+            os.close(fd)
+        line, newline, message = data.partition(b"\n")
+        if not newline:
+            raise ValueError("no envelope line: not a pymta queue file")
+        entry = QueueEntry(
+            "queue", path, _parse_envelope(line), self._read_state(name), len(message), info.st_uid
+        )
+        return entry, message
 
     def read_message(self, entry: QueueEntry) -> bytes:
         """The stored message of an entry, without its envelope line."""
@@ -417,10 +448,11 @@ class Spool:
         data = json.dumps(state, separators=(",", ":")).encode()
         self._write_private(os.path.join(self.dir("state"), name), data, mtime=next_attempt)
 
-    def remove(self, name: str) -> None:
-        """Forget a message whose every recipient is done: its queue file, then its state."""
-        _unlink_quietly(os.path.join(self.dir("queue"), name))
-        _unlink_quietly(os.path.join(self.dir("state"), name))
+    def remove(self, entry: QueueEntry) -> None:
+        """Forget a message whose every recipient is done: its queue file, then its state if it has one."""
+        _unlink_quietly(entry.path)
+        if entry.has_state:
+            _unlink_quietly(os.path.join(self.dir("state"), entry.id))
 
     def lock_flush(self) -> int | None:
         """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""
@@ -485,6 +517,7 @@ class QueueEntry:
         "last_error",
         "size",
         "owner_uid",
+        "has_state",
     )
 
     def __init__(
@@ -511,6 +544,7 @@ class QueueEntry:
         addresses = envelope.get("recipients")
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise ValueError("envelope has no recipient list")
+        self.has_state = state is not None
         state = state or {}
         per_recipient = state.get("recipients")
         per_recipient = per_recipient if isinstance(per_recipient, dict) else {}
