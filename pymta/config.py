@@ -585,11 +585,13 @@ _SMARTHOST_KEYS: Mapping[str, _Key] = {
 }
 _ROUTE_KEYS: Mapping[str, _Key] = {
     "sender": _Key(
-        "sender", lambda value, where: _text(value, where, "a sender pattern"),
-        required="write a sender pattern, e.g. sender: \"*@example.com\"",
+        "sender",
+        lambda value, where: _text(value, where, "a sender pattern"),
+        required='write a sender pattern, e.g. sender: "*@example.com"',
     ),
     "smarthost": _Key(
-        "smarthost", lambda value, where: _text(value, where, "a smarthost name"),
+        "smarthost",
+        lambda value, where: _text(value, where, "a smarthost name"),
         required="name one of the smarthosts (its name: or host:)",
     ),
 }
@@ -610,7 +612,9 @@ _TOP_KEYS: Mapping[str, _Key] = {
 }
 # Where a misplaced key belongs, for "unknown key here; it belongs under retry:".
 _NESTED: Mapping[str, Mapping[str, _Key]] = {
-    "smarthosts": _SMARTHOST_KEYS, "routes": _ROUTE_KEYS, "retry": _RETRY_KEYS,
+    "smarthosts": _SMARTHOST_KEYS,
+    "routes": _ROUTE_KEYS,
+    "retry": _RETRY_KEYS,
 }
 
 # Every key of the file by its path, for documentation tests and tools.
@@ -633,14 +637,14 @@ def parse(document: object, source: str) -> Config:
     config = Config(source=source, **fields)
     labels = [host.label for host in config.smarthosts]
     for number, route in enumerate(config.routes):
+        at = where.key("routes").index(number).key("smarthost")
         if route.smarthost not in labels:
             close = difflib.get_close_matches(route.smarthost, labels, n=1)
-            hint = f'did you mean "{close[0]}"?' if close else f"the smarthosts are: {', '.join(labels) or 'none'}"
-            raise where.key("routes").index(number).key("smarthost").fail(
-                f"{_show(route.smarthost)} is not a smarthost's name or host; {hint}"
-            )
+            known = ", ".join(labels) or "none"
+            hint = f'did you mean "{close[0]}"?' if close else f"the smarthosts are: {known}"
+            raise at.fail(f"{_show(route.smarthost)} is not a smarthost's name or host; {hint}")
         if labels.count(route.smarthost) > 1:
-            raise where.key("routes").index(number).key("smarthost").fail(
+            raise at.fail(
                 f"{_show(route.smarthost)} names more than one smarthost; give each a different name:"
             )
     return config

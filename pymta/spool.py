@@ -154,7 +154,12 @@ class Spool:
             raise self._write_error("cannot create the spool", self.path, exc) from None
 
     def submit(
-        self, envelope: dict[str, object], message: bytes, *, create: bool = True, create_parents: bool = False
+        self,
+        envelope: dict[str, object],
+        message: bytes,
+        *,
+        create: bool = True,
+        create_parents: bool = False,
     ) -> str:
         """Commit a submission durably (the protocol in the module docstring) and return its id.
 
