@@ -117,13 +117,16 @@ def _progress_line(done: int, total: int) -> None:
         click.echo(f"\rdelivering {done}/{total} ({100 * done // total}%)", err=True, nl=False)
 
 
-def _register_optional_groups() -> None:
+def _register_command_groups() -> None:
     from .config_cli import config_group
+    from .smarthost_cli import password_group, test_command
 
     cli.add_command(config_group)
+    cli.add_command(test_command)
+    cli.add_command(password_group)
 
 
-_register_optional_groups()
+_register_command_groups()
 
 
 def main(argv: list[str] | None = None) -> int:

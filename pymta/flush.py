@@ -20,13 +20,14 @@ import fnmatch
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import log
 from .address import qualify
 from .config import Config, Smarthost
 from .message import complete
+from .smtp import RecipientOutcome, SessionError, SmtpSession, Status
 from .spool import NEVER, QueueEntry, Spool
 
 # Deferred messages come back within +-10% of their interval, so a burst does not retry as a burst.
@@ -67,16 +68,6 @@ class FlushReport:
         )
 
 
-class RecipientResult:
-    """How one recipient fared in one attempt: delivered, deferred or failed, with the reply or reason."""
-
-    __slots__ = ("status", "reply")
-
-    def __init__(self, status: str, reply: str) -> None:
-        self.status = status
-        self.reply = reply
-
-
 class Flusher:
     """One run over the queue. `now` and `jitter` are injectable so tests can move time."""
 
@@ -109,6 +100,7 @@ class Flusher:
             report.busy = True
             return report
         try:
+            self.spool.remove_leftovers()
             while True:
                 self.spool.take_flush_request()
                 self._one_pass(report, force, progress)
@@ -116,6 +108,7 @@ class Flusher:
                     break
         finally:
             self.sessions.close()
+            self.spool.finish_removals()
             self.spool.release_flush(lock)
         return report
 
@@ -136,8 +129,7 @@ class Flusher:
 
     def _deliver(self, name: str, report: FlushReport) -> None:
         try:
-            entry = self.spool.read_entry("queue", name)
-            message = self.spool.read_message(entry)
+            entry, message = self.spool.load(name)
         except FileNotFoundError:
             return  # deleted by an admin while we worked
         except (OSError, ValueError) as exc:
@@ -153,14 +145,11 @@ class Flusher:
             from .config import format_duration
 
             reason = f"expired: not delivered within {format_duration(self.config.retry.lifetime)}"
-            results = {address: RecipientResult("failed", reason) for address in pending}
-            self._record(entry, results, "queue", report)
+            self._record(entry, _all(pending, "failed", reason), "none", report)
             return
         hosts = route(self.config, entry.sender)
         if not hosts:
-            self._record(
-                entry, {a: RecipientResult("deferred", NO_SMARTHOST) for a in pending}, "none", report
-            )
+            self._record(entry, _all(pending, "deferred", NO_SMARTHOST), "none", report)
             return
         domain = self.config.domain
         wire = complete(
@@ -173,13 +162,15 @@ class Flusher:
             domain=domain,
             hostname=self.config.hostname,
         )
-        sender = qualify(entry.sender, domain)
-        addresses = {qualify(address, domain): address for address in pending}
-        results, relay = self.sessions.send(hosts, entry, sender, list(addresses), wire)
-        self._record(entry, {addresses[a]: result for a, result in results.items()}, relay, report)
+        # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
+        on_wire = {address: qualify(address, domain) for address in pending}
+        results, relay = self.sessions.send(
+            hosts, entry, qualify(entry.sender, domain), list(dict.fromkeys(on_wire.values())), wire
+        )
+        self._record(entry, {address: results[on_wire[address]] for address in pending}, relay, report)
 
     def _record(
-        self, entry: QueueEntry, results: dict[str, RecipientResult], relay: str, report: FlushReport
+        self, entry: QueueEntry, results: dict[str, RecipientOutcome], relay: str, report: FlushReport
     ) -> None:
         """Write the outcome of one attempt to the message's state (or remove it when all are delivered)."""
         now = self.clock()
@@ -197,7 +188,7 @@ class Flusher:
                 self.log.info(
                     log.delivery_line(
                         entry.id,
-                        recipient.address,
+                        result.recipient,
                         relay,
                         now - entry.queued_at,
                         attempts,
@@ -208,7 +199,7 @@ class Flusher:
             recipients[recipient.address] = {"status": status, "last_error": error}
         statuses = {r["status"] for r in recipients.values()}
         if statuses <= {"delivered"}:
-            self.spool.remove(entry.id)
+            self.spool.remove(entry)
             return
         if statuses & set(PENDING):
             state = "deferred"
@@ -235,19 +226,24 @@ class Flusher:
 def route(config: Config, sender: str) -> tuple[Smarthost, ...]:
     """The smarthosts to try for a message from `sender`, in order: the first route whose pattern matches
     (fnmatch, case-insensitive), else every configured smarthost."""
-    for pattern, hosts in getattr(config, "routes", ()):
-        if fnmatch.fnmatchcase(sender.lower(), pattern.lower()):
-            return tuple(hosts)
+    for rule in config.routes:
+        if fnmatch.fnmatchcase(sender.lower(), rule.sender.lower()):
+            return tuple(host for host in config.smarthosts if host.label == rule.smarthost)
     return config.smarthosts
 
 
 class Sessions:
-    """The open SMTP connections of one run, one per smarthost, opened on first use and reused."""
+    """The SMTP connections of one run, one per smarthost, opened on first use and reused for every message.
+
+    A smarthost that cannot be reached, or whose session breaks mid-message, is not tried again in the same
+    run: a dead server would otherwise cost a timeout per message. The next smarthost of the route is tried
+    instead (DESIGN.md: "tried in order; the next one when one is unreachable").
+    """
 
     def __init__(self, config: Config, logger: logging.Logger) -> None:
         self.config = config
         self.log = logger
-        self.open: dict[Smarthost, object] = {}
+        self.open: dict[Smarthost, SmtpSession] = {}
         self.broken: dict[Smarthost, str] = {}  # smarthosts that failed this run, and why
 
     def send(
@@ -257,11 +253,78 @@ class Sessions:
         sender: str,
         recipients: list[str],
         message: bytes,
-    ) -> tuple[dict[str, RecipientResult], str]:
-        raise NotImplementedError
+    ) -> tuple[dict[str, RecipientOutcome], str]:
+        """Send one message through the first smarthost that works; the outcome of each recipient and the
+        relay that gave it. When none works, every recipient is deferred with the reasons."""
+        reasons = []
+        for host in hosts:
+            session = self._session(host)
+            if session is None:
+                reasons.append(self.broken[host])
+                continue
+            try:
+                return self._send(session, entry, sender, recipients, message), session.relay
+            except SessionError as exc:
+                self._drop(host, str(exc))
+                # The message was in flight: the connection may have died after the server took it, so it
+                # is not sent to another smarthost in this run (that would risk a duplicate); it is deferred.
+                return _all(recipients, "deferred", str(exc)), session.relay
+        relay = hosts[0].label if len(hosts) == 1 else "none"
+        return _all(recipients, "deferred", "; ".join(reasons)), relay
+
+    def _send(
+        self, session: SmtpSession, entry: QueueEntry, sender: str, recipients: list[str], message: bytes
+    ) -> dict[str, RecipientOutcome]:
+        for attempt in (1, 2):
+            try:
+                outcomes = session.send(
+                    sender,
+                    recipients,
+                    message,
+                    notify=entry.dsn_notify,
+                    ret=entry.dsn_ret,
+                    envid=entry.dsn_envid,
+                    body_type=entry.body_type,
+                )
+            except SessionError as exc:
+                if not exc.reconnect or attempt == 2:
+                    raise
+                # The server closed the idle connection between messages: nothing of this one reached it.
+                session.close()
+                session.open()
+                continue
+            except ValueError as exc:
+                return _all(recipients, "failed", f"554 5.6.0 cannot be sent over SMTP: {exc}")
+            return {outcome.recipient: outcome for outcome in outcomes}
+        raise AssertionError("unreachable")
+
+    def _session(self, host: Smarthost) -> SmtpSession | None:
+        if host in self.broken:
+            return None
+        session = self.open.get(host)
+        if session is None:
+            session = SmtpSession(host, self.config.hostname)
+            try:
+                session.open()
+            except SessionError as exc:
+                self._drop(host, str(exc))
+                return None
+            self.open[host] = session
+        return session
+
+    def _drop(self, host: Smarthost, reason: str) -> None:
+        self.log.warning(f"smarthost {host.label}: {reason}")
+        self.broken[host] = reason
+        session = self.open.pop(host, None)
+        if session is not None:
+            session.close()
 
     def close(self) -> None:
-        pass
+        """QUIT every open session."""
+        for session in self.open.values():
+            session.close()
+        self.open.clear()
 
-    def __iter__(self) -> Iterator[object]:
-        return iter(self.open.values())
+
+def _all(recipients: list[str], status: Status, reply: str) -> dict[str, RecipientOutcome]:
+    return {recipient: RecipientOutcome(recipient, status, reply) for recipient in recipients}
