@@ -14,6 +14,51 @@ EXTENSIONS = (
 )
 
 
+class _SinkProtocol(asyncio.Protocol):
+    """One client connection. Replies to everything in one received chunk go out in one write, as a real
+    server flushes its output only when its input runs dry: pipelined commands get pipelined replies."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.buffer = b""
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(b"220 sink.invalid ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        replies = []
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                break
+            line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
+            if self.in_data:
+                if line == b".":
+                    self.in_data = False
+                    self.sink.messages += 1
+                    replies.append(b"250 2.0.0 Ok: queued\r\n")
+                continue
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                replies.append(EXTENSIONS)
+            elif verb == b"DATA":
+                self.in_data = True
+                replies.append(b"354 go ahead\r\n")
+            elif verb == b"QUIT":
+                replies.append(b"221 2.0.0 Bye\r\n")
+                self.transport.write(b"".join(replies))
+                self.transport.close()
+                return
+            else:
+                replies.append(b"250 2.0.0 Ok\r\n")
+        if replies:
+            self.transport.write(b"".join(replies))
+
+
 class Sink:
     """Run with `with Sink() as sink:`; `sink.port` to connect to, `sink.messages` accepted so far."""
 
@@ -24,30 +69,11 @@ class Sink:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 sink.invalid ESMTP\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb in (b"EHLO", b"HELO"):
-                writer.write(EXTENSIONS)
-            elif verb == b"DATA":
-                writer.write(b"354 go ahead\r\n")
-                await writer.drain()
-                while await reader.readline() not in (b".\r\n", b""):
-                    pass
-                self.messages += 1
-                writer.write(b"250 2.0.0 Ok: queued\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 2.0.0 Bye\r\n")
-                break
-            else:
-                writer.write(b"250 2.0.0 Ok\r\n")
-            await writer.drain()
-        writer.close()
-
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._session, "127.0.0.1", 0))
+        server = self._loop.run_until_complete(
+            self._loop.create_server(lambda: _SinkProtocol(self), "127.0.0.1", 0)
+        )
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()

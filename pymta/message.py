@@ -269,11 +269,21 @@ def _from_value(full_name: str, addr: str) -> str:
     return f"{display} <{addr}>" if display else addr
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 def _date_value(queued_at: float) -> str:
     """`queued_at` as an RFC 5322 date in the local time zone, English names whatever the locale."""
-    from email.utils import formatdate
+    import time
 
-    return formatdate(queued_at, localtime=True)
+    moment = time.localtime(queued_at)
+    offset = moment.tm_gmtoff // 60
+    zone = f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+    return (
+        f"{_DAYS[moment.tm_wday]}, {moment.tm_mday:02d} {_MONTHS[moment.tm_mon - 1]} {moment.tm_year} "
+        f"{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d} {zone}"
+    )
 
 
 def complete(

@@ -890,6 +890,12 @@ def _known_status(code: int) -> Status:
 
 def _format_reply(code: int, message: bytes) -> str:
     """A reply as one line, "CODE ENHANCED text"; X.0.0 stands in for a missing enhanced code."""
+    if b"\n" not in message and message.isascii():
+        # The common case, one printable line such as b"2.0.0 Ok: queued": no regex, no loop.
+        text = message.decode("ascii").strip()
+        first, _, rest = text.partition(" ")
+        if text.isprintable() and _is_enhanced(first, code):
+            return f"{code} {first} {rest.strip()}".rstrip()
     enhanced = ""
     texts = []
     for line in message.decode("utf-8", "replace").split("\n"):
@@ -905,6 +911,17 @@ def _format_reply(code: int, message: bytes) -> str:
     if not enhanced and 200 <= code <= 599:
         enhanced = f"{code // 100}.0.0"
     return " ".join(part for part in (str(code), enhanced, text) if part)
+
+
+def _is_enhanced(word: str, code: int) -> bool:
+    """Whether `word` is an RFC 3463 code of the reply's class, e.g. "2.0.0" for a 250."""
+    parts = word.split(".")
+    return (
+        len(parts) == 3
+        and parts[0] == str(code)[0]
+        and all(part.isdigit() and 0 < len(part) <= 3 for part in parts)
+        and parts[0] in "245"
+    )
 
 
 def _as_bytes(value: bytes | str) -> bytes:

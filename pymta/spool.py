@@ -127,10 +127,15 @@ class Spool:
     def __init__(self, path: str) -> None:
         self.path = path
         self.private = True  # after submit(): whether the spool is this user's own (user mode)
+        self._dirs: dict[str, str] = {}
         self._reaper: threading.Thread | None = None  # unlinks delivered messages in the background
 
     def dir(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        """The path of one of the spool's directories (tmp, new, queue, ...)."""
+        path = self._dirs.get(name)
+        if path is None:
+            path = self._dirs[name] = os.path.join(self.path, name)
+        return path
 
     # -- the write side (sendmail) --
 
