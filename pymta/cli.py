@@ -51,7 +51,7 @@ def queue(ctx: click.Context, as_json: bool, config_file: str | None) -> None:
     \b
     With --json: a JSON array, one object per message with id, state (queued, deferred, held, failed),
     sender ("" is the null sender), recipients (address, status, last_error), size, submitted_by,
-    queued_at, next_attempt (ISO 8601, UTC), attempts and last_error.
+    queued_at, next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error.
     """
     if ctx.invoked_subcommand is None:
         ctx.invoke(list_queue, as_json=as_json, config_file=config_file)
@@ -66,7 +66,7 @@ def list_queue(as_json: bool, config_file: str | None) -> None:
     \b
     The JSON has one object per message with: id, state (queued, deferred, held, failed), sender ("" is
     the null sender), recipients (address, status, last_error), size, submitted_by, queued_at,
-    next_attempt (ISO 8601, UTC), attempts and last_error.
+    next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error.
     """
     entries, problems = listing.load(_spool_path(config_file))
     for problem in problems:

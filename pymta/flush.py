@@ -328,3 +328,46 @@ class Sessions:
 
 def _all(recipients: list[str], status: Status, reply: str) -> dict[str, RecipientOutcome]:
     return {recipient: RecipientOutcome(recipient, status, reply) for recipient in recipients}
+
+
+TEST_MESSAGE = (
+    "Subject: pymta test message\r\n"
+    "To: {to}\r\n"
+    "Auto-Submitted: auto-generated\r\n"
+    "\r\n"
+    "This is a test message from pymta on {host}, sent with `pymta test --to`.\r\n"
+    "If you read it, delivery through the smarthost works.\r\n"
+)
+
+
+def send_test_message(
+    config: Config, to: str, logger: logging.Logger | None = None
+) -> tuple[str, QueueEntry | None]:
+    """Queue a test message for `to` as the user running this, and run a flush.
+
+    Returns the queue id and, when the message is still waiting (deferred, failed, or left to a flush that
+    was already running), its entry; None when it was delivered.
+    """
+    from .address import recipients_from_args
+    from .spool import real_user
+
+    recipients = recipients_from_args([to])
+    login, gecos, uid = real_user()
+    envelope: dict[str, object] = {
+        "sender": login,
+        "recipients": recipients,
+        "submitted_by": login,
+        "uid": uid,
+        "full_name": gecos,
+        "queued_at": time.time(),
+    }
+    text = TEST_MESSAGE.format(to=", ".join(recipients), host=config.hostname)
+    spool = Spool(config.spool)
+    queue_id = spool.submit(envelope, text.encode("utf-8"))
+    Flusher(config, logger).run()
+    for location in ("queue", "new"):
+        try:
+            return queue_id, spool.read_entry(location, queue_id)
+        except FileNotFoundError:
+            continue
+    return queue_id, None

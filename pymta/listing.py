@@ -32,7 +32,7 @@ def entry_to_json(entry: QueueEntry) -> dict[str, object]:
         "size": entry.size,
         "submitted_by": entry.submitted_by,
         "queued_at": iso_utc(entry.queued_at),
-        "next_attempt": iso_utc(entry.next_attempt),
+        "next_attempt": None if entry.next_attempt is None else iso_utc(entry.next_attempt),
         "attempts": entry.attempts,
         "last_error": entry.last_error,
     }

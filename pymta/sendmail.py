@@ -138,7 +138,7 @@ def _queue_run(invocation: Invocation, value: str | None) -> None:
             f"-q{value}: ignored; pymta's timer (pymta-flush.timer) decides when to retry"
         )
         return
-    raise UnavailableError("-q: running the queue from sendmail is not available yet; use the delivery timer")
+    invocation.mode = "flush"
 
 
 def _option(invocation: Invocation, value: str | None) -> None:
@@ -298,19 +298,6 @@ def read_stdin(stop_at_dot: bool) -> bytes:
     return b"".join(chunks)
 
 
-def _user() -> tuple[str, str, int]:
-    """The real submitting user, as the operating system knows them: login name, GECOS name, uid."""
-    import pwd
-
-    uid = os.getuid()
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return f"uid{uid}", "", uid
-    gecos = entry.pw_gecos.split(",", 1)[0].replace("&", entry.pw_name.capitalize())
-    return entry.pw_name, gecos.strip(), uid
-
-
 def _settings(invocation: Invocation) -> tuple[str, bool, str | None, list[str]]:
     """The spool (and whether it is the default one), the delivery mode, and warnings when the config is
     broken: read without YAML where possible. A broken config never stops a submission."""
@@ -339,7 +326,7 @@ def submit(invocation: Invocation, data: bytes) -> tuple[str, list[str]]:
 
     from .address import unique_addresses
     from .message import prepare_submission
-    from .spool import Spool
+    from .spool import Spool, real_user
 
     message, header_recipients = prepare_submission(data, extract_recipients=invocation.extract)
     # -t plus argv recipients: the union (Postfix, nullmailer), each address once
@@ -347,7 +334,7 @@ def submit(invocation: Invocation, data: bytes) -> tuple[str, list[str]]:
     if not recipients:
         where = "in the To, Cc or Bcc headers" if invocation.extract else "on the command line (or use -t)"
         raise UsageError(f"no recipients: give at least one address {where}")
-    login, gecos, uid = _user()
+    login, gecos, uid = real_user()
     envelope: dict[str, object] = {
         "sender": login if invocation.sender is None else invocation.sender,
         "recipients": recipients,
@@ -425,6 +412,11 @@ def _run(argv: list[str]) -> int:
         for warning in warnings:
             _say(warning)
         return print_queue(spool_path)
+    if invocation.mode == "flush":  # -q: try everything waiting now, as `pymta flush --now`
+        from .cli import main as pymta_main
+
+        config = ["-C", invocation.config] if invocation.config else []
+        return pymta_main(["flush", "--now", *(["--verbose"] if invocation.verbose else []), *config])
     if invocation.mode == "newaliases":
         _say("newaliases: nothing to rebuild; pymta reads the aliases file when it delivers")
         return errors.EX_OK

@@ -65,6 +65,20 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
+def real_user() -> tuple[str, str, int]:
+    """The real submitting user as the operating system knows them (never what a message claims): login
+    name, GECOS full name, uid. A uid without a passwd entry is named `uid<N>`."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return f"uid{uid}", "", uid
+    gecos = entry.pw_gecos.split(",", 1)[0].replace("&", entry.pw_name.capitalize())
+    return entry.pw_name, gecos.strip(), uid
+
+
 def new_id() -> str:
     """A queue id: 8 hex digits of the time (so ids sort by submission) and 64 unguessable random bits."""
     return f"{int(time.time()):08x}{os.urandom(8).hex()}"
@@ -609,7 +623,12 @@ class QueueEntry:
             )
         self.state = _text(state, "state") or "queued"
         self.attempts = int(_number(state, "attempts", 0))
-        self.next_attempt = float(_number(state, "next_attempt", self.queued_at))
+        # None when no attempt is planned: every recipient is done (failed) or the message is held.
+        self.next_attempt: float | None = (
+            None
+            if state.get("next_attempt", 0) is None
+            else float(_number(state, "next_attempt", self.queued_at))
+        )
         self.last_error = _optional_text(state, "last_error")
         self.size = size
         self.owner_uid = owner_uid

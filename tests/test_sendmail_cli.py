@@ -219,11 +219,22 @@ def test_bad_input_is_one_line_the_right_code_and_nothing_queued(
     assert_nothing_queued(mta.spool)
 
 
-@pytest.mark.parametrize("args", [["-bs"], ["-q"], ["-bs", "root"]])
+@pytest.mark.parametrize("args", [["-bs"], ["-bs", "root"]])
 def test_modes_not_available_yet_say_so(mta: MtaEnv, args: list[str]) -> None:
     result = mta.sendmail(*args, input=MESSAGE)
     assert_one_line_error(result, 69, "not available yet", args[0])
     assert_nothing_queued(mta.spool)
+
+
+def test_dash_q_runs_the_queue_now(mta: MtaEnv) -> None:
+    assert mta.sendmail("root", input=MESSAGE).returncode == 0
+    assert mta.only_entry().location == "new"
+    result = mta.sendmail("-q", "-v", input=b"")
+    assert result.returncode == 0, result.stderr
+    entry = mta.only_entry()  # no smarthost in this config: tried and deferred, not lost
+    assert (entry.location, entry.state, entry.attempts) == ("queue", "deferred", 1)
+    assert "no smarthost configured" in (entry.last_error or "")
+    assert b"1 message tried" in result.stdout
 
 
 # --- the spool: missing, unwritable, full ---

@@ -141,13 +141,44 @@ def test_config_error(tmp_path: Path) -> None:
     assert result.exit_code == 78 and "did you mean" in result.output
 
 
-def test_to_is_not_available_yet(smtp_server: SmtpServer, tmp_path: Path) -> None:
+def test_to_sends_a_test_message_through_the_queue(
+    smtp_server: SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYMTA_TEST_PW", PASSWORD)
     assert smtp_server.tls is not None
-    ca = f"    ca_file: {smtp_server.tls.ca_file}\n"
-    config = write_config(tmp_path, smarthost_yaml(smtp_server.port, extra=ca))
+    config = write_config(
+        tmp_path, smarthost_yaml(smtp_server.port, extra=auth_yaml(smtp_server.tls.ca_file))
+    )
     result = run(pymta_test, ["-C", str(config), "--to", "admin@example.org"])
-    assert result.exit_code == 69 and "not available yet" in result.output
+    assert result.exit_code == 0, result.output
+    assert "to admin@example.org: delivered to the smarthost" in result.output
+    [received] = smtp_server.handler.messages
+    assert received.rcpt_tos == ["admin@example.org"]
+    assert b"Subject: pymta test message" in received.data and b"Message-ID: <" in received.data
+    assert not any((tmp_path / "spool" / "queue").iterdir())
+
+
+def test_to_reports_a_refused_recipient_and_keeps_the_message(
+    smtp_server: SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYMTA_TEST_PW", PASSWORD)
+    smtp_server.handler.rejections["nobody@example.org"] = "550 5.1.1 no such user"
+    assert smtp_server.tls is not None
+    config = write_config(
+        tmp_path, smarthost_yaml(smtp_server.port, extra=auth_yaml(smtp_server.tls.ca_file))
+    )
+    result = run(pymta_test, ["-C", str(config), "--to", "nobody@example.org"])
+    assert result.exit_code == 69, result.output
+    assert "failed" in result.output and "550 5.1.1 no such user" in result.output
+    assert len(list((tmp_path / "spool" / "queue").iterdir())) == 1
+
+
+def test_to_is_not_sent_when_the_checks_fail(smtp_server: SmtpServer, tmp_path: Path) -> None:
+    config = write_config(tmp_path, smarthost_yaml(smtp_server.port))  # the CA is unknown: TLS fails
+    result = run(pymta_test, ["-C", str(config), "--to", "admin@example.org"])
+    assert result.exit_code == 69 and "not sending the test message" in result.output
     assert smtp_server.handler.messages == []
+    assert not (tmp_path / "spool").exists()
 
 
 # --- pymta password ---
