@@ -40,6 +40,10 @@ PasswordKind = Literal["keyring", "command", "env", "file"]
 DELIVER_CHOICES: tuple[Deliver, ...] = ("immediate", "queue")
 SECURITY_CHOICES: tuple[Security, ...] = ("starttls", "tls", "none")
 AUTH_CHOICES: tuple[AuthMechanism, ...] = ("auto", "plain", "login", "cram-md5", "xoauth2", "oauthbearer")
+MailboxFormat = Literal["auto", "mbox", "maildir"]
+MAILBOX_CHOICES: tuple[MailboxFormat, ...] = ("auto", "mbox", "maildir")
+OriginalFrom = Literal["x-original-from", "reply-to", "none"]
+ORIGINAL_FROM_CHOICES: tuple[OriginalFrom, ...] = ("x-original-from", "reply-to", "none")
 PASSWORD_KINDS: tuple[PasswordKind, ...] = ("keyring", "command", "env", "file")
 
 # --- Defaults, each with the reason it is what it is. ---
@@ -56,6 +60,16 @@ DEFAULT_SMTP_TIMEOUT = 30
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (60, 300, 900, 3600, 14400)
 # Seconds before a message that still cannot be delivered bounces: RFC 5321 4.5.4.1 asks for 4-5 days.
 DEFAULT_LIFETIME = 5 * 86400
+# Seconds before the sender is told a message is still waiting: Postfix's delay_warning_time, turned on.
+DEFAULT_WARN_AFTER = 4 * 3600
+# Seconds a failed (bounced) message stays visible in `pymta queue --state failed` before the flush drops it.
+DEFAULT_FAILED_RETENTION = 7 * 86400
+# The aliases file most systems have; a missing one means no aliases.
+DEFAULT_ALIASES = "/etc/aliases"
+# Where mbox mailboxes live (mail, mutt and Python's mailbox agree on /var/mail/USER on Debian).
+DEFAULT_MAIL_SPOOL = "/var/mail"
+# A user's Maildir; ~ is the recipient's home directory.
+DEFAULT_MAILDIR = "~/Maildir"
 # Bytes: a 25 MB attachment (the most providers take) grows 37% in base64; the smarthost has the last word.
 DEFAULT_MAX_MESSAGE_SIZE = 35_000_000
 # Seconds to wait for the resolver when naming this host: /etc/hosts answers at once, a dead DNS server never.
@@ -185,6 +199,37 @@ class PasswordSource:
 
 
 @dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Sender rewriting for mail from local senders (root, cron, daemons) sent through a smarthost, whose
+    provider accepts only the account's own address (web.de, GMX, Gmail answer 554 otherwise)."""
+
+    from_address: str  # the account's address, e.g. me@web.de
+    envelope: bool = True  # rewrite the envelope sender (MAIL FROM)
+    header: bool = True  # rewrite the From: header, keeping its display name
+    original: OriginalFrom = "x-original-from"  # where the original From goes, if anywhere
+
+    def masked(self) -> dict[str, object]:
+        return {
+            "from": self.from_address,
+            "envelope": self.envelope,
+            "header": self.header,
+            "original": self.original,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """Delivery to local mailboxes."""
+
+    mailbox: MailboxFormat = "auto"  # auto: ~/Maildir when it exists, else mbox
+    mail_spool: str = DEFAULT_MAIL_SPOOL  # mbox files are MAIL_SPOOL/USER
+    maildir: str = DEFAULT_MAILDIR  # ~ is the recipient's home
+
+    def masked(self) -> dict[str, object]:
+        return {"mailbox": self.mailbox, "mail_spool": self.mail_spool, "maildir": self.maildir}
+
+
+@dataclass(frozen=True, slots=True)
 class Smarthost:
     """One server that takes our mail for relaying, and how to talk to it."""
 
@@ -200,6 +245,7 @@ class Smarthost:
     # auto: the best mechanism both sides know; xoauth2/oauthbearer take an OAuth2 token from `password`
     auth: AuthMechanism = "auto"
     name: str | None = None  # what routes call it; default: its host
+    rewrite: Rewrite | None = None  # sender rewriting for this smarthost; default: the top-level rewrite
 
     @property
     def label(self) -> str:
@@ -226,6 +272,7 @@ class Smarthost:
             "timeout": format_duration(self.timeout),
             "auth": self.auth,
             "name": self.name,
+            "rewrite": self.rewrite.masked() if self.rewrite else None,
         }
 
 
@@ -235,6 +282,7 @@ class Retry:
 
     schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE  # seconds to wait after the 1st, 2nd, ... attempt
     lifetime: float = DEFAULT_LIFETIME  # seconds from queueing until the message bounces
+    warn_after: float | None = DEFAULT_WARN_AFTER  # seconds until a "still trying" notice; None: never
 
     def delay_after(self, attempts: int) -> float:
         """Seconds to wait after `attempts` failed attempts; past the schedule its last interval repeats."""
@@ -244,6 +292,7 @@ class Retry:
         return {
             "schedule": [format_duration(s) for s in self.schedule],
             "lifetime": format_duration(self.lifetime),
+            "warn_after": "never" if self.warn_after is None else format_duration(self.warn_after),
         }
 
 
@@ -272,6 +321,11 @@ class Config:
     routes: tuple[Route, ...] = ()
     retry: Retry = field(default_factory=Retry)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    failed_retention: float = DEFAULT_FAILED_RETENTION
+    local_domains: tuple[str, ...] = ()  # domains whose mail is delivered here (besides localhost, hostname)
+    aliases: str = DEFAULT_ALIASES
+    local: Local = field(default_factory=Local)
+    rewrite: Rewrite | None = None
 
     @property
     def hostname(self) -> str:
@@ -295,6 +349,11 @@ class Config:
             "routes": [route.masked() for route in self.routes],
             "retry": self.retry.masked(),
             "max_message_size": format_size(self.max_message_size),
+            "failed_retention": format_duration(self.failed_retention),
+            "local_domains": list(self.local_domains),
+            "aliases": self.aliases,
+            "local": self.local.masked(),
+            "rewrite": self.rewrite.masked() if self.rewrite else None,
         }
 
 
@@ -566,6 +625,32 @@ def _routes(value: object, where: _Where) -> tuple[Route, ...]:
     return tuple(_route(item, where.index(number)) for number, item in enumerate(value))
 
 
+def _warn_after(value: object, where: _Where) -> float | None:
+    return None if value == "never" or value is False else _duration(value, where)
+
+
+def _domains(value: object, where: _Where) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise where.fail(f"must be a list of domain names such as [example.org], not {_show(value)}")
+    return tuple(_domain_name(item, where.index(number)).lower() for number, item in enumerate(value))
+
+
+def _local(value: object, where: _Where) -> Local:
+    return Local(**_section(_LOCAL_KEYS, value, where, "a mapping with mailbox:, mail_spool: and maildir:"))
+
+
+def _home_path(value: object, where: _Where) -> str:
+    path = _text(value, where, "a path such as ~/Maildir")
+    if not (path.startswith("~/") or os.path.isabs(path)):
+        raise where.fail(f"{_show(path)} must be absolute or start with ~/ (the recipient's home)")
+    return path
+
+
+def _rewrite(value: object, where: _Where) -> Rewrite:
+    fields = _section(_REWRITE_KEYS, value, where, "a mapping with from: and, if wanted, envelope:, header:")
+    return Rewrite(**fields)
+
+
 def _retry(value: object, where: _Where) -> Retry:
     return Retry(**_section(_RETRY_KEYS, value, where, "a mapping with schedule: and lifetime:"))
 
@@ -582,6 +667,18 @@ _SMARTHOST_KEYS: Mapping[str, _Key] = {
     "timeout": _Key("timeout", _duration),
     "auth": _Key("auth", _choice(*AUTH_CHOICES)),
     "name": _Key("name", lambda value, where: _text(value, where, "a short name for routes")),
+    "rewrite": _Key("rewrite", _rewrite),
+}
+_REWRITE_KEYS: Mapping[str, _Key] = {
+    "from": _Key("from_address", _address, required="write the account's address, e.g. from: me@web.de"),
+    "envelope": _Key("envelope", _boolean),
+    "header": _Key("header", _boolean),
+    "original": _Key("original", _choice(*ORIGINAL_FROM_CHOICES)),
+}
+_LOCAL_KEYS: Mapping[str, _Key] = {
+    "mailbox": _Key("mailbox", _choice(*MAILBOX_CHOICES)),
+    "mail_spool": _Key("mail_spool", _absolute_path),
+    "maildir": _Key("maildir", _home_path),
 }
 _ROUTE_KEYS: Mapping[str, _Key] = {
     "sender": _Key(
@@ -598,6 +695,7 @@ _ROUTE_KEYS: Mapping[str, _Key] = {
 _RETRY_KEYS: Mapping[str, _Key] = {
     "schedule": _Key("schedule", _schedule),
     "lifetime": _Key("lifetime", _duration),
+    "warn_after": _Key("warn_after", _warn_after),
 }
 _TOP_KEYS: Mapping[str, _Key] = {
     "spool": _Key("spool", _absolute_path),
@@ -609,12 +707,19 @@ _TOP_KEYS: Mapping[str, _Key] = {
     "routes": _Key("routes", _routes),
     "retry": _Key("retry", _retry),
     "max_message_size": _Key("max_message_size", _size),
+    "failed_retention": _Key("failed_retention", _duration),
+    "local_domains": _Key("local_domains", _domains),
+    "aliases": _Key("aliases", _absolute_path),
+    "local": _Key("local", _local),
+    "rewrite": _Key("rewrite", _rewrite),
 }
 # Where a misplaced key belongs, for "unknown key here; it belongs under retry:".
 _NESTED: Mapping[str, Mapping[str, _Key]] = {
     "smarthosts": _SMARTHOST_KEYS,
     "routes": _ROUTE_KEYS,
     "retry": _RETRY_KEYS,
+    "local": _LOCAL_KEYS,
+    "rewrite": _REWRITE_KEYS,
 }
 
 # Every key of the file by its path, for documentation tests and tools.
@@ -623,6 +728,8 @@ KEYS: tuple[str, ...] = (
     *(f"smarthosts[].{key}" for key in _SMARTHOST_KEYS),
     *(f"routes[].{key}" for key in _ROUTE_KEYS),
     *(f"retry.{key}" for key in _RETRY_KEYS),
+    *(f"local.{key}" for key in _LOCAL_KEYS),
+    *(f"rewrite.{key}" for key in _REWRITE_KEYS),
 )
 
 

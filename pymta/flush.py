@@ -129,6 +129,19 @@ class Flusher:
 
     def _deliver(self, name: str, report: FlushReport) -> None:
         try:
+            lock = self.spool.lock_message(name)
+        except FileNotFoundError:
+            return  # deleted by an admin while we worked
+        if lock is None:
+            self.log.info(f"id={name} is being changed by a queue command; it waits for the next run")
+            return
+        try:
+            self._deliver_locked(name, report)
+        finally:
+            self.spool.unlock_message(lock)
+
+    def _deliver_locked(self, name: str, report: FlushReport) -> None:
+        try:
             entry, message = self.spool.load(name)
         except FileNotFoundError:
             return  # deleted by an admin while we worked

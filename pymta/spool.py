@@ -530,6 +530,30 @@ class Spool:
             return None
         return fd
 
+    def lock_message(self, name: str, wait: float = 0.0) -> int | None:
+        """Lock queue/NAME against concurrent changes (flock on the file), waiting up to `wait` seconds.
+
+        The flush holds it while it delivers a message; `pymta queue` commands hold it while they change
+        one. Returns a descriptor for `unlock_message`, or None when someone else holds it. Raises
+        FileNotFoundError when the message is gone.
+        """
+        import fcntl
+
+        fd = os.open(os.path.join(self.dir("queue"), name), _READ_FLAGS)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+
+    def unlock_message(self, fd: int) -> None:
+        os.close(fd)  # closing the descriptor releases the flock
+
     def release_flush(self, fd: int) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
