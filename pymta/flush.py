@@ -99,17 +99,21 @@ class Flusher:
             self.spool.request_flush()
             report.busy = True
             return report
-        try:
-            self.spool.remove_leftovers()
-            while True:
-                self.spool.take_flush_request()
-                self._one_pass(report, force, progress)
-                if not self.spool.take_flush_request():
-                    break
-        finally:
-            self.sessions.close()
-            self.spool.finish_removals()
-            self.spool.release_flush(lock)
+        while lock is not None:
+            try:
+                self.spool.remove_leftovers()
+                while True:
+                    self.spool.take_flush_request()
+                    self._one_pass(report, force, progress)
+                    if not self.spool.take_flush_request():
+                        break
+            finally:
+                self.sessions.close()
+                self.spool.finish_removals()
+                self.spool.release_flush(lock)
+            # A flush that started after our last look found the lock taken and left a request: honour it,
+            # unless yet another flush has the lock now (then that one will).
+            lock = self.spool.lock_flush() if self.spool.has_flush_request() else None
         return report
 
     def due(self, force: bool) -> list[str]:
@@ -160,7 +164,7 @@ class Flusher:
             reason = f"expired: not delivered within {format_duration(self.config.retry.lifetime)}"
             self._record(entry, _all(pending, "failed", reason), "none", report)
             return
-        hosts = route(self.config, entry.sender)
+        hosts = route(self.config, qualify(entry.sender, self.config.domain))
         if not hosts:
             self._record(entry, _all(pending, "deferred", NO_SMARTHOST), "none", report)
             return

@@ -322,6 +322,8 @@ class Spool:
         entry = QueueEntry(
             "queue", path, _parse_envelope(line), self._read_state(name), len(message), info.st_uid
         )
+        if entry.id != name:
+            raise ValueError(f"its envelope claims the id {entry.id!r}, not its file name")
         return entry, message
 
     def read_message(self, entry: QueueEntry) -> bytes:
@@ -384,10 +386,15 @@ class Spool:
                 self._set_aside(name, source, f"{info.st_size} bytes, over max_message_size", report)
                 return False
             target = os.path.join(self.dir("queue"), name)
+            if os.path.lexists(target):
+                self._set_aside(name, source, "a queued message has this id already", report)
+                return False
             if info.st_uid == os.geteuid():
-                # Our own submission (user mode): nobody else could have written it. Renamed as it is; an
-                # unreadable envelope is found, and set aside, when the message is loaded for delivery.
-                os.rename(source, target)
+                # Our own submission (user mode): nobody else could have written it. Moved as it is (link,
+                # then unlink: never over an existing name); an unreadable envelope is found, and set
+                # aside, when the message is loaded for delivery.
+                os.link(source, target, follow_symlinks=False)
+                os.unlink(source)
                 return True
             with os.fdopen(os.dup(fd), "rb") as handle:
                 data = handle.read()
@@ -406,8 +413,15 @@ class Spool:
             owner = pwd.getpwuid(info.st_uid).pw_name
         except KeyError:
             owner = f"uid{info.st_uid}"
-        envelope.update(submitted_by=owner, uid=info.st_uid)
-        self._write_private(target, encode_json(envelope).encode("ascii") + b"\n" + message)
+        # The file's owner and name are the kernel's word; what the envelope claims about them is not.
+        envelope.update(id=name, submitted_by=owner, uid=info.st_uid)
+        try:
+            self._write_private(
+                target, encode_json(envelope).encode("ascii") + b"\n" + message, replace=False
+            )
+        except FileExistsError:
+            self._set_aside(name, source, "a queued message has this id already", report)
+            return False
         os.unlink(source)
         return True
 
@@ -429,8 +443,11 @@ class Spool:
         os.rename(source, os.path.join(self.dir("corrupt"), name))
         report(f"refused new/{name}: {why}; moved to corrupt/ for the admin")
 
-    def _write_private(self, target: str, data: bytes, mtime: float | None = None) -> None:
-        """Write `data` to `target` atomically and durably: a dot-file beside it, fsync, rename."""
+    def _write_private(
+        self, target: str, data: bytes, mtime: float | None = None, replace: bool = True
+    ) -> None:
+        """Write `data` to `target` atomically and durably: a dot-file beside it, fsync, rename (or, when not
+        `replace`, link and unlink, which raises FileExistsError rather than replace an existing file)."""
         directory, name = os.path.split(target)
         tmp_path = os.path.join(directory, f".{name}.tmp")
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -442,7 +459,11 @@ class Spool:
                 os.close(fd)
             if mtime is not None:
                 os.utime(tmp_path, (mtime, mtime))
-            os.rename(tmp_path, target)
+            if replace:
+                os.rename(tmp_path, target)
+            else:
+                os.link(tmp_path, target)
+                os.unlink(tmp_path)
         except BaseException:
             _unlink_quietly(tmp_path)
             raise
@@ -561,6 +582,9 @@ class Spool:
         """Ask the flush that holds the lock to look at the queue once more before it stops."""
         fd = os.open(os.path.join(self.path, "flush.request"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
+
+    def has_flush_request(self) -> bool:
+        return os.path.exists(os.path.join(self.path, "flush.request"))
 
     def take_flush_request(self) -> bool:
         """True (and the request cleared) when someone asked for another look since the last call."""
