@@ -324,3 +324,48 @@ def complete(
     if not block.fields or block.separator_missing:
         header.append(CRLF)
     return b"".join(header) + message[block.end :]
+
+
+def rewrite_from(message: bytes, address: str, original: str = "x-original-from") -> bytes:
+    """The message with the address of its From: header replaced by `address` (a smarthost account that
+    accepts no other sender), keeping the display name; without one, the old address becomes the display
+    name, so a reader still sees who wrote. The old From: value is kept in an `X-Original-From:` header, or
+    becomes `Reply-To:` (only when the message has none), or is dropped, as `original` says.
+
+    A message without a From: header, or with one that cannot be parsed, gets `From: <address>`.
+    """
+    block = _header_block(message)
+    header: list[bytes] = []
+    old_value: str | None = None
+    has_reply_to = False
+    for name, field in block.fields:
+        lower = name.lower()
+        has_reply_to = has_reply_to or lower == "reply-to"
+        if lower == "from" and old_value is None:
+            old_value = _unfolded(field).strip()
+            continue
+        header.append(field if field.endswith(b"\n") else field + CRLF)
+    display = ""
+    old_address = ""
+    if old_value:
+        try:
+            mailboxes = parse_list(old_value)
+        except AddressError:
+            mailboxes = []
+        if mailboxes:
+            old_address = mailboxes[0].addr
+            display = mailboxes[0].display.strip().strip('"').strip()
+    if not display and old_value and old_value.endswith(")") and "(" in old_value:
+        display = old_value[
+            old_value.rindex("(") + 1 : -1
+        ].strip()  # root (Cron Daemon): the comment names it
+    name = display or old_address
+    new = [f"From: {_from_value(name, address)}\r\n"]
+    if old_value and original == "x-original-from":
+        new.append(f"X-Original-From: {old_value}\r\n")
+    elif old_address and original == "reply-to" and not has_reply_to:
+        new.append(f"Reply-To: {old_value}\r\n")
+    header.extend(line.encode("utf-8", "surrogateescape") for line in new)
+    if not block.fields or block.separator_missing:
+        header.append(CRLF)
+    return b"".join(header) + message[block.end :]
