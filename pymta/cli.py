@@ -4,20 +4,12 @@ two library calls and turns a library error (PymtaError) into one line on stderr
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from . import __version__, listing
+from . import __version__
 from .errors import EX_SOFTWARE, EX_USAGE, PymtaError
-
-
-def _spool_path(config_file: str | None) -> str:
-    """The spool the config names (validated by the full config loader), or the default."""
-    from .config import load
-
-    return load(config_file).spool
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,45 +28,6 @@ def cli() -> None:
 config_option = click.option(
     "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
 )
-
-
-@cli.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the format scripts rely on).")
-@config_option
-@click.pass_context
-def queue(ctx: click.Context, as_json: bool, config_file: str | None) -> None:
-    """See what is waiting in the queue, and why.
-
-    With no subcommand, lists the queue like `pymta queue list`: one line per message with its id, age,
-    size, state, sender and the recipients still to be delivered, and the last error below it.
-
-    \b
-    With --json: a JSON array, one object per message with id, state (queued, deferred, held, failed),
-    sender ("" is the null sender), recipients (address, status, last_error), size, submitted_by,
-    queued_at, next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error.
-    """
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(list_queue, as_json=as_json, config_file=config_file)
-
-
-@queue.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the format scripts rely on).")
-@config_option
-def list_queue(as_json: bool, config_file: str | None) -> None:
-    """List the queued messages, oldest first.
-
-    \b
-    The JSON has one object per message with: id, state (queued, deferred, held, failed), sender ("" is
-    the null sender), recipients (address, status, last_error), size, submitted_by, queued_at,
-    next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error.
-    """
-    entries, problems = listing.load(_spool_path(config_file))
-    for problem in problems:
-        click.echo(f"pymta: cannot read {problem}", err=True)
-    if as_json:
-        click.echo(json.dumps([listing.entry_to_json(entry) for entry in entries], indent=2))
-    else:
-        click.echo("\n".join(listing.format_table(entries)))
 
 
 @cli.command()
@@ -119,8 +72,10 @@ def _progress_line(done: int, total: int) -> None:
 
 def _register_command_groups() -> None:
     from .config_cli import config_group
+    from .queue_cli import queue_group
     from .smarthost_cli import password_group, test_command
 
+    cli.add_command(queue_group)
     cli.add_command(config_group)
     cli.add_command(test_command)
     cli.add_command(password_group)

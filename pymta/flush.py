@@ -16,6 +16,7 @@ were delivered, and stays in state `failed` otherwise, for the admin and the bou
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import random
@@ -24,16 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import log
-from .address import qualify
 from .config import Config, Smarthost
-from .message import complete
+from .message import complete, rewrite_from
+from .routing import Router
 from .smtp import RecipientOutcome, SessionError, SmtpSession, Status
-from .spool import NEVER, QueueEntry, Spool
+from .spool import NEVER, QueueEntry, RecipientStatus, Spool
 
 # Deferred messages come back within +-10% of their interval, so a burst does not retry as a burst.
 RETRY_JITTER = 0.1
 # What the spool reports, by the status a recipient can have.
 PENDING = ("pending", "deferred")
+# At most this many recipients per message, aliases included: a runaway alias file must not fan out forever.
+MAX_RECIPIENTS = 1000
 # A recipient's status as the log line says it, in Postfix's words.
 LOGGED_STATUS = {"delivered": "sent", "deferred": "deferred", "failed": "bounced"}
 NO_SMARTHOST = "no smarthost configured; add one under 'smarthosts:' in the config (see pymta.yaml(5))"
@@ -85,6 +88,7 @@ class Flusher:
         self.clock = clock
         self.jitter = jitter
         self.sessions = Sessions(config, self.log)
+        self.router = Router(config)
 
     def run(self, *, force: bool = False, progress: Callable[[int, int], None] | None = None) -> FlushReport:
         """Deliver what is due (with `force`, everything waiting); report what happened.
@@ -122,9 +126,12 @@ class Flusher:
     def _one_pass(
         self, report: FlushReport, force: bool, progress: Callable[[int, int], None] | None
     ) -> None:
+        from .queue_ops import expire_failed
+
         picked = self.spool.pick_up(self.config.max_message_size, self.log.warning)
         report.picked_up += len(picked)
         self.spool.remove_stale_tmp(self.clock())
+        expire_failed(self.spool, self.config, self.clock(), self.log)
         due = self.due(force)
         for done, name in enumerate(due, 1):
             self._deliver(name, report)
@@ -153,75 +160,149 @@ class Flusher:
             self.log.error(f"id={name} cannot read the queued message ({exc}); moved to corrupt/")
             self.spool.set_aside_queued(name)
             return
-        pending = [r.address for r in entry.recipients if r.status in PENDING]
-        if not pending:
+        if entry.state == "held":
+            return  # held by the admin: never delivered, never expired
+        pending = [r for r in entry.recipients if r.status in PENDING]
+        if not pending and not entry.bounce_due:
             return
         report.attempted += 1
         now = self.clock()
-        if now - entry.queued_at > self.config.retry.lifetime:
+        attempt = Attempt()
+        if pending and now - entry.queued_at > self.config.retry.lifetime:
             from .config import format_duration
 
             reason = f"expired: not delivered within {format_duration(self.config.retry.lifetime)}"
-            self._record(entry, _all(pending, "failed", reason), "none", report)
+            for recipient in pending:
+                attempt.set(recipient.address, "failed", reason, "none")
+        elif pending:
+            self._attempt(entry, message, pending, attempt)
+        self._record(entry, message, attempt, report)
+
+    def _attempt(
+        self, entry: QueueEntry, message: bytes, pending: list[RecipientStatus], attempt: Attempt
+    ) -> None:
+        """Route every pending recipient (aliases, admin, local or smarthost) and deliver it."""
+        router = self.router
+        known = {r.address.lower() for r in entry.recipients}
+        work = [(r.address, r.via is not None) for r in pending]
+        remote: list[str] = []
+        local: list[tuple[str, str]] = []
+        while work:
+            address, expanded = work.pop(0)
+            plan = router.plan(address, expanded=expanded)
+            if plan is None:
+                remote.append(address)
+                continue
+            for warning in plan.warnings:
+                self.log.warning(f"id={entry.id} {warning}")
+            if plan.user is not None:
+                local.append((address, plan.user))
+                continue
+            attempt.set(address, "expanded", f"sent on to {', '.join(plan.targets)}", "local")
+            for target in plan.targets:
+                if target.lower() not in known and len(known) < MAX_RECIPIENTS:
+                    known.add(target.lower())
+                    attempt.added[target] = address
+                    work.append((target, True))
+        if not (local or remote):
             return
-        hosts = route(self.config, qualify(entry.sender, self.config.domain))
-        if not hosts:
-            self._record(entry, _all(pending, "deferred", NO_SMARTHOST), "none", report)
-            return
-        domain = self.config.domain
-        wire = complete(
+        completed = complete(
             message,
             queued_at=entry.queued_at,
             message_id=entry.id,
             sender=entry.sender,
             submitted_by=entry.submitted_by,
             full_name=entry.full_name,
-            domain=domain,
+            domain=self.config.domain,
             hostname=self.config.hostname,
         )
-        # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
-        on_wire = {address: qualify(address, domain) for address in pending}
-        results, relay = self.sessions.send(
-            hosts, entry, qualify(entry.sender, domain), list(dict.fromkeys(on_wire.values())), wire
-        )
-        self._record(entry, {address: results[on_wire[address]] for address in pending}, relay, report)
+        for address, user in local:
+            from .local import deliver_as_recipient
 
-    def _record(
-        self, entry: QueueEntry, results: dict[str, RecipientOutcome], relay: str, report: FlushReport
-    ) -> None:
-        """Write the outcome of one attempt to the message's state (or remove it when all are delivered)."""
+            outcome = deliver_as_recipient(
+                user,
+                completed,
+                sender=router.wire_address(entry.sender),
+                local=self.config.local,
+                now=self.clock(),
+            )
+            attempt.set(address, outcome.status, outcome.reason, "local")
+        if remote:
+            self._send_remote(entry, completed, remote, attempt)
+
+    def _send_remote(self, entry: QueueEntry, message: bytes, remote: list[str], attempt: Attempt) -> None:
+        sender = self.router.wire_address(entry.sender)
+        hosts = route(self.config, sender)
+        if not hosts:
+            for address in remote:
+                attempt.set(address, "deferred", NO_SMARTHOST, "none")
+            return
+        rewrite = hosts[0].rewrite or self.config.rewrite
+        if rewrite is not None and self.router.sender_is_local(entry.sender):
+            # The provider takes only its account's address as sender (web.de, GMX, Gmail: 554 otherwise).
+            if rewrite.envelope:
+                sender = rewrite.from_address
+            if rewrite.header:
+                message = rewrite_from(message, rewrite.from_address, rewrite.original)
+        # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
+        on_wire = {address: self.router.wire_address(address) for address in remote}
+        results, relay = self.sessions.send(
+            hosts, entry, sender, list(dict.fromkeys(on_wire.values())), message
+        )
+        for address in remote:
+            outcome = results[on_wire[address]]
+            attempt.set(address, outcome.status, outcome.reply, relay, wire=outcome.recipient)
+
+    def _record(self, entry: QueueEntry, message: bytes, attempt: Attempt, report: FlushReport) -> None:
+        """Write the outcome of one attempt to the message's state, send the bounce or delay notice it calls
+        for, and remove the message when every recipient is done and nothing is owed."""
         now = self.clock()
-        attempts = entry.attempts + 1
-        recipients: dict[str, dict[str, str | None]] = {}
-        last_error = None
-        for recipient in entry.recipients:
-            status, error = recipient.status, recipient.last_error
-            result = results.get(recipient.address)
+        attempts = entry.attempts + (1 if attempt.results else 0)
+        recipients: dict[str, dict[str, object]] = {}
+        last_error = entry.last_error
+        for recipient in [*entry.recipients, *(RecipientStatus(a, via=v) for a, v in attempt.added.items())]:
+            record: dict[str, object] = {"status": recipient.status, "last_error": recipient.last_error}
+            if recipient.via:
+                record["via"] = recipient.via
+            if recipient.reported:
+                record["reported"] = True
+            result = attempt.results.get(recipient.address)
             if result is not None:
-                status = result.status
-                error = None if status == "delivered" else result.reply
-                last_error = error or last_error
-                report.count(status)
-                self.log.info(
-                    log.delivery_line(
-                        entry.id,
-                        result.recipient,
-                        relay,
-                        now - entry.queued_at,
-                        attempts,
-                        LOGGED_STATUS[status],
-                        result.reply,
+                status, reply, relay, wire = result
+                record["status"] = status
+                record["last_error"] = None if status in ("delivered", "expanded") else reply
+                if status not in ("delivered", "expanded"):
+                    last_error = reply
+                if status != "expanded":
+                    report.count(status)
+                    self.log.info(
+                        log.delivery_line(
+                            entry.id,
+                            wire,
+                            relay,
+                            now - entry.queued_at,
+                            attempts,
+                            LOGGED_STATUS[status],
+                            reply,
+                        )
                     )
-                )
-            recipients[recipient.address] = {"status": status, "last_error": error}
-        statuses = {r["status"] for r in recipients.values()}
-        if statuses <= {"delivered"}:
+            recipients[recipient.address] = record
+        state_info = {"warned": entry.warned}
+        owed = [a for a, r in recipients.items() if r["status"] == "failed" and not r.get("reported")]
+        if owed and (attempt.results or entry.bounce_due):
+            if self._bounce(entry, message, recipients, owed, attempt, now):
+                for address in owed:
+                    recipients[address]["reported"] = True
+        statuses = {str(r["status"]) for r in recipients.values()}
+        if statuses <= {"delivered", "expanded"}:
             self.spool.remove(entry)
             return
         if statuses & set(PENDING):
             state = "deferred"
             delay = self.config.retry.delay_after(attempts)
             next_attempt = now + delay * (1 + RETRY_JITTER * (2 * self.jitter() - 1))
+            if not entry.warned and self._warn(entry, message, recipients, attempt, now):
+                state_info["warned"] = True
         else:
             state = "failed"
             next_attempt = NEVER
@@ -232,12 +313,109 @@ class Flusher:
                 "attempts": attempts,
                 "last_attempt": now,
                 "next_attempt": next_attempt if state == "deferred" else None,
-                "last_error": last_error or entry.last_error,
-                "relay": relay,
+                "last_error": last_error,
+                "relay": attempt.relay or entry.relay,
+                **state_info,
                 "recipients": recipients,
             },
             next_attempt,
         )
+
+    def _bounce(
+        self,
+        entry: QueueEntry,
+        message: bytes,
+        recipients: dict[str, dict[str, object]],
+        owed: list[str],
+        attempt: Attempt,
+        now: float,
+    ) -> bool:
+        """Queue the failure notice for the `owed` recipients; True when it is queued or none is wanted, so
+        they count as reported. False (the message stays failed, for the admin) when nobody can get it."""
+        from . import bounce
+
+        if not bounce.wants(entry, "failed"):
+            return True
+        to = bounce.bounce_recipient(entry, self.config.admin, owed if entry.sender == "" else None)
+        if to is None:
+            self.log.warning(
+                f"id={entry.id} failed and nobody can be told (a bounce of a bounce); kept for the admin"
+            )
+            return False
+        view = _with_statuses(entry, recipients)
+        reported = [
+            r
+            for r in bounce.reported_recipients(view, "failed", remote_mta=attempt.relay, last_attempt=now)
+            if r.address in owed
+        ]
+        dsn = bounce.build_dsn(
+            view, message, reported, action="failed", to=to, hostname=self.config.hostname, now=now
+        )
+        queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action="failed", now=now), dsn)
+        self.spool.request_flush()  # deliver it in this run
+        self.log.info(f"id={entry.id} failed for {', '.join(owed)}; bounce {queue_id} to <{to}>")
+        return True
+
+    def _warn(
+        self,
+        entry: QueueEntry,
+        message: bytes,
+        recipients: dict[str, dict[str, object]],
+        attempt: Attempt,
+        now: float,
+    ) -> bool:
+        """Queue the one "still trying" notice when `retry.warn_after` has passed; True when it was queued."""
+        from . import bounce
+
+        view = _with_statuses(entry, recipients)
+        retry = self.config.retry
+        if not bounce.delay_warning_due(view, now=now, warn_after=retry.warn_after, lifetime=retry.lifetime):
+            return False
+        to = bounce.bounce_recipient(view, self.config.admin)
+        if to is None:
+            return False
+        reported = bounce.reported_recipients(view, "delayed", remote_mta=attempt.relay, last_attempt=now)
+        dsn = bounce.build_dsn(
+            view,
+            message,
+            reported,
+            action="delayed",
+            to=to,
+            hostname=self.config.hostname,
+            now=now,
+            retry_until=entry.queued_at + retry.lifetime,
+        )
+        queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action="delayed", now=now), dsn)
+        self.spool.request_flush()
+        self.log.info(f"id={entry.id} still waiting; delay notice {queue_id} to <{to}>")
+        return True
+
+
+class Attempt:
+    """The outcome of one attempt at one message, recipient by recipient, and the recipients it added."""
+
+    def __init__(self) -> None:
+        # address -> (status, reply or reason, relay, the address as sent)
+        self.results: dict[str, tuple[str, str, str, str]] = {}
+        self.added: dict[str, str] = {}  # alias targets added in this attempt -> the recipient they came from
+        self.relay: str | None = None  # the smarthost that answered, if one did
+
+    def set(self, address: str, status: str, reply: str, relay: str, wire: str | None = None) -> None:
+        self.results[address] = (status, reply, relay, wire or address)
+        if relay not in ("none", "local"):
+            self.relay = relay
+
+
+def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) -> QueueEntry:
+    """`entry` as it stands after this attempt (for the bounce builder, which reads recipient statuses)."""
+    view = copy.copy(entry)
+    view.recipients = []
+    for address, record in recipients.items():
+        error = record.get("last_error")
+        view.recipients.append(
+            RecipientStatus(address, str(record["status"]), error if isinstance(error, str) else None)
+        )
+    return view
 
 
 def route(config: Config, sender: str) -> tuple[Smarthost, ...]:

@@ -14,6 +14,10 @@ import time
 from .errors import EX_OK, PermissionDenied
 from .spool import QueueEntry, Spool
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .queue_ops import Details
+
 
 def iso_utc(timestamp: float) -> str:
     """ISO 8601 in UTC with a Z, to the second."""
@@ -75,6 +79,106 @@ def format_table(entries: list[QueueEntry], now: float | None = None) -> list[st
     total = sum(entry.size for entry in entries)
     count = len(entries)
     lines.append(f"-- {count} message{'s' if count != 1 else ''}, {human_size(total)} in total")
+    return lines
+
+
+def _when(timestamp: object) -> str | None:
+    return (
+        iso_utc(timestamp) if isinstance(timestamp, int | float) and not isinstance(timestamp, bool) else None
+    )
+
+
+def details_to_json(details: Details) -> dict[str, object]:
+    """`pymta queue show --json`: the `pymta queue --json` object of the message, and more about it."""
+    entry, state = details.entry, details.state
+    shown = {
+        "argument": details.argument,
+        "ok": True,
+        **entry_to_json(entry),
+        "location": entry.location,
+        "last_attempt": _when(state.get("last_attempt")),
+        "relay": state.get("relay") if isinstance(state.get("relay"), str) else None,
+        "held_from": state.get("held_from") if entry.state == "held" else None,
+        "bounce_due": state.get("bounce_due") is True,
+        "headers": [{"name": name, "value": value} for name, value in details.headers],
+    }
+    if details.message is not None:
+        shown["message"] = details.message.decode("utf-8", "replace")
+    return shown
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (an escape sequence in a header) shown as \\xNN."""
+    return "".join(
+        char
+        if char == "\t" or (ord(char) >= 0x20 and not 0x7F <= ord(char) < 0xA0)
+        else f"\\x{ord(char):02x}"
+        for char in text
+    )
+
+
+def format_details(details: Details, now: float | None = None) -> list[str]:
+    """`pymta queue show`: what an admin needs to know about one message, one fact per line."""
+    now = time.time() if now is None else now
+    entry, state = details.entry, details.state
+
+    def when(timestamp: float) -> str:
+        ago = now - timestamp
+        return (
+            f"{iso_utc(timestamp)} ({human_age(ago)} ago)"
+            if ago >= 0
+            else f"{iso_utc(timestamp)} (in {human_age(-ago)})"
+        )
+
+    lines = [f"id:            {entry.id}"]
+    if entry.location == "new":
+        lines.append("location:      new/ (committed, not yet picked up by a flush)")
+    state_line = entry.state
+    if entry.state == "held":
+        state_line += f" (was {state.get('held_from', 'queued')}; `pymta queue release` lets it go)"
+    lines.append(f"state:         {state_line}")
+    lines.append(f"sender:        {printable(entry.sender) if entry.sender else '<> (the null sender)'}")
+    who = f"{entry.submitted_by} (uid {entry.uid}" + (
+        f", {printable(entry.full_name)})" if entry.full_name else ")"
+    )
+    lines.append(f"submitted by:  {who}")
+    lines.append(f"queued at:     {when(entry.queued_at)}")
+    lines.append(f"size:          {human_size(entry.size)} ({entry.size} bytes)")
+    attempts = str(entry.attempts)
+    last_attempt = state.get("last_attempt")
+    if isinstance(last_attempt, int | float):
+        attempts += f", the last at {when(last_attempt)}"
+        relay = state.get("relay")
+        if isinstance(relay, str) and relay != "none":
+            attempts += f" via {printable(relay)}"
+    lines.append(f"attempts:      {attempts}")
+    if entry.next_attempt is None:
+        nothing = {"held": "none while held", "failed": "none: every recipient is done"}
+        lines.append(f"next attempt:  {nothing.get(entry.state, 'none')}")
+    elif entry.next_attempt <= now:
+        lines.append("next attempt:  due now (the next flush)")
+    else:
+        lines.append(f"next attempt:  {when(entry.next_attempt)}")
+    if entry.last_error:
+        lines.append(f"last error:    {printable(entry.last_error)}")
+    if state.get("bounce_due") is True:
+        lines.append("bounce:        owed to the sender; the next flush sends it")
+    dsn = [
+        f"{key}={value}"
+        for key, value in (("notify", entry.dsn_notify), ("ret", entry.dsn_ret), ("envid", entry.dsn_envid))
+        if value
+    ]
+    if dsn:
+        lines.append(f"dsn:           {printable(', '.join(dsn))}")
+    lines.append("recipients:")
+    width = max(len(r.status) for r in entry.recipients) if entry.recipients else 0
+    for recipient in entry.recipients:
+        lines.append(f"  {recipient.status:<{width}}  {printable(recipient.address)}")
+        if recipient.last_error:
+            lines.append(f"  {'':<{width}}  {printable(recipient.last_error)}")
+    if details.message is None:
+        lines.append("headers:")
+        lines.extend(f"  {printable(name)}: {printable(value)}" for name, value in details.headers)
     return lines
 
 

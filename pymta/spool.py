@@ -596,14 +596,27 @@ class Spool:
 
 
 class RecipientStatus:
-    """One recipient of a queued message and how its delivery stands."""
+    """One recipient of a queued message and how its delivery stands.
 
-    __slots__ = ("address", "status", "last_error")
+    `status` is pending, delivered, deferred, failed, or expanded (an alias or the admin rule replaced it by
+    other recipients, which follow with `via` naming it). `reported`: its failure was told to the sender.
+    """
 
-    def __init__(self, address: str, status: str = "pending", last_error: str | None = None) -> None:
+    __slots__ = ("address", "status", "last_error", "via", "reported")
+
+    def __init__(
+        self,
+        address: str,
+        status: str = "pending",
+        last_error: str | None = None,
+        via: str | None = None,
+        reported: bool = False,
+    ) -> None:
         self.address = address
         self.status = status
         self.last_error = last_error
+        self.via = via
+        self.reported = reported
 
 
 class QueueEntry:
@@ -630,6 +643,10 @@ class QueueEntry:
         "size",
         "owner_uid",
         "has_state",
+        "warned",
+        "bounce_due",
+        "relay",
+        "dsn_of",
     )
 
     def __init__(
@@ -661,12 +678,18 @@ class QueueEntry:
         per_recipient = state.get("recipients")
         per_recipient = per_recipient if isinstance(per_recipient, dict) else {}
         self.recipients = []
-        for address in addresses:
+        # The envelope's recipients, then those the flush added (alias targets), in the state's order.
+        extra = [address for address in per_recipient if address not in addresses]
+        for address in [*addresses, *extra]:
             known = per_recipient.get(address)
             known = known if isinstance(known, dict) else {}
             self.recipients.append(
                 RecipientStatus(
-                    address, _text(known, "status") or "pending", _optional_text(known, "last_error")
+                    address,
+                    _text(known, "status") or "pending",
+                    _optional_text(known, "last_error"),
+                    _optional_text(known, "via"),
+                    known.get("reported") is True,
                 )
             )
         self.state = _text(state, "state") or "queued"
@@ -680,6 +703,10 @@ class QueueEntry:
         self.last_error = _optional_text(state, "last_error")
         self.size = size
         self.owner_uid = owner_uid
+        self.warned = state.get("warned") is True  # the one delay notice has gone out
+        self.bounce_due = state.get("bounce_due") is True  # an admin asked for a bounce (pymta queue bounce)
+        self.relay = _optional_text(state, "relay")  # the server of the last attempt, if one answered
+        self.dsn_of = _optional_text(envelope, "dsn_of")  # this is a notice about that message
 
 
 def _parse_envelope(line: bytes) -> dict[str, object]:

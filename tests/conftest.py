@@ -29,6 +29,30 @@ def script(name: str) -> str:
     return str(path)
 
 
+GUARDED = ("/var/mail", "/var/spool/pymta", "/etc/pymta", "/etc/aliases", "/usr/sbin/sendmail")
+
+
+def _snapshot() -> dict[str, object]:
+    found: dict[str, object] = {}
+    for path in GUARDED:
+        if os.path.isdir(path):
+            found[path] = sorted(
+                (entry.name, entry.stat(follow_symlinks=False).st_mtime) for entry in os.scandir(path)
+            )
+        elif os.path.lexists(path):
+            found[path] = os.lstat(path).st_mtime
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_untouched() -> Iterator[None]:
+    """Tests never touch the machine's mailboxes, spool, config or sendmail: checked over the whole run."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    assert after == before, f"the test run changed the machine's own files: {before} -> {after}"
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """A developer's own config, spool or XDG dirs can never leak into a test."""
@@ -39,6 +63,19 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Ite
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     yield
+
+
+def local_sandbox(root: Path, text: str = "") -> str:
+    """Config lines that keep local delivery and aliases inside `root` (a test's tmp_path), never the
+    machine's /var/mail or /etc/aliases; keys that `text` sets itself are left to it."""
+    (root / "mail").mkdir(exist_ok=True)
+    lines = text.splitlines()
+    sandbox = ""
+    if not any(line.startswith("local:") for line in lines):
+        sandbox += f"local:\n  mailbox: mbox\n  mail_spool: {root / 'mail'}\n  maildir: {root}/Maildir\n"
+    if not any(line.startswith("aliases:") for line in lines):
+        sandbox += f"aliases: {root / 'aliases'}\n"
+    return sandbox
 
 
 @dataclass
@@ -58,8 +95,15 @@ class MtaEnv:
             "LANG": "C.UTF-8",
         }
 
+    @property
+    def mail_spool(self) -> Path:
+        """Where local mbox deliveries go in tests (never the machine's /var/mail)."""
+        return self.root / "mail"
+
     def write_config(self, text: str) -> None:
-        self.config.write_text(f"spool: {self.spool}\n{text}")
+        """The config: `text` after the spool, and local delivery and aliases kept inside the test's tmp_path
+        (unless `text` sets them itself)."""
+        self.config.write_text(f"spool: {self.spool}\n{local_sandbox(self.root, text)}{text}")
 
     def run(
         self,

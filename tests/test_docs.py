@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 import pytest
+from conftest import local_sandbox
 
 from pymta import config, errors
 from pymta.cli import cli
@@ -178,7 +179,7 @@ def queued_json(tmp_path: Path) -> list[dict[str, object]]:
     """`pymta queue --json` after the installed sendmail queued one message."""
     spool = tmp_path / "spool"
     config_file = tmp_path / "pymta.yaml"
-    config_file.write_text(f"spool: {spool}\ndeliver: queue\n")
+    config_file.write_text(f"spool: {spool}\ndeliver: queue\n{local_sandbox(tmp_path)}")
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "PYMTA_CONFIG": str(config_file)}
     subprocess.run(
         [BIN / "sendmail", "-f", "", "you@example.org"], input=b"Subject: x\n\ny\n", env=env, check=True

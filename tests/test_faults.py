@@ -263,7 +263,11 @@ def test_550_to_one_of_three_rcpts_fails_only_that_recipient(mta: MtaEnv) -> Non
         configure(mta, host(server.port))
         message = Queued(mta, *THREE)
         run_flush(mta)
-    assert [m.rcpt_tos for m in server.handler.messages] == [["a@example.net", "c@example.net"]]
+    original, notice = server.handler.messages
+    assert original.rcpt_tos == ["a@example.net", "c@example.net"]
+    assert (notice.mail_from, notice.rcpt_tos) == ("<>", ["alice@example.org"])  # the bounce (issue 4)
+    assert b"Final-Recipient: rfc822; b@example.net" in notice.data
+    assert b"Final-Recipient: rfc822; a@example.net" not in notice.data
     assert message.statuses() == {
         "a@example.net": ("delivered", None),
         "b@example.net": ("failed", reply),
@@ -279,11 +283,13 @@ def test_552_to_the_message_fails_every_recipient(mta: MtaEnv) -> None:
         configure(mta, host(server.port))
         message = Queued(mta, *THREE)
         report, lines = run_flush(mta)
-    assert report.failed == 3
+    assert report.failed == 4  # the three recipients, and the bounce, which this server refuses too
     assert message.statuses() == dict.fromkeys(THREE, ("failed", reply))
     entry = message.entry()
-    assert (entry.state, entry.last_error) == ("failed", reply)  # kept for the bounce, not dropped
-    assert sum("status=bounced (552 5.3.4" in line for line in lines) == 3
+    assert (entry.state, entry.last_error) == ("failed", reply)  # kept, visible to the admin
+    assert all(r.reported for r in entry.recipients)  # and reported to the sender in one bounce
+    # the three recipients, then the bounce to alice, refused the same way (and never bounced again)
+    assert sum("status=bounced (552 5.3.4" in line for line in lines) == 4
 
 
 # --- TLS ---
@@ -495,7 +501,7 @@ def test_the_password_appears_nowhere(
     assert any(b"flush" in argv for argv in argvs), argvs
     text = stderr.decode()
     if accepted:
-        assert [m.rcpt_tos for m in handler.messages] == [["now@example.net"]]
+        assert [m.rcpt_tos for m in handler.messages] == [["now@example.net"], ["alice@example.org"]]
         assert "status=sent" in text and "status=deferred (451" in text and "status=bounced (550" in text
     else:
         assert handler.messages == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mailbox
 import os
 import pty
 import pwd
@@ -195,7 +196,16 @@ def test_starttls_auth_delivery_through_the_console_scripts(
     [received] = smtp_server.handler.messages
     assert received.login == USER
     assert received.mail_from == "root@example.org"
-    assert received.rcpt_tos == ["root@example.org", "bob@example.net", "carol@example.net"]
+    # root is a local user (issue 5): its copy went to its mailbox, the others to the smarthost
+    assert received.rcpt_tos == ["bob@example.net", "carol@example.net"]
+    owner = pwd.getpwuid(os.geteuid()).pw_name  # in user mode local mail goes to the running user's mailbox
+    box = mailbox.mbox(str(mta.mail_spool / owner))
+    try:
+        [local_copy] = box
+    finally:
+        box.close()
+    assert local_copy.get_payload(decode=True) == BODY.replace(b"\r\n", b"\n")
+    assert local_copy["To"] == "root@example.org" and "carol" not in local_copy.as_string()
     header, _, body = received.data.partition(b"\r\n\r\n")
     assert body == BODY
     assert re.search(rb"^To: root@example\.org\r?$", header, re.M)
@@ -208,12 +218,16 @@ def test_starttls_auth_delivery_through_the_console_scripts(
 
     lines = log_lines(result)
     relay = re.escape(f"relay=127.0.0.1[127.0.0.1]:{smtp_server.port}")
-    for address in ("root@example.org", "bob@example.net", "carol@example.net"):
+    for address in ("bob@example.net", "carol@example.net"):
         pattern = (
             rf"pymta: id={queue_id} to=<{re.escape(address)}> {relay} delay=\d+\.\d tries=1 "
             r"status=sent \(250 .+\)"
         )
         assert any(re.fullmatch(pattern, line) for line in lines), (pattern, lines)
+    local_line = (
+        rf"pymta: id={queue_id} to=<root> relay=local delay=\d+\.\d tries=1 status=sent \(delivered to .+\)"
+    )
+    assert any(re.fullmatch(local_line, line) for line in lines), lines
     assert b"3 recipients delivered, 0 deferred, 0 failed" in result.stdout
     assert mta.entries() == []
     for directory in ("new", "queue", "state", "done", "corrupt"):
@@ -230,10 +244,11 @@ def test_550_for_one_of_three_recipients_fails_it_and_keeps_the_message(
 
     result = flush(mta)
 
-    [received] = plain.handler.messages
+    received, notice = plain.handler.messages
     assert received.rcpt_tos == ["a@example.net", "c@example.net"]
+    assert (notice.mail_from, notice.rcpt_tos) == ("<>", ["alice@example.org"])  # the bounce (issue 4)
     lines = log_lines(result)
-    assert sum("status=sent" in line for line in lines) == 2
+    assert sum("status=sent" in line for line in lines) == 3
     [bounced] = [line for line in lines if "status=bounced" in line]
     assert re.fullmatch(
         rf"pymta: id={queue_id} to=<bad@example\.net> relay=127\.0\.0\.1\[127\.0\.0\.1\]:{plain.port} "
@@ -245,7 +260,11 @@ def test_550_for_one_of_three_recipients_fails_it_and_keeps_the_message(
     assert state["attempts"] == 1
     assert recipients_of(state) == {
         "a@example.net": {"status": "delivered", "last_error": None},
-        "bad@example.net": {"status": "failed", "last_error": "550 5.1.1 <bad@example.net>: user unknown"},
+        "bad@example.net": {
+            "status": "failed",
+            "last_error": "550 5.1.1 <bad@example.net>: user unknown",
+            "reported": True,
+        },
         "c@example.net": {"status": "delivered", "last_error": None},
     }
     assert spool_files(mta, "queue") == [queue_id]
@@ -265,7 +284,7 @@ def test_550_for_one_of_three_recipients_fails_it_and_keeps_the_message(
     # A later flush, even one forcing every waiting message, sends nothing again (invariant 3).
     flush(mta)
     flush(mta, "--now")
-    assert len(plain.handler.messages) == 1
+    assert len(plain.handler.messages) == 2  # the message and its one bounce
     assert len(plain.handler.ehlo_names) == 1
     assert state_of(mta, queue_id) == state
 
@@ -360,8 +379,11 @@ def test_a_message_past_its_lifetime_fails_its_pending_recipients_as_expired(
     late, lines = flusher(mta, Clock(queued_at + 3600 + 1))
     report = late.run()
 
-    assert (report.attempted, report.failed, report.sent) == (1, 1, 0)
-    assert len(plain.handler.ehlo_names) == 1  # an expired message is not offered to the server again
+    # the message, and its bounce, which goes to the sender root: a local user, so into a mailbox
+    assert (report.attempted, report.failed, report.sent) == (2, 1, 1)
+    assert [m.rcpt_tos for m in plain.handler.messages] == [["now@example.net"]]  # not offered again
+    owner = pwd.getpwuid(os.geteuid()).pw_name
+    assert b"Undelivered Mail Returned to Sender" in (mta.mail_spool / owner).read_bytes()
     state = state_of(mta, queue_id)
     assert state["state"] == "failed"
     recipients = recipients_of(state)

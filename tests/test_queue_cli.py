@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import MtaEnv, script
+from conftest import MtaEnv, local_sandbox, script
 from test_sendmail_cli import NOBODY, unprivileged, world_dir
 
 from pymta.cli import cli
@@ -46,7 +46,7 @@ SUBMISSIONS: list[tuple[list[str], bytes]] = [
         ["-f", "robot@example.org", "a@example.net", "b@example.net"],
         b"Subject: first\n\n" + b"long line of the first message\n" * 60,
     ),
-    (["-f", "", "root"], b"Subject: a bounce\n\nundeliverable\n"),
+    (["-f", "", "ops@example.net"], b"Subject: a bounce\n\nundeliverable\n"),
     (["-t", "extra@example.net"], b"To: x@example.net\nCc: Y <y@example.net>\nSubject: third\n\nthird\n"),
 ]
 
@@ -106,7 +106,7 @@ def test_json_has_exactly_the_contract_fields(mta: MtaEnv, command: list[str]) -
             assert set(recipient) == RECIPIENT_FIELDS
             assert recipient["status"] == "pending" and recipient["last_error"] is None
     assert [r["address"] for r in listed[0]["recipients"]] == ["a@example.net", "b@example.net"]
-    assert [r["address"] for r in listed[1]["recipients"]] == ["root"]
+    assert [r["address"] for r in listed[1]["recipients"]] == ["ops@example.net"]
     assert {r["address"] for r in listed[2]["recipients"]} == {
         "extra@example.net",
         "x@example.net",
@@ -152,7 +152,7 @@ def test_submitted_by_is_the_real_user_not_what_the_environment_claims(mta: MtaE
     try:
         shared.chmod(0o777)
         config = shared / "pymta.yaml"
-        config.write_text(f"spool: {shared / 'spool'}\ndeliver: queue\n")
+        config.write_text(f"spool: {shared / 'spool'}\ndeliver: queue\n{local_sandbox(shared)}")
         env = {**mta.env, "PYMTA_CONFIG": str(config), "HOME": str(shared), "LOGNAME": "root", "USER": "root"}
         result = subprocess.run(
             [script("sendmail"), "root"],

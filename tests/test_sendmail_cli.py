@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MtaEnv, script
+from conftest import MtaEnv, local_sandbox, script
 
 from pymta.spool import Spool
 
@@ -227,7 +227,7 @@ def test_modes_not_available_yet_say_so(mta: MtaEnv, args: list[str]) -> None:
 
 
 def test_dash_q_runs_the_queue_now(mta: MtaEnv) -> None:
-    assert mta.sendmail("root", input=MESSAGE).returncode == 0
+    assert mta.sendmail("someone@example.net", input=MESSAGE).returncode == 0
     assert mta.only_entry().location == "new"
     result = mta.sendmail("-q", "-v", input=b"")
     assert result.returncode == 0, result.stderr
@@ -242,7 +242,7 @@ def test_dash_q_runs_the_queue_now(mta: MtaEnv) -> None:
 
 def test_spool_under_a_missing_parent_is_cantcreat(mta: MtaEnv) -> None:
     spool = mta.root / "no-such-dir" / "spool"
-    mta.config.write_text(f"spool: {spool}\ndeliver: queue\n")
+    mta.config.write_text(f"spool: {spool}\ndeliver: queue\n{local_sandbox(mta.root)}")
     result = mta.sendmail("root", input=MESSAGE)
     assert_one_line_error(result, 73, str(spool.parent), "does not exist")
     assert not spool.parent.exists()
@@ -259,10 +259,15 @@ def test_unwritable_spool_is_cantcreat(mta: MtaEnv, shared_dir: Path) -> None:
         (spool / name).mkdir(mode=0o755, exist_ok=True)
         (spool / name).chmod(0o555)  # root's, and no one else may write; for root without DAC caps neither
     config = shared_dir / "pymta.yaml"
-    config.write_text(f"spool: {spool}\ndeliver: queue\n")
+    config.write_text(f"spool: {spool}\ndeliver: queue\n{local_sandbox(mta.root)}")
     env = {**mta.env, "PYMTA_CONFIG": str(config), "HOME": str(shared_dir)}
     result = subprocess.run(
-        [script("sendmail"), "root"], input=MESSAGE, capture_output=True, env=env, timeout=30, **kwargs
+        [script("sendmail"), "-odq", "root"],
+        input=MESSAGE,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        **kwargs,
     )
     assert_one_line_error(result, 73, str(spool), "Permission denied")
     assert files_under(spool) == []
@@ -372,7 +377,7 @@ def test_unparsable_config_still_queues(mta: MtaEnv, text: str, where: str) -> N
     config = mta.root / "broken.yaml"
     config.write_text(text if text.startswith("spool") else f"spool: {mta.spool}\n{text}")
     env, default = _default_spool_env(mta, config)
-    result = mta.sendmail("root", input=MESSAGE, env=env)
+    result = mta.sendmail("-odq", "root", input=MESSAGE, env=env)
     used, unused = (mta.spool, default) if where == "configured" else (default, mta.spool)
     _assert_queued_with_one_warning(result, config, used)
     assert "queued all the same" in result.stderr.decode()
@@ -393,7 +398,7 @@ READABLE_SPOOL_LINE = {
 def test_config_broken_elsewhere_queues_in_the_configured_spool(mta: MtaEnv, text: str) -> None:
     mta.write_config(text)
     env, default = _default_spool_env(mta, mta.config)
-    result = mta.sendmail("root", input=MESSAGE, env=env)
+    result = mta.sendmail("-odq", "root", input=MESSAGE, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(b"\n") <= 1  # at most one warning
     assert len(mta.entries()) == 1
@@ -406,7 +411,7 @@ def test_missing_or_unreadable_config_queues_in_the_default_spool(mta: MtaEnv) -
         if config.name == "a-directory.yaml":
             config.mkdir()
         env, default = _default_spool_env(mta, config)
-        result = mta.sendmail("root", input=MESSAGE, env=env)
+        result = mta.sendmail("-odq", "root", input=MESSAGE, env=env)
         _assert_queued_with_one_warning(result, config, default)
         shutil.rmtree(default)
 
@@ -426,7 +431,12 @@ def test_config_without_read_permission_queues_in_the_default_spool(mta: MtaEnv,
         os.chown(state, NOBODY, NOBODY)
     env = {**mta.env, "PYMTA_CONFIG": str(config), "XDG_STATE_HOME": str(state), "HOME": str(shared_dir)}
     result = subprocess.run(
-        [script("sendmail"), "root"], input=MESSAGE, capture_output=True, env=env, timeout=30, **kwargs
+        [script("sendmail"), "-odq", "root"],
+        input=MESSAGE,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        **kwargs,
     )
     _assert_queued_with_one_warning(result, config, state / "pymta")
     assert "Permission denied" in result.stderr.decode()
@@ -443,7 +453,7 @@ def test_default_spool_is_made_on_a_fresh_home(mta: MtaEnv, config_text: str | N
     if config_text is not None:
         mta.config.write_text(config_text)
         env["PYMTA_CONFIG"] = str(mta.config)
-    result = mta.sendmail("root", input=MESSAGE, env=env)
+    result = mta.sendmail("-odq", "root", input=MESSAGE, env=env)
     assert result.returncode == 0, result.stderr
     entries, _ = Spool(str(home / ".local" / "state" / "pymta")).entries()
     assert len(entries) == 1
@@ -711,7 +721,7 @@ def _wait_for_flush_to_finish(mta: MtaEnv) -> None:
 def test_deliver_immediate_starts_a_detached_flush(mta: MtaEnv) -> None:
     mta.write_config("deliver: immediate\n")
     started = time.monotonic()
-    proc = popen_sendmail(mta, "-v", "root", stdin=subprocess.PIPE)
+    proc = popen_sendmail(mta, "-v", "someone@example.net", stdin=subprocess.PIPE)
     # communicate() returns only at EOF on stdout and stderr: the flush must not hold sendmail's pipes
     out, err = proc.communicate(MESSAGE, timeout=15)
     elapsed = time.monotonic() - started

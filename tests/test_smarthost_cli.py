@@ -10,6 +10,7 @@ import keyring
 import keyring.backends.fail
 import pytest
 from click.testing import CliRunner, Result
+from conftest import local_sandbox
 from mailservers import PASSWORD, USER, SmtpServer, certificates, self_signed_context, smtp_server
 from test_credentials import MemoryKeyring
 
@@ -32,7 +33,9 @@ def memory_keyring() -> Iterator[MemoryKeyring]:
 def write_config(tmp_path: Path, *smarthosts: str) -> Path:
     path = tmp_path / "pymta.yaml"
     body = "smarthosts:\n" + "".join(smarthosts) if smarthosts else ""
-    path.write_text(f"spool: {tmp_path / 'spool'}\nhostname: client.example.org\n{body}")
+    path.write_text(
+        f"spool: {tmp_path / 'spool'}\nhostname: client.example.org\n{local_sandbox(tmp_path)}{body}"
+    )
     return path
 
 

@@ -1,0 +1,107 @@
+"""Where each recipient goes: a local mailbox or a smarthost. Aliases and the admin address decide.
+
+A recipient is local when it is a bare name (`root`), or its domain is `localhost`, this host's name, or one
+of `local_domains` (issue 5). A local recipient is looked up in the aliases file; every local name it ends
+up as goes to the `admin` address when one is configured (so root's cron mail reaches a real inbox through
+the smarthost), else into that user's mailbox. Everything else goes to a smarthost.
+
+The result for one recipient is a `Plan`: deliver it to a mailbox as it is, or replace it by other
+addresses (its *targets*). The flush records targets as recipients of their own, each remembering which
+recipient it came from, so an alias is expanded once and a target that was delivered is never sent again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .address import qualify
+from .config import Config
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .aliases import Aliases
+
+LOCAL_HOSTS = ("localhost", "localhost.localdomain")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one recipient: deliver to the mailbox of `user`, or replace it by `targets`."""
+
+    user: str | None = None
+    targets: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+
+class Router:
+    """Recipient routing for one flush; reads the aliases file once, on first use."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.local_domains = {*LOCAL_HOSTS, config.hostname.lower(), *config.local_domains}
+        self._aliases: Aliases | None = None
+
+    def local_part(self, address: str) -> str | None:
+        """The local user name when `address` is local (bare, or a local domain), else None."""
+        local, at, domain = address.rpartition("@")
+        if not at:
+            return address
+        return local if domain.lower() in self.local_domains else None
+
+    def sender_is_local(self, sender: str) -> bool:
+        """Whether mail from `sender` comes from a local account: rewriting applies to it."""
+        if not sender:
+            return False
+        local, at, domain = sender.rpartition("@")
+        return not at or domain.lower() in self.local_domains or domain.lower() == self.config.domain.lower()
+
+    def plan(self, address: str, *, expanded: bool = False) -> Plan | None:
+        """How to deliver `address`: None when it goes to a smarthost as it is.
+
+        `expanded` says the address is already the result of an alias expansion: it is not looked up again
+        (that is where alias loops end), but the admin rule still applies to a local name.
+        """
+        user = self.local_part(address)
+        if user is None:
+            return None
+        warnings: list[str] = []
+        names = [user]
+        if not expanded:
+            names, warnings = self._expand(user)
+        admin = self.config.admin
+        admin_user = (self.local_part(admin) or "").lower() if admin else ""
+        targets: list[str] = []
+        for name in names:
+            if "@" in name:
+                targets.append(name)  # aliased to an address elsewhere
+            elif admin and admin_user != name.lower():
+                targets.append(admin)  # every local name's mail goes to the admin
+            else:
+                targets.append(name)
+        targets = list(dict.fromkeys(targets))
+        if len(targets) == 1 and "@" not in targets[0] and (expanded or targets[0].lower() == user.lower()):
+            return Plan(user=self._mailbox_owner(targets[0]), warnings=tuple(warnings))
+        return Plan(targets=tuple(targets), warnings=tuple(warnings))
+
+    def _mailbox_owner(self, user: str) -> str:
+        """In user mode (not root) every local recipient's mail goes to the running user's own mailbox."""
+        if os.geteuid() == 0:
+            return user
+        import pwd
+
+        try:
+            return pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            return user
+
+    def _expand(self, user: str) -> tuple[list[str], list[str]]:
+        from . import aliases
+
+        if self._aliases is None:
+            self._aliases = aliases.load(self.config.aliases)
+        return aliases.expand(self._aliases, user, local_domains=self.local_domains)
+
+    def wire_address(self, address: str) -> str:
+        """The address as the smarthost gets it: a bare name qualified with the configured domain."""
+        return qualify(address, self.config.domain)

@@ -1,0 +1,372 @@
+"""The aliases file (pymta/aliases.py): parsing, expansion, loops, includes, refusals and validate()."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pymta import aliases
+from pymta.aliases import Problem
+from pymta.errors import ConfigError
+
+NOBODY_KNOWS = "pymta-no-such-user"
+
+
+def parse(text: str) -> aliases.Aliases:
+    return aliases.parse(textwrap.dedent(text))
+
+
+def expand(text: str, name: str, **kwargs: object) -> tuple[list[str], list[str]]:
+    return aliases.expand(parse(text), name, **kwargs)  # type: ignore[arg-type]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    path.chmod(0o644)
+    return path
+
+
+# --- parsing ---
+
+
+def test_names_targets_comments_and_blank_lines() -> None:
+    table = parse(
+        """\
+        # the admin
+        root: admin, me@example.org
+
+        admin:me@example.org
+        """
+    )
+    assert table.problems == ()
+    assert len(table) == 2
+    root = table.get("root")
+    assert root is not None and root.line == 2
+    assert [(t.kind, t.value, t.line) for t in root.targets] == [
+        ("local", "admin", 2),
+        ("address", "me@example.org", 2),
+    ]
+
+
+def test_continuation_lines_join_the_entry_and_keep_their_line_numbers() -> None:
+    table = parse(
+        """\
+        staff: alice,
+            bob,
+          # a comment inside the entry
+
+        \tcarol@example.org
+        next: dave
+        """
+    )
+    assert table.problems == ()
+    staff = table.get("staff")
+    assert staff is not None
+    assert [(t.value, t.line) for t in staff.targets] == [("alice", 1), ("bob", 2), ("carol@example.org", 5)]
+    assert aliases.expand(table, "next") == (["dave"], [])
+
+
+def test_lookup_ignores_case_and_quoted_names_work() -> None:
+    table = parse(
+        """\
+        Postmaster: root
+        "sales team": alice, "Bob Smith" <bob@example.org>
+        """
+    )
+    assert "POSTMASTER" in table and "postmaster" in table
+    assert aliases.expand(table, "PostMaster") == (["root"], [])
+    assert aliases.expand(table, "Sales Team") == (["alice", "bob@example.org"], [])
+
+
+def test_targets_are_unique_ignoring_case() -> None:
+    assert expand("team: a@x.org, A@X.org, lead\nlead: a@x.org, b@x.org\n", "team") == (
+        ["a@x.org", "b@x.org"],
+        [],
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("bad line", "line 2: no ':' after the alias name in 'bad line'"),
+        ("who@example.org: root", "line 2: the alias name who@example.org has a domain"),
+        (": root", "line 2: an alias with an empty name"),
+        ("empty:", "line 2: empty has no targets"),
+        ("odd: a b c", "line 2: a b c is not an address"),
+        ("mailer: error:5.1.1 gone", "line 2: error:5.1.1 gone: error: targets are not supported"),
+        (
+            "rel: :include:lists/staff",
+            "line 2: :include:lists/staff: the include file must be an absolute path",
+        ),
+    ],
+)
+def test_malformed_entries_are_reported_with_their_line(line: str, problem: str) -> None:
+    table = aliases.parse(f"# first\n{line}\nok: root\n")
+    assert any(str(found).startswith(problem) for found in table.problems), table.problems
+    assert "ok" in table
+
+
+def test_a_continuation_line_before_any_entry_is_reported() -> None:
+    table = aliases.parse("  stray\nroot: admin\n")
+    assert [str(problem) for problem in table.problems] == [
+        "line 1: a continuation line with no alias before it"
+    ]
+
+
+def test_a_second_definition_is_reported_and_the_first_is_used() -> None:
+    table = aliases.parse("root: alice\nx: y\nROOT: bob\n")
+    assert [str(problem) for problem in table.problems] == [
+        "line 3: ROOT is defined again (first on line 1, which is used); merge the two entries"
+    ]
+    assert aliases.expand(table, "root") == (["alice"], [])
+
+
+# --- programs and files are refused ---
+
+
+def test_programs_and_files_are_refused_with_a_warning_and_never_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    program = f"\"|/bin/sh -c 'touch {marker}, again'\""
+    table = aliases.parse(f"# x\nlog: |touch {marker}, {program}, {tmp_path}/file, admin@example.org\n")
+    assert [str(problem) for problem in table.problems] == [
+        f"line 2: |touch {marker} is a program; pymta never runs programs from aliases",
+        f"line 2: |/bin/sh -c 'touch {marker}, again' is a program; pymta never runs programs from aliases",
+        f"line 2: {tmp_path}/file is a file; pymta never writes files from aliases",
+    ]
+    targets, warnings = aliases.expand(table, "log")
+    assert targets == ["admin@example.org"]
+    assert warnings == [f"aliases: {problem}" for problem in table.problems]
+    assert not marker.exists()
+    assert not (tmp_path / "file").exists()
+
+
+def test_an_alias_with_only_refused_targets_is_delivered_to_the_local_user() -> None:
+    targets, warnings = expand("procmail: |/usr/bin/procmail\n", "procmail")
+    assert targets == ["procmail"]
+    assert warnings == [
+        "aliases: line 1: |/usr/bin/procmail is a program; pymta never runs programs from aliases",
+        "aliases: line 1: procmail has no usable target; delivering to the local user procmail",
+    ]
+
+
+# --- expansion ---
+
+
+def test_a_name_that_is_no_alias_is_the_local_user() -> None:
+    assert expand("root: admin\n", "alice") == (["alice"], [])
+
+
+def test_nested_aliases_expand_recursively() -> None:
+    text = "root: admins\nadmins: alice, bob, ops@example.org\nbob: bob@example.org\n"
+    assert expand(text, "root") == (["alice", "bob@example.org", "ops@example.org"], [])
+
+
+def test_a_self_reference_delivers_to_the_local_user_too() -> None:
+    assert expand("root: root, admin@example.org\n", "root") == (["root", "admin@example.org"], [])
+    assert expand("Root: ROOT\n", "root") == (["ROOT"], [])
+
+
+def test_a_backslash_delivers_to_the_local_user_without_more_aliasing() -> None:
+    assert expand("root: \\admin, x@example.org\nadmin: elsewhere@example.org\n", "root") == (
+        ["admin", "x@example.org"],
+        [],
+    )
+
+
+def test_a_loop_is_reported_and_the_name_it_returns_to_is_delivered_locally() -> None:
+    text = "root: admin, me@example.org\nadmin: root\n"
+    assert expand(text, "root") == (
+        ["root", "me@example.org"],
+        ["aliases: line 2: alias loop root -> admin -> root; delivering to the local user root"],
+    )
+    assert expand(text, "admin") == (
+        ["admin", "me@example.org"],
+        ["aliases: line 1: alias loop admin -> root -> admin; delivering to the local user admin"],
+    )
+
+
+def test_a_longer_loop() -> None:
+    targets, warnings = expand("a: b\nb: c\nc: a, c@example.org\n", "a")
+    assert targets == ["a", "c@example.org"]
+    assert warnings == ["aliases: line 3: alias loop a -> b -> c -> a; delivering to the local user a"]
+
+
+def test_addresses_in_local_domains_are_expanded_and_their_loops_caught() -> None:
+    text = "root: admin@localhost\nadmin: root@Host.Example.org, me@example.org\n"
+    targets, warnings = expand(text, "root", local_domains=["localhost", "host.example.org"])
+    assert targets == ["root", "me@example.org"]
+    assert warnings == [
+        "aliases: line 2: alias loop root -> admin -> root; delivering to the local user root"
+    ]
+    assert expand(text, "root")[0] == ["admin@localhost"]  # without local domains they are just addresses
+
+
+def test_nesting_deeper_than_the_limit_stops_with_a_warning() -> None:
+    text = "".join(f"a{n}: a{n + 1}\n" for n in range(aliases.MAX_DEPTH + 5))
+    targets, warnings = expand(text, "a0")
+    assert targets == [f"a{aliases.MAX_DEPTH}"]
+    assert len(warnings) == 1 and f"nested more than {aliases.MAX_DEPTH} deep" in warnings[0]
+
+
+# --- :include: ---
+
+
+def test_include_files_one_per_line_or_comma_separated(tmp_path: Path) -> None:
+    staff = write(tmp_path / "staff", "# the staff\nalice\nbob, carol@example.org\n\n  dave@example.org  \n")
+    targets, warnings = expand(f"staff: :include:{staff}, boss@example.org\n", "staff")
+    assert targets == ["alice", "bob", "carol@example.org", "dave@example.org", "boss@example.org"]
+    assert warnings == []
+
+
+def test_include_targets_are_aliases_too_and_nest(tmp_path: Path) -> None:
+    inner = write(tmp_path / "inner", "deep@example.org\n")
+    outer = write(tmp_path / "outer", f"bob\n:INCLUDE:{inner}\n|/bin/sh\n")
+    targets, warnings = expand(f"list: :include:{outer}\nbob: bob@example.org\n", "list")
+    assert targets == ["bob@example.org", "deep@example.org"]
+    assert warnings == [f"line 3 of {outer}: |/bin/sh is a program; pymta never runs programs from aliases"]
+
+
+def test_include_nesting_is_limited_and_self_inclusion_stopped(tmp_path: Path) -> None:
+    me = tmp_path / "me"
+    write(me, f"me@example.org\n:include:{me}\n")
+    targets, warnings = expand(f"loop: :include:{me}\n", "loop")
+    assert targets == ["me@example.org"]
+    assert warnings == [f"line 2 of {me}: {me} includes itself; skipped"]
+    chain = [tmp_path / f"level{n}" for n in range(aliases.MAX_INCLUDE_DEPTH + 2)]
+    for here, there in zip(chain, chain[1:], strict=False):
+        write(here, f"{here.name}@example.org\n:include:{there}\n")
+    write(chain[-1], "last@example.org\n")
+    targets, warnings = expand(f"deep: :include:{chain[0]}\n", "deep")
+    assert targets == [f"level{n}@example.org" for n in range(aliases.MAX_INCLUDE_DEPTH)]
+    assert len(warnings) == 1 and f"nested more than {aliases.MAX_INCLUDE_DEPTH} deep" in warnings[0]
+
+
+def test_an_include_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    real = write(tmp_path / "real", "someone@example.org\n")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    targets, warnings = expand(f"list: :include:{link}, other@example.org\n", "list")
+    assert targets == ["other@example.org"]
+    assert warnings == [
+        f"aliases: line 1: :include:{link} is a symbolic link, which pymta does not follow:"
+        " name the real file; skipped"
+    ]
+
+
+def test_a_world_writable_or_missing_include_is_refused(tmp_path: Path) -> None:
+    open_to_all = write(tmp_path / "open", "evil@example.org\n")
+    open_to_all.chmod(0o666)
+    targets, warnings = expand(f"list: :include:{open_to_all}\n", "list")
+    assert targets == ["list"]  # nothing usable: the local user
+    assert "is writable by everyone" in warnings[0]
+    targets, warnings = expand(f"list: :include:{tmp_path}/missing, x@example.org\n", "list")
+    assert targets == ["x@example.org"]
+    assert warnings == [
+        f"aliases: line 1: :include:{tmp_path}/missing cannot be read (No such file or directory); skipped"
+    ]
+
+
+def test_an_include_is_read_at_expansion_time(tmp_path: Path) -> None:
+    staff = write(tmp_path / "staff", "alice\n")
+    table = aliases.parse(f"staff: :include:{staff}\n")
+    assert aliases.expand(table, "staff")[0] == ["alice"]
+    write(staff, "bob\n")
+    assert aliases.expand(table, "staff")[0] == ["bob"]
+
+
+# --- load ---
+
+
+def test_load_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "aliases", "root: admin@example.org\n")
+    table = aliases.load(str(path))
+    assert table.source == str(path)
+    assert aliases.expand(table, "root") == (["admin@example.org"], [])
+
+
+def test_a_missing_file_means_no_aliases(tmp_path: Path) -> None:
+    table = aliases.load(str(tmp_path / "missing"))
+    assert len(table) == 0 and table.problems == ()
+    assert aliases.validate(str(tmp_path / "missing")) == []
+
+
+def test_a_file_that_cannot_be_used_is_an_error_naming_it_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"the aliases file {tmp_path} is not a regular file"):
+        aliases.load(str(tmp_path))
+    open_to_all = write(tmp_path / "aliases", "root: evil@example.org\n")
+    open_to_all.chmod(0o666)
+    with pytest.raises(ConfigError, match=r"writable by everyone.*chmod o-w"):
+        aliases.load(str(open_to_all))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_is_an_error_naming_it_and_the_fix(tmp_path: Path) -> None:
+    path = write(tmp_path / "aliases", "root: admin\n")
+    path.chmod(0)
+    with pytest.raises(
+        ConfigError, match=rf"cannot read the aliases file {path}: Permission denied; .*chmod 644"
+    ):
+        aliases.load(str(path))
+
+
+# --- validate (newaliases) ---
+
+
+def test_validate_reports_every_problem_with_its_line(tmp_path: Path) -> None:
+    staff = write(tmp_path / "staff", f"alice@example.org\n/var/log/staff\n{NOBODY_KNOWS}\n")
+    path = write(
+        tmp_path / "aliases",
+        f"""\
+        # aliases
+        root: admin, me@example.org
+        admin: root
+        postmaster: root
+        mailer-daemon: postmaster
+        procmail: |/usr/bin/procmail
+        staff: :include:{staff}
+        broken line
+        ghost: {NOBODY_KNOWS}
+        a: b
+        b: c
+        c: a
+        root: again@example.org
+        """,
+    )
+    problems = aliases.validate(str(path))
+    assert [str(problem) for problem in problems] == [
+        "line 2: alias loop root -> admin -> root",
+        "line 6: |/usr/bin/procmail is a program; pymta never runs programs from aliases",
+        "line 6: procmail has no usable target; delivering to the local user procmail",
+        "line 8: no ':' after the alias name in 'broken line'",
+        f"line 9: {NOBODY_KNOWS} is neither an alias nor a local user",
+        "line 10: alias loop a -> b -> c -> a",
+        "line 13: root is defined again (first on line 2, which is used); merge the two entries",
+        f"line 2 of {staff}: /var/log/staff is a file; pymta never writes files from aliases",
+        f"line 3 of {staff}: {NOBODY_KNOWS} is neither an alias nor a local user",
+    ]
+    severities = {str(problem): problem.severity for problem in problems}
+    assert severities["line 2: alias loop root -> admin -> root"] == "warning"
+    assert severities["line 8: no ':' after the alias name in 'broken line'"] == "error"
+
+
+def test_validate_can_skip_the_user_check(tmp_path: Path) -> None:
+    path = write(tmp_path / "aliases", f"ghost: {NOBODY_KNOWS}\n")
+    assert [str(p) for p in aliases.validate(str(path))] == [
+        f"line 1: {NOBODY_KNOWS} is neither an alias nor a local user"
+    ]
+    assert aliases.validate(str(path), check_users=False) == []
+
+
+def test_validate_warns_of_a_self_reference_to_no_user(tmp_path: Path) -> None:
+    path = write(tmp_path / "aliases", f"{NOBODY_KNOWS}: {NOBODY_KNOWS}, x@example.org\nroot: root\n")
+    assert aliases.validate(str(path)) == [
+        Problem(1, f"{NOBODY_KNOWS} is not a local user", "warning"),
+    ]
+
+
+def test_a_clean_file_has_no_problems(tmp_path: Path) -> None:
+    path = write(tmp_path / "aliases", "postmaster: root\nroot: root, me@example.org\nabuse: \\root\n")
+    assert aliases.validate(str(path)) == []
