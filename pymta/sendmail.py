@@ -396,7 +396,9 @@ def _say(line: str) -> None:
 
 
 def _run(argv: list[str]) -> int:
+    global PROGRAM  # messages name the program as it was called: sendmail, mailq or newaliases
     name = os.path.basename(argv[0]) if argv else "sendmail"
+    PROGRAM = name if name in ("mailq", "newaliases") else "sendmail"
     if name == "mailq":
         invocation = parse_args(argv[1:])
         invocation.mode = "list"
@@ -418,8 +420,7 @@ def _run(argv: list[str]) -> int:
         config = ["-C", invocation.config] if invocation.config else []
         return pymta_main(["flush", "--now", *(["--verbose"] if invocation.verbose else []), *config])
     if invocation.mode == "newaliases":
-        _say("newaliases: nothing to rebuild; pymta reads the aliases file when it delivers")
-        return errors.EX_OK
+        return _newaliases(invocation)
     if invocation.verbose:
         for note in invocation.notes:
             _say(note)
@@ -428,6 +429,29 @@ def _run(argv: list[str]) -> int:
     if invocation.verbose:
         _say(f"queued as {queue_id} for {', '.join(recipients)}")
     return errors.EX_OK
+
+
+def _newaliases(invocation: Invocation) -> int:
+    """newaliases(1): there is no database to rebuild (the flush reads the aliases file as it is), so check
+    the file and report each problem with its line number. Exit 0 when it has no errors (warnings, such as
+    an alias loop, are printed too), EX_DATAERR when something in it would be ignored."""
+    from . import aliases, config
+    from .routing import LOCAL_HOSTS
+
+    settings = config.load(invocation.config)
+    path = settings.aliases
+    problems = aliases.validate(
+        path, local_domains=(*LOCAL_HOSTS, settings.hostname, *settings.local_domains)
+    )
+    for problem in problems:
+        _say(f"{path if problem.include is None else problem.include}: {problem.severity}: {problem}")
+    if not os.path.exists(path):
+        _say(f"there is no aliases file at {path}; nothing to check (set 'aliases:' in the config)")
+    elif invocation.verbose or not problems:
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        _say(f"{path}: {count}; there is no database to rebuild: the flush reads this file as it is")
+    has_errors = any(problem.severity == "error" for problem in problems)
+    return errors.EX_DATAERR if has_errors else errors.EX_OK
 
 
 def main(argv: list[str] | None = None) -> int:
