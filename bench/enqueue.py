@@ -44,6 +44,17 @@ def main() -> int:
 
     bin_dir = Path(sys.executable).parent
     sendmail = str(bin_dir / "sendmail")
+    wrapper = Path(sendmail).read_text(errors="replace")
+    if "import re" in wrapper:
+        print("warning: this sendmail script was written by an old pip and imports re (~7 ms here);")
+        print("         upgrade pip (pip install -U pip) and reinstall pymta to measure what users get")
+    if "__editable__" in "".join(
+        path.name for path in Path(sys.prefix).glob("lib/python*/site-packages/*.pth")
+    ):
+        print("warning: an editable install adds its import hook to every interpreter start; measure a plain")
+        print(
+            "         install (python3 -m venv /tmp/v && /tmp/v/bin/pip install -U pip . ) for real numbers"
+        )
     with tempfile.TemporaryDirectory(prefix="pymta-bench-") as tmp:
         config = Path(tmp, "pymta.yaml")
         config.write_text(f"spool: {tmp}/spool\ndeliver: queue\n")

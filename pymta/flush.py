@@ -1,17 +1,21 @@
 """The delivery loop: which message is due, where it goes, what the answer means, when to try again.
 
 One flush runs at a time (an flock on the spool; a second one asks the first to look again and exits at
-once). A run picks up new submissions, then takes the due messages oldest first and hands each to the first
-smarthost of its route that answers, over one SMTP connection per smarthost for the whole run. After the
-server's answer to each message the outcome of every recipient is written to the message's state before
-the next message is sent, so a recipient the server accepted is never sent again (DESIGN.md invariant 3).
+once). A run picks up new submissions, then takes the due messages oldest first. Each recipient is routed
+(`routing.Router`: aliases, the admin address, a local mailbox, or a smarthost); local ones are written to
+their mailbox as the recipient, the rest go to the first smarthost of the message's route that answers,
+over one SMTP connection per smarthost for the whole run. After each message the outcome of every
+recipient is written to its state, under the message's lock, before the next message is sent, so a
+recipient that was delivered is never sent again (DESIGN.md invariant 3).
 
 What an answer means (DESIGN.md, "Temporary vs permanent"): 2xx delivers a recipient; 4xx, a network,
 timeout, TLS or AUTH problem, or a password source that fails defers it; only a 5xx answer to MAIL, RCPT or
-DATA fails it. Deferred recipients are tried again after the next interval of `retry.schedule` (with a
-little jitter, so that many messages deferred together do not all come back in the same second); past
-`retry.lifetime` they fail as expired. A message whose recipients are all done leaves the queue when all
-were delivered, and stays in state `failed` otherwise, for the admin and the bounce.
+DATA (or a local user that does not exist) fails it. Deferred recipients are tried again after the next
+interval of `retry.schedule` (with a little jitter, so that many messages deferred together do not all
+come back in the same second); past `retry.lifetime` they fail as expired. Failed recipients are reported
+to the sender in one delivery status notification (`bounce.py`), queued like any mail; a delay notice
+goes out once after `retry.warn_after`. A message whose recipients are all delivered leaves the queue; one
+with failures stays `failed`, visible to the admin, until `failed_retention` has passed (invariant 2).
 """
 
 from __future__ import annotations
