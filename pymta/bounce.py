@@ -131,12 +131,18 @@ def status_code(reply: str | None, action: Action) -> str:
     """The RFC 3463 status of a recipient, from the reply or reason its delivery ended with.
 
     A reply whose class matches the action gives its own enhanced code ("550 5.1.1 ..." -> 5.1.1) or, without
-    one, X.0.0 of its basic code. Anything else (a failure without a permanent reply is an expiry; a delay
-    after a network error) gives 5.4.7 or 4.4.7, "delivery time expired".
+    one, X.0.0 of its basic code; pymta's own reasons carry their code first ("5.1.1 no such local user").
+    Anything else (a failure without a permanent reply is an expiry; a delay after a network error) gives
+    5.4.7 or 4.4.7, "delivery time expired".
     """
     wanted = "5" if action == "failed" else "4"
     text = (reply or "").strip()
     basic = _SMTP_REPLY.match(text)
+    if basic is None:
+        # pymta's own reasons start with their RFC 3463 code ("5.1.1 no such local user: bob")
+        own = _ENHANCED.match(text)
+        if own is not None and own.group(1) == wanted:
+            return own.group(0)
     if basic is None or basic.group(1) != wanted:
         return EXPIRED_STATUS if action == "failed" else DELAYED_STATUS
     enhanced = _ENHANCED.match(text, basic.end())

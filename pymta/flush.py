@@ -43,7 +43,7 @@ PENDING = ("pending", "deferred")
 MAX_RECIPIENTS = 1000
 # A recipient's status as the log line says it, in Postfix's words.
 LOGGED_STATUS = {"delivered": "sent", "deferred": "deferred", "failed": "bounced"}
-NO_SMARTHOST = "no smarthost configured; add one under 'smarthosts:' in the config (see pymta.yaml(5))"
+NO_SMARTHOST = "no smarthost configured; see pymta(1): add one under 'smarthosts:' in the config"
 
 
 @dataclass
@@ -175,7 +175,7 @@ class Flusher:
         if pending and now - entry.queued_at > self.config.retry.lifetime:
             from .config import format_duration
 
-            reason = f"expired: not delivered within {format_duration(self.config.retry.lifetime)}"
+            reason = f"5.4.7 expired: not delivered within {format_duration(self.config.retry.lifetime)}"
             for recipient in pending:
                 attempt.set(recipient.address, "failed", reason, "none")
         elif pending:
@@ -201,8 +201,10 @@ class Flusher:
                 self.log.warning(f"id={entry.id} {warning}")
             if plan.user is not None:
                 local.append((address, plan.user))
-                continue
-            attempt.set(address, "expanded", f"sent on to {', '.join(plan.targets)}", "local")
+            elif plan.targets:
+                attempt.set(address, "expanded", f"sent on to {', '.join(plan.targets)}", "local")
+            else:
+                attempt.set(address, "failed", "5.1.1 the aliases lead to no deliverable address", "local")
             for target in plan.targets:
                 if target.lower() not in known and len(known) < MAX_RECIPIENTS:
                     known.add(target.lower())
@@ -220,17 +222,21 @@ class Flusher:
             domain=self.config.domain,
             hostname=self.config.hostname,
         )
+        delivered_to: dict[str, tuple[str, str]] = {}  # one copy per mailbox: `root root@localhost` is one
         for address, user in local:
             from .local import deliver_as_recipient
 
-            outcome = deliver_as_recipient(
-                user,
-                completed,
-                sender=router.wire_address(entry.sender),
-                local=self.config.local,
-                now=self.clock(),
-            )
-            attempt.set(address, outcome.status, outcome.reason, "local")
+            if user not in delivered_to:
+                outcome = deliver_as_recipient(
+                    user,
+                    completed,
+                    sender=router.wire_address(entry.sender),
+                    local=self.config.local,
+                    now=self.clock(),
+                )
+                delivered_to[user] = (outcome.status, outcome.reason)
+            status, reason = delivered_to[user]
+            attempt.set(address, status, reason, "local")
         if remote:
             self._send_remote(entry, completed, remote, attempt)
 
@@ -241,17 +247,23 @@ class Flusher:
             for address in remote:
                 attempt.set(address, "deferred", NO_SMARTHOST, "none")
             return
-        rewrite = hosts[0].rewrite or self.config.rewrite
-        if rewrite is not None and self.router.sender_is_local(entry.sender):
-            # The provider takes only its account's address as sender (web.de, GMX, Gmail: 554 otherwise).
-            if rewrite.envelope:
-                sender = rewrite.from_address
-            if rewrite.header:
-                message = rewrite_from(message, rewrite.from_address, rewrite.original)
+        local_sender = self.router.sender_is_local(entry.sender)
+
+        def as_sent_through(host: Smarthost) -> tuple[str, bytes]:
+            """The envelope sender and message for `host`: rewritten for a local sender (or our own notice)
+            when its provider takes only the account's address (web.de, GMX, Gmail: 554 otherwise)."""
+            rewrite = host.rewrite or self.config.rewrite
+            if rewrite is None or not local_sender:
+                return sender, message
+            return (
+                rewrite.from_address if rewrite.envelope else sender,
+                rewrite_from(message, rewrite.from_address, rewrite.original) if rewrite.header else message,
+            )
+
         # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
         on_wire = {address: self.router.wire_address(address) for address in remote}
         results, relay = self.sessions.send(
-            hosts, entry, sender, list(dict.fromkeys(on_wire.values())), message
+            hosts, entry, list(dict.fromkeys(on_wire.values())), as_sent_through
         )
         for address in remote:
             outcome = results[on_wire[address]]
@@ -449,18 +461,19 @@ class Sessions:
         self,
         hosts: tuple[Smarthost, ...],
         entry: QueueEntry,
-        sender: str,
         recipients: list[str],
-        message: bytes,
+        prepare: Callable[[Smarthost], tuple[str, bytes]],
     ) -> tuple[dict[str, RecipientOutcome], str]:
         """Send one message through the first smarthost that works; the outcome of each recipient and the
-        relay that gave it. When none works, every recipient is deferred with the reasons."""
+        relay that gave it. `prepare(host)` gives the envelope sender and the message as that host gets
+        them. When none works, every recipient is deferred with the reasons."""
         reasons = []
         for host in hosts:
             session = self._session(host)
             if session is None:
                 reasons.append(self.broken[host])
                 continue
+            sender, message = prepare(host)
             try:
                 return self._send(session, entry, sender, recipients, message), session.relay
             except SessionError as exc:

@@ -24,6 +24,11 @@ def iso_utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
+# A recipient replaced by its alias targets (or the admin) was handed on: to scripts, it is delivered;
+# its targets follow it in the list with statuses of their own.
+CONTRACT_STATUS = {"expanded": "delivered"}
+
+
 def entry_to_json(entry: QueueEntry) -> dict[str, object]:
     """One message as the `pymta queue --json` contract describes it."""
     return {
@@ -31,7 +36,12 @@ def entry_to_json(entry: QueueEntry) -> dict[str, object]:
         "state": entry.state,
         "sender": entry.sender,
         "recipients": [
-            {"address": r.address, "status": r.status, "last_error": r.last_error} for r in entry.recipients
+            {
+                "address": r.address,
+                "status": CONTRACT_STATUS.get(r.status, r.status),
+                "last_error": r.last_error,
+            }
+            for r in entry.recipients
         ],
         "size": entry.size,
         "submitted_by": entry.submitted_by,
@@ -69,7 +79,7 @@ def format_table(entries: list[QueueEntry], now: float | None = None) -> list[st
     lines = [f"{'ID':<{width}}  {'AGE':>4}  {'SIZE':>6}  {'STATE':<8}  SENDER -> RECIPIENTS"]
     for entry in entries:
         sender = entry.sender or "<>"
-        pending = [r.address for r in entry.recipients if r.status not in ("delivered",)]
+        pending = [r.address for r in entry.recipients if r.status not in ("delivered", "expanded")]
         lines.append(
             f"{entry.id:<{width}}  {human_age(now - entry.queued_at):>4}  {human_size(entry.size):>6}  "
             f"{entry.state:<8}  {sender} -> {', '.join(pending) or '(all delivered)'}"

@@ -158,10 +158,10 @@ def _user_entry(user: str) -> pwd.struct_passwd | LocalOutcome:
     """The passwd entry of `user`, or the failed outcome for a name that is no user."""
     problem = user_name_problem(user)
     if problem:
-        return LocalOutcome("failed", f"refused: {problem}")
+        return LocalOutcome("failed", f"5.1.3 refused: {problem}")
     entry = lookup_user(user)
     if entry is None:
-        return LocalOutcome("failed", f"no such local user: {user}")
+        return LocalOutcome("failed", f"5.1.1 no such local user: {user}")
     return entry
 
 

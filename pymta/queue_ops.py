@@ -53,7 +53,7 @@ MIN_PREFIX = 4
 # An id is 8 hex digits of time and 16 random ones (spool.new_id).
 ID_LENGTH = 24
 STATES = ("queued", "deferred", "held", "failed")
-ADMIN_BOUNCE = "bounced by the administrator"
+ADMIN_BOUNCE = "5.0.0 bounced by the administrator"
 # How many candidates an ambiguous prefix names.
 MAX_CANDIDATES = 10
 _HEX = frozenset("0123456789abcdef")

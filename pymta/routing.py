@@ -1,12 +1,14 @@
 """Where each recipient goes: a local mailbox or a smarthost. Aliases and the admin address decide.
 
 A recipient is local when it is a bare name (`root`), or its domain is `localhost`, this host's name, or one
-of `local_domains` (issue 5). A local recipient is looked up in the aliases file; every local name it ends
-up as goes to the `admin` address when one is configured (so root's cron mail reaches a real inbox through
-the smarthost), else into that user's mailbox. Everything else goes to a smarthost.
+of `local_domains` (issue 5). A local recipient is looked up in the aliases file; a local name it ends up
+as goes to the `admin` address when one is configured and the name is a system account (root, cron,
+daemons: uid below FIRST_PERSON_UID) or no account at all, so root's cron mail reaches a real inbox through
+the smarthost; a person's account, or any name when there is no admin, gets its mailbox. Everything else
+goes to a smarthost.
 
-The result for one recipient is a `Plan`: deliver it to a mailbox as it is, or replace it by other
-addresses (its *targets*). The flush records targets as recipients of their own, each remembering which
+The result for one recipient is a `Plan`: deliver it to a mailbox, and/or hand it on to other addresses
+(its *targets*). The flush records targets as recipients of their own, each remembering which
 recipient it came from, so an alias is expanded once and a target that was delivered is never sent again.
 """
 
@@ -23,11 +25,14 @@ if TYPE_CHECKING:
     from .aliases import Aliases
 
 LOCAL_HOSTS = ("localhost", "localhost.localdomain")
+# Accounts from this uid up are people (Debian's and Fedora's UID_MIN): their mail stays in their mailbox;
+# mail for system accounts below it (root, cron, daemons) and for names that are no account goes to `admin`.
+FIRST_PERSON_UID = 1000
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What to do with one recipient: deliver to the mailbox of `user`, or replace it by `targets`."""
+    """What to do with one recipient: deliver to the mailbox of `user`, and/or hand it on to `targets`."""
 
     user: str | None = None
     targets: tuple[str, ...] = ()
@@ -50,9 +55,10 @@ class Router:
         return local if domain.lower() in self.local_domains else None
 
     def sender_is_local(self, sender: str) -> bool:
-        """Whether mail from `sender` comes from a local account: rewriting applies to it."""
+        """Whether mail from `sender` comes from a local account, or is our own notice (the null sender):
+        sender rewriting applies to it."""
         if not sender:
-            return False
+            return True
         local, at, domain = sender.rpartition("@")
         return not at or domain.lower() in self.local_domains or domain.lower() == self.config.domain.lower()
 
@@ -75,14 +81,18 @@ class Router:
         for name in names:
             if "@" in name:
                 targets.append(name)  # aliased to an address elsewhere
-            elif admin and admin_user != name.lower():
-                targets.append(admin)  # every local name's mail goes to the admin
+            elif admin and admin_user != name.lower() and not _is_person(name):
+                targets.append(admin)  # root, cron, daemons: their mail goes to the admin
             else:
                 targets.append(name)
         targets = list(dict.fromkeys(targets))
-        if len(targets) == 1 and "@" not in targets[0] and (expanded or targets[0].lower() == user.lower()):
-            return Plan(user=self._mailbox_owner(targets[0]), warnings=tuple(warnings))
-        return Plan(targets=tuple(targets), warnings=tuple(warnings))
+        # The user's own name among its targets (no alias, `root: root, x@y`, or an expanded name): its
+        # mailbox gets a copy, and the other targets are recipients of their own.
+        own = [t for t in targets if "@" not in t and t.lower() == user.lower()]
+        others = tuple(t for t in targets if t not in own)
+        if own:
+            return Plan(user=self._mailbox_owner(user), targets=others, warnings=tuple(warnings))
+        return Plan(targets=others, warnings=tuple(warnings))
 
     def _mailbox_owner(self, user: str) -> str:
         """In user mode (not root) every local recipient's mail goes to the running user's own mailbox."""
@@ -105,3 +115,14 @@ class Router:
     def wire_address(self, address: str) -> str:
         """The address as the smarthost gets it: a bare name qualified with the configured domain."""
         return qualify(address, self.config.domain)
+
+
+def _is_person(name: str) -> bool:
+    """Whether the local name is a person's account (uid >= FIRST_PERSON_UID), not a system account."""
+    import pwd
+
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return False
+    return FIRST_PERSON_UID <= uid < 65534  # nobody (65534) is a system account

@@ -348,7 +348,7 @@ def test_a_missing_mail_spool_defers(tmp_path: Path) -> None:
 def test_names_with_shell_or_path_characters_fail_before_touching_files(spool: Path, user: str) -> None:
     outcome = deliver(spool, user=user)
     assert outcome.status == "failed"
-    assert outcome.reason.startswith("refused: ")
+    assert outcome.reason.startswith("5.1.3 refused: ")
     assert list(spool.iterdir()) == []
     assert (
         local.deliver_as_recipient(
@@ -360,7 +360,7 @@ def test_names_with_shell_or_path_characters_fail_before_touching_files(spool: P
 
 def test_a_missing_user_fails(spool: Path) -> None:
     outcome = deliver(spool, user="pymta-no-such-user")
-    assert outcome == local.LocalOutcome("failed", "no such local user: pymta-no-such-user")
+    assert outcome == local.LocalOutcome("failed", "5.1.1 no such local user: pymta-no-such-user")
     assert list(spool.iterdir()) == []
 
 

@@ -350,12 +350,12 @@ def test_bounce_fails_every_pending_recipient_and_owes_the_sender_a_dsn(mta: Mta
     )
     saved = state(mta, queue_id)
     assert saved["state"] == "failed" and saved["bounce_due"] is True and saved["next_attempt"] is None
-    assert saved["last_error"] == queue_ops.ADMIN_BOUNCE == "bounced by the administrator"
+    assert saved["last_error"] == queue_ops.ADMIN_BOUNCE == "5.0.0 bounced by the administrator"
     assert abs(saved["failed_at"] - time.time()) < 30 and saved["attempts"] == 1
     assert saved["recipients"] == {
         "a@example.net": {"status": "delivered", "last_error": None},
-        "b@example.net": {"status": "failed", "last_error": "bounced by the administrator"},
-        "c@example.net": {"status": "failed", "last_error": "bounced by the administrator"},
+        "b@example.net": {"status": "failed", "last_error": "5.0.0 bounced by the administrator"},
+        "c@example.net": {"status": "failed", "last_error": "5.0.0 bounced by the administrator"},
     }
     # due, so that the next flush finds it and sends the bounce
     assert state_file(mta, queue_id).stat().st_mtime <= time.time()

@@ -1,0 +1,571 @@
+"""A message's whole life (issue 4), end to end: queued with the real `sendmail`, delivered by `pymta flush`
+to aiosmtpd on 127.0.0.1, bounced, delayed, expired, held, released, retried, deleted and removed.
+
+Every bounce is checked as the smarthost receives it: from `<>`, parsed back with `email` and read field by
+field. Where time must move, an in-process `Flusher` runs with a clock the test controls; everything else
+goes through the console scripts (`sendmail`, `pymta flush`, `pymta queue ...`).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from conftest import MtaEnv
+from mailservers import Handler, Received, SmtpServer
+from test_flush import Clock, configure, enqueue, flush, flusher, log_lines, plain_host, state_of
+
+from pymta.config import load
+from pymta.spool import Spool
+
+SENDER = "alice@example.net"  # not local: her bounces go out through the smarthost
+UNKNOWN = "550 5.1.1 <bad@example.net>: user unknown"
+GREYLISTED = "451 4.7.1 greylisted, try again later"
+ORIGINAL = b"To: a@example.net, bad@example.net, c@example.net\nSubject: lifecycle test\n\nHello there.\n"
+NO_WARNINGS = "retry: {schedule: [10m], lifetime: 5d, warn_after: never}\n"
+
+
+@dataclass
+class CountingHandler(Handler):
+    """A Handler that also records every RCPT it is offered, accepted or not."""
+
+    offered: list[str] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.offered.append(address)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+@pytest.fixture
+def server() -> Iterator[SmtpServer]:
+    """aiosmtpd without TLS or AUTH, counting every RCPT."""
+    with SmtpServer("plain", handler=CountingHandler()) as smtp:
+        yield smtp
+
+
+def offered(server: SmtpServer) -> list[str]:
+    handler = server.handler
+    assert isinstance(handler, CountingHandler)
+    return handler.offered
+
+
+# --- reading what arrives ---
+
+
+@dataclass
+class Dsn:
+    """A delivery status notification as the smarthost received it, taken apart."""
+
+    received: Received
+    message: EmailMessage
+    text: str
+    per_message: Message
+    recipients: list[Message]
+    returned: Message | None
+
+
+def parse_dsn(received: Received) -> Dsn:
+    assert received.mail_from == "<>", "a DSN comes from the null sender"
+    assert received.data.isascii(), "a DSN is 7-bit clean"
+    assert all(len(line) <= 998 for line in received.data.split(b"\r\n"))
+    message = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    assert message.defects == []
+    parts = message.get_payload()
+    assert isinstance(parts, list)
+    assert 2 <= len(parts) <= 3
+    text_part, status_part = parts[0], parts[1]
+    assert isinstance(text_part, EmailMessage)
+    assert text_part.get_content_type() == "text/plain"
+    text = text_part.get_content()
+    assert isinstance(text, str)
+    assert status_part.get_content_type() == "message/delivery-status"
+    blocks = status_part.get_payload()
+    assert isinstance(blocks, list) and len(blocks) >= 2
+    return Dsn(received, message, text, blocks[0], blocks[1:], parts[2] if len(parts) == 3 else None)
+
+
+def notices(server: SmtpServer) -> list[Received]:
+    """What the server received from the null sender: the bounces and delay notices."""
+    return [m for m in server.handler.messages if m.mail_from == "<>"]
+
+
+def originals(server: SmtpServer) -> list[Received]:
+    return [m for m in server.handler.messages if m.mail_from != "<>"]
+
+
+def pymta(mta: MtaEnv, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return mta.run("pymta", list(args))
+
+
+def failed_listing(mta: MtaEnv) -> list[dict[str, object]]:
+    result = pymta(mta, "queue", "--state", "failed", "--json")
+    assert result.returncode == 0, result.stderr
+    listing: list[dict[str, object]] = json.loads(result.stdout)
+    return listing
+
+
+def arrival(dsn: Dsn) -> float:
+    date = email.utils.parsedate_to_datetime(str(dsn.per_message["Arrival-Date"]))
+    return date.timestamp()
+
+
+# --- bounces ---
+
+
+def test_5xx_for_one_of_three_recipients_returns_one_dsn_naming_it_through_the_smarthost(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(
+        mta, "-f", SENDER, "a@example.net", "bad@example.net", "c@example.net", message=ORIGINAL
+    )
+    queued_at = mta.only_entry().queued_at
+
+    flush(mta)
+
+    [sent] = originals(server)
+    assert sent.rcpt_tos == ["a@example.net", "c@example.net"]
+    [received] = notices(server)
+    assert received.rcpt_tos == [SENDER]
+    dsn = parse_dsn(received)
+    header = dsn.message
+    [author] = header["From"].addresses
+    assert (author.username, author.domain) == ("MAILER-DAEMON", "mx.example.org")
+    assert header["To"] == SENDER
+    assert header["Subject"] == "Undelivered Mail Returned to Sender"
+    assert header["Auto-Submitted"] == "auto-replied"
+    assert header["Date"] and header["Message-ID"]
+    assert "bad@example.net" in dsn.text
+    assert "a@example.net" not in dsn.text and "c@example.net" not in dsn.text
+    assert "user unknown" in dsn.text
+    assert dsn.per_message["Reporting-MTA"] == "dns; mx.example.org"
+    assert abs(arrival(dsn) - queued_at) < 1.5
+    [recipient] = dsn.recipients
+    assert recipient["Final-Recipient"] == "rfc822; bad@example.net"
+    assert recipient["Action"] == "failed"
+    assert recipient["Status"] == "5.1.1"
+    assert str(recipient["Remote-MTA"]).startswith("dns; 127.0.0.1")
+    assert recipient["Diagnostic-Code"] == f"smtp; {UNKNOWN}"
+    assert dsn.returned is not None
+    assert dsn.returned.get_content_type() == "text/rfc822-headers"
+    headers = dsn.returned.get_payload(decode=True)
+    assert isinstance(headers, bytes)
+    assert b"Subject: lifecycle test" in headers
+    assert b"Hello there." not in headers  # headers only, without -R full
+
+    # The original stays, failed, for the admin to see; its failed recipient is marked as told.
+    [listed] = failed_listing(mta)
+    assert (listed["id"], listed["state"]) == (queue_id, "failed")
+    listed_recipients = listed["recipients"]
+    assert isinstance(listed_recipients, list)
+    assert [r["address"] for r in listed_recipients if r["status"] == "failed"] == ["bad@example.net"]
+    recipients = state_of(mta, queue_id)["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["bad@example.net"]["reported"] is True
+    assert [e.id for e in mta.entries()] == [queue_id]  # the DSN itself was delivered and is gone
+
+    # Later flushes, even forced ones, send no second DSN and nothing again.
+    flush(mta)
+    flush(mta, "--now")
+    assert len(server.handler.messages) == 2
+    assert offered(server) == ["a@example.net", "bad@example.net", "c@example.net", SENDER]
+
+
+def test_ret_full_returns_the_whole_small_message(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    enqueue(mta, "-f", SENDER, "-R", "full", "bad@example.net", message=ORIGINAL)
+
+    flush(mta)
+
+    [received] = notices(server)
+    dsn = parse_dsn(received)
+    assert dsn.returned is not None
+    assert dsn.returned.get_content_type() == "message/rfc822"
+    payload = dsn.returned.get_payload()
+    assert isinstance(payload, list)
+    [returned] = payload
+    assert isinstance(returned, EmailMessage)
+    assert returned["Subject"] == "lifecycle test"
+    assert returned.get_content().strip() == "Hello there."
+    assert "whole message is attached" in dsn.text
+
+
+def test_notify_never_gets_no_dsn(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "-N", "never", "a@example.net", "bad@example.net")
+
+    flush(mta)
+    flush(mta, "--now")
+
+    assert notices(server) == []
+    assert [m.rcpt_tos for m in server.handler.messages] == [["a@example.net"]]
+    assert SENDER not in offered(server)
+    [entry] = mta.entries()
+    assert (entry.id, entry.state) == (queue_id, "failed")
+
+
+def test_expiry_fails_pending_recipients_and_returns_a_5_4_7_dsn(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(
+        mta, plain_host(server.port), extra="retry: {schedule: [10m], lifetime: 2h, warn_after: never}\n"
+    )
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net", "fast@example.net")
+    queued_at = mta.only_entry().queued_at
+    first, _ = flusher(mta, Clock(queued_at + 1))
+    assert first.run().deferred == 1
+    assert notices(server) == []
+
+    late, lines = flusher(mta, Clock(queued_at + 2 * 3600 + 1))
+    late.run()
+
+    assert offered(server) == ["slow@example.net", "fast@example.net", SENDER]  # not offered again
+    [received] = notices(server)
+    assert received.rcpt_tos == [SENDER]
+    dsn = parse_dsn(received)
+    [recipient] = dsn.recipients
+    assert recipient["Final-Recipient"] == "rfc822; slow@example.net"
+    assert recipient["Action"] == "failed"
+    assert recipient["Status"] == "5.4.7"
+    assert "expired" in str(recipient["Diagnostic-Code"])
+    assert "Remote-MTA" not in recipient  # our own reason, not a server's reply
+    state = state_of(mta, queue_id)
+    assert state["state"] == "failed"
+    assert "expired" in str(state["last_error"])
+    assert any(f"id={queue_id} to=<slow@example.net>" in line and "status=bounced" in line for line in lines)
+
+
+def test_a_failed_null_sender_message_is_reported_to_the_admin(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS + "admin: boss@example.net\n")
+    queue_id = enqueue(mta, "-f", "", "bad@example.net")
+
+    flush(mta)
+
+    [received] = notices(server)
+    assert received.rcpt_tos == ["boss@example.net"]
+    dsn = parse_dsn(received)
+    assert dsn.message["To"] == "boss@example.net"
+    assert "administrator" in dsn.text
+    [recipient] = dsn.recipients
+    assert recipient["Final-Recipient"] == "rfc822; bad@example.net"
+    recipients = state_of(mta, queue_id)["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["bad@example.net"]["reported"] is True
+
+
+def test_a_failed_null_sender_message_without_an_admin_stays_failed_and_bounces_nowhere(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", "", "bad@example.net")
+
+    result = flush(mta)
+    flush(mta, "--now")
+
+    assert server.handler.messages == []
+    assert offered(server) == ["bad@example.net"]
+    assert any("nobody can be told" in line for line in log_lines(result))
+    [listed] = failed_listing(mta)
+    assert (listed["id"], listed["sender"]) == (queue_id, "")
+    assert [e.id for e in mta.entries()] == [queue_id]
+
+
+@pytest.mark.parametrize("admin", ["boss@example.net", None])
+def test_a_dsn_that_fails_itself_causes_no_bounce_storm(
+    mta: MtaEnv, server: SmtpServer, admin: str | None
+) -> None:
+    reject = "550 5.1.1 no such mailbox"
+    server.handler.rejections = {"bad@example.net": reject, SENDER: reject, "boss@example.net": reject}
+    extra = NO_WARNINGS + (f"admin: {admin}\n" if admin else "")
+    configure(mta, plain_host(server.port), extra=extra)
+    enqueue(mta, "-f", SENDER, "bad@example.net")
+
+    for _ in range(3):
+        flush(mta, "--now")
+
+    # The original, its bounce to the sender, and (with an admin) one double bounce: then it stops.
+    expected = ["bad@example.net", SENDER, *([admin] if admin else [])]
+    assert offered(server) == expected
+    assert server.handler.messages == []
+    entries = mta.entries()
+    assert len(entries) == len(expected)
+    assert {e.state for e in entries} == {"failed"}
+
+
+# --- the delay warning ---
+
+
+@pytest.mark.parametrize(
+    ("warn_after", "flags", "expected"),
+    [("1h", [], 1), ("never", [], 0), ("1h", ["-N", "failure"], 0)],
+    ids=["warn_after 1h", "warn_after never", "-N failure"],
+)
+def test_a_deferred_message_gets_at_most_one_delay_notice(
+    mta: MtaEnv, server: SmtpServer, warn_after: str, flags: list[str], expected: int
+) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(
+        mta,
+        plain_host(server.port),
+        extra=f"retry: {{schedule: [10m], lifetime: 5d, warn_after: {warn_after}}}\n",
+    )
+    queue_id = enqueue(mta, "-f", SENDER, *flags, "slow@example.net")
+    queued_at = mta.only_entry().queued_at
+    clock = Clock(queued_at + 1)
+    for _ in range(6):  # at 0:00, 0:21, 0:43, 1:05, 1:26, 1:48: three runs past warn_after
+        run, _ = flusher(mta, clock)
+        assert run.run().deferred == 1
+        clock.now += 1300
+
+    assert offered(server).count("slow@example.net") == 6
+    received = notices(server)
+    assert len(received) == expected
+    [entry] = mta.entries()
+    assert (entry.id, entry.state) == (queue_id, "deferred")
+    if not expected:
+        return
+    assert received[0].rcpt_tos == [SENDER]
+    dsn = parse_dsn(received[0])
+    assert dsn.message["Subject"] == "Delayed Mail (still being retried)"
+    assert dsn.message["Auto-Submitted"] == "auto-replied"
+    [recipient] = dsn.recipients
+    assert recipient["Final-Recipient"] == "rfc822; slow@example.net"
+    assert recipient["Action"] == "delayed"
+    assert recipient["Status"] == "4.7.1"
+    assert recipient["Diagnostic-Code"] == f"smtp; {GREYLISTED}"
+    until = email.utils.parsedate_to_datetime(str(recipient["Will-Retry-Until"])).timestamp()
+    assert abs(until - (queued_at + 5 * 86400)) < 1.5
+    assert "you do not need to send the message again" in dsn.text
+    assert entry.warned
+
+
+# --- queue management, end to end through the CLI ---
+
+
+def test_a_held_message_is_not_delivered_and_does_not_expire_until_released(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    configure(
+        mta, plain_host(server.port), extra="retry: {schedule: [10m], lifetime: 1h, warn_after: never}\n"
+    )
+    held = enqueue(mta, "-f", SENDER, "held@example.net")
+    other = enqueue(mta, "-f", SENDER, "other@example.net")
+
+    result = pymta(mta, "queue", "hold", held)
+    assert result.returncode == 0, result.stderr
+    assert f"{held}: held".encode() in result.stdout
+    flush(mta, "--now")
+
+    assert [m.rcpt_tos for m in server.handler.messages] == [["other@example.net"]]
+    assert [(e.id, e.state) for e in mta.entries()] == [(held, "held")]
+    assert other not in [e.id for e in mta.entries()]
+
+    # Far past its lifetime, a forced run still neither delivers nor expires it.
+    queued_at = mta.only_entry().queued_at
+    late, _ = flusher(mta, Clock(queued_at + 10 * 3600))
+    assert late.run(force=True).attempted == 0
+    assert [(e.id, e.state) for e in mta.entries()] == [(held, "held")]
+    assert len(server.handler.messages) == 1
+
+    result = pymta(mta, "queue", "release", held)
+    assert result.returncode == 0, result.stderr
+    assert b"due now" in result.stdout
+    flush(mta)
+
+    assert [m.rcpt_tos for m in server.handler.messages] == [["other@example.net"], ["held@example.net"]]
+    assert mta.entries() == []
+
+
+def test_retry_makes_a_deferred_message_due_now(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net")
+    flush(mta)
+    assert mta.only_entry().state == "deferred"
+    server.handler.rejections = {}
+
+    flush(mta)  # not due for ten minutes: not tried
+    assert offered(server) == ["slow@example.net"]
+
+    result = pymta(mta, "queue", "retry", queue_id)
+    assert result.returncode == 0, result.stderr
+    flush(mta)
+
+    assert offered(server) == ["slow@example.net", "slow@example.net"]
+    assert [m.rcpt_tos for m in server.handler.messages] == [["slow@example.net"]]
+    assert mta.entries() == []
+
+
+def test_delete_removes_a_message_without_a_bounce(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net")
+    flush(mta)
+
+    result = pymta(mta, "queue", "delete", queue_id)
+    assert result.returncode == 0, result.stderr
+    assert b"no bounce" in result.stdout
+    flush(mta, "--now")
+
+    assert mta.entries() == []
+    assert server.handler.messages == []
+    assert offered(server) == ["slow@example.net"]
+    assert pymta(mta, "queue", "show", queue_id).returncode == 67  # EX_NOUSER: no longer in the queue
+
+
+def test_queue_bounce_returns_the_message_to_its_sender_at_the_next_flush(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net", message=ORIGINAL)
+    flush(mta)
+
+    result = pymta(mta, "queue", "bounce", queue_id)
+    assert result.returncode == 0, result.stderr
+    assert notices(server) == []  # the command itself sends nothing
+    flush(mta)
+
+    [received] = notices(server)
+    assert received.rcpt_tos == [SENDER]
+    dsn = parse_dsn(received)
+    [recipient] = dsn.recipients
+    assert recipient["Final-Recipient"] == "rfc822; slow@example.net"
+    assert recipient["Action"] == "failed"
+    assert str(recipient["Status"]).startswith("5.")
+    assert "bounced by the administrator" in str(recipient["Diagnostic-Code"])
+    state = state_of(mta, queue_id)
+    assert state["state"] == "failed"
+    assert not state.get("bounce_due")
+    recipients = state["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["slow@example.net"]["reported"] is True
+    assert [item["id"] for item in failed_listing(mta)] == [queue_id]
+
+    flush(mta, "--now")
+    assert len(notices(server)) == 1
+    assert offered(server) == ["slow@example.net", SENDER]
+
+
+def test_an_administrators_bounce_is_not_reported_as_an_expiry(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net")
+    flush(mta)
+    assert pymta(mta, "queue", "bounce", queue_id).returncode == 0
+
+    flush(mta)
+
+    [received] = notices(server)
+    dsn = parse_dsn(received)
+    [recipient] = dsn.recipients
+    assert recipient["Status"] != "5.4.7"
+    assert "in the time allowed" not in dsn.text
+
+
+def test_failed_messages_are_removed_after_failed_retention(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS + "failed_retention: 1d\n")
+    old = enqueue(mta, "-f", SENDER, "bad@example.net")
+    clock = Clock()
+    flusher(mta, clock)[0].run()
+    clock.now += 20 * 3600
+    young = enqueue(mta, "-f", SENDER, "bad@example.net")
+    flusher(mta, clock)[0].run()
+    assert sorted((e.id, e.state) for e in mta.entries()) == sorted([(old, "failed"), (young, "failed")])
+
+    clock.now += 5 * 3600  # the old one failed 25 hours ago, the young one 5
+    run, lines = flusher(mta, clock)
+    run.run()
+
+    assert [(e.id, e.state) for e in mta.entries()] == [(young, "failed")]
+    assert any(f"id={old} removed" in line for line in lines)
+    assert [item["id"] for item in failed_listing(mta)] == [young]
+    assert len(notices(server)) == 2  # one bounce each, and none for the removal
+
+
+# --- concurrency ---
+
+
+def test_a_flush_skips_a_message_a_queue_command_holds_and_delivers_it_once_later(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    ids = [enqueue(mta, "-f", SENDER, f"{name}@example.net") for name in ("a", "b", "c")]
+    spool = Spool(str(mta.spool))
+    spool.pick_up(load(str(mta.config)).max_message_size, lambda line: None)
+    lock = spool.lock_message(ids[1])  # what `pymta queue hold/delete/...` holds while it changes a message
+    assert lock is not None
+    try:
+        result = flush(mta, "--now")
+        assert sorted(m.rcpt_tos[0] for m in server.handler.messages) == ["a@example.net", "c@example.net"]
+        assert any(f"id={ids[1]} is being changed" in line for line in log_lines(result))
+        # A queue command meanwhile waits, then says so; the message is untouched.
+        busy = pymta(mta, "queue", "delete", "--wait", "0.2", ids[1])
+        assert busy.returncode == 75, busy.stderr
+        assert [e.id for e in mta.entries()] == [ids[1]]
+    finally:
+        spool.unlock_message(lock)
+
+    flush(mta)
+    flush(mta, "--now")
+
+    assert sorted(m.rcpt_tos[0] for m in server.handler.messages) == [
+        "a@example.net",
+        "b@example.net",
+        "c@example.net",
+    ]
+    assert sorted(offered(server)) == ["a@example.net", "b@example.net", "c@example.net"]
+    assert mta.entries() == []
+
+
+# --- bad input ---
+
+
+def test_a_dsn_for_an_original_with_8bit_and_broken_headers_is_valid_and_delivered(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    original = (
+        b"Subject: caf\xe9 \xff\xfe na\xc3\xafve\n"
+        b"X-Long: " + b"x" * 1500 + b"\n"
+        b"X-Control: a\x01b\x7fc\n"
+        b"From: =?utf-8?q?broken <alice@example.net\n"
+        b"\n"
+        b"caf\xc3\xa9\n"
+    )
+    queue_id = enqueue(mta, "-f", SENDER, "-R", "full", "bad@example.net", message=original)
+
+    flush(mta)
+
+    [received] = notices(server)
+    dsn = parse_dsn(received)  # ASCII, short lines, parses without defects
+    [recipient] = dsn.recipients
+    assert recipient["Final-Recipient"] == "rfc822; bad@example.net"
+    assert dsn.returned is not None
+    assert dsn.returned.get_content_type() == "text/rfc822-headers"  # 8-bit: never message/rfc822
+    assert dsn.returned["Content-Transfer-Encoding"] == "quoted-printable"
+    headers = dsn.returned.get_payload(decode=True)
+    assert isinstance(headers, bytes)
+    assert b"caf\xe9 \xff\xfe na\xc3\xafve" in headers
+    assert b"x" * 1500 in headers
+    assert "8-bit" in dsn.text
+    assert [(e.id, e.state) for e in mta.entries()] == [(queue_id, "failed")]

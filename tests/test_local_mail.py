@@ -1,0 +1,513 @@
+"""Local mail and addresses (issue 5), end to end through the console scripts: local recipients, aliases, the
+admin rule, sender rewriting for smarthosts, mbox and Maildir delivery, newaliases, and bad input.
+
+Local mail never reaches the machine's /var/mail: every config keeps `local.mail_spool`, `local.maildir` and
+`aliases` inside the test's tmp_path (conftest.local_sandbox). Tests run as root and as a plain user; in user
+mode every local recipient's mail goes to the running user's own mailbox, so mailboxes are looked up under
+OWNER, the login of the effective user.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import mailbox
+import os
+import pwd
+import subprocess
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from conftest import MtaEnv, local_sandbox
+from mailservers import Received, SmtpServer
+from test_flush import configure, enqueue, flush, log_lines, plain_host, state_of
+from test_lifecycle import parse_dsn
+
+OWNER = pwd.getpwuid(os.geteuid()).pw_name  # whose mailbox local mail lands in, as root and in user mode
+LOGIN = pwd.getpwuid(os.getuid()).pw_name  # who submits (the envelope sender of a plain `sendmail`)
+AS_ROOT = os.geteuid() == 0
+SENDER = "alice@elsewhere.example"  # not local: never rewritten; bounces to her go to the smarthost
+CONTRACT_STATUSES = {"pending", "delivered", "deferred", "failed"}  # DESIGN.md, `pymta queue --json`
+
+
+@pytest.fixture
+def server() -> Iterator[SmtpServer]:
+    """aiosmtpd without TLS or AUTH."""
+    with SmtpServer("plain") as smtp:
+        yield smtp
+
+
+def read_mbox(path: Path) -> list[mailbox.mboxMessage]:
+    box = mailbox.mbox(str(path), create=False)
+    try:
+        return list(box)
+    finally:
+        box.close()
+
+
+def owner_mbox(mta: MtaEnv) -> list[mailbox.mboxMessage]:
+    path = mta.mail_spool / OWNER
+    return read_mbox(path) if path.exists() else []
+
+
+def subjects(messages: list[mailbox.mboxMessage]) -> list[str]:
+    return sorted(str(m["Subject"]) for m in messages)
+
+
+def parsed(received: Received) -> EmailMessage:
+    message = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def pymta(mta: MtaEnv, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return mta.run("pymta", list(args))
+
+
+def queue_json(mta: MtaEnv) -> list[dict[str, object]]:
+    result = pymta(mta, "queue", "--json")
+    assert result.returncode == 0, result.stderr
+    listing: list[dict[str, object]] = json.loads(result.stdout)
+    return listing
+
+
+def statuses(listed: dict[str, object]) -> dict[str, tuple[object, object]]:
+    recipients = listed["recipients"]
+    assert isinstance(recipients, list)
+    return {r["address"]: (r["status"], r["last_error"]) for r in recipients}
+
+
+def write_aliases(mta: MtaEnv, text: str) -> None:
+    path = mta.root / "aliases"
+    path.write_text(text)
+    path.chmod(0o644)
+
+
+def mail(subject: str, body: str = "hello\n", headers: str = "") -> bytes:
+    return f"{headers}Subject: {subject}\n\n{body}".encode()
+
+
+# --- zero config ---
+
+
+def test_zero_config_delivers_local_mail_and_keeps_other_mail_waiting(mta: MtaEnv) -> None:
+    # Nothing but the spool and the sandbox that keeps local delivery in tmp_path: no hostname, no smarthost.
+    mta.config.write_text(f"spool: {mta.spool}\n{local_sandbox(mta.root)}")
+    body = "Cron <root@host> run-parts /etc/cron.daily\n\nline two\n  indented . line\n"
+    local = mta.sendmail("-odq", "-i", "root", input=mail("cron output", body))
+    remote = mta.sendmail("-odq", "-i", "someone@elsewhere.example", input=mail("for elsewhere"))
+    assert local.returncode == remote.returncode == 0, (local.stderr, remote.stderr)
+
+    result = mta.run("pymta", ["flush", "-v"])
+    assert result.returncode == 0, result.stderr
+
+    [delivered] = owner_mbox(mta)
+    assert delivered["Subject"] == "cron output"
+    for name in ("Date", "Message-ID", "From"):
+        assert delivered[name], name
+    return_path = str(delivered["Return-Path"])
+    assert return_path.startswith(f"<{LOGIN}@") and return_path.endswith(">")
+    assert str(delivered["From"]).endswith(f"{return_path}")  # From: completed with the qualified sender
+    assert delivered.get_payload() == body
+    assert delivered.get_from().startswith(f"{LOGIN}@")
+    [waiting] = queue_json(mta)
+    assert waiting["state"] == "deferred"
+    assert str(waiting["last_error"]).startswith("no smarthost configured")
+    assert statuses(waiting) == {"someone@elsewhere.example": ("deferred", waiting["last_error"])}
+
+
+# --- which addresses are local ---
+
+
+def test_localhost_the_hostname_and_local_domains_are_local_and_the_rest_goes_out(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    configure(mta, plain_host(server.port), extra="local_domains: [lan.example]\n")
+    addresses = [
+        f"{OWNER}@localhost",
+        f"{OWNER}@mx.example.org",
+        f"{OWNER}@LAN.example",
+        f"{OWNER}@elsewhere.example",
+    ]
+    for address in addresses:
+        enqueue(mta, address, message=mail(address))
+
+    flush(mta)
+
+    assert subjects(owner_mbox(mta)) == sorted(addresses[:3])
+    [sent] = server.handler.messages
+    assert sent.rcpt_tos == [f"{OWNER}@elsewhere.example"]
+    assert mta.entries() == []
+
+
+# --- aliases ---
+
+
+def test_aliases_expand_with_continuation_lines_and_comments_and_never_run_a_program(
+    mta: MtaEnv, server: SmtpServer, tmp_path: Path
+) -> None:
+    marker = tmp_path / "program-ran"
+    write_aliases(
+        mta,
+        f"# aliases for the test\n"
+        f"staff: {OWNER},\n"
+        f"  # a comment inside the entry\n"
+        f"\text@example.net\n"
+        f"\n"
+        f"postmaster: staff\n"
+        f'prog: "|/usr/bin/touch {marker}", {OWNER}\n',
+    )
+    configure(mta, plain_host(server.port))
+    enqueue(mta, "-f", SENDER, "postmaster", message=mail("to postmaster"))
+    enqueue(mta, "-f", SENDER, "prog", message=mail("to prog"))
+
+    result = flush(mta)
+
+    assert subjects(owner_mbox(mta)) == ["to postmaster", "to prog"]
+    [sent] = server.handler.messages
+    assert sent.rcpt_tos == ["ext@example.net"]
+    assert parsed(sent)["Subject"] == "to postmaster"
+    assert not marker.exists()
+    assert any("never runs programs" in line for line in log_lines(result)), log_lines(result)
+    assert mta.entries() == []
+
+
+def test_an_alias_loop_ends_and_delivers_to_the_name_it_comes_back_to(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    write_aliases(mta, f"{OWNER}: helper\nhelper: {OWNER}\n")
+    configure(mta, plain_host(server.port))
+    enqueue(mta, "-f", SENDER, OWNER, message=mail("looping"))
+
+    result = mta.run("pymta", ["flush", "-v"], timeout=20)
+
+    assert result.returncode == 0, result.stderr
+    assert subjects(owner_mbox(mta)) == ["looping"]
+    assert any("alias loop" in line for line in log_lines(result)), log_lines(result)
+    assert server.handler.messages == []
+    assert mta.entries() == []
+
+
+@pytest.mark.parametrize("self_target", [OWNER, f"\\{OWNER}"], ids=["plain", "backslash"])
+def test_a_self_reference_delivers_to_the_local_user_as_well(
+    mta: MtaEnv, server: SmtpServer, self_target: str
+) -> None:
+    # aliases.py: "A self-reference (`root: root, me@example.org`) delivers to the local user root as well".
+    write_aliases(mta, f"{OWNER}: {self_target}, ext@example.net\n")
+    configure(mta, plain_host(server.port))
+    enqueue(mta, "-f", SENDER, OWNER, message=mail("self"))
+
+    flush(mta)
+
+    assert [m.rcpt_tos for m in server.handler.messages] == [["ext@example.net"]]
+    assert subjects(owner_mbox(mta)) == ["self"]
+
+
+def test_alias_targets_show_in_the_queue_with_their_statuses_while_the_message_waits(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    server.handler.rejections = {"ext@example.net": "451 4.3.0 try later"}
+    write_aliases(mta, f"staff: {OWNER}, ext@example.net\n")
+    configure(mta, plain_host(server.port))
+    queue_id = enqueue(mta, "-f", SENDER, "staff", message=mail("to staff"))
+
+    flush(mta)
+
+    [listed] = queue_json(mta)
+    assert (listed["id"], listed["state"]) == (queue_id, "deferred")
+    found = statuses(listed)
+    assert found[OWNER] == ("delivered", None)
+    assert found["ext@example.net"] == ("deferred", "451 4.3.0 try later")
+    assert list(found)[0] == "staff"
+
+    server.handler.rejections = {}
+    assert pymta(mta, "queue", "retry", queue_id).returncode == 0
+    flush(mta)
+
+    assert queue_json(mta) == []
+    assert [m.rcpt_tos for m in server.handler.messages] == [["ext@example.net"]]
+    assert subjects(owner_mbox(mta)) == ["to staff"]  # delivered once, not again at the retry
+
+
+def test_queue_json_statuses_of_an_expanded_alias_stay_within_the_contract(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    server.handler.rejections = {"ext@example.net": "451 4.3.0 try later"}
+    write_aliases(mta, f"staff: {OWNER}, ext@example.net\n")
+    configure(mta, plain_host(server.port))
+    enqueue(mta, "-f", SENDER, "staff")
+
+    flush(mta)
+
+    [listed] = queue_json(mta)
+    assert {status for status, _ in statuses(listed).values()} <= CONTRACT_STATUSES
+
+
+# --- the admin rule ---
+
+
+def test_with_admin_set_root_mail_goes_to_the_admin_through_the_smarthost(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    configure(mta, plain_host(server.port), extra="admin: boss@example.net\n")
+    enqueue(mta, "root", message=mail("cron says", "disk full\n"))
+
+    flush(mta)
+
+    [sent] = server.handler.messages
+    assert sent.rcpt_tos == ["boss@example.net"]
+    assert parsed(sent)["Subject"] == "cron says"
+    assert owner_mbox(mta) == []
+    assert mta.entries() == []
+
+
+# --- sender rewriting, as the smarthost sees it ---
+
+CRON = b"From: root (Cron Daemon)\nTo: ext@example.net\nSubject: Cron <root@host> backup\n\nbackup done\n"
+
+
+def rewritten(mta: MtaEnv, server: SmtpServer, sender: str, extra: str, **host: object) -> Received:
+    configure(mta, plain_host(server.port, **host), extra=extra)
+    enqueue(mta, "-f", sender, "ext@example.net", message=CRON)
+    flush(mta)
+    [sent] = server.handler.messages
+    assert sent.rcpt_tos == ["ext@example.net"]
+    return sent
+
+
+def test_cron_mail_from_root_gets_the_accounts_address(mta: MtaEnv, server: SmtpServer) -> None:
+    sent = rewritten(mta, server, "root", "rewrite: {from: me@web.example}\n")
+
+    assert sent.mail_from == "me@web.example"
+    message = parsed(sent)
+    [author] = message["From"].addresses
+    assert (author.display_name, author.addr_spec) == ("Cron Daemon", "me@web.example")
+    assert "root" in str(message["X-Original-From"])
+    assert message["Reply-To"] is None
+    assert message.get_content().splitlines() == ["backup done"]
+
+
+def test_original_reply_to_puts_the_old_from_in_reply_to(mta: MtaEnv, server: SmtpServer) -> None:
+    sent = rewritten(mta, server, "root", "rewrite: {from: me@web.example, original: reply-to}\n")
+
+    message = parsed(sent)
+    assert message["From"].addresses[0].addr_spec == "me@web.example"
+    [reply_to] = message["Reply-To"].addresses
+    assert reply_to.username == "root"
+    assert message["X-Original-From"] is None
+
+
+def test_a_smarthosts_own_rewrite_wins_over_the_top_level_one(mta: MtaEnv, server: SmtpServer) -> None:
+    sent = rewritten(
+        mta,
+        server,
+        "root",
+        "rewrite: {from: top@web.example}\n",
+        rewrite={"from": "host@web.example"},
+    )
+
+    assert sent.mail_from == "host@web.example"
+    assert parsed(sent)["From"].addresses[0].addr_spec == "host@web.example"
+
+
+def test_a_sender_that_is_not_local_is_not_rewritten(mta: MtaEnv, server: SmtpServer) -> None:
+    sent = rewritten(mta, server, SENDER, "rewrite: {from: me@web.example}\n")
+
+    assert sent.mail_from == SENDER
+    message = parsed(sent)
+    assert message["X-Original-From"] is None
+    assert "me@web.example" not in sent.data.decode()
+
+
+def test_envelope_false_keeps_mail_from_and_rewrites_only_the_header(mta: MtaEnv, server: SmtpServer) -> None:
+    sent = rewritten(mta, server, "root", "rewrite: {from: me@web.example, envelope: false}\n")
+
+    assert sent.mail_from == "root@example.org"
+    assert parsed(sent)["From"].addresses[0].addr_spec == "me@web.example"
+
+
+# --- Maildir and mbox ---
+
+
+def test_maildir_delivery_reads_back_with_mailbox_maildir(mta: MtaEnv) -> None:
+    maildir = mta.root / "Maildir"
+    mta.write_config(
+        "domain: example.org\nhostname: mx.example.org\ndeliver: queue\n"
+        f"local:\n  mailbox: maildir\n  mail_spool: {mta.mail_spool}\n  maildir: {maildir}\n"
+    )
+    enqueue(mta, "root", message=mail("into the maildir", "From me\nbody\n"))
+
+    flush(mta)
+
+    box = mailbox.Maildir(str(maildir), factory=None, create=False)
+    [delivered] = list(box)
+    assert delivered["Subject"] == "into the maildir"
+    assert str(delivered["Return-Path"]).startswith(f"<{LOGIN}@")
+    assert delivered.get_payload() == "From me\nbody\n"  # no From_ quoting in a Maildir
+    assert not (mta.mail_spool / OWNER).exists()
+    assert mta.entries() == []
+
+
+def test_concurrent_flushes_into_one_mbox_keep_every_message_whole(tmp_path: Path, mta: MtaEnv) -> None:
+    """Three installations (three spools, so three flushes really run at once) deliver into one mbox."""
+    mta.mail_spool.mkdir(exist_ok=True)
+    envs: list[MtaEnv] = []
+    for number in range(3):
+        root = tmp_path / f"site{number}"
+        (root / "home").mkdir(parents=True)
+        env = MtaEnv(root=root, config=root / "pymta.yaml", spool=root / "spool")
+        env.config.write_text(
+            f"spool: {env.spool}\ndomain: example.org\nhostname: mx.example.org\ndeliver: queue\n"
+            f"local:\n  mailbox: mbox\n  mail_spool: {mta.mail_spool}\naliases: {root / 'aliases'}\n"
+        )
+        envs.append(env)
+    expected = {}
+    for number, env in enumerate(envs):
+        for index in range(5):
+            subject = f"site {number} message {index}"
+            body = f"{subject}\nFrom the middle\n" + f"{subject} line\n" * 2000
+            expected[subject] = body.replace("\nFrom ", "\n>From ")
+            enqueue(env, "root", message=mail(subject, body))
+
+    runs = [
+        subprocess.Popen(
+            [str(Path(env.env["PATH"].split(":")[0]) / "pymta"), "flush"],
+            env=env.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for env in envs
+    ]
+    for run in runs:
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+
+    delivered = owner_mbox(mta)
+    assert sorted(str(m["Subject"]) for m in delivered) == sorted(expected)
+    for message in delivered:
+        assert message.get_payload() == expected[str(message["Subject"])]
+    for env in envs:
+        assert env.entries() == []
+
+
+# --- newaliases ---
+
+
+def newaliases_runs(mta: MtaEnv) -> list[subprocess.CompletedProcess[bytes]]:
+    """The installed `newaliases`, `sendmail -bi` and `sendmail -I`."""
+    return [mta.run("newaliases"), mta.sendmail("-bi"), mta.sendmail("-I")]
+
+
+def test_newaliases_accepts_a_clean_aliases_file(mta: MtaEnv) -> None:
+    write_aliases(mta, f"# fine\npostmaster: {OWNER}\nstaff: {OWNER},\n  ext@example.net\n")
+    for result in newaliases_runs(mta):
+        assert result.returncode == 0, result.stderr
+        assert b"error" not in result.stderr
+
+
+def test_newaliases_reports_problems_with_their_line_numbers(mta: MtaEnv, tmp_path: Path) -> None:
+    marker = tmp_path / "program-ran"
+    write_aliases(mta, f"# a comment\npostmaster: {OWNER}\nno colon here\nprog: |/usr/bin/touch {marker}\n")
+    for result in newaliases_runs(mta):
+        assert result.returncode == 65, result.stderr  # EX_DATAERR: something in the file is not used
+        lines = result.stderr.decode().splitlines()
+        assert any("line 3" in line and "no ':'" in line for line in lines), lines
+        assert any("line 4" in line and "program" in line for line in lines), lines
+    assert not marker.exists()
+
+
+def test_newaliases_warns_of_a_loop_and_still_exits_0(mta: MtaEnv) -> None:
+    write_aliases(mta, f"{OWNER}: helper\nhelper: {OWNER}\n")
+    for result in newaliases_runs(mta):
+        assert result.returncode == 0, result.stderr
+        assert b"loop" in result.stderr
+
+
+# --- bad input ---
+
+
+def test_an_alias_to_a_missing_user_fails_that_recipient(mta: MtaEnv, server: SmtpServer) -> None:
+    write_aliases(mta, "ghost: nosuchuser-pymta-test\n")
+    configure(mta, plain_host(server.port))
+    queue_id = enqueue(mta, "-f", SENDER, "ghost", message=mail("to a ghost"))
+
+    result = flush(mta)
+
+    if not AS_ROOT:  # user mode: every local name is the running user's own mailbox
+        assert subjects(owner_mbox(mta)) == ["to a ghost"]
+        return
+    assert any("no such local user: nosuchuser-pymta-test" in line for line in log_lines(result))
+    [bounce] = server.handler.messages
+    assert (bounce.mail_from, bounce.rcpt_tos) == ("<>", [SENDER])
+    assert b"no such local user: nosuchuser-pymta-test" in bounce.data
+    state = state_of(mta, queue_id)
+    assert state["state"] == "failed"
+    recipients = state["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["nosuchuser-pymta-test"]["status"] == "failed"
+    assert owner_mbox(mta) == []
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="in user mode every local name is the running user's own mailbox")
+def test_the_bounce_for_a_missing_local_user_says_the_mailbox_does_not_exist(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    write_aliases(mta, "ghost: nosuchuser-pymta-test\n")
+    configure(mta, plain_host(server.port))
+    enqueue(mta, "-f", SENDER, "ghost", message=mail("to a ghost"))
+
+    flush(mta)
+
+    [bounce] = server.handler.messages
+    dsn = parse_dsn(bounce)
+    [recipient] = dsn.recipients
+    assert recipient["Status"] == "5.1.1"  # RFC 3463: bad destination mailbox address
+    assert "in the time allowed" not in dsn.text
+
+
+def test_a_symlinked_mailbox_defers_and_loses_nothing(mta: MtaEnv, tmp_path: Path) -> None:
+    configure(mta)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    mta.mail_spool.mkdir(exist_ok=True)
+    (mta.mail_spool / OWNER).symlink_to(target)
+    queue_id = enqueue(mta, "root", message=mail("behind a symlink"))
+
+    flush(mta)
+
+    [listed] = queue_json(mta)
+    assert (listed["id"], listed["state"]) == (queue_id, "deferred")
+    assert "symbolic link" in str(listed["last_error"])
+    assert target.read_bytes() == b""
+
+    (mta.mail_spool / OWNER).unlink()
+    assert pymta(mta, "queue", "retry", queue_id).returncode == 0
+    flush(mta)
+
+    assert subjects(owner_mbox(mta)) == ["behind a symlink"]
+    assert mta.entries() == []
+
+
+@pytest.mark.parametrize("name", ["a/b", "x/../../etc", "x|touch", "$HOME", "`id`", "-rf", '"a b"@localhost'])
+def test_a_user_name_with_shell_or_path_characters_fails_and_nothing_is_written(
+    mta: MtaEnv, tmp_path: Path, name: str
+) -> None:
+    configure(mta)
+    queue_id = enqueue(mta, "-f", SENDER, "--", name, message=mail("odd name"))
+    before = sorted(str(path) for path in tmp_path.rglob("*") if "spool" not in path.parts)
+
+    result = flush(mta)
+
+    after = sorted(str(path) for path in tmp_path.rglob("*") if "spool" not in path.parts)
+    if not AS_ROOT:  # user mode: the running user's own mailbox gets it
+        assert subjects(owner_mbox(mta)) == ["odd name"]
+        return
+    assert after == before  # no mailbox, no lock file, nothing anywhere
+    assert any("status=bounced (5.1.3 refused:" in line for line in log_lines(result)), log_lines(result)
+    [bounce] = [e for e in mta.entries() if e.id != queue_id]
+    assert (bounce.sender, [r.address for r in bounce.recipients]) == ("", [SENDER])
+    state = state_of(mta, queue_id)
+    assert state["state"] == "failed"
