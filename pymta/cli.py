@@ -73,12 +73,14 @@ def _progress_line(done: int, total: int) -> None:
 def _register_command_groups() -> None:
     from .config_cli import config_group
     from .queue_cli import queue_group
+    from .setup_cli import setup_command
     from .smarthost_cli import password_group, test_command
 
     cli.add_command(queue_group)
     cli.add_command(config_group)
     cli.add_command(test_command)
     cli.add_command(password_group)
+    cli.add_command(setup_command)
 
 
 _register_command_groups()
