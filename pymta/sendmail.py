@@ -16,7 +16,7 @@ import os
 import sys
 
 from . import errors
-from .errors import PymtaError, UnavailableError, UsageError
+from .errors import PymtaError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def _mode(invocation: Invocation, value: str | None) -> None:
         )
     mode, message = entry
     if message:
-        raise (UnavailableError if mode == "later" else UsageError)(message)
+        raise UsageError(message)
     invocation.mode = mode
 
 
@@ -214,7 +214,7 @@ MODES: dict[str, tuple[str, str]] = {
     "m": ("deliver", ""),
     "p": ("list", ""),
     "i": ("newaliases", ""),
-    "s": ("later", "-bs: SMTP on standard input is not available yet; pipe the message to sendmail instead"),
+    "s": ("smtp", ""),  # SMTP on stdin/stdout (Symfony Mailer, SwiftMailer, Laravel): pymta.smtpd
     "d": ("refused", "-bd: pymta never runs as a daemon; a timer runs 'pymta flush'"),
     "l": ("refused", "-bl: pymta never runs as a daemon; a timer runs 'pymta flush'"),
     "v": ("refused", "-bv: address verification is not supported"),
@@ -421,6 +421,10 @@ def _run(argv: list[str]) -> int:
         return pymta_main(["flush", "--now", *(["--verbose"] if invocation.verbose else []), *config])
     if invocation.mode == "newaliases":
         return _newaliases(invocation)
+    if invocation.mode == "smtp":  # -bs: each message of the session is queued by submit(), as here
+        from .smtpd import serve_stdio
+
+        return serve_stdio(invocation, submit)
     if invocation.verbose:
         for note in invocation.notes:
             _say(note)

@@ -174,7 +174,6 @@ def test_ignored_flags_are_explained_under_verbose() -> None:
         (["-N", "sometimes", "root"], EX_USAGE, "-N 'sometimes'"),
         (["-R", "all", "root"], EX_USAGE, "-R 'all'"),
         (["-V", "has space", "root"], EX_USAGE, "-V"),
-        (["-bs"], EX_UNAVAILABLE, "not available yet"),
         (["-bd"], EX_USAGE, "never runs as a daemon"),
         (["-bz"], EX_USAGE, "-bz: unknown mode"),
         (["-F", "Evil\r\nBcc: victim@example.org", "root"], EX_USAGE, "line break"),
@@ -188,6 +187,10 @@ def test_bad_command_lines_are_clear_errors(argv: list[str], code: int, words: s
     assert caught.value.exit_code == code
     assert words in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_dash_bs_is_the_smtp_mode() -> None:
+    assert parse_args(["-bs", "-i"]).mode == "smtp"
 
 
 BOOLEAN = sorted(
