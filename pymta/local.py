@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import Local
+from .spool import fsync_dir, unlink_quietly
 
 Status = Literal["delivered", "deferred", "failed"]
 
@@ -481,14 +482,14 @@ def _deliver_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, *, cre
                 os.close(fd)
             os.link(tmp, new)
         except FileExistsError:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             continue
         except OSError as error:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             full = " (disk full or over quota?)" if error.errno in _NO_SPACE else ""
             raise _Deferred(f"writing into {maildir} failed: {_describe(error)}{full}") from None
         os.unlink(tmp)
-        _fsync_dir(os.path.join(maildir, "new"))
+        fsync_dir(os.path.join(maildir, "new"))
         return new
     raise _Deferred(f"no unique file name in {maildir}/tmp after 10 tries")
 
@@ -506,21 +507,6 @@ def _make_maildir(maildir: str, entry: pwd.struct_passwd) -> None:
             ) from None
         if _euid() == 0:
             os.chown(directory, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- Running as the recipient ---

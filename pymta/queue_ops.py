@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from . import log
 from .errors import EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE
-from .spool import NEVER, QueueEntry, Spool
+from .spool import NEVER, QueueEntry, Spool, fsync_dir, unlink_quietly
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -380,7 +380,7 @@ class _Operations:
                     os.unlink(os.path.join(self.spool.dir("new"), name))
                 except FileNotFoundError:
                     raise _gone(name) from None
-                _fsync_dir(self.spool.dir("new"))
+                fsync_dir(self.spool.dir("new"))
                 return None
             reports: list[str] = []
             self.spool.pick_up(self.config.max_message_size, reports.append)
@@ -464,8 +464,8 @@ class _Operations:
         # The queue file goes first: that is the decision. A crash before the state file goes too leaves only
         # a state file without a message, which nothing delivers.
         os.unlink(os.path.join(self.spool.dir("queue"), entry.id))
-        _unlink_quietly(os.path.join(self.spool.dir("state"), entry.id))
-        _fsync_dir(self.spool.dir("queue"))
+        unlink_quietly(os.path.join(self.spool.dir("state"), entry.id))
+        fsync_dir(self.spool.dir("queue"))
         return _done(entry, "deleted", "deleted; no bounce is sent", None)
 
     def _bounce(self, entry: QueueEntry, state: State) -> Result:
@@ -613,7 +613,7 @@ def expire_failed(
             if age <= config.failed_retention:
                 continue
             os.unlink(entry.path)
-            _unlink_quietly(os.path.join(spool.dir("state"), name))
+            unlink_quietly(os.path.join(spool.dir("state"), name))
             removed.append(name)
             logger.info(f"id={name} removed: failed {age / 86400:.1f} days ago, past failed_retention")
         except (OSError, ValueError):
@@ -621,7 +621,7 @@ def expire_failed(
         finally:
             spool.unlock_message(lock)
     if removed:
-        _fsync_dir(spool.dir("queue"))
+        fsync_dir(spool.dir("queue"))
     return removed
 
 
@@ -632,18 +632,3 @@ def _login() -> str:
     from .spool import real_user
 
     return real_user()[0]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -120,7 +120,8 @@ def encode_json(value: object) -> str:
     raise TypeError(f"cannot encode {type(value).__name__} in an envelope")
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (after a create, rename or unlink in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -222,10 +223,10 @@ class Spool:
                 os.close(fd)
             os.rename(tmp_path, os.path.join(new_dir, message_id))
         except OSError as exc:
-            _unlink_quietly(tmp_path)
+            unlink_quietly(tmp_path)
             raise self._write_error("cannot write the message to the spool", self.path, exc) from None
         try:
-            _fsync_dir(new_dir)
+            fsync_dir(new_dir)
         except OSError as exc:
             # The entry exists but may not be durable; the caller must not be told it was accepted.
             raise self._write_error("cannot make the queued message durable", new_dir, exc) from None
@@ -353,8 +354,8 @@ class Spool:
             except FileNotFoundError:
                 continue
         if picked:
-            _fsync_dir(self.dir("queue"))
-            _fsync_dir(self.dir("new"))
+            fsync_dir(self.dir("queue"))
+            fsync_dir(self.dir("new"))
         return picked
 
     def _pick_up_one(self, name: str, source: str, max_size: int, report: Callable[[str], None]) -> bool:
@@ -436,7 +437,7 @@ class Spool:
             os.rename(os.path.join(self.dir("queue"), name), os.path.join(self.dir("corrupt"), name))
         except FileNotFoundError:
             pass
-        _unlink_quietly(os.path.join(self.dir("state"), name))
+        unlink_quietly(os.path.join(self.dir("state"), name))
 
     def _set_aside(self, name: str, source: str, why: str, report: Callable[[str], None]) -> None:
         os.makedirs(self.dir("corrupt"), mode=0o700, exist_ok=True)
@@ -465,7 +466,7 @@ class Spool:
                 os.link(tmp_path, target)
                 os.unlink(tmp_path)
         except BaseException:
-            _unlink_quietly(tmp_path)
+            unlink_quietly(tmp_path)
             raise
 
     def remove_stale_tmp(self, now: float) -> int:
@@ -513,7 +514,7 @@ class Spool:
             os.makedirs(self.dir("done"), mode=0o700, exist_ok=True)
             os.rename(entry.path, done)
         if entry.has_state:
-            _unlink_quietly(os.path.join(self.dir("state"), entry.id))
+            unlink_quietly(os.path.join(self.dir("state"), entry.id))
         if self._reaper is None:
             import queue
             import threading
@@ -525,7 +526,7 @@ class Spool:
 
     def _reap(self) -> None:
         while (path := self._doomed.get()) is not None:
-            _unlink_quietly(path)
+            unlink_quietly(path)
 
     def finish_removals(self) -> None:
         """Wait until every message handed to `remove` is unlinked."""
@@ -537,7 +538,7 @@ class Spool:
     def remove_leftovers(self) -> None:
         """Unlink what a previous run left in done/ (it stopped before its background unlinks finished)."""
         for name in self._names("done"):
-            _unlink_quietly(os.path.join(self.dir("done"), name))
+            unlink_quietly(os.path.join(self.dir("done"), name))
 
     def lock_flush(self) -> int | None:
         """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""
@@ -749,7 +750,8 @@ def _is_nonempty_dir(path: str) -> bool:
         return True
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Unlink `path` if it is there; a file already gone, or one we may not remove, is not an error here."""
     try:
         os.unlink(path)
     except OSError:
