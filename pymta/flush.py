@@ -51,6 +51,7 @@ class FlushReport:
     """What one run did, for the command's summary and for tests."""
 
     busy: bool = False
+    housekeeping_done: bool = False  # stale tmp/ files and expired failures were dealt with in this run
     picked_up: int = 0
     attempted: int = 0
     sent: int = 0
@@ -134,8 +135,10 @@ class Flusher:
 
         picked = self.spool.pick_up(self.config.max_message_size, self.log.warning)
         report.picked_up += len(picked)
-        self.spool.remove_stale_tmp(self.clock())
-        expire_failed(self.spool, self.config, self.clock(), self.log)
+        if not report.housekeeping_done:  # once a run: another pass (for a bounce just queued) needs none
+            self.spool.remove_stale_tmp(self.clock())
+            expire_failed(self.spool, self.config, self.clock(), self.log)
+            report.housekeeping_done = True
         due = self.due(force)
         for done, name in enumerate(due, 1):
             self._deliver(name, report)

@@ -915,13 +915,10 @@ def _format_reply(code: int, message: bytes) -> str:
 
 def _is_enhanced(word: str, code: int) -> bool:
     """Whether `word` is an RFC 3463 code of the reply's class, e.g. "2.0.0" for a 250."""
-    parts = word.split(".")
-    return (
-        len(parts) == 3
-        and parts[0] == str(code)[0]
-        and all(part.isdigit() and 0 < len(part) <= 3 for part in parts)
-        and parts[0] in "245"
-    )
+    if not 5 <= len(word) <= 9 or word[0] not in "245" or word[0] != str(code)[0] or word[1] != ".":
+        return False
+    subject, dot, detail = word[2:].partition(".")
+    return bool(dot) and 0 < len(subject) <= 3 and 0 < len(detail) <= 3 and (subject + detail).isdigit()
 
 
 def _as_bytes(value: bytes | str) -> bytes:
