@@ -45,6 +45,8 @@ MAILBOX_CHOICES: tuple[MailboxFormat, ...] = ("auto", "mbox", "maildir")
 OriginalFrom = Literal["x-original-from", "reply-to", "none"]
 ORIGINAL_FROM_CHOICES: tuple[OriginalFrom, ...] = ("x-original-from", "reply-to", "none")
 PASSWORD_KINDS: tuple[PasswordKind, ...] = ("keyring", "command", "env", "file")
+SenderPolicyChoice = Literal["warn", "strict"]
+SENDER_POLICY_CHOICES: tuple[SenderPolicyChoice, ...] = ("warn", "strict")
 
 # --- Defaults, each with the reason it is what it is. ---
 
@@ -72,6 +74,10 @@ DEFAULT_MAIL_SPOOL = "/var/mail"
 DEFAULT_MAILDIR = "~/Maildir"
 # Bytes: a 25 MB attachment (the most providers take) grows 37% in base64; the smarthost has the last word.
 DEFAULT_MAX_MESSAGE_SIZE = 35_000_000
+# Accounts that may set any envelope sender: root, as sendmail(8) trusts it. Others get a warning field.
+DEFAULT_TRUSTED_USERS: tuple[str, ...] = ("root",)
+# warn: mark a foreign sender with X-Authentication-Warning (sendmail's way), never lose the mail for it.
+DEFAULT_SENDER_POLICY: SenderPolicyChoice = "warn"
 # Seconds to wait for the resolver when naming this host: /etc/hosts answers at once, a dead DNS server never.
 HOSTNAME_LOOKUP_TIMEOUT = 2.0
 
@@ -326,6 +332,8 @@ class Config:
     aliases: str = DEFAULT_ALIASES
     local: Local = field(default_factory=Local)
     rewrite: Rewrite | None = None
+    trusted_users: tuple[str, ...] = DEFAULT_TRUSTED_USERS  # login names that may set any envelope sender
+    sender_policy: SenderPolicyChoice = DEFAULT_SENDER_POLICY  # what an untrusted foreign sender gets
 
     @property
     def hostname(self) -> str:
@@ -354,6 +362,8 @@ class Config:
             "aliases": self.aliases,
             "local": self.local.masked(),
             "rewrite": self.rewrite.masked() if self.rewrite else None,
+            "trusted_users": list(self.trusted_users),
+            "sender_policy": self.sender_policy,
         }
 
 
@@ -635,6 +645,21 @@ def _domains(value: object, where: _Where) -> tuple[str, ...]:
     return tuple(_domain_name(item, where.index(number)).lower() for number, item in enumerate(value))
 
 
+def _login_names(value: object, where: _Where) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise where.fail(f"must be a list of login names such as [root, www-data], not {_show(value)}")
+    names = []
+    for number, item in enumerate(value):
+        at = where.index(number)
+        if not isinstance(item, str):
+            raise at.fail(f"must be a login name, not {_show(item)}; quote a name that YAML reads otherwise")
+        name = _text(item, at, "a login name such as www-data")
+        if any(char.isspace() or char in ":@," for char in name):
+            raise at.fail(f"{_show(name)} is not a login name; write the bare name, e.g. www-data")
+        names.append(name)
+    return tuple(names)
+
+
 def _local(value: object, where: _Where) -> Local:
     return Local(**_section(_LOCAL_KEYS, value, where, "a mapping with mailbox:, mail_spool: and maildir:"))
 
@@ -712,6 +737,8 @@ _TOP_KEYS: Mapping[str, _Key] = {
     "aliases": _Key("aliases", _absolute_path),
     "local": _Key("local", _local),
     "rewrite": _Key("rewrite", _rewrite),
+    "trusted_users": _Key("trusted_users", _login_names),
+    "sender_policy": _Key("sender_policy", _choice(*SENDER_POLICY_CHOICES)),
 }
 # Where a misplaced key belongs, for "unknown key here; it belongs under retry:".
 _NESTED: Mapping[str, Mapping[str, _Key]] = {
@@ -854,7 +881,9 @@ __all__ = [
     "DEFAULT_PORTS",
     "DEFAULT_RETRY_SCHEDULE",
     "DEFAULT_SECURITY",
+    "DEFAULT_SENDER_POLICY",
     "DEFAULT_SMTP_TIMEOUT",
+    "DEFAULT_TRUSTED_USERS",
     "KEYS",
     "PasswordSource",
     "Retry",

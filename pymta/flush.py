@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from . import log
 from .config import Config, Smarthost
+from .identity import policy_of
 from .message import complete, rewrite_from
 from .routing import Router
 from .smtp import RecipientOutcome, SessionError, SmtpSession, Status
@@ -133,7 +134,9 @@ class Flusher:
     ) -> None:
         from .queue_ops import expire_failed
 
-        picked = self.spool.pick_up(self.config.max_message_size, self.log.warning)
+        picked = self.spool.pick_up(
+            self.config.max_message_size, self.log.warning, sender_policy=policy_of(self.config)
+        )
         report.picked_up += len(picked)
         if not report.housekeeping_done:  # once a run: another pass (for a bounce just queued) needs none
             self.spool.remove_stale_tmp(self.clock())

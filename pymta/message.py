@@ -163,6 +163,17 @@ def get_header(message: bytes, name: str) -> str | None:
     return None
 
 
+def prepend_field(message: bytes, field: bytes) -> bytes:
+    """`message` with the raw header `field` (ending in CRLF) added before its first field.
+
+    A message without a header block (bare text, or a first line starting with blanks) gets an empty line
+    after the new field, so that none of its text is taken for a header, nor for a continuation of `field`.
+    """
+    if message and not message.startswith((CRLF, b"\n")) and not _header_block(message).fields:
+        return field + CRLF + message
+    return field + message
+
+
 def _drop_mbox_separator(message: bytes) -> bytes:
     """`message` without a leading mbox `From ` / `>From ` line."""
     if message.startswith(_MBOX_SEPARATORS):

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from . import log
 from .errors import EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE
+from .identity import policy_of
 from .spool import NEVER, QueueEntry, Spool, fsync_dir, unlink_quietly
 
 TYPE_CHECKING = False
@@ -383,7 +384,9 @@ class _Operations:
                 fsync_dir(self.spool.dir("new"))
                 return None
             reports: list[str] = []
-            self.spool.pick_up(self.config.max_message_size, reports.append)
+            self.spool.pick_up(
+                self.config.max_message_size, reports.append, sender_policy=policy_of(self.config)
+            )
             for report in reports:
                 self.log.warning(report)
             if not os.path.exists(queued):

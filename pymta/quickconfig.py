@@ -71,6 +71,39 @@ def default_spool() -> str:
     return os.path.join(_xdg("XDG_STATE_HOME", os.path.join(".local", "state")), "pymta")
 
 
+# The message size limit when the config sets none: pymta.config.DEFAULT_MAX_MESSAGE_SIZE, repeated here so
+# that sendmail does not import the YAML parser for it (a test checks they agree).
+DEFAULT_MAX_MESSAGE_SIZE = 35_000_000
+# pymta.config.SIZE_UNITS, repeated for the same reason (a test checks that both parse_size agree).
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+}  # fmt: skip
+_DIGITS = "0123456789"
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `text`, exactly as `pymta.config.parse_size` reads it (`35M`, `35MB`, `10k`, `1.5G`, `64KiB`,
+    a plain number), without importing `re` or `fractions`. Raises ValueError when `text` is not a size."""
+    text = text.strip()
+    end = len(text) - len(text.lstrip(_DIGITS))
+    whole, fraction = text[:end], ""
+    if whole and text[end : end + 1] == ".":
+        rest = text[end + 1 :]
+        fraction = rest[: len(rest) - len(rest.lstrip(_DIGITS))]
+        end += 1 + len(fraction)
+        if not fraction:
+            whole = ""  # "5." is no number
+    unit = text[end + 1 :] if text[end : end + 1] == " " else text[end:]
+    if not whole or not all(char in _LETTERS for char in unit) or unit.lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size")
+    scale: int = 10 ** len(fraction)
+    return int(whole + fraction) * _SIZE_UNITS[unit.lower()] // scale
+
+
 class Unsure(Exception):
     """The line reader met YAML it does not handle; the real parser must decide."""
 

@@ -269,28 +269,32 @@ def parse_args(args: list[str]) -> Invocation:
     return invocation
 
 
-def read_stdin(stop_at_dot: bool) -> bytes:
+def read_stdin(stop_at_dot: bool, limit: int | None = None) -> bytes:
     """The whole of standard input as bytes; with `stop_at_dot`, up to a line holding only '.'.
 
     DESIGN.md, "Lone dot": reading ends at EOF, except at a terminal without -i/-oi, where a line with only
-    '.' ends the message as sendmail(8) always did.
+    '.' ends the message as sendmail(8) always did. With a `limit`, reading stops once more than `limit`
+    bytes have come (at most `limit + 1` are kept): the caller refuses the message as too large.
     """
+    room = -1 if limit is None else limit + 1  # bytes still wanted; -1: no limit
     if stop_at_dot:
         lines = []
         with os.fdopen(os.dup(0), "rb", buffering=0) as terminal:
-            while True:
-                line = terminal.readline()
+            while room:
+                line = terminal.readline(room)
                 if not line or line.rstrip(b"\r\n") == b".":
                     break
                 lines.append(line)
+                room = max(room - len(line), 0) if room > 0 else room
         return b"".join(lines)
     chunks = []
     try:
-        while True:
-            chunk = os.read(0, 1 << 20)
+        while room:
+            chunk = os.read(0, 1 << 20 if room < 0 else min(room, 1 << 20))
             if not chunk:
                 break
             chunks.append(chunk)
+            room = room - len(chunk) if room > 0 else room
     except OSError as exc:
         raise errors.NoInputError(
             f"cannot read the message from standard input: {exc.strerror}; pipe the message into sendmail"
@@ -298,8 +302,33 @@ def read_stdin(stop_at_dot: bool) -> bytes:
     return b"".join(chunks)
 
 
-def _settings(invocation: Invocation) -> tuple[str, bool, str | None, list[str]]:
-    """The spool (and whether it is the default one), the delivery mode, and warnings when the config is
+class Settings:
+    """What sendmail reads from the config (without YAML where possible), and what is wrong with it."""
+
+    __slots__ = ("spool", "default_spool", "deliver", "max_size", "sender_policy", "warnings")
+
+    def __init__(
+        self,
+        spool: str,
+        default_spool: bool,
+        deliver: str | None,
+        max_size: int,
+        sender_policy: str | None,
+        warnings: list[str],
+    ) -> None:
+        self.spool = spool
+        self.default_spool = default_spool  # the default user spool: its parents may be created
+        self.deliver = deliver
+        self.max_size = max_size  # max_message_size in bytes
+        self.sender_policy = sender_policy
+        self.warnings = warnings  # one line each: what is wrong with the config; mail is queued all the same
+
+
+_SETTING_KEYS = frozenset(("spool", "deliver", "max_message_size", "sender_policy"))
+
+
+def _settings(invocation: Invocation) -> Settings:
+    """The spool, the delivery mode, the size limit and the sender policy, and warnings when the config is
     broken: read without YAML where possible. A broken config never stops a submission."""
     from . import quickconfig
 
@@ -308,35 +337,88 @@ def _settings(invocation: Invocation) -> tuple[str, bool, str | None, list[str]]
     path = quickconfig.find_config(invocation.config)
     if path is not None:
         try:
-            values = quickconfig.read_scalars(path, frozenset(("spool", "deliver")))
+            values = quickconfig.read_scalars(path, _SETTING_KEYS)
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             warnings.append(f"cannot read the config {path} ({reason}); fix it and run 'pymta config check'")
             if isinstance(exc, quickconfig.BrokenConfig):
                 values = exc.salvaged
+    max_size = quickconfig.DEFAULT_MAX_MESSAGE_SIZE
+    size_text = values.get("max_message_size")
+    if size_text:
+        try:
+            max_size = quickconfig.parse_size(size_text)
+        except ValueError:
+            max_size = 0
+        if max_size <= 0:
+            max_size = quickconfig.DEFAULT_MAX_MESSAGE_SIZE
+            warnings.append(
+                f"max_message_size: {size_text!r} is not a size, so {max_size} bytes applies; "
+                "fix it and run 'pymta config check'"
+            )
     spool = values.get("spool")
-    if spool:
-        return spool, False, values.get("deliver"), warnings
-    return quickconfig.default_spool(), True, values.get("deliver"), warnings
+    default = not spool
+    return Settings(
+        spool or quickconfig.default_spool(),
+        default,
+        values.get("deliver"),
+        max_size,
+        values.get("sender_policy"),
+        warnings,
+    )
 
 
-def submit(invocation: Invocation, data: bytes) -> tuple[str, list[str]]:
-    """Prepare the message read from stdin and commit it to the spool; return its queue id and recipients."""
+def _check_sender(invocation: Invocation, login: str, sender: str) -> None:
+    """Under `sender_policy: strict`, refuse (EX_NOPERM) a sender that `login` may not set.
+
+    The rare path (-f with another address than the login name, and a strict policy): only here is the whole
+    config loaded, so the decision is the one the pick-up takes (`pymta.identity`). A config that cannot be
+    loaded decides nothing here: the message is queued and the pick-up, which needs the config, judges it.
+    """
+    from . import config
+    from .identity import REFUSE, policy_of
+
+    try:
+        settings = config.load(invocation.config)
+    except PymtaError:
+        return
+    policy = policy_of(settings)
+    if policy.strict and policy.judge(login, sender) == REFUSE:
+        raise errors.PermissionDenied(
+            f"{policy.refusal(login, sender)}; ask the admin to add {login} to trusted_users, or send "
+            "without -f; nothing was queued"
+        )
+
+
+def submit(invocation: Invocation, data: bytes, settings: Settings | None = None) -> tuple[str, list[str]]:
+    """Prepare the message read from stdin and commit it to the spool; return its queue id and recipients.
+
+    `settings` are what `_settings` read from the config (read here when not given, as for -bs).
+    """
     import time
 
     from .address import unique_addresses
     from .message import prepare_submission
     from .spool import Spool, real_user
 
+    settings = settings or _settings(invocation)
+    if len(data) > settings.max_size:  # read_stdin stopped just past the limit
+        raise _too_large(settings)
     message, header_recipients = prepare_submission(data, extract_recipients=invocation.extract)
+    if len(message) > settings.max_size:  # counted as stored and sent: lines end in CRLF
+        raise _too_large(settings)
     # -t plus argv recipients: the union (Postfix, nullmailer), each address once
     recipients = unique_addresses([*invocation.recipients, *header_recipients])
     if not recipients:
         where = "in the To, Cc or Bcc headers" if invocation.extract else "on the command line (or use -t)"
         raise UsageError(f"no recipients: give at least one address {where}")
     login, gecos, uid = real_user()
+    sender = login if invocation.sender is None else invocation.sender
+    # Only a sender other than the login name, under a strict policy, needs the rest of the config.
+    if sender != login and settings.sender_policy == "strict":
+        _check_sender(invocation, login, sender)
     envelope: dict[str, object] = {
-        "sender": login if invocation.sender is None else invocation.sender,
+        "sender": sender,
         "recipients": recipients,
         "submitted_by": login,
         "uid": uid,
@@ -347,21 +429,28 @@ def submit(invocation: Invocation, data: bytes) -> tuple[str, list[str]]:
         "envid": invocation.envid,
         "body_type": invocation.body_type,
     }
-    spool_path, default, deliver, warnings = _settings(invocation)
-    spool = Spool(spool_path)
+    spool = Spool(settings.spool)
     try:
         # The default user spool may be the first thing under ~/.local/state on a fresh machine.
-        queue_id = spool.submit(envelope, message, create_parents=default)
+        queue_id = spool.submit(envelope, message, create_parents=settings.default_spool)
     except PymtaError:
-        for warning in warnings:
+        for warning in settings.warnings:
             _say(warning)
         raise
-    for warning in warnings:  # one line: what is wrong, and that the mail is safe all the same
-        _say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {spool_path}")
+    for warning in settings.warnings:  # one line: what is wrong, and that the mail is safe all the same
+        _say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {settings.spool}")
     # In system mode the spool's owner delivers (a systemd path unit or the timer); in user mode we start it.
-    if deliver != "queue" and not invocation.queue_only and spool.private:
+    if settings.deliver != "queue" and not invocation.queue_only and spool.private:
         _start_flush(invocation)
     return queue_id, recipients
+
+
+def _too_large(settings: Settings) -> PymtaError:
+    for warning in settings.warnings:  # a max_message_size that could not be read says so
+        _say(warning)
+    return errors.MessageError(
+        f"message too large: more than {settings.max_size} bytes (max_message_size); nothing was queued"
+    )
 
 
 def _start_flush(invocation: Invocation) -> None:
@@ -410,10 +499,10 @@ def _run(argv: list[str]) -> int:
     if invocation.mode == "list":
         from .listing import print_queue
 
-        spool_path, _, _, warnings = _settings(invocation)
-        for warning in warnings:
+        settings = _settings(invocation)
+        for warning in settings.warnings:
             _say(warning)
-        return print_queue(spool_path)
+        return print_queue(settings.spool)
     if invocation.mode == "flush":  # -q: try everything waiting now, as `pymta flush --now`
         from .cli import main as pymta_main
 
@@ -428,8 +517,9 @@ def _run(argv: list[str]) -> int:
     if invocation.verbose:
         for note in invocation.notes:
             _say(note)
-    data = read_stdin(stop_at_dot=not invocation.ignore_dots and os.isatty(0))
-    queue_id, recipients = submit(invocation, data)
+    settings = _settings(invocation)
+    data = read_stdin(stop_at_dot=not invocation.ignore_dots and os.isatty(0), limit=settings.max_size)
+    queue_id, recipients = submit(invocation, data, settings)
     if invocation.verbose:
         _say(f"queued as {queue_id} for {', '.join(recipients)}")
     return errors.EX_OK

@@ -525,10 +525,8 @@ def _settings(config: str | None) -> tuple[str, int]:
     max_size = DEFAULT_MAX_SIZE
     text = values.get("max_message_size")
     if text:
-        from .config import parse_size
-
         try:
-            max_size = parse_size(text)
+            max_size = quickconfig.parse_size(text)
         except ValueError:
             _note(
                 f"max_message_size: {text!r} is not a size; using {DEFAULT_MAX_SIZE} octets"

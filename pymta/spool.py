@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     import threading
     from collections.abc import Callable, Iterator
 
+    from .identity import SenderPolicy
+
 SUBDIRS = ("tmp", "new", "queue", "state", "corrupt")
 ENVELOPE_VERSION = 1
 # A writer killed mid-message leaves tmp/ID behind; Maildir's rule says such files may go after 36 hours.
@@ -336,7 +338,13 @@ class Spool:
 
     # -- the flush side: pick-up, due messages, state, lock --
 
-    def pick_up(self, max_size: int, report: Callable[[str], None]) -> list[str]:
+    def pick_up(
+        self,
+        max_size: int,
+        report: Callable[[str], None],
+        *,
+        sender_policy: SenderPolicy | None = None,
+    ) -> list[str]:
         """Move committed submissions from new/ into queue/ and return their ids.
 
         Only what the kernel says is trusted: a file is opened with O_NOFOLLOW and checked on its descriptor
@@ -344,12 +352,17 @@ class Spool:
         mode) is renamed into place; one owned by another user (system mode) is copied into a file of ours,
         with `submitted_by` and `uid` taken from the file's owner, so its writer can change it no longer.
         Links, FIFOs and devices are removed, unreadable files moved to corrupt/; each gets a `report` line.
+
+        `sender_policy` (the flush passes the config's; None checks nothing) judges the envelope sender of
+        another user's submission against its owner (`pymta.identity`): a foreign sender gets an
+        X-Authentication-Warning field at the top of the stored message, or under `sender_policy: strict`
+        the file is moved to corrupt/.
         """
         picked = []
         for name in sorted(self._names("new")):
             source = os.path.join(self.dir("new"), name)
             try:
-                if self._pick_up_one(name, source, max_size, report):
+                if self._pick_up_one(name, source, max_size, report, sender_policy):
                     picked.append(name)
             except FileNotFoundError:
                 continue
@@ -358,7 +371,14 @@ class Spool:
             fsync_dir(self.dir("new"))
         return picked
 
-    def _pick_up_one(self, name: str, source: str, max_size: int, report: Callable[[str], None]) -> bool:
+    def _pick_up_one(
+        self,
+        name: str,
+        source: str,
+        max_size: int,
+        report: Callable[[str], None],
+        sender_policy: SenderPolicy | None,
+    ) -> bool:
         import stat
 
         try:
@@ -416,6 +436,11 @@ class Spool:
             owner = f"uid{info.st_uid}"
         # The file's owner and name are the kernel's word; what the envelope claims about them is not.
         envelope.update(id=name, submitted_by=owner, uid=info.st_uid)
+        if sender_policy is not None:
+            refusal, message = sender_policy.check_drop(owner, _text(envelope, "sender"), message)
+            if refusal:
+                self._set_aside(name, source, refusal, report)
+                return False
         try:
             self._write_private(
                 target, encode_json(envelope).encode("ascii") + b"\n" + message, replace=False

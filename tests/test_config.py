@@ -971,3 +971,45 @@ def test_example_config_is_valid_and_shows_every_key() -> None:
     text = path.read_text()
     for key in config.KEYS:
         assert f"{key.rpartition('.')[2]}:" in text, key
+
+
+# --- trusted_users and sender_policy (pymta.identity) ---
+
+
+def test_sender_identity_defaults() -> None:
+    assert Config().trusted_users == ("root",)
+    assert Config().sender_policy == "warn"
+
+
+def test_trusted_users_and_sender_policy_are_read() -> None:
+    loaded = config.loads("trusted_users: [root, www-data, _cron-failure]\nsender_policy: strict\n", FILE)
+    assert loaded.trusted_users == ("root", "www-data", "_cron-failure")
+    assert loaded.sender_policy == "strict"
+    assert config.loads("trusted_users: []\n", FILE).trusted_users == ()
+    assert config.loads("trusted_users:\n", FILE).trusted_users == ("root",)  # empty: the default
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "trusted_users: root\n",
+            'trusted_users: must be a list of login names such as [root, www-data], not "root"',
+        ),
+        ("trusted_users: [1000]\n", "trusted_users[0]: must be a login name, not 1000; quote a name"),
+        ("trusted_users: [alice@example.org]\n", 'trusted_users[0]: "alice@example.org" is not a login name'),
+        ("trusted_users: ['bob smith']\n", 'trusted_users[0]: "bob smith" is not a login name'),
+        ("sender_policy: refuse\n", 'sender_policy: must be one of warn, strict, not "refuse"'),
+        ("trusted_user: [root]\n", 'trusted_user: unknown key; did you mean "trusted_users"?'),
+    ],
+)
+def test_sender_identity_keys_are_checked(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config.loads(text, FILE)
+    assert str(raised.value).startswith(f"{FILE}: {message}")
+
+
+def test_sender_identity_keys_read_back_from_masked() -> None:
+    loaded = config.loads("trusted_users: [root, www-data]\nsender_policy: strict\n", FILE)
+    assert loaded.masked()["trusted_users"] == ["root", "www-data"]
+    assert config.loads(yaml.safe_dump(loaded.masked()), FILE).masked() == loaded.masked()
