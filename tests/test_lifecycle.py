@@ -569,3 +569,17 @@ def test_a_dsn_for_an_original_with_8bit_and_broken_headers_is_valid_and_deliver
     assert b"x" * 1500 in headers
     assert "8-bit" in dsn.text
     assert [(e.id, e.state) for e in mta.entries()] == [(queue_id, "failed")]
+
+
+def test_hold_and_release_keep_what_was_reported_so_no_second_bounce(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN, "a@example.net": GREYLISTED}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "a@example.net", "bad@example.net", message=ORIGINAL)
+    flush(mta)
+    assert [m.rcpt_tos for m in server.handler.messages] == [[SENDER]]  # the one bounce, for bad@
+    for command in ("hold", "release"):
+        assert pymta(mta, "queue", command, queue_id).returncode == 0
+    assert state_of(mta, queue_id)["recipients"]["bad@example.net"]["reported"] is True  # type: ignore[index]
+    server.handler.rejections = {"bad@example.net": UNKNOWN}  # a@ is accepted now
+    flush(mta, "--now")
+    assert [m.rcpt_tos for m in server.handler.messages] == [[SENDER], ["a@example.net"]]  # no second bounce
