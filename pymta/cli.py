@@ -40,12 +40,14 @@ config_option = click.option(
 @click.option("--background", is_flag=True, hidden=True, help="Started by sendmail: print nothing.")
 @config_option
 def flush(verbose: bool, force: bool, background: bool, config_file: str | None) -> None:
-    """Deliver the queue to the smarthost.
+    """Deliver the queue: to local mailboxes and to the smarthost.
 
-    Picks up what `sendmail` queued, then sends every message that is due (with --now: every waiting
-    message) over one connection per smarthost. 4xx answers and network, TLS or AUTH trouble defer a
-    recipient until its next retry; a 5xx answer fails it. Exits 0 when the run itself worked, even if
-    messages were deferred; when another flush is running it exits 0 at once and that one looks again.
+    Picks up what `sendmail` queued, then delivers every message that is due (with --now: every waiting
+    message): local users (after aliases and `admin:`) into their mailboxes, everyone else over one
+    connection per smarthost. 4xx answers and network, TLS or AUTH trouble defer a recipient until its
+    next retry; a 5xx answer fails it, and its sender gets a bounce. Exits 0 when the run itself worked,
+    even if messages were deferred; when another flush is running it exits 0 at once and that one looks
+    again.
 
     Run it from a timer every few minutes; `deliver: immediate` also starts it after each message.
     Every attempt is logged to syslog (facility mail) as `id=... to=<...> relay=... status=...`.
