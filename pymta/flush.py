@@ -283,11 +283,7 @@ class Flusher:
         recipients: dict[str, dict[str, object]] = {}
         last_error = entry.last_error
         for recipient in [*entry.recipients, *(RecipientStatus(a, via=v) for a, v in attempt.added.items())]:
-            record: dict[str, object] = {"status": recipient.status, "last_error": recipient.last_error}
-            if recipient.via:
-                record["via"] = recipient.via
-            if recipient.reported:
-                record["reported"] = True
+            record = recipient.record()
             result = attempt.results.get(recipient.address)
             if result is not None:
                 status, reply, relay, wire = result

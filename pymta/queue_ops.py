@@ -510,15 +510,7 @@ def _complete(entry: QueueEntry, state: State) -> State:
     new.setdefault("state", entry.state)
     new.setdefault("attempts", entry.attempts)
     new.setdefault("last_error", entry.last_error)
-    recipients: dict[str, dict[str, object]] = {}
-    for r in entry.recipients:
-        record: dict[str, object] = {"status": r.status, "last_error": r.last_error}
-        if r.via:
-            record["via"] = r.via  # an alias target: not to be expanded again
-        if r.reported:
-            record["reported"] = True  # its failure was told to the sender: no second bounce
-        recipients[r.address] = record
-    new["recipients"] = recipients
+    new["recipients"] = {r.address: r.record() for r in entry.recipients}
     return new
 
 

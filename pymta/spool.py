@@ -644,6 +644,15 @@ class RecipientStatus:
         self.via = via
         self.reported = reported
 
+    def record(self) -> dict[str, object]:
+        """The recipient as its message's state file stores it (what `QueueEntry` reads back)."""
+        record: dict[str, object] = {"status": self.status, "last_error": self.last_error}
+        if self.via:
+            record["via"] = self.via  # an alias target: not to be expanded again
+        if self.reported:
+            record["reported"] = True  # its failure was told to the sender: no second bounce
+        return record
+
 
 class QueueEntry:
     """A queued message as the spool describes it: its envelope and its delivery state."""

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import MtaEnv, script
+from test_queue_cli import FIELDS
 
 from pymta import queue_ops
 from pymta.cli import cli
@@ -25,18 +26,7 @@ from pymta.config import load
 from pymta.spool import NEVER, Spool
 
 SIMPLE = b"Subject: hello\nTo: a@example.net\n\nhello\n"
-CONTRACT = {
-    "id",
-    "state",
-    "sender",
-    "recipients",
-    "size",
-    "submitted_by",
-    "queued_at",
-    "next_attempt",
-    "attempts",
-    "last_error",
-}
+CONTRACT = FIELDS  # the DESIGN.md field names, as tests/test_queue_cli.py lists them
 RESULT_FIELDS = {"argument", "id", "ok", "result", "detail", "exit_code", "state", "candidates"}
 BUSY = "is being delivered right now; try again in a moment"
 NO_SMARTHOST = "no smarthost configured"
