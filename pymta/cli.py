@@ -54,12 +54,12 @@ def flush(verbose: bool, force: bool, background: bool, config_file: str | None)
     """
     from . import log
     from .config import load
-    from .flush import Flusher
+    from .privsep import run_flush
 
     config = load(config_file)
     logger = log.setup(verbose=verbose and not background)
     show_progress = not (verbose or background) and sys.stderr.isatty()
-    report = Flusher(config, logger).run(force=force, progress=_progress_line if show_progress else None)
+    report = run_flush(config, logger, force=force, progress=_progress_line if show_progress else None)
     if show_progress:
         click.echo("", err=True)
     if verbose or (not background and sys.stdout.isatty()):

@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from . import log
 from .config import Config, Smarthost
@@ -44,6 +45,18 @@ PENDING = ("pending", "deferred")
 MAX_RECIPIENTS = 1000
 # A recipient's status as the log line says it, in Postfix's words.
 LOGGED_STATUS = {"delivered": "sent", "deferred": "deferred", "failed": "bounced"}
+if TYPE_CHECKING:
+    from .config import Local
+    from .local import LocalOutcome
+
+    class LocalDelivery(Protocol):
+        """Writes one local recipient's mailbox (`local.deliver_as_recipient`'s signature)."""
+
+        def __call__(
+            self, user: str, message: bytes, *, sender: str, local: Local, now: float
+        ) -> LocalOutcome: ...
+
+
 NO_SMARTHOST = "no smarthost configured; see pymta(1): add one under 'smarthosts:' in the config"
 
 
@@ -87,14 +100,23 @@ class Flusher:
         *,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        local_delivery: LocalDelivery | None = None,
     ) -> None:
+        """`local_delivery` writes a local recipient's mailbox: `local.deliver_as_recipient` unless a split
+        flush (`privsep`) asks its root process to do it."""
         self.config = config
         self.spool = Spool(config.spool)
         self.log = logger or logging.getLogger(log.LOGGER_NAME)
         self.clock = clock
         self.jitter = jitter
         self.sessions = Sessions(config, self.log)
-        self.router = Router(config)
+        # A split flush (`privsep`) passes its own local delivery: its root process writes every mailbox.
+        self.router = Router(config, every_mailbox=local_delivery is not None)
+        if local_delivery is None:
+            from .local import deliver_as_recipient
+
+            local_delivery = deliver_as_recipient
+        self.local_delivery: LocalDelivery = local_delivery
 
     def run(self, *, force: bool = False, progress: Callable[[int, int], None] | None = None) -> FlushReport:
         """Deliver what is due (with `force`, everything waiting); report what happened.
@@ -230,10 +252,8 @@ class Flusher:
         )
         delivered_to: dict[str, tuple[str, str]] = {}  # one copy per mailbox: `root root@localhost` is one
         for address, user in local:
-            from .local import deliver_as_recipient
-
             if user not in delivered_to:
-                outcome = deliver_as_recipient(
+                outcome = self.local_delivery(
                     user,
                     completed,
                     sender=router.wire_address(entry.sender),
@@ -578,7 +598,9 @@ def send_test_message(
     text = TEST_MESSAGE.format(to=", ".join(recipients), host=config.hostname)
     spool = Spool(config.spool)
     queue_id = spool.submit(envelope, text.encode("utf-8"))
-    Flusher(config, logger).run()
+    from .privsep import run_flush
+
+    run_flush(config, logger or logging.getLogger(log.LOGGER_NAME))
     for location in ("queue", "new"):
         try:
             return queue_id, spool.read_entry(location, queue_id)

@@ -603,7 +603,7 @@ def _deliver_in_child(
         _, wait_status = os.waitpid(pid, 0)
     if answer is None:
         return LocalOutcome(
-            "deferred", f"the delivery process for {entry.pw_name} did not answer ({_exit_text(wait_status)})"
+            "deferred", f"the delivery process for {entry.pw_name} did not answer ({exit_text(wait_status)})"
         )
     try:
         return LocalOutcome.from_json(answer.decode())
@@ -657,7 +657,7 @@ def _read_answer(fd: int, pid: int, timeout: float) -> bytes | None:
         chunks.append(chunk)
 
 
-def _exit_text(wait_status: int) -> str:
+def exit_text(wait_status: int) -> str:
     if os.WIFSIGNALED(wait_status):
         return f"killed by signal {os.WTERMSIG(wait_status)}"
     return f"exit status {os.waitstatus_to_exitcode(wait_status)}"

@@ -84,13 +84,16 @@ def _options(*, results: bool = True) -> Callable[[F], F]:
 
 
 def _settings(as_json: bool, config_file: str | None) -> tuple[bool, Config]:
-    """Options given to `pymta queue` itself (`pymta queue --json -C FILE hold ID`) count for its commands."""
+    """Options given to `pymta queue` itself (`pymta queue --json -C FILE hold ID`) count for its commands.
+
+    As root on a system spool the command goes on as the spool's owner, so what it writes stays theirs."""
     from .config import load
+    from .privsep import become_spool_owner
 
     parent = click.get_current_context().find_root().meta
-    return as_json or bool(parent.get("pymta.queue.json")), load(
-        config_file or parent.get("pymta.queue.config")
-    )
+    config = load(config_file or parent.get("pymta.queue.config"))
+    become_spool_owner(config)
+    return as_json or bool(parent.get("pymta.queue.json")), config
 
 
 def _report(results: list[queue_ops.Result], as_json: bool) -> None:

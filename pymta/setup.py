@@ -614,9 +614,9 @@ def service_unit(pymta: str, spool: str, user: str = DEFAULT_USER) -> str:
 # Started every 5 minutes by {TIMER}, and by {PATH_UNIT} as soon as sendmail drops a message into
 # {spool}/new.
 #
-# It runs as root for now: one process picks the drops up, delivers local mail into users' mailboxes and
-# talks to the smarthost. The privilege split comes later: the network and the credentials as `{user}`,
-# local delivery as each recipient, only the pick-up as root.
+# It starts as root, and root only forks and waits: the pick-up, the queue, the credentials and every
+# SMTP session run in a process that has switched to `{user}` for good, and each local mailbox is written
+# by a child running as its recipient (pymta(1), PRIVILEGES). Root is needed for that last part only.
 #
 # `pymta flush` exits 0 when the run worked, even when messages were deferred, and at once when another
 # flush is running. A non-zero exit (78: broken config) marks the unit failed: `systemctl status
@@ -698,7 +698,8 @@ WantedBy=paths.target
 def cron_file(pymta: str) -> str:
     return f"""\
 # {CRON_FILE}: deliver the pymta mail queue every 5 minutes. Written by `pymta setup`, which rewrites
-# it; `pymta setup --uninstall` removes it. Runs as root for now (the privilege split comes later).
+# it; `pymta setup --uninstall` removes it. Started as root, the flush does its work as the spool's
+# owner and writes each local mailbox as its recipient (pymta(1), PRIVILEGES).
 SHELL=/bin/sh
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 */5 * * * * root {shlex.quote(pymta)} flush

@@ -271,10 +271,16 @@ def _stdin_is_terminal() -> bool:
 
 
 def _load(ctx: click.Context, config_file: str | None) -> config.Config:
+    """The config; as root on a system spool, the command then goes on as the spool's owner, who is the one
+    that reads the credentials and talks to the smarthost in a flush (pymta(1), PRIVILEGES)."""
+    from pymta.privsep import become_spool_owner
+
     try:
-        return config.load(config_file)
-    except ConfigError as error:
+        settings = config.load(config_file)
+        become_spool_owner(settings)
+    except PymtaError as error:
         _fail(ctx, error)
+    return settings
 
 
 def _fail(ctx: click.Context, error: PymtaError) -> NoReturn:

@@ -446,8 +446,8 @@ def test_units_run_the_flush_of_this_environment(run_setup: Setup, root: Path) -
     service = unit_settings(units / "pymta-flush.service")
     assert service["Type"] == "oneshot"
     assert service["ExecStart"] == f"{BIN / 'pymta'} flush"
-    assert "User" not in service, "it runs as root until the privilege split"
-    assert "privilege split comes later" in (units / "pymta-flush.service").read_text()
+    assert "User" not in service, "it starts as root: local delivery needs it (pymta.privsep)"
+    assert "switched to `pymta` for good" in (units / "pymta-flush.service").read_text()
     timer = unit_settings(units / "pymta-flush.timer")
     assert timer["OnCalendar"] == "*:0/5"
     assert timer["WantedBy"] == "timers.target"

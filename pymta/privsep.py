@@ -1,0 +1,295 @@
+"""Privilege separation: which process of a system-mode flush runs as which user, and why.
+
+The privilege model (system mode, as `pymta setup` makes it; pymta(1), "PRIVILEGES", says the same):
+
+    sendmail                the submitting user; writes a drop file into new/ (1733). No setuid, no setgid.
+    pymta flush, as root    (the systemd unit or the cron line) forks the *delivery process* and then only
+                            waits on it, serving its requests for local delivery. It never reads a queue
+                            file, a credential or the network.
+    the delivery process    the spool's owner (`pymta`), for good (setgroups, setgid, setuid): pick-up,
+                            routing, the credentials, every SMTP session, bounces and queue state. A flaw in
+                            the code that parses what a server or a user sent reaches only what `pymta` can.
+    local delivery          for each local recipient the delivery process sends (user, sender, message) to the
+                            root process, which forks a child that drops to that recipient and writes the
+                            mailbox (`local.deliver_as_recipient`). Root opens no mailbox itself.
+    pymta queue, as root    drops to the spool's owner for good before it touches the spool, so every file in
+                            it stays the owner's.
+
+Why fork without exec: the delivery process needs no interpreter of its own and inherits the loaded modules.
+The modules it will need later are imported before the switch (`PRELOAD`), so a Python installed where `pymta`
+cannot read (a virtualenv under /root) still works; an installed pymta needs none of that.
+
+A spool whose private directory belongs to root (user mode as root, or tests) runs in one process, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import asdict
+from io import BufferedRWPair
+from typing import TYPE_CHECKING
+
+from .errors import EX_SOFTWARE, PymtaError
+from .local import exit_text
+
+if TYPE_CHECKING:
+    from .config import Config, Local
+    from .flush import FlushReport
+    from .local import LocalOutcome
+
+# Modules the delivery process imports lazily: imported before the user switch, so they come from memory.
+PRELOAD = (
+    "_strptime",
+    "base64",
+    "email.message",
+    "email.parser",
+    "email.policy",
+    "email.utils",
+    "encodings.idna",
+    "hmac",
+    "json",
+    "queue",
+    "select",
+    "smtplib",
+    "ssl",
+    "subprocess",
+    "threading",
+    "pymta.aliases",
+    "pymta.bounce",
+    "pymta.credentials",
+    "pymta.local",
+    "pymta.queue_ops",
+    "pymta.smtp",
+)
+# The largest request the root process reads from the delivery process: a message and its header line.
+MAX_REQUEST = 1 << 30
+
+
+class DeliveryProcessError(PymtaError):
+    """The delivery process stopped the run (its error) or died; the exit code is the one it gave."""
+
+    def __init__(self, message: str, exit_code: int = EX_SOFTWARE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def spool_owner(spool: str) -> pwd.struct_passwd | None:
+    """The user to drop to: the private queue's owner when we are root and it is someone else; else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        info = os.stat(os.path.join(spool, "queue"))
+    except OSError:
+        return None
+    if info.st_uid == 0:
+        return None
+    try:
+        return pwd.getpwuid(info.st_uid)
+    except KeyError:
+        raise DeliveryProcessError(
+            f"the spool {spool} belongs to uid {info.st_uid}, which has no passwd entry; "
+            "run 'pymta setup' to give it to the user pymta",
+            78,
+        ) from None
+
+
+def become(owner: pwd.struct_passwd, preload: tuple[str, ...] = PRELOAD) -> None:
+    """Switch this process to `owner` for good: groups, gid and uid (real, effective and saved), home."""
+    import importlib
+
+    for name in preload:
+        importlib.import_module(name)
+    groups = os.getgrouplist(owner.pw_name, owner.pw_gid)
+    os.setgroups(groups)
+    os.setgid(owner.pw_gid)
+    os.setuid(owner.pw_uid)
+    if os.getuid() != owner.pw_uid or os.geteuid() != owner.pw_uid or os.getegid() != owner.pw_gid:
+        raise PermissionError(f"the switch to {owner.pw_name} did not take")
+    os.environ.update(HOME=owner.pw_dir, USER=owner.pw_name, LOGNAME=owner.pw_name)
+    os.umask(0o077)
+
+
+def become_spool_owner(config: Config) -> None:
+    """For a command run as root on a system spool: go on as its owner, so all it writes is theirs."""
+    owner = spool_owner(config.spool)
+    if owner is not None:
+        _give_back_root_files(config.spool, owner)
+        become(owner)
+
+
+def run_flush(
+    config: Config,
+    logger: logging.Logger,
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> FlushReport:
+    """One flush, split by privilege when we are root on a system spool (see the module docstring)."""
+    from .flush import Flusher
+
+    owner = spool_owner(config.spool)
+    if owner is None:
+        return Flusher(config, logger).run(force=force, progress=progress)
+    _give_back_root_files(config.spool, owner)
+    logger.debug(f"delivery runs as {owner.pw_name} (uid {owner.pw_uid}); local delivery as each recipient")
+    parent_end, child_end = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the delivery process; the tests check what it does
+        code = EX_SOFTWARE
+        try:
+            parent_end.close()
+            code = _delivery_process(config, logger, owner, child_end, force, progress)
+        finally:
+            os._exit(code)
+    child_end.close()
+    try:
+        result = _serve(config, parent_end)
+    finally:
+        parent_end.close()
+        _, status = os.waitpid(pid, 0)
+    if result is None:
+        raise DeliveryProcessError(
+            f"the delivery process (as {owner.pw_name}) ended early: {exit_text(status)}"
+        )
+    return result
+
+
+# --- The delivery process ---
+
+
+def _delivery_process(
+    config: Config,
+    logger: logging.Logger,
+    owner: pwd.struct_passwd,
+    channel: socket.socket,
+    force: bool,
+    progress: Callable[[int, int], None] | None,
+) -> int:  # pragma: no cover - runs in the delivery process
+    from .flush import Flusher
+
+    stream = channel.makefile("rwb")
+    try:
+        become(owner)
+        agent = _LocalAgent(stream)
+        report = Flusher(config, logger, local_delivery=agent.deliver).run(force=force, progress=progress)
+        _send(stream, {"op": "done", "report": asdict(report)})
+        return 0
+    except PymtaError as error:
+        _send(stream, {"op": "error", "message": str(error), "code": error.exit_code})
+        return error.exit_code
+    except BaseException as error:
+        logger.exception("the delivery process failed")
+        _send(
+            stream, {"op": "error", "message": f"the delivery process failed: {error!r}", "code": EX_SOFTWARE}
+        )
+        return EX_SOFTWARE
+
+
+class _LocalAgent:
+    """`local.deliver_as_recipient`, done by the root process on the delivery process's behalf."""
+
+    def __init__(self, stream: BufferedRWPair) -> None:
+        self.stream = stream
+
+    def deliver(
+        self, user: str, message: bytes, *, sender: str, local: Local, now: float
+    ) -> LocalOutcome:  # pragma: no cover - runs in the delivery process
+        """Ask root to deliver `message` to `user`; root uses its own `local` settings, not ours."""
+        from .local import LocalOutcome
+
+        header = {"op": "deliver", "user": user, "sender": sender, "now": now, "size": len(message)}
+        _send(self.stream, header, message)
+        answer = self.stream.readline()
+        if not answer:
+            return LocalOutcome("deferred", "the root process did not answer a local delivery")
+        return LocalOutcome.from_json(answer.decode())
+
+
+def _send(stream: BufferedRWPair, header: dict[str, object], payload: bytes = b"") -> None:
+    stream.write(json.dumps(header).encode() + b"\n")
+    stream.write(payload)
+    stream.flush()
+
+
+# --- The root process ---
+
+
+def _serve(config: Config, channel: socket.socket) -> FlushReport | None:
+    """Serve the delivery process's local deliveries until it reports the end of its run (None: it died)."""
+    from .flush import FlushReport
+    from .local import LocalOutcome, deliver_as_recipient
+
+    stream = channel.makefile("rwb")
+    while True:
+        line = stream.readline(64 * 1024)
+        if not line:
+            return None
+        request = json.loads(line)
+        op = request.get("op")
+        if op == "done":
+            return FlushReport(**request["report"])
+        if op == "error":
+            raise DeliveryProcessError(str(request["message"]), int(request["code"]))
+        size = int(request["size"])
+        if op != "deliver" or not 0 <= size <= MAX_REQUEST:
+            raise DeliveryProcessError(
+                f"the delivery process sent a request root does not serve: {line[:80]!r}"
+            )
+        message = stream.read(size)
+        if len(message) != size:
+            return None
+        try:
+            outcome = deliver_as_recipient(
+                str(request["user"]),
+                message,
+                sender=str(request["sender"]),
+                local=config.local,
+                now=float(request["now"]),
+            )
+        except Exception as error:  # noqa: BLE001 - any failure defers that recipient; the run goes on
+            outcome = LocalOutcome("deferred", f"local delivery failed: {error}")
+        stream.write(outcome.to_json().encode() + b"\n")
+        stream.flush()
+
+
+def _give_back_root_files(spool: str, owner: pwd.struct_passwd) -> None:
+    """Hand files an older, all-root flush left in the spool to its owner (they would be unreadable now).
+
+    Cheap when there is nothing to do: only a root-owned flush.lock, which every such flush made, starts the
+    walk. Only regular files with one link, opened without following links, change owner, so the owner
+    cannot get root's files by planting links.
+    """
+    lock = os.path.join(spool, "flush.lock")
+    try:
+        if os.lstat(lock).st_uid != 0:
+            return
+    except OSError:
+        return
+    paths = [lock, os.path.join(spool, "flush.request")]
+    for sub in ("queue", "state", "corrupt", "done"):
+        directory = os.path.join(spool, sub)
+        try:
+            info = os.lstat(directory)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == 0:
+            os.chown(directory, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):
+            paths.extend(os.path.join(directory, name) for name in os.listdir(directory))
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == 0:
+                os.fchown(fd, owner.pw_uid, owner.pw_gid)
+        finally:
+            os.close(fd)

@@ -1,0 +1,180 @@
+"""The privilege split of a flush started as root on a system spool (pymta.privsep).
+
+The network and the credentials are handled by a process that runs as the spool's owner; root only forks it
+and writes local mailboxes through a child that runs as each recipient. These tests run the real `pymta flush`
+as root, from this environment's Python, which the spool's owner (here `nobody`) cannot even read: so they
+also prove the delivery process needs no file it cannot open after the switch.
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import MtaEnv, local_sandbox
+from mailservers import HOST, PASSWORD, USER, SmtpServer, certificates, smtp_server
+
+from pymta.spool import Spool
+
+__all__ = ["certificates", "smtp_server"]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the split needs root (it switches users)")
+
+NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+
+
+@pytest.fixture
+def system_mta() -> Iterator[MtaEnv]:
+    """A spool owned by `nobody` (as setup gives it to `pymta`) in a directory every user can reach."""
+    assert NOBODY is not None
+    base = Path(tempfile.mkdtemp(prefix="pymta-privsep-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        (base / "home").mkdir()
+        env = MtaEnv(root=base, config=base / "pymta.yaml", spool=base / "spool")
+        spool = Spool(str(env.spool))
+        spool.create_private()
+        for path in [env.spool, *env.spool.iterdir()]:
+            os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+        (env.spool / "new").chmod(0o1733)
+        (env.spool / "tmp").chmod(0o1733)
+        env.spool.chmod(0o755)
+        yield env
+    finally:
+        shutil.rmtree(base)
+
+
+def configure(mta: MtaEnv, server: SmtpServer, password: str) -> None:
+    assert server.tls is not None
+    ca_file = mta.root / "ca.pem"  # where the delivery process (nobody) can read it
+    shutil.copyfile(server.tls.ca_file, ca_file)
+    ca_file.chmod(0o644)
+    host = {
+        "host": HOST,
+        "port": server.port,
+        "security": "starttls",
+        "ca_file": str(ca_file),
+        "username": USER,
+        "password": {"command": password},
+        "timeout": "5s",
+    }
+    text = (
+        f"domain: example.org\nhostname: mx.example.org\ndeliver: queue\nsmarthosts: {json.dumps([host])}\n"
+    )
+    sandbox = local_sandbox(mta.root)
+    mta.config.write_text(f"spool: {mta.spool}\n{sandbox}{text}")
+    (mta.root / "mail").chmod(0o1777)
+
+
+def test_the_network_runs_as_the_spool_owner_and_local_mail_as_root(
+    system_mta: MtaEnv, smtp_server: SmtpServer
+) -> None:
+    who = system_mta.root / "who"
+    who.touch()
+    who.chmod(0o666)
+    configure(system_mta, smtp_server, f"id -un >> {who}; echo {PASSWORD}")
+    queued = system_mta.sendmail("-i", "root", "bob@example.net", input=b"Subject: split\n\nhello\n")
+    assert queued.returncode == 0, queued.stderr
+
+    result = system_mta.run("pymta", ["flush", "-v"], timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert who.read_text().split() == ["nobody"]  # the credential was read by nobody, never by root
+    [received] = smtp_server.handler.messages
+    assert received.login == USER and received.rcpt_tos == ["bob@example.net"]
+    box = mailbox.mbox(str(system_mta.mail_spool / "root"))
+    try:
+        [copy] = box
+    finally:
+        box.close()
+    assert copy["Subject"] == "split"
+    assert system_mta.entries() == []
+    # Whatever the run wrote in the spool is the owner's: a later run as that user can read it all.
+    assert NOBODY is not None
+    assert [p for p in system_mta.spool.rglob("*") if p.lstat().st_uid != NOBODY.pw_uid] == []
+
+
+def test_a_deferred_message_keeps_its_state_owned_by_the_spool_owner(
+    system_mta: MtaEnv, smtp_server: SmtpServer
+) -> None:
+    assert NOBODY is not None
+    configure(system_mta, smtp_server, "echo wrong-password")
+    queued = system_mta.sendmail("-i", "bob@example.net", input=b"Subject: later\n\nhello\n")
+    assert queued.returncode == 0, queued.stderr
+
+    result = system_mta.run("pymta", ["flush", "-v"], timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    [entry] = system_mta.entries()
+    assert entry.state == "deferred" and entry.last_error and "535" in entry.last_error
+    for sub in ("queue", "state"):
+        [path] = (system_mta.spool / sub).iterdir()
+        info = path.lstat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (NOBODY.pw_uid, 0o600), path
+    assert PASSWORD not in result.stderr.decode()
+
+
+def test_files_an_all_root_flush_left_are_given_to_the_owner(
+    system_mta: MtaEnv, smtp_server: SmtpServer
+) -> None:
+    """An older flush ran wholly as root: its files would be unreadable for the delivery process."""
+    assert NOBODY is not None
+    configure(system_mta, smtp_server, f"echo {PASSWORD}")
+    queued = system_mta.sendmail("-i", "bob@example.net", input=b"Subject: old\n\nhello\n")
+    assert queued.returncode == 0, queued.stderr
+    spool = Spool(str(system_mta.spool))
+    spool.pick_up(1 << 20, print)  # as root, as the old flush did: queue/ID is root's now
+    (system_mta.spool / "flush.lock").touch()
+    outside = system_mta.root / "secret"
+    outside.write_text("root only\n")
+    outside.chmod(0o600)
+    (system_mta.spool / "state" / "planted").symlink_to(outside)
+    [queued_file] = (system_mta.spool / "queue").iterdir()
+    assert queued_file.stat().st_uid == 0
+
+    result = system_mta.run("pymta", ["flush", "-v"], timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert [m.rcpt_tos for m in smtp_server.handler.messages] == [["bob@example.net"]]
+    assert (system_mta.spool / "flush.lock").stat().st_uid == NOBODY.pw_uid
+    assert outside.stat().st_uid == 0  # a planted link is never followed
+
+
+def test_pymta_test_as_root_meets_the_smarthost_as_the_spool_owner(
+    system_mta: MtaEnv, smtp_server: SmtpServer
+) -> None:
+    who = system_mta.root / "who"
+    who.touch()
+    who.chmod(0o666)
+    configure(system_mta, smtp_server, f"id -un >> {who}; echo {PASSWORD}")
+
+    result = system_mta.run("pymta", ["test"], timeout=60)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert who.read_text().split() == ["nobody"]
+    assert smtp_server.handler.messages == []  # a check sends nothing
+
+
+@pytest.mark.parametrize("command", [["hold"], ["retry"], ["bounce"], ["delete"]])
+def test_queue_commands_as_root_leave_the_spool_to_its_owner(
+    system_mta: MtaEnv, smtp_server: SmtpServer, command: list[str]
+) -> None:
+    assert NOBODY is not None
+    configure(system_mta, smtp_server, "echo wrong-password")
+    queued = system_mta.sendmail("-i", "bob@example.net", input=b"Subject: steer\n\nhello\n")
+    assert queued.returncode == 0, queued.stderr
+    assert system_mta.run("pymta", ["flush"], timeout=60).returncode == 0
+    [entry] = system_mta.entries()
+
+    result = system_mta.run("pymta", ["queue", *command, entry.id], timeout=60)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [p for p in system_mta.spool.rglob("*") if p.lstat().st_uid != NOBODY.pw_uid] == []
