@@ -74,13 +74,19 @@ def configure(mta: MtaEnv, server: SmtpServer, password: str) -> None:
     (mta.root / "mail").chmod(0o1777)
 
 
+def configure_recording_user(mta: MtaEnv, server: SmtpServer) -> Path:
+    """Configure a password command that also writes, into the file returned, which user ran it."""
+    who = mta.root / "who"
+    who.touch()
+    who.chmod(0o666)
+    configure(mta, server, f"id -un >> {who}; echo {PASSWORD}")
+    return who
+
+
 def test_the_network_runs_as_the_spool_owner_and_local_mail_as_root(
     system_mta: MtaEnv, smtp_server: SmtpServer
 ) -> None:
-    who = system_mta.root / "who"
-    who.touch()
-    who.chmod(0o666)
-    configure(system_mta, smtp_server, f"id -un >> {who}; echo {PASSWORD}")
+    who = configure_recording_user(system_mta, smtp_server)
     queued = system_mta.sendmail("-i", "root", "bob@example.net", input=b"Subject: split\n\nhello\n")
     assert queued.returncode == 0, queued.stderr
 
@@ -151,10 +157,7 @@ def test_files_an_all_root_flush_left_are_given_to_the_owner(
 def test_pymta_test_as_root_meets_the_smarthost_as_the_spool_owner(
     system_mta: MtaEnv, smtp_server: SmtpServer
 ) -> None:
-    who = system_mta.root / "who"
-    who.touch()
-    who.chmod(0o666)
-    configure(system_mta, smtp_server, f"id -un >> {who}; echo {PASSWORD}")
+    who = configure_recording_user(system_mta, smtp_server)
 
     result = system_mta.run("pymta", ["test"], timeout=60)
 
