@@ -21,7 +21,9 @@ The commit protocol of `Spool.submit`, and what a crash after each step leaves b
     3. fsync the file                                   crash: a complete tmp/ID that nobody reads
     4. rename tmp/ID to new/ID (atomic)                 crash: new/ID may not survive a power loss, and
                                                         sendmail has not yet said it was accepted
-    5. fsync new/                                       the entry is durable: only now sendmail exits 0
+    5. fsync new/ (a user who may not open the drop     the entry is durable: only now sendmail exits 0;
+       directory: fsync the file again, see              if this fails the entry is unlinked again and
+       `_sync_new_name`)                                 sendmail fails
 
 So a reader sees a whole entry in new/ or none, and a caller told "accepted" has a durable entry. Leftovers in
 tmp/ are removed by the flush once they are older than `STALE_TMP_AGE`.
@@ -131,6 +133,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _sync_new_name(directory: str, fd: int) -> None:
+    """Make durable the name of the file `fd` that was just renamed into `directory`: fsync the directory.
+    A writer who may not open it (system mode's drop directory, 1733: writable, not readable) fsyncs the
+    file once more instead; the rename changed the file's inode (its ctime), so on ext4, XFS and btrfs that
+    fsync commits the journal transaction holding the new name."""
+    try:
+        fsync_dir(directory)
+    except PermissionError:
+        os.fsync(fd)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -216,22 +229,25 @@ class Spool:
             fd = os.open(tmp_path, _OPEN_FLAGS, mode)
         except OSError as exc:
             raise self._write_error("cannot write to the spool", self.dir("tmp"), exc) from None
+        target = os.path.join(new_dir, message_id)
         try:
             try:
                 os.fchmod(fd, mode)  # whatever the caller's umask
                 _write_all(fd, data)
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp_path, os.path.join(new_dir, message_id))
-        except OSError as exc:
-            unlink_quietly(tmp_path)
-            raise self._write_error("cannot write the message to the spool", self.path, exc) from None
-        try:
-            fsync_dir(new_dir)
-        except OSError as exc:
-            # The entry exists but may not be durable; the caller must not be told it was accepted.
-            raise self._write_error("cannot make the queued message durable", new_dir, exc) from None
+                os.rename(tmp_path, target)
+            except OSError as exc:
+                unlink_quietly(tmp_path)
+                raise self._write_error("cannot write the message to the spool", self.path, exc) from None
+            try:
+                _sync_new_name(new_dir, fd)
+            except OSError as exc:
+                # The entry may not be durable, so the caller is told it was not accepted: take it back, or
+                # the caller's retry would deliver it twice.
+                unlink_quietly(target)
+                raise self._write_error("cannot make the queued message durable", new_dir, exc) from None
+        finally:
+            os.close(fd)
         return message_id
 
     @staticmethod
@@ -366,6 +382,8 @@ class Spool:
                     picked.append(name)
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # one user's odd file must not stop everyone's mail
+                report(f"cannot pick up new/{name}: {exc.strerror or exc}; left in place for the admin")
         if picked:
             fsync_dir(self.dir("queue"))
             fsync_dir(self.dir("new"))
@@ -387,6 +405,14 @@ class Spool:
             if exc.errno == errno.ELOOP:
                 os.unlink(source)
                 report(f"refused new/{name}: a symbolic link; removed")
+                return False
+            if exc.errno == errno.EACCES:  # mode 000, or a hard link to someone else's private file
+                links = os.lstat(source).st_nlink
+                if links != 1:
+                    os.unlink(source)
+                    report(f"refused new/{name}: a hard link ({links} names) that we may not read; removed")
+                else:
+                    self._set_aside(name, source, "it cannot be read (its mode lets nobody read it)", report)
                 return False
             raise
         try:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import resource
+import shutil
 import stat
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -146,3 +150,70 @@ def test_envelope_encoder_round_trips_through_json(value: object) -> None:
     assert encoded.isascii()
     assert "\n" not in encoded
     assert json.loads(encoded) == value
+
+
+# --- System mode: a drop directory its writers may not read (1733) ---
+
+
+def _as_nobody(work: Callable[[], object]) -> int:
+    """Run `work` in a forked child that has switched to nobody; its exit status (0: it returned)."""
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            work()
+            status = 0
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.fixture
+def shared_spool() -> Iterator[Spool]:
+    """A system-mode spool (drop directories 1733, owned by root) where nobody can reach it."""
+    base = Path(tempfile.mkdtemp(prefix="pymta-spool-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        spool = Spool(str(base / "spool"))
+        spool.create_private()
+        Path(spool.path).chmod(0o755)
+        for name in ("new", "tmp"):
+            Path(spool.dir(name)).chmod(0o1733)
+        yield spool
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_user_who_cannot_read_the_drop_directory_still_commits(shared_spool: Spool) -> None:
+    """The directory cannot be opened for its fsync: the file is fsynced after the rename instead."""
+    assert _as_nobody(lambda: shared_spool.submit(ENVELOPE, b"Subject: hi\r\n\r\nbody\r\n")) == 0
+    [name] = os.listdir(shared_spool.dir("new"))
+    assert os.stat(os.path.join(shared_spool.dir("new"), name)).st_uid == pwd.getpwnam("nobody").pw_uid
+    assert os.listdir(shared_spool.dir("tmp")) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_drop_the_flush_cannot_read_is_set_aside_and_the_rest_picked_up(shared_spool: Spool) -> None:
+    nobody = pwd.getpwnam("nobody")
+    for sub in ("", "queue", "state", "new", "tmp", "corrupt"):
+        os.chown(os.path.join(shared_spool.path, sub), nobody.pw_uid, nobody.pw_gid)
+    unreadable = shared_spool.submit(ENVELOPE, b"Subject: 1\r\n\r\n1\r\n")  # root's drop, then mode 000
+    os.chmod(os.path.join(shared_spool.dir("new"), unreadable), 0)
+    secret = Path(shared_spool.path).parent / "secret"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    linked = new_id()
+    os.link(secret, os.path.join(shared_spool.dir("new"), linked))
+    fine = shared_spool.submit(ENVELOPE, b"Subject: 2\r\n\r\n2\r\n")
+
+    assert _as_nobody(lambda: shared_spool.pick_up(1 << 20, print)) == 0
+
+    assert os.listdir(shared_spool.dir("queue")) == [fine]
+    assert os.listdir(shared_spool.dir("corrupt")) == [unreadable]
+    assert os.listdir(shared_spool.dir("new")) == []  # the hard link removed, never followed
+    assert secret.read_text() == "root only\n"
