@@ -78,6 +78,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 35_000_000
 DEFAULT_TRUSTED_USERS: tuple[str, ...] = ("root",)
 # warn: mark a foreign sender with X-Authentication-Warning (sendmail's way), never lose the mail for it.
 DEFAULT_SENDER_POLICY: SenderPolicyChoice = "warn"
+# Messages one user may have in a system-mode queue: far more than cron and scripts ever leave waiting, far
+# fewer than it takes a runaway loop to fill the disk the others share (a few GB at 35 MB each at most).
+DEFAULT_MAX_QUEUED_PER_USER = 1000
 # Seconds to wait for the resolver when naming this host: /etc/hosts answers at once, a dead DNS server never.
 HOSTNAME_LOOKUP_TIMEOUT = 2.0
 
@@ -334,6 +337,8 @@ class Config:
     rewrite: Rewrite | None = None
     trusted_users: tuple[str, ...] = DEFAULT_TRUSTED_USERS  # login names that may set any envelope sender
     sender_policy: SenderPolicyChoice = DEFAULT_SENDER_POLICY  # what an untrusted foreign sender gets
+    # messages a user other than root may have queued (system mode); None: no limit
+    max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER
 
     @property
     def hostname(self) -> str:
@@ -364,6 +369,7 @@ class Config:
             "rewrite": self.rewrite.masked() if self.rewrite else None,
             "trusted_users": list(self.trusted_users),
             "sender_policy": self.sender_policy,
+            "max_queued_per_user": "none" if self.max_queued_per_user is None else self.max_queued_per_user,
         }
 
 
@@ -518,6 +524,17 @@ def _size(value: object, where: _Where) -> int:
     if size <= 0:
         raise where.fail(f"must be more than 0 bytes, not {_show(value)}")
     return size
+
+
+def _queue_limit(value: object, where: _Where) -> int | None:
+    if value == "none":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        hint = " (remove the quotes)" if isinstance(value, str) and value.strip().isdigit() else ""
+        raise where.fail(
+            f"must be a whole number of messages, at least 1, or none for no limit, not {_show(value)}{hint}"
+        )
+    return value
 
 
 def _fingerprint(value: object, where: _Where) -> str:
@@ -739,6 +756,7 @@ _TOP_KEYS: Mapping[str, _Key] = {
     "rewrite": _Key("rewrite", _rewrite),
     "trusted_users": _Key("trusted_users", _login_names),
     "sender_policy": _Key("sender_policy", _choice(*SENDER_POLICY_CHOICES)),
+    "max_queued_per_user": _Key("max_queued_per_user", _queue_limit),
 }
 # Where a misplaced key belongs, for "unknown key here; it belongs under retry:".
 _NESTED: Mapping[str, Mapping[str, _Key]] = {
@@ -878,6 +896,7 @@ __all__ = [
     "DEFAULT_DELIVER",
     "DEFAULT_LIFETIME",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_QUEUED_PER_USER",
     "DEFAULT_PORTS",
     "DEFAULT_RETRY_SCHEDULE",
     "DEFAULT_SECURITY",

@@ -71,6 +71,13 @@ class SpoolFullError(SpoolError):
     exit_code = EX_TEMPFAIL
 
 
+class QueueLimitError(SpoolFullError):
+    """The user has `max_queued_per_user` messages waiting (system mode); they may send again once some
+    are delivered."""
+
+    exit_code = EX_TEMPFAIL
+
+
 class TempFailError(PymtaError):
     """A passing problem; the caller should try again later."""
 

@@ -157,7 +157,10 @@ class Flusher:
         from .queue_ops import expire_failed
 
         picked = self.spool.pick_up(
-            self.config.max_message_size, self.log.warning, sender_policy=policy_of(self.config)
+            self.config.max_message_size,
+            self.log.warning,
+            sender_policy=policy_of(self.config),
+            max_queued_per_user=self.config.max_queued_per_user,
         )
         report.picked_up += len(picked)
         if not report.housekeeping_done:  # once a run: another pass (for a bounce just queued) needs none

@@ -3,6 +3,10 @@
 The JSON field names are a contract (DESIGN.md, "pymta queue --json"): monitoring depends on them. The table
 is for an admin at a terminal: one line per message, its last error indented below it, as Postfix's mailq.
 This module does not import click, so `mailq` stays light.
+
+In system mode a user who is neither root nor the spool's owner cannot read the queue; `load_visible` then
+gives their own messages from the view the last delivery run published for them (`pymta.views`), and
+`view_notes` the line that says so. Their JSON is the same array, holding only their messages.
 """
 
 from __future__ import annotations
@@ -50,6 +54,47 @@ def entry_to_json(entry: QueueEntry) -> dict[str, object]:
         "attempts": entry.attempts,
         "last_error": entry.last_error,
     }
+
+
+def time_of_iso(text: object) -> float:
+    """The Unix time of an `iso_utc` text. Raises ValueError when it is not one."""
+    import calendar
+
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not an ISO 8601 time")
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def entry_from_json(data: dict[str, object], uid: int = -1) -> QueueEntry:
+    """An `entry_to_json` object read back as a QueueEntry of `uid` (a user's view): what the table and
+    `pymta queue show` print of it. Raises ValueError when it is not such an object."""
+    recipients = data.get("recipients")
+    if not isinstance(recipients, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("address"), str) for r in recipients
+    ):
+        raise ValueError("its recipients are not a list of {address, status, last_error}")
+    size = data.get("size")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError("its size is not a number")
+    next_attempt = data.get("next_attempt")
+    envelope: dict[str, object] = {
+        "id": data.get("id"),
+        "sender": data.get("sender"),
+        "recipients": [r["address"] for r in recipients],
+        "submitted_by": data.get("submitted_by"),
+        "uid": uid,
+        "queued_at": time_of_iso(data.get("queued_at")),
+    }
+    state: dict[str, object] = {
+        "state": data.get("state"),
+        "attempts": data.get("attempts", 0),
+        "next_attempt": None if next_attempt is None else time_of_iso(next_attempt),
+        "last_error": data.get("last_error"),
+        "recipients": {
+            r["address"]: {"status": r.get("status"), "last_error": r.get("last_error")} for r in recipients
+        },
+    }
+    return QueueEntry("queue", "", envelope, state, size, uid)
 
 
 def human_age(seconds: float) -> str:
@@ -186,7 +231,9 @@ def format_details(details: Details, now: float | None = None) -> list[str]:
         lines.append(f"  {recipient.status:<{width}}  {printable(recipient.address)}")
         if recipient.last_error:
             lines.append(f"  {'':<{width}}  {printable(recipient.last_error)}")
-    if details.message is None:
+    if details.note is not None:  # a user's own view holds no header fields
+        lines.append(f"view:          {details.note}")
+    elif details.message is None:
         lines.append("headers:")
         lines.extend(f"  {printable(name)}: {printable(value)}" for name, value in details.headers)
     return lines
@@ -203,12 +250,104 @@ def load(spool_path: str) -> tuple[list[QueueEntry], list[str]]:
         ) from None
 
 
+class Visible:
+    """What this user may see of the queue: the entries and a line per unreadable one; for a user who sees
+    only their own view (`own_view`), when the last delivery run published it (None: it found no message
+    of theirs), the limit it counted against, and who else sees the whole queue (`owner`)."""
+
+    __slots__ = ("entries", "problems", "own_view", "published", "limit", "owner")
+
+    def __init__(
+        self,
+        entries: list[QueueEntry],
+        problems: list[str],
+        own_view: bool = False,
+        published: float | None = None,
+        limit: int | None = None,
+        owner: str = "",
+    ) -> None:
+        self.entries = entries
+        self.problems = problems
+        self.own_view = own_view
+        self.published = published
+        self.limit = limit
+        self.owner = owner
+
+
+def load_visible(spool_path: str) -> Visible:
+    """The whole queue when this user may read it (`load`); else, in system mode, their own view."""
+    from . import views
+
+    try:
+        return Visible(*Spool(spool_path).entries())
+    except PermissionError:
+        if not views.own_view_only(spool_path):
+            return Visible(*load(spool_path))  # raises PermissionDenied
+    return own_view(spool_path)
+
+
+def own_view(spool_path: str) -> Visible:
+    """This user's messages as the last delivery run saw them (`pymta.views`): never anyone else's."""
+    from . import views
+
+    uid = os.geteuid()
+    owner = views.spool_owner_name(spool_path)
+    path = views.view_path(spool_path, uid)
+    try:
+        view = views.read_view(spool_path, uid)
+    except ValueError as exc:
+        return Visible([], [f"{path}: {exc}; the next delivery run rewrites it"], True, None, None, owner)
+    except OSError as exc:
+        raise PermissionDenied(
+            f"cannot read your queue view {path}: {exc.strerror or exc}; "
+            "only root and the spool's owner read the queue itself (pymta setup --check)"
+        ) from None
+    if view is None:
+        return Visible([], [], True, None, None, owner)
+    entries, problems = [], []
+    for number, message in enumerate(view.messages, 2):
+        try:
+            entries.append(entry_from_json(message, uid))
+        except ValueError as exc:
+            problems.append(f"{path}: line {number}: {exc}")
+    return Visible(entries, problems, True, view.published, view.limit, owner)
+
+
+def clock(timestamp: float, now: float | None = None) -> str:
+    """A local time as a user reads it: HH:MM today, else the date too."""
+    now = time.time() if now is None else now
+    when = time.localtime(timestamp)
+    if when[:3] == time.localtime(now)[:3]:
+        return time.strftime("%H:%M", when)
+    return time.strftime("%Y-%m-%d %H:%M", when)
+
+
+def view_notes(visible: Visible, now: float | None = None) -> list[str]:
+    """The lines that tell a user they see only their own messages, and as of when (none for an admin)."""
+    if not visible.own_view:
+        return []
+    whole = f"only root and {visible.owner} see the whole queue"
+    if visible.published is None or not visible.entries:
+        as_of = "" if visible.published is None else f" ({clock(visible.published, now)})"
+        return [f"you have no messages in the queue as of the last delivery run{as_of}; {whole}"]
+    notes = [f"your messages as of {clock(visible.published, now)} (the last delivery run); {whole}"]
+    if visible.limit is not None and len(visible.entries) >= visible.limit:
+        notes.append(
+            f"you have reached max_queued_per_user ({visible.limit}): sendmail takes no new message from "
+            "you until some of these are delivered"
+        )
+    return notes
+
+
 def print_queue(spool_path: str) -> int:
-    """`mailq` and `sendmail -bp`: print the table; unreadable entries are reported on stderr."""
-    entries, problems = load(spool_path)
-    out = "\n".join(format_table(entries)) + "\n"
-    for problem in problems:
+    """`mailq` and `sendmail -bp`: print the table (a user's own view: the note, then the table of their
+    messages); unreadable entries are reported on stderr."""
+    visible = load_visible(spool_path)
+    lines = view_notes(visible)
+    if visible.entries or not visible.own_view:
+        lines += format_table(visible.entries)
+    for problem in visible.problems:
         os.write(2, f"mailq: cannot read {problem}\n".encode("utf-8", "replace"))
-    sys.stdout.write(out)
+    sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
     return EX_OK

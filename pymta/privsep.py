@@ -153,11 +153,42 @@ def run_flush(
     finally:
         parent_end.close()
         _, status = os.waitpid(pid, 0)
+        _publish_views(config, logger)
     if result is None:
         raise DeliveryProcessError(
             f"the delivery process (as {owner.pw_name}) ended early: {exit_text(status)}"
         )
     return result
+
+
+def _publish_views(config: Config, logger: logging.Logger) -> None:
+    """Give each user the view of their own queued mail (`views`), when the queue changed since the last.
+
+    On a large queue a publish reads every envelope, so a run that changed nothing (most timer runs) skips
+    it: the views are stamped with the time their reading began, and new/, queue/ and state/ change their
+    mtime whenever a message comes, goes or changes state (by a flush or by `pymta queue`).
+    """
+    import time
+
+    from . import views
+    from .spool import Spool
+
+    status = os.path.join(config.spool, views.STATUS_DIR)
+    try:
+        published = os.stat(status, follow_symlinks=False).st_mtime_ns
+        changed = max(
+            os.stat(os.path.join(config.spool, sub)).st_mtime_ns for sub in ("new", "queue", "state")
+        )
+    except OSError:
+        published, changed = 0, 1
+    if changed < published:
+        return
+    started = time.time_ns()
+    views.publish(Spool(config.spool), config, logger)
+    try:
+        os.utime(status, ns=(started, started), follow_symlinks=False)
+    except OSError:
+        pass  # no status/ (publish said why): the next run tries again
 
 
 # --- The delivery process ---

@@ -83,15 +83,18 @@ def _options(*, results: bool = True) -> Callable[[F], F]:
     return decorate
 
 
-def _settings(as_json: bool, config_file: str | None) -> tuple[bool, Config]:
+def _settings(as_json: bool, config_file: str | None, verb: str = "") -> tuple[bool, Config]:
     """Options given to `pymta queue` itself (`pymta queue --json -C FILE hold ID`) count for its commands.
 
-    As root on a system spool the command goes on as the spool's owner, so what it writes stays theirs."""
+    As root on a system spool the command goes on as the spool's owner, so what it writes stays theirs.
+    With a `verb` (a command that changes messages), a user who may not is refused first (EX_NOPERM)."""
     from .config import load
     from .privsep import become_spool_owner
 
     parent = click.get_current_context().find_root().meta
     config = load(config_file or parent.get("pymta.queue.config"))
+    if verb:
+        queue_ops.require_admin(config, verb)
     become_spool_owner(config)
     return as_json or bool(parent.get("pymta.queue.json")), config
 
@@ -157,6 +160,9 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
     attempt), held (by `pymta queue hold`) or failed (every recipient done, some failed; kept for
     failed_retention, 7 days by default, so you can see what was bounced). `mailq` stays the quick view.
 
+    In system mode a user other than root and the spool's owner sees only their own messages, as the
+    last delivery run left them, after a line that says so (with --json: only their objects).
+
     \b
     The JSON has one object per message with: id, state (queued, deferred, held, failed), sender ("" is
     the null sender), recipients (address, status, last_error), size, submitted_by, queued_at,
@@ -166,16 +172,20 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
 
     parent = click.get_current_context().find_root().meta
     as_json = as_json or bool(parent.get("pymta.queue.json"))
-    entries, problems = listing.load(load(config_file or parent.get("pymta.queue.config")).spool)
-    for problem in problems:
+    visible = listing.load_visible(load(config_file or parent.get("pymta.queue.config")).spool)
+    for problem in visible.problems:
         click.echo(f"pymta: cannot read {problem}", err=True)
+    entries = visible.entries
     if states:
         entries = [entry for entry in entries if entry.state in states]
     if as_json:
         click.echo(json.dumps([listing.entry_to_json(entry) for entry in entries], indent=2))
-    elif states and not entries:
+        return
+    for note in listing.view_notes(visible):
+        click.echo(note)
+    if states and not entries:
         click.echo(f"No {' or '.join(states)} messages in the queue")
-    else:
+    elif entries or not visible.own_view:
         click.echo("\n".join(listing.format_table(entries)))
 
 
@@ -192,7 +202,9 @@ def show(ids: tuple[str, ...], body: bool, as_json: bool, config_file: str | Non
     no flush has picked up yet (in new/) is shown too. With --body, the whole stored message follows instead
     of the headers, as it is stored (before the flush adds Date, Message-ID or From).
 
-    Reads only: it never changes the message, never waits for a delivery, never takes a lock.
+    Reads only: it never changes the message, never waits for a delivery, never takes a lock. In system
+    mode a user other than root and the spool's owner may show only their own messages, as the last
+    delivery run left them, without header fields (and not with --body).
 
     \b
     With --json: a JSON array with, per ID, the object `pymta queue --json` gives
@@ -263,7 +275,7 @@ def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: flo
     it waits up to 10 seconds for that delivery to end, then looks again (the message may be gone,
     delivered); past that it says so and exits 75.
     """
-    as_json, config = _settings(as_json, config_file)
+    as_json, config = _settings(as_json, config_file, "hold")
     _report(queue_ops.hold(config, list(ids), wait=wait, logger=_logger()), as_json)
 
 
@@ -280,7 +292,7 @@ def release(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: 
 
     It never delivers by itself and never deletes anything; it waits for a running delivery as hold does.
     """
-    as_json, config = _settings(as_json, config_file)
+    as_json, config = _settings(as_json, config_file, "release")
     _report(queue_ops.release(config, list(ids), wait=wait, logger=_logger()), as_json)
 
 
@@ -298,7 +310,7 @@ def retry(ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | N
     It never delivers by itself, never touches a held message (release it instead) and never revives a
     failed one (exit 64 for either); it waits for a running delivery as hold does.
     """
-    as_json, config = _settings(as_json, config_file)
+    as_json, config = _settings(as_json, config_file, "retry")
     targets = _targets(ids, every, ("deferred",), config)
     if targets is None:
         return _nothing(as_json, "No deferred messages to retry")
@@ -340,7 +352,7 @@ def delete(
         raise click.UsageError(
             "refusing to delete every message: add --state STATE to choose which, or --yes to delete them all"
         )
-    as_json, config = _settings(as_json, config_file)
+    as_json, config = _settings(as_json, config_file, "delete")
     targets = _targets(ids, every, states, config)
     if targets is None:
         return _nothing(
@@ -364,7 +376,7 @@ def bounce(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: f
     It never sends by itself (the flush does) and never deletes anything; it waits for a running delivery
     as hold does.
     """
-    as_json, config = _settings(as_json, config_file)
+    as_json, config = _settings(as_json, config_file, "bounce")
     _report(queue_ops.bounce(config, list(ids), wait=wait, logger=_logger()), as_json)
 
 

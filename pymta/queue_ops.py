@@ -28,6 +28,10 @@ Exit codes (one per id; a command exits with the code of the first id that faile
 command that does not apply to the message's state), 65 EX_DATAERR (the entry cannot be read), 67
 EX_NOUSER (no such message, or no longer in the queue), 75 EX_TEMPFAIL (being delivered right now), 77
 EX_NOPERM (this user may not change the spool).
+
+Users in system mode. A user other than root and the spool's owner cannot read the queue: `show` shows them
+their own messages from the view the last delivery run published (`pymta.views`), and every command that
+changes messages refuses them as a whole (`require_admin`: PermissionDenied, EX_NOPERM).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import log
-from .errors import EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE
+from .errors import EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE, PermissionDenied
 from .identity import policy_of
 from .spool import NEVER, QueueEntry, Spool, fsync_dir, unlink_quietly
 
@@ -104,6 +108,7 @@ class Details:
     state: State  # the raw state file ({} when there is none)
     headers: list[tuple[str, str]]
     message: bytes | None  # the whole stored message, when asked for
+    note: str | None = None  # from a user's own view: as of when, and that it has no header fields
 
 
 class _Failure(Exception):
@@ -150,8 +155,8 @@ def _gone(name: str) -> _Failure:
     )
 
 
-def resolve(spool: Spool, argument: str) -> tuple[str, str]:
-    """The id that `argument` (a full id or a unique prefix) names, and where it is: "new" or "queue"."""
+def _wanted(argument: str) -> str:
+    """`argument` as an id or id prefix to look for; _Failure when it cannot be one."""
     wanted = argument.strip().lower()
     if not wanted or not set(wanted) <= _HEX or len(wanted) > ID_LENGTH:
         raise _Failure(
@@ -161,6 +166,23 @@ def resolve(spool: Spool, argument: str) -> tuple[str, str]:
         )
     if len(wanted) < MIN_PREFIX:
         raise _Failure("too short", f"too short: give at least {MIN_PREFIX} characters of the id", EX_USAGE)
+    return wanted
+
+
+def _ambiguous(candidates: list[str]) -> _Failure:
+    shown = ", ".join(candidates[:MAX_CANDIDATES])
+    more = f" and {len(candidates) - MAX_CANDIDATES} more" if len(candidates) > MAX_CANDIDATES else ""
+    return _Failure(
+        "ambiguous",
+        f"ambiguous: matches {len(candidates)} messages ({shown}{more}); give more of the id",
+        EX_USAGE,
+        candidates,
+    )
+
+
+def resolve(spool: Spool, argument: str) -> tuple[str, str]:
+    """The id that `argument` (a full id or a unique prefix) names, and where it is: "new" or "queue"."""
+    wanted = _wanted(argument)
     found: dict[str, str] = {}
     # new/ before queue/: a message picked up between the two listings is seen in queue/ then, not missed.
     for location in ("new", "queue"):
@@ -172,15 +194,7 @@ def resolve(spool: Spool, argument: str) -> tuple[str, str]:
     if len(found) == 1:
         return next(iter(found.items()))
     if len(found) > 1:
-        candidates = sorted(found)
-        shown = ", ".join(candidates[:MAX_CANDIDATES])
-        more = f" and {len(candidates) - MAX_CANDIDATES} more" if len(candidates) > MAX_CANDIDATES else ""
-        raise _Failure(
-            "ambiguous",
-            f"ambiguous: matches {len(candidates)} messages ({shown}{more}); give more of the id",
-            EX_USAGE,
-            candidates,
-        )
+        raise _ambiguous(sorted(found))
     if len(wanted) == ID_LENGTH:
         if os.path.exists(os.path.join(spool.dir("corrupt"), wanted)):
             raise _Failure(
@@ -233,7 +247,13 @@ def message_headers(message: bytes) -> list[tuple[str, str]]:
 
 
 def show(config: Config, arguments: list[str], *, body: bool = False) -> list[Details | Result]:
-    """What `pymta queue show` prints for each id: its details, or why there are none. Reads only."""
+    """What `pymta queue show` prints for each id: its details, or why there are none. Reads only.
+
+    A user who sees only their own view of a system queue (`pymta.views`) is shown what it holds of their
+    own messages: no header fields (`note` says why) and, with `body`, nothing (EX_NOPERM).
+    """
+    if own_view_only(config.spool):
+        return _show_own(config.spool, arguments, body)
     spool = Spool(config.spool)
     shown: list[Details | Result] = []
     for argument in arguments:
@@ -263,6 +283,59 @@ def show(config: Config, arguments: list[str], *, body: bool = False) -> list[De
     return shown
 
 
+def _show_own(spool_path: str, arguments: list[str], body: bool) -> list[Details | Result]:
+    from .listing import clock, own_view, view_notes
+
+    visible = own_view(spool_path)
+    notes = view_notes(visible)
+    as_of = (
+        "as of the last delivery run" if visible.published is None else f"as of {clock(visible.published)}"
+    )
+    whole = f"only root and {visible.owner} see the whole queue"
+    shown: list[Details | Result] = []
+    for argument in arguments:
+        try:
+            wanted = _wanted(argument)
+            found = [entry for entry in visible.entries if entry.id.startswith(wanted)]
+            if len(found) > 1:
+                raise _ambiguous(sorted(entry.id for entry in found))
+            if not found:
+                raise _Failure("no such message", f"no such message among yours {as_of}; {whole}", EX_NOUSER)
+            entry = found[0]
+            if body:
+                raise _Failure(
+                    "not allowed",
+                    f"only root and {visible.owner} may read a queued message; without --body you see "
+                    "what the last delivery run published of it",
+                    EX_NOPERM,
+                    name=entry.id,
+                )
+            shown.append(Details(argument, entry, {}, [], None, note=notes[0]))
+        except _Failure as failure:
+            shown.append(failure.to_result(argument))
+    return shown
+
+
+def own_view_only(spool_path: str) -> bool:
+    """Whether this user sees only their own view of the queue (`pymta.views.own_view_only`)."""
+    from .views import own_view_only as only_own
+
+    return only_own(spool_path)
+
+
+def require_admin(config: Config, verb: str) -> None:
+    """Raise PermissionDenied (EX_NOPERM) for a user who sees only their own view of a system queue:
+    changing queued messages is for root and the spool's owner."""
+    if own_view_only(config.spool):
+        from .views import spool_owner_name
+
+        owner = spool_owner_name(config.spool)
+        raise PermissionDenied(
+            f"{verb}: only root and {owner} (the spool's owner) may change queued messages; "
+            f"ask an administrator to run 'pymta queue {verb}'"
+        )
+
+
 def _denied(name: str | None) -> _Failure:
     return _Failure(
         "not allowed", "permission denied: run this as root or as the spool's owner", EX_NOPERM, name=name
@@ -288,6 +361,7 @@ class _Operations:
         self.admin = _login()
 
     def run(self, arguments: list[str], verb: str) -> list[Result]:
+        require_admin(self.config, verb)
         results = []
         for argument in arguments:
             name: str | None = None

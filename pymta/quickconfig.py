@@ -83,6 +83,19 @@ _SIZE_UNITS = {
 }  # fmt: skip
 _DIGITS = "0123456789"
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# pymta.config.DEFAULT_MAX_QUEUED_PER_USER, repeated for the same reason (a test checks they agree).
+DEFAULT_MAX_QUEUED_PER_USER = 1000
+
+
+def parse_queue_limit(text: str) -> int | None:
+    """`max_queued_per_user` as `pymta.config` reads it: a whole number of at least 1, or `none` (None: no
+    limit). Raises ValueError for anything else."""
+    text = text.strip()
+    if text == "none":
+        return None
+    if not text or text.lstrip(_DIGITS) or int(text) < 1:
+        raise ValueError(f"{text!r} is not a number of messages")
+    return int(text)
 
 
 def parse_size(text: str) -> int:

@@ -305,7 +305,7 @@ def read_stdin(stop_at_dot: bool, limit: int | None = None) -> bytes:
 class Settings:
     """What sendmail reads from the config (without YAML where possible), and what is wrong with it."""
 
-    __slots__ = ("spool", "default_spool", "deliver", "max_size", "sender_policy", "warnings")
+    __slots__ = ("spool", "default_spool", "deliver", "max_size", "sender_policy", "max_queued", "warnings")
 
     def __init__(
         self,
@@ -315,16 +315,18 @@ class Settings:
         max_size: int,
         sender_policy: str | None,
         warnings: list[str],
+        max_queued: int | None = None,
     ) -> None:
         self.spool = spool
         self.default_spool = default_spool  # the default user spool: its parents may be created
         self.deliver = deliver
         self.max_size = max_size  # max_message_size in bytes
         self.sender_policy = sender_policy
+        self.max_queued = max_queued  # max_queued_per_user; None: no limit
         self.warnings = warnings  # one line each: what is wrong with the config; mail is queued all the same
 
 
-_SETTING_KEYS = frozenset(("spool", "deliver", "max_message_size", "sender_policy"))
+_SETTING_KEYS = frozenset(("spool", "deliver", "max_message_size", "sender_policy", "max_queued_per_user"))
 
 
 def _settings(invocation: Invocation) -> Settings:
@@ -356,6 +358,16 @@ def _settings(invocation: Invocation) -> Settings:
                 f"max_message_size: {size_text!r} is not a size, so {max_size} bytes applies; "
                 "fix it and run 'pymta config check'"
             )
+    max_queued: int | None = quickconfig.DEFAULT_MAX_QUEUED_PER_USER
+    queued_text = values.get("max_queued_per_user")
+    if queued_text:
+        try:
+            max_queued = quickconfig.parse_queue_limit(queued_text)
+        except ValueError:
+            warnings.append(
+                f"max_queued_per_user: {queued_text!r} is not a number of messages, so {max_queued} "
+                "applies; fix it and run 'pymta config check'"
+            )
     spool = values.get("spool")
     default = not spool
     return Settings(
@@ -365,6 +377,7 @@ def _settings(invocation: Invocation) -> Settings:
         max_size,
         values.get("sender_policy"),
         warnings,
+        max_queued,
     )
 
 
@@ -413,6 +426,7 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
         where = "in the To, Cc or Bcc headers" if invocation.extract else "on the command line (or use -t)"
         raise UsageError(f"no recipients: give at least one address {where}")
     login, gecos, uid = real_user()
+    _check_queue_limit(settings, uid)
     sender = login if invocation.sender is None else invocation.sender
     # Only a sender other than the login name, under a strict policy, needs the rest of the config.
     if sender != login and settings.sender_policy == "strict":
@@ -443,6 +457,28 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
     if settings.deliver != "queue" and not invocation.queue_only and spool.private:
         _start_flush(invocation)
     return queue_id, recipients
+
+
+def _check_queue_limit(settings: Settings, uid: int) -> None:
+    """System mode: refuse (EX_TEMPFAIL) a user with `max_queued_per_user` messages waiting, as the last
+    delivery run counted them (`pymta.views`); nothing is queued. Costs a stat and a small read."""
+    from .views import quota_refusal
+
+    refusal = quota_refusal(settings.spool, uid, settings.max_queued)
+    if refusal:
+        for warning in settings.warnings:
+            _say(warning)
+        raise errors.QueueLimitError(refusal)
+
+
+def refusal_of(invocation: Invocation) -> str | None:
+    """Why the running user may not queue a message now (`max_queued_per_user`), or None: for `-bs`, which
+    answers MAIL FROM with it."""
+    from .spool import real_user
+    from .views import quota_refusal
+
+    settings = _settings(invocation)
+    return quota_refusal(settings.spool, real_user()[2], settings.max_queued)
 
 
 def _too_large(settings: Settings) -> PymtaError:
@@ -513,7 +549,7 @@ def _run(argv: list[str]) -> int:
     if invocation.mode == "smtp":  # -bs: each message of the session is queued by submit(), as here
         from .smtpd import serve_stdio
 
-        return serve_stdio(invocation, submit)
+        return serve_stdio(invocation, submit, refusal_of)
     if invocation.verbose:
         for note in invocation.notes:
             _say(note)

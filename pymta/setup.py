@@ -17,6 +17,9 @@ What a system-mode install is (DESIGN.md, "Two ways to run"), with `SPOOL` = /va
                                         other's files (which only works because the directory is not theirs).
     SPOOL/queue/, state/,  0700  pymta  private: only the flush reads the picked-up queue.
       done/, corrupt/
+    SPOOL/status/          0711  pymta  each user's view of their own queued messages, status/UID (0400,
+                                        owned by UID), written by the root flush (pymta.views); users reach
+                                        their own file by name but cannot list the directory.
     SPOOL/flush.lock       0600  pymta  the flush lock; only the flush opens it.
     /etc/pymta/            0755  root
     /etc/pymta/pymta.yaml  0644  root   every user's sendmail reads it, so it holds no password; owned by root
@@ -53,6 +56,7 @@ from pathlib import Path
 
 from . import quickconfig
 from .errors import EX_CANTCREAT, EX_CONFIG, ConfigError, PermissionDenied, UsageError
+from .views import STATUS_DIR, STATUS_MODE
 
 SYSTEM_CONFIG = quickconfig.SYSTEM_CONFIG
 SYSTEM_SPOOL = quickconfig.SYSTEM_SPOOL
@@ -767,6 +771,7 @@ def spool_step(install: Install) -> Step:
             changes += _dir_changes(os.path.join(spool, name), DROP_MODE, owner)
         for name in PRIVATE_DIRS:
             changes += _dir_changes(os.path.join(spool, name), PRIVATE_MODE, owner)
+        changes += _dir_changes(os.path.join(spool, STATUS_DIR), STATUS_MODE, owner)
         lock = os.path.join(spool, LOCK_FILE)
         changes += _node_changes(
             lock, LOCK_MODE, owner, False, lambda: _write_file(lock, "", LOCK_MODE, owner)
@@ -775,8 +780,8 @@ def spool_step(install: Install) -> Step:
         return changes
 
     return Step(
-        f"spool {spool}: 0755, tmp/ new/ 1733, queue/ state/ done/ corrupt/ 0700, flush.lock 0600, "
-        f"owner {install.spool_owner().label}",
+        f"spool {spool}: 0755, tmp/ new/ 1733, queue/ state/ done/ corrupt/ 0700, status/ 0711, "
+        f"flush.lock 0600, owner {install.spool_owner().label}",
         check,
     )
 

@@ -20,10 +20,12 @@ The dialogue, with the enhanced status codes of RFC 2034 (not on the greeting, E
     MAIL FROM:<addr> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]
                 250 2.1.0 | 503 5.5.1 nested | 501 5.5.4 syntax | 553 5.1.7 bad address | 552 5.3.4 SIZE too
                 big | 555 5.5.4 unknown parameter | 553 5.6.7 non-ASCII address without SMTPUTF8
+                | 452 4.3.1 the user has max_queued_per_user messages waiting (system mode)
     RCPT TO:<addr>   250 2.1.5 | 503 5.5.1 no MAIL | 553 5.1.3 bad address | 452 4.5.3 too many recipients
     DATA        354, then the text to CRLF.CRLF: 250 2.0.0 queued as ID | 552 5.3.4 too big
                 | 552 5.6.0 a line over 998 octets | 503 5.5.1 no MAIL or no RCPT
-                | 451 4.3.0 / 452 4.3.1 the spool failed (with the reason; the session goes on)
+                | 451 4.3.0 / 452 4.3.1 the spool failed, or max_queued_per_user was reached meanwhile
+                (with the reason; the session goes on)
     RSET 250 2.0.0 · NOOP 250 2.0.0 · VRFY 252 2.0.0 · HELP 214 2.0.0 · QUIT 221 2.0.0 (and the end)
     EXPN, STARTTLS, AUTH, BDAT, ETRN... 502 5.5.1 · anything else 500 5.5.2
     a command line over 2048 octets 500 5.5.2
@@ -270,11 +272,13 @@ class Session:
         max_size: int,
         queue: Callable[[str, list[str], str | None, bytes], str],
         timeout: float = IDLE_TIMEOUT,
+        refusal: Callable[[], str | None] | None = None,
     ) -> None:
         self.hostname = hostname
         self.timeout = timeout
         self.max_size = max_size
         self.queue = queue
+        self.refusal = refusal  # why no message may be queued now (max_queued_per_user), or None
         self.output = _Output(output_fd, timeout)
         self.input = _Input(input_fd, timeout, self.output.flush)
         self.errors = 0
@@ -398,6 +402,9 @@ class Session:
                 raise _Reply(555, f"5.5.4 MAIL parameter not supported: {key[:20]}")
         if not path.isascii() and not smtputf8:
             raise _Reply(553, "5.6.7 a non-ASCII address needs the SMTPUTF8 parameter")
+        refusal = self.refusal() if self.refusal is not None else None
+        if refusal:
+            raise _Reply(452, f"4.3.1 {refusal}")
         self.sender = _sender(path)
         self.body_type = body_type
         self.smtputf8 = smtputf8
@@ -535,9 +542,14 @@ def _settings(config: str | None) -> tuple[str, int]:
     return _clean(hostname, 200).replace(" ", ""), max_size
 
 
-def serve_stdio(invocation: Invocation, submit: Callable[[Invocation, bytes], tuple[str, list[str]]]) -> int:
+def serve_stdio(
+    invocation: Invocation,
+    submit: Callable[[Invocation, bytes], tuple[str, list[str]]],
+    refusal: Callable[[Invocation], str | None] | None = None,
+) -> int:
     """`sendmail -bs`: one SMTP session on standard input and output; each message is queued by `submit`
-    (sendmail's own) with an invocation that carries the envelope from MAIL FROM and RCPT TO."""
+    (sendmail's own) with an invocation that carries the envelope from MAIL FROM and RCPT TO. `refusal`
+    says why the user may queue nothing now (max_queued_per_user): MAIL FROM is answered 452 with it."""
     if invocation.recipients:
         raise UsageError("-bs: SMTP mode takes no recipients on the command line; they come with RCPT TO")
     if invocation.verbose:
@@ -561,4 +573,5 @@ def serve_stdio(invocation: Invocation, submit: Callable[[Invocation, bytes], tu
             _note(f"queued as {queue_id} for {', '.join(queued_for)}")
         return queue_id
 
-    return Session(0, 1, hostname=hostname, max_size=max_size, queue=queue).run()
+    check = (lambda: refusal(invocation)) if refusal is not None else None
+    return Session(0, 1, hostname=hostname, max_size=max_size, queue=queue, refusal=check).run()

@@ -10,9 +10,13 @@ Layout of a spool directory (DESIGN.md, "Two ways to run"):
     corrupt/ID   a submission the pick-up could not read, kept for the admin
     done/ID      a delivered message on its way out (unlinked in the background by the flush)
     flush.lock   held (flock) by the one flush that may run; flush.request asks it to look again
+    status/UID   system mode: user UID's view of their own queued messages, written by the root flush
+                 (`pymta.views`)
 
 A submission file is one line of envelope JSON (sender, recipients, who submitted it, when, DSN options)
 followed by the message exactly as it will be stored. One file, so that it appears whole or not at all.
+Its first keys are `v` and `uid` (`{"v":1,"uid":N,...`), so that counting a user's queued messages
+(`queued_per_uid`, for `max_queued_per_user`) reads 64 bytes of each file.
 
 The commit protocol of `Spool.submit`, and what a crash after each step leaves behind:
 
@@ -159,6 +163,7 @@ class Spool:
         self.private = True  # after submit(): whether the spool is this user's own (user mode)
         self._dirs: dict[str, str] = {}
         self._reaper: threading.Thread | None = None  # unlinks delivered messages in the background
+        self.limit_warned: set[int] = set()  # uids told about max_queued_per_user by this object's pick-ups
 
     def dir(self, name: str) -> str:
         """The path of one of the spool's directories (tmp, new, queue, ...)."""
@@ -222,7 +227,11 @@ class Spool:
         self.private = drop.st_uid == os.geteuid()
         mode = 0o600 if self.private else 0o644
         message_id = new_id()
-        envelope = {"v": ENVELOPE_VERSION, "id": message_id, **envelope}
+        # The uid right after the version, where `queued_per_uid` reads it.
+        head = (
+            {"v": ENVELOPE_VERSION, "uid": envelope["uid"]} if "uid" in envelope else {"v": ENVELOPE_VERSION}
+        )
+        envelope = {**head, "id": message_id, **envelope}
         data = encode_json(envelope).encode("ascii") + b"\n" + message
         tmp_path = os.path.join(self.dir("tmp"), message_id)
         try:
@@ -360,6 +369,7 @@ class Spool:
         report: Callable[[str], None],
         *,
         sender_policy: SenderPolicy | None = None,
+        max_queued_per_user: int | None = None,
     ) -> list[str]:
         """Move committed submissions from new/ into queue/ and return their ids.
 
@@ -373,12 +383,19 @@ class Spool:
         another user's submission against its owner (`pymta.identity`): a foreign sender gets an
         X-Authentication-Warning field at the top of the stored message, or under `sender_policy: strict`
         the file is moved to corrupt/.
+
+        `max_queued_per_user` (None: no limit): a submission of a user other than root and the spool's
+        owner who has that many messages in queue/ already is left in new/ as it is, and picked up by a
+        later run once the queue has room; one `report` line per user says how many wait (once per Spool
+        object, that is per flush run). The queue is counted only when such a submission turns up, from
+        the first bytes of each queued file (`queued_per_uid`).
         """
+        limit = _QueueLimit(self, max_queued_per_user) if max_queued_per_user is not None else None
         picked = []
         for name in sorted(self._names("new")):
             source = os.path.join(self.dir("new"), name)
             try:
-                if self._pick_up_one(name, source, max_size, report, sender_policy):
+                if self._pick_up_one(name, source, max_size, report, sender_policy, limit):
                     picked.append(name)
             except FileNotFoundError:
                 continue
@@ -387,7 +404,43 @@ class Spool:
         if picked:
             fsync_dir(self.dir("queue"))
             fsync_dir(self.dir("new"))
+        if limit is not None:
+            limit.report(report)
         return picked
+
+    def queued_per_uid(self) -> dict[int, int]:
+        """How many messages in queue/ each submitting uid has, as the envelopes record it.
+
+        Cheap on a large queue: the pick-up and `submit` write the uid right after the version, so 64 bytes
+        of a file tell it; only a file written otherwise (by an older pymta) has its envelope read.
+        """
+        counts: dict[int, int] = {}
+        try:
+            directory = os.open(self.dir("queue"), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return counts
+        try:
+            for name in self._names("queue"):
+                try:
+                    fd = os.open(name, _READ_FLAGS, dir_fd=directory)
+                except OSError:
+                    continue
+                try:
+                    head = os.pread(fd, 64, 0)
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
+                uid = _uid_from_head(head)
+                if uid is None:
+                    try:
+                        uid = self.read_entry("queue", name).uid
+                    except (OSError, ValueError):
+                        continue
+                counts[uid] = counts.get(uid, 0) + 1
+        finally:
+            os.close(directory)
+        return counts
 
     def _pick_up_one(
         self,
@@ -396,6 +449,7 @@ class Spool:
         max_size: int,
         report: Callable[[str], None],
         sender_policy: SenderPolicy | None,
+        limit: _QueueLimit | None = None,
     ) -> bool:
         import stat
 
@@ -436,6 +490,8 @@ class Spool:
             if os.path.lexists(target):
                 self._set_aside(name, source, "a queued message has this id already", report)
                 return False
+            if limit is not None and not limit.admits(info.st_uid):
+                return False  # left in new/ as it is, for a later run
             if info.st_uid == os.geteuid():
                 # Our own submission (user mode): nobody else could have written it. Moved as it is (link,
                 # then unlink: never over an existing name); an unreadable envelope is found, and set
@@ -461,7 +517,11 @@ class Spool:
         except KeyError:
             owner = f"uid{info.st_uid}"
         # The file's owner and name are the kernel's word; what the envelope claims about them is not.
-        envelope.update(id=name, submitted_by=owner, uid=info.st_uid)
+        # The uid goes right after the version, where `queued_per_uid` reads it.
+        claimed = {
+            key: value for key, value in envelope.items() if key not in ("v", "uid", "id", "submitted_by")
+        }
+        envelope = {"v": ENVELOPE_VERSION, "uid": info.st_uid, "id": name, "submitted_by": owner, **claimed}
         if sender_policy is not None:
             refusal, message = sender_policy.check_drop(owner, _text(envelope, "sender"), message)
             if refusal:
@@ -475,6 +535,8 @@ class Spool:
             self._set_aside(name, source, "a queued message has this id already", report)
             return False
         os.unlink(source)
+        if limit is not None:
+            limit.took(info.st_uid)
         return True
 
     def exists(self) -> bool:
@@ -768,6 +830,72 @@ class QueueEntry:
         self.bounce_due = state.get("bounce_due") is True  # an admin asked for a bounce (pymta queue bounce)
         self.relay = _optional_text(state, "relay")  # the server of the last attempt, if one answered
         self.dsn_of = _optional_text(envelope, "dsn_of")  # this is a notice about that message
+
+
+_UID_HEAD = b'{"v":1,"uid":'
+
+
+def _uid_from_head(head: bytes) -> int | None:
+    """The uid that a queue file written by `submit` or the pick-up starts with (`{"v":1,"uid":N,`)."""
+    if not head.startswith(_UID_HEAD):
+        return None
+    rest = head[len(_UID_HEAD) :]
+    sign = -1 if rest[:1] == b"-" else 1
+    rest = rest[1:] if sign < 0 else rest
+    end = len(rest) - len(rest.lstrip(b"0123456789"))
+    if not end or rest[end : end + 1] != b",":
+        return None
+    return sign * int(rest[:end])
+
+
+class _QueueLimit:
+    """`max_queued_per_user` during one pick-up: which uids it applies to, how many each has queued (counted
+    once, when the first submission it applies to turns up), and how many of theirs were left waiting."""
+
+    def __init__(self, spool: Spool, limit: int) -> None:
+        self.spool = spool
+        self.limit = limit
+        try:
+            owner = os.stat(spool.dir("queue")).st_uid
+        except OSError:
+            owner = os.geteuid()
+        self.exempt = {0, os.geteuid(), owner}  # root and the spool's owner: the admins
+        self.counts: dict[int, int] | None = None
+        self.waiting: dict[int, int] = {}
+
+    def admits(self, uid: int) -> bool:
+        """Whether a submission of `uid` may be picked up now."""
+        if uid in self.exempt:
+            return True
+        if self.counts is None:
+            self.counts = self.spool.queued_per_uid()
+        if self.counts.get(uid, 0) < self.limit:
+            return True
+        self.waiting[uid] = self.waiting.get(uid, 0) + 1
+        return False
+
+    def took(self, uid: int) -> None:
+        """A submission of `uid` was picked up: it counts from now on."""
+        if self.counts is not None and uid not in self.exempt:
+            self.counts[uid] = self.counts.get(uid, 0) + 1
+
+    def report(self, report: Callable[[str], None]) -> None:
+        """One line per user left waiting, once per Spool object (a flush run may pick up several times)."""
+        import pwd
+
+        for uid, waiting in sorted(self.waiting.items()):
+            if uid in self.spool.limit_warned:
+                continue
+            self.spool.limit_warned.add(uid)
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = f"uid{uid}"
+            queued = (self.counts or {}).get(uid, 0)
+            report(
+                f"user {name} (uid {uid}) is over max_queued_per_user ({queued} queued): "
+                f"{waiting} message{'s' if waiting != 1 else ''} wait{'s' if waiting == 1 else ''} in new/"
+            )
 
 
 def _parse_envelope(line: bytes) -> dict[str, object]:

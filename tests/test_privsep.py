@@ -181,3 +181,25 @@ def test_queue_commands_as_root_leave_the_spool_to_its_owner(
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert [p for p in system_mta.spool.rglob("*") if p.lstat().st_uid != NOBODY.pw_uid] == []
+
+
+def test_views_are_published_after_a_change_and_left_alone_otherwise(
+    system_mta: MtaEnv, smtp_server: SmtpServer
+) -> None:
+    configure(system_mta, smtp_server, "echo wrong-password")
+    queued = system_mta.sendmail("-v", "-i", "bob@example.net", input=b"Subject: mine\n\nhello\n")
+    assert queued.returncode == 0, queued.stderr
+    [drop] = (system_mta.spool / "new").iterdir()
+    os.chown(drop, 4321, 4321)  # another user's submission (a uid with no passwd entry will do)
+    view = system_mta.spool / "status" / "4321"
+
+    assert system_mta.run("pymta", ["flush"], timeout=60).returncode == 0
+    first = view.lstat()
+    assert (first.st_uid, stat.S_IMODE(first.st_mode)) == (4321, 0o400)
+    assert system_mta.run("pymta", ["flush"], timeout=60).returncode == 0  # nothing due, nothing changed
+    assert view.lstat().st_ino == first.st_ino
+
+    [entry] = system_mta.entries()
+    assert system_mta.run("pymta", ["queue", "delete", entry.id], timeout=60).returncode == 0
+    assert system_mta.run("pymta", ["flush"], timeout=60).returncode == 0
+    assert not view.exists()  # the user has no message left: no view
