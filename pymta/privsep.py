@@ -35,7 +35,7 @@ from dataclasses import asdict
 from io import BufferedRWPair
 from typing import TYPE_CHECKING
 
-from .errors import EX_SOFTWARE, PymtaError
+from .errors import EX_SOFTWARE, PermissionDenied, PymtaError
 from .local import exit_text
 
 if TYPE_CHECKING:
@@ -132,9 +132,15 @@ def run_flush(
 ) -> FlushReport:
     """One flush, split by privilege when we are root on a system spool (see the module docstring)."""
     from .flush import Flusher
+    from .views import own_view_only, spool_owner_name
 
     owner = spool_owner(config.spool)
     if owner is None:
+        if own_view_only(config.spool):
+            raise PermissionDenied(
+                f"only root and {spool_owner_name(config.spool)} (the spool's owner) may deliver the queue "
+                f"{config.spool}; the pymta-flush timer does it (systemctl status pymta-flush.timer)"
+            )
         return Flusher(config, logger).run(force=force, progress=progress)
     _give_back_root_files(config.spool, owner)
     logger.debug(f"delivery runs as {owner.pw_name} (uid {owner.pw_uid}); local delivery as each recipient")

@@ -697,6 +697,9 @@ def test_each_user_sees_only_their_own_queued_mail(system: SystemInstall) -> Non
     deleted = system.run_as(alice, [system.script("pymta"), "queue", "delete", theirs])
     assert deleted.returncode == EX_NOPERM, deleted.stderr
     assert sorted(entry.id for entry in system.entries()) == sorted([mine, theirs])
+    flushed = system.run_as(alice, [system.script("pymta"), "flush"])
+    assert flushed.returncode == EX_NOPERM, flushed.stderr
+    assert flushed.stderr.decode().count("\n") == 1 and "may deliver the queue" in flushed.stderr.decode()
 
 
 # --- the per-user quota ---
