@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """How fast `pymta flush` delivers, beside the ceiling for Python: a plain smtplib loop over one connection.
 
-    .venv/bin/python bench/flush.py [--messages 1000] [--deferred 10000] [--rounds 3]
+    .venv/bin/python bench/flush.py [--messages 2000] [--deferred 10000] [--rounds 7]
 
 1. --messages queued 1 KiB messages delivered by `pymta flush` (the real console script, start-up included,
    and Flusher.run() in this process) to a local sink (bench/sink.py), beside smtplib.SMTP.sendmail() sending
    the same messages over one connection. Target (issue 3): at least 0.8x the smtplib rate.
 2. A flush when --deferred messages are deferred and none is due. Target: well under a second.
-Medians of --rounds rounds; everything happens in a temporary directory and on 127.0.0.1.
+
+The three are measured one after the other in each round, so that a ratio compares runs seconds apart: on a
+shared machine the speed of the CPU itself drifts by a quarter between minutes. Each figure is the median of
+the rounds with the lowest and highest beside it, and each ratio is the median of the rounds' own ratios.
+The queue of a round is written (every file fsynced, as sendmail does) and then os.sync()ed before its flush
+starts: the flush meets a queue filled earlier, not the journal of the fill still being written out.
+Everything happens in a temporary directory and on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -67,17 +73,25 @@ def smtplib_rate(port: int, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def spread(values: list[float], scale: float = 1.0, digits: int = 0, unit: str = "") -> str:
+    """`median<unit> (lowest-highest)` of `values` times `scale`."""
+    low, mid, high = (
+        f"{value * scale:.{digits}f}" for value in (min(values), statistics.median(values), max(values))
+    )
+    return f"{mid}{unit} ({low}-{high})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--deferred", type=int, default=10000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     pymta = str(Path(sys.executable).parent / "pymta")
 
-    results: dict[str, list[float]] = {"smtplib": [], "pymta flush": [], "Flusher.run": []}
+    rates: dict[str, list[float]] = {"smtplib": [], "pymta flush": [], "Flusher.run": []}
     # The sink runs in a process of its own, as a real smarthost would: in this process it would share the
     # interpreter lock with the client being measured.
     sink = subprocess.Popen(
@@ -95,15 +109,17 @@ def main() -> int:
         config = load(str(config_path))
         spool = Spool(config.spool)
         for _ in range(args.rounds):
-            results["smtplib"].append(smtplib_rate(port, args.messages))
+            rates["smtplib"].append(smtplib_rate(port, args.messages))
             fill(spool, args.messages)
+            os.sync()
             start = time.perf_counter()
             subprocess.run([pymta, "flush"], env=env, check=True)
-            results["pymta flush"].append(args.messages / (time.perf_counter() - start))
+            rates["pymta flush"].append(args.messages / (time.perf_counter() - start))
             fill(spool, args.messages)
+            os.sync()
             start = time.perf_counter()
             report = Flusher(config).run()
-            results["Flusher.run"].append(args.messages / (time.perf_counter() - start))
+            rates["Flusher.run"].append(args.messages / (time.perf_counter() - start))
             assert report.sent == args.messages, report
         assert spool.entries() == ([], []), "not everything was delivered"
 
@@ -130,18 +146,20 @@ def main() -> int:
 
     sink.stdin.close()
     sink.wait(10)
-    ceiling = statistics.median(results["smtplib"])
     print(
         f"python {sys.version.split()[0]}, {args.messages} messages of {len(message(0))} bytes, "
-        f"median of {args.rounds} rounds"
+        f"{args.rounds} rounds: median (lowest-highest)"
     )
-    for name, rates in results.items():
-        rate = statistics.median(rates)
-        print(f"  {name:<12} {rate:7.0f} messages/s  ({rate / ceiling:.2f}x smtplib)")
+    for name, values in rates.items():
+        line = f"  {name:<12} {spread(values, unit=' messages/s')}"
+        if name != "smtplib":
+            ratios = [rate / ceiling for rate, ceiling in zip(values, rates["smtplib"], strict=True)]
+            line += f", {spread(ratios, digits=2, unit='x')} the same round's smtplib"
+        print(line)
     print(
-        f"  {args.deferred} deferred, none due: pymta flush {statistics.median(idle_process) * 1000:.0f} ms "
-        f"(process start-up alone {statistics.median(start_only) * 1000:.0f} ms), "
-        f"Flusher.run {statistics.median(idle_run) * 1000:.0f} ms"
+        f"  {args.deferred} deferred, none due: pymta flush {spread(idle_process, 1000, unit=' ms')}, "
+        f"process start-up alone {spread(start_only, 1000, unit=' ms')}; "
+        f"Flusher.run {spread(idle_run, 1000, unit=' ms')}"
     )
     return 0
 

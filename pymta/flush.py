@@ -5,8 +5,11 @@ once). A run picks up new submissions, then takes the due messages oldest first.
 (`routing.Router`: aliases, the admin address, a local mailbox, or a smarthost); local ones are written to
 their mailbox as the recipient, the rest go to the first smarthost of the message's route that answers,
 over one SMTP connection per smarthost for the whole run. After each message the outcome of every
-recipient is written to its state, under the message's lock, before the next message is sent, so a
-recipient that was delivered is never sent again (DESIGN.md invariant 3).
+recipient is written to its state, under the message's lock, before the text of the next message is sent,
+so a recipient that was delivered is never sent again (DESIGN.md invariant 3). Only the next message's
+commands (RSET, MAIL, RCPT, DATA) may go out earlier: with PIPELINING they ride behind the current text,
+so a message costs one round trip (`SmtpSession.start`); the next message is started, still locked,
+before the current one is finished and recorded.
 
 What an answer means (DESIGN.md, "Temporary vs permanent"): 2xx delivers a recipient; 4xx, a network,
 timeout, TLS or AUTH problem, or a password source that fails defers it; only a 5xx answer to MAIL, RCPT or
@@ -34,7 +37,7 @@ from .config import Config, Smarthost
 from .identity import policy_of
 from .message import complete, rewrite_from
 from .routing import Router
-from .smtp import RecipientOutcome, SessionError, SmtpSession, Status
+from .smtp import RecipientOutcome, SessionError, SmtpSession, Status, Transaction
 from .spool import NEVER, QueueEntry, RecipientStatus, Spool
 
 # Deferred messages come back within +-10% of their interval, so a burst does not retry as a burst.
@@ -92,6 +95,8 @@ class FlushReport:
 
 class Flusher:
     """One run over the queue. `now` and `jitter` are injectable so tests can move time."""
+
+    _in_flight: InFlight | None = None  # the message started on a session and not yet finished
 
     def __init__(
         self,
@@ -168,10 +173,14 @@ class Flusher:
             expire_failed(self.spool, self.config, self.clock(), self.log)
             report.housekeeping_done = True
         due = self.due(force)
-        for done, name in enumerate(due, 1):
-            self._deliver(name, report)
-            if progress is not None:
-                progress(done, len(due))
+        try:
+            for done, name in enumerate(due, 1):
+                self._deliver(name, report)
+                if progress is not None:
+                    progress(done, len(due))
+            self._finish_in_flight(report)
+        finally:
+            self._abandon_in_flight()
 
     def _deliver(self, name: str, report: FlushReport) -> None:
         try:
@@ -181,25 +190,30 @@ class Flusher:
         if lock is None:
             self.log.info(f"id={name} is being changed by a queue command; it waits for the next run")
             return
+        keeps_lock = False
         try:
-            self._deliver_locked(name, report)
+            keeps_lock = self._deliver_locked(name, lock, report)
         finally:
-            self.spool.unlock_message(lock)
+            if not keeps_lock:
+                self.spool.unlock_message(lock)
 
-    def _deliver_locked(self, name: str, report: FlushReport) -> None:
+    def _deliver_locked(self, name: str, lock: int, report: FlushReport) -> bool:
+        """Attempt one message. True when its lock is taken care of: the message is in flight (its remote
+        recipients are started, and `_finish_in_flight` finishes and records it once the next message is
+        started), or it was removed and its lock went with it (`Spool.remove`)."""
         try:
-            entry, message = self.spool.load(name)
+            entry, message = self.spool.load(name, lock)  # read through the lock's descriptor: no second open
         except FileNotFoundError:
-            return  # deleted by an admin while we worked
+            return False  # deleted by an admin while we worked
         except (OSError, ValueError) as exc:
             self.log.error(f"id={name} cannot read the queued message ({exc}); moved to corrupt/")
             self.spool.set_aside_queued(name)
-            return
+            return False
         if entry.state == "held":
-            return  # held by the admin: never delivered, never expired
+            return False  # held by the admin: never delivered, never expired
         pending = [r for r in entry.recipients if r.status in PENDING]
         if not pending and not entry.bounce_due:
-            return
+            return False
         report.attempted += 1
         now = self.clock()
         attempt = Attempt()
@@ -211,7 +225,35 @@ class Flusher:
                 attempt.set(recipient.address, "failed", reason, "none")
         elif pending:
             self._attempt(entry, message, pending, attempt)
-        self._record(entry, message, attempt, report)
+        # The message before this one is finished now, before anything of this one is recorded: with
+        # PIPELINING its text goes out with this one's commands behind it (one round trip per message), and
+        # its outcome is written before this one's text is sent (invariant 3).
+        self._finish_in_flight(report)
+        if attempt.remote is not None:
+            self._in_flight = InFlight(entry, message, attempt, lock)
+            return True
+        return self._record(entry, message, attempt, report, lock)
+
+    def _finish_in_flight(self, report: FlushReport) -> None:
+        """Finish the started message, if there is one: read its outcomes, record them, unlock it."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        handed_over = False
+        try:
+            assert flight.attempt.remote is not None
+            flight.attempt.remote()
+            handed_over = self._record(flight.entry, flight.message, flight.attempt, report, flight.lock)
+        finally:
+            if not handed_over:
+                self.spool.unlock_message(flight.lock)
+
+    def _abandon_in_flight(self) -> None:
+        """After a failure of the run: unlock a started message, unrecorded. Nothing of it was delivered:
+        its text never went out, and the session is closed without QUIT (`SmtpSession.close`)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            self.spool.unlock_message(flight.lock)
 
     def _attempt(
         self, entry: QueueEntry, message: bytes, pending: list[RecipientStatus], attempt: Attempt
@@ -291,16 +333,25 @@ class Flusher:
 
         # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
         on_wire = {address: self.router.wire_address(address) for address in remote}
-        results, relay = self.sessions.send(
-            hosts, entry, list(dict.fromkeys(on_wire.values())), as_sent_through
-        )
-        for address in remote:
-            outcome = results[on_wire[address]]
-            attempt.set(address, outcome.status, outcome.reply, relay, wire=outcome.recipient)
+        delivery = self.sessions.start(hosts, entry, list(dict.fromkeys(on_wire.values())), as_sent_through)
 
-    def _record(self, entry: QueueEntry, message: bytes, attempt: Attempt, report: FlushReport) -> None:
+        def finish() -> None:
+            results, relay = self.sessions.finish(delivery)
+            for address in remote:
+                outcome = results[on_wire[address]]
+                attempt.set(address, outcome.status, outcome.reply, relay, wire=outcome.recipient)
+
+        if delivery.result is not None:
+            finish()  # known already: no smarthost works, or it cannot go over SMTP
+        else:
+            attempt.remote = finish
+
+    def _record(
+        self, entry: QueueEntry, message: bytes, attempt: Attempt, report: FlushReport, lock: int
+    ) -> bool:
         """Write the outcome of one attempt to the message's state, send the bounce or delay notice it calls
-        for, and remove the message when every recipient is done and nothing is owed."""
+        for, and remove the message when every recipient is done and nothing is owed. True when it was
+        removed: its `lock` went with it (`Spool.remove` closes it), and must not be unlocked again."""
         now = self.clock()
         attempts = entry.attempts + (1 if attempt.results else 0)
         recipients: dict[str, dict[str, object]] = {}
@@ -336,8 +387,8 @@ class Flusher:
                     recipients[address]["reported"] = True
         statuses = {str(r["status"]) for r in recipients.values()}
         if statuses <= {"delivered", "expanded"}:
-            self.spool.remove(entry)
-            return
+            self.spool.remove(entry, lock)
+            return True
         if statuses & set(PENDING):
             state = "deferred"
             delay = self.config.retry.delay_after(attempts)
@@ -361,6 +412,7 @@ class Flusher:
             },
             next_attempt,
         )
+        return False
 
     def _bounce(
         self,
@@ -440,11 +492,23 @@ class Attempt:
         self.results: dict[str, tuple[str, str, str, str]] = {}
         self.added: dict[str, str] = {}  # alias targets added in this attempt -> the recipient they came from
         self.relay: str | None = None  # the smarthost that answered, if one did
+        # Set while the remote recipients are started on a session: reads their outcomes into `results`.
+        self.remote: Callable[[], None] | None = None
 
     def set(self, address: str, status: str, reply: str, relay: str, wire: str | None = None) -> None:
         self.results[address] = (status, reply, relay, wire or address)
         if relay not in ("none", "local"):
             self.relay = relay
+
+
+@dataclass
+class InFlight:
+    """A message whose remote recipients are started and not finished; it keeps its lock until then."""
+
+    entry: QueueEntry
+    message: bytes
+    attempt: Attempt
+    lock: int
 
 
 def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) -> QueueEntry:
@@ -468,12 +532,41 @@ def route(config: Config, sender: str) -> tuple[Smarthost, ...]:
     return config.smarthosts
 
 
+class Delivery:
+    """One message handed to `Sessions.start`: where it is going, and what came of it."""
+
+    __slots__ = ("hosts", "entry", "recipients", "prepare", "host", "session", "transaction", "result")
+
+    def __init__(
+        self,
+        hosts: tuple[Smarthost, ...],
+        entry: QueueEntry,
+        recipients: list[str],
+        prepare: Callable[[Smarthost], tuple[str, bytes]],
+    ) -> None:
+        self.hosts = hosts
+        self.entry = entry
+        self.recipients = recipients
+        self.prepare = prepare
+        self.host: Smarthost | None = None  # the smarthost it was started on
+        self.session: SmtpSession | None = None
+        self.transaction: Transaction | None = None
+        # The outcomes and relay when they are known without an answer to this message (no smarthost works,
+        # or it cannot be sent over SMTP at all).
+        self.result: tuple[dict[str, RecipientOutcome], str] | None = None
+
+
 class Sessions:
     """The SMTP connections of one run, one per smarthost, opened on first use and reused for every message.
 
     A smarthost that cannot be reached, or whose session breaks mid-message, is not tried again in the same
     run: a dead server would otherwise cost a timeout per message. The next smarthost of the route is tried
     instead (DESIGN.md: "tried in order; the next one when one is unreachable").
+
+    A message is started, then finished (`start`, `finish`; `send` does both). The flush starts the next
+    message before it finishes the current one, so that with PIPELINING the next one's commands go out with
+    the current one's text (`SmtpSession.start`). When a session fails or reconnects while it finishes one
+    message, the message started behind it had sent nothing that can be delivered: it is started again.
     """
 
     def __init__(self, config: Config, logger: logging.Logger) -> None:
@@ -481,6 +574,7 @@ class Sessions:
         self.log = logger
         self.open: dict[Smarthost, SmtpSession] = {}
         self.broken: dict[Smarthost, str] = {}  # smarthosts that failed this run, and why
+        self.waiting: list[Delivery] = []  # started and not finished, oldest first
 
     def send(
         self,
@@ -492,48 +586,80 @@ class Sessions:
         """Send one message through the first smarthost that works; the outcome of each recipient and the
         relay that gave it. `prepare(host)` gives the envelope sender and the message as that host gets
         them. When none works, every recipient is deferred with the reasons."""
+        return self.finish(self.start(hosts, entry, recipients, prepare))
+
+    def start(
+        self,
+        hosts: tuple[Smarthost, ...],
+        entry: QueueEntry,
+        recipients: list[str],
+        prepare: Callable[[Smarthost], tuple[str, bytes]],
+    ) -> Delivery:
+        """Start one message (arguments as for `send`) on the first smarthost that works; `finish` gives
+        its outcomes. Started messages are finished in the order they were started."""
+        delivery = Delivery(hosts, entry, recipients, prepare)
+        self._begin(delivery)
+        if delivery.result is None:
+            self.waiting.append(delivery)
+        return delivery
+
+    def finish(self, delivery: Delivery) -> tuple[dict[str, RecipientOutcome], str]:
+        """The outcome of each recipient of a started message, and the relay that gave it."""
+        if delivery in self.waiting:
+            self.waiting.remove(delivery)
+        result = self._finish(delivery)
+        for other in self.waiting:
+            if other.transaction is not None and other.transaction.lost:
+                self._begin(other)  # its session failed or reconnected meanwhile; nothing of it went out
+        return result
+
+    def _begin(self, delivery: Delivery) -> None:
+        delivery.transaction = delivery.result = None  # a restart forgets the lost transaction
         reasons = []
-        for host in hosts:
+        recipients = delivery.recipients
+        for host in delivery.hosts:
             session = self._session(host)
             if session is None:
                 reasons.append(self.broken[host])
                 continue
-            sender, message = prepare(host)
+            sender, message = delivery.prepare(host)
+            delivery.host, delivery.session = host, session
             try:
-                return self._send(session, entry, sender, recipients, message), session.relay
-            except SessionError as exc:
-                self._drop(host, str(exc))
-                # The message was in flight: the connection may have died after the server took it, so it
-                # is not sent to another smarthost in this run (that would risk a duplicate); it is deferred.
-                return _all(recipients, "deferred", str(exc)), session.relay
-        relay = hosts[0].label if len(hosts) == 1 else "none"
-        return _all(recipients, "deferred", "; ".join(reasons)), relay
+                delivery.transaction = session.start(sender, recipients, message, **_dsn(delivery.entry))
+            except ValueError as exc:
+                reply = f"554 5.6.0 cannot be sent over SMTP: {exc}"
+                delivery.result = _all(recipients, "failed", reply), session.relay
+            return
+        relay = delivery.hosts[0].label if len(delivery.hosts) == 1 else "none"
+        delivery.result = _all(recipients, "deferred", "; ".join(reasons)), relay
 
-    def _send(
-        self, session: SmtpSession, entry: QueueEntry, sender: str, recipients: list[str], message: bytes
-    ) -> dict[str, RecipientOutcome]:
-        for attempt in (1, 2):
+    def _finish(self, delivery: Delivery) -> tuple[dict[str, RecipientOutcome], str]:
+        if delivery.transaction is not None and delivery.transaction.lost:
+            self._begin(delivery)
+        if delivery.result is not None:
+            return delivery.result
+        host, session, transaction = delivery.host, delivery.session, delivery.transaction
+        assert host is not None and session is not None and transaction is not None
+        recipients = delivery.recipients
+        try:
             try:
-                outcomes = session.send(
-                    sender,
-                    recipients,
-                    message,
-                    notify=entry.dsn_notify,
-                    ret=entry.dsn_ret,
-                    envid=entry.dsn_envid,
-                    body_type=entry.body_type,
-                )
+                outcomes = session.finish(transaction)
             except SessionError as exc:
-                if not exc.reconnect or attempt == 2:
+                if not exc.reconnect:
                     raise
                 # The server closed the idle connection between messages: nothing of this one reached it.
                 session.close()
                 session.open()
-                continue
-            except ValueError as exc:
-                return _all(recipients, "failed", f"554 5.6.0 cannot be sent over SMTP: {exc}")
-            return {outcome.recipient: outcome for outcome in outcomes}
-        raise AssertionError("unreachable")
+                sender, message = delivery.prepare(host)
+                outcomes = session.send(sender, recipients, message, **_dsn(delivery.entry))
+        except SessionError as exc:
+            self._drop(host, str(exc))
+            # The message was in flight: the connection may have died after the server took it, so it is
+            # not sent to another smarthost in this run (that would risk a duplicate); it is deferred.
+            return _all(recipients, "deferred", str(exc)), session.relay
+        except ValueError as exc:
+            return _all(recipients, "failed", f"554 5.6.0 cannot be sent over SMTP: {exc}"), session.relay
+        return {outcome.recipient: outcome for outcome in outcomes}, session.relay
 
     def _session(self, host: Smarthost) -> SmtpSession | None:
         if host in self.broken:
@@ -557,10 +683,21 @@ class Sessions:
             session.close()
 
     def close(self) -> None:
-        """QUIT every open session."""
+        """QUIT every open session (a session with a message half sent is only closed)."""
         for session in self.open.values():
             session.close()
         self.open.clear()
+        self.waiting.clear()
+
+
+def _dsn(entry: QueueEntry) -> dict[str, str | None]:
+    """The DSN and body options of a message, as `SmtpSession.start` and `send` take them."""
+    return {
+        "notify": entry.dsn_notify,
+        "ret": entry.dsn_ret,
+        "envid": entry.dsn_envid,
+        "body_type": entry.body_type,
+    }
 
 
 def _all(recipients: list[str], status: Status, reply: str) -> dict[str, RecipientOutcome]:

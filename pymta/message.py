@@ -15,14 +15,11 @@ from __future__ import annotations
 from .address import excerpt, is_local_part_only, parse_list, qualify, recipient_addrs, unique_addresses
 from .errors import AddressError, MessageError
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
 CRLF = b"\r\n"
 # A leading line in mbox format that is no header field (Postfix, nullmailer and dma drop it too).
 _MBOX_SEPARATORS = (b"From ", b">From ")
 _FOLD_STARTS = (ord(" "), ord("\t"))
+_FIELD_NAME_BYTES = bytes(range(33, 127))  # printable ASCII: what a field name is made of (':' ends it)
 # RFC 5322 specials: a display name holding one of these must be quoted.
 _DISPLAY_SPECIALS = frozenset('()<>[]:;@\\,."')
 
@@ -95,7 +92,7 @@ def _field_name(message: bytes, start: int, end: int) -> str | None:
     if colon < 0:
         return None
     name = message[start:colon].rstrip(b" \t")
-    if not name or not all(33 <= byte <= 126 for byte in name):
+    if not name or name.translate(None, _FIELD_NAME_BYTES):  # a byte outside 33-126 is left over
         return None
     return name.decode("ascii")
 
@@ -316,25 +313,26 @@ def complete(
     an empty line. The body is not touched.
     """
     block = _header_block(message)
-    header: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     present: set[str] = set()
     for name, field in block.fields:
-        present.add(name.lower())
-        completed = field
-        if _FIELD_RULES.get(name.lower(), _NO_RULE).qualified and domain:
-            completed = _qualified_field(field, domain)
-        header.append(completed if completed.endswith(b"\n") else completed + CRLF)
-    generated: tuple[tuple[str, Callable[[], str]], ...] = (
-        ("Date", lambda: _date_value(queued_at)),
-        ("Message-ID", lambda: f"<{message_id}@{hostname}>"),
-        ("From", lambda: _from_value(full_name, qualify(sender or submitted_by, domain))),
-    )
-    for name, value in generated:
-        if name.lower() not in present:
-            header.append(f"{name}: {value()}\r\n".encode("utf-8", "surrogateescape"))
+        lower = name.lower()
+        present.add(lower)
+        if domain and _FIELD_RULES.get(lower, _NO_RULE).qualified:
+            field = _qualified_field(field, domain)
+        parts.append(field if field.endswith(b"\n") else field + CRLF)
+    generated = []  # in this order, each when missing
+    if "date" not in present:
+        generated.append(f"Date: {_date_value(queued_at)}\r\n")
+    if "message-id" not in present:
+        generated.append(f"Message-ID: <{message_id}@{hostname}>\r\n")
+    if "from" not in present:
+        generated.append(f"From: {_from_value(full_name, qualify(sender or submitted_by, domain))}\r\n")
+    parts.extend(line.encode("utf-8", "surrogateescape") for line in generated)
     if not block.fields or block.separator_missing:
-        header.append(CRLF)
-    return b"".join(header) + message[block.end :]
+        parts.append(CRLF)
+    parts.append(memoryview(message)[block.end :])  # the body is copied once, into the result
+    return b"".join(parts)
 
 
 def rewrite_from(message: bytes, address: str, original: str = "x-original-from") -> bytes:

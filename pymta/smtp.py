@@ -3,8 +3,13 @@
     with SmtpSession(smarthost, hostname=config.hostname) as session:   # connect, EHLO, TLS, EHLO, AUTH
         outcomes = session.send(sender, recipients, message_bytes)       # one RecipientOutcome per recipient
 
-One session carries many messages: RSET goes before every message but the first, and when the server
-offers PIPELINING, RSET, MAIL and all RCPTs go out in one write (three round trips per message).
+One session carries many messages: RSET goes before every message but the first. When the server offers
+PIPELINING (RFC 2920), RSET, MAIL, every RCPT and DATA go out in one write, and a message costs two round
+trips: its commands, and its text. A caller with many messages starts the next one before it finishes the
+current one (`start()`, then `finish()` in the same order): the next message's commands then ride in the
+write of the current one's text, behind its final dot, and a message costs one round trip. The current
+message's final reply is read and returned before any of the next one's text is sent, so the caller records
+it first (DESIGN.md invariant 3); nothing of a message is delivered before its text has gone out.
 
 Results are values, failures of the session are exceptions. `send()` returns, per recipient, `delivered` (the
 server said 250 to DATA), `deferred` (a 4xx to MAIL, RCPT or DATA) or `failed` (a 5xx), with the server's
@@ -42,7 +47,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -103,8 +108,8 @@ class SessionError(PymtaError):
     `connection_usable` is False when the session has been closed (always, today: a failed session is
     closed before the error is raised, and the caller opens a new one). `reconnect` is True when the
     server went away *between* messages (the RSET before a message found the connection closed, or got
-    421): nothing of that message reached the server, so the caller should open the session again and
-    resend it at once.
+    421), or the connection ended while an earlier started message was finished: nothing of that message
+    reached the server, so the caller should open the session again and resend it at once.
     `reply` is the server's reply that caused the failure, when there was one.
     """
 
@@ -159,6 +164,23 @@ class ServerInfo:
     authenticated: str | None  # "PLAIN as me@example.org" once AUTH succeeded
 
 
+@dataclass(eq=False, slots=True)
+class Transaction:
+    """A message started on a session (`SmtpSession.start`) and not finished yet."""
+
+    recipients: list[str]  # as given to start(), in order
+    outcomes: dict[str, RecipientOutcome]  # decided so far; those known without the server at start
+    pending: list[str] = field(default_factory=list)  # the recipients that go to the server
+    message: bytes = b""
+    mail: str = ""  # the MAIL command
+    rcpts: list[str] = field(default_factory=list)  # the RCPT commands, one per pending recipient
+    reset: bool = False  # RSET goes first: a message went before on this connection
+    pipelined: bool = False  # the server offers PIPELINING
+    encoding: str = "ascii"  # of the commands: utf-8 with SMTPUTF8
+    written: bool = False  # the commands went out
+    lost: bool = False  # the connection ended before this message was finished: start it again
+
+
 # --- The session ---
 
 
@@ -182,6 +204,7 @@ class SmtpSession:
         self._client: _Client | None = None
         self._last_ip: str | None = None  # the server's address, for messages after the connection closed
         self._transactions = 0
+        self._started: list[Transaction] = []  # started and not finished, oldest first
         self._greeting = ""
         self._extensions: tuple[str, ...] = ()
         self._tls: TlsInfo | None = None
@@ -247,6 +270,29 @@ class SmtpSession:
         Raises SessionError when the session fails (see the class), ValueError before sending anything
         when an argument cannot be carried by SMTP (CR, LF, <, > in an address; an unknown NOTIFY word).
         """
+        if self._started:
+            raise RuntimeError("a started message must be finished first")
+        return self.finish(
+            self.start(sender, recipients, message, notify=notify, ret=ret, envid=envid, body_type=body_type)
+        )
+
+    def start(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        notify: str | None = None,
+        ret: str | None = None,
+        envid: str | None = None,
+        body_type: str | None = None,
+    ) -> Transaction:
+        """Start one message (arguments as for `send()`); `finish()` sends it and gives the outcomes.
+
+        Nothing is sent here. Messages are finished in the order they were started; a message started
+        while an earlier one is not finished has its commands sent behind that one's text (see the module
+        docstring). Raises ValueError as `send()` does; failures of the session come from `finish()`.
+        """
         client = self._require_open()
         params = _check_arguments(sender, recipients, notify, ret, envid)
         features = client.esmtp_features
@@ -263,7 +309,7 @@ class SmtpSession:
                     )
         pending = [r for r in dict.fromkeys(recipients) if r not in outcomes]
         if not pending:
-            return [outcomes[r] for r in recipients]
+            return Transaction(list(recipients), outcomes)
 
         mail_params = []
         if "size" in features:
@@ -274,25 +320,65 @@ class SmtpSession:
             mail_params.append("SMTPUTF8")
         if dsn:
             mail_params += params.mail
-        client.command_encoding = "utf-8" if utf8 else "ascii"
         mail = f"MAIL FROM:<{sender}>{_join(mail_params)}"
         rcpts = [f"RCPT TO:<{r}>{_join(params.rcpt + _orcpt(r) if dsn else [])}" for r in pending]
-
-        # RSET before every message but the first. With PIPELINING (RFC 2920) RSET, MAIL, every RCPT and DATA
-        # go out in one write (DATA may end a group), so a message costs two round trips: the commands, and
-        # the text. A plain smtplib loop needs 3 + recipients.
-        pipelining = "pipelining" in features
         reset = self._transactions > 0
         self._transactions += 1
-        replies = self._exchange([mail, *rcpts, "DATA"] if pipelining else [mail], reset=reset)
+        transaction = Transaction(
+            list(recipients),
+            outcomes,
+            pending,
+            message,
+            mail,
+            rcpts,
+            reset=reset,
+            pipelined="pipelining" in features,
+            encoding="utf-8" if utf8 else "ascii",
+        )
+        self._started.append(transaction)
+        return transaction
+
+    def finish(self, transaction: Transaction) -> list[RecipientOutcome]:
+        """Send a started message; one outcome per recipient, in the order given to `start()`.
+
+        Raises SessionError as `send()` does. When the connection ended before anything of this message
+        was sent (a failure while finishing the one before it), the error says `reconnect` and the
+        transaction is `lost`: start the message again, on this session reopened or another one.
+        """
+        outcomes = transaction.outcomes
+        recipients = transaction.recipients
+        if not transaction.pending:
+            return [outcomes[r] for r in recipients]
+        if transaction.lost:
+            raise SessionError(
+                self.relay,
+                "the connection ended before this message was sent; try again later",
+                stage="closed",
+                reconnect=True,
+            )
+        if not self._started or self._started[0] is not transaction:
+            raise RuntimeError("started messages are finished in the order they were started")
+        client = self._require_open()
+        client.command_encoding = transaction.encoding
+        pending, message, reset = transaction.pending, transaction.message, transaction.reset
+
+        # RSET before every message but the first. With PIPELINING (RFC 2920) RSET, MAIL, every RCPT and DATA
+        # go out in one write (DATA may end a group), often behind the text of the message before; a message
+        # then costs one or two round trips. A plain smtplib loop needs 3 + recipients.
+        pipelining = transaction.pipelined
+        lines = [transaction.mail, *transaction.rcpts, "DATA"] if pipelining else [transaction.mail]
+        replies = self._exchange(lines, reset=reset, written=transaction.written)
+        transaction.written = True
         code, reply = replies[0]
         status = _known_status(code)
         if status != "delivered":  # with PIPELINING the RCPTs and DATA were answered too (503): moot
             if pipelining and replies[-1][0] == 354:
                 self._data(b"")  # the server took DATA anyway; end the empty transaction
             outcomes.update((r, RecipientOutcome(r, status, reply)) for r in pending)
-            return [outcomes[r] for r in recipients]
-        rcpt_replies = replies[1:-1] if pipelining else [self._exchange([line])[0] for line in rcpts]
+            return self._finished(transaction)
+        rcpt_replies = (
+            replies[1:-1] if pipelining else [self._exchange([line])[0] for line in transaction.rcpts]
+        )
 
         accepted = []
         for recipient, (code, reply) in zip(pending, rcpt_replies, strict=True):
@@ -308,14 +394,18 @@ class SmtpSession:
         if code == 354:
             if not accepted:  # every RCPT refused, yet the server wants the text: send none (RFC 2920 3.1)
                 self._data(b"")
-                return [outcomes[r] for r in recipients]
+                return self._finished(transaction)
             code, reply = self._data(message)
         elif accepted and _status(code) == "delivered":
             raise self._fail("protocol", f"the server answered DATA with {reply}, not 354", reply=reply)
         if accepted:
             status = _known_status(code)
             outcomes.update((r, RecipientOutcome(r, status, reply)) for r in accepted)
-        return [outcomes[r] for r in recipients]
+        return self._finished(transaction)
+
+    def _finished(self, transaction: Transaction) -> list[RecipientOutcome]:
+        self._started.pop(0)
+        return [transaction.outcomes[r] for r in transaction.recipients]
 
     def close(self) -> None:
         """Say QUIT and close the connection; never raises. A closed session can be opened again."""
@@ -323,8 +413,10 @@ class SmtpSession:
         if client is None:
             return
         self._last_ip = client.peer_ip
+        # A started message whose commands went out may have a 354 waiting: QUIT would be taken for its text.
+        in_transaction = self._forget_started()
         try:
-            if client.sock is not None:
+            if client.sock is not None and not in_transaction:
                 client.quit()
         except (smtplib.SMTPException, OSError):
             pass
@@ -548,8 +640,11 @@ class SmtpSession:
 
     # -- transactions --
 
-    def _exchange(self, lines: Sequence[str], *, reset: bool = False) -> list[tuple[int, str]]:
-        """Send `lines` (with RSET first when `reset`) in one write and read one reply per line.
+    def _exchange(
+        self, lines: Sequence[str], *, reset: bool = False, written: bool = False
+    ) -> list[tuple[int, str]]:
+        """Send `lines` (with RSET first when `reset`) in one write and read one reply per line; `written`:
+        they went out already, behind the text of the message before (`_data`), and are only read.
 
         The replies are 2xx, 4xx or 5xx; anything else, a 421 or a lost connection raises SessionError.
         When the server turns out to be gone at the RSET (closed the idle connection, or 421), the error
@@ -557,33 +652,33 @@ class SmtpSession:
         """
         client = self._require_open()
         commands = ["RSET", *lines] if reset else list(lines)
-        try:
-            client.send("".join(f"{command}\r\n" for command in commands).encode(client.command_encoding))
-        except Exception as error:
-            failure = self._network_failure(error, _doing(commands[0]))
-            failure.reconnect = reset
-            raise failure from error
+        if not written:
+            try:
+                client.send(_command_lines(commands, client.command_encoding))
+            except Exception as error:
+                failure = self._network_failure(error, _doing(commands[0]))
+                failure.reconnect = reset
+                raise failure from error
         replies = []
         for index, command in enumerate(commands):
-            doing = _doing(command)
             at_reset = reset and index == 0
             try:
                 code, message = client.getreply()
             except Exception as error:
-                failure = self._network_failure(error, doing)
+                failure = self._network_failure(error, _doing(command))
                 failure.reconnect = at_reset
                 raise failure from error
-            reply = _format_reply(code, message)
+            if at_reset and code == 250:
+                continue
+            reply = _transaction_reply(code, message)
             if code == 421:
-                failure = self._closed(reply, doing)
+                failure = self._closed(reply, _doing(command))
                 failure.reconnect = at_reset
                 raise failure
             if at_reset:
-                if code != 250:
-                    raise self._fail("protocol", f"the server answered RSET with {reply}", reply=reply)
-                continue
+                raise self._fail("protocol", f"the server answered RSET with {reply}", reply=reply)
             if _status(code) is None and not (code == 354 and command == "DATA"):
-                raise self._fail("protocol", f"unexpected reply to {doing}: {reply!r}", reply=reply)
+                raise self._fail("protocol", f"unexpected reply to {_doing(command)}: {reply!r}", reply=reply)
             replies.append((code, reply))
         return replies
 
@@ -594,7 +689,7 @@ class SmtpSession:
             code, message = client.docmd(verb, arguments)
         except Exception as error:
             raise self._network_failure(error, doing) from error
-        reply = _format_reply(code, message)
+        reply = _transaction_reply(code, message)
         if code == 421:
             raise self._closed(reply, doing)
         if _status(code) is None and code != 354:
@@ -602,21 +697,42 @@ class SmtpSession:
         return code, reply
 
     def _data(self, message: bytes) -> tuple[int, str]:
+        """Send the text of the first started message and read the reply to its end; the commands of the
+        message started behind it go out in the same write (the module docstring says why that is safe)."""
         client = self._require_open()
-        body = _DOT_LINE_RE.sub(b"..", message)
+        body = message
+        if body.startswith(b".") or b"\n." in body:  # most messages have no line to dot-stuff: no copy
+            body = _DOT_LINE_RE.sub(b"..", body)
         if body and not body.endswith(b"\r\n"):
             body += b"\r\n"
         try:
-            client.send(body + b".\r\n")
+            client.send(b"".join((body, b".\r\n", self._commands_behind())))  # one copy of the text
             code, reply_bytes = client.getreply()
         except Exception as error:
             raise self._network_failure(error, "the message text (DATA)") from error
-        reply = _format_reply(code, reply_bytes)
+        reply = _transaction_reply(code, reply_bytes)
         if code == 421:
             raise self._closed(reply, "the end of DATA")
         if _status(code) is None:
             raise self._fail("protocol", f"unexpected reply to the end of DATA: {reply!r}", reply=reply)
         return code, reply
+
+    def _commands_behind(self) -> bytes:
+        """The commands of the message started after the one whose text is going out, if the server takes
+        them pipelined (marked as sent); b"" when there is none (or they cannot be encoded: then `_exchange`
+        reports that when that message is finished)."""
+        if len(self._started) < 2:
+            return b""
+        following = self._started[1]
+        if not following.pipelined or following.written or following.lost:
+            return b""
+        lines = [following.mail, *following.rcpts, "DATA"]
+        try:
+            data = _command_lines(["RSET", *lines] if following.reset else lines, following.encoding)
+        except UnicodeError:
+            return b""
+        following.written = True
+        return data
 
     # -- AUTH dialogues; each returns the final (code, reply) --
 
@@ -713,6 +829,14 @@ class SmtpSession:
             self._last_ip = client.peer_ip
             client.close()
         self._transactions = 0
+        self._forget_started()
+
+    def _forget_started(self) -> bool:
+        """Mark the started messages lost (the connection is going); True when one had commands sent."""
+        started, self._started = self._started, []
+        for transaction in started:
+            transaction.lost = True
+        return any(transaction.written for transaction in started)
 
     def _fail(self, stage: Stage, reason: str, *, reply: str | None = None) -> SessionError:
         relay = self.relay
@@ -864,6 +988,10 @@ def _orcpt(recipient: str) -> list[str]:
     return [f"ORCPT=rfc822;{xtext(recipient)}"] if recipient.isascii() else []
 
 
+def _command_lines(commands: Sequence[str], encoding: str) -> bytes:
+    return "".join(f"{command}\r\n" for command in commands).encode(encoding)
+
+
 def _doing(command: str) -> str:
     """A command as error messages name it: "RSET", "MAIL FROM", "RCPT TO"."""
     return command.split(":", 1)[0] if ":" in command else command.split(" ", 1)[0]
@@ -886,6 +1014,23 @@ def _known_status(code: int) -> Status:
     if status is None:  # _command() and _data() raise SessionError for these first
         raise AssertionError(f"reply code {code} has no outcome")
     return status
+
+
+# The replies of a transaction repeat ("250 2.0.0 Ok" to every RSET, MAIL and RCPT): each distinct one is
+# formatted once. Bounded, as the final replies often differ ("queued as ..."); AUTH replies never go in.
+_REPLY_CACHE_SIZE = 64
+_reply_cache: dict[tuple[int, bytes], str] = {}
+
+
+def _transaction_reply(code: int, message: bytes) -> str:
+    """`_format_reply` for the replies of a mail transaction, remembered."""
+    key = (code, message)
+    reply = _reply_cache.get(key)
+    if reply is None:
+        reply = _format_reply(code, message)
+        if len(_reply_cache) < _REPLY_CACHE_SIZE:
+            _reply_cache[key] = reply
+    return reply
 
 
 def _format_reply(code: int, message: bytes) -> str:
@@ -1107,6 +1252,7 @@ __all__ = [
     "SmtpSession",
     "Status",
     "TlsInfo",
+    "Transaction",
     "fetch_certificate",
     "xtext",
 ]

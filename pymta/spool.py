@@ -8,7 +8,8 @@ Layout of a spool directory (DESIGN.md, "Two ways to run"):
     state/ID     its delivery state (JSON), replaced atomically on every change; absent means never tried.
                  Its mtime is the time of the next attempt, so finding what is due reads no file at all.
     corrupt/ID   a submission the pick-up could not read, kept for the admin
-    done/ID      a delivered message on its way out (unlinked in the background by the flush)
+    done/ID      left by a flush of an earlier version that stopped while removing delivered messages;
+                 the next flush unlinks it (delivered messages are unlinked from queue/ now: `remove`)
     flush.lock   held (flock) by the one flush that may run; flush.request asks it to look again
     status/UID   system mode: user UID's view of their own queued messages, written by the root flush
                  (`pymta.views`)
@@ -137,6 +138,21 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _read_all(fd: int, size: int = 0) -> bytes:
+    """Everything in the file behind `fd`, from its start whatever the descriptor's offset. `size` (what
+    fstat said) lets a file that size come in one read: a shorter read than asked is the end of the file."""
+    chunks = []
+    offset = 0
+    wanted = size + 1 if size else 65536
+    while True:
+        chunk = os.pread(fd, wanted, offset)
+        chunks.append(chunk)
+        offset += len(chunk)
+        if len(chunk) < wanted:
+            return b"".join(chunks)
+        wanted = 65536
+
+
 def _sync_new_name(directory: str, fd: int) -> None:
     """Make durable the name of the file `fd` that was just renamed into `directory`: fsync the directory.
     A writer who may not open it (system mode's drop directory, 1733: writable, not readable) fsyncs the
@@ -162,7 +178,7 @@ class Spool:
         self.path = path
         self.private = True  # after submit(): whether the spool is this user's own (user mode)
         self._dirs: dict[str, str] = {}
-        self._reaper: threading.Thread | None = None  # unlinks delivered messages in the background
+        self._reaper: threading.Thread | None = None  # frees delivered messages in the background
         self.limit_warned: set[int] = set()  # uids told about max_queued_per_user by this object's pick-ups
 
     def dir(self, name: str) -> str:
@@ -322,28 +338,41 @@ class Spool:
         import json
 
         try:
-            with open(os.path.join(self.dir("state"), name), "rb") as handle:
-                state = json.load(handle)
+            fd = os.open(os.path.join(self.dir("state"), name), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return None  # never tried: the common case on the flush's hot path, so no file object is made
+        try:
+            state = json.loads(_read_all(fd))
+        finally:
+            os.close(fd)
         if not isinstance(state, dict):
             raise ValueError("state file is not a JSON object")
         return state
 
-    def load(self, name: str) -> tuple[QueueEntry, bytes]:
-        """A picked-up message and its entry, from one read of queue/NAME (the flush's hot path)."""
+    def load(self, name: str, fd: int | None = None) -> tuple[QueueEntry, bytes]:
+        """A picked-up message and its entry, from one read of queue/NAME (the flush's hot path).
+
+        `fd`, when given, is a descriptor of queue/NAME that is already open (the one `lock_message`
+        returned): the file is read through it, from its start, and it stays open. FileNotFoundError when
+        that file has no name any more (deleted by a queue command between the open and the lock; queue
+        files are only ever unlinked, never replaced, and only the one flush renames them).
+        """
         import stat
 
         path = os.path.join(self.dir("queue"), name)
-        fd = os.open(path, _READ_FLAGS)
+        own = fd is None
+        if fd is None:
+            fd = os.open(path, _READ_FLAGS)
         try:
             info = os.fstat(fd)
+            if info.st_nlink == 0:
+                raise FileNotFoundError(errno.ENOENT, "deleted since it was opened", path)
             if not stat.S_ISREG(info.st_mode):
                 raise ValueError("not a regular file")
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                data = handle.read()
+            data = _read_all(fd, info.st_size)
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
         line, newline, message = data.partition(b"\n")
         if not newline:
             raise ValueError("no envelope line: not a pymta queue file")
@@ -612,44 +641,51 @@ class Spool:
         data = json.dumps(state, separators=(",", ":")).encode()
         self._write_private(os.path.join(self.dir("state"), name), data, mtime=next_attempt)
 
-    def remove(self, entry: QueueEntry) -> None:
-        """Forget a message whose every recipient is done.
+    def remove(self, entry: QueueEntry, lock: int | None = None) -> None:
+        """Forget a message whose every recipient is done: unlink queue/ID (that unlink is the decision),
+        then state/ID.
 
-        Its queue file is renamed into done/ at once (that rename is the decision, and it is cheap), and
-        unlinked by a background thread while the flush waits on the network: unlinking costs ten renames
-        on some file systems. `finish_removals` waits for them; leftovers in done/ (a crash) are removed by
-        the next flush's `remove_leftovers`.
+        A descriptor of the file stays open across the unlink, and a background thread closes it while the
+        flush goes on: whoever lets go of an unlinked file last pays for freeing its blocks, and for a file
+        that was fsynced that costs three renames here, ten times the unlink itself. `finish_removals` waits
+        for those closes. A crash leaves nothing behind: the kernel frees an unlinked file whose last
+        descriptor goes (after a power loss, when the file system is mounted again).
+
+        `lock`, the message's lock descriptor (`lock_message`), is that descriptor when given, and is handed
+        over: the caller must not unlock it (unless this raises).
         """
-        done = os.path.join(self.dir("done"), entry.id)
+        fd = os.open(entry.path, _READ_FLAGS) if lock is None else lock
         try:
-            os.rename(entry.path, done)
-        except FileNotFoundError:
-            os.makedirs(self.dir("done"), mode=0o700, exist_ok=True)
-            os.rename(entry.path, done)
+            os.unlink(entry.path)
+        except BaseException:
+            if lock is None:
+                os.close(fd)
+            raise
         if entry.has_state:
             unlink_quietly(os.path.join(self.dir("state"), entry.id))
         if self._reaper is None:
             import queue
             import threading
 
-            self._doomed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+            self._doomed: queue.SimpleQueue[int | None] = queue.SimpleQueue()
             self._reaper = threading.Thread(target=self._reap, name="pymta-reaper", daemon=True)
             self._reaper.start()
-        self._doomed.put(done)
+        self._doomed.put(fd)
 
     def _reap(self) -> None:
-        while (path := self._doomed.get()) is not None:
-            unlink_quietly(path)
+        while (fd := self._doomed.get()) is not None:
+            os.close(fd)
 
     def finish_removals(self) -> None:
-        """Wait until every message handed to `remove` is unlinked."""
+        """Wait until every message handed to `remove` is freed."""
         if self._reaper is not None:
             self._doomed.put(None)
             self._reaper.join()
             self._reaper = None
 
     def remove_leftovers(self) -> None:
-        """Unlink what a previous run left in done/ (it stopped before its background unlinks finished)."""
+        """Unlink what a flush of an earlier version left in done/ (it stopped before its background unlinks
+        finished)."""
         for name in self._names("done"):
             unlink_quietly(os.path.join(self.dir("done"), name))
 

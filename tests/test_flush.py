@@ -30,9 +30,11 @@ from mailservers import (
     USER,
     Close,
     Expect,
+    ReadData,
     ScriptedServer,
     Send,
     SmtpServer,
+    Step,
     accept_message,
     certificates,
     greet,
@@ -435,6 +437,187 @@ def test_a_server_that_closes_after_one_message_gets_the_next_over_a_new_connect
     ]
     assert sum("status=sent" in line for line in log_lines(result)) == 2
     assert mta.entries() == []
+
+
+# --- pipelining across messages (RFC 2920): one round trip per message ---
+
+# A pipelined message's commands as a server reads them, and the replies that accept them.
+NEXT_COMMANDS: list[Step] = [Expect("RSET"), Expect("MAIL"), Expect("RCPT"), Expect("DATA")]
+NEXT_ACCEPTED = "250 2.0.0 ok\n250 2.1.0 ok\n250 2.1.5 ok\n354 go ahead"
+FIRST_ENVELOPE: list[Step] = [
+    Expect("MAIL"), Expect("RCPT"), Expect("DATA"), Send("250 2.1.0 ok\n250 2.1.5 ok\n354 go ahead"),
+]  # fmt: skip
+
+
+def sent_replies(server: ScriptedServer, lines: list[str]) -> list[str]:
+    """For each RCPT the server read, in order, the reply the log records for that recipient."""
+    replies = []
+    for rcpt in (line for line in server.lines if line.startswith("RCPT")):
+        address = rcpt.removeprefix("RCPT TO:")
+        [logged] = [line for line in lines if f" to={address} " in line]
+        replies.append(logged.rsplit("(", 1)[1].rstrip(")"))
+    return replies
+
+
+def test_each_message_s_commands_ride_behind_the_text_before_it(mta: MtaEnv) -> None:
+    # This server answers a text only after it has read the next message's commands: a flush that waited
+    # for the answer first would time out here.
+    script = [
+        *greet(), *FIRST_ENVELOPE,
+        ReadData(), *NEXT_COMMANDS, Send("250 2.0.0 queued as 1\n" + NEXT_ACCEPTED),
+        ReadData(), *NEXT_COMMANDS, Send("250 2.0.0 queued as 2\n" + NEXT_ACCEPTED),
+        ReadData(), Send("250 2.0.0 queued as 3"), Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server:
+        configure(mta, plain_host(server.port))
+        for n in range(3):
+            enqueue(mta, f"user{n}@example.net")
+        result = flush(mta)
+        wait_until(server.finished.is_set, what="the script to end")
+    assert server.errors == []
+    assert len(server.data) == 3
+    # Each outcome is recorded for its own message, not for the one whose commands came with its text.
+    assert sent_replies(server, log_lines(result)) == [f"250 2.0.0 queued as {n}" for n in (1, 2, 3)]
+    assert mta.entries() == []
+
+
+def test_a_5xx_to_one_text_while_the_next_is_in_flight_fails_only_that_one(mta: MtaEnv) -> None:
+    script = [
+        *greet(), *FIRST_ENVELOPE,
+        ReadData(), *NEXT_COMMANDS, Send("554 5.6.0 refused by content filter\n" + NEXT_ACCEPTED),
+        ReadData(), Send("250 2.0.0 queued as 2"), Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server:
+        configure(mta, plain_host(server.port))
+        for n in range(2):
+            enqueue(mta, "-N", "never", f"user{n}@example.net")  # no bounce to script
+        result = flush(mta)
+        wait_until(server.finished.is_set, what="the script to end")
+    assert server.errors == []
+    replies = sent_replies(server, log_lines(result))
+    assert replies == ["554 5.6.0 refused by content filter", "250 2.0.0 queued as 2"]
+    [failed] = mta.entries()
+    assert failed.state == "failed"
+    first_rcpt = next(line for line in server.lines if line.startswith("RCPT"))
+    assert f"<{failed.recipients[0].address}>" in first_rcpt
+    assert failed.recipients[0].last_error == "554 5.6.0 refused by content filter"
+
+
+def test_a_smarthost_failing_mid_pipeline_defers_that_message_and_the_next_goes_on(
+    mta: MtaEnv, plain: SmtpServer
+) -> None:
+    # The first smarthost read the first text and the second message's commands, then went away without an
+    # answer. The first message may have been delivered there: it is deferred, not sent anywhere else. Of
+    # the second nothing deliverable went out: it goes through the second smarthost at once.
+    script = [*greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS, Close()]
+    with ScriptedServer(script) as server:
+        configure(mta, plain_host(server.port), plain_host(plain.port))
+        for n in range(2):
+            enqueue(mta, f"user{n}@example.net")
+        result = flush(mta)
+    assert server.errors == []
+    assert len(server.data) == 1
+    [deferred] = mta.entries()
+    assert deferred.state == "deferred"
+    assert "closed the connection" in (deferred.last_error or "")
+    first_rcpt = next(line for line in server.lines if line.startswith("RCPT"))
+    assert f"<{deferred.recipients[0].address}>" in first_rcpt
+    [received] = plain.handler.messages
+    assert received.rcpt_tos != [deferred.recipients[0].address]
+    assert sum("status=sent" in line for line in log_lines(result)) == 1
+
+
+def test_the_only_smarthost_failing_mid_pipeline_defers_both_messages(mta: MtaEnv) -> None:
+    script = [*greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS, Close()]
+    with ScriptedServer(script) as server:
+        configure(mta, plain_host(server.port))
+        for n in range(2):
+            enqueue(mta, f"user{n}@example.net")
+        flush(mta)
+    assert server.connections == 1  # not tried again in this run
+    assert len(server.data) == 1
+    entries = mta.entries()
+    assert [entry.state for entry in entries] == ["deferred", "deferred"]
+    assert all("closed the connection" in (entry.last_error or "") for entry in entries)
+
+
+def test_a_connection_closed_after_a_text_carries_the_next_two_over_a_new_one(mta: MtaEnv) -> None:
+    # The server answered the first text and closed. The second message, whose commands went unanswered,
+    # is sent again over a new connection, and the third, started meanwhile, follows it there.
+    first = [*greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS, Send("250 2.0.0 queued as 1"), Close()]
+    second = [
+        *greet(), *accept_message("250 2.0.0 queued as 2"),
+        *NEXT_COMMANDS, Send(NEXT_ACCEPTED), ReadData(), Send("250 2.0.0 queued as 3"),
+        Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(first, second) as server:
+        configure(mta, plain_host(server.port))
+        for n in range(3):
+            enqueue(mta, f"user{n}@example.net")
+        result = flush(mta)
+        wait_until(server.finished.is_set, what="the second script to end")
+    assert server.errors == []
+    assert server.connections == 2
+    assert len(server.data) == 3
+    replies = sent_replies(server, log_lines(result))
+    # The second message's RCPT was read twice (it was sent again): its one log line has the second answer.
+    assert replies == [f"250 2.0.0 queued as {n}" for n in (1, 2, 2, 3)]
+    assert mta.entries() == []
+
+
+def test_a_run_failing_mid_pipeline_leaves_no_lock_and_no_quit_in_a_text(
+    mta: MtaEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = [
+        *greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS,
+        Send("250 2.0.0 queued as 1\n" + NEXT_ACCEPTED), ReadData(),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server:
+        configure(mta, plain_host(server.port))
+        ids = [enqueue(mta, f"user{n}@example.net") for n in range(2)]
+        running, _ = flusher(mta)
+
+        def record(*args: object) -> bool:
+            raise OSError(errno.EIO, "the state cannot be written")
+
+        monkeypatch.setattr(running, "_record", record)
+        started = time.monotonic()
+        with pytest.raises(OSError, match="state cannot be written"):
+            running.run()
+        assert time.monotonic() - started < 3  # closed at once, not after a timeout waiting for QUIT
+        wait_until(server.finished.is_set, what="the script to end")
+    assert server.errors == []
+    assert server.data[1] == b""  # the second message's text never started, and no QUIT went into it
+    spool = Spool(str(mta.spool))
+    for queue_id in ids:  # neither message is left locked
+        lock = spool.lock_message(queue_id)
+        assert lock is not None
+        spool.unlock_message(lock)
+
+
+def test_pipelining_through_aiosmtpd_records_every_outcome(mta: MtaEnv, plain: SmtpServer) -> None:
+    plain.handler.extensions = ["PIPELINING"]
+    plain.handler.rejections = {"full@example.net": "452 4.2.2 mailbox full"}
+    configure(mta, plain_host(plain.port))
+    for n in range(4):
+        enqueue(mta, f"user{n}@example.net")
+    full = enqueue(mta, "full@example.net", "user9@example.net")
+    enqueue(mta, "user5@example.net")
+
+    result = flush(mta)
+
+    assert sorted(rcpt for m in plain.handler.messages for rcpt in m.rcpt_tos) == [
+        f"user{n}@example.net" for n in (0, 1, 2, 3, 5, 9)
+    ]
+    assert len(plain.handler.sessions) == 1
+    assert plain.handler.resets == 5
+    assert sum("status=sent" in line for line in log_lines(result)) == 6
+    [entry] = mta.entries()
+    assert entry.id == full
+    assert {(r.address, r.status) for r in entry.recipients} == {
+        ("full@example.net", "deferred"),
+        ("user9@example.net", "delivered"),
+    }
 
 
 def test_failover_to_the_second_smarthost_when_the_first_is_down(

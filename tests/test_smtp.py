@@ -21,10 +21,12 @@ from mailservers import (
     Expect,
     Handler,
     Hang,
+    ReadData,
     ScriptedServer,
     Send,
     SmtpServer,
     StartTls,
+    Step,
     accept_message,
     certificates,
     greet,
@@ -334,6 +336,156 @@ def test_421_to_rset_asks_for_a_reconnect() -> None:
         with pytest.raises(SessionError) as caught:
             s.send("me@example.org", ["b@example.org"], MESSAGE)
     assert caught.value.reconnect and caught.value.reply == "421 4.4.2 idle too long"
+
+
+# --- pipelining across messages (RFC 2920) ---
+
+# The replies to a pipelined RSET, MAIL, one RCPT and DATA, in one write.
+NEXT_ACCEPTED = "250 2.0.0 ok\n250 2.1.0 ok\n250 2.1.5 ok\n354 go ahead"
+
+
+def first_envelope() -> list[Step]:
+    """The first message's MAIL, RCPT and DATA (one write), answered in one write."""
+    return [Expect("MAIL"), Expect("RCPT"), Expect("DATA"), Send("250 2.1.0 ok\n250 2.1.5 ok\n354 go ahead")]
+
+
+def next_envelope() -> list[Step]:
+    """The next message's commands, read before the text before them is answered: a client that waited for
+    that answer first would hang here."""
+    return [Expect("RSET"), Expect("MAIL"), Expect("RCPT"), Expect("DATA")]
+
+
+def test_a_started_message_s_commands_go_out_behind_the_text_before_it() -> None:
+    script = [
+        *greet(), *first_envelope(), ReadData(), *next_envelope(),
+        Send("250 2.0.0 queued as 1\n" + NEXT_ACCEPTED), ReadData(), *next_envelope(),
+        Send("250 2.0.0 queued as 2\n" + NEXT_ACCEPTED), ReadData(), Send("250 2.0.0 queued as 3"),
+        Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server, session(server.smarthost(timeout=2.0)) as s:
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        assert s.finish(first) == [RecipientOutcome("a@example.org", "delivered", "250 2.0.0 queued as 1")]
+        third = s.start("me@example.org", ["c@example.org"], MESSAGE)
+        assert s.finish(second)[0].reply == "250 2.0.0 queued as 2"
+        assert s.finish(third)[0].reply == "250 2.0.0 queued as 3"
+    assert server.errors == []
+    assert server.data == [MESSAGE.replace(b"\r\n.leading", b"\r\n..leading")] * 3
+
+
+def test_a_5xx_to_a_text_while_the_next_message_is_in_flight_fails_only_that_one() -> None:
+    script = [
+        *greet(), *first_envelope(), ReadData(), *next_envelope(),
+        Send("554 5.6.0 message refused\n" + NEXT_ACCEPTED), ReadData(), Send("250 2.0.0 queued as 2"),
+        Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server, session(server.smarthost(timeout=2.0)) as s:
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        assert s.finish(first) == [RecipientOutcome("a@example.org", "failed", "554 5.6.0 message refused")]
+        assert s.finish(second) == [RecipientOutcome("b@example.org", "delivered", "250 2.0.0 queued as 2")]
+    assert server.errors == []
+
+
+def test_a_refused_envelope_still_lets_the_message_behind_it_go() -> None:
+    # Every RCPT of the first message refused: its empty text ends it, and carries the next one's commands.
+    script = [
+        *greet(), Expect("MAIL"), Expect("RCPT"), Expect("DATA"),
+        Send("250 2.1.0 ok\n550 5.1.1 no such user\n354 go ahead"), ReadData(), *next_envelope(),
+        Send("554 5.5.1 no valid recipients\n" + NEXT_ACCEPTED), ReadData(), Send("250 2.0.0 queued as 2"),
+        Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server, session(server.smarthost(timeout=2.0)) as s:
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        assert s.finish(first) == [RecipientOutcome("a@example.org", "failed", "550 5.1.1 no such user")]
+        assert s.finish(second)[0].status == "delivered"
+    assert server.errors == []
+    assert server.data == [b"", MESSAGE.replace(b"\r\n.leading", b"\r\n..leading")]
+
+
+def test_a_server_closing_after_a_text_asks_to_send_the_next_message_again() -> None:
+    # It answered the text, then went away with the next message's commands unanswered.
+    script = [
+        *greet(),
+        *first_envelope(),
+        ReadData(),
+        *next_envelope(),
+        Send("250 2.0.0 queued as 1"),
+        Close(),
+    ]
+    with ScriptedServer(script) as server, session(server.smarthost(timeout=2.0)) as s:
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        assert s.finish(first)[0].status == "delivered"
+        with pytest.raises(SessionError) as caught:
+            s.finish(second)
+    assert caught.value.reconnect and caught.value.stage == "closed" and "RSET" in str(caught.value)
+    assert len(server.data) == 1
+
+
+def test_a_session_failing_in_a_text_loses_the_message_started_behind_it() -> None:
+    script = [*greet(), *first_envelope(), ReadData(), *next_envelope(), Close()]
+    with ScriptedServer(script) as server, session(server.smarthost(timeout=2.0)) as s:
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        with pytest.raises(SessionError) as in_flight:
+            s.finish(first)
+        assert not in_flight.value.reconnect  # its text went out: it may have been delivered
+        assert second.lost and not s.is_open
+        with pytest.raises(SessionError) as lost:
+            s.finish(second)
+    assert lost.value.reconnect and "before this message was sent" in str(lost.value)
+    assert server.errors == []
+
+
+def test_without_pipelining_started_messages_go_one_after_the_other() -> None:
+    script = [
+        *greet(("8BITMIME",)), *accept_message("250 2.0.0 queued as 1"),
+        Expect("RSET"), Send("250 2.0.0 ok"), *accept_message("250 2.0.0 queued as 2"),
+        Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server, session(server.smarthost(timeout=2.0)) as s:
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        assert s.finish(first)[0].reply == "250 2.0.0 queued as 1"
+        assert s.finish(second)[0].reply == "250 2.0.0 queued as 2"
+    assert server.errors == []
+
+
+def test_started_messages_are_finished_in_order(smtp_server: SmtpServer) -> None:
+    with session(smtp_server.smarthost(username=USER)) as s:
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        with pytest.raises(RuntimeError):
+            s.finish(second)
+        with pytest.raises(RuntimeError):
+            s.send("me@example.org", ["c@example.org"], MESSAGE)
+        assert s.finish(first)[0].status == "delivered"
+        assert s.finish(second)[0].status == "delivered"
+    assert [m.rcpt_tos for m in smtp_server.handler.messages] == [["a@example.org"], ["b@example.org"]]
+
+
+def test_closing_with_a_message_half_sent_says_no_quit_into_its_text() -> None:
+    # The second message's DATA got 354 when the first was finished; closing then must not send QUIT,
+    # which the server would take for a line of the second message.
+    script = [
+        *greet(), *first_envelope(), ReadData(), *next_envelope(),
+        Send("250 2.0.0 queued as 1\n" + NEXT_ACCEPTED), ReadData(),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server:
+        s = session(server.smarthost(timeout=2.0))
+        s.open()
+        first = s.start("me@example.org", ["a@example.org"], MESSAGE)
+        second = s.start("me@example.org", ["b@example.org"], MESSAGE)
+        assert s.finish(first)[0].status == "delivered"
+        started = time.monotonic()
+        s.close()
+        assert time.monotonic() - started < 1  # no wait for an answer to QUIT
+        assert server.finished.wait(5)
+    assert second.lost
+    assert server.data[1] == b""  # the connection ended, with no QUIT inside the text
+    assert server.errors == []
 
 
 # --- TLS verification ---

@@ -217,3 +217,66 @@ def test_a_drop_the_flush_cannot_read_is_set_aside_and_the_rest_picked_up(shared
     assert os.listdir(shared_spool.dir("corrupt")) == [unreadable]
     assert os.listdir(shared_spool.dir("new")) == []  # the hard link removed, never followed
     assert secret.read_text() == "root only\n"
+
+
+# --- the flush's hot path: load through the lock, removal ---
+
+
+def _queued(tmp_path: Path, message: bytes = b"Subject: hi\r\n\r\nbody\r\n") -> tuple[Spool, str]:
+    spool = Spool(str(tmp_path / "spool"))
+    queue_id = spool.submit(ENVELOPE, message)
+    assert spool.pick_up(1 << 20, print) == [queue_id]
+    return spool, queue_id
+
+
+def test_load_reads_through_the_lock_descriptor_whatever_its_offset(tmp_path: Path) -> None:
+    spool, queue_id = _queued(tmp_path, b"Subject: hi\r\n\r\n" + b"x" * 200_000 + b"\r\n")
+    lock = spool.lock_message(queue_id)
+    assert lock is not None
+    try:
+        os.read(lock, 10)
+        entry, message = spool.load(queue_id, lock)
+        opened, read = spool.load(queue_id)  # the same, with a file of its own
+        assert (entry.id, message) == (opened.id, read)
+        assert message.endswith(b"x" * 1000 + b"\r\n") and entry.size == len(message)
+        os.fstat(lock)  # still open: the lock is the caller's
+    finally:
+        spool.unlock_message(lock)
+
+
+def test_load_through_a_lock_on_a_deleted_file_says_it_is_gone(tmp_path: Path) -> None:
+    """A queue command deleted the message between the flush's open and its lock."""
+    spool, queue_id = _queued(tmp_path)
+    lock = spool.lock_message(queue_id)
+    assert lock is not None
+    try:
+        os.unlink(os.path.join(spool.dir("queue"), queue_id))
+        with pytest.raises(FileNotFoundError):
+            spool.load(queue_id, lock)
+    finally:
+        spool.unlock_message(lock)
+
+
+def test_remove_unlinks_at_once_and_frees_the_file_in_the_background(tmp_path: Path) -> None:
+    spool, queue_id = _queued(tmp_path)
+    lock = spool.lock_message(queue_id)
+    assert lock is not None
+    entry, _ = spool.load(queue_id, lock)
+    spool.write_state(queue_id, {"state": "deferred"}, 0)
+    entry.has_state = True
+    spool.remove(entry, lock)
+    assert os.listdir(spool.dir("queue")) == []  # the unlink is the decision
+    assert os.listdir(spool.dir("state")) == []
+    spool.finish_removals()
+    with pytest.raises(OSError):
+        os.fstat(lock)  # the lock went along, and was closed by the background thread
+
+
+def test_remove_without_a_lock(tmp_path: Path) -> None:
+    spool, queue_id = _queued(tmp_path)
+    entry, _ = spool.load(queue_id)
+    spool.remove(entry)
+    spool.finish_removals()
+    assert os.listdir(spool.dir("queue")) == []
+    with pytest.raises(FileNotFoundError):
+        spool.remove(entry)  # gone already
