@@ -9,7 +9,10 @@ reference (which the world-readable config already shows), never from what the s
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
+import shlex
 import signal
 import stat
 import subprocess
@@ -213,7 +216,8 @@ def _from_file(path: str, host: str, username: str | None) -> Secret:
             raise CredentialError(
                 f"{what} is a symbolic link, which pymta refuses; name the real file in the config"
             ) from None
-        raise CredentialError(f"{what} cannot be opened: {error.strerror or error}") from None
+        fix = f"; {_owner_fix(path)}" if error.errno == errno.EACCES else ""
+        raise CredentialError(f"{what} cannot be opened: {error.strerror or error}{fix}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -221,12 +225,23 @@ def _from_file(path: str, host: str, username: str | None) -> Secret:
         if info.st_mode & 0o077:
             raise CredentialError(
                 f"{what} can be read or changed by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-                f"run chmod 600 {path}"
+                f"{_owner_fix(path)}"
             )
         data = os.read(fd, MAX_SECRET_BYTES)
     finally:
         os.close(fd)
     return Secret(_first_line(data, f"{what} holds"))
+
+
+def _owner_fix(path: str) -> str:
+    """How to give a password file to the user who reads it (this process's: the flush's, `pymta` in system
+    mode) and to nobody else."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    quoted = shlex.quote(path)
+    return f"the flush reads it as {user}: run chown {user} {quoted} && chmod 600 {quoted}"
 
 
 _RESOLVERS: Mapping[str, Callable[[str, str, str | None], Secret]] = {

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -115,8 +116,11 @@ class Flusher:
         self.clock = clock
         self.jitter = jitter
         self.sessions = Sessions(config, self.log)
-        # A split flush (`privsep`) passes its own local delivery: its root process writes every mailbox.
-        self.router = Router(config, every_mailbox=local_delivery is not None)
+        # User mode: a spool of our own, no root. A split flush (`privsep`, which passes its own local
+        # delivery) and a flush of a system spool keep every mailbox its owner's; without root, mail for
+        # other users' mailboxes then waits for a flush as root.
+        user_mode = local_delivery is None and os.geteuid() != 0 and not self.spool.is_shared()
+        self.router = Router(config, user_mode=user_mode)
         if local_delivery is None:
             from .local import deliver_as_recipient
 

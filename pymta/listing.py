@@ -322,15 +322,20 @@ def clock(timestamp: float, now: float | None = None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", when)
 
 
+# Mail a user sent after the last delivery run is in no view yet: said wherever a view is shown.
+SINCE = "; mail sent since then shows after the next one"
+
+
 def view_notes(visible: Visible, now: float | None = None) -> list[str]:
     """The lines that tell a user they see only their own messages, and as of when (none for an admin)."""
     if not visible.own_view:
         return []
     whole = f"only root and {visible.owner} see the whole queue"
     if visible.published is None or not visible.entries:
-        as_of = "" if visible.published is None else f" ({clock(visible.published, now)})"
-        return [f"you have no messages in the queue as of the last delivery run{as_of}; {whole}"]
-    notes = [f"your messages as of {clock(visible.published, now)} (the last delivery run); {whole}"]
+        when = "" if visible.published is None else f"{clock(visible.published, now)}; "
+        since = SINCE.removeprefix("; ")
+        return [f"you have no messages in the queue as of the last delivery run ({when}{since}); {whole}"]
+    notes = [f"your messages as of {clock(visible.published, now)} (the last delivery run{SINCE}); {whole}"]
     if visible.limit is not None and len(visible.entries) >= visible.limit:
         notes.append(
             f"you have reached max_queued_per_user ({visible.limit}): sendmail takes no new message from "

@@ -139,7 +139,7 @@ def run_flush(
         if own_view_only(config.spool):
             raise PermissionDenied(
                 f"only root and {spool_owner_name(config.spool)} (the spool's owner) may deliver the queue "
-                f"{config.spool}; the pymta-flush timer does it (systemctl status pymta-flush.timer)"
+                f"{config.spool}; the timer or cron line that 'pymta setup' installed does it"
             )
         return Flusher(config, logger).run(force=force, progress=progress)
     _give_back_root_files(config.spool, owner)

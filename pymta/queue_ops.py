@@ -284,7 +284,7 @@ def show(config: Config, arguments: list[str], *, body: bool = False) -> list[De
 
 
 def _show_own(spool_path: str, arguments: list[str], body: bool) -> list[Details | Result]:
-    from .listing import clock, own_view, view_notes
+    from .listing import SINCE, clock, own_view, view_notes
 
     visible = own_view(spool_path)
     notes = view_notes(visible)
@@ -300,7 +300,9 @@ def _show_own(spool_path: str, arguments: list[str], body: bool) -> list[Details
             if len(found) > 1:
                 raise _ambiguous(sorted(entry.id for entry in found))
             if not found:
-                raise _Failure("no such message", f"no such message among yours {as_of}; {whole}", EX_NOUSER)
+                raise _Failure(
+                    "no such message", f"no such message among yours {as_of}{SINCE}; {whole}", EX_NOUSER
+                )
             entry = found[0]
             if body:
                 raise _Failure(

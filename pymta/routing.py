@@ -42,11 +42,11 @@ class Plan:
 class Router:
     """Recipient routing for one flush; reads the aliases file once, on first use."""
 
-    def __init__(self, config: Config, *, every_mailbox: bool = False) -> None:
-        """`every_mailbox`: a mailbox of any user can be written (a split flush's root process does it),
-        although this process is not root."""
+    def __init__(self, config: Config, *, user_mode: bool = False) -> None:
+        """`user_mode`: the spool is the running user's own (not root, not a system spool), so every local
+        name's mail goes to that user's mailbox; otherwise each name keeps its own mailbox."""
         self.config = config
-        self.every_mailbox = every_mailbox
+        self.user_mode = user_mode
         self.local_domains = {*LOCAL_HOSTS, config.hostname.lower(), *config.local_domains}
         self._aliases: Aliases | None = None
 
@@ -98,8 +98,8 @@ class Router:
         return Plan(targets=others, warnings=tuple(warnings))
 
     def _mailbox_owner(self, user: str) -> str:
-        """In user mode (not root) every local recipient's mail goes to the running user's own mailbox."""
-        if self.every_mailbox or os.geteuid() == 0:
+        """In user mode every local recipient's mail goes to the running user's own mailbox."""
+        if not self.user_mode:
             return user
         import pwd
 

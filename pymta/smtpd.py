@@ -76,12 +76,21 @@ _NOT_IMPLEMENTED = frozenset(
 _HELP = "commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT; see sendmail(8)"
 
 
-class _End(Exception):
-    """The session is over; `code` is the exit status."""
+# The input ended inside DATA: the message is incomplete, so nothing of it is queued.
+INCOMPLETE_DATA = (
+    "the input ended inside DATA, so that message was not queued; DATA ends with a line holding only "
+    "'.' after CR LF (a line ending in a bare LF does not end it)"
+)
 
-    def __init__(self, code: int) -> None:
+
+class _End(Exception):
+    """The session is over; `code` is the exit status, `reason` a line for stderr when the caller should
+    know why."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
         super().__init__(code)
         self.code = code
+        self.reason = reason
 
 
 class _Timeout(Exception):
@@ -321,6 +330,8 @@ class Session:
             finally:
                 self.output.flush()
         except _End as end:
+            if end.reason:
+                _note(end.reason)
             return end.code
 
     def _reply(self, code: int, text: str) -> None:
@@ -463,7 +474,7 @@ class Session:
         while True:
             line, overlong = self.input.readline(TEXT_LINE_LIMIT)
             if not line:
-                raise _End(EX_TEMPFAIL)  # the end of input inside DATA: the message is incomplete
+                raise _End(EX_TEMPFAIL, INCOMPLETE_DATA)
             crlf = line.endswith(b"\r\n")
             if after_crlf and line == b".\r\n":
                 break

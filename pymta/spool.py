@@ -568,6 +568,16 @@ class Spool:
             limit.took(info.st_uid)
         return True
 
+    def is_shared(self) -> bool:
+        """Whether this is a system spool, shared by every local user: its drop directory new/ is sticky
+        (1733, as `pymta setup` makes it). False when it does not exist yet."""
+        import stat
+
+        try:
+            return bool(os.stat(self.dir("new")).st_mode & stat.S_ISVTX)
+        except OSError:
+            return False
+
     def exists(self) -> bool:
         """Whether the spool has been created (by a first submission or by pymta setup)."""
         return os.path.isdir(self.dir("queue"))

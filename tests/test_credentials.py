@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pwd
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,7 +194,8 @@ def test_file_first_line(tmp_path: Path) -> None:
 def test_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
     path = secret_file(tmp_path, mode)
     message = fails(PasswordSource("file", str(path)))
-    assert f"chmod 600 {path}" in message and f"mode {mode:04o}" in message
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert f"chown {user} {path} && chmod 600 {path}" in message and f"mode {mode:04o}" in message
 
 
 def test_symlink_is_refused(tmp_path: Path) -> None:

@@ -203,3 +203,22 @@ def test_views_are_published_after_a_change_and_left_alone_otherwise(
     assert system_mta.run("pymta", ["queue", "delete", entry.id], timeout=60).returncode == 0
     assert system_mta.run("pymta", ["flush"], timeout=60).returncode == 0
     assert not view.exists()  # the user has no message left: no view
+
+
+def test_a_password_file_the_owner_cannot_read_defers_with_the_fix(
+    system_mta: MtaEnv, smtp_server: SmtpServer
+) -> None:
+    configure(system_mta, smtp_server, "unused")
+    secret = system_mta.root / "webde.secret"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)  # root's: the delivery process (nobody) may not read it
+    text = system_mta.config.read_text().replace('{"command": "unused"}', f'{{"file": "{secret}"}}')
+    system_mta.config.write_text(text)
+    queued = system_mta.sendmail("-i", "bob@example.net", input=b"Subject: x\n\nhello\n")
+    assert queued.returncode == 0, queued.stderr
+
+    assert system_mta.run("pymta", ["flush"], timeout=60).returncode == 0
+
+    [entry] = system_mta.entries()
+    assert entry.state == "deferred" and entry.last_error is not None
+    assert f"run chown nobody {secret} && chmod 600 {secret}" in entry.last_error

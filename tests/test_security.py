@@ -631,6 +631,25 @@ def test_local_mail_reaches_the_recipients_own_mailbox(system: SystemInstall) ->
     assert system.entries() == []
 
 
+def test_a_flush_run_as_the_spool_owner_leaves_other_mailboxes_alone(system: SystemInstall) -> None:
+    """Without root the flush may not write bob's mailbox: his mail waits for a root flush, and never lands
+    in the spool owner's mailbox (as user mode would have it)."""
+    alice, bob = system.alice, system.bob
+    queue_id = submit(system, alice, bob.name, message=b"Subject: for bob\n\nhi bob\n")
+    pymta = system.script("pymta")
+
+    as_owner = system.run_as(system.spool_user, [pymta, "flush", "--now", "-v"])
+
+    assert as_owner.returncode == 0, as_owner.stderr
+    assert os.listdir(system.mail_spool) == []
+    [entry] = system.entries()
+    assert entry.id == queue_id and entry.state == "deferred"
+    assert entry.last_error and "without root" in entry.last_error
+    flush(system)  # as root: delivered into bob's own mailbox
+    [message] = mbox_messages(system.mail_spool / bob.name)
+    assert message["Subject"] == "for bob"
+
+
 # --- privilege separation (the network side runs as the spool's owner) ---
 
 

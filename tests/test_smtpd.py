@@ -426,9 +426,11 @@ def test_a_closed_stdin_in_the_middle_of_data_queues_nothing(mta: MtaEnv) -> Non
         client.command("RCPT TO:<b@example.net>", 250)
         client.command("DATA", 354)
         client.send(b"Subject: cut\r\n\r\nhalf a mess")
-        assert process.stdin is not None
+        assert process.stdin is not None and process.stderr is not None
         process.stdin.close()
         assert client.rest() == b""
+        process.wait(timeout=DEADLINE)
+        assert process.stderr.read() == f"sendmail: {smtpd.INCOMPLETE_DATA}\n".encode()  # one line: why
     assert process.returncode == EX_TEMPFAIL
     assert mta.entries() == []
     assert [path for path in mta.spool.rglob("*") if path.is_file()] == []  # not even in tmp/
