@@ -376,10 +376,21 @@ def test_bounce_of_a_held_message_lets_it_go(mta: MtaEnv) -> None:
 # --- ids ---
 
 
+def unique_prefix(queue_id: str, ids: list[str], least: int) -> str:
+    """The shortest prefix of `queue_id`, of at least `least` characters, that no other of `ids` shares (ids
+    made in the same second share their first 8)."""
+    others = [other for other in ids if other != queue_id]
+    length = least
+    while any(other.startswith(queue_id[:length]) for other in others):
+        length += 1
+    return queue_id[:length]
+
+
 def test_ids_by_unique_prefix_ambiguous_prefix_and_unknown_id(mta: MtaEnv) -> None:
     ids = sorted(enqueue(mta) for _ in range(3))
     assert len({queue_id[:4] for queue_id in ids}) == 1  # queued within the same few seconds
-    result = pymta(mta, "queue", "hold", ids[0][:10], ids[0][:4], "abc", "0000ffff", "xyz!", ids[1].upper())
+    prefix = unique_prefix(ids[0], ids, 10)
+    result = pymta(mta, "queue", "hold", prefix, ids[0][:4], "abc", "0000ffff", "xyz!", ids[1].upper())
     out, err = lines(result)
     assert result.returncode == 64  # the first failure: the ambiguous prefix
     assert out == [
@@ -673,7 +684,8 @@ def test_clirunner_agrees_with_the_script(mta: MtaEnv) -> None:
     shown = runner.invoke(cli, ["queue", *config, "--json", "show", ids[0]], env={"PYMTA_CONFIG": None})
     assert shown.exit_code == 0
     assert json.loads(shown.stdout) == json.loads(pymta(mta, "queue", "show", "--json", ids[0]).stdout)
-    released = runner.invoke(cli, ["queue", "release", *config, ids[0][:9]], env={"PYMTA_CONFIG": None})
+    prefix = unique_prefix(ids[0], ids, 9)
+    released = runner.invoke(cli, ["queue", "release", *config, prefix], env={"PYMTA_CONFIG": None})
     assert released.exit_code == 0 and state(mta, ids[0])["state"] == "queued"
 
 
