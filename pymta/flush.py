@@ -9,7 +9,9 @@ recipient is written to its state, under the message's lock, before the text of 
 so a recipient that was delivered is never sent again (DESIGN.md invariant 3). Only the next message's
 commands (RSET, MAIL, RCPT, DATA) may go out earlier: with PIPELINING they ride behind the current text,
 so a message costs one round trip (`SmtpSession.start`); the next message is started, still locked,
-before the current one is finished and recorded.
+before the current one is finished and recorded. While the answer to the current text is awaited, the
+message after next is locked and read, and nothing more (`Flusher._prefetch`): that wait overlaps our own
+work, and nothing of that message is sent, delivered or recorded before the current one is recorded.
 
 What an answer means (DESIGN.md, "Temporary vs permanent"): 2xx delivers a recipient; 4xx, a network,
 timeout, TLS or AUTH problem, or a password source that fails defers it; only a 5xx answer to MAIL, RCPT or
@@ -98,6 +100,8 @@ class Flusher:
     """One run over the queue. `now` and `jitter` are injectable so tests can move time."""
 
     _in_flight: InFlight | None = None  # the message started on a session and not yet finished
+    _upcoming: str | None = None  # the due message after the one being delivered: the one to prefetch
+    _prefetched: Prefetched | None = None  # that message, locked and read while a reply was awaited
 
     def __init__(
         self,
@@ -179,40 +183,58 @@ class Flusher:
         due = self.due(force)
         try:
             for done, name in enumerate(due, 1):
+                self._upcoming = due[done] if done < len(due) else None
                 self._deliver(name, report)
                 if progress is not None:
                     progress(done, len(due))
+            self._upcoming = None
             self._finish_in_flight(report)
         finally:
+            self._upcoming = None
             self._abandon_in_flight()
 
     def _deliver(self, name: str, report: FlushReport) -> None:
-        try:
-            lock = self.spool.lock_message(name)
-        except FileNotFoundError:
-            return  # deleted by an admin while we worked
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched.name != name:  # not expected: `_upcoming` names the next
+            self.spool.unlock_message(prefetched.lock)
+            prefetched = None
+        loaded = None
+        if prefetched is not None:
+            lock: int | None = prefetched.lock
+            loaded = (prefetched.entry, prefetched.message)
+        else:
+            try:
+                lock = self.spool.lock_message(name)
+            except FileNotFoundError:
+                return  # deleted by an admin while we worked
         if lock is None:
             self.log.info(f"id={name} is being changed by a queue command; it waits for the next run")
             return
         keeps_lock = False
         try:
-            keeps_lock = self._deliver_locked(name, lock, report)
+            keeps_lock = self._deliver_locked(name, lock, report, loaded)
         finally:
             if not keeps_lock:
                 self.spool.unlock_message(lock)
 
-    def _deliver_locked(self, name: str, lock: int, report: FlushReport) -> bool:
-        """Attempt one message. True when its lock is taken care of: the message is in flight (its remote
-        recipients are started, and `_finish_in_flight` finishes and records it once the next message is
-        started), or it was removed and its lock went with it (`Spool.remove`)."""
-        try:
-            entry, message = self.spool.load(name, lock)  # read through the lock's descriptor: no second open
-        except FileNotFoundError:
-            return False  # deleted by an admin while we worked
-        except (OSError, ValueError) as exc:
-            self.log.error(f"id={name} cannot read the queued message ({exc}); moved to corrupt/")
-            self.spool.set_aside_queued(name)
-            return False
+    def _deliver_locked(
+        self, name: str, lock: int, report: FlushReport, loaded: tuple[QueueEntry, bytes] | None = None
+    ) -> bool:
+        """Attempt one message (`loaded`: its entry and text when `_prefetch` read them already, under this
+        lock). True when its lock is taken care of: the message is in flight (its remote recipients are
+        started, and `_finish_in_flight` finishes and records it once the next message is started), or it
+        was removed and its lock went with it (`Spool.remove`)."""
+        if loaded is not None:
+            entry, message = loaded
+        else:
+            try:
+                entry, message = self.spool.load(name, lock)  # through the lock's descriptor: no second open
+            except FileNotFoundError:
+                return False  # deleted by an admin while we worked
+            except (OSError, ValueError) as exc:
+                self.log.error(f"id={name} cannot read the queued message ({exc}); moved to corrupt/")
+                self.spool.set_aside_queued(name)
+                return False
         if entry.state == "held":
             return False  # held by the admin: never delivered, never expired
         pending = [r for r in entry.recipients if r.status in PENDING]
@@ -253,11 +275,39 @@ class Flusher:
                 self.spool.unlock_message(flight.lock)
 
     def _abandon_in_flight(self) -> None:
-        """After a failure of the run: unlock a started message, unrecorded. Nothing of it was delivered:
-        its text never went out, and the session is closed without QUIT (`SmtpSession.close`)."""
+        """After a failure of the run: unlock a started message, unrecorded, and a prefetched one. Nothing of
+        either was delivered: the started one's text never went out, and the session is closed without QUIT
+        (`SmtpSession.close`); of the prefetched one nothing left this process."""
         flight, self._in_flight = self._in_flight, None
-        if flight is not None:
-            self.spool.unlock_message(flight.lock)
+        prefetched, self._prefetched = self._prefetched, None
+        try:
+            if flight is not None:
+                self.spool.unlock_message(flight.lock)
+        finally:
+            if prefetched is not None:
+                self.spool.unlock_message(prefetched.lock)
+
+    def _prefetch(self) -> None:
+        """Lock and read the message after next while the server's answer to the one in flight is awaited
+        (`SmtpSession.finish`'s `while_waiting`): that wait then overlaps our own work. Only local reading:
+        nothing of it is sent, delivered or recorded until the message in flight is recorded (invariant 3).
+        Anything unusual (locked by a queue command, deleted, unreadable) is undone and left to `_deliver`,
+        which meets it at its turn exactly as without the prefetch. Never raises."""
+        name, self._upcoming = self._upcoming, None
+        if name is None or self._prefetched is not None:
+            return
+        try:
+            lock = self.spool.lock_message(name)
+        except Exception:
+            return
+        if lock is None:
+            return
+        try:
+            entry, message = self.spool.load(name, lock)
+        except Exception:
+            self.spool.unlock_message(lock)
+            return
+        self._prefetched = Prefetched(name, lock, entry, message)
 
     def _attempt(
         self, entry: QueueEntry, message: bytes, pending: list[RecipientStatus], attempt: Attempt
@@ -340,7 +390,7 @@ class Flusher:
         delivery = self.sessions.start(hosts, entry, list(dict.fromkeys(on_wire.values())), as_sent_through)
 
         def finish() -> None:
-            results, relay = self.sessions.finish(delivery)
+            results, relay = self.sessions.finish(delivery, while_waiting=self._prefetch)
             for address in remote:
                 outcome = results[on_wire[address]]
                 attempt.set(address, outcome.status, outcome.reply, relay, wire=outcome.recipient)
@@ -506,6 +556,16 @@ class Attempt:
 
 
 @dataclass
+class Prefetched:
+    """The due message after next, locked and read (`Flusher._prefetch`) and not yet attempted."""
+
+    name: str
+    lock: int
+    entry: QueueEntry
+    message: bytes
+
+
+@dataclass
 class InFlight:
     """A message whose remote recipients are started and not finished; it keeps its lock until then."""
 
@@ -607,11 +667,14 @@ class Sessions:
             self.waiting.append(delivery)
         return delivery
 
-    def finish(self, delivery: Delivery) -> tuple[dict[str, RecipientOutcome], str]:
-        """The outcome of each recipient of a started message, and the relay that gave it."""
+    def finish(
+        self, delivery: Delivery, *, while_waiting: Callable[[], None] | None = None
+    ) -> tuple[dict[str, RecipientOutcome], str]:
+        """The outcome of each recipient of a started message, and the relay that gave it. `while_waiting`
+        as for `SmtpSession.finish`."""
         if delivery in self.waiting:
             self.waiting.remove(delivery)
-        result = self._finish(delivery)
+        result = self._finish(delivery, while_waiting)
         for other in self.waiting:
             if other.transaction is not None and other.transaction.lost:
                 self._begin(other)  # its session failed or reconnected meanwhile; nothing of it went out
@@ -637,7 +700,9 @@ class Sessions:
         relay = delivery.hosts[0].label if len(delivery.hosts) == 1 else "none"
         delivery.result = _all(recipients, "deferred", "; ".join(reasons)), relay
 
-    def _finish(self, delivery: Delivery) -> tuple[dict[str, RecipientOutcome], str]:
+    def _finish(
+        self, delivery: Delivery, while_waiting: Callable[[], None] | None = None
+    ) -> tuple[dict[str, RecipientOutcome], str]:
         if delivery.transaction is not None and delivery.transaction.lost:
             self._begin(delivery)
         if delivery.result is not None:
@@ -647,7 +712,7 @@ class Sessions:
         recipients = delivery.recipients
         try:
             try:
-                outcomes = session.finish(transaction)
+                outcomes = session.finish(transaction, while_waiting=while_waiting)
             except SessionError as exc:
                 if not exc.reconnect:
                     raise

@@ -338,8 +338,14 @@ class SmtpSession:
         self._started.append(transaction)
         return transaction
 
-    def finish(self, transaction: Transaction) -> list[RecipientOutcome]:
+    def finish(
+        self, transaction: Transaction, *, while_waiting: Callable[[], None] | None = None
+    ) -> list[RecipientOutcome]:
         """Send a started message; one outcome per recipient, in the order given to `start()`.
+
+        `while_waiting`, if given, is called once the text (with the commands of the message started behind
+        it) is written and before its reply is read: local work that overlaps the round trip. It must not
+        raise, and must neither send nor record anything.
 
         Raises SessionError as `send()` does. When the connection ended before anything of this message
         was sent (a failure while finishing the one before it), the error says `reconnect` and the
@@ -395,7 +401,7 @@ class SmtpSession:
             if not accepted:  # every RCPT refused, yet the server wants the text: send none (RFC 2920 3.1)
                 self._data(b"")
                 return self._finished(transaction)
-            code, reply = self._data(message)
+            code, reply = self._data(message, while_waiting)
         elif accepted and _status(code) == "delivered":
             raise self._fail("protocol", f"the server answered DATA with {reply}, not 354", reply=reply)
         if accepted:
@@ -696,9 +702,10 @@ class SmtpSession:
             raise self._fail("protocol", f"unexpected reply to {doing}: {reply!r}", reply=reply)
         return code, reply
 
-    def _data(self, message: bytes) -> tuple[int, str]:
+    def _data(self, message: bytes, while_waiting: Callable[[], None] | None = None) -> tuple[int, str]:
         """Send the text of the first started message and read the reply to its end; the commands of the
-        message started behind it go out in the same write (the module docstring says why that is safe)."""
+        message started behind it go out in the same write (the module docstring says why that is safe).
+        `while_waiting` runs between the write and the read (`finish`)."""
         client = self._require_open()
         body = message
         if body.startswith(b".") or b"\n." in body:  # most messages have no line to dot-stuff: no copy
@@ -707,6 +714,11 @@ class SmtpSession:
             body += b"\r\n"
         try:
             client.send(b"".join((body, b".\r\n", self._commands_behind())))  # one copy of the text
+        except Exception as error:
+            raise self._network_failure(error, "the message text (DATA)") from error
+        if while_waiting is not None:
+            while_waiting()
+        try:
             code, reply_bytes = client.getreply()
         except Exception as error:
             raise self._network_failure(error, "the message text (DATA)") from error

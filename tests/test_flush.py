@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MtaEnv, script
@@ -44,7 +45,7 @@ from mailservers import (
 
 from pymta.config import load
 from pymta.flush import Flusher
-from pymta.spool import STALE_TMP_AGE, Spool, encode_json
+from pymta.spool import STALE_TMP_AGE, QueueEntry, Spool, encode_json
 
 __all__ = ["certificates", "smtp_server"]  # fixtures imported for use
 
@@ -459,16 +460,21 @@ def sent_replies(server: ScriptedServer, lines: list[str]) -> list[str]:
     return replies
 
 
-def test_each_message_s_commands_ride_behind_the_text_before_it(mta: MtaEnv) -> None:
-    # This server answers a text only after it has read the next message's commands: a flush that waited
-    # for the answer first would time out here.
-    script = [
+def three_pipelined_messages() -> list[Step]:
+    """A server script for three messages that answers each text only after it has read the next message's
+    commands (PIPELINING across messages), then QUIT."""
+    return [
         *greet(), *FIRST_ENVELOPE,
         ReadData(), *NEXT_COMMANDS, Send("250 2.0.0 queued as 1\n" + NEXT_ACCEPTED),
         ReadData(), *NEXT_COMMANDS, Send("250 2.0.0 queued as 2\n" + NEXT_ACCEPTED),
         ReadData(), Send("250 2.0.0 queued as 3"), Expect("QUIT"), Send("221 bye"),
     ]  # fmt: skip
-    with ScriptedServer(script) as server:
+
+
+def test_each_message_s_commands_ride_behind_the_text_before_it(mta: MtaEnv) -> None:
+    # This server answers a text only after it has read the next message's commands: a flush that waited
+    # for the answer first would time out here.
+    with ScriptedServer(three_pipelined_messages()) as server:
         configure(mta, plain_host(server.port))
         for n in range(3):
             enqueue(mta, f"user{n}@example.net")
@@ -1015,3 +1021,148 @@ def _read_terminal(controller: int, process: subprocess.Popen[bytes]) -> bytes:
         shown += chunk
     process.communicate(timeout=max(1.0, deadline - time.monotonic()))
     return shown
+
+
+# --- prefetch: the message after next is locked and read while the answer to the one in flight is awaited ---
+
+
+def spy_on_the_pass(running: Flusher) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The due list of the run's first pass, and the events of the run in order: ("prefetch", name) when
+    the prefetch looks at a message, ("prefetched", name) when it holds one, ("record", id) when an outcome
+    is recorded."""
+    due: list[str] = []
+    events: list[tuple[str, ...]] = []
+    real_due, real_prefetch, real_record = running.due, running._prefetch, running._record
+
+    def spy_due(force: bool) -> list[str]:
+        names = real_due(force)
+        if not due:  # the first pass's
+            due.extend(names)
+        return names
+
+    def spy_prefetch() -> None:
+        if running._upcoming is not None:
+            events.append(("prefetch", running._upcoming))
+        real_prefetch()
+        if running._prefetched is not None:
+            events.append(("prefetched", running._prefetched.name))
+
+    def spy_record(entry: QueueEntry, *args: Any) -> bool:
+        events.append(("record", entry.id))
+        return real_record(entry, *args)
+
+    running.due = spy_due  # type: ignore[method-assign]
+    running._prefetch = spy_prefetch  # type: ignore[method-assign]
+    running._record = spy_record  # type: ignore[method-assign]
+    return due, events
+
+
+def test_the_message_after_next_is_read_only_after_the_text_went_out_and_recorded_in_turn(
+    mta: MtaEnv,
+) -> None:
+    # This server answers a text only after it has read the next message's commands: a prefetch that came
+    # before that write would wait for an answer that never comes.
+    with ScriptedServer(three_pipelined_messages()) as server:
+        configure(mta, plain_host(server.port))
+        for n in range(3):
+            enqueue(mta, f"user{n}@example.net")
+        running, _ = flusher(mta)
+        due, events = spy_on_the_pass(running)
+        seen: list[tuple[int, int]] = []  # at each record: the texts and RCPTs the server had read
+        real_record = running._record
+
+        def record(entry: QueueEntry, *args: Any) -> bool:
+            seen.append((len(server.data), sum(line.startswith("RCPT") for line in server.lines)))
+            return real_record(entry, *args)
+
+        running._record = record  # type: ignore[method-assign]
+        spied_prefetch = running._prefetch
+
+        def prefetch() -> None:
+            if running._upcoming is not None:  # the second message's commands are out already
+                wait_until(lambda: sum(line.startswith("RCPT") for line in server.lines) == 2, what="RCPT")
+            spied_prefetch()
+
+        running._prefetch = prefetch  # type: ignore[method-assign]
+        progress: list[tuple[int, int]] = []
+        report = running.run(progress=lambda done, total: progress.append((done, total)))
+        wait_until(server.finished.is_set, what="the script to end")
+    assert server.errors == []
+    first, second, third = due
+    # The third message is locked and read while the answer to the first is awaited, after the first's
+    # text and the second's commands went out, and before the first's outcome is written; nothing of the
+    # third is recorded before the second is.
+    assert events == [
+        ("prefetch", third), ("prefetched", third), ("record", first), ("record", second), ("record", third),
+    ]  # fmt: skip
+    # Each outcome is written before the text of the next message is sent.
+    assert seen == [(1, 2), (2, 3), (3, 3)]
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert (report.attempted, report.sent, report.deferred, report.failed) == (3, 3, 0, 0)
+    assert mta.entries() == []
+
+
+def test_a_prefetched_message_is_unlocked_when_the_run_fails(mta: MtaEnv) -> None:
+    script = [
+        *greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS,
+        Send("250 2.0.0 queued as 1\n" + NEXT_ACCEPTED), ReadData(),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server:
+        configure(mta, plain_host(server.port))
+        for n in range(3):
+            enqueue(mta, f"user{n}@example.net")
+        running, _ = flusher(mta)
+        due, events = spy_on_the_pass(running)
+
+        def record(*args: object) -> bool:
+            raise OSError(errno.EIO, "the state cannot be written")
+
+        running._record = record  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="state cannot be written"):
+            running.run()
+        wait_until(server.finished.is_set, what="the script to end")
+    assert ("prefetched", due[2]) in events
+    assert running._prefetched is None
+    assert server.data[1] == b""  # the second message's text never started
+    spool = Spool(str(mta.spool))
+    for queue_id in due:  # no message is left locked, the prefetched one included
+        lock = spool.lock_message(queue_id)
+        assert lock is not None
+        spool.unlock_message(lock)
+    assert sorted(entry.id for entry in mta.entries()) == sorted(due)
+
+
+@pytest.mark.parametrize("change", ["hold", "delete"])
+def test_a_message_held_or_deleted_before_its_prefetch_is_skipped(mta: MtaEnv, change: str) -> None:
+    from pymta import queue_ops
+
+    script = [
+        *greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS,
+        Send("250 2.0.0 queued as 1\n" + NEXT_ACCEPTED), ReadData(), Send("250 2.0.0 queued as 2"),
+        Expect("QUIT"), Send("221 bye"),
+    ]  # fmt: skip
+    with ScriptedServer(script) as server:
+        configure(mta, plain_host(server.port))
+        for n in range(3):
+            enqueue(mta, "-N", "never", f"user{n}@example.net")
+        running, _ = flusher(mta)
+        due, events = spy_on_the_pass(running)
+        config = load(str(mta.config))
+
+        def progress(done: int, total: int) -> None:
+            if done == 1:  # the first message is in flight; the third is not looked at yet
+                [result] = getattr(queue_ops, change)(config, [due[2]])
+                assert result.ok, result
+
+        report = running.run(progress=progress)
+        wait_until(server.finished.is_set, what="the script to end")
+    assert server.errors == []
+    assert len(server.data) == 2
+    assert ("prefetch", due[2]) in events
+    assert ("record", due[2]) not in events
+    assert (report.attempted, report.sent) == (2, 2)
+    if change == "hold":
+        [held] = mta.entries()
+        assert (held.id, held.state) == (due[2], "held")
+    else:
+        assert mta.entries() == []
