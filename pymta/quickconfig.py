@@ -299,14 +299,17 @@ def _scan(text: str, keys: frozenset[str]) -> dict[str, str | None]:
             raise Unsure
         if _continues(lines, number):
             raise Unsure  # a nested block, or a value continued on the next lines
-        value = rest.strip()
-        if value.startswith('"'):
-            found[key] = _unquote_double(value[1:])
-        elif value.startswith("'"):
-            found[key] = _unquote_single(value[1:])
-        else:
-            found[key] = _plain(value)
+        found[key] = _scalar(rest.strip())
     return found
+
+
+def _scalar(value: str) -> str | None:
+    """A one-line scalar as YAML reads it: double-quoted, single-quoted or plain. Raises Unsure."""
+    if value.startswith('"'):
+        return _unquote_double(value[1:])
+    if value.startswith("'"):
+        return _unquote_single(value[1:])
+    return _plain(value)
 
 
 class BrokenConfig(ValueError):
@@ -325,14 +328,8 @@ def _salvage(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     for number, line in enumerate(lines):
         key, colon, rest = line.partition(":")
         if colon and key in keys and rest[:1] == " " and not _continues(lines, number):
-            value = rest.strip()
             try:
-                if value.startswith('"'):
-                    found[key] = _unquote_double(value[1:])
-                elif value.startswith("'"):
-                    found[key] = _unquote_single(value[1:])
-                else:
-                    found[key] = _plain(value)
+                found[key] = _scalar(rest.strip())
             except Unsure:
                 continue
     return found

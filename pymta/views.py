@@ -377,7 +377,7 @@ def read_view(spool_path: str, uid: int) -> View | None:
 def own_view_only(spool_path: str) -> bool:
     """Whether this user sees only their own view: not root, unable to list queue/, on a system spool (its
     drop directory new/ is sticky, 1733, as `pymta setup` makes it)."""
-    import stat
+    from .spool import Spool
 
     if os.geteuid() == 0:
         return False
@@ -388,10 +388,7 @@ def own_view_only(spool_path: str) -> bool:
         pass
     except OSError:
         return False  # missing: the callers say what is wrong
-    try:
-        return bool(os.stat(os.path.join(spool_path, "new")).st_mode & stat.S_ISVTX)
-    except OSError:
-        return False
+    return Spool(spool_path).is_shared()
 
 
 def spool_owner_name(spool_path: str) -> str:
