@@ -50,6 +50,8 @@ def flush(verbose: bool, force: bool, background: bool, config_file: str | None)
     again.
 
     Run it from a timer every few minutes; `deliver: immediate` also starts it after each message.
+    On a system spool, start it as root: it delivers as the spool's owner and writes each local mailbox
+    as its recipient (pymta(1), PRIVILEGES); other users are refused with exit 77.
     Every attempt is logged to syslog (facility mail) as `id=... to=<...> relay=... status=...`.
     """
     from . import log

@@ -138,6 +138,10 @@ def queue_group(ctx: click.Context, as_json: bool, states: tuple[str, ...], conf
     queued_at, next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error.
 
     --json and -C given here count for the subcommand too: `pymta queue --json hold ID`.
+
+    On a system spool (`pymta setup`), a user other than root and the spool's owner sees only their own
+    messages, as the last delivery run published them, and may change none (exit 77). Run as root, the
+    commands do their work as the spool's owner.
     """
     ctx.meta["pymta.queue.json"] = as_json
     ctx.meta["pymta.queue.config"] = config_file
