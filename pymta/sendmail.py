@@ -24,6 +24,38 @@ if TYPE_CHECKING:
 
 PROGRAM = "sendmail"
 
+USAGE = {
+    "sendmail": """\
+usage: sendmail [flags] [--] recipient...
+Queue the message on standard input for the recipients and exit; 'pymta flush' delivers it.
+  -t            also send to the To, Cc and Bcc of the message (Bcc is then removed)
+  -i, -oi       a line with a single dot does not end the message
+  -f ADDR       envelope sender (-f '' or -f '<>' for the null sender); -r is the same
+  -F NAME       the sender's full name, for a From header that is missing
+  -N DSN        when to report: never, or a list of failure, delay, success
+  -R hdrs|full  what a bounce returns of the message;  -V ENVID  the envelope id for reports
+  -B 7BIT|8BITMIME  body type;  -C FILE  the config file (else $PYMTA_CONFIG, /etc/pymta/pymta.yaml)
+  -v            say what was queued, and which flags were ignored
+  -bm           queue the message (the default);  -bp  list the queue (as mailq)
+  -bs           speak SMTP on standard input and output;  -bi  check the aliases (as newaliases)
+  -q            deliver everything waiting now (as 'pymta flush --now')
+Other sendmail flags (-oem, -odi, -odq, -m, -U, ...) are accepted and ignored. It exits 0 once
+the message is safely queued, else with a sysexits(3) code: 64 usage, 65 bad message, 73 cannot
+write the spool, 75 try again later, 78 broken config. See sendmail(8) and pymta(1).
+""",
+    "mailq": """\
+usage: mailq [-C FILE] [-v]
+List the messages waiting in the queue: id, age, size, state, sender, recipients and the last
+error. 'pymta queue' shows more, manages the queue and has --json. See pymta(1).
+""",
+    "newaliases": """\
+usage: newaliases [-C FILE] [-v]
+Check the aliases file (/etc/aliases, or 'aliases:' in the config) and report each problem with
+its line number. There is no database to rebuild: the flush reads the file as it is. Exit 0 when
+nothing would be ignored, 65 otherwise. See sendmail(8).
+""",
+}
+
 
 class Invocation:
     """Everything the command line asked for."""
@@ -240,13 +272,17 @@ def parse_args(args: list[str]) -> Invocation:
         if not word.startswith("-") or word == "-":
             words.append(word)
             continue
+        if word.startswith("--"):
+            raise UsageError(
+                f"{word}: unknown option; sendmail's flags are single letters (see 'sendmail --help')"
+            )
         letters = word[1:]
         while letters:
             letter, letters = letters[0], letters[1:]
             entry = FLAGS.get(letter)
             if entry is None:
                 raise UsageError(
-                    f"-{letter}: unknown flag (in {word!r}); see 'man sendmail' for the flags pymta knows"
+                    f"-{letter}: unknown flag (in {word!r}); 'sendmail --help' lists the flags pymta knows"
                 )
             takes_value, handler = entry
             if letter == "q":
@@ -329,14 +365,14 @@ class Settings:
 _SETTING_KEYS = frozenset(("spool", "deliver", "max_message_size", "sender_policy", "max_queued_per_user"))
 
 
-def _settings(invocation: Invocation) -> Settings:
+def read_settings(config_file: str | None) -> Settings:
     """The spool, the delivery mode, the size limit and the sender policy, and warnings when the config is
     broken: read without YAML where possible. A broken config never stops a submission."""
     from . import quickconfig
 
     warnings: list[str] = []
     values: dict[str, str | None] = {}
-    path = quickconfig.find_config(invocation.config)
+    path = quickconfig.find_config(config_file)
     if path is not None:
         try:
             values = quickconfig.read_scalars(path, _SETTING_KEYS)
@@ -406,7 +442,7 @@ def _check_sender(invocation: Invocation, login: str, sender: str) -> None:
 def submit(invocation: Invocation, data: bytes, settings: Settings | None = None) -> tuple[str, list[str]]:
     """Prepare the message read from stdin and commit it to the spool; return its queue id and recipients.
 
-    `settings` are what `_settings` read from the config (read here when not given, as for -bs).
+    `settings` are what `read_settings` read from the config (read here when not given, as for -bs).
     """
     import time
 
@@ -414,7 +450,7 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
     from .message import prepare_submission
     from .spool import Spool, real_user
 
-    settings = settings or _settings(invocation)
+    settings = settings or read_settings(invocation.config)
     if len(data) > settings.max_size:  # read_stdin stopped just past the limit
         raise _too_large(settings)
     message, header_recipients = prepare_submission(data, extract_recipients=invocation.extract)
@@ -477,7 +513,7 @@ def refusal_of(invocation: Invocation) -> str | None:
     from .spool import real_user
     from .views import quota_refusal
 
-    settings = _settings(invocation)
+    settings = read_settings(invocation.config)
     return quota_refusal(settings.spool, real_user()[2], settings.max_queued)
 
 
@@ -524,6 +560,12 @@ def _run(argv: list[str]) -> int:
     global PROGRAM  # messages name the program as it was called: sendmail, mailq or newaliases
     name = os.path.basename(argv[0]) if argv else "sendmail"
     PROGRAM = name if name in ("mailq", "newaliases") else "sendmail"
+    if "--help" in argv[1:2] or "--version" in argv[1:2]:  # GNU long options, first word only
+        from . import __version__
+
+        text = USAGE[PROGRAM] if argv[1] == "--help" else f"{PROGRAM} (pymta) {__version__}\n"
+        sys.stdout.write(text)
+        return errors.EX_OK
     if name == "mailq":
         invocation = parse_args(argv[1:])
         invocation.mode = "list"
@@ -535,7 +577,7 @@ def _run(argv: list[str]) -> int:
     if invocation.mode == "list":
         from .listing import print_queue
 
-        settings = _settings(invocation)
+        settings = read_settings(invocation.config)
         for warning in settings.warnings:
             _say(warning)
         return print_queue(settings.spool)
@@ -553,7 +595,7 @@ def _run(argv: list[str]) -> int:
     if invocation.verbose:
         for note in invocation.notes:
             _say(note)
-    settings = _settings(invocation)
+    settings = read_settings(invocation.config)
     data = read_stdin(stop_at_dot=not invocation.ignore_dots and os.isatty(0), limit=settings.max_size)
     queue_id, recipients = submit(invocation, data, settings)
     if invocation.verbose:

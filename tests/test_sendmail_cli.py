@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from conftest import MtaEnv, local_sandbox, script
 
+import pymta
 from pymta.spool import Spool
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
@@ -200,6 +201,8 @@ def reaper() -> Iterator[list[subprocess.Popen[bytes]]]:
         (["-t", "-i"], b"", 64, ["no recipients"]),
         (["-k", "root"], MESSAGE, 64, ["-k", "unknown flag"]),
         (["-tZ", "root"], MESSAGE, 64, ["-Z", "unknown flag"]),
+        (["--verbose", "root"], MESSAGE, 64, ["--verbose", "single letters", "sendmail --help"]),
+        (["root", "--help"], MESSAGE, 64, ["--help", "unknown option"]),  # help only as the first word
         (["root", "-f"], MESSAGE, 64, ["-f", "needs a value"]),
         (["-f"], MESSAGE, 64, ["-f", "needs a value"]),
         (["-bd"], MESSAGE, 64, ["-bd", "daemon"]),
@@ -216,6 +219,18 @@ def test_bad_input_is_one_line_the_right_code_and_nothing_queued(
 ) -> None:
     result = mta.sendmail(*args, input=input)
     assert_one_line_error(result, code, *words)
+    assert_nothing_queued(mta.spool)
+
+
+@pytest.mark.parametrize("program", ["sendmail", "mailq", "newaliases"])
+def test_help_and_version_as_the_first_word_print_to_stdout_and_queue_nothing(
+    mta: MtaEnv, program: str
+) -> None:
+    result = mta.run(program, ["--help"], input=MESSAGE)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.startswith(f"usage: {program} ".encode()) and b"See " in result.stdout
+    result = mta.run(program, ["--version"], input=MESSAGE)
+    assert (result.returncode, result.stdout) == (0, f"{program} (pymta) {pymta.__version__}\n".encode())
     assert_nothing_queued(mta.spool)
 
 
