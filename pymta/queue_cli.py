@@ -99,6 +99,24 @@ def _settings(as_json: bool, config_file: str | None, verb: str = "") -> tuple[b
     return as_json or bool(parent.get("pymta.queue.json")), config
 
 
+def _spool_to_list(config_file: str | None) -> tuple[str, int]:
+    """The spool to list, and the exit status. A broken config does not hide the queue: like mailq, the
+    listing goes on with the spool sendmail keeps mail in meanwhile, after the config's error, and then
+    exits 78 (the commands that change messages refuse outright)."""
+    from .config import load
+    from .errors import ConfigError
+
+    try:
+        return load(config_file).spool, 0
+    except ConfigError as exc:
+        from .sendmail import read_settings
+
+        spool = read_settings(config_file).spool
+        click.echo(f"pymta: {exc}", err=True)
+        click.echo(f"pymta: listing {spool}, where sendmail queues while the config is broken", err=True)
+        return spool, exc.exit_code
+
+
 def _report(results: list[queue_ops.Result], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([result.to_json() for result in results], indent=2))
@@ -167,16 +185,18 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
     In system mode a user other than root and the spool's owner sees only their own messages, as the
     last delivery run left them, after a line that says so (with --json: only their objects).
 
+    When the config is broken, the error comes first, then the listing of the spool sendmail keeps
+    mail in meanwhile, as mailq shows it; the exit status is then 78.
+
     \b
     The JSON has one object per message with: id, state (queued, deferred, held, failed), sender ("" is
     the null sender), recipients (address, status, last_error), size, submitted_by, queued_at,
     next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error.
     """
-    from .config import load
-
     parent = click.get_current_context().find_root().meta
     as_json = as_json or bool(parent.get("pymta.queue.json"))
-    visible = listing.load_visible(load(config_file or parent.get("pymta.queue.config")).spool)
+    spool, status = _spool_to_list(config_file or parent.get("pymta.queue.config"))
+    visible = listing.load_visible(spool)
     for problem in visible.problems:
         click.echo(f"pymta: cannot read {problem}", err=True)
     entries = visible.entries
@@ -184,13 +204,14 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
         entries = [entry for entry in entries if entry.state in states]
     if as_json:
         click.echo(json.dumps([listing.entry_to_json(entry) for entry in entries], indent=2))
-        return
-    for note in listing.view_notes(visible):
-        click.echo(note)
-    if states and not entries:
-        click.echo(f"No {' or '.join(states)} messages in the queue")
-    elif entries or not visible.own_view:
-        click.echo("\n".join(listing.format_table(entries)))
+    else:
+        for note in listing.view_notes(visible):
+            click.echo(note)
+        if states and not entries:
+            click.echo(f"No {' or '.join(states)} messages in the queue")
+        elif entries or not visible.own_view:
+            click.echo("\n".join(listing.format_table(entries)))
+    click.get_current_context().exit(status)
 
 
 @queue_group.command("show")

@@ -243,18 +243,37 @@ def test_broken_state_file_is_reported_and_the_others_listed(mta: MtaEnv) -> Non
 
 
 @pytest.mark.parametrize("command", [["queue"], ["queue", "--json"], ["queue", "list"]])
-def test_broken_config_is_exit_78_with_one_line(mta: MtaEnv, command: list[str]) -> None:
+def test_broken_config_names_the_error_then_lists_what_mailq_lists_and_exits_78(
+    mta: MtaEnv, command: list[str]
+) -> None:
+    ids = submit_three(mta)
     mta.write_config("retry:\n  schedule: [1m, 5m\n")
     result = pymta(mta, *command)
     stderr = result.stderr.decode()
+    assert result.returncode == 78, stderr
+    first, second = stderr.splitlines()
+    assert first.startswith("pymta: ") and str(mta.config) in first, stderr
+    assert f"listing {mta.spool}," in second and "broken" in second, stderr
+    assert all(entry_id in result.stdout.decode() for entry_id in ids)
+    assert all(entry_id in mta.run("mailq").stdout.decode() for entry_id in ids)
+
+
+@pytest.mark.parametrize("command", [["queue", "hold"], ["queue", "show"]])
+def test_broken_config_stops_the_commands_that_need_it_with_78(mta: MtaEnv, command: list[str]) -> None:
+    entry_id = submit_three(mta)[0]
+    mta.write_config("retry:\n  schedule: [1m, 5m\n")
+    result = pymta(mta, *command, entry_id)
+    stderr = result.stderr.decode()
     assert result.returncode == 78 and result.stdout == b"", stderr
-    assert stderr.count("\n") == 1 and stderr.startswith("pymta: ") and str(mta.config) in stderr, stderr
+    assert stderr.count("\n") == 1 and str(mta.config) in stderr, stderr
+    assert "held" not in [entry.state for entry in mta.entries()]
 
 
 def test_unknown_key_in_config_is_exit_78(mta: MtaEnv) -> None:
     mta.write_config("smarthost: smtp.example.org\n")
     result = pymta(mta, "queue")
-    assert result.returncode == 78 and result.stderr.count(b"\n") == 1 and b"smarthost" in result.stderr
+    assert result.returncode == 78 and result.stderr.splitlines()[0].startswith(b"pymta: ")
+    assert b"smarthost" in result.stderr.splitlines()[0]
 
 
 @pytest.mark.parametrize(
