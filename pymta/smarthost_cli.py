@@ -57,15 +57,26 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
     """
     settings = _load(ctx, config_file)
     if not settings.smarthosts:
+        from .spool import Spool
+
         where = settings.source or "/etc/pymta/pymta.yaml (or -C FILE)"
+        if Spool(settings.spool).is_shared():  # system mode: the flush runs as a user with no keyring
+            source = "{file: /etc/pymta/smtp.secret}"
+            store = (
+                "then put the password in that file: "
+                "(umask 077; cat > /etc/pymta/smtp.secret) && chown pymta /etc/pymta/smtp.secret"
+            )
+        else:
+            source = "{keyring: pymta}"
+            store = "then store the password with `pymta password set smtp.example.org`"
         click.echo(
             f"pymta: no smarthost configured in {where}; add one, e.g.\n"
             "  smarthosts:\n"
             "    - host: smtp.example.org\n"
             "      port: 587\n"
             "      username: me@example.org\n"
-            "      password: {keyring: pymta}\n"
-            "then store the password with `pymta password set smtp.example.org` (see pymta.yaml(5))",
+            f"      password: {source}\n"
+            f"{store} (see pymta.yaml(5))",
             err=True,
         )
         ctx.exit(ConfigError.exit_code)

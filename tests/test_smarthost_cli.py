@@ -135,6 +135,16 @@ def test_no_smarthost_says_how_to_add_one(tmp_path: Path) -> None:
     result = run(pymta_test, ["-C", str(write_config(tmp_path))])
     assert result.exit_code == 78
     assert "no smarthost configured" in result.output and "pymta password set" in result.output
+    assert "{keyring: pymta}" in result.output
+
+
+def test_no_smarthost_on_a_system_spool_suggests_a_password_file_not_the_keyring(tmp_path: Path) -> None:
+    (tmp_path / "spool" / "new").mkdir(parents=True)
+    (tmp_path / "spool" / "new").chmod(0o1733)  # what `pymta setup` makes: the flush runs as pymta
+    result = run(pymta_test, ["-C", str(write_config(tmp_path))])
+    assert result.exit_code == 78 and "no smarthost configured" in result.output
+    assert "{file: /etc/pymta/smtp.secret}" in result.output and "chown pymta" in result.output
+    assert "keyring" not in result.output
 
 
 def test_config_error(tmp_path: Path) -> None:
