@@ -43,7 +43,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 # What pip needs to build the package: a copy is installed, so no build/ or egg-info lands in the tree that
 # other people are editing.
 SOURCE_FILES = ("pyproject.toml", "README.md")
-SOURCE_DIRS = ("pymta",)
+SOURCE_DIRS = ("pymta", "examples", "man")  # the last two are data-files of the wheel
 PREFIX = "pymtat"  # every test user's name starts with it
 COMMENT = "pymta test user"  # their GECOS field: "pymta test user, pid N"
 SPOOL = "var/spool/pymta"
@@ -75,6 +75,7 @@ class SystemInstall:
     alice: User
     bob: User
     stranger: User  # a uid with no passwd entry
+    installed_config: str = ""  # the config `pymta setup` wrote, before the tests replace it
     mail_spool: Path = field(init=False)
     aliases: Path = field(init=False)
 
@@ -419,6 +420,7 @@ def system_install() -> Iterator[SystemInstall]:
             raise RuntimeError(
                 f"pymta setup --root failed ({setup.returncode}):\n{setup.stdout}{setup.stderr}"
             )
+        install.installed_config = install.config.read_text()
         yield install
     finally:
         problems = [problem for name in created if (problem := _delete_user(name, ours=True))]

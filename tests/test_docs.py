@@ -388,3 +388,13 @@ def test_man_page_renders_without_warnings(page: str) -> None:
     )
     assert rendered.returncode == 0
     assert rendered.stderr == ""
+
+
+def test_every_example_and_man_page_is_installed_with_the_package() -> None:
+    """A file added to examples/ or man/ must be named in pyproject's data-files, or a wheel lacks it."""
+    import tomllib
+
+    data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    listed = {name for names in data_files.values() for name in names}
+    present = {f"{folder}/{path.name}" for folder in ("examples", "man") for path in (ROOT / folder).iterdir()}
+    assert listed == present

@@ -31,6 +31,7 @@ import pytest
 from mailservers import USER, Authenticator, SmtpServer, make_certificates
 from system_install import (
     HOSTNAME,
+    PROJECT,
     SystemInstall,
     User,
     queue_ids,
@@ -115,6 +116,18 @@ def files_under(*roots: Path, limit: int = 1 << 20) -> list[Path]:
 
 
 # --- the drop directory and the private queue ---
+
+
+def test_an_install_from_a_wheel_brings_the_example_config_and_the_man_pages(system: SystemInstall) -> None:
+    shared = system.venv / "share"
+    assert (shared / "pymta" / "examples" / "pymta.yaml").read_bytes() == (
+        PROJECT / "examples" / "pymta.yaml"
+    ).read_bytes()
+    for page in ("man1/pymta.1", "man5/pymta.yaml.5", "man8/sendmail.8"):
+        assert (shared / "man" / page).is_file(), page
+    # so `pymta setup` installs the commented example, not its short built-in fallback
+    assert "installed by `pymta setup` from examples/pymta.yaml" in system.installed_config
+    assert "\n#admin: me@web.de\n" in system.installed_config
 
 
 def test_a_drop_can_be_neither_listed_nor_removed_by_another_user(system: SystemInstall) -> None:
