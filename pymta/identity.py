@@ -27,8 +27,23 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .config import Config
 
-# Names of this host that are always local (the same as routing.LOCAL_HOSTS; a test checks they agree).
+# Names of this host that are always local, whatever it is called.
 LOCAL_HOSTS = ("localhost", "localhost.localdomain")
+
+
+def host_names(hostname: str) -> tuple[str, ...]:
+    """Every name mail to this host may use, in lower case: localhost, `hostname` (the configured or fully
+    qualified one), the kernel's node name, and the first label of each (`root@myhost` where the host is
+    myhost.example.org, as Debian's /etc/hosts names it too)."""
+    import os
+
+    names = [*LOCAL_HOSTS]
+    for name in (hostname, os.uname().nodename):
+        name = name.lower().rstrip(".")
+        if name:
+            names += [name, name.partition(".")[0]]
+    return tuple(dict.fromkeys(names))
+
 
 ACCEPT = "accept"
 WARN = "warn"
@@ -56,7 +71,7 @@ class SenderPolicy:
     ) -> None:
         self.hostname = hostname
         self.domain = domain or hostname
-        names = (*LOCAL_HOSTS, hostname, self.domain, *local_domains)
+        names = (*host_names(hostname), self.domain, *local_domains)
         self.domains = frozenset(name.lower() for name in names if name)
         self.trusted_users = frozenset(trusted_users)
         self.strict = strict
@@ -66,7 +81,7 @@ class SenderPolicy:
         if sender == login:
             return True
         local, at, domain = sender.rpartition("@")
-        return bool(at) and local == login and domain.lower() in self.domains
+        return bool(at) and local == login and domain.lower().rstrip(".") in self.domains
 
     def judge(self, login: str, sender: str) -> str:
         """ACCEPT, WARN or REFUSE for `login` submitting with the envelope sender `sender` ("" is <>)."""

@@ -13,7 +13,8 @@ address as it is) and ends with a blank line. Body lines starting with `From ` g
 Python's mailbox.mbox, Postfix and mail.local write them); a line already reading `>From ` is left alone,
 because no common reader (mail, mutt, Python) removes a quoting `>`, so mboxrd's extra `>` would show.
 The mbox is locked as those readers lock it: an fcntl (lockf) lock and a `USER.lock` dotlock, both retried
-until `LOCK_TIMEOUT`, then the delivery is deferred ("mailbox locked"). A dotlock older than
+until `LOCK_TIMEOUT`, then the delivery is deferred ("mailbox locked"), and so is further mail for that
+user in the same delivery run, at once (`LOCKED_MEMORY`). A dotlock older than
 `STALE_DOTLOCK_AGE` is removed (a crashed writer's). Where the directory does not let us create a dotlock
 (EACCES, EROFS), the fcntl lock alone is used, as Python's mailbox does.
 
@@ -67,6 +68,9 @@ Status = Literal["delivered", "deferred", "failed"]
 
 # Seconds to wait for a locked mbox before deferring: mail readers hold the lock only while they rewrite it.
 LOCK_TIMEOUT = 30.0
+# Seconds a delivery run remembers a mailbox it found locked: later messages for that user are deferred at
+# once instead of each waiting LOCK_TIMEOUT again, so one locked mbox does not stall the rest of the queue.
+LOCKED_MEMORY = 300.0
 # Seconds between attempts to take the locks.
 LOCK_RETRY_INTERVAL = 0.05
 # Seconds after which a dotlock is a crashed writer's and is removed (Postfix's stale_lock_time).
@@ -525,11 +529,32 @@ def deliver_as_recipient(
 
     Mail for the process's own user is delivered in this process. As root, anyone else's is delivered by a
     forked child that has dropped to the recipient (setgroups, setgid, setuid) and answers through a pipe.
-    Without root, anyone else's mail is deferred: writing their mailbox needs root.
+    Without root, anyone else's mail is deferred: writing their mailbox needs root. A mailbox that stayed
+    locked is remembered for LOCKED_MEMORY seconds, and mail for it is deferred at once meanwhile.
     """
     entry = _user_entry(user)
     if isinstance(entry, LocalOutcome):
         return entry
+    earlier = _found_locked.get(entry.pw_name)
+    if earlier is not None and time.monotonic() - earlier[0] < LOCKED_MEMORY:
+        age = time.monotonic() - earlier[0]
+        reason = f"{earlier[1].reason} (found locked {age:.0f} s ago in this run; not waiting again)"
+        return LocalOutcome("deferred", reason, earlier[1].mailbox)
+    outcome = _deliver_with_rights(entry, message, sender, local, now, lock_timeout)
+    if outcome.status == "deferred" and outcome.reason.startswith("mailbox locked"):
+        _found_locked[entry.pw_name] = (time.monotonic(), outcome)
+    else:
+        _found_locked.pop(entry.pw_name, None)
+    return outcome
+
+
+# The mailboxes this process (one delivery run) found locked: user -> (time.monotonic(), the deferral).
+_found_locked: dict[str, tuple[float, LocalOutcome]] = {}
+
+
+def _deliver_with_rights(
+    entry: pwd.struct_passwd, message: bytes, sender: str, local: Local, now: float, lock_timeout: float
+) -> LocalOutcome:
     euid = _euid()
     if entry.pw_uid == euid:
         return _deliver(entry, message, sender, local, now, lock_timeout, in_child=False)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 from .address import qualify
 from .config import Config
+from .identity import host_names
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .aliases import Aliases
 
-LOCAL_HOSTS = ("localhost", "localhost.localdomain")
 # Accounts from this uid up are people (Debian's and Fedora's UID_MIN): their mail stays in their mailbox;
 # mail for system accounts below it (root, cron, daemons) and for names that are no account goes to `admin`.
 FIRST_PERSON_UID = 1000
@@ -39,6 +39,12 @@ class Plan:
     warnings: tuple[str, ...] = field(default=())
 
 
+def local_domains(config: Config) -> set[str]:
+    """The domains whose mail is for local users: this host's names (`identity.host_names`) and the
+    configured local_domains, in lower case."""
+    return {*host_names(config.hostname), *(domain.lower() for domain in config.local_domains)}
+
+
 class Router:
     """Recipient routing for one flush; reads the aliases file once, on first use."""
 
@@ -47,7 +53,7 @@ class Router:
         name's mail goes to that user's mailbox; otherwise each name keeps its own mailbox."""
         self.config = config
         self.user_mode = user_mode
-        self.local_domains = {*LOCAL_HOSTS, config.hostname.lower(), *config.local_domains}
+        self.local_domains = local_domains(config)
         self._aliases: Aliases | None = None
 
     def local_part(self, address: str) -> str | None:
@@ -55,7 +61,7 @@ class Router:
         local, at, domain = address.rpartition("@")
         if not at:
             return address
-        return local if domain.lower() in self.local_domains else None
+        return local if domain.lower().rstrip(".") in self.local_domains else None
 
     def sender_is_local(self, sender: str) -> bool:
         """Whether mail from `sender` comes from a local account, or is our own notice (the null sender):
@@ -63,7 +69,8 @@ class Router:
         if not sender:
             return True
         local, at, domain = sender.rpartition("@")
-        return not at or domain.lower() in self.local_domains or domain.lower() == self.config.domain.lower()
+        domain = domain.lower().rstrip(".")
+        return not at or domain in self.local_domains or domain == self.config.domain.lower()
 
     def plan(self, address: str, *, expanded: bool = False) -> Plan | None:
         """How to deliver `address`: None when it goes to a smarthost as it is.

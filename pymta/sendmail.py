@@ -608,13 +608,11 @@ def _newaliases(invocation: Invocation) -> int:
     the file and report each problem with its line number. Exit 0 when it has no errors (warnings, such as
     an alias loop, are printed too), EX_DATAERR when something in it would be ignored."""
     from . import aliases, config
-    from .routing import LOCAL_HOSTS
+    from .routing import local_domains
 
     settings = config.load(invocation.config)
     path = settings.aliases
-    problems = aliases.validate(
-        path, local_domains=(*LOCAL_HOSTS, settings.hostname, *settings.local_domains)
-    )
+    problems = aliases.validate(path, local_domains=local_domains(settings))
     for problem in problems:
         _say(f"{path if problem.include is None else problem.include}: {problem.severity}: {problem}")
     if not os.path.exists(path):

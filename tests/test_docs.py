@@ -396,5 +396,15 @@ def test_every_example_and_man_page_is_installed_with_the_package() -> None:
 
     data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
     listed = {name for names in data_files.values() for name in names}
-    present = {f"{folder}/{path.name}" for folder in ("examples", "man") for path in (ROOT / folder).iterdir()}
+    present = {
+        f"{folder}/{path.name}" for folder in ("examples", "man") for path in (ROOT / folder).iterdir()
+    }
     assert listed == present
+
+
+def test_the_readme_quotes_the_no_smarthost_reason_as_the_flush_writes_it() -> None:
+    from pymta.flush import NO_SMARTHOST
+
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.findall(r"no smarthost configured[^)\"\n]*", readme)
+    assert quoted and all(NO_SMARTHOST.startswith(text.rstrip(" .")) for text in quoted), quoted

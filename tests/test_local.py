@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -283,6 +284,25 @@ def test_a_lock_held_by_another_process_defers(spool: Path, how: str) -> None:
         holder.communicate("")
     assert deliver(spool).status == "delivered"
     assert len(read_mbox(path)) == 1
+
+
+def test_a_run_waits_for_a_locked_mailbox_once_then_defers_the_rest_for_it_at_once(
+    spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local, "_found_locked", {})
+    mail = Local(mailbox="mbox", mail_spool=str(spool))
+    options: dict[str, Any] = {"sender": "s@example.org", "local": mail, "now": NOW, "lock_timeout": SHORT}
+    (spool / f"{ME}.lock").write_text("12345\n")  # a reader's dotlock, fresh
+    first = local.deliver_as_recipient(ME, message(), **options)
+    assert first.status == "deferred" and "stayed locked" in first.reason
+    again = local.deliver_as_recipient(ME, message(), **options)
+    assert again.status == "deferred" and again.mailbox == first.mailbox
+    assert again.reason.startswith(first.reason) and "not waiting again" in again.reason
+    (spool / f"{ME}.lock").unlink()
+    monkeypatch.setattr(local, "LOCKED_MEMORY", 0.0)  # the memory has run out: it is tried again
+    assert local.deliver_as_recipient(ME, message(), **options).status == "delivered"
+    assert local._found_locked == {}
+    assert len(read_mbox(spool / ME)) == 1
 
 
 # --- refusals ---

@@ -134,8 +134,18 @@ def test_prepend_field_never_turns_body_into_header(message: bytes, stored: byte
     assert header_fields(prepend_field(message, b"X: y\r\n"))[0] == ("X", b"X: y\r\n")
 
 
-def test_the_local_hosts_agree_with_routing() -> None:
-    assert identity.LOCAL_HOSTS == routing.LOCAL_HOSTS
+def test_the_short_host_name_and_the_node_name_are_this_hosts_names() -> None:
+    policy = identity.SenderPolicy(hostname="myhost.example.org")
+    assert policy.owns("alice", "alice@myhost") and policy.owns("alice", "alice@MyHost.example.org.")
+    assert policy.owns("alice", f"alice@{os.uname().nodename}") and policy.owns("alice", "alice@localhost")
+    assert not policy.owns("alice", "alice@example.org") and not policy.owns("alice", "alice@myhost.example")
+    router = routing.Router(config.loads("hostname: myhost.example.org\n"))
+    assert [router.local_part(a) for a in ("root@myhost", "root@localhost.", "root@MYHOST.example.org")] == [
+        "root",
+        "root",
+        "root",
+    ]
+    assert router.local_part("root@myhost.example.net") is None
 
 
 def test_policy_of_a_config() -> None:
@@ -146,7 +156,15 @@ def test_policy_of_a_config() -> None:
     )
     policy = identity.policy_of(loaded)
     assert policy.strict and policy.trusted_users == {"www-data"}
-    assert policy.domains == {"localhost", "localhost.localdomain", HOST, "example.org", "lists.example.org"}
+    assert policy.domains == {
+        "localhost",
+        "localhost.localdomain",
+        HOST,
+        HOST.partition(".")[0],
+        *identity.host_names(""),  # the node name, here and in CI
+        "example.org",
+        "lists.example.org",
+    }
     assert policy.judge("root", "ceo@example.net") == REFUSE
 
 
