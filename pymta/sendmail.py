@@ -614,7 +614,7 @@ def _newaliases(invocation: Invocation) -> int:
     path = settings.aliases
     problems = aliases.validate(path, local_domains=local_domains(settings))
     for problem in problems:
-        _say(f"{path if problem.include is None else problem.include}: {problem.severity}: {problem}")
+        _say(f"{path}: {problem.severity}: {problem}")  # an include's problem names its file itself
     if not os.path.exists(path):
         _say(f"there is no aliases file at {path}; nothing to check (set 'aliases:' in the config)")
     elif invocation.verbose or not problems:

@@ -419,6 +419,16 @@ def test_newaliases_reports_problems_with_their_line_numbers(mta: MtaEnv, tmp_pa
     assert not marker.exists()
 
 
+def test_newaliases_names_the_include_file_of_a_problem_once(mta: MtaEnv, tmp_path: Path) -> None:
+    members = tmp_path / "members"
+    members.write_text(f"{OWNER}\n|/bin/true\n")
+    write_aliases(mta, f"team: :include:{members}\n")
+    for result in newaliases_runs(mta):
+        assert result.returncode == 65, result.stderr
+        [line] = [line for line in result.stderr.decode().splitlines() if "program" in line]
+        assert line.count(str(members)) == 1 and f": error: line 2 of {members}: " in line, line
+
+
 def test_newaliases_warns_of_a_loop_and_still_exits_0(mta: MtaEnv) -> None:
     write_aliases(mta, f"{OWNER}: helper\nhelper: {OWNER}\n")
     for result in newaliases_runs(mta):
