@@ -833,13 +833,17 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _yaml_error(error: yaml.YAMLError, source: str) -> ConfigError:
-    where = _Where(source)
+    return _Where(source).fail(yaml_problem(error))
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong with a file PyYAML cannot read, in one line: where, what, and the likely fix."""
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
-        return where.fail(f"is not valid YAML: {' '.join(str(error).split())}")
+        return f"is not valid YAML: {' '.join(str(error).split())}"
     mark = error.problem_mark
     problem = " ".join((error.problem or "").split())
     if problem.startswith("duplicate key"):
-        return where.fail(f"line {mark.line + 1}: {problem}")
+        return f"line {mark.line + 1}: {problem}"
     said = f"{problem} {error.context or ''}"
     fix = next(
         (fix for fragment, fix in _SYNTAX_FIXES if fragment in said), "check the indentation and quoting"
@@ -849,9 +853,7 @@ def _yaml_error(error: yaml.YAMLError, source: str) -> ConfigError:
         if error.context and error.context_mark
         else ""
     )
-    return where.fail(
-        f"line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {problem}{context}; {fix}"
-    )
+    return f"line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {problem}{context}; {fix}"
 
 
 def loads(text: str | bytes, source: str = "<string>") -> Config:

@@ -326,11 +326,18 @@ def clock(timestamp: float, now: float | None = None) -> str:
 SINCE = "; mail sent since then shows after the next one"
 
 
+def whole_queue_note(owner: str) -> str:
+    """Who may see the whole queue: root, and the spool's owner (when that is not root itself)."""
+    return (
+        "only root sees the whole queue" if owner == "root" else f"only root and {owner} see the whole queue"
+    )
+
+
 def view_notes(visible: Visible, now: float | None = None) -> list[str]:
     """The lines that tell a user they see only their own messages, and as of when (none for an admin)."""
     if not visible.own_view:
         return []
-    whole = f"only root and {visible.owner} see the whole queue"
+    whole = whole_queue_note(visible.owner)
     if visible.published is None or not visible.entries:
         when = "" if visible.published is None else f"{clock(visible.published, now)}; "
         since = SINCE.removeprefix("; ")

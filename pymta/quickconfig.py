@@ -359,7 +359,9 @@ def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     try:
         document = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise BrokenConfig(" ".join(str(exc).split()), _salvage(data, keys)) from None
+        from .config import yaml_problem  # the words `pymta config check` uses; the file is broken anyway
+
+        raise BrokenConfig(yaml_problem(exc), _salvage(data, keys)) from None
     if document is None:
         return {}
     if not isinstance(document, dict):

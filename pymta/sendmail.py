@@ -405,6 +405,12 @@ def read_settings(config_file: str | None) -> Settings:
                 "applies; fix it and run 'pymta config check'"
             )
     spool = values.get("spool")
+    if spool and not os.path.isabs(spool):
+        warnings.append(
+            f"{path}: spool: {spool!r} is not an absolute path, so the message goes to the default spool; "
+            "fix it and run 'pymta config check'"
+        )
+        spool = None
     default = not spool
     return Settings(
         spool or quickconfig.default_spool(),

@@ -399,6 +399,8 @@ def test_unparsable_config_still_queues(mta: MtaEnv, text: str, where: str) -> N
     _assert_queued_with_one_warning(result, config, used)
     assert "queued all the same" in result.stderr.decode()
     assert str(used) in result.stderr.decode()
+    assert ": YAML syntax error: " in result.stderr.decode()  # as `pymta config check` words it
+    assert "<byte string>" not in result.stderr.decode()
     assert files_under(unused) == []
     _assert_config_check_fails(mta, config)
 
@@ -421,6 +423,22 @@ def test_config_broken_elsewhere_queues_in_the_configured_spool(mta: MtaEnv, tex
     assert len(mta.entries()) == 1
     assert files_under(default) == []
     _assert_config_check_fails(mta, mta.config)
+
+
+@pytest.mark.parametrize("value", ["relative/spool", "42", "[/a, /b]"])
+def test_a_spool_that_is_no_absolute_path_queues_in_the_default_spool(mta: MtaEnv, value: str) -> None:
+    config = mta.root / "relative.yaml"
+    config.write_text(f"spool: {value}\n")
+    env, default = _default_spool_env(mta, config)
+    cwd = mta.root / "cwd"  # where a relative spool would land
+    cwd.mkdir()
+    result = subprocess.run(
+        [script("sendmail"), "-odq", "root"], input=MESSAGE, capture_output=True, env=env, cwd=cwd
+    )
+    _assert_queued_with_one_warning(result, config, default)
+    assert "not an absolute path" in result.stderr.decode()
+    assert list(cwd.iterdir()) == []
+    _assert_config_check_fails(mta, config)
 
 
 def test_missing_or_unreadable_config_queues_in_the_default_spool(mta: MtaEnv) -> None:

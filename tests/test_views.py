@@ -713,3 +713,8 @@ def test_setup_makes_checks_and_purges_the_status_directory(
     )
     assert main(["setup", "--root", str(root), "--uninstall", "--purge"]) == 0
     assert not (root / "var/spool/pymta").exists()
+
+
+def test_the_note_names_the_spool_owner_only_when_it_is_not_root() -> None:
+    assert listing.whole_queue_note("pymta") == "only root and pymta see the whole queue"
+    assert listing.whole_queue_note("root") == "only root sees the whole queue"
