@@ -378,3 +378,86 @@ def rewrite_from(message: bytes, address: str, original: str = "x-original-from"
     if not block.fields or block.separator_missing:
         header.append(CRLF)
     return b"".join(header) + message[block.end :]
+
+
+# RFC 5321 4.5.3.1.6 and RFC 5322 2.1.1: at most 998 octets on a line, CRLF not counted. Servers that defend
+# against SMTP smuggling, and aiosmtpd, refuse longer ones ("500 Line too long"); cron output has them.
+MAX_LINE = 998
+# Bodies that quoted-printable can carry as they are: one text part in no encoding of its own.
+_PLAIN_ENCODINGS = ("", "7bit", "8bit", "binary")
+
+
+def _long_lines(data: bytes) -> bool:
+    position = 0
+    while True:
+        end = data.find(CRLF, position)
+        if (len(data) if end < 0 else end) - position > MAX_LINE:
+            return True
+        if end < 0:
+            return False
+        position = end + 2
+
+
+def _break_line(line: bytes, *, fold: bool) -> bytes:
+    """A line (no CRLF) over MAX_LINE cut into lines that fit, each later one starting with a blank. With
+    `fold` (a header field) it is cut before a blank where it has one, so unfolding restores it exactly;
+    elsewhere, and where a field has none, a space is inserted (as Postfix's smtp_line_length_limit does)."""
+    pieces = []
+    while len(line) > MAX_LINE:
+        cut = max(line.rfind(b" ", 1, MAX_LINE), line.rfind(b"\t", 1, MAX_LINE)) if fold else -1
+        if cut > 0:
+            pieces.append(line[:cut])
+            line = line[cut:]
+        else:
+            pieces.append(line[: MAX_LINE - 1])
+            line = b" " + line[MAX_LINE - 1 :]
+    pieces.append(line)
+    return CRLF.join(pieces)
+
+
+def _break_lines(text: bytes, *, fold: bool) -> bytes:
+    return CRLF.join(
+        _break_line(line, fold=fold) if len(line) > MAX_LINE else line for line in text.split(CRLF)
+    )
+
+
+def fit_line_length(message: bytes) -> bytes:
+    """`message` (CRLF) with no line over 998 octets, as SMTP requires; the same object when it has none.
+
+    Too long a header line is folded at a blank. The body of a single text part (no Content-Type, or text/*,
+    in no transfer encoding) is encoded quoted-printable (RFC 2045 6.7), which keeps every byte: the
+    recipient reads exactly what was submitted; MIME-Version is added when missing, and a Content-Type
+    naming UTF-8 when there is none and the body is UTF-8 beyond ASCII. Any other body (multipart, or
+    encoded already) has each long line broken with a space inserted, as Postfix does.
+    """
+    if len(message) <= MAX_LINE or not _long_lines(message):
+        return message
+    block = _header_block(message)
+    head, rest = message[: block.end], message[block.end :]
+    separator = CRLF if rest.startswith(CRLF) or block.separator_missing or not block.fields else b""
+    body = rest[2:] if rest.startswith(CRLF) else rest
+    head = _break_lines(head[:-2], fold=True) + CRLF if _long_lines(head) else head
+    if not _long_lines(body):
+        return head + separator + body
+    content_type = (get_header(message, "content-type") or "text/plain").strip().lower()
+    encoding = (get_header(message, "content-transfer-encoding") or "").strip().lower()
+    if not content_type.startswith("text/") or encoding not in _PLAIN_ENCODINGS:
+        return head + separator + _break_lines(body, fold=False)
+    import binascii
+
+    fields = [
+        field for name, field in _header_block(head).fields if name.lower() != "content-transfer-encoding"
+    ]
+    names = {name.lower() for name, _ in block.fields}
+    added = [b"Content-Transfer-Encoding: quoted-printable\r\n"]
+    if "mime-version" not in names:
+        added.insert(0, b"MIME-Version: 1.0\r\n")
+    if "content-type" not in names and not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            added.insert(1, b"Content-Type: text/plain; charset=utf-8\r\n")
+    encoded = binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
+    return b"".join((*fields, *added, CRLF, encoded))

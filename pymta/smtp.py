@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pymta.credentials import CredentialError, Secret, resolve
 from pymta.errors import EX_TEMPFAIL, PymtaError
+from pymta.message import fit_line_length
 
 if TYPE_CHECKING:
     from pymta.config import Smarthost
@@ -295,6 +296,7 @@ class SmtpSession:
         """
         client = self._require_open()
         params = _check_arguments(sender, recipients, notify, ret, envid)
+        message = fit_line_length(message)  # a line over 998 octets would be refused, and the mail bounced
         features = client.esmtp_features
         dsn = "dsn" in features
         needs_utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)

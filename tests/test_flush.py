@@ -419,6 +419,25 @@ def test_one_connection_carries_many_messages_with_rset_between(mta: MtaEnv, pla
     assert mta.entries() == []
 
 
+def test_a_line_over_998_octets_reaches_a_strict_server_with_every_byte(
+    mta: MtaEnv, plain: SmtpServer
+) -> None:
+    import email
+
+    configure(mta, plain_host(plain.port))
+    body = b"line one\n" + b"0123456789" * 500 + b"\nlast line\n"  # a cron job's long line
+    enqueue(mta, "-f", "cron@example.org", "ops@example.net", message=b"Subject: report\n\n" + body)
+
+    flush(mta)
+
+    [received] = plain.handler.messages  # aiosmtpd refuses longer lines: 500 Line too long
+    assert max(len(line) for line in received.data.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(received.data)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parsed.get_payload(decode=True) == body.replace(b"\n", b"\r\n")
+    assert mta.entries() == []
+
+
 def test_a_server_that_closes_after_one_message_gets_the_next_over_a_new_connection(mta: MtaEnv) -> None:
     first = [*greet(), *accept_message(), Close()]
     second = [*greet(), *accept_message(), Expect("QUIT"), Send("221 bye")]

@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from pymta.errors import MessageError
 from pymta.message import (
+    MAX_LINE,
     complete,
+    fit_line_length,
     get_header,
     header_fields,
     normalise_line_endings,
@@ -603,3 +605,57 @@ def test_import_pulls_in_nothing_heavy() -> None:
     heavy = {"re", "typing", "dataclasses", "enum", "email", "json", "smtplib", "ssl", "socket"}
     assert loaded & heavy == set()
     assert not any(name.startswith("email.") for name in loaded)
+
+
+# --- lines over 998 octets, on their way to a smarthost ---
+
+_line = st.binary(min_size=0, max_size=3000).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+def _lines_of(message: bytes) -> list[bytes]:
+    return message.split(b"\r\n")
+
+
+def test_a_message_whose_lines_fit_is_returned_as_it_is() -> None:
+    message = b"Subject: s\r\n\r\n" + b"x" * 998 + b"\r\n"
+    assert fit_line_length(message) is message
+
+
+@given(st.lists(_line, min_size=1, max_size=4), st.sampled_from(["", "text/plain; charset=latin-1"]))
+def test_a_long_text_body_goes_quoted_printable_and_decodes_to_every_byte(
+    lines: list[bytes], content_type: str
+) -> None:
+    import email
+    import email.policy
+
+    body = b"\r\n".join(lines) + b"\r\n" + b"y" * 999 + b"\r\n"
+    header = b"Subject: cron\r\n" + (f"Content-Type: {content_type}\r\n".encode() if content_type else b"")
+    fitted = fit_line_length(header + b"\r\n" + body)
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+    parsed = email.message_from_bytes(fitted, policy=email.policy.compat32)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable" and parsed["MIME-Version"] == "1.0"
+    assert parsed.get_payload(decode=True) == body
+    assert parsed["Subject"] == "cron" and fitted.isascii()
+
+
+def test_a_long_header_is_folded_at_blanks_and_unfolds_to_what_it_was() -> None:
+    subject = " ".join(f"word{n}" for n in range(400))
+    fitted = fit_line_length(f"Subject: {subject}\r\nTo: a@example.org\r\n\r\nshort\r\n".encode())
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+    assert get_header(fitted, "subject") == subject
+    assert fitted.endswith(b"\r\nTo: a@example.org\r\n\r\nshort\r\n")  # the body needed nothing
+
+
+def test_a_utf8_body_without_content_type_is_labelled_utf8_when_encoded() -> None:
+    fitted = fit_line_length(b"Subject: s\r\n\r\n" + ("ä" * 600 + "\r\n").encode())
+    assert get_header(fitted, "content-type") == "text/plain; charset=utf-8"
+
+
+@given(st.lists(_line, min_size=1, max_size=4))
+def test_a_multipart_body_has_its_long_lines_broken_with_a_space(lines: list[bytes]) -> None:
+    body = b"--b\r\n\r\n" + b"\r\n".join(lines) + b"\r\n" + b"z" * 2500 + b"\r\n--b--\r\n"
+    message = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + body
+    fitted = fit_line_length(message)
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+    # Nothing but the inserted line breaks: taking out each CRLF SP gives the message back.
+    assert fitted.replace(b"\r\n ", b"") == message.replace(b"\r\n ", b"")
