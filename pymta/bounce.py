@@ -21,7 +21,12 @@ no line longer than 998 bytes. So a DSN can always be relayed, even by a server 
 
 No bounce storms: a DSN comes from `<>`; a message from `<>` that fails is reported to the admin instead (a
 double bounce); and when that cannot be (no admin, or the admin's own copy is what failed) `bounce_recipient`
-says None: the message stays `failed` in the queue for the admin to see.
+says None: the message stays `failed` in the queue for the admin to see. The admin's copy is recognised by
+what routing cannot change: a notice of ours (`dsn_of` in its envelope) whose envelope recipient is the admin
+address, however aliases expand it, and any failed recipient that an alias chain from the admin reached.
+
+Success notices (`-N success`, RFC 3461 5.2): "delivered" after a local delivery, "relayed" after a smarthost
+that does not offer DSN took the message (one that does gets NOTIFY passed on, and reports itself).
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .spool import QueueEntry
 
-Action = Literal["failed", "delayed"]
-ACTIONS: tuple[Action, ...] = ("failed", "delayed")
+Action = Literal["failed", "delayed", "delivered", "relayed"]
+ACTIONS: tuple[Action, ...] = ("failed", "delayed", "delivered", "relayed")
+# The actions that report a success (RFC 3464 2.3.3): only ever sent when NOTIFY asked for SUCCESS.
+SUCCESS_ACTIONS: tuple[Action, ...] = ("delivered", "relayed")
 
 # The whole original is returned (-R full) only up to this size: a bounce must not carry a big attachment
 # back through the sender's mailbox quota (Postfix limits bounce_size_limit to 50 kB; 256 KiB is generous).
@@ -51,6 +58,9 @@ MAIL_DELIVERY_SYSTEM = "Mail Delivery System"
 # Status when a failure or delay came with no usable enhanced code: RFC 3463 X.4.7 "delivery time expired".
 EXPIRED_STATUS = "5.4.7"
 DELAYED_STATUS = "4.4.7"
+DELIVERED_STATUS = "2.0.0"
+# The first digit of a status, by action (RFC 3463: 2 success, 4 persistent transient, 5 permanent).
+_STATUS_CLASS: dict[Action, str] = {"failed": "5", "delayed": "4", "delivered": "2", "relayed": "2"}
 # The RFC 3464 diagnostic-type of a reason of our own (not a server's reply): a private X- type, as Postfix's.
 LOCAL_DIAGNOSTIC_TYPE = "X-pymta"
 # A delivery-status field value is cut here: it must fit a line (998 bytes) after folding; the text part
@@ -64,6 +74,8 @@ MAX_LINE = 998
 SUBJECTS: dict[Action, str] = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
+    "relayed": "Successful Mail Delivery Report",
 }
 
 # What a status code means and what the sender can do about it, by RFC 3463 subject.detail ("1.1" of
@@ -103,11 +115,24 @@ _ADVICE: dict[str, str] = {
     "6": "Try sending the message in a simpler form, for example as plain text.",
     "7": "Your mail administrator or the recipient's can tell why the server refused it.",
 }
+# For a recipient that expired although the server answered: it was there, and kept saying "later".
+_EXPIRED_ADVICE = (
+    "The recipient's mail server answered but kept putting the message off (its last reply is above) until "
+    "the mail system gave up. Try again later, or reach the recipient another way."
+)
 
 _SMTP_REPLY = re.compile(r"([245])[0-9][0-9](?:[ -]|$)")
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
 _MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,900}>")  # one printable ASCII msg-id, no spaces or angle brackets
 _PRINTABLE_ADDRESS = re.compile(r"[!-~]{1,900}")
+# A relay as the flush records it (`SmtpSession.relay`): `host[ip]:port`, `host:port`, or a label.
+_RELAY = re.compile(r"(?P<host>[^\[\]\s]+?)(?:\[(?P<ip>[^\]\s]*)\])?(?::(?P<port>[0-9]+))?")
+# The reason the flush records for a recipient that expired (`expiry_reason`), read back by the builder.
+_EXPIRY = re.compile(
+    r"5\.4\.7 expired: not delivered within (?P<within>\S+)(?:; the last reply from "
+    r"(?P<relay>\S+) was: (?P<reply>.*))?",
+    re.DOTALL,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +145,8 @@ class ReportedRecipient:
     remote_mta: str | None = None  # the server that gave the reply, when one did
     last_attempt: float | None = None  # Last-Attempt-Date (Unix time)
     original_recipient: str | None = None  # Original-Recipient, when it differs (an alias, an ORCPT)
+    expired_after: str | None = None  # "5d": it expired, and `diagnostic` is the last reply a server gave
+    action: Action | None = None  # its own Action when it differs from the DSN's ("relayed" in a "delivered")
 
     @property
     def smtp_reply(self) -> bool:
@@ -133,9 +160,9 @@ def status_code(reply: str | None, action: Action) -> str:
     A reply whose class matches the action gives its own enhanced code ("550 5.1.1 ..." -> 5.1.1) or, without
     one, X.0.0 of its basic code; pymta's own reasons carry their code first ("5.1.1 no such local user").
     Anything else (a failure without a permanent reply is an expiry; a delay after a network error) gives
-    5.4.7 or 4.4.7, "delivery time expired".
+    5.4.7 or 4.4.7, "delivery time expired"; a success without a 2xx reply (a local delivery) 2.0.0.
     """
-    wanted = "5" if action == "failed" else "4"
+    wanted = _STATUS_CLASS[action]
     text = (reply or "").strip()
     basic = _SMTP_REPLY.match(text)
     if basic is None:
@@ -144,7 +171,7 @@ def status_code(reply: str | None, action: Action) -> str:
         if own is not None and own.group(1) == wanted:
             return own.group(0)
     if basic is None or basic.group(1) != wanted:
-        return EXPIRED_STATUS if action == "failed" else DELAYED_STATUS
+        return _fallback_status(action)
     enhanced = _ENHANCED.match(text, basic.end())
     if enhanced is not None and enhanced.group(1) == wanted:
         return enhanced.group(0)
@@ -159,15 +186,31 @@ def reported_recipients(
     last_attempt: float | None = None,
 ) -> list[ReportedRecipient]:
     """The recipients of `entry` a DSN of `action` reports on: status `failed` for "failed", `pending` or
-    `deferred` for "delayed", each with its status code from its last reply. `remote_mta` (the relay of the
-    last attempt; "none" or "" for no server) is named only beside a reply that came from a server."""
-    wanted = ("failed",) if action == "failed" else ("pending", "deferred")
-    relay = remote_mta if remote_mta and remote_mta != "none" else None
+    `deferred` for "delayed", `delivered` for a success, each with its status code from its last reply.
+    `remote_mta` (the relay of the last attempt; "none" or "" for no server) is named only beside a reply
+    that came from a server. A recipient that expired (`expiry_reason`) after a server's reply is reported
+    with that reply and that server, and status 5.4.7."""
+    wanted = {"failed": ("failed",), "delayed": ("pending", "deferred")}.get(action, ("delivered",))
+    relay = remote_mta if remote_mta and remote_mta not in ("none", "local") else None
     reported = []
     for recipient in entry.recipients:
         if recipient.status not in wanted:
             continue
         reply = recipient.last_error
+        expired = _EXPIRY.fullmatch(reply.strip()) if action == "failed" and reply else None
+        if expired is not None and expired.group("reply"):
+            last = expired.group("reply")
+            reported.append(
+                ReportedRecipient(
+                    recipient.address,
+                    EXPIRED_STATUS,
+                    last,
+                    expired.group("relay") if _SMTP_REPLY.match(last) else None,
+                    last_attempt,
+                    expired_after=expired.group("within"),
+                )
+            )
+            continue
         from_server = reply is not None and _SMTP_REPLY.match(reply) is not None
         reported.append(
             ReportedRecipient(
@@ -179,6 +222,15 @@ def reported_recipients(
             )
         )
     return reported
+
+
+def expiry_reason(within: str, last_reply: str | None = None, relay: str | None = None) -> str:
+    """The reason a recipient fails with when `retry.lifetime` (`within`, as "5d") ran out: the server's
+    last reply kept in it when one answered, so the sender's DSN still shows what the server said."""
+    reason = f"{EXPIRED_STATUS} expired: not delivered within {within}"
+    if last_reply and _SMTP_REPLY.match(last_reply) and relay and relay not in ("none", "local"):
+        return f"{reason}; the last reply from {relay} was: {' '.join(last_reply.split())}"
+    return reason
 
 
 # --- Decisions ---
@@ -198,11 +250,14 @@ def wants(entry: QueueEntry, action: Action, *, delay_warnings: bool = True) -> 
     i.e. `retry.warn_after` is not `never`). An explicit list: only what it names (`-N failure` means no
     delay warning), and a delay warning still only when the config has them on. A message from the null
     sender never gets a delay warning: it is a notification itself, and only its final failure is news (to
-    the admin). Whether a failed DSN can be sent at all is `bounce_recipient`'s question.
+    the admin). A success notice ("delivered", "relayed") only when -N named success (RFC 3461 4.1), and
+    never for the null sender. Whether a failed DSN can be sent at all is `bounce_recipient`'s question.
     """
     words = notify_words(entry)
     if words is not None and "never" in words:
         return False
+    if action in SUCCESS_ACTIONS:
+        return entry.sender != "" and words is not None and "success" in words
     if action == "failed":
         return words is None or "failure" in words
     if entry.sender == "" or not delay_warnings:
@@ -210,13 +265,16 @@ def wants(entry: QueueEntry, action: Action, *, delay_warnings: bool = True) -> 
     return words is None or "delay" in words
 
 
-def delay_warning_due(entry: QueueEntry, *, now: float, warn_after: float | None, lifetime: float) -> bool:
+def delay_warning_due(
+    entry: QueueEntry, *, now: float, warn_after: float | None, lifetime: float, held: float = 0.0
+) -> bool:
     """Whether `entry` has waited long enough for a delay warning: `warn_after` passed, `lifetime` not yet,
-    a recipient still waiting, and the sender wants one. Sending it only once is the caller's to record
-    (the warning's Message-ID is the same every time, so a repeat is at least recognisable)."""
+    a recipient still waiting, and the sender wants one. `held` seconds on hold do not count as waiting.
+    Sending it only once is the caller's to record (the warning's Message-ID is the same every time, so a
+    repeat is at least recognisable)."""
     if warn_after is None or warn_after >= lifetime:
         return False
-    waited = now - entry.queued_at
+    waited = now - entry.queued_at - held
     if not warn_after <= waited < lifetime:
         return False
     if not any(recipient.status in ("pending", "deferred") for recipient in entry.recipients):
@@ -227,17 +285,31 @@ def delay_warning_due(entry: QueueEntry, *, now: float, warn_after: float | None
 def bounce_recipient(entry: QueueEntry, admin: str | None, failed: Iterable[str] | None = None) -> str | None:
     """Who gets the DSN about `entry`: its envelope sender; for the null sender the admin (a double bounce).
 
-    None when nobody can: the message is from the null sender and there is no admin, or the admin is among
-    the `failed` recipients (default: all of the message's recipients) — a double bounce that failed must not
-    beget another. The message then stays `failed` in the queue for the admin to find.
+    None when nobody can, and the message then stays `failed` in the queue for the admin to find: the
+    message is from the null sender and there is no admin; or it is a notice of ours (`dsn_of`) addressed
+    to the admin, whatever aliases or routing made of that address; or the admin address, or an alias chain
+    from it (`via`), led to one of the `failed` recipients (default: all of the message's recipients). A
+    notice to the admin that failed must not beget another: that is what makes bounce storms impossible.
     """
     if entry.sender != "":
         return entry.sender
     if not admin:
         return None
-    addresses = [r.address for r in entry.recipients] if failed is None else list(failed)
-    if admin.lower() in (address.lower() for address in addresses):
+    wanted = admin.lower()
+    if entry.dsn_of is not None and any(
+        r.via is None and r.address.lower() == wanted for r in entry.recipients
+    ):
         return None
+    via = {r.address.lower(): r.via.lower() for r in entry.recipients if r.via}
+    addresses = [r.address for r in entry.recipients] if failed is None else list(failed)
+    for address in addresses:
+        seen: set[str] = set()
+        current: str | None = address.lower()
+        while current is not None and current not in seen:  # alias chains can loop
+            if current == wanted:
+                return None
+            seen.add(current)
+            current = via.get(current)
     return admin
 
 
@@ -252,8 +324,9 @@ def dsn_envelope(
 ) -> dict[str, object]:
     """The envelope to pass to `Spool.submit` with a DSN about `entry`: from the null sender to `to`.
 
-    `dsn_of` and `dsn_action` mark it as a DSN. No NOTIFY is asked: should the DSN fail, the flush reports it
-    to the admin (`bounce_recipient`), and a smarthost's own bounce of it goes to `<>`, which takes none.
+    `dsn_of` and `dsn_action` mark it as a DSN; `bounce_recipient` reads `dsn_of` to refuse a notice about a
+    failed notice to the admin. No NOTIFY is asked: should the DSN fail, the flush reports it to the admin
+    (`bounce_recipient`), and a smarthost's own bounce of it goes to `<>`, which takes none.
     """
     return {
         "sender": "",
@@ -403,6 +476,19 @@ def _notification_text(
             f"{'The' if double else 'Your'} message could not be delivered to {whom}. "
             "This is a permanent error: the mail system has stopped trying."
         )
+    elif action == "delivered":
+        paragraphs.append(f"Your message was delivered to {whom}, as you asked to be told when it was sent.")
+        if any(r.action == "relayed" for r in recipients):
+            paragraphs.append(
+                "Where a recipient below was passed on to a mail server that does not report on delivery, "
+                "this is the last notice you will get about it."
+            )
+    elif action == "relayed":
+        paragraphs.append(
+            f"Your message was passed on to {whom} through a mail server that does not report on "
+            "delivery, so this is the last notice you will get about it. You asked to be told of "
+            "successful delivery when it was sent."
+        )
     else:
         until = f" and will keep trying until {_date(retry_until)}" if retry_until is not None else ""
         paragraphs.append(
@@ -410,13 +496,18 @@ def _notification_text(
             f"The mail system has been trying since {_date(entry.queued_at)}{until}."
         )
     blocks = [_wrap(paragraph) for paragraph in paragraphs]
-    blocks.append("\n".join(_recipient_lines(recipient, action) for recipient in recipients))
+    blocks.append(
+        "\n".join(_recipient_lines(recipient, recipient.action or action) for recipient in recipients)
+    )
     if action == "failed":
-        advice = [_ADVICE.get(_subject(r.status), _ADVICE["5"]) for r in recipients]
+        advice = [
+            _EXPIRED_ADVICE if r.expired_after else _ADVICE.get(_subject(r.status), _ADVICE["5"])
+            for r in recipients
+        ]
         blocks.append("What you can do:\n" + "\n".join(_wrap(item) for item in dict.fromkeys(advice)))
         if total > count:
             blocks.append(_wrap("The other recipients are not affected by this notice."))
-    else:
+    elif action == "delayed":
         blocks.append(
             _wrap(
                 "This is only a warning: you do not need to send the message again. You will be told "
@@ -444,7 +535,18 @@ def _notification_text(
 def _recipient_lines(recipient: ReportedRecipient, action: Action) -> str:
     meaning = _meaning(recipient.status, action)
     lines = [f"    {_readable(recipient.address)}"]
-    lines += _indented(f"{meaning[0].upper()}{meaning[1:]} ({_readable(recipient.status)}).")
+    headline = f"{meaning[0].upper()}{meaning[1:]} ({_readable(recipient.status)})"
+    if recipient.expired_after is not None and recipient.diagnostic:
+        # It expired although a server answered: say what that server last said, not "could not be reached".
+        server = f" from {_readable(recipient.remote_mta)}" if recipient.remote_mta else ""
+        return "\n".join(
+            lines
+            + _indented(
+                f"{headline}: not delivered within {_readable(recipient.expired_after)}; the last "
+                f"reply{server} was: {_readable(recipient.diagnostic)}"
+            )
+        )
+    lines += _indented(headline + ".")
     if recipient.diagnostic:
         if recipient.smtp_reply:
             server = f" {_readable(recipient.remote_mta)}" if recipient.remote_mta else ""
@@ -466,6 +568,10 @@ def _meaning(status: str, action: Action) -> str:
     and a temporary 4.7.1 (greylisting) is no refusal."""
     if action == "delayed":
         return "not delivered yet; it is still being tried"
+    if action == "delivered":
+        return "delivered to the recipient's mailbox"
+    if action == "relayed":
+        return "passed on to a mail server that does not report on delivery"
     detail = status.split(".", 1)[1] if "." in status else ""
     return _STATUS_MEANINGS.get(detail) or _STATUS_MEANINGS.get(_subject(status)) or "the delivery failed"
 
@@ -515,11 +621,11 @@ def _delivery_status(
             fields.append(("Original-Recipient", _typed_address(recipient.original_recipient)))
         fields += [
             ("Final-Recipient", _typed_address(recipient.address)),
-            ("Action", action),
+            ("Action", recipient.action or action),
             ("Status", recipient.status if _valid_status(recipient.status) else _fallback_status(action)),
         ]
         if recipient.remote_mta:
-            fields.append(("Remote-MTA", f"dns; {_ascii_field(recipient.remote_mta)}"))
+            fields.append(("Remote-MTA", f"dns; {_ascii_field(remote_mta_name(recipient.remote_mta))}"))
         if recipient.diagnostic:
             kind = "smtp" if recipient.smtp_reply else LOCAL_DIAGNOSTIC_TYPE
             fields.append(("Diagnostic-Code", f"{kind}; {_ascii_field(recipient.diagnostic)}"))
@@ -531,12 +637,27 @@ def _delivery_status(
     return CRLF.join(blocks)
 
 
+def remote_mta_name(relay: str) -> str:
+    """The mta-name of a Remote-MTA field (RFC 3464 2.3.5, type dns) for a relay as the flush records it
+    (`host[ip]:port`, `host:port`): the host name as configured. The address and port stay in the
+    human-readable part, where a person can use them."""
+    import ipaddress
+
+    relay = relay.strip()
+    try:
+        return str(ipaddress.ip_address(relay))  # an IPv6 address alone, whose colons are no port
+    except ValueError:
+        pass
+    match = _RELAY.fullmatch(relay)
+    return match.group("host") if match is not None else relay
+
+
 def _valid_status(status: str) -> bool:
     return re.fullmatch(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}", status) is not None
 
 
 def _fallback_status(action: Action) -> str:
-    return EXPIRED_STATUS if action == "failed" else DELAYED_STATUS
+    return {"failed": EXPIRED_STATUS, "delayed": DELAYED_STATUS}.get(action, DELIVERED_STATUS)
 
 
 def _typed_address(address: str) -> str:
@@ -705,8 +826,10 @@ __all__ = [
     "build_dsn",
     "delay_warning_due",
     "dsn_envelope",
+    "expiry_reason",
     "dsn_message_id",
     "notify_words",
+    "remote_mta_name",
     "reported_recipients",
     "status_code",
     "wants",

@@ -17,10 +17,13 @@ What an answer means (DESIGN.md, "Temporary vs permanent"): 2xx delivers a recip
 timeout, TLS or AUTH problem, or a password source that fails defers it; only a 5xx answer to MAIL, RCPT or
 DATA (or a local user that does not exist) fails it. Deferred recipients are tried again after the next
 interval of `retry.schedule` (with a little jitter, so that many messages deferred together do not all
-come back in the same second); past `retry.lifetime` they fail as expired. Failed recipients are reported
-to the sender in one delivery status notification (`bounce.py`), queued like any mail; a delay notice
-goes out once after `retry.warn_after`. A message whose recipients are all delivered leaves the queue; one
-with failures stays `failed`, visible to the admin, until `failed_retention` has passed (invariant 2).
+come back in the same second, and never later than the end of the lifetime); past `retry.lifetime` they
+fail as expired, keeping the server's last reply for the bounce. Time a message spent on hold
+(`held_seconds` in its state, which `pymta queue release` adds up) does not count toward its lifetime.
+Failed recipients are reported to the sender in one delivery status notification (`bounce.py`), queued like
+any mail; a delay notice goes out once after `retry.warn_after`, and a success notice after a delivery when
+`-N success` asked for one. A message whose recipients are all delivered leaves the queue; one with
+failures stays `failed`, visible to the admin, until `failed_retention` has passed (invariant 2).
 """
 
 from __future__ import annotations
@@ -243,11 +246,14 @@ class Flusher:
         report.attempted += 1
         now = self.clock()
         attempt = Attempt()
-        if pending and now - entry.queued_at > self.config.retry.lifetime:
+        attempt.held = entry.held_seconds
+        if pending and now >= self._expires_at(entry, attempt.held):
+            from .bounce import expiry_reason
             from .config import format_duration
 
-            reason = f"5.4.7 expired: not delivered within {format_duration(self.config.retry.lifetime)}"
+            within = format_duration(self.config.retry.lifetime)
             for recipient in pending:
+                reason = expiry_reason(within, recipient.last_error, entry.relay)
                 attempt.set(recipient.address, "failed", reason, "none")
         elif pending:
             self._attempt(entry, message, pending, attempt)
@@ -309,6 +315,25 @@ class Flusher:
             return
         self._prefetched = Prefetched(name, lock, entry, message)
 
+    def _expires_at(self, entry: QueueEntry, held: float) -> float:
+        """When `entry`'s pending recipients fail as expired: `retry.lifetime` after it was queued, not
+        counting the `held` seconds it spent on hold."""
+        return entry.queued_at + held + self.config.retry.lifetime
+
+    def _as_sent(self, entry: QueueEntry, message: bytes) -> bytes:
+        """The message as delivery sends it (`message.complete`: Date, Message-ID, From added): what a
+        notice returns, so the sender sees the headers that went out."""
+        return complete(
+            message,
+            queued_at=entry.queued_at,
+            message_id=entry.id,
+            sender=entry.sender,
+            submitted_by=entry.submitted_by,
+            full_name=entry.full_name,
+            domain=self.config.domain,
+            hostname=self.config.hostname,
+        )
+
     def _attempt(
         self, entry: QueueEntry, message: bytes, pending: list[RecipientStatus], attempt: Attempt
     ) -> None:
@@ -339,16 +364,7 @@ class Flusher:
                     work.append((target, True))
         if not (local or remote):
             return
-        completed = complete(
-            message,
-            queued_at=entry.queued_at,
-            message_id=entry.id,
-            sender=entry.sender,
-            submitted_by=entry.submitted_by,
-            full_name=entry.full_name,
-            domain=self.config.domain,
-            hostname=self.config.hostname,
-        )
+        completed = self._as_sent(entry, message)
         delivered_to: dict[str, tuple[str, str]] = {}  # one copy per mailbox: `root root@localhost` is one
         for address, user in local:
             if user not in delivered_to:
@@ -391,6 +407,7 @@ class Flusher:
 
         def finish() -> None:
             results, relay = self.sessions.finish(delivery, while_waiting=self._prefetch)
+            attempt.relay_reports = _offers_dsn(delivery.session)
             for address in remote:
                 outcome = results[on_wire[address]]
                 attempt.set(address, outcome.status, outcome.reply, relay, wire=outcome.recipient)
@@ -433,12 +450,15 @@ class Flusher:
                         )
                     )
             recipients[recipient.address] = record
-        state_info = {"warned": entry.warned}
+        state_info: dict[str, object] = {"warned": entry.warned}
+        if attempt.held:
+            state_info["held_seconds"] = attempt.held
         owed = [a for a, r in recipients.items() if r["status"] == "failed" and not r.get("reported")]
         if owed and (attempt.results or entry.bounce_due):
             if self._bounce(entry, message, recipients, owed, attempt, now):
                 for address in owed:
                     recipients[address]["reported"] = True
+        self._notify_success(entry, message, attempt, now)
         statuses = {str(r["status"]) for r in recipients.values()}
         if statuses <= {"delivered", "expanded"}:
             self.spool.remove(entry, lock)
@@ -447,6 +467,9 @@ class Flusher:
             state = "deferred"
             delay = self.config.retry.delay_after(attempts)
             next_attempt = now + delay * (1 + RETRY_JITTER * (2 * self.jitter() - 1))
+            # Never past the end of the lifetime: the bounce for an expired message comes on time, not at
+            # the next retry after it (up to the last interval of the schedule later).
+            next_attempt = max(now, min(next_attempt, self._expires_at(entry, attempt.held)))
             if not entry.warned and self._warn(entry, message, recipients, attempt, now):
                 state_info["warned"] = True
         else:
@@ -483,20 +506,26 @@ class Flusher:
 
         if not bounce.wants(entry, "failed"):
             return True
-        to = bounce.bounce_recipient(entry, self.config.admin, owed if entry.sender == "" else None)
+        view = _with_statuses(entry, recipients)
+        to = bounce.bounce_recipient(view, self.config.admin, owed)
         if to is None:
             self.log.warning(
                 f"id={entry.id} failed and nobody can be told (a bounce of a bounce); kept for the admin"
             )
             return False
-        view = _with_statuses(entry, recipients)
         reported = [
             r
             for r in bounce.reported_recipients(view, "failed", remote_mta=attempt.relay, last_attempt=now)
             if r.address in owed
         ]
         dsn = bounce.build_dsn(
-            view, message, reported, action="failed", to=to, hostname=self.config.hostname, now=now
+            view,
+            self._as_sent(entry, message),
+            reported,
+            action="failed",
+            to=to,
+            hostname=self.config.hostname,
+            now=now,
         )
         queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action="failed", now=now), dsn)
         self.spool.request_flush()  # deliver it in this run
@@ -516,7 +545,9 @@ class Flusher:
 
         view = _with_statuses(entry, recipients)
         retry = self.config.retry
-        if not bounce.delay_warning_due(view, now=now, warn_after=retry.warn_after, lifetime=retry.lifetime):
+        if not bounce.delay_warning_due(
+            view, now=now, warn_after=retry.warn_after, lifetime=retry.lifetime, held=attempt.held
+        ):
             return False
         to = bounce.bounce_recipient(view, self.config.admin)
         if to is None:
@@ -524,18 +555,59 @@ class Flusher:
         reported = bounce.reported_recipients(view, "delayed", remote_mta=attempt.relay, last_attempt=now)
         dsn = bounce.build_dsn(
             view,
-            message,
+            self._as_sent(entry, message),
             reported,
             action="delayed",
             to=to,
             hostname=self.config.hostname,
             now=now,
-            retry_until=entry.queued_at + retry.lifetime,
+            retry_until=self._expires_at(entry, attempt.held),
         )
         queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action="delayed", now=now), dsn)
         self.spool.request_flush()
         self.log.info(f"id={entry.id} still waiting; delay notice {queue_id} to <{to}>")
         return True
+
+    def _notify_success(self, entry: QueueEntry, message: bytes, attempt: Attempt, now: float) -> None:
+        """Queue the success notice `-N success` asked for (RFC 3461 4.2, 5.2), one for the recipients this
+        attempt delivered: "delivered" for a local mailbox, "relayed" for a smarthost that does not offer
+        DSN. A smarthost that does was given NOTIFY=SUCCESS and reports itself; so no notice from us."""
+        from . import bounce
+
+        if not bounce.wants(entry, "delivered"):
+            return
+        reported: list[bounce.ReportedRecipient] = []
+        for address, (status, reply, relay, _) in attempt.results.items():
+            if status != "delivered":
+                continue
+            if relay == "local":
+                reported.append(
+                    bounce.ReportedRecipient(
+                        address, bounce.status_code(None, "delivered"), last_attempt=now, action="delivered"
+                    )
+                )
+            elif not attempt.relay_reports:
+                reported.append(
+                    bounce.ReportedRecipient(
+                        address, bounce.status_code(reply, "relayed"), reply, relay, now, action="relayed"
+                    )
+                )
+        if not reported:
+            return
+        action: bounce.Action = "delivered" if any(r.action == "delivered" for r in reported) else "relayed"
+        dsn = bounce.build_dsn(
+            entry,
+            self._as_sent(entry, message),
+            reported,
+            action=action,
+            to=entry.sender,
+            hostname=self.config.hostname,
+            now=now,
+        )
+        queue_id = self.spool.submit(bounce.dsn_envelope(entry, entry.sender, action=action, now=now), dsn)
+        self.spool.request_flush()
+        addresses = ", ".join(r.address for r in reported)
+        self.log.info(f"id={entry.id} {action} to {addresses}; success notice {queue_id} to <{entry.sender}>")
 
 
 class Attempt:
@@ -546,6 +618,8 @@ class Attempt:
         self.results: dict[str, tuple[str, str, str, str]] = {}
         self.added: dict[str, str] = {}  # alias targets added in this attempt -> the recipient they came from
         self.relay: str | None = None  # the smarthost that answered, if one did
+        self.relay_reports = False  # that smarthost offers DSN: it got NOTIFY and reports delivery itself
+        self.held = 0.0  # seconds the message spent on hold (`pymta queue hold`): not part of its lifetime
         # Set while the remote recipients are started on a session: reads their outcomes into `results`.
         self.remote: Callable[[], None] | None = None
 
@@ -581,10 +655,23 @@ def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) 
     view.recipients = []
     for address, record in recipients.items():
         error = record.get("last_error")
+        via = record.get("via")
         view.recipients.append(
-            RecipientStatus(address, str(record["status"]), error if isinstance(error, str) else None)
+            RecipientStatus(
+                address,
+                str(record["status"]),
+                error if isinstance(error, str) else None,
+                via if isinstance(via, str) else None,
+            )
         )
     return view
+
+
+def _offers_dsn(session: SmtpSession | None) -> bool:
+    """Whether the smarthost of `session` offers the DSN extension (RFC 3461), so it reports delivery."""
+    return session is not None and any(
+        extension.split(" ")[0].upper() == "DSN" for extension in session.info.extensions
+    )
 
 
 def route(config: Config, sender: str) -> tuple[Smarthost, ...]:

@@ -310,10 +310,10 @@ def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: flo
 def release(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float) -> None:
     """Release held messages: back to the state they were held in, due now.
 
-    A released message is delivered by the next flush (run `pymta flush` to send it at once); its retry
-    lifetime counts from when it was queued, so one held for longer than retry.lifetime bounces as expired
-    at its next attempt. A message that was failed when held stays failed. Releasing a message that is not
-    held changes nothing and succeeds.
+    A released message is delivered by the next flush (run `pymta flush` to send it at once). The time it
+    spent on hold does not count toward retry.lifetime: it gets the rest of its lifetime, so even one held
+    for longer than that is tried again before it can expire. A message that was failed when held stays
+    failed. Releasing a message that is not held changes nothing and succeeds.
 
     It never delivers by itself and never deletes anything; it waits for a running delivery as hold does.
     """
@@ -395,8 +395,9 @@ def bounce(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: f
     Every recipient not yet delivered fails with the reason "bounced by the administrator"; recipients
     already delivered stay delivered. The message becomes failed, and the next flush returns it to its
     sender in a delivery status notification (for a message from the null sender, <>, the flush reports it
-    to the admin address instead). It then stays visible as failed for failed_retention. A held message
-    can be bounced; a message with nothing left to deliver is left alone and succeeds.
+    to the admin address instead), unless the sender asked for no failure notice (sendmail -N never or
+    -N delay); the line for each id says which. It then stays visible as failed for failed_retention. A
+    held message can be bounced; a message with nothing left to deliver is left alone and succeeds.
 
     It never sends by itself (the flush does) and never deletes anything; it waits for a running delivery
     as hold does.

@@ -2,7 +2,8 @@
 failed messages. A library: no click, no printing; each operation returns one `Result` per id it was given.
 
 Ids. A full id, or a unique prefix of at least `MIN_PREFIX` hexadecimal digits. An ambiguous prefix is refused
-with its candidates; an id that is no longer in the queue is told apart from one that never was.
+with its candidates. A full id that is not in the queue may have been delivered, deleted or expired, or never
+existed: the queue keeps no record of finished messages, so only the mail log can tell.
 
 Locking (DESIGN.md invariants 3 and 4). A message in queue/ is changed only under `Spool.lock_message`, the
 flock the flush holds while it delivers the message; a command waits for it up to `wait` seconds
@@ -19,6 +20,8 @@ State fields this module writes, beside those of the flush (`state`, `attempts`,
                         mtime is NEVER, so `Spool.due` never returns it, not even for `flush --now`.
     held_from           hold: the state before it (queued, deferred or failed), restored by release.
     held_at             hold: when.
+    held_seconds        release: the seconds spent on hold so far, added up over every hold. The flush
+                        does not count them toward retry.lifetime (missing: 0, as in older state files).
     bounce_due true     bounce: the flush owes the sender a DSN. The message is `failed` and its state
                         file's mtime is the time of the bounce, so the next flush finds it due.
     failed_at           bounce: when the administrator gave up on it (`expire_failed` counts from it).
@@ -145,14 +148,20 @@ def _names(spool: Spool, location: str) -> list[str]:
         return []  # system mode: new/ cannot be listed by everyone; full ids are still found
 
 
-def _gone(name: str) -> _Failure:
-    return _Failure(
-        "gone",
-        f"no longer in the queue: it was delivered, deleted, or expired after failing; "
-        f"look for id={name} in the mail log",
-        EX_NOUSER,
-        name=name,
-    )
+def _gone(name: str, *, meanwhile: bool = False) -> _Failure:
+    """An id not in the queue. `meanwhile`: it was there when we looked, and went while we waited for it."""
+    if meanwhile:
+        detail = "no longer in the queue: it was delivered or deleted while this command waited"
+    else:
+        detail = "not in the queue (it may have been delivered, deleted or expired)"
+    return _Failure("gone", detail + _log_hint(name), EX_NOUSER, name=name)
+
+
+def _log_hint(name: str) -> str:
+    """Where to look for what became of a message: the mail log, when there is one (syslog)."""
+    from .log import SYSLOG_SOCKET
+
+    return f"; look for id={name} in the mail log" if os.path.exists(SYSLOG_SOCKET) else ""
 
 
 def _wanted(argument: str) -> str:
@@ -284,14 +293,14 @@ def show(config: Config, arguments: list[str], *, body: bool = False) -> list[De
 
 
 def _show_own(spool_path: str, arguments: list[str], body: bool) -> list[Details | Result]:
-    from .listing import SINCE, clock, own_view, view_notes
+    from .listing import SINCE, clock, own_view, view_notes, whole_queue_note
 
     visible = own_view(spool_path)
     notes = view_notes(visible)
     as_of = (
         "as of the last delivery run" if visible.published is None else f"as of {clock(visible.published)}"
     )
-    whole = f"only root and {visible.owner} see the whole queue"
+    whole = whole_queue_note(visible.owner)
     shown: list[Details | Result] = []
     for argument in arguments:
         try:
@@ -420,7 +429,7 @@ class _Operations:
             current = None
         if current is None or (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
             self.spool.unlock_message(fd)  # delivered (or deleted) while we waited
-            raise _gone(name)
+            raise _gone(name, meanwhile=True)
         return fd
 
     def _take_from_new(self, name: str, deleting: bool) -> int | None:
@@ -505,7 +514,11 @@ class _Operations:
             return _done(entry, "not held", "not held; nothing to do", entry.state)
         new = _complete(entry, state)
         previous = new.pop("held_from", None)
-        new.pop("held_at", None)
+        held_at = new.pop("held_at", None)
+        if isinstance(held_at, int | float):
+            # Time on hold is not time spent trying: the flush gives the lifetime back (DESIGN: a held
+            # message never expires, so it must not expire at once when released either).
+            new["held_seconds"] = entry.held_seconds + max(0.0, self.now - held_at)
         if not any(r.status in _PENDING for r in entry.recipients):
             new.update(state="failed", next_attempt=None)
             self._write(entry, new, self.now if new.get("bounce_due") else NEVER)
@@ -514,7 +527,13 @@ class _Operations:
             previous = "deferred" if entry.attempts else "queued"
         new.update(state=previous, next_attempt=self.now)
         self._write(entry, new, self.now)
-        return _done(entry, "released", "released: due now; the next flush delivers it", str(previous))
+        return _done(
+            entry,
+            "released",
+            "released: due now; the next flush delivers it (its time on hold does not count toward "
+            "retry.lifetime)",
+            str(previous),
+        )
 
     def _retry(self, entry: QueueEntry, state: State) -> Result:
         if entry.state == "held":
@@ -563,12 +582,20 @@ class _Operations:
         )
         self._write(entry, new, self.now)  # due: the next flush sends the bounce
         count = f"{len(pending)} recipient{'s' if len(pending) != 1 else ''}"
-        to = (
-            "will be returned to the sender by the next flush"
-            if entry.sender
-            else "the sender is <> (a bounce itself), so the next flush reports it to the admin"
-        )
-        return _done(entry, "bounced", f"bounced: {count} failed; {to}", "failed")
+        return _done(entry, "bounced", f"bounced: {count} failed; {self._told(entry, pending)}", "failed")
+
+    def _told(self, entry: QueueEntry, failing: list[str]) -> str:
+        """Who the flush will tell of an administrator's bounce, by the same decisions the flush makes
+        (`bounce.wants`, `bounce.bounce_recipient`)."""
+        from . import bounce
+
+        if not bounce.wants(entry, "failed"):
+            return f"no notice is sent: the sender asked for none (sendmail -N {entry.dsn_notify})"
+        if entry.sender:
+            return "will be returned to the sender by the next flush"
+        if bounce.bounce_recipient(entry, self.config.admin, failing) is None:
+            return "the sender is <> (a bounce itself) and no admin can be told, so it stays failed here"
+        return "the sender is <> (a bounce itself), so the next flush reports it to the admin"
 
 
 # Results worth a line in the mail log: every change an admin made.

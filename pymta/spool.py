@@ -816,6 +816,7 @@ class QueueEntry:
         "bounce_due",
         "relay",
         "dsn_of",
+        "held_seconds",
     )
 
     def __init__(
@@ -876,6 +877,8 @@ class QueueEntry:
         self.bounce_due = state.get("bounce_due") is True  # an admin asked for a bounce (pymta queue bounce)
         self.relay = _optional_text(state, "relay")  # the server of the last attempt, if one answered
         self.dsn_of = _optional_text(envelope, "dsn_of")  # this is a notice about that message
+        # Seconds spent on hold, added up by `pymta queue release`: not part of the message's lifetime.
+        self.held_seconds = max(0.0, float(_number(state, "held_seconds", 0)))
 
 
 _UID_HEAD = b'{"v":1,"uid":'

@@ -26,7 +26,7 @@ from pymta.bounce import (
     wants,
 )
 from pymta.message import header_fields
-from pymta.spool import QueueEntry, Spool
+from pymta.spool import QueueEntry, RecipientStatus, Spool
 
 HOST = "mx.example.net"
 QUEUED = 1_700_000_000.0
@@ -221,6 +221,107 @@ def test_expired_recipients_are_5_4_7_with_our_own_reason() -> None:
     text = text_of(message)
     assert "could not be delivered to any of its 2 recipients" in text
     assert "in the time allowed (5.4.7)" in text
+
+
+def test_an_expired_recipient_keeps_the_last_reply_of_the_server_that_gave_it() -> None:
+    reason = bounce.expiry_reason("2h", "451 4.3.0 try later", "smtp.example.com[192.0.2.7]:587")
+    assert reason == (
+        "5.4.7 expired: not delivered within 2h; "
+        "the last reply from smtp.example.com[192.0.2.7]:587 was: 451 4.3.0 try later"
+    )
+    entry = make_entry(statuses={"slow@example.com": ("failed", reason)})
+    recipients = reported_recipients(entry, "failed", remote_mta=None, last_attempt=LAST)
+    message = parse(
+        build_dsn(entry, ORIGINAL, recipients, action="failed", to="a@b.c", hostname=HOST, now=NOW)
+    )
+    block = report_blocks(message)[1]
+    assert block["Status"] == "5.4.7"
+    assert block["Diagnostic-Code"] == "smtp; 451 4.3.0 try later"
+    assert block["Remote-MTA"] == "dns; smtp.example.com"
+    text = " ".join(text_of(message).split())
+    assert (
+        "(5.4.7): not delivered within 2h; "
+        "the last reply from smtp.example.com[192.0.2.7]:587 was: 451 4.3.0 try later"
+    ) in text
+    assert "kept putting the message off" in text
+    assert "could not be reached" not in text
+
+
+def test_an_expired_recipient_no_server_answered_keeps_our_own_reason() -> None:
+    reason = bounce.expiry_reason("2h", "smtp.example.com: cannot connect: refused", "none")
+    assert reason == "5.4.7 expired: not delivered within 2h"
+    entry = make_entry(statuses={"slow@example.com": ("failed", reason)})
+    message = parse(failed_dsn_of(entry))
+    block = report_blocks(message)[1]
+    assert (block["Status"], block["Remote-MTA"]) == ("5.4.7", None)
+    assert block["Diagnostic-Code"] == f"X-pymta; {reason}"
+    assert "could not be reached for a long time" in " ".join(text_of(message).split())
+
+
+@pytest.mark.parametrize(
+    ("relay", "name"),
+    [
+        ("smtp.example.com[192.0.2.7]:587", "smtp.example.com"),
+        ("smtp.example.com:587", "smtp.example.com"),
+        ("smtp.example.com", "smtp.example.com"),
+        ("127.0.0.1[127.0.0.1]:2599", "127.0.0.1"),
+        ("::1", "::1"),
+    ],
+)
+def test_remote_mta_is_the_configured_host_name_without_address_or_port(relay: str, name: str) -> None:
+    assert bounce.remote_mta_name(relay) == name
+    entry = make_entry()
+    recipients = reported_recipients(entry, "failed", remote_mta=relay)
+    message = parse(
+        build_dsn(entry, ORIGINAL, recipients, action="failed", to="a@b.c", hostname=HOST, now=NOW)
+    )
+    assert report_blocks(message)[1]["Remote-MTA"] == f"dns; {name}"
+    assert f"The server {relay} said:" in " ".join(text_of(message).split())
+
+
+def test_success_notices_delivered_and_relayed() -> None:
+    entry = make_entry(notify="success")
+    reported = [
+        ReportedRecipient("dave@example.com", "2.0.0", last_attempt=LAST, action="delivered"),
+        ReportedRecipient(
+            "erin@example.com", "2.0.0", "250 2.0.0 OK", "smtp.example.com:25", LAST, action="relayed"
+        ),
+    ]
+    message = parse(
+        build_dsn(entry, ORIGINAL, reported, action="delivered", to=entry.sender, hostname=HOST, now=NOW)
+    )
+    assert message["Subject"] == "Successful Mail Delivery Report"
+    assert message["Message-ID"] == f"<{ID}.delivered@{HOST}>"
+    delivered, relayed = report_blocks(message)[1:]
+    assert (delivered["Action"], delivered["Status"], delivered["Remote-MTA"]) == ("delivered", "2.0.0", None)
+    assert (relayed["Action"], relayed["Status"]) == ("relayed", "2.0.0")
+    assert relayed["Remote-MTA"] == "dns; smtp.example.com"
+    assert relayed["Diagnostic-Code"] == "smtp; 250 2.0.0 OK"
+    text = " ".join(text_of(message).split())
+    assert "Your message was delivered to" in text
+    assert "Delivered to the recipient's mailbox (2.0.0)" in text
+    assert "Passed on to a mail server that does not report on delivery" in text
+    assert "What you can do" not in text
+    assert parts(message)[2]["Content-Description"] == "Message headers"
+
+
+@pytest.mark.parametrize(
+    ("notify", "sender", "wanted"),
+    [(None, "alice@example.org", False), ("success", "alice@example.org", True),
+     ("failure", "alice@example.org", False), ("SUCCESS,FAILURE", "alice@example.org", True),
+     ("never", "alice@example.org", False), ("success", "", False)],
+)  # fmt: skip
+def test_success_notices_only_when_asked_and_never_for_the_null_sender(
+    notify: str | None, sender: str, wanted: bool
+) -> None:
+    entry = make_entry(notify=notify, sender=sender)
+    assert wants(entry, "delivered") is wanted
+    assert wants(entry, "relayed") is wanted
+
+
+def failed_dsn_of(entry: QueueEntry) -> bytes:
+    recipients = reported_recipients(entry, "failed", remote_mta="none", last_attempt=LAST)
+    return build_dsn(entry, ORIGINAL, recipients, action="failed", to="a@b.c", hostname=HOST, now=NOW)
 
 
 def test_original_recipient_and_missing_details() -> None:
@@ -601,6 +702,30 @@ def test_double_bounce_text_speaks_to_the_admin() -> None:
     assert "The message could not be delivered" in text
 
 
+def test_a_notice_of_ours_to_the_admin_gets_no_notice_whatever_the_alias_made_of_it() -> None:
+    """The double bounce went to `boss` (the admin, an alias) and failed under the alias target: the failed
+    address is not the admin's, but the notice is still recognised as the admin's own, by its envelope."""
+    statuses: dict[str, tuple[str, str | None]] = {
+        "boss@example.org": ("expanded", None),
+        "admin-bad@remote.test": ("failed", USER_UNKNOWN),
+    }
+    double = make_entry(sender="", statuses=statuses, entry_id="dsn2")
+    double.recipients = double.recipients[:1]  # the envelope holds only the admin; the target came by alias
+    double.recipients.append(RecipientStatus("admin-bad@remote.test", "failed", USER_UNKNOWN))
+    double.dsn_of = "dsn1"
+    assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) is None
+    assert bounce_recipient(double, "Boss@Example.org", ["admin-bad@remote.test"]) is None
+    # A null-sender message that is not one of our notices: the alias chain from the admin still counts.
+    double.dsn_of = None
+    double.recipients[1] = RecipientStatus(
+        "admin-bad@remote.test", "failed", USER_UNKNOWN, "boss@example.org"
+    )
+    assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) is None
+    # Without either, a failed null-sender message is the admin's business.
+    double.recipients[1] = RecipientStatus("admin-bad@remote.test", "failed", USER_UNKNOWN)
+    assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) == "boss@example.org"
+
+
 def test_a_bounce_storm_is_impossible() -> None:
     """The original fails, its DSN fails, the double bounce to the admin fails: then nothing more."""
     original = make_entry(sender="alice@example.org")
@@ -661,7 +786,7 @@ HEADERISH = st.lists(
 def test_any_original_gives_a_valid_7bit_dsn(
     original: bytes, ret: str | None, action: bounce.Action, sender: str, reply: str | None
 ) -> None:
-    status = "failed" if action == "failed" else "deferred"
+    status = {"failed": "failed", "delayed": "deferred"}.get(action, "delivered")
     entry = make_entry(sender=sender, ret=ret, statuses={"bob@example.com": (status, reply)})
     recipients = reported_recipients(entry, action, remote_mta="smtp.example.com", last_attempt=LAST)
     dsn = build_dsn(
@@ -679,5 +804,5 @@ def test_any_original_gives_a_valid_7bit_dsn(
     blocks = report_blocks(message)
     assert len(blocks) == 2
     assert blocks[1]["Action"] == action
-    assert blocks[1]["Status"][0] == ("5" if action == "failed" else "4")
+    assert blocks[1]["Status"][0] == {"failed": "5", "delayed": "4"}.get(action, "2")
     text_of(message)

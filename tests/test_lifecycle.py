@@ -12,6 +12,9 @@ import email
 import email.policy
 import email.utils
 import json
+import os
+import pwd
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from conftest import MtaEnv
 from mailservers import Handler, Received, SmtpServer
 from test_flush import Clock, configure, enqueue, flush, flusher, log_lines, plain_host, state_of
 
+from pymta import queue_ops
 from pymta.config import load
 from pymta.spool import Spool
 
@@ -158,7 +162,9 @@ def test_5xx_for_one_of_three_recipients_returns_one_dsn_naming_it_through_the_s
     assert recipient["Final-Recipient"] == "rfc822; bad@example.net"
     assert recipient["Action"] == "failed"
     assert recipient["Status"] == "5.1.1"
-    assert str(recipient["Remote-MTA"]).startswith("dns; 127.0.0.1")
+    # RFC 3464 2.3.5: the host name as configured; its address and port only in the text.
+    assert recipient["Remote-MTA"] == "dns; 127.0.0.1"
+    assert f"The server 127.0.0.1[127.0.0.1]:{server.port} said:" in " ".join(dsn.text.split())
     assert recipient["Diagnostic-Code"] == f"smtp; {UNKNOWN}"
     assert dsn.returned is not None
     assert dsn.returned.get_content_type() == "text/rfc822-headers"
@@ -166,6 +172,11 @@ def test_5xx_for_one_of_three_recipients_returns_one_dsn_naming_it_through_the_s
     assert isinstance(headers, bytes)
     assert b"Subject: lifecycle test" in headers
     assert b"Hello there." not in headers  # headers only, without -R full
+    # The headers as they went out, with the Date, Message-ID and From the flush added when sending.
+    sent_headers = sent.data[: sent.data.index(b"\r\n\r\n") + 2]
+    assert headers == sent_headers
+    assert b"\r\nMessage-ID: <" + queue_id.encode() + b"@mx.example.org>\r\n" in headers
+    assert b"\r\nDate: " in headers and b"\r\nFrom: " in headers
 
     # The original stays, failed, for the admin to see; its failed recipient is marked as told.
     [listed] = failed_listing(mta)
@@ -203,6 +214,8 @@ def test_ret_full_returns_the_whole_small_message(mta: MtaEnv, server: SmtpServe
     assert returned["Subject"] == "lifecycle test"
     assert returned.get_content().strip() == "Hello there."
     assert "whole message is attached" in dsn.text
+    # The whole message as it was sent (-R full too): with the header fields the flush completed.
+    assert returned["Message-ID"] and returned["Date"] and returned["From"]
 
 
 def test_notify_never_gets_no_dsn(mta: MtaEnv, server: SmtpServer) -> None:
@@ -242,11 +255,18 @@ def test_expiry_fails_pending_recipients_and_returns_a_5_4_7_dsn(mta: MtaEnv, se
     assert recipient["Final-Recipient"] == "rfc822; slow@example.net"
     assert recipient["Action"] == "failed"
     assert recipient["Status"] == "5.4.7"
-    assert "expired" in str(recipient["Diagnostic-Code"])
-    assert "Remote-MTA" not in recipient  # our own reason, not a server's reply
+    # The server answered every time: its last reply is what the sender needs, not "could not be reached".
+    assert recipient["Diagnostic-Code"] == f"smtp; {GREYLISTED}"
+    assert recipient["Remote-MTA"] == "dns; 127.0.0.1"
+    text = " ".join(dsn.text.split())
+    assert (
+        f"not delivered within 2h; the last reply from 127.0.0.1[127.0.0.1]:{server.port} was: {GREYLISTED}"
+        in text
+    )
+    assert "could not be reached" not in text
     state = state_of(mta, queue_id)
     assert state["state"] == "failed"
-    assert "expired" in str(state["last_error"])
+    assert "expired" in str(state["last_error"]) and GREYLISTED in str(state["last_error"])
     assert any(f"id={queue_id} to=<slow@example.net>" in line and "status=bounced" in line for line in lines)
 
 
@@ -287,6 +307,72 @@ def test_a_failed_null_sender_message_without_an_admin_stays_failed_and_bounces_
     assert [e.id for e in mta.entries()] == [queue_id]
 
 
+def test_an_expiry_with_no_server_answering_keeps_our_own_reason(mta: MtaEnv) -> None:
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        retry = "retry: {schedule: [10m], lifetime: 2h, warn_after: never}\n"
+        configure(mta, plain_host(closed.getsockname()[1]), extra=retry)
+        queue_id = enqueue(mta, "-f", "", "slow@example.net")  # null sender, no admin: no notice to send
+        queued_at = mta.only_entry().queued_at
+        flusher(mta, Clock(queued_at + 1))[0].run()
+        flusher(mta, Clock(queued_at + 2 * 3600 + 1))[0].run()
+
+    recipients = state_of(mta, queue_id)["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["slow@example.net"]["last_error"] == "5.4.7 expired: not delivered within 2h"
+
+
+def test_expiry_comes_on_time_not_at_the_next_retry_after_it(mta: MtaEnv, server: SmtpServer) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(
+        mta, plain_host(server.port), extra="retry: {schedule: [90m], lifetime: 2h, warn_after: never}\n"
+    )
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net")
+    queued_at = mta.only_entry().queued_at
+    flusher(mta, Clock(queued_at))[0].run()
+    assert state_of(mta, queue_id)["next_attempt"] == queued_at + 90 * 60
+    flusher(mta, Clock(queued_at + 90 * 60))[0].run()
+    # The next retry would be at 3:00, an hour after the lifetime ends: it is at 2:00 instead.
+    assert state_of(mta, queue_id)["next_attempt"] == queued_at + 2 * 3600
+    assert flusher(mta, Clock(queued_at + 2 * 3600 - 1))[0].due(False) == []
+
+    flusher(mta, Clock(queued_at + 2 * 3600))[0].run()
+
+    [received] = notices(server)
+    assert parse_dsn(received).recipients[0]["Status"] == "5.4.7"
+    assert state_of(mta, queue_id)["state"] == "failed"
+
+
+def test_a_dsn_to_an_admin_alias_that_fails_causes_no_bounce_storm(mta: MtaEnv, server: SmtpServer) -> None:
+    """`admin` is a local alias whose target rejects mail: the double bounce fails under the target's
+    address, not the admin's, and must still beget no further notice."""
+    reject = "550 5.1.1 no such mailbox"
+    server.handler.rejections = {"bad@example.net": reject, "admin-bad@remote.test": reject}
+    (mta.root / "aliases").write_text("boss: admin-bad@remote.test\n")
+    configure(
+        mta,
+        plain_host(server.port),
+        extra=NO_WARNINGS + "admin: boss@example.org\nlocal_domains: [example.org]\n",
+    )
+    queue_id = enqueue(mta, "-f", "", "bad@example.net")
+
+    results = [flush(mta, "--now") for _ in range(5)]
+
+    # The original, then one double bounce to the admin (sent to the alias target): then it stops.
+    assert offered(server) == ["bad@example.net", "admin-bad@remote.test"]
+    assert server.handler.messages == []
+    entries = mta.entries()
+    assert len(entries) == 2
+    assert {e.state for e in entries} == {"failed"}
+    [notice] = [e for e in entries if e.id != queue_id]
+    assert notice.dsn_of == queue_id
+    assert any(
+        f"id={notice.id} failed and nobody can be told" in line
+        for result in results
+        for line in log_lines(result)
+    )
+
+
 @pytest.mark.parametrize("admin", ["boss@example.net", None])
 def test_a_dsn_that_fails_itself_causes_no_bounce_storm(
     mta: MtaEnv, server: SmtpServer, admin: str | None
@@ -307,6 +393,70 @@ def test_a_dsn_that_fails_itself_causes_no_bounce_storm(
     entries = mta.entries()
     assert len(entries) == len(expected)
     assert {e.state for e in entries} == {"failed"}
+
+
+# --- success notices (-N success) ---
+
+OWNER = pwd.getpwuid(os.geteuid()).pw_name  # a local recipient: with no admin, its mail goes to its mailbox
+
+
+@pytest.mark.parametrize(
+    ("notify", "smarthost_dsn", "expected"),
+    [
+        ("success,failure", False, {OWNER: "delivered", "remote@example.net": "relayed"}),
+        ("success", True, {OWNER: "delivered"}),  # the smarthost got NOTIFY=SUCCESS and reports itself
+        ("failure", False, {}),
+    ],
+    ids=["relay without DSN", "relay with DSN", "-N failure"],
+)
+def test_notify_success_gets_one_notice_for_local_and_relayed_recipients(
+    mta: MtaEnv, server: SmtpServer, notify: str, smarthost_dsn: bool, expected: dict[str, str]
+) -> None:
+    if smarthost_dsn:
+        server.handler.extensions = ["DSN"]
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "-N", notify, OWNER, "remote@example.net", message=ORIGINAL)
+
+    flush(mta)
+    flush(mta, "--now")
+
+    [sent] = originals(server)
+    assert sent.rcpt_tos == ["remote@example.net"]
+    if smarthost_dsn:
+        assert sent.rcpt_options["remote@example.net"][0].startswith("NOTIFY=SUCCESS")
+    assert (mta.mail_spool / OWNER).exists()
+    assert mta.entries() == []
+    received = notices(server)
+    if not expected:
+        assert received == []
+        return
+    [notice] = received
+    assert notice.rcpt_tos == [SENDER]
+    dsn = parse_dsn(notice)
+    assert dsn.message["Subject"] == "Successful Mail Delivery Report"
+    assert dsn.message["Auto-Submitted"] == "auto-replied"
+    actions = {str(r["Final-Recipient"]).removeprefix("rfc822; "): str(r["Action"]) for r in dsn.recipients}
+    assert actions == expected
+    for recipient in dsn.recipients:
+        assert str(recipient["Status"]).startswith("2.")
+        if recipient["Action"] == "relayed":
+            assert recipient["Remote-MTA"] == "dns; 127.0.0.1"
+            assert str(recipient["Diagnostic-Code"]).startswith("smtp; 250 ")
+        else:
+            assert recipient["Remote-MTA"] is None
+    assert "Your message was delivered to" in " ".join(dsn.text.split())
+    assert dsn.returned is not None and dsn.returned.get_content_type() == "text/rfc822-headers"
+    assert queue_id in dsn.text
+
+
+def test_a_null_sender_message_never_gets_a_success_notice(mta: MtaEnv, server: SmtpServer) -> None:
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS + "admin: boss@example.net\n")
+    enqueue(mta, "-f", "", "-N", "success", "remote@example.net")
+
+    flush(mta)
+
+    assert [m.rcpt_tos for m in server.handler.messages] == [["remote@example.net"]]
+    assert mta.entries() == []
 
 
 # --- the delay warning ---
@@ -391,6 +541,38 @@ def test_a_held_message_is_not_delivered_and_does_not_expire_until_released(
 
     assert [m.rcpt_tos for m in server.handler.messages] == [["other@example.net"], ["held@example.net"]]
     assert mta.entries() == []
+
+
+def test_time_on_hold_does_not_count_toward_the_lifetime(mta: MtaEnv, server: SmtpServer) -> None:
+    """Held for ten hours with a lifetime of one: released, it is tried again, not bounced at once; it
+    expires one lifetime of queue time (hold excluded) after it was queued."""
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(
+        mta, plain_host(server.port), extra="retry: {schedule: [10m], lifetime: 1h, warn_after: never}\n"
+    )
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net")
+    queued_at = mta.only_entry().queued_at
+    flusher(mta, Clock(queued_at + 60))[0].run()
+    config = load(str(mta.config))
+    [held] = queue_ops.hold(config, [queue_id], now=queued_at + 600)
+    [released] = queue_ops.release(config, [queue_id], now=queued_at + 600 + 10 * 3600)
+    assert held.ok and released.ok and "does not count toward retry.lifetime" in released.detail
+    assert state_of(mta, queue_id)["held_seconds"] == 10 * 3600
+
+    run, lines = flusher(mta, Clock(queued_at + 600 + 10 * 3600 + 1))
+    assert run.run().deferred == 1
+
+    assert offered(server) == ["slow@example.net", "slow@example.net"]  # tried again, not bounced
+    assert notices(server) == []
+    state = state_of(mta, queue_id)
+    assert state["state"] == "deferred" and state["held_seconds"] == 10 * 3600  # the flush keeps it
+    # The retry after the next would be past the end of the lifetime: it comes at that end instead.
+    flusher(mta, Clock(queued_at + 10 * 3600 + 3300))[0].run()
+    assert state_of(mta, queue_id)["next_attempt"] == queued_at + 10 * 3600 + 3600
+    flusher(mta, Clock(queued_at + 10 * 3600 + 3600))[0].run()
+    [received] = notices(server)
+    assert parse_dsn(received).recipients[0]["Status"] == "5.4.7"
+    assert state_of(mta, queue_id)["state"] == "failed"
 
 
 def test_retry_makes_a_deferred_message_due_now(mta: MtaEnv, server: SmtpServer) -> None:
