@@ -311,9 +311,16 @@ class Route:
 
     sender: str
     smarthost: str  # the smarthost's name (or host)
+    rewrite: Rewrite | None = (
+        None  # sender rewriting for this route; default: the smarthost's, else the top's
+    )
 
     def masked(self) -> dict[str, object]:
-        return {"sender": self.sender, "smarthost": self.smarthost}
+        return {
+            "sender": self.sender,
+            "smarthost": self.smarthost,
+            "rewrite": self.rewrite.masked() if self.rewrite else None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -733,6 +740,7 @@ _ROUTE_KEYS: Mapping[str, _Key] = {
         lambda value, where: _text(value, where, "a smarthost name"),
         required="name one of the smarthosts (its name: or host:)",
     ),
+    "rewrite": _Key("rewrite", _rewrite),
 }
 _RETRY_KEYS: Mapping[str, _Key] = {
     "schedule": _Key("schedule", _schedule),

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from . import log
-from .config import Config, Smarthost
+from .config import Config, Rewrite, Smarthost
 from .identity import policy_of
 from .message import complete, rewrite_from
 from .routing import Router
@@ -383,7 +383,7 @@ class Flusher:
 
     def _send_remote(self, entry: QueueEntry, message: bytes, remote: list[str], attempt: Attempt) -> None:
         sender = self.router.wire_address(entry.sender)
-        hosts = route(self.config, sender)
+        hosts, route_rewrite = route(self.config, sender)
         if not hosts:
             for address in remote:
                 attempt.set(address, "deferred", NO_SMARTHOST, "none")
@@ -393,7 +393,7 @@ class Flusher:
         def as_sent_through(host: Smarthost) -> tuple[str, bytes]:
             """The envelope sender and message for `host`: rewritten for a local sender (or our own notice)
             when its provider takes only the account's address (web.de, GMX, Gmail: 554 otherwise)."""
-            rewrite = host.rewrite or self.config.rewrite
+            rewrite = route_rewrite or host.rewrite or self.config.rewrite
             if rewrite is None or not local_sender:
                 return sender, message
             return (
@@ -674,13 +674,13 @@ def _offers_dsn(session: SmtpSession | None) -> bool:
     )
 
 
-def route(config: Config, sender: str) -> tuple[Smarthost, ...]:
-    """The smarthosts to try for a message from `sender`, in order: the first route whose pattern matches
-    (fnmatch, case-insensitive), else every configured smarthost."""
+def route(config: Config, sender: str) -> tuple[tuple[Smarthost, ...], Rewrite | None]:
+    """The smarthosts to try for a message from `sender`, in order, and the route's own rewrite: the first
+    route whose pattern matches (fnmatch, case-insensitive), else every configured smarthost and None."""
     for rule in config.routes:
         if fnmatch.fnmatchcase(sender.lower(), rule.sender.lower()):
-            return tuple(host for host in config.smarthosts if host.label == rule.smarthost)
-    return config.smarthosts
+            return tuple(host for host in config.smarthosts if host.label == rule.smarthost), rule.rewrite
+    return config.smarthosts, None
 
 
 class Delivery:

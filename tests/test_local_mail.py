@@ -313,6 +313,38 @@ def test_a_smarthosts_own_rewrite_wins_over_the_top_level_one(mta: MtaEnv, serve
     assert parsed(sent)["From"].addresses[0].addr_spec == "host@web.example"
 
 
+def test_a_routes_own_rewrite_wins_for_the_senders_it_matches(mta: MtaEnv, server: SmtpServer) -> None:
+    routes = (
+        "rewrite: {from: me@web.example}\n"
+        "routes:\n"
+        '  - {sender: "root@*", smarthost: web, rewrite: {from: alerts@web.example}}\n'
+        '  - {sender: "*", smarthost: web}\n'
+    )
+    configure(mta, plain_host(server.port, name="web"), extra=routes)
+    for sender in ("root", "backup"):
+        enqueue(mta, "-f", sender, "ext@example.net", message=CRON.replace(b"backup done", sender.encode()))
+    flush(mta)
+
+    by_body = {parsed(sent).get_content().strip(): sent.mail_from for sent in server.handler.messages}
+    # One smarthost, two identities: the route's rewrite for root, the top-level one for the rest.
+    assert by_body == {"root": "alerts@web.example", "backup": "me@web.example"}
+
+
+def test_on_failover_the_rewrite_of_the_smarthost_that_takes_the_mail_applies(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        closed = probe.getsockname()[1]  # nothing listens here once the probe is closed
+    configure(mta, plain_host(closed), plain_host(server.port, rewrite={"from": "me@web.example"}))
+    enqueue(mta, "-f", "root", "ext@example.net", message=CRON)
+    flush(mta)
+
+    [sent] = server.handler.messages
+    assert sent.mail_from == "me@web.example"
+
+
 def test_a_sender_that_is_not_local_is_not_rewritten(mta: MtaEnv, server: SmtpServer) -> None:
     sent = rewritten(mta, server, SENDER, "rewrite: {from: me@web.example}\n")
 
