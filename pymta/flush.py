@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import log
 from .config import Config, Rewrite, Smarthost
+from .errors import ConfigError
 from .identity import policy_of
 from .message import complete, rewrite_from
 from .routing import Router
@@ -345,7 +346,11 @@ class Flusher:
         local: list[tuple[str, str]] = []
         while work:
             address, expanded = work.pop(0)
-            plan = router.plan(address, expanded=expanded)
+            try:
+                plan = router.plan(address, expanded=expanded)
+            except ConfigError as unusable:  # the aliases file: only local names wait for its fix
+                attempt.set(address, "deferred", f"4.3.5 {unusable}", "local")
+                continue
             if plan is None:
                 remote.append(address)
                 continue

@@ -175,6 +175,31 @@ def test_aliases_expand_with_continuation_lines_and_comments_and_never_run_a_pro
     assert mta.entries() == []
 
 
+def test_an_unsafe_aliases_file_holds_back_only_local_mail_until_it_is_fixed(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    write_aliases(mta, f"postmaster: {OWNER}\n")
+    (mta.root / "aliases").chmod(0o666)  # anyone could redirect mail: it is not used
+    configure(mta, plain_host(server.port))
+    local_id = enqueue(mta, "-f", SENDER, "postmaster", message=mail("for postmaster"))
+    enqueue(mta, "-f", SENDER, "ext@example.net", message=mail("for elsewhere"))
+
+    flush(mta)  # exits 0: the other mail is not held up
+
+    [sent] = server.handler.messages
+    assert parsed(sent)["Subject"] == "for elsewhere"
+    assert owner_mbox(mta) == []
+    [waiting] = mta.entries()
+    assert (waiting.id, waiting.state) == (local_id, "deferred")
+    assert "writable by everyone" in (waiting.last_error or "")
+    assert f"chmod o-w {mta.root / 'aliases'}" in (waiting.last_error or "")
+
+    (mta.root / "aliases").chmod(0o644)
+    flush(mta, "--now")
+    assert subjects(owner_mbox(mta)) == ["for postmaster"]
+    assert mta.entries() == []
+
+
 def test_an_alias_loop_ends_and_delivers_to_the_name_it_comes_back_to(
     mta: MtaEnv, server: SmtpServer
 ) -> None:
