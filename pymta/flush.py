@@ -56,6 +56,7 @@ MAX_RECIPIENTS = 1000
 # A recipient's status as the log line says it, in Postfix's words.
 LOGGED_STATUS = {"delivered": "sent", "deferred": "deferred", "failed": "bounced"}
 if TYPE_CHECKING:
+    from .bounce import Action, ReportedRecipient
     from .config import Local
     from .local import LocalOutcome
 
@@ -523,17 +524,7 @@ class Flusher:
             for r in bounce.reported_recipients(view, "failed", remote_mta=attempt.relay, last_attempt=now)
             if r.address in owed
         ]
-        dsn = bounce.build_dsn(
-            view,
-            self._as_sent(entry, message),
-            reported,
-            action="failed",
-            to=to,
-            hostname=self.config.hostname,
-            now=now,
-        )
-        queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action="failed", now=now), dsn)
-        self.spool.request_flush()  # deliver it in this run
+        queue_id = self._queue_notice(view, message, reported, "failed", to, now)
         self.log.info(f"id={entry.id} failed for {', '.join(owed)}; bounce {queue_id} to <{to}>")
         return True
 
@@ -558,20 +549,38 @@ class Flusher:
         if to is None:
             return False
         reported = bounce.reported_recipients(view, "delayed", remote_mta=attempt.relay, last_attempt=now)
+        retry_until = self._expires_at(entry, attempt.held)
+        queue_id = self._queue_notice(view, message, reported, "delayed", to, now, retry_until)
+        self.log.info(f"id={entry.id} still waiting; delay notice {queue_id} to <{to}>")
+        return True
+
+    def _queue_notice(
+        self,
+        entry: QueueEntry,
+        message: bytes,
+        reported: list[ReportedRecipient],
+        action: Action,
+        to: str,
+        now: float,
+        retry_until: float | None = None,
+    ) -> str:
+        """Queue a delivery status notification about `entry` to `to`, returning the headers as sent, and ask
+        for it to go out in this run; its queue id."""
+        from . import bounce
+
         dsn = bounce.build_dsn(
-            view,
+            entry,
             self._as_sent(entry, message),
             reported,
-            action="delayed",
+            action=action,
             to=to,
             hostname=self.config.hostname,
             now=now,
-            retry_until=self._expires_at(entry, attempt.held),
+            retry_until=retry_until,
         )
-        queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action="delayed", now=now), dsn)
-        self.spool.request_flush()
-        self.log.info(f"id={entry.id} still waiting; delay notice {queue_id} to <{to}>")
-        return True
+        queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action=action, now=now), dsn)
+        self.spool.request_flush()  # deliver it in this run
+        return queue_id
 
     def _notify_success(self, entry: QueueEntry, message: bytes, attempt: Attempt, now: float) -> None:
         """Queue the success notice `-N success` asked for (RFC 3461 4.2, 5.2), one for the recipients this
@@ -600,17 +609,7 @@ class Flusher:
         if not reported:
             return
         action: bounce.Action = "delivered" if any(r.action == "delivered" for r in reported) else "relayed"
-        dsn = bounce.build_dsn(
-            entry,
-            self._as_sent(entry, message),
-            reported,
-            action=action,
-            to=entry.sender,
-            hostname=self.config.hostname,
-            now=now,
-        )
-        queue_id = self.spool.submit(bounce.dsn_envelope(entry, entry.sender, action=action, now=now), dsn)
-        self.spool.request_flush()
+        queue_id = self._queue_notice(entry, message, reported, action, entry.sender, now)
         addresses = ", ".join(r.address for r in reported)
         self.log.info(f"id={entry.id} {action} to {addresses}; success notice {queue_id} to <{entry.sender}>")
 
