@@ -115,7 +115,20 @@ def files_under(*roots: Path, limit: int = 1 << 20) -> list[Path]:
     return found
 
 
-# --- the drop directory and the private queue ---
+# --- the install ---
+
+
+def test_setup_by_a_user_is_refused_with_77_and_changes_nothing(system: SystemInstall) -> None:
+    before = sorted(str(path) for path in system.root.rglob("*"))
+    for argv in (["setup"], ["setup", "--uninstall"]):
+        refused = system.run_as(system.alice, [system.script("pymta"), *argv])
+        assert refused.returncode == 77, (argv, refused.stderr)
+        assert b"sudo pymta setup" in refused.stderr and refused.stderr.count(b"\n") == 1, refused.stderr
+    # --root is for a tree of one's own (DESTDIR); into root's, a user gets the reason, not a traceback
+    into_roots = system.run_as(system.alice, [system.script("pymta"), "setup", "--root", str(system.root)])
+    assert into_roots.returncode == 73 and b"Permission denied" in into_roots.stdout + into_roots.stderr
+    assert b"Traceback" not in into_roots.stdout + into_roots.stderr
+    assert sorted(str(path) for path in system.root.rglob("*")) == before
 
 
 def test_an_install_from_a_wheel_brings_the_example_config_and_the_man_pages(system: SystemInstall) -> None:
@@ -128,6 +141,9 @@ def test_an_install_from_a_wheel_brings_the_example_config_and_the_man_pages(sys
     # so `pymta setup` installs the commented example, not its short built-in fallback
     assert "installed by `pymta setup` from examples/pymta.yaml" in system.installed_config
     assert "\n#admin: me@web.de\n" in system.installed_config
+
+
+# --- the drop directory and the private queue ---
 
 
 def test_a_drop_can_be_neither_listed_nor_removed_by_another_user(system: SystemInstall) -> None:
