@@ -28,6 +28,11 @@ Maildir: the message is written to tmp/ (O_EXCL, O_NOFOLLOW, 0600), fsynced, lin
 unique name (time.MusecPpidQn.host, as Python's mailbox.Maildir names them) and new/ is fsynced. With
 `mailbox: maildir` a missing Maildir is created (0700).
 
+Why not Python's `mailbox` for writing: `mailbox.mbox` opens by path (following symlinks, so a user could
+point a delivery at any file), cannot be told to create the file 0600 for its owner, and leaves a half
+append in place when the disk fills. What it reads is the standard, though: the tests read every delivery
+back with `mailbox.mbox` and `mailbox.Maildir`.
+
 Outcomes: a user that does not exist, or a name with characters no user name has ('/', whitespace, NUL,
 a leading '-' or '.', shell characters) fails; everything the admin can fix defers.
 
