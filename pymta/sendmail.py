@@ -34,12 +34,14 @@ Queue the message on standard input for the recipients and exit; 'pymta flush' d
   -F NAME       the sender's full name, for a From header that is missing
   -N DSN        when to report: never, or a list of failure, delay, success
   -R hdrs|full  what a bounce returns of the message;  -V ENVID  the envelope id for reports
-  -B 7BIT|8BITMIME  body type;  -C FILE  the config file (else $PYMTA_CONFIG, /etc/pymta/pymta.yaml)
+  -B 7BIT|8BITMIME  body type
+  -C FILE       the config file (else $PYMTA_CONFIG, /etc/pymta/pymta.yaml, ~/.config/pymta/pymta.yaml)
+  -odq, -odd    only queue: start no delivery run now, even with 'deliver: immediate'
   -v            say what was queued, and which flags were ignored
   -bm           queue the message (the default);  -bp  list the queue (as mailq)
   -bs           speak SMTP on standard input and output;  -bi  check the aliases (as newaliases)
   -q            deliver everything waiting now (as 'pymta flush --now')
-Other sendmail flags (-oem, -odi, -odq, -m, -U, ...) are accepted and ignored. It exits 0 once
+Other sendmail flags (-oem, -odi, -m, -U, ...) are accepted and ignored. It exits 0 once
 the message is safely queued, else with a sysexits(3) code: 64 usage, 65 bad message, 73 cannot
 write the spool, 75 try again later, 78 broken config. See sendmail(8) and pymta(1).
 """,

@@ -223,7 +223,8 @@ README_YAML = re.findall(r"^```yaml\n(.*?)^```$", README, re.M | re.S)
 
 @pytest.mark.parametrize("text", README_YAML, ids=[f"block{n}" for n in range(len(README_YAML))])
 def test_readme_config_blocks_load(text: str) -> None:
-    assert config.loads(text, "README.md").smarthosts
+    loaded = config.loads(text, "README.md")
+    assert loaded.smarthosts or text.count("\n") == 1  # a whole example, or one line to add to one
 
 
 def test_readme_shows_oauth2_and_every_password_source() -> None:
