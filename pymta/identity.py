@@ -33,15 +33,19 @@ LOCAL_HOSTS = ("localhost", "localhost.localdomain")
 
 def host_names(hostname: str) -> tuple[str, ...]:
     """Every name mail to this host may use, in lower case: localhost, `hostname` (the configured or fully
-    qualified one), the kernel's node name, and the first label of each (`root@myhost` where the host is
-    myhost.example.org, as Debian's /etc/hosts names it too)."""
+    qualified one) and its first label (`root@myhost` where the host is myhost.example.org, as Debian's
+    /etc/hosts names it too), and the kernel's node name when it is a single label. A dotted node name that
+    differs from `hostname` is left out: it may be a mail domain of its own (a server called example.org
+    whose hostname: is mail.example.org), whose mail must go out, not into local mailboxes."""
     import os
 
     names = [*LOCAL_HOSTS]
-    for name in (hostname, os.uname().nodename):
-        name = name.lower().rstrip(".")
-        if name:
-            names += [name, name.partition(".")[0]]
+    hostname = hostname.lower().rstrip(".")
+    if hostname:
+        names += [hostname, hostname.partition(".")[0]]
+    nodename = os.uname().nodename.lower().rstrip(".")
+    if nodename and "." not in nodename:
+        names.append(nodename)
     return tuple(dict.fromkeys(names))
 
 
