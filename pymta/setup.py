@@ -566,12 +566,24 @@ COMMENTED_KEYS = ("admin", "smarthosts", "routes", "rewrite")
 
 
 def example_config_path() -> str | None:
-    """examples/pymta.yaml of the source tree this package runs from, if there is one."""
-    candidates = (
-        Path(__file__).resolve().parent.parent / "examples" / "pymta.yaml",
-        Path(sys.prefix) / "share" / "pymta" / "examples" / "pymta.yaml",
-    )
-    return next((str(path) for path in candidates if path.is_file()), None)
+    """examples/pymta.yaml: of the source tree this package runs from, else the copy the wheel installed
+    as a data file (share/pymta/examples), found through the installed files' record, so it is found
+    whatever the install scheme put it (a venv, /usr/local under `sudo pip`, ~/.local under --user)."""
+    source = Path(__file__).resolve().parent.parent / "examples" / "pymta.yaml"
+    if source.is_file():
+        return str(source)
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        files = distribution("pymta").files or []
+    except PackageNotFoundError:
+        return None
+    for file in files:
+        if file.as_posix().endswith("share/pymta/examples/pymta.yaml"):
+            installed = Path(str(file.locate())).resolve()
+            if installed.is_file():
+                return str(installed)
+    return None
 
 
 def adapt_example(text: str) -> str:
