@@ -61,11 +61,11 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
 
         where = settings.source or "/etc/pymta/pymta.yaml (or -C FILE)"
         if Spool(settings.spool).is_shared():  # system mode: the flush runs as a user with no keyring
-            source = "{file: /etc/pymta/smtp.secret}"
-            store = (
-                "then put the password in that file: "
-                "(umask 077; cat > /etc/pymta/smtp.secret) && chown pymta /etc/pymta/smtp.secret"
-            )
+            from .setup import SECRETS_DIR
+
+            secret = f"{SECRETS_DIR}/smarthost"  # where `pymta setup`'s config points, in its 0700 directory
+            source = f"{{file: {secret}}}"
+            store = f"then put the password in that file: (umask 077; cat > {secret}) && chown pymta {secret}"
         else:
             source = "{keyring: pymta}"
             store = "then store the password with `pymta password set smtp.example.org`"

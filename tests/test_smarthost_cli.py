@@ -143,7 +143,7 @@ def test_no_smarthost_on_a_system_spool_suggests_a_password_file_not_the_keyring
     (tmp_path / "spool" / "new").chmod(0o1733)  # what `pymta setup` makes: the flush runs as pymta
     result = run(pymta_test, ["-C", str(write_config(tmp_path))])
     assert result.exit_code == 78 and "no smarthost configured" in result.output
-    assert "{file: /etc/pymta/smtp.secret}" in result.output and "chown pymta" in result.output
+    assert "{file: /etc/pymta/secrets/smarthost}" in result.output and "chown pymta" in result.output
     assert "keyring" not in result.output
 
 
