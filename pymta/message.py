@@ -398,26 +398,36 @@ def _long_lines(data: bytes) -> bool:
         position = end + 2
 
 
-def _break_line(line: bytes, *, fold: bool) -> bytes:
-    """A line (no CRLF) over MAX_LINE cut into lines that fit, each later one starting with a blank. With
-    `fold` (a header field) it is cut before a blank where it has one, so unfolding restores it exactly;
-    elsewhere, and where a field has none, a space is inserted (as Postfix's smtp_line_length_limit does)."""
+def _break_line(line: bytes, *, fold: bool = False, soft: bool = False) -> bytes:
+    """A line (no CRLF) over MAX_LINE cut into lines that fit. With `fold` (a header field) it is cut before
+    a blank where it has one, so unfolding restores it exactly. With `soft` (a quoted-printable body) each
+    cut ends in a soft line break `=` (RFC 2045 6.7), never inside an =XX escape, so decoding restores it.
+    Elsewhere, and in a field without blanks, a space starts each later piece (as Postfix's
+    smtp_line_length_limit does); such a cut never splits a UTF-8 character."""
     pieces = []
     while len(line) > MAX_LINE:
         cut = max(line.rfind(b" ", 1, MAX_LINE), line.rfind(b"\t", 1, MAX_LINE)) if fold else -1
         if cut > 0:
             pieces.append(line[:cut])
             line = line[cut:]
-        else:
-            pieces.append(line[: MAX_LINE - 1])
-            line = b" " + line[MAX_LINE - 1 :]
+            continue
+        cut = MAX_LINE - 1
+        if soft:
+            cut -= 2 if line[cut - 2 : cut - 1] == b"=" else 1 if line[cut - 1 : cut] == b"=" else 0
+            pieces.append(line[:cut] + b"=")
+            line = line[cut:]
+            continue
+        while cut > MAX_LINE - 4 and 0x80 <= line[cut] < 0xC0:  # a UTF-8 continuation byte: back off
+            cut -= 1
+        pieces.append(line[:cut])
+        line = b" " + line[cut:]
     pieces.append(line)
     return CRLF.join(pieces)
 
 
-def _break_lines(text: bytes, *, fold: bool) -> bytes:
+def _break_lines(text: bytes, *, fold: bool = False, soft: bool = False) -> bytes:
     return CRLF.join(
-        _break_line(line, fold=fold) if len(line) > MAX_LINE else line for line in text.split(CRLF)
+        _break_line(line, fold=fold, soft=soft) if len(line) > MAX_LINE else line for line in text.split(CRLF)
     )
 
 
@@ -427,8 +437,9 @@ def fit_line_length(message: bytes) -> bytes:
     Too long a header line is folded at a blank. The body of a single text part (no Content-Type, or text/*,
     in no transfer encoding) is encoded quoted-printable (RFC 2045 6.7), which keeps every byte: the
     recipient reads exactly what was submitted; MIME-Version is added when missing, and a Content-Type
-    naming UTF-8 when there is none and the body is UTF-8 beyond ASCII. Any other body (multipart, or
-    encoded already) has each long line broken with a space inserted, as Postfix does.
+    naming UTF-8 when there is none and the body is UTF-8 beyond ASCII. A single part in quoted-printable
+    already gets soft line breaks, which decoding removes. Any other body (multipart, base64) has each long
+    line broken with a space inserted, as Postfix does: that changes its text, which is why it comes last.
     """
     if len(message) <= MAX_LINE or not _long_lines(message):
         return message
@@ -441,9 +452,15 @@ def fit_line_length(message: bytes) -> bytes:
         return head + separator + body
     content_type = (get_header(message, "content-type") or "text/plain").strip().lower()
     encoding = (get_header(message, "content-transfer-encoding") or "").strip().lower()
+    single = not content_type.startswith(("multipart/", "message/"))
+    if single and encoding == "quoted-printable":
+        return head + separator + _break_lines(body, soft=True)
     if not content_type.startswith("text/") or encoding not in _PLAIN_ENCODINGS:
-        return head + separator + _break_lines(body, fold=False)
+        return head + separator + _break_lines(body)
     import binascii
+
+    if not body.endswith(CRLF):
+        body += CRLF  # b2a_qp ends its soft breaks as the first line ends: it must be CRLF, never bare LF
 
     fields = [
         field for name, field in _header_block(head).fields if name.lower() != "content-transfer-encoding"

@@ -659,3 +659,36 @@ def test_a_multipart_body_has_its_long_lines_broken_with_a_space(lines: list[byt
     assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
     # Nothing but the inserted line breaks: taking out each CRLF SP gives the message back.
     assert fitted.replace(b"\r\n ", b"") == message.replace(b"\r\n ", b"")
+
+
+@given(st.binary(min_size=1200, max_size=4000))
+def test_a_quoted_printable_body_gets_soft_breaks_and_decodes_as_before(data: bytes) -> None:
+    import binascii
+
+    encoded = binascii.b2a_qp(data, quotetabs=False, istext=False, header=False).replace(b"=\n", b"")
+    line = encoded.replace(b"\n", b"").replace(b"\r", b"=0D")  # one long, valid quoted-printable line
+    message = (
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n" + line + b"\r\n"
+    )
+    fitted = fit_line_length(message)
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+    body = fitted.split(b"\r\n\r\n", 1)[1]
+    assert binascii.a2b_qp(body) == binascii.a2b_qp(message.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_broken_line_never_splits_a_utf8_character() -> None:
+    message = (
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+        + "aä€".encode() * 700
+        + b"\r\n--b--\r\n"
+    )
+    fitted = fit_line_length(message)
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+    for line in _lines_of(fitted):
+        line.decode("utf-8")  # raises if a character was cut in two
+
+
+def test_a_body_without_a_final_line_end_gets_no_bare_lf() -> None:
+    fitted = fit_line_length(b"Subject: s\r\n\r\n" + b"x" * 2000)
+    assert b"\n" not in fitted.replace(b"\r\n", b"")
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
