@@ -679,7 +679,7 @@ def test_a_quoted_printable_body_gets_soft_breaks_and_decodes_as_before(data: by
 def test_a_broken_line_never_splits_a_utf8_character() -> None:
     message = (
         b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
-        + "aä€".encode() * 700
+        + "ä".encode() * 1500  # 2-byte characters: byte 997 is the middle of one
         + b"\r\n--b--\r\n"
     )
     fitted = fit_line_length(message)
