@@ -311,9 +311,8 @@ class Route:
 
     sender: str
     smarthost: str  # the smarthost's name (or host)
-    rewrite: Rewrite | None = (
-        None  # sender rewriting for this route; default: the smarthost's, else the top's
-    )
+    # Sender rewriting for this route; default: the smarthost's, else the top-level one.
+    rewrite: Rewrite | None = None
 
     def masked(self) -> dict[str, object]:
         return {

@@ -100,9 +100,12 @@ class LocalOutcome:
     status: Status
     reason: str  # one line: where the message went, or what went wrong and what to do
     mailbox: str = ""  # the mbox file or Maildir, when it got that far
+    locked: bool = False  # deferred because the mbox stayed locked (a reader holds it)
 
     def to_json(self) -> str:
-        return json.dumps({"status": self.status, "reason": self.reason, "mailbox": self.mailbox})
+        return json.dumps(
+            {"status": self.status, "reason": self.reason, "mailbox": self.mailbox, "locked": self.locked}
+        )
 
     @classmethod
     def from_json(cls, text: str) -> LocalOutcome:
@@ -110,11 +113,15 @@ class LocalOutcome:
         status = data["status"]
         if status not in ("delivered", "deferred", "failed"):
             raise ValueError(f"unknown status {status!r}")
-        return cls(status, str(data["reason"]), str(data.get("mailbox", "")))
+        return cls(status, str(data["reason"]), str(data.get("mailbox", "")), data.get("locked") is True)
 
 
 class _Deferred(Exception):
     """Internal: stop this delivery and defer it with the message as reason."""
+
+
+class _Locked(_Deferred):
+    """Internal: the mbox stayed locked past the deadline."""
 
 
 def user_name_problem(user: str) -> str:
@@ -201,7 +208,7 @@ def _deliver(
         _deliver_mbox(path, mbox_entry(data, sender, now), entry, lock_timeout, in_child=in_child)
         return LocalOutcome("delivered", f"delivered to {path}", path)
     except _Deferred as why:
-        return LocalOutcome("deferred", str(why), path)
+        return LocalOutcome("deferred", str(why), path, locked=isinstance(why, _Locked))
     except OSError as error:
         return LocalOutcome("deferred", f"cannot deliver to {path}: {_describe(error)}", path)
 
@@ -257,7 +264,7 @@ def _deliver_mbox(
         return
     thread_lock = _thread_lock(path)
     if not thread_lock.acquire(timeout=max(lock_timeout, 0)):
-        raise _Deferred(f"mailbox locked: {path} stayed locked for {lock_timeout:g} s; will try again")
+        raise _Locked(f"mailbox locked: {path} stayed locked for {lock_timeout:g} s; will try again")
     try:
         _deliver_locked(path, entry_bytes, entry, time.monotonic() + lock_timeout, lock_timeout)
     finally:
@@ -281,7 +288,7 @@ def _deliver_locked(
             os.close(fd)
         # A mail reader replaced or removed the mbox while we waited for the lock: start again.
         if time.monotonic() > deadline:
-            raise _Deferred(f"mailbox locked: {path} kept changing for {lock_timeout:g} s")
+            raise _Locked(f"mailbox locked: {path} kept changing for {lock_timeout:g} s")
 
 
 def _open_mbox(path: str, entry: pwd.struct_passwd) -> int:
@@ -374,7 +381,7 @@ def _lock(fd: int, path: str, deadline: float, lock_timeout: float) -> str | Non
                 return dotlock if got else None
             fcntl.lockf(fd, fcntl.LOCK_UN)
         if time.monotonic() >= deadline:
-            raise _Deferred(
+            raise _Locked(
                 f"mailbox locked: {path} stayed locked for {lock_timeout:g} s (a mail reader holds it,"
                 f" or a stale {dotlock}); will try again"
             )
@@ -544,9 +551,9 @@ def deliver_as_recipient(
     if earlier is not None and time.monotonic() - earlier[0] < LOCKED_MEMORY:
         age = time.monotonic() - earlier[0]
         reason = f"{earlier[1].reason} (found locked {age:.0f} s ago in this run; not waiting again)"
-        return LocalOutcome("deferred", reason, earlier[1].mailbox)
+        return LocalOutcome("deferred", reason, earlier[1].mailbox, locked=True)
     outcome = _deliver_with_rights(entry, message, sender, local, now, lock_timeout)
-    if outcome.status == "deferred" and outcome.reason.startswith("mailbox locked"):
+    if outcome.locked:
         _found_locked[entry.pw_name] = (time.monotonic(), outcome)
     else:
         _found_locked.pop(entry.pw_name, None)

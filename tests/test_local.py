@@ -294,7 +294,8 @@ def test_a_run_waits_for_a_locked_mailbox_once_then_defers_the_rest_for_it_at_on
     options: dict[str, Any] = {"sender": "s@example.org", "local": mail, "now": NOW, "lock_timeout": SHORT}
     (spool / f"{ME}.lock").write_text("12345\n")  # a reader's dotlock, fresh
     first = local.deliver_as_recipient(ME, message(), **options)
-    assert first.status == "deferred" and "stayed locked" in first.reason
+    assert first.status == "deferred" and "stayed locked" in first.reason and first.locked
+    assert local.LocalOutcome.from_json(first.to_json()) == first  # as a child or root's server sends it
     again = local.deliver_as_recipient(ME, message(), **options)
     assert again.status == "deferred" and again.mailbox == first.mailbox
     assert again.reason.startswith(first.reason) and "not waiting again" in again.reason
