@@ -26,7 +26,9 @@ what routing cannot change: a notice of ours (`dsn_of` in its envelope) whose en
 address, however aliases expand it, and any failed recipient that an alias chain from the admin reached.
 
 Success notices (`-N success`, RFC 3461 5.2): "delivered" after a local delivery, "relayed" after a smarthost
-that does not offer DSN took the message (one that does gets NOTIFY passed on, and reports itself).
+that does not offer DSN took the message (one that does gets NOTIFY passed on, and reports itself), and
+"expanded" for an address that aliases (or the admin rule) replaced: RFC 3461 5.2.7.3 reports the address
+the sender used, once, and never the targets, which are the recipient's own business.
 """
 
 from __future__ import annotations
@@ -38,16 +40,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .message import CRLF, get_header, header_fields, normalise_line_endings
+from .message import CRLF, MAX_LINE, get_header, header_fields, normalise_line_endings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .spool import QueueEntry
 
-Action = Literal["failed", "delayed", "delivered", "relayed"]
-ACTIONS: tuple[Action, ...] = ("failed", "delayed", "delivered", "relayed")
+Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
+ACTIONS: tuple[Action, ...] = ("failed", "delayed", "delivered", "relayed", "expanded")
 # The actions that report a success (RFC 3464 2.3.3): only ever sent when NOTIFY asked for SUCCESS.
-SUCCESS_ACTIONS: tuple[Action, ...] = ("delivered", "relayed")
+SUCCESS_ACTIONS: tuple[Action, ...] = ("delivered", "relayed", "expanded")
 
 # The whole original is returned (-R full) only up to this size: a bounce must not carry a big attachment
 # back through the sender's mailbox quota (Postfix limits bounce_size_limit to 50 kB; 256 KiB is generous).
@@ -60,7 +62,13 @@ EXPIRED_STATUS = "5.4.7"
 DELAYED_STATUS = "4.4.7"
 DELIVERED_STATUS = "2.0.0"
 # The first digit of a status, by action (RFC 3463: 2 success, 4 persistent transient, 5 permanent).
-_STATUS_CLASS: dict[Action, str] = {"failed": "5", "delayed": "4", "delivered": "2", "relayed": "2"}
+_STATUS_CLASS: dict[Action, str] = {
+    "failed": "5",
+    "delayed": "4",
+    "delivered": "2",
+    "relayed": "2",
+    "expanded": "2",
+}
 # The RFC 3464 diagnostic-type of a reason of our own (not a server's reply): a private X- type, as Postfix's.
 LOCAL_DIAGNOSTIC_TYPE = "X-pymta"
 # A delivery-status field value is cut here: it must fit a line (998 bytes) after folding; the text part
@@ -68,14 +76,12 @@ LOCAL_DIAGNOSTIC_TYPE = "X-pymta"
 MAX_FIELD_VALUE = 900
 # Soft limit of a folded field line and of the wrapped text (RFC 5322 2.1.1 asks for 78).
 LINE_WIDTH = 78
-# RFC 5322 2.1.1: no line may be longer than this, line ending excluded.
-MAX_LINE = 998
-
 SUBJECTS: dict[Action, str] = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
     "delivered": "Successful Mail Delivery Report",
     "relayed": "Successful Mail Delivery Report",
+    "expanded": "Successful Mail Delivery Report",
 }
 
 # What a status code means and what the sender can do about it, by RFC 3463 subject.detail ("1.1" of
@@ -180,17 +186,18 @@ def status_code(reply: str | None, action: Action) -> str:
 
 def reported_recipients(
     entry: QueueEntry,
-    action: Action,
+    action: Literal["failed", "delayed"],
     *,
     remote_mta: str | None = None,
     last_attempt: float | None = None,
 ) -> list[ReportedRecipient]:
     """The recipients of `entry` a DSN of `action` reports on: status `failed` for "failed", `pending` or
-    `deferred` for "delayed", `delivered` for a success, each with its status code from its last reply.
-    `remote_mta` (the relay of the last attempt; "none" or "" for no server) is named only beside a reply
-    that came from a server. A recipient that expired (`expiry_reason`) after a server's reply is reported
-    with that reply and that server, and status 5.4.7."""
-    wanted = {"failed": ("failed",), "delayed": ("pending", "deferred")}.get(action, ("delivered",))
+    `deferred` for "delayed", each with its status code from its last reply. `remote_mta` (the relay of the
+    last attempt; "none" or "" for no server) is named only beside a reply that came from a server. A
+    recipient that expired (`expiry_reason`) after a server's reply is reported with that reply and that
+    server, and status 5.4.7. (A success notice reports what one attempt did, which the queue entry does not
+    hold: the flush builds its recipients from the attempt.)"""
+    wanted = ("failed",) if action == "failed" else ("pending", "deferred")
     relay = remote_mta if remote_mta and remote_mta not in ("none", "local") else None
     reported = []
     for recipient in entry.recipients:
@@ -270,7 +277,7 @@ def delay_warning_due(
 ) -> bool:
     """Whether `entry` has waited long enough for a delay warning: `warn_after` passed, `lifetime` not yet,
     a recipient still waiting, and the sender wants one. `held` seconds on hold do not count as waiting.
-    Sending it only once is the caller's to record (the warning's Message-ID is the same every time, so a
+    Sending it only once is the caller's to record (a warning built again has the same Message-ID, so a
     repeat is at least recognisable)."""
     if warn_after is None or warn_after >= lifetime:
         return False
@@ -344,10 +351,17 @@ def dsn_envelope(
     }
 
 
-def dsn_message_id(entry_id: str, action: Action, hostname: str) -> str:
-    """The Message-ID of the DSN of `action` about message `entry_id`: the same whenever it is built again,
-    so a bounce generated twice (a crash before the state was written) is recognisably one bounce."""
-    return f"<{entry_id}.{action}@{hostname}>"
+def dsn_message_id(entry_id: str, action: Action, hostname: str, addresses: Iterable[str]) -> str:
+    """The Message-ID of the DSN of `action` about message `entry_id` reporting on `addresses`.
+
+    One message can get several notices of one kind: a bounce per run in which recipients failed, a success
+    notice per run that delivered some. Each reports on recipients no other notice of its kind reports on
+    (a failure is reported once, a delivery happens once), so a digest of the addresses tells them apart;
+    and it stays the same whenever the notice is built again, so a notice generated twice (a crash before
+    the state was written, a bounce whose queueing failed) is recognisably one notice."""
+    names = sorted({address.lower() for address in addresses})
+    digest = hashlib.sha256("\0".join(names).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"<{entry_id}.{action}.{digest}@{hostname}>"
 
 
 # --- Building the message ---
@@ -395,7 +409,10 @@ def build_dsn(
         ("To", _to_value(to)),
         ("Subject", SUBJECTS[action]),
         ("Date", _date(now)),
-        ("Message-ID", dsn_message_id(_ascii_token(entry.id), action, hostname)),
+        (
+            "Message-ID",
+            dsn_message_id(_ascii_token(entry.id), action, hostname, (r.address for r in recipients)),
+        ),
     ]
     if references:
         header += [("In-Reply-To", references), ("References", references)]
@@ -459,11 +476,19 @@ def _notification_text(
     """The human-readable part, in plain English."""
     double = entry.sender == ""
     count = len(recipients)
-    total = len(entry.recipients)
-    if total > count:
-        whom = f"{count} of its {total} recipients"
+    if action in SUCCESS_ACTIONS:
+        # A success is reported for the addresses the sender used (alias targets never are), so count those.
+        total = max(count, sum(1 for r in entry.recipients if r.via is None))
+        if total > count:
+            whom = f"{count} of its {total} recipients"
+        else:
+            whom = "its recipient" if count == 1 else f"its {count} recipients"
     else:
-        whom = "its recipient" if count == 1 else f"any of its {count} recipients"
+        total = len(entry.recipients)
+        if total > count:
+            whom = f"{count} of its {total} recipients"
+        else:
+            whom = "its recipient" if count == 1 else f"any of its {count} recipients"
     paragraphs = [f"This is the mail system at {hostname}."]
     if double:
         paragraphs.append(
@@ -476,12 +501,17 @@ def _notification_text(
             f"{'The' if double else 'Your'} message could not be delivered to {whom}. "
             "This is a permanent error: the mail system has stopped trying."
         )
-    elif action == "delivered":
+    elif action in ("delivered", "expanded"):
         paragraphs.append(f"Your message was delivered to {whom}, as you asked to be told when it was sent.")
         if any(r.action == "relayed" for r in recipients):
             paragraphs.append(
                 "Where a recipient below was passed on to a mail server that does not report on delivery, "
                 "this is the last notice you will get about it."
+            )
+        if any((r.action or action) == "expanded" for r in recipients):
+            paragraphs.append(
+                "Where a recipient below stands for other addresses (an alias or a mailing list), the "
+                "message was passed on to them; their own deliveries are not reported."
             )
     elif action == "relayed":
         paragraphs.append(
@@ -572,6 +602,8 @@ def _meaning(status: str, action: Action) -> str:
         return "delivered to the recipient's mailbox"
     if action == "relayed":
         return "passed on to a mail server that does not report on delivery"
+    if action == "expanded":
+        return "delivered to this address and passed on to the addresses it stands for"
     detail = status.split(".", 1)[1] if "." in status else ""
     return _STATUS_MEANINGS.get(detail) or _STATUS_MEANINGS.get(_subject(status)) or "the delivery failed"
 

@@ -24,6 +24,11 @@ Failed recipients are reported to the sender in one delivery status notification
 any mail; a delay notice goes out once after `retry.warn_after`, and a success notice after a delivery when
 `-N success` asked for one. A message whose recipients are all delivered leaves the queue; one with
 failures stays `failed`, visible to the admin, until `failed_retention` has passed (invariant 2).
+
+A notice that our own spool cannot take (a full disk, a quota, a file size limit) never stops the outcomes
+of the attempt from being recorded, or delivered recipients would be sent again (invariant 3): it is
+logged, a bounce stays owed (`bounce_due`, and the message comes due again on the retry schedule), a delay
+notice is tried again at the next attempt, and a success notice is lost.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from . import log
 from .config import Config, Rewrite, Smarthost
-from .errors import ConfigError
+from .errors import ConfigError, SpoolError
 from .identity import policy_of
 from .message import complete, rewrite_from
 from .routing import Router
@@ -69,6 +74,23 @@ if TYPE_CHECKING:
 
 
 NO_SMARTHOST = "no smarthost configured; see pymta(1): add one under 'smarthosts:' in the config"
+# What `Flusher._bounce` did about the failed recipients it was given (see there).
+BounceResult = Literal["reported", "kept", "owed"]
+# A notice by its action, as the log names it, and what becomes of it when the spool cannot take it.
+_NOTICE_NAMES: dict[str, str] = {
+    "failed": "bounce",
+    "delayed": "delay notice",
+    "delivered": "success notice",
+    "relayed": "success notice",
+    "expanded": "success notice",
+}
+_NOTICE_LEFT_OWED: dict[str, str] = {
+    "failed": "it stays owed, and a later run queues it",
+    "delayed": "the next attempt tries again",
+    "delivered": "the notice is lost",
+    "relayed": "the notice is lost",
+    "expanded": "the notice is lost",
+}
 
 
 @dataclass
@@ -460,10 +482,15 @@ class Flusher:
         if attempt.held:
             state_info["held_seconds"] = attempt.held
         owed = [a for a, r in recipients.items() if r["status"] == "failed" and not r.get("reported")]
+        bounce_owed = False
         if owed and (attempt.results or entry.bounce_due):
-            if self._bounce(entry, message, recipients, owed, attempt, now):
+            told = self._bounce(entry, message, recipients, owed, attempt, now)
+            if told == "reported":
                 for address in owed:
                     recipients[address]["reported"] = True
+            elif told == "owed":  # our spool could not take it: a later run queues it
+                bounce_owed = True
+                state_info["bounce_due"] = True
         self._notify_success(entry, message, attempt, now)
         statuses = {str(r["status"]) for r in recipients.values()}
         if statuses <= {"delivered", "expanded"}:
@@ -471,23 +498,22 @@ class Flusher:
             return True
         if statuses & set(PENDING):
             state = "deferred"
-            delay = self.config.retry.delay_after(attempts)
-            next_attempt = now + delay * (1 + RETRY_JITTER * (2 * self.jitter() - 1))
             # Never past the end of the lifetime: the bounce for an expired message comes on time, not at
             # the next retry after it (up to the last interval of the schedule later).
-            next_attempt = max(now, min(next_attempt, self._expires_at(entry, attempt.held)))
+            next_attempt = max(now, min(self._retry_at(attempts, now), self._expires_at(entry, attempt.held)))
             if not entry.warned and self._warn(entry, message, recipients, attempt, now):
                 state_info["warned"] = True
         else:
             state = "failed"
-            next_attempt = NEVER
+            # Nothing left to deliver; only a bounce still owed brings it back.
+            next_attempt = self._retry_at(attempts, now) if bounce_owed else NEVER
         self.spool.write_state(
             entry.id,
             {
                 "state": state,
                 "attempts": attempts,
                 "last_attempt": now,
-                "next_attempt": next_attempt if state == "deferred" else None,
+                "next_attempt": next_attempt if next_attempt < NEVER else None,
                 "last_error": last_error,
                 "relay": attempt.relay or entry.relay,
                 **state_info,
@@ -497,6 +523,11 @@ class Flusher:
         )
         return False
 
+    def _retry_at(self, attempts: int, now: float) -> float:
+        """When to come back after `attempts` attempts: the next interval of `retry.schedule`, jittered."""
+        delay = self.config.retry.delay_after(attempts)
+        return now + delay * (1 + RETRY_JITTER * (2 * self.jitter() - 1))
+
     def _bounce(
         self,
         entry: QueueEntry,
@@ -505,28 +536,31 @@ class Flusher:
         owed: list[str],
         attempt: Attempt,
         now: float,
-    ) -> bool:
-        """Queue the failure notice for the `owed` recipients; True when it is queued or none is wanted, so
-        they count as reported. False (the message stays failed, for the admin) when nobody can get it."""
+    ) -> BounceResult:
+        """Queue the failure notice for the `owed` recipients. "reported" when it is queued or none is
+        wanted, so they count as reported; "kept" (the message stays failed, for the admin) when nobody can
+        get it; "owed" when our spool could not take it, so it is still owed to a later run."""
         from . import bounce
 
         if not bounce.wants(entry, "failed"):
-            return True
+            return "reported"
         view = _with_statuses(entry, recipients)
         to = bounce.bounce_recipient(view, self.config.admin, owed)
         if to is None:
             self.log.warning(
                 f"id={entry.id} failed and nobody can be told (a bounce of a bounce); kept for the admin"
             )
-            return False
+            return "kept"
         reported = [
             r
             for r in bounce.reported_recipients(view, "failed", remote_mta=attempt.relay, last_attempt=now)
             if r.address in owed
         ]
         queue_id = self._queue_notice(view, message, reported, "failed", to, now)
+        if queue_id is None:
+            return "owed"
         self.log.info(f"id={entry.id} failed for {', '.join(owed)}; bounce {queue_id} to <{to}>")
-        return True
+        return "reported"
 
     def _warn(
         self,
@@ -551,6 +585,8 @@ class Flusher:
         reported = bounce.reported_recipients(view, "delayed", remote_mta=attempt.relay, last_attempt=now)
         retry_until = self._expires_at(entry, attempt.held)
         queue_id = self._queue_notice(view, message, reported, "delayed", to, now, retry_until)
+        if queue_id is None:
+            return False  # still owed: the next attempt tries again
         self.log.info(f"id={entry.id} still waiting; delay notice {queue_id} to <{to}>")
         return True
 
@@ -563,9 +599,11 @@ class Flusher:
         to: str,
         now: float,
         retry_until: float | None = None,
-    ) -> str:
-        """Queue a delivery status notification about `entry` to `to`, returning the headers as sent, and ask
-        for it to go out in this run; its queue id."""
+    ) -> str | None:
+        """Queue the delivery status notification of `action` about `entry` to `to` (returning `message` as
+        it was sent) and ask for it to go out in this run; its queue id. None, with an error logged, when
+        our own spool cannot take it (full disk, quota, file size limit): what is still owed is the caller's
+        to keep. Never raises for the spool, so the attempt's outcomes are always recorded (invariant 3)."""
         from . import bounce
 
         dsn = bounce.build_dsn(
@@ -578,8 +616,18 @@ class Flusher:
             now=now,
             retry_until=retry_until,
         )
-        queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action=action, now=now), dsn)
-        self.spool.request_flush()  # deliver it in this run
+        try:
+            queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action=action, now=now), dsn)
+        except SpoolError as exc:
+            self.log.error(
+                f"id={entry.id} cannot queue the {_NOTICE_NAMES[action]} to <{to}>: {exc}; "
+                f"{_NOTICE_LEFT_OWED[action]}"
+            )
+            return None
+        try:
+            self.spool.request_flush()  # deliver it in this run
+        except OSError:
+            pass  # it is queued: the next run delivers it
         return queue_id
 
     def _notify_success(self, entry: QueueEntry, message: bytes, attempt: Attempt, now: float) -> None:
@@ -590,11 +638,23 @@ class Flusher:
 
         if not bounce.wants(entry, "delivered"):
             return
+        # Alias targets are the recipient's business, not the sender's (RFC 3461 5.2.7.3): an expansion is
+        # reported as "expanded" for the address the sender used, once (in the attempt that expanded it),
+        # and no target is named.
+        targets = {r.address for r in entry.recipients if r.via} | set(attempt.added)
         reported: list[bounce.ReportedRecipient] = []
         for address, (status, reply, relay, _) in attempt.results.items():
-            if status != "delivered":
+            if address in targets:
                 continue
-            if relay == "local":
+            if status == "expanded":
+                reported.append(
+                    bounce.ReportedRecipient(
+                        address, bounce.status_code(None, "expanded"), last_attempt=now, action="expanded"
+                    )
+                )
+            elif status != "delivered":
+                continue
+            elif relay == "local":
                 reported.append(
                     bounce.ReportedRecipient(
                         address, bounce.status_code(None, "delivered"), last_attempt=now, action="delivered"
@@ -608,8 +668,10 @@ class Flusher:
                 )
         if not reported:
             return
-        action: bounce.Action = "delivered" if any(r.action == "delivered" for r in reported) else "relayed"
+        action: bounce.Action = "relayed" if all(r.action == "relayed" for r in reported) else "delivered"
         queue_id = self._queue_notice(entry, message, reported, action, entry.sender, now)
+        if queue_id is None:
+            return  # lost, and logged: a success notice is not worth delivering anything again for
         addresses = ", ".join(r.address for r in reported)
         self.log.info(f"id={entry.id} {action} to {addresses}; success notice {queue_id} to <{entry.sender}>")
 

@@ -576,7 +576,10 @@ class _Operations:
         recipients = new["recipients"]
         assert isinstance(recipients, dict)
         for address in pending:
-            recipients[address] = {"status": "failed", "last_error": ADMIN_BOUNCE}
+            # Only the outcome changes: `via` is what tells a notice to the admin (no bounce of it) apart.
+            record = recipients[address]
+            assert isinstance(record, dict)
+            record.update(status="failed", last_error=ADMIN_BOUNCE)
         new.update(
             state="failed", next_attempt=None, last_error=ADMIN_BOUNCE, bounce_due=True, failed_at=self.now
         )
@@ -594,7 +597,14 @@ class _Operations:
         if entry.sender:
             return "will be returned to the sender by the next flush"
         if bounce.bounce_recipient(entry, self.config.admin, failing) is None:
-            return "the sender is <> (a bounce itself) and no admin can be told, so it stays failed here"
+            if not self.config.admin:
+                return (
+                    "the sender is <> (a bounce itself) and no admin is configured, so it stays failed here"
+                )
+            return (
+                "the sender is <> (a bounce itself) and it was for the admin, who is not told of a failed "
+                "notice, so it stays failed here"
+            )
         return "the sender is <> (a bounce itself), so the next flush reports it to the admin"
 
 

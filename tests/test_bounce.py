@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import re
 from email.message import EmailMessage, Message
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pymta import bounce
+from pymta import message as message_module
 from pymta.bounce import (
     FULL_RETURN_LIMIT,
     ReportedRecipient,
@@ -57,8 +59,10 @@ def make_entry(
     envid: str | None = None,
     queued_at: float = QUEUED,
     entry_id: str = ID,
+    via: dict[str, str] | None = None,
 ) -> QueueEntry:
-    """A queue entry as the spool reads it: bob failed with a 550, carol deferred, dave delivered."""
+    """A queue entry as the spool reads it: bob failed with a 550, carol deferred, dave delivered. `via`:
+    the recipients that are alias targets, and the address each came from."""
     if statuses is None:
         statuses = {
             "bob@example.com": ("failed", USER_UNKNOWN),
@@ -69,7 +73,7 @@ def make_entry(
         "v": 1,
         "id": entry_id,
         "sender": sender,
-        "recipients": list(statuses),
+        "recipients": [address for address in statuses if address not in (via or {})],
         "submitted_by": "alice",
         "uid": 1000,
         "full_name": "Alice",
@@ -83,7 +87,9 @@ def make_entry(
         "state": "deferred",
         "attempts": 2,
         "recipients": {
-            address: {"status": status, "last_error": error} for address, (status, error) in statuses.items()
+            address: {"status": status, "last_error": error}
+            | ({"via": (via or {})[address]} if address in (via or {}) else {})
+            for address, (status, error) in statuses.items()
         },
     }
     return QueueEntry("queue", f"/spool/queue/{entry_id}", envelope, state, 1234, 1000)
@@ -143,7 +149,8 @@ def test_failed_dsn_top_level_header() -> None:
     assert message["From"] == "Mail Delivery System <MAILER-DAEMON@mx.example.net>"
     assert message["To"] == "alice@example.org"
     assert message["Subject"] == "Undelivered Mail Returned to Sender"
-    assert message["Message-ID"] == f"<{ID}.failed@{HOST}>"
+    assert message["Message-ID"] == bounce.dsn_message_id(ID, "failed", HOST, ["bob@example.com"])
+    assert re.fullmatch(rf"<{ID}\.failed\.[0-9a-f]{{16}}@{re.escape(HOST)}>", message["Message-ID"])
     assert message["In-Reply-To"] == "<report-1@example.org>"
     assert message["References"] == "<report-1@example.org>"
     assert message["Auto-Submitted"] == "auto-replied"
@@ -291,7 +298,8 @@ def test_success_notices_delivered_and_relayed() -> None:
         build_dsn(entry, ORIGINAL, reported, action="delivered", to=entry.sender, hostname=HOST, now=NOW)
     )
     assert message["Subject"] == "Successful Mail Delivery Report"
-    assert message["Message-ID"] == f"<{ID}.delivered@{HOST}>"
+    expected_id = bounce.dsn_message_id(ID, "delivered", HOST, ["dave@example.com", "erin@example.com"])
+    assert message["Message-ID"] == expected_id
     delivered, relayed = report_blocks(message)[1:]
     assert (delivered["Action"], delivered["Status"], delivered["Remote-MTA"]) == ("delivered", "2.0.0", None)
     assert (relayed["Action"], relayed["Status"]) == ("relayed", "2.0.0")
@@ -303,6 +311,97 @@ def test_success_notices_delivered_and_relayed() -> None:
     assert "Passed on to a mail server that does not report on delivery" in text
     assert "What you can do" not in text
     assert parts(message)[2]["Content-Description"] == "Message headers"
+
+
+def success_text(entry: QueueEntry, delivered: list[str], action: bounce.Action = "delivered") -> str:
+    reported = [
+        ReportedRecipient(address, "2.0.0", last_attempt=LAST, action=action) for address in delivered
+    ]
+    dsn = build_dsn(entry, ORIGINAL, reported, action=action, to=entry.sender, hostname=HOST, now=NOW)
+    return " ".join(text_of(parse(dsn)).split())
+
+
+@pytest.mark.parametrize(
+    ("statuses", "delivered", "whom"),
+    [({"dave@example.com": ("delivered", None)}, ["dave@example.com"], "its recipient"),
+     ({"dave@example.com": ("delivered", None), "erin@example.com": ("delivered", None)},
+      ["dave@example.com", "erin@example.com"], "its 2 recipients"),
+     ({"dave@example.com": ("delivered", None), "erin@example.com": ("delivered", None),
+       "bob@example.com": ("deferred", GREYLISTED)},
+      ["dave@example.com", "erin@example.com"], "2 of its 3 recipients"),
+     ({"dave@example.com": ("delivered", None), "bob@example.com": ("deferred", GREYLISTED)},
+      ["dave@example.com"], "1 of its 2 recipients")],
+    ids=["one of one", "all of two", "two of three", "one of two"],
+)  # fmt: skip
+def test_a_success_notice_says_how_many_recipients_it_reports(
+    statuses: dict[str, tuple[str, str | None]], delivered: list[str], whom: str
+) -> None:
+    text = success_text(make_entry(notify="success", statuses=statuses), delivered)
+    assert f"Your message was delivered to {whom}, as you asked" in text
+    assert "any of its" not in text
+
+
+def test_a_success_notice_counts_the_recipients_the_sender_named_not_alias_targets() -> None:
+    """`team` expanded to three addresses: the sender named two recipients, and both were delivered."""
+    statuses: dict[str, tuple[str, str | None]] = {
+        "dave@example.com": ("delivered", None),
+        "team": ("expanded", None),
+        "ann@example.com": ("delivered", None),
+        "ben@example.com": ("delivered", None),
+        "cat@example.com": ("deferred", GREYLISTED),
+    }
+    via = {"ann@example.com": "team", "ben@example.com": "team", "cat@example.com": "team"}
+    entry = make_entry(notify="success", statuses=statuses, via=via)
+    text = success_text(entry, ["dave@example.com", "team"])
+    assert "Your message was delivered to its 2 recipients, as you asked" in text
+
+
+def test_an_expanded_recipient_is_reported_as_expanded_without_its_targets() -> None:
+    entry = make_entry(
+        notify="success",
+        statuses={"team": ("expanded", None), "ann@example.com": ("delivered", None)},
+        via={"ann@example.com": "team"},
+    )
+    reported = [
+        ReportedRecipient("team", status_code(None, "expanded"), last_attempt=LAST, action="expanded")
+    ]
+    dsn = build_dsn(entry, ORIGINAL, reported, action="delivered", to=entry.sender, hostname=HOST, now=NOW)
+    message = parse(dsn)
+    [block] = report_blocks(message)[1:]
+    assert (block["Final-Recipient"], block["Action"], block["Status"]) == (
+        "rfc822; team",
+        "expanded",
+        "2.0.0",
+    )
+    text = " ".join(text_of(message).split())
+    assert "Your message was delivered to its recipient" in text
+    assert "passed on to the addresses it stands for" in text
+    assert "ann@example.com" not in dsn.decode()
+    assert message["Subject"] == "Successful Mail Delivery Report"
+
+
+def test_notices_about_other_recipients_have_other_message_ids_and_a_rebuild_the_same() -> None:
+    """A message gets a bounce per run in which recipients fail and a success notice per run that delivers
+    some: each has an id of its own; the same notice built again keeps its id."""
+    entry = make_entry(notify="success")
+
+    def message_id(action: bounce.Action, addresses: list[str]) -> str:
+        status = "5.1.1" if action == "failed" else "2.0.0"
+        reported = [ReportedRecipient(address, status, action=action) for address in addresses]
+        dsn = build_dsn(entry, ORIGINAL, reported, action=action, to=entry.sender, hostname=HOST, now=NOW)
+        return str(parse(dsn)["Message-ID"])
+
+    first_bounce = message_id("failed", ["bob@example.com"])
+    second_bounce = message_id("failed", ["carol@example.com"])
+    first_success = message_id("delivered", ["dave@example.com"])
+    second_success = message_id("delivered", ["erin@example.com", "frank@example.com"])
+    assert len({first_bounce, second_bounce, first_success, second_success}) == 4
+    assert message_id("failed", ["bob@example.com"]) == first_bounce
+    assert message_id("delivered", ["frank@example.com", "erin@example.com"]) == second_success
+
+
+def test_the_line_limit_is_the_one_of_the_message_module() -> None:
+    assert bounce.MAX_LINE is message_module.MAX_LINE
 
 
 @pytest.mark.parametrize(
@@ -339,7 +438,9 @@ def test_original_recipient_and_missing_details() -> None:
 
 def test_dsn_is_the_same_every_time_it_is_built() -> None:
     assert failed_dsn() == failed_dsn()
-    assert bounce.dsn_message_id(ID, "delayed", HOST) == f"<{ID}.delayed@{HOST}>"
+    addresses = ["carol@example.com", "Bob@example.com"]
+    same = bounce.dsn_message_id(ID, "delayed", HOST, ["bob@example.com", "carol@example.com"])
+    assert bounce.dsn_message_id(ID, "delayed", HOST, addresses) == same
 
 
 def test_message_id_of_the_original_when_it_had_none_is_the_one_delivery_gave() -> None:
@@ -552,7 +653,7 @@ def test_delayed_dsn() -> None:
     )
     message = parse(dsn)
     assert message["Subject"] == "Delayed Mail (still being retried)"
-    assert message["Message-ID"] == f"<{ID}.delayed@{HOST}>"
+    assert message["Message-ID"] == bounce.dsn_message_id(ID, "delayed", HOST, ["carol@example.com"])
     per_message, *per_recipient = report_blocks(message)
     assert len(per_recipient) == 1
     block = per_recipient[0]
@@ -788,7 +889,13 @@ def test_any_original_gives_a_valid_7bit_dsn(
 ) -> None:
     status = {"failed": "failed", "delayed": "deferred"}.get(action, "delivered")
     entry = make_entry(sender=sender, ret=ret, statuses={"bob@example.com": (status, reply)})
-    recipients = reported_recipients(entry, action, remote_mta="smtp.example.com", last_attempt=LAST)
+    if action == "failed" or action == "delayed":
+        recipients = reported_recipients(entry, action, remote_mta="smtp.example.com", last_attempt=LAST)
+    else:  # a success notice reports what one attempt did: the flush builds its recipients
+        code = status_code(reply, action)
+        recipients = [
+            ReportedRecipient("bob@example.com", code, reply, "smtp.example.com", LAST, action=action)
+        ]
     dsn = build_dsn(
         entry, original, recipients, action=action, to="admin@example.org", hostname=HOST, now=NOW,
         retry_until=QUEUED + 86400,

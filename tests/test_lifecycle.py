@@ -28,7 +28,8 @@ from test_flush import Clock, configure, enqueue, flush, flusher, log_lines, pla
 
 from pymta import queue_ops
 from pymta.config import load
-from pymta.spool import Spool
+from pymta.errors import SpoolFullError
+from pymta.spool import NEVER, Spool
 
 SENDER = "alice@example.net"  # not local: her bounces go out through the smarthost
 UNKNOWN = "550 5.1.1 <bad@example.net>: user unknown"
@@ -765,3 +766,189 @@ def test_hold_and_release_keep_what_was_reported_so_no_second_bounce(mta: MtaEnv
     server.handler.rejections = {"bad@example.net": UNKNOWN}  # a@ is accepted now
     flush(mta, "--now")
     assert [m.rcpt_tos for m in server.handler.messages] == [[SENDER], ["a@example.net"]]  # no second bounce
+
+
+# --- a notice our own spool cannot take (DESIGN.md invariant 3) ---
+
+DISK_FULL = "cannot write the message to the spool: No space left on device; free some space, then send again"
+
+
+def fail_notices(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> list[str]:
+    """Make `Spool.submit` of a DSN envelope fail as a full disk does, `times` times; the ids of the
+    messages whose notice was refused."""
+    refused: list[str] = []
+    real_submit = Spool.submit
+
+    def submit(self: Spool, envelope: dict[str, object], message: bytes, **kwargs: bool) -> str:
+        if envelope.get("dsn_of") and len(refused) < times:
+            refused.append(str(envelope["dsn_of"]))
+            raise SpoolFullError(DISK_FULL)
+        return real_submit(self, envelope, message, **kwargs)
+
+    monkeypatch.setattr(Spool, "submit", submit)
+    return refused
+
+
+def test_a_bounce_the_spool_cannot_take_stays_owed_and_delivered_mail_is_not_sent_again(
+    mta: MtaEnv, server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)  # retry every 10 minutes
+    queue_id = enqueue(mta, "-f", SENDER, "good@example.net", "bad@example.net", message=ORIGINAL)
+    refused = fail_notices(monkeypatch)
+    clock = Clock(mta.only_entry().queued_at + 1)
+
+    run, lines = flusher(mta, clock)
+    report = run.run()
+
+    # The outcomes are recorded although the bounce could not be queued.
+    assert refused == [queue_id]
+    assert (report.sent, report.failed) == (1, 1)
+    assert [m.rcpt_tos for m in originals(server)] == [["good@example.net"]]
+    assert notices(server) == []
+    state = state_of(mta, queue_id)
+    recipients = state["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["good@example.net"]["status"] == "delivered"
+    assert recipients["bad@example.net"]["status"] == "failed"
+    assert not recipients["bad@example.net"].get("reported")
+    assert (state["state"], state["bounce_due"]) == ("failed", True)
+    [logged] = [line for line in lines if "cannot queue" in line]
+    assert logged == (
+        f"id={queue_id} cannot queue the bounce to <{SENDER}>: {DISK_FULL}; it stays owed, and a later run "
+        "queues it"
+    )
+    # Owed, so due again on the retry schedule, and never expired meanwhile.
+    spool = Spool(str(mta.spool))
+    assert spool.due(clock.now + 599) == []
+    assert spool.due(clock.now + 600) == [queue_id]
+    assert queue_ops.expire_failed(spool, load(str(mta.config)), clock.now + 365 * 86400) == []
+
+    # The next run finds only the bounce owed: it queues it (and delivers it), sends nothing else again.
+    clock.now += 600
+    run, lines = flusher(mta, clock)
+    run.run()
+
+    assert offered(server) == ["good@example.net", "bad@example.net", SENDER]
+    [received] = notices(server)
+    assert received.rcpt_tos == [SENDER]
+    [recipient] = parse_dsn(received).recipients
+    assert recipient["Final-Recipient"] == "rfc822; bad@example.net"
+    assert any(f"id={queue_id} failed for bad@example.net; bounce " in line for line in lines)
+    state = state_of(mta, queue_id)
+    recipients = state["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["bad@example.net"]["reported"] is True
+    assert state["state"] == "failed" and not state.get("bounce_due") and state["next_attempt"] is None
+    assert spool.due(NEVER - 1) == []
+
+    flush(mta, "--now")
+    assert offered(server) == ["good@example.net", "bad@example.net", SENDER]
+
+
+def test_a_delay_notice_the_spool_cannot_take_is_tried_at_the_next_attempt(
+    mta: MtaEnv, server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.handler.rejections = {"slow@example.net": GREYLISTED}
+    configure(mta, plain_host(server.port), extra="retry: {schedule: [10m], lifetime: 5d, warn_after: 1h}\n")
+    queue_id = enqueue(mta, "-f", SENDER, "slow@example.net")
+    refused = fail_notices(monkeypatch)
+    clock = Clock(mta.only_entry().queued_at + 1)
+    flusher(mta, clock)[0].run()
+    clock.now += 2 * 3600
+
+    run, lines = flusher(mta, clock)
+    run.run()
+
+    assert refused == [queue_id]
+    assert notices(server) == []
+    assert not state_of(mta, queue_id)["warned"]
+    assert f"id={queue_id} cannot queue the delay notice to <{SENDER}>: {DISK_FULL}" in "\n".join(lines)
+
+    clock.now += 600
+    flusher(mta, clock)[0].run()
+    clock.now += 600
+    flusher(mta, clock)[0].run()
+
+    [received] = notices(server)
+    assert parse_dsn(received).message["Subject"] == "Delayed Mail (still being retried)"
+    assert state_of(mta, queue_id)["warned"] is True
+    assert offered(server).count("slow@example.net") == 4
+
+
+def test_a_success_notice_the_spool_cannot_take_is_lost_and_the_delivery_recorded(
+    mta: MtaEnv, server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    queue_id = enqueue(mta, "-f", SENDER, "-N", "success", "remote@example.net")
+    refused = fail_notices(monkeypatch)
+
+    run, lines = flusher(mta, Clock())
+    run.run()
+
+    assert refused == [queue_id]
+    assert mta.entries() == []  # delivered, and gone
+    assert (
+        f"id={queue_id} cannot queue the success notice to <{SENDER}>: {DISK_FULL}; the notice is lost"
+        in lines
+    )
+    flush(mta, "--now")
+    assert offered(server) == ["remote@example.net"]
+    assert notices(server) == []
+
+
+# --- notices that are about different things look different ---
+
+
+def test_each_bounce_and_success_notice_of_one_message_has_its_own_message_id(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    """Run 1: ok@ delivered, bad@ refused, slow@ and later@ put off. Run 2: slow@ delivered, later@ refused.
+    Two bounces and two success notices, each with a Message-ID of its own."""
+    server.handler.rejections = {
+        "bad@example.net": UNKNOWN,
+        "slow@example.net": GREYLISTED,
+        "later@example.net": GREYLISTED,
+    }
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS)
+    recipients = ["ok@example.net", "bad@example.net", "slow@example.net", "later@example.net"]
+    enqueue(mta, "-f", SENDER, "-N", "success,failure", *recipients, message=ORIGINAL)
+    flush(mta)
+    server.handler.rejections = {"bad@example.net": UNKNOWN, "later@example.net": UNKNOWN}
+    flush(mta, "--now")
+
+    dsns = [parse_dsn(received) for received in notices(server)]
+    reported = sorted(
+        (str(dsn.recipients[0]["Action"]), str(dsn.recipients[0]["Final-Recipient"])) for dsn in dsns
+    )
+    assert reported == [
+        ("failed", "rfc822; bad@example.net"),
+        ("failed", "rfc822; later@example.net"),
+        ("relayed", "rfc822; ok@example.net"),
+        ("relayed", "rfc822; slow@example.net"),
+    ]
+    ids = [str(dsn.message["Message-ID"]) for dsn in dsns]
+    assert len(set(ids)) == 4, ids
+
+
+def test_a_success_notice_reports_an_alias_as_expanded_and_never_its_targets(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    (mta.root / "aliases").write_text(f"team: {OWNER}, outside@example.net\n")
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS + "local_domains: [example.org]\n")
+    enqueue(mta, "-f", SENDER, "-N", "success", "team", "direct@example.net", message=ORIGINAL)
+
+    flush(mta)
+    flush(mta, "--now")
+
+    [sent] = originals(server)
+    assert sorted(sent.rcpt_tos) == ["direct@example.net", "outside@example.net"]
+    assert (mta.mail_spool / OWNER).exists()
+    [received] = notices(server)  # one notice: the expansion is reported once
+    dsn = parse_dsn(received)
+    actions = {str(r["Final-Recipient"]): str(r["Action"]) for r in dsn.recipients}
+    assert actions == {"rfc822; team": "expanded", "rfc822; direct@example.net": "relayed"}
+    assert b"outside@example.net" not in received.data
+    assert f"{OWNER}@".encode() not in received.data and f"; {OWNER}\r".encode() not in received.data
+    text = " ".join(dsn.text.split())
+    assert "Your message was delivered to its 2 recipients, as you asked" in text

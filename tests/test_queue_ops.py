@@ -372,6 +372,49 @@ def test_bounce_of_a_message_from_the_null_sender_goes_to_the_admin(mta: MtaEnv)
     assert state(mta, queue_id)["bounce_due"] is True
 
 
+def test_bounce_keeps_what_else_a_recipient_record_holds_so_a_notice_to_the_admin_begets_none(
+    mta: MtaEnv,
+) -> None:
+    """`boss` (the admin) is an alias; a message from <> to it waits under the alias target, which names
+    it in `via`. The administrator's bounce keeps that `via`: the flush then sees the admin's own mail and
+    queues no notice about it (the bounce-storm rule of `bounce.bounce_recipient`)."""
+    (mta.root / "aliases").write_text("boss: admin-box@remote.test\n")
+    mta.write_config(
+        "domain: example.org\nhostname: mx.example.org\ndeliver: queue\nadmin: boss@example.org\n"
+        "local_domains: [example.org]\n"
+    )
+    queue_id = enqueue(mta, "-f", "", "boss@example.org")
+    flush(mta)  # no smarthost: the alias target waits
+    assert state(mta, queue_id)["recipients"]["admin-box@remote.test"]["via"] == "boss@example.org"
+
+    result = pymta(mta, "queue", "bounce", queue_id)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == (
+        f"{queue_id}: bounced: 1 recipient failed; the sender is <> (a bounce itself) and it was for the "
+        "admin, who is not told of a failed notice, so it stays failed here\n"
+    )
+    assert state(mta, queue_id)["recipients"]["admin-box@remote.test"] == {
+        "status": "failed",
+        "last_error": queue_ops.ADMIN_BOUNCE,
+        "via": "boss@example.org",
+    }
+    flush(mta)
+    assert list(listed(mta)) == [queue_id]  # no notice about it was queued
+    assert listed(mta)[queue_id]["state"] == "failed"
+
+
+def test_bounce_of_a_null_sender_message_without_an_admin_says_so(mta: MtaEnv) -> None:
+    mta.write_config("domain: example.org\nhostname: mx.example.org\ndeliver: queue\n")
+    queue_id = enqueue(mta, "-f", "", "someone@example.net")
+    result = pymta(mta, "queue", "bounce", queue_id)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == (
+        f"{queue_id}: bounced: 1 recipient failed; the sender is <> (a bounce itself) and no admin is "
+        "configured, so it stays failed here\n"
+    )
+
+
 @pytest.mark.parametrize("notify", ["never", "delay", "success"])
 def test_bounce_says_no_notice_is_sent_when_the_sender_asked_for_none(mta: MtaEnv, notify: str) -> None:
     queue_id = enqueue(mta, "-f", "robot@example.org", "-N", notify, "a@example.net")
