@@ -41,7 +41,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from . import log
 from .config import Config, Rewrite, Smarthost
@@ -431,7 +431,11 @@ class Flusher:
 
         # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
         on_wire = {address: self.router.wire_address(address) for address in remote}
-        delivery = self.sessions.start(hosts, entry, list(dict.fromkeys(on_wire.values())), as_sent_through)
+        targets = _alias_targets(entry, attempt)
+        named = {on_wire[a] for a in remote if a not in targets}
+        expanded = frozenset(on_wire[a] for a in remote if a in targets) - named
+        wire = list(dict.fromkeys(on_wire.values()))
+        delivery = self.sessions.start(hosts, entry, wire, as_sent_through, expanded)
 
         def finish() -> None:
             results, relay = self.sessions.finish(delivery, while_waiting=self._prefetch)
@@ -641,7 +645,7 @@ class Flusher:
         # Alias targets are the recipient's business, not the sender's (RFC 3461 5.2.7.3): an expansion is
         # reported as "expanded" for the address the sender used, once (in the attempt that expanded it),
         # and no target is named.
-        targets = {r.address for r in entry.recipients if r.via} | set(attempt.added)
+        targets = _alias_targets(entry, attempt)
         reported: list[bounce.ReportedRecipient] = []
         for address, (status, reply, relay, _) in attempt.results.items():
             if address in targets:
@@ -733,6 +737,11 @@ def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) 
     return view
 
 
+def _alias_targets(entry: QueueEntry, attempt: Attempt) -> set[str]:
+    """The recipients of `entry` that an alias brought in (in earlier attempts, or in `attempt`)."""
+    return {r.address for r in entry.recipients if r.via} | set(attempt.added)
+
+
 def _offers_dsn(session: SmtpSession | None) -> bool:
     """Whether the smarthost of `session` offers the DSN extension (RFC 3461), so it reports delivery."""
     return session is not None and any(
@@ -752,7 +761,17 @@ def route(config: Config, sender: str) -> tuple[tuple[Smarthost, ...], Rewrite |
 class Delivery:
     """One message handed to `Sessions.start`: where it is going, and what came of it."""
 
-    __slots__ = ("hosts", "entry", "recipients", "prepare", "host", "session", "transaction", "result")
+    __slots__ = (
+        "hosts",
+        "entry",
+        "recipients",
+        "prepare",
+        "expanded",
+        "host",
+        "session",
+        "transaction",
+        "result",
+    )
 
     def __init__(
         self,
@@ -760,11 +779,13 @@ class Delivery:
         entry: QueueEntry,
         recipients: list[str],
         prepare: Callable[[Smarthost], tuple[str, bytes]],
+        expanded: frozenset[str] = frozenset(),
     ) -> None:
         self.hosts = hosts
         self.entry = entry
         self.recipients = recipients
         self.prepare = prepare
+        self.expanded = expanded  # recipients that are alias targets: no NOTIFY=SUCCESS for them
         self.host: Smarthost | None = None  # the smarthost it was started on
         self.session: SmtpSession | None = None
         self.transaction: Transaction | None = None
@@ -811,10 +832,12 @@ class Sessions:
         entry: QueueEntry,
         recipients: list[str],
         prepare: Callable[[Smarthost], tuple[str, bytes]],
+        expanded: frozenset[str] = frozenset(),
     ) -> Delivery:
-        """Start one message (arguments as for `send`) on the first smarthost that works; `finish` gives
-        its outcomes. Started messages are finished in the order they were started."""
-        delivery = Delivery(hosts, entry, recipients, prepare)
+        """Start one message (arguments as for `send`; `expanded` the recipients that are alias targets) on
+        the first smarthost that works; `finish` gives its outcomes. Started messages are finished in the
+        order they were started."""
+        delivery = Delivery(hosts, entry, recipients, prepare, expanded)
         self._begin(delivery)
         if delivery.result is None:
             self.waiting.append(delivery)
@@ -845,7 +868,7 @@ class Sessions:
             sender, message = delivery.prepare(host)
             delivery.host, delivery.session = host, session
             try:
-                delivery.transaction = session.start(sender, recipients, message, **_dsn(delivery.entry))
+                delivery.transaction = session.start(sender, recipients, message, **_dsn(delivery))
             except ValueError as exc:
                 reply = f"554 5.6.0 cannot be sent over SMTP: {exc}"
                 delivery.result = _all(recipients, "failed", reply), session.relay
@@ -873,7 +896,7 @@ class Sessions:
                 session.close()
                 session.open()
                 sender, message = delivery.prepare(host)
-                outcomes = session.send(sender, recipients, message, **_dsn(delivery.entry))
+                outcomes = session.send(sender, recipients, message, **_dsn(delivery))
         except SessionError as exc:
             self._drop(host, str(exc))
             # The message was in flight: the connection may have died after the server took it, so it is
@@ -912,13 +935,15 @@ class Sessions:
         self.waiting.clear()
 
 
-def _dsn(entry: QueueEntry) -> dict[str, str | None]:
+def _dsn(delivery: Delivery) -> dict[str, Any]:
     """The DSN and body options of a message, as `SmtpSession.start` and `send` take them."""
+    entry = delivery.entry
     return {
         "notify": entry.dsn_notify,
         "ret": entry.dsn_ret,
         "envid": entry.dsn_envid,
         "body_type": entry.body_type,
+        "expanded": delivery.expanded,
     }
 
 

@@ -46,7 +46,7 @@ import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
@@ -260,13 +260,16 @@ class SmtpSession:
         ret: str | None = None,
         envid: str | None = None,
         body_type: str | None = None,
+        expanded: Collection[str] = (),
     ) -> list[RecipientOutcome]:
         """Send one message; one outcome per recipient, in the order given.
 
         `message` has CRLF line endings and is not dot-stuffed. `notify` ("never" or a comma list of
         success, failure, delay), `ret` ("hdrs"/"full") and `envid` go out as DSN parameters when the
         server offers DSN, `body_type` ("8BITMIME"/"7BIT") asks for BODY=8BITMIME (which is also used
-        whenever the message has 8-bit bytes and the server offers it).
+        whenever the message has 8-bit bytes and the server offers it). The `expanded` recipients are the
+        targets of an alias: their NOTIFY leaves out SUCCESS (RFC 3461 5.2.7.3), since the address the
+        sender named was reported as expanded, and the targets are not the sender's to know.
 
         Raises SessionError when the session fails (see the class), ValueError before sending anything
         when an argument cannot be carried by SMTP (CR, LF, <, > in an address; an unknown NOTIFY word).
@@ -274,7 +277,16 @@ class SmtpSession:
         if self._started:
             raise RuntimeError("a started message must be finished first")
         return self.finish(
-            self.start(sender, recipients, message, notify=notify, ret=ret, envid=envid, body_type=body_type)
+            self.start(
+                sender,
+                recipients,
+                message,
+                notify=notify,
+                ret=ret,
+                envid=envid,
+                body_type=body_type,
+                expanded=expanded,
+            )
         )
 
     def start(
@@ -287,6 +299,7 @@ class SmtpSession:
         ret: str | None = None,
         envid: str | None = None,
         body_type: str | None = None,
+        expanded: Collection[str] = (),
     ) -> Transaction:
         """Start one message (arguments as for `send()`); `finish()` sends it and gives the outcomes.
 
@@ -323,7 +336,7 @@ class SmtpSession:
         if dsn:
             mail_params += params.mail
         mail = f"MAIL FROM:<{sender}>{_join(mail_params)}"
-        rcpts = [f"RCPT TO:<{r}>{_join(params.rcpt + _orcpt(r) if dsn else [])}" for r in pending]
+        rcpts = [f"RCPT TO:<{r}>{_join(params.for_recipient(r, expanded) if dsn else [])}" for r in pending]
         reset = self._transactions > 0
         self._transactions += 1
         transaction = Transaction(
@@ -961,6 +974,11 @@ class _Client(smtplib.SMTP):
 class _DsnParams:
     mail: list[str]
     rcpt: list[str]
+    targets: list[str]  # rcpt for an alias's targets: NOTIFY without SUCCESS
+
+    def for_recipient(self, recipient: str, expanded: Collection[str]) -> list[str]:
+        """The RCPT parameters of `recipient`: NOTIFY (without SUCCESS for an alias target) and ORCPT."""
+        return (self.targets if recipient in expanded else self.rcpt) + _orcpt(recipient)
 
 
 def _check_arguments(
@@ -973,6 +991,7 @@ def _check_arguments(
             raise ValueError(f"address {address!r} contains characters SMTP cannot carry")
     mail: list[str] = []
     rcpt: list[str] = []
+    targets: list[str] = []
     if ret:
         if ret.upper() not in ("HDRS", "FULL"):
             raise ValueError(f"ret must be hdrs or full, not {ret!r}")
@@ -986,7 +1005,9 @@ def _check_arguments(
         if words != ["NEVER"] and not (words and set(words) <= _NOTIFY_WORDS):
             raise ValueError(f"notify must be never or a list of success, failure, delay, not {notify!r}")
         rcpt.append(f"NOTIFY={','.join(words)}")
-    return _DsnParams(mail, rcpt)
+        kept = [word for word in words if word != "SUCCESS"]
+        targets.append(f"NOTIFY={','.join(kept or ['NEVER'])}")
+    return _DsnParams(mail, rcpt, targets)
 
 
 def xtext(text: str) -> str:

@@ -952,3 +952,21 @@ def test_a_success_notice_reports_an_alias_as_expanded_and_never_its_targets(
     assert f"{OWNER}@".encode() not in received.data and f"; {OWNER}\r".encode() not in received.data
     text = " ".join(dsn.text.split())
     assert "Your message was delivered to its 2 recipients, as you asked" in text
+
+
+def test_a_smarthost_that_reports_itself_is_not_asked_for_success_of_alias_targets(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    server.handler.extensions = ["DSN"]  # it takes NOTIFY and reports delivery itself
+    (mta.root / "aliases").write_text("team: outside@example.net\n")
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS + "local_domains: [example.org]\n")
+    enqueue(mta, "-f", SENDER, "-N", "success,failure", "team", "direct@example.net", message=ORIGINAL)
+
+    flush(mta)
+
+    [sent] = originals(server)
+    assert sent.rcpt_options["direct@example.net"][0] == "NOTIFY=SUCCESS,FAILURE"
+    assert sent.rcpt_options["outside@example.net"][0] == "NOTIFY=FAILURE"  # RFC 3461 5.2.7.3
+    [received] = notices(server)  # ours reports only the expansion; the smarthost reports the rest
+    actions = {str(r["Final-Recipient"]): str(r["Action"]) for r in parse_dsn(received).recipients}
+    assert actions == {"rfc822; team": "expanded"}

@@ -261,6 +261,26 @@ def test_dsn_parameters_only_when_offered(smtp_server: SmtpServer) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("notify", "for_targets"), [("success,failure", "NOTIFY=FAILURE"), ("success", "NOTIFY=NEVER")]
+)
+def test_an_alias_target_is_not_asked_to_report_success(
+    smtp_server: SmtpServer, notify: str, for_targets: str
+) -> None:
+    smtp_server.handler.extensions = ["DSN"]
+    with session(smtp_server.smarthost()) as s:
+        s.send(
+            "me@example.org",
+            ["named@example.org", "t@example.org"],
+            MESSAGE,
+            notify=notify,
+            expanded={"t@example.org"},
+        )
+    [received] = smtp_server.handler.messages
+    assert received.rcpt_options["named@example.org"][0] == f"NOTIFY={notify.upper()}"
+    assert received.rcpt_options["t@example.org"][0] == for_targets  # RFC 3461 5.2.7.3
+
+
 def test_dsn_parameters_exactly_as_sent() -> None:
     script = [
         *greet(("DSN", "8BITMIME")), *accept_message(), Expect("QUIT"), Send("221 bye"),
