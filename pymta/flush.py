@@ -431,15 +431,18 @@ class Flusher:
 
         # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
         on_wire = {address: self.router.wire_address(address) for address in remote}
-        targets = _alias_targets(entry, attempt)
-        named = {on_wire[a] for a in remote if a not in targets}
-        expanded = frozenset(on_wire[a] for a in remote if a in targets) - named
+        expanded: frozenset[str] = frozenset()
+        if _asks_success(entry):  # alias targets are not asked for success (RFC 3461 5.2.7.3)
+            targets = _alias_targets(entry, attempt)
+            named = {on_wire[a] for a in remote if a not in targets}
+            expanded = frozenset(on_wire[a] for a in remote if a in targets) - named
         wire = list(dict.fromkeys(on_wire.values()))
         delivery = self.sessions.start(hosts, entry, wire, as_sent_through, expanded)
 
         def finish() -> None:
             results, relay = self.sessions.finish(delivery, while_waiting=self._prefetch)
-            attempt.relay_reports = _offers_dsn(delivery.session)
+            if _asks_success(entry):  # only then does it matter (and it costs a look per message)
+                attempt.relay_reports = _offers_dsn(delivery.session)
             for address in remote:
                 outcome = results[on_wire[address]]
                 attempt.set(address, outcome.status, outcome.reply, relay, wire=outcome.recipient)
@@ -638,6 +641,8 @@ class Flusher:
         """Queue the success notice `-N success` asked for (RFC 3461 4.2, 5.2), one for the recipients this
         attempt delivered: "delivered" for a local mailbox, "relayed" for a smarthost that does not offer
         DSN. A smarthost that does was given NOTIFY=SUCCESS and reports itself; so no notice from us."""
+        if not _asks_success(entry):
+            return  # nearly every message: no import, no look at its recipients
         from . import bounce
 
         if not bounce.wants(entry, "delivered"):
@@ -735,6 +740,11 @@ def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) 
             )
         )
     return view
+
+
+def _asks_success(entry: QueueEntry) -> bool:
+    """A cheap first look: whether `entry` was sent with `-N` naming success (`bounce.wants` decides)."""
+    return entry.dsn_notify is not None and "success" in entry.dsn_notify.lower()
 
 
 def _alias_targets(entry: QueueEntry, attempt: Attempt) -> set[str]:

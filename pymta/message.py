@@ -387,15 +387,16 @@ MAX_LINE = 998
 _PLAIN_ENCODINGS = ("", "7bit", "8bit", "binary")
 
 
+_long_line_re = None  # compiled on first use: `sendmail`, which imports this module, never needs it
+
+
 def _long_lines(data: bytes) -> bool:
-    position = 0
-    while True:
-        end = data.find(CRLF, position)
-        if (len(data) if end < 0 else end) - position > MAX_LINE:
-            return True
-        if end < 0:
-            return False
-        position = end + 2
+    global _long_line_re
+    if _long_line_re is None:
+        import re
+
+        _long_line_re = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+    return _long_line_re.search(data) is not None
 
 
 def _break_line(line: bytes, *, fold: bool = False, soft: bool = False) -> bytes:

@@ -665,8 +665,9 @@ def test_a_multipart_body_has_its_long_lines_broken_with_a_space(lines: list[byt
 def test_a_quoted_printable_body_gets_soft_breaks_and_decodes_as_before(data: bytes) -> None:
     import binascii
 
-    encoded = binascii.b2a_qp(data, quotetabs=False, istext=False, header=False).replace(b"=\n", b"")
-    line = encoded.replace(b"\n", b"").replace(b"\r", b"=0D")  # one long, valid quoted-printable line
+    encoded = binascii.b2a_qp(data, quotetabs=False, istext=False, header=False)
+    line = encoded.replace(b"=\r\n", b"").replace(b"=\n", b"")  # one long, valid quoted-printable line
+    assert b"\r" not in line and b"\n" not in line  # binary mode encodes line breaks as =0D, =0A
     message = (
         b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n" + line + b"\r\n"
     )
