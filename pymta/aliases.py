@@ -351,7 +351,8 @@ class _Expander:
         self.loops: list[_Loop] = []
         self.loop_problems: list[Problem] = []  # the loop warnings among `problems`
         self.locals_seen: list[Target] = []  # local targets that are no alias (for validate)
-        self._includes: dict[str, tuple[list[Target], list[Problem]]] = {}
+        self._includes: dict[str, tuple[list[Target], list[Problem], Problem | None]] = {}
+        self.unusable: list[Problem] = []  # include files that could not be used: the mail must wait
 
     def note(self, problem: Problem) -> None:
         if problem not in self.problems:
@@ -450,17 +451,24 @@ class _Expander:
             return
         if path not in self._includes:
             self._includes[path] = read_include(path, target.line, target.include)
-        found, problems = self._includes[path]
+        found, problems, unusable = self._includes[path]
         for problem in problems:
             self.note(problem)
+        if unusable is not None and unusable not in self.unusable:
+            self.unusable.append(unusable)
         self.expand_targets(alias, found, chain, [*includes, path])
 
 
-def read_include(path: str, line: int, include: str | None = None) -> tuple[list[Target], list[Problem]]:
-    """The targets in the include file `path` (named on `line`), and the problems met reading it."""
+def read_include(
+    path: str, line: int, include: str | None = None
+) -> tuple[list[Target], list[Problem], Problem | None]:
+    """The targets in the include file `path` (named on `line`), the problems met reading it, and, when the
+    file cannot be used at all (missing, unreadable, not a regular file, a symlink, writable by everyone,
+    too big), that problem."""
 
-    def refuse(why: str) -> tuple[list[Target], list[Problem]]:
-        return [], [Problem(line, f":include:{path} {why}; skipped", "error", include)]
+    def refuse(why: str) -> tuple[list[Target], list[Problem], Problem | None]:
+        problem = Problem(line, f":include:{path} {why}; skipped", "error", include)
+        return [], [problem], problem
 
     try:
         fd = os.open(path, _READ_FLAGS | os.O_NOFOLLOW)
@@ -493,7 +501,7 @@ def read_include(path: str, line: int, include: str | None = None) -> tuple[list
             targets.append(target)
             if target.kind == "refused":
                 problems.append(Problem(number, target.reason, "error", path))
-    return targets, problems
+    return targets, problems, None
 
 
 def _unique(addrs: Iterable[str]) -> list[str]:
@@ -515,11 +523,18 @@ def expand(
     or an address with a domain. An address in one of `local_domains` (pass localhost, the hostname and the
     configured local_domains) is treated as its local part and expanded too, so loops through them are caught.
     Targets are unique ignoring case, in the order found. Warnings name the file and line they are about.
-    See the module docstring for loops, self-references and unusable aliases.
+    See the module docstring for loops, self-references and unusable aliases. Raises ConfigError when an
+    include file on the way cannot be used (missing, unreadable, unsafe): its members are unknown, so the
+    caller defers the mail rather than deliver or bounce it.
     """
     expander = _Expander(aliases, local_domains)
     expander.expand(local_part, [], 0)
     source = aliases.source or "aliases"
+    if expander.unusable:  # who the members are is unknown: neither deliver nor bounce, but wait for the fix
+        problem = expander.unusable[0]
+        where = f"{source}: " if problem.include is None else ""
+        what = str(problem).removesuffix("; skipped")
+        raise ConfigError(f"{where}{what}; mail for {local_part} waits until it can be read")
     warnings = [
         f"{source}: {problem}" if problem.include is None else str(problem) for problem in expander.problems
     ]

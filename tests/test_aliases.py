@@ -244,28 +244,35 @@ def test_include_nesting_is_limited_and_self_inclusion_stopped(tmp_path: Path) -
     assert len(warnings) == 1 and f"nested more than {aliases.MAX_INCLUDE_DEPTH} deep" in warnings[0]
 
 
-def test_an_include_through_a_symlink_is_refused(tmp_path: Path) -> None:
+def test_an_include_through_a_symlink_makes_the_mail_wait(tmp_path: Path) -> None:
     real = write(tmp_path / "real", "someone@example.org\n")
     link = tmp_path / "link"
     link.symlink_to(real)
-    targets, warnings = expand(f"list: :include:{link}, other@example.org\n", "list")
-    assert targets == ["other@example.org"]
-    assert warnings == [
+    with pytest.raises(ConfigError) as refused:
+        expand(f"list: :include:{link}, other@example.org\n", "list")
+    assert str(refused.value) == (
         f"aliases: line 1: :include:{link} is a symbolic link, which pymta does not follow:"
-        " name the real file; skipped"
-    ]
+        " name the real file; mail for list waits until it can be read"
+    )
 
 
-def test_a_world_writable_or_missing_include_is_refused(tmp_path: Path) -> None:
+def test_a_world_writable_or_missing_include_makes_the_mail_wait_not_bounce(tmp_path: Path) -> None:
+    # Its members are unknown: delivering to the others, or bouncing, would each be wrong for someone.
     open_to_all = write(tmp_path / "open", "evil@example.org\n")
     open_to_all.chmod(0o666)
-    targets, warnings = expand(f"list: :include:{open_to_all}\n", "list")
-    assert targets == ["list"]  # nothing usable: the local user
-    assert "is writable by everyone" in warnings[0]
-    targets, warnings = expand(f"list: :include:{tmp_path}/missing, x@example.org\n", "list")
-    assert targets == ["x@example.org"]
-    assert warnings == [
-        f"aliases: line 1: :include:{tmp_path}/missing cannot be read (No such file or directory); skipped"
+    with pytest.raises(ConfigError, match=f"open is writable by everyone.*chmod o-w {open_to_all}"):
+        expand(f"list: :include:{open_to_all}\n", "list")
+    with pytest.raises(ConfigError) as missing:
+        expand(f"list: :include:{tmp_path}/missing, x@example.org\n", "list")
+    assert str(missing.value) == (
+        f"aliases: line 1: :include:{tmp_path}/missing cannot be read (No such file or directory);"
+        " mail for list waits until it can be read"
+    )
+    # newaliases still reports it, as a problem of the file
+    (tmp_path / "aliases").write_text(f"list: :include:{tmp_path}/missing, x@example.org\n")
+    problems = aliases.validate(str(tmp_path / "aliases"), check_users=False)
+    assert [str(p) for p in problems] == [
+        f"line 1: :include:{tmp_path}/missing cannot be read (No such file or directory); skipped"
     ]
 
 

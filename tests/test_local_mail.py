@@ -200,6 +200,27 @@ def test_an_unsafe_aliases_file_holds_back_only_local_mail_until_it_is_fixed(
     assert mta.entries() == []
 
 
+def test_a_missing_include_file_makes_the_mail_wait_instead_of_bouncing(
+    mta: MtaEnv, server: SmtpServer, tmp_path: Path
+) -> None:
+    members = tmp_path / "staff.list"
+    write_aliases(mta, f"staff: :include:{members}\n")
+    configure(mta, plain_host(server.port))
+    queue_id = enqueue(mta, "-f", SENDER, "staff", message=mail("for staff"))
+
+    flush(mta)
+
+    assert server.handler.messages == []  # no bounce: the list's members are unknown, not wrong
+    [waiting] = mta.entries()
+    assert (waiting.id, waiting.state) == (queue_id, "deferred")
+    assert f"{members} cannot be read (No such file or directory)" in (waiting.last_error or "")
+    members.write_text(f"{OWNER}\n")  # the file is back (an NFS mount, an edit that replaced it)
+    members.chmod(0o644)
+    flush(mta, "--now")
+    assert subjects(owner_mbox(mta)) == ["for staff"]
+    assert mta.entries() == []
+
+
 def test_an_alias_loop_ends_and_delivers_to_the_name_it_comes_back_to(
     mta: MtaEnv, server: SmtpServer
 ) -> None:
