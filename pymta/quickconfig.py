@@ -264,6 +264,8 @@ def _continues(lines: list[str], number: int) -> bool:
 
 def _scan(text: str, keys: frozenset[str]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
+    seen: set[str] = set()  # every top-level key: one written twice is an error PyYAML alone lets pass
+    started = False  # a line of the document has been read: a "---" now starts a second one
     lines = text.splitlines()
     block_column = -1  # lines indented beyond this column are the content of a | or > block scalar
     for number, line in enumerate(lines):
@@ -275,9 +277,10 @@ def _scan(text: str, keys: frozenset[str]) -> dict[str, str | None]:
         if not content.strip() or content.startswith("#"):
             continue
         if line.startswith(("---", "...")) and line[3:4] in ("", " ", "\t"):
-            if line[3:].strip() and not line[3:].strip().startswith("#"):
-                raise Unsure  # content on the document marker line
+            if started or (line[3:].strip() and not line[3:].strip().startswith("#")):
+                raise Unsure  # a second document, or content on the document marker line
             continue
+        started = True
         node, owner = _node(content)
         if node[:1] in ("|", ">"):
             block_column = indent + owner
@@ -291,8 +294,9 @@ def _scan(text: str, keys: frozenset[str]) -> dict[str, str | None]:
         if not colon:
             raise Unsure
         key = key.rstrip()
-        if key == "<<":
-            raise Unsure  # a merge key can bring in any key
+        if key == "<<" or key in seen:
+            raise Unsure  # a merge key can bring in any key; a key twice is for the YAML reader to report
+        seen.add(key)
         if key not in keys:
             continue
         if rest and rest[0] != " ":
@@ -312,6 +316,21 @@ def _scalar(value: str) -> str | None:
     return _plain(value)
 
 
+def _duplicate_key(node: object) -> tuple[str, int] | None:
+    """The first top-level key of a YAML mapping node that is written twice, and its line (1-based)."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            if key_node.value in seen:
+                return key_node.value, key_node.start_mark.line + 1
+            seen.add(key_node.value)
+    return None
+
+
 class BrokenConfig(ValueError):
     """The file is not valid YAML. `salvaged` holds the wanted keys that stand plainly on a line of their
     own (`spool: /path` at the start of a line), so a broken line elsewhere does not move the mail to
@@ -324,14 +343,20 @@ class BrokenConfig(ValueError):
 
 def _salvage(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
+    twice: set[str] = set()  # a key on two lines (a duplicate, a second document): neither value counts
     lines = data.decode("utf-8", "replace").splitlines()
     for number, line in enumerate(lines):
         key, colon, rest = line.partition(":")
-        if colon and key in keys and rest[:1] == " " and not _continues(lines, number):
-            try:
-                found[key] = _scalar(rest.strip())
-            except Unsure:
+        if colon and key in keys:
+            if key in found or key in twice:
+                twice.add(key)
+                found.pop(key, None)
                 continue
+            if rest[:1] == " " and not _continues(lines, number):
+                try:
+                    found[key] = _scalar(rest.strip())
+                except Unsure:
+                    continue
     return found
 
 
@@ -357,11 +382,20 @@ def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     import yaml
 
     try:
-        document = yaml.safe_load(data)
+        loader = yaml.SafeLoader(data)
+        try:
+            node = loader.get_single_node()
+            twice = _duplicate_key(node)
+            document = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         from .config import yaml_problem  # the words `pymta config check` uses; the file is broken anyway
 
         raise BrokenConfig(yaml_problem(exc), _salvage(data, keys)) from None
+    if twice is not None:  # PyYAML keeps the last; `pymta` refuses the file: neither value can be trusted
+        key, line = twice
+        raise BrokenConfig(f"line {line}: duplicate key {key!r}; remove one of them", _salvage(data, keys))
     if document is None:
         return {}
     if not isinstance(document, dict):

@@ -273,7 +273,13 @@ def check_agreement(text: str, tmp_path: Path) -> None:
         except ValueError:
             pass
         return
-    if document is None:
+    node = yaml.compose(text)
+    keys = [k.value for k, _ in node.value] if isinstance(node, yaml.MappingNode) else []
+    if len(keys) != len(set(keys)):
+        # PyYAML keeps the last of a key written twice; `pymta` refuses the file, and so does the reader.
+        with pytest.raises(quickconfig.BrokenConfig, match="duplicate key"):
+            quickconfig.read_scalars(str(path), KEYS)
+    elif document is None:
         assert quickconfig.read_scalars(str(path), KEYS) == {}
     elif not isinstance(document, dict):
         with pytest.raises(ValueError):
