@@ -393,9 +393,11 @@ class Flusher:
         if not (local or remote):
             return
         completed = self._as_sent(entry, message)
-        delivered_to: dict[str, tuple[str, str]] = {}  # one copy per mailbox: `root root@localhost` is one
+        # One copy per mailbox: `root root@localhost` is one, and so are `root` and `Root@localhost`.
+        delivered_to: dict[str, tuple[str, str]] = {}
         for address, user in local:
-            if user not in delivered_to:
+            mailbox = _account(user)
+            if mailbox not in delivered_to:
                 outcome = self.local_delivery(
                     user,
                     completed,
@@ -403,8 +405,8 @@ class Flusher:
                     local=self.config.local,
                     now=self.clock(),
                 )
-                delivered_to[user] = (outcome.status, outcome.reason)
-            status, reason = delivered_to[user]
+                delivered_to[mailbox] = (outcome.status, outcome.reason)
+            status, reason = delivered_to[mailbox]
             attempt.set(address, status, reason, "local")
         if remote:
             self._send_remote(entry, completed, remote, attempt)
@@ -740,6 +742,15 @@ def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) 
             )
         )
     return view
+
+
+def _account(user: str) -> str:
+    """The account whose mailbox mail for the local name `user` goes to (`local.lookup_user`, which also
+    tries the name in lower case), or the name itself when there is none."""
+    from .local import lookup_user
+
+    found = lookup_user(user)
+    return user if found is None else found.pw_name
 
 
 def _asks_success(entry: QueueEntry) -> bool:

@@ -221,6 +221,16 @@ def test_a_missing_include_file_makes_the_mail_wait_instead_of_bouncing(
     assert mta.entries() == []
 
 
+def test_names_that_differ_only_in_case_get_one_copy_in_their_mailbox(mta: MtaEnv) -> None:
+    configure(mta)
+    enqueue(mta, "-f", SENDER, OWNER, f"{OWNER.upper()}@localhost", message=mail("once"))
+
+    flush(mta)
+
+    assert subjects(owner_mbox(mta)) == ["once"]
+    assert mta.entries() == []
+
+
 def test_an_alias_loop_ends_and_delivers_to_the_name_it_comes_back_to(
     mta: MtaEnv, server: SmtpServer
 ) -> None:
