@@ -9,7 +9,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import EX_SOFTWARE, EX_USAGE, PymtaError
+from .errors import EX_TEMPFAIL, EX_USAGE, PymtaError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         code = cli.main(args=argv, prog_name="pymta", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("pymta: aborted", err=True)
-        return EX_USAGE
+    except click.exceptions.Abort:  # Ctrl-C: what was done is recorded; try again later
+        click.echo("pymta: interrupted; what was done so far is recorded, run it again to go on", err=True)
+        return EX_TEMPFAIL
     except click.ClickException as exc:
         exc.show()
         return EX_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
@@ -107,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:
         return 0
-    except OSError as exc:
-        click.echo(f"pymta: {exc}", err=True)
-        return EX_SOFTWARE
+    except OSError as exc:  # a file of the spool that could not be written: say which, why and what to do
+        from .spool import write_error
+
+        error = write_error("cannot write", exc.filename or "a file of the spool", exc, "run it again")
+        click.echo(f"pymta: {error}", err=True)
+        return error.exit_code
     return code if isinstance(code, int) else 0
 
 

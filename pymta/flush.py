@@ -208,6 +208,10 @@ class Flusher:
             expire_failed(self.spool, self.config, self.clock(), self.log)
             report.housekeeping_done = True
         due = self.due(force)
+        if due:
+            unwritable = self.spool.state_problem()
+            if unwritable is not None:
+                raise unwritable
         try:
             for done, name in enumerate(due, 1):
                 self._upcoming = due[done] if done < len(due) else None

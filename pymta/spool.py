@@ -70,6 +70,9 @@ MAX_ENVELOPE_LINE = 4 * 1024 * 1024
 NEVER = float(2**31 - 1)
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Bytes the state directory must have free before a flush delivers anything: a state record is under 1 KiB,
+# and one that cannot be written would make every later run send its delivered recipients again.
+STATE_MIN_FREE = 256 * 1024
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -276,17 +279,30 @@ class Spool:
         return message_id
 
     @staticmethod
-    def _write_error(what: str, path: str, exc: OSError) -> SpoolError:
-        reason = exc.strerror or str(exc)
-        if exc.errno in _NO_SPACE:
-            return SpoolFullError(f"{what} {path}: {reason}; free some space, then send again")
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return SpoolError(f"{what} {path}: {reason}; check its owner and mode (pymta setup --check)")
-        if exc.errno == errno.ENOENT:
+    def _write_error(what: str, path: str, exc: OSError, then: str = "send again") -> SpoolError:
+        return write_error(what, path, exc, then)
+
+    def state_problem(self) -> SpoolError | None:
+        """Why the delivery state cannot be written just now (a read-only file system, no space or inodes,
+        no permission), or None. The flush asks before it delivers anything: a delivery it could not
+        record would be sent again by every later run (invariant 3)."""
+        directory = self.dir("state")
+        stop = "delivering nothing until then, or it would be sent again; then run pymta flush again"
+        try:
+            info = os.statvfs(directory)
+        except OSError as exc:
+            return write_error("cannot look at", directory, exc, "run pymta flush again")
+        if info.f_flag & os.ST_RDONLY:
+            return SpoolError(f"{directory} is on a read-only file system: remount it read-write; {stop}")
+        free = info.f_bavail * info.f_frsize
+        if free < STATE_MIN_FREE or (info.f_files and not info.f_favail):
+            what = f"only {free // 1024} KiB free" if free < STATE_MIN_FREE else "no free inodes"
+            return SpoolFullError(f"{directory} has {what}: free some space; {stop}")
+        if not os.access(directory, os.W_OK):
             return SpoolError(
-                f"{what} {path}: it does not exist; run 'pymta setup' or fix 'spool:' in the config"
+                f"{directory} cannot be written by this user: check its owner (pymta setup --check); {stop}"
             )
-        return SpoolError(f"{what} {path}: {reason}")
+        return None
 
     # -- the read side (pymta queue, mailq, the flush) --
 
@@ -645,11 +661,17 @@ class Spool:
         return sorted(name for name in self._names("queue") if times.get(name, 0.0) <= now)
 
     def write_state(self, name: str, state: dict[str, object], next_attempt: float) -> None:
-        """Replace state/NAME atomically and durably; its mtime records `next_attempt`."""
+        """Replace state/NAME atomically and durably; its mtime records `next_attempt`. Raises SpoolError
+        (SpoolFullError when out of space) that says what to fix."""
         import json
 
         data = json.dumps(state, separators=(",", ":")).encode()
-        self._write_private(os.path.join(self.dir("state"), name), data, mtime=next_attempt)
+        try:
+            self._write_private(os.path.join(self.dir("state"), name), data, mtime=next_attempt)
+        except OSError as exc:
+            raise write_error(
+                "cannot record the delivery state in", self.dir("state"), exc, "run pymta flush again"
+            ) from None
 
     def remove(self, entry: QueueEntry, lock: int | None = None) -> None:
         """Forget a message whose every recipient is done: unlink queue/ID (that unlink is the decision),
@@ -786,6 +808,21 @@ class RecipientStatus:
         if self.reported:
             record["reported"] = True  # its failure was told to the sender: no second bounce
         return record
+
+
+def write_error(what: str, path: str, exc: OSError, then: str = "send again") -> SpoolError:
+    """The one-line SpoolError for a failed write to `path`: what failed, why, and what to do (`then`, after
+    freeing space). Out of space or quota is SpoolFullError (try again later: 75); the rest 73."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _NO_SPACE:
+        return SpoolFullError(f"{what} {path}: {reason}; free some space, then {then}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SpoolError(f"{what} {path}: {reason}; check its owner, mode and mount (pymta setup --check)")
+    if exc.errno == errno.ENOENT:
+        return SpoolError(
+            f"{what} {path}: it does not exist; run 'pymta setup' or fix 'spool:' in the config"
+        )
+    return SpoolError(f"{what} {path}: {reason}")
 
 
 class QueueEntry:

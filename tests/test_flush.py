@@ -1185,3 +1185,92 @@ def test_a_message_held_or_deleted_before_its_prefetch_is_skipped(mta: MtaEnv, c
         assert (held.id, held.state) == (due[2], "held")
     else:
         assert mta.entries() == []
+
+
+# --- a state directory that cannot be written: deliver nothing that could not be recorded ---
+
+
+def test_a_state_directory_without_room_stops_the_flush_before_it_sends_anything(
+    mta: MtaEnv, plain: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pymta import spool as spool_module
+    from pymta.errors import SpoolFullError
+
+    configure(mta, plain_host(plain.port))
+    queue_id = enqueue(mta, "ops@example.net")
+    monkeypatch.setattr(spool_module, "STATE_MIN_FREE", 2**62)  # more than any disk has free
+    run, _ = flusher(mta)
+    with pytest.raises(SpoolFullError) as stopped:
+        run.run()
+    assert "only" in str(stopped.value) and "KiB free: free some space" in str(stopped.value)
+    assert "delivering nothing until then" in str(stopped.value)
+    assert plain.handler.messages == []
+    monkeypatch.setattr(spool_module, "STATE_MIN_FREE", 0)
+    flusher(mta)[0].run()
+    assert [m.rcpt_tos for m in plain.handler.messages] == [["ops@example.net"]]
+    assert queue_id not in spool_files(mta, "queue")
+
+
+def test_a_state_write_that_fails_mid_run_stops_the_run_with_one_clear_line(
+    mta: MtaEnv, plain: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pymta.errors import SpoolFullError
+
+    plain.handler.rejections = {"later@example.net": "451 4.3.0 try later"}
+    configure(mta, plain_host(plain.port))
+    enqueue(mta, "now@example.net", "later@example.net")  # a state to write after the attempt
+    enqueue(mta, "now@example.net", "later@example.net")
+
+    def full(self: Spool, target: str, data: bytes, mtime: float | None = None, replace: bool = True) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", target)
+
+    monkeypatch.setattr(Spool, "_write_private", full)
+    run, _ = flusher(mta)
+    with pytest.raises(SpoolFullError) as stopped:
+        run.run()
+    assert str(stopped.value) == (
+        f"cannot record the delivery state in {mta.spool / 'state'}: No space left on device; "
+        "free some space, then run pymta flush again"
+    )
+    # The run stopped at the first state it could not write: the second message was not sent.
+    assert [m.rcpt_tos for m in plain.handler.messages] == [["now@example.net"]]
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "words"),
+    [
+        (OSError(errno.EROFS, "Read-only file system", "/srv/spool/flush.lock"), 73, "check its owner, mode"),
+        (OSError(errno.ENOSPC, "No space left on device", "/srv/spool/x"), 75, "free some space"),
+    ],
+)
+def test_an_unwritable_spool_file_is_one_clear_line_and_a_sysexits_code(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: OSError,
+    code: int,
+    words: str,
+) -> None:
+    from pymta import cli
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(cli.cli, "main", fail)
+    assert cli.main(["flush"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(raised.filename) in err and words in err, err
+
+
+def test_ctrl_c_is_75_and_says_what_became_of_the_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import click
+
+    from pymta import cli
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise click.exceptions.Abort()
+
+    monkeypatch.setattr(cli.cli, "main", interrupted)
+    assert cli.main(["flush"]) == 75
+    assert "interrupted; what was done so far is recorded" in capsys.readouterr().err
