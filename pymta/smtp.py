@@ -46,6 +46,7 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -59,6 +60,13 @@ if TYPE_CHECKING:
     from pymta.config import Smarthost
 
 log = logging.getLogger(__name__)
+
+# A reply may have this many lines (an EHLO reply has a dozen): a server that never ends one is cut off.
+MAX_REPLY_LINES = 100
+# Seconds a reply may take to arrive once the server starts it, beyond the timeout (the longest silence).
+REPLY_TRANSFER_TIME = 30.0
+# Bytes of one reply line (smtplib's limit too).
+MAX_REPLY_LINE = 8192
 
 Status = Literal["delivered", "deferred", "failed"]
 Stage = Literal["connect", "greeting", "tls", "auth", "credentials", "protocol", "closed"]
@@ -920,9 +928,15 @@ _AUTH_DIALOGUES: dict[str, Callable[[SmtpSession, str, Secret], tuple[int, str]]
 }
 
 
+class ReplyLimit(smtplib.SMTPServerDisconnected):
+    """The server's reply went past a bound (`_Client.getreply`): the connection was closed."""
+
+
 class _Client(smtplib.SMTP):
     """smtplib.SMTP that connects address by address (so the relay names the IP even when refused), wraps
-    the socket for implicit TLS and checks the pin before reading the greeting."""
+    the socket for implicit TLS and checks the pin before reading the greeting, and reads replies within
+    bounds: smtplib's getreply takes any number of lines, at any pace, so a server that never ends a reply
+    (250-... forever) grew the flush without limit, and one that sent a byte a second held it for hours."""
 
     def __init__(self, smarthost: Smarthost, hostname: str) -> None:
         super().__init__(local_hostname=hostname, timeout=smarthost.timeout)
@@ -930,6 +944,77 @@ class _Client(smtplib.SMTP):
         self.smarthost = smarthost
         self.peer_ip: str | None = None
         self.tls_context: ssl.SSLContext | None = None
+        self._buffer = b""  # read from `_buffer_of`; from `_start` on not yet returned
+        self._start = 0
+        self._buffer_of: socket.socket | None = None
+
+    def getreply(self) -> tuple[int, bytes]:
+        """One reply, as smtplib's: (code, the lines' text joined by LF); -1 and the whole line when it has
+        no code. At most MAX_REPLY_LINES lines, and the whole reply within the timeout plus
+        REPLY_TRANSFER_TIME (the timeout alone bounds only each wait for data). Past either the connection
+        is closed and SMTPServerDisconnected says why."""
+        deadline = time.monotonic() + self.timeout + REPLY_TRANSFER_TIME
+        try:
+            return self._reply(deadline)
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout)  # what sends after this expect, not the rest of a deadline
+
+    def _reply(self, deadline: float) -> tuple[int, bytes]:
+        texts = []
+        while True:
+            line = self._readline(deadline)
+            if len(line) > MAX_REPLY_LINE:
+                self.close()
+                raise smtplib.SMTPResponseException(500, b"Line too long.")
+            code = line[:3]
+            if not code.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n", b""):
+                return -1, line.strip(b" \t\r\n")  # no reply: keep all of it for the error message
+            texts.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                return int(code), b"\n".join(texts)
+            if len(texts) >= MAX_REPLY_LINES:
+                self.close()
+                raise ReplyLimit(f"a reply of more than {MAX_REPLY_LINES} lines")
+
+    def _readline(self, deadline: float) -> bytes:
+        """A line of the server's (with its line end), read straight from the socket: a buffer that
+        began on another socket is dropped, as STARTTLS requires (text sent before the handshake must not
+        count as said under TLS)."""
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        if self._buffer_of is not sock:
+            self._buffer, self._start, self._buffer_of = b"", 0, sock
+        while True:
+            end = self._buffer.find(b"\n", self._start)
+            if end >= 0:
+                line = self._buffer[self._start : end + 1]
+                self._start = end + 1
+                return line
+            if len(self._buffer) - self._start > MAX_REPLY_LINE:
+                return self._buffer[self._start :]
+            wait = min(deadline - time.monotonic(), self.timeout)
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                sock.settimeout(wait)
+                chunk = sock.recv(65536)
+            except TimeoutError as exc:
+                self.close()
+                if wait < self.timeout:  # the reply's deadline, not one silence, ran out
+                    raise ReplyLimit(
+                        f"no complete reply within {self.timeout + REPLY_TRANSFER_TIME:g} s"
+                    ) from None
+                raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc
+            if not chunk:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            self._buffer = self._buffer[self._start :] + chunk
+            self._start = 0
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         sock = self._tcp_connect(host, port, timeout)
@@ -1217,6 +1302,8 @@ _VERIFY_FIXES: dict[int, str] = {
 def _explain(error: BaseException, doing: str, smarthost: Smarthost) -> tuple[Stage, str]:
     """A network or TLS failure as (stage, one admin-readable reason with the fix)."""
     timeout = f"{smarthost.timeout:g} s"
+    if isinstance(error, ReplyLimit):  # before its context, which may be the timeout that ended the wait
+        return "closed", f"{error} to {doing}, so pymta hung up; the server misbehaves, try again later"
     for cause in _causes(error):
         if isinstance(cause, ssl.SSLCertVerificationError):
             code = cause.verify_code

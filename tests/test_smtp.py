@@ -716,6 +716,66 @@ def test_hang_after_connect_times_out() -> None:
     )
 
 
+class _HostileServer:
+    """A server on 127.0.0.1 that greets with `greeting` bytes sent `pace` seconds apart, then answers
+    EHLO with continuation lines until the client hangs up, counting what it sent."""
+
+    def __init__(self, greeting: bytes = b"220 hi\r\n", pace: float = 0.0) -> None:
+        import threading
+
+        self.greeting, self.pace, self.lines = greeting, pace, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            try:
+                for byte in self.greeting if self.pace else [self.greeting]:
+                    conn.sendall(bytes([byte]) if self.pace else byte)  # type: ignore[arg-type]
+                    time.sleep(self.pace)
+                conn.recv(1024)  # EHLO
+                while True:
+                    conn.sendall(b"250-" + b"x" * 60 + b"\r\n")
+                    self.lines += 1
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+
+def test_a_reply_that_never_ends_is_cut_off_after_a_bounded_number_of_lines() -> None:
+    server = _HostileServer()
+    try:
+        error = open_fails(make_smarthost(server.port, security="none", timeout=5))
+    finally:
+        server.close()
+    assert "a reply of more than 100 lines to" in str(error) and "pymta hung up" in str(error)
+    assert not server.thread.is_alive()  # the client hung up: the server's sends failed
+
+
+def test_a_reply_dripping_byte_by_byte_is_cut_off_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymta import smtp
+
+    monkeypatch.setattr(smtp, "REPLY_TRANSFER_TIME", 0.5)
+    server = _HostileServer(b"220 a very slow greeting indeed\r\n", pace=0.2)  # each wait well under timeout
+    try:
+        error = open_fails(make_smarthost(server.port, security="none", timeout=1))
+    finally:
+        server.close()
+    assert "no complete reply within 1.5 s" in str(error), error
+
+
+def test_a_greeting_without_a_code_is_quoted_whole() -> None:
+    with ScriptedServer([Send("OK thanks, I am not SMTP"), Close()]) as server:
+        error = open_fails(server.smarthost())
+    assert "OK thanks, I am not SMTP" in str(error) and "hanks" not in str(error).replace("thanks", ""), error
+
+
 def test_421_greeting() -> None:
     with ScriptedServer([Send("421 4.3.2 too busy, try later"), Close()]) as server:
         error = open_fails(server.smarthost())
