@@ -924,6 +924,11 @@ class Sessions:
                 outcomes = session.send(sender, recipients, message, **_dsn(delivery))
         except SessionError as exc:
             self._drop(host, str(exc))
+            if exc.untouched and any(other not in self.broken for other in delivery.hosts):
+                # It failed at MAIL, RCPT or DATA: none of its text was sent, so the next smarthost of
+                # its route may have it now (a 421 at MAIL used to wait for the next run on this one).
+                self._begin(delivery)
+                return self._finish(delivery, while_waiting)
             # The message was in flight: the connection may have died after the server took it, so it is
             # not sent to another smarthost in this run (that would risk a duplicate); it is deferred.
             return _all(recipients, "deferred", str(exc)), session.relay

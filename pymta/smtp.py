@@ -118,7 +118,9 @@ class SessionError(PymtaError):
     closed before the error is raised, and the caller opens a new one). `reconnect` is True when the
     server went away *between* messages (the RSET before a message found the connection closed, or got
     421), or the connection ended while an earlier started message was finished: nothing of that message
-    reached the server, so the caller should open the session again and resend it at once.
+    reached the server, so the caller should open the session again and resend it at once. `untouched`
+    is True when the session failed at MAIL, RCPT or DATA, before any of the message's text was sent:
+    the server cannot have taken it, so another smarthost may get it in the same run.
     `reply` is the server's reply that caused the failure, when there was one.
     """
 
@@ -133,6 +135,7 @@ class SessionError(PymtaError):
         reply: str | None = None,
         reconnect: bool = False,
         connection_usable: bool = False,
+        untouched: bool = False,
     ) -> None:
         super().__init__(f"{relay}: {reason}")
         self.relay = relay
@@ -141,6 +144,7 @@ class SessionError(PymtaError):
         self.reply = reply
         self.reconnect = reconnect
         self.connection_usable = connection_usable
+        self.untouched = untouched
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,7 +681,8 @@ class SmtpSession:
 
         The replies are 2xx, 4xx or 5xx; anything else, a 421 or a lost connection raises SessionError.
         When the server turns out to be gone at the RSET (closed the idle connection, or 421), the error
-        says `reconnect`: nothing of this message reached it.
+        says `reconnect`: nothing of this message reached it. Every error here is `untouched`: the message's
+        text is sent only after these commands.
         """
         client = self._require_open()
         commands = ["RSET", *lines] if reset else list(lines)
@@ -686,7 +691,7 @@ class SmtpSession:
                 client.send(_command_lines(commands, client.command_encoding))
             except Exception as error:
                 failure = self._network_failure(error, _doing(commands[0]))
-                failure.reconnect = reset
+                failure.reconnect, failure.untouched = reset, True
                 raise failure from error
         replies = []
         for index, command in enumerate(commands):
@@ -695,20 +700,24 @@ class SmtpSession:
                 code, message = client.getreply()
             except Exception as error:
                 failure = self._network_failure(error, _doing(command))
-                failure.reconnect = at_reset
+                failure.reconnect, failure.untouched = at_reset, True
                 raise failure from error
             if at_reset and code == 250:
                 continue
             reply = _transaction_reply(code, message)
             if code == 421:
                 failure = self._closed(reply, _doing(command))
-                failure.reconnect = at_reset
-                raise failure
-            if at_reset:
-                raise self._fail("protocol", f"the server answered RSET with {reply}", reply=reply)
-            if _status(code) is None and not (code == 354 and command == "DATA"):
-                raise self._fail("protocol", f"unexpected reply to {_doing(command)}: {reply!r}", reply=reply)
-            replies.append((code, reply))
+            elif at_reset:
+                failure = self._fail("protocol", f"the server answered RSET with {reply}", reply=reply)
+            elif _status(code) is None and not (code == 354 and command == "DATA"):
+                failure = self._fail(
+                    "protocol", f"unexpected reply to {_doing(command)}: {reply!r}", reply=reply
+                )
+            else:
+                replies.append((code, reply))
+                continue
+            failure.reconnect, failure.untouched = at_reset and code == 421, True
+            raise failure
         return replies
 
     def _command(self, verb: str, arguments: str, doing: str) -> tuple[int, str]:

@@ -663,6 +663,24 @@ def test_failover_to_the_second_smarthost_when_the_first_is_down(
     assert mta.entries() == []
 
 
+@pytest.mark.parametrize("at", ["MAIL", "RCPT"])
+def test_a_421_before_the_text_sends_the_message_to_the_next_smarthost_at_once(
+    mta: MtaEnv, plain: SmtpServer, at: str
+) -> None:
+    before = [Expect("MAIL"), Send("250 ok")] if at == "RCPT" else []
+    script = [*greet(), *before, Expect(at), Send("421 4.3.2 shutting down"), Close()]
+    with ScriptedServer(script) as primary:
+        configure(mta, plain_host(primary.port), plain_host(plain.port))
+        queue_id = enqueue(mta, "bob@example.net")
+        result = flush(mta)
+    # None of its text reached the primary, so the backup has it in the same run, once.
+    assert [m.rcpt_tos for m in plain.handler.messages] == [["bob@example.net"]]
+    assert primary.data == []
+    assert any(f"id={queue_id} to=<bob@example.net> relay=127.0.0.1[127.0.0.1]:{plain.port}" in line
+               for line in log_lines(result))  # fmt: skip
+    assert mta.entries() == []
+
+
 def test_when_every_smarthost_is_down_the_message_is_deferred_with_both_reasons(
     mta: MtaEnv, closed_port: int
 ) -> None:
