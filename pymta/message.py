@@ -432,15 +432,17 @@ def _break_lines(text: bytes, *, fold: bool = False, soft: bool = False) -> byte
     )
 
 
-def fit_line_length(message: bytes) -> bytes:
+def fit_line_length(message: bytes, *, part: bool = False) -> bytes:
     """`message` (CRLF) with no line over 998 octets, as SMTP requires; the same object when it has none.
 
     Too long a header line is folded at a blank. The body of a single text part (no Content-Type, or text/*,
     in no transfer encoding) is encoded quoted-printable (RFC 2045 6.7), which keeps every byte: the
-    recipient reads exactly what was submitted; MIME-Version is added when missing, and a Content-Type
-    naming UTF-8 when there is none and the body is UTF-8 beyond ASCII. A single part in quoted-printable
-    already gets soft line breaks, which decoding removes. Any other body (multipart, base64) has each long
-    line broken with a space inserted, as Postfix does: that changes its text, which is why it comes last.
+    recipient reads exactly what was submitted; MIME-Version is added when missing (not to a `part` of a
+    multipart), and a Content-Type naming UTF-8 when there is none and the body is UTF-8 beyond ASCII. A
+    single part in quoted-printable already gets soft line breaks, which decoding removes. A multipart body
+    has each of its parts fitted the same way, the rest left byte for byte. What is left (base64, a
+    preamble, a multipart without a boundary) has each long line broken with a space inserted, as Postfix
+    does: that changes its text, which is why it comes last.
     """
     if len(message) <= MAX_LINE or not _long_lines(message):
         return message
@@ -451,8 +453,13 @@ def fit_line_length(message: bytes) -> bytes:
     head = _break_lines(head[:-2], fold=True) + CRLF if _long_lines(head) else head
     if not _long_lines(body):
         return head + separator + body
-    content_type = (get_header(message, "content-type") or "text/plain").strip().lower()
+    raw_type = get_header(message, "content-type") or "text/plain"
+    content_type = raw_type.strip().lower()
     encoding = (get_header(message, "content-transfer-encoding") or "").strip().lower()
+    if content_type.startswith("multipart/"):
+        fitted = _fit_parts(raw_type, body)
+        if fitted is not None:
+            return head + separator + fitted
     single = not content_type.startswith(("multipart/", "message/"))
     if single and encoding == "quoted-printable":
         return head + separator + _break_lines(body, soft=True)
@@ -468,7 +475,7 @@ def fit_line_length(message: bytes) -> bytes:
     ]
     names = {name.lower() for name, _ in block.fields}
     added = [b"Content-Transfer-Encoding: quoted-printable\r\n"]
-    if "mime-version" not in names:
+    if "mime-version" not in names and not part:
         added.insert(0, b"MIME-Version: 1.0\r\n")
     if "content-type" not in names and not body.isascii():
         try:
@@ -479,3 +486,41 @@ def fit_line_length(message: bytes) -> bytes:
             added.insert(1, b"Content-Type: text/plain; charset=utf-8\r\n")
     encoded = binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
     return b"".join((*fields, *added, CRLF, encoded))
+
+
+def _fit_parts(content_type: str, body: bytes) -> bytes | None:
+    """A multipart `body` with each part fitted (`fit_line_length`), its boundaries, preamble and epilogue
+    kept; None when the Content-Type names no boundary."""
+    from email.message import Message
+
+    holder = Message()
+    holder["Content-Type"] = content_type
+    boundary = holder.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        return None
+    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
+    out: list[bytes] = []
+    part: list[bytes] | None = None  # the lines of the part being read; None in the preamble and epilogue
+    for line in body.split(CRLF):
+        bare = line.rstrip(b" \t")  # transport padding after a delimiter (RFC 2046 5.1.1)
+        if bare in (delimiter, delimiter + b"--"):
+            if part is not None:
+                out.extend(_fit_part(part))
+            out.append(line)
+            part = [] if bare == delimiter else None
+        elif part is not None:
+            part.append(line)
+        else:
+            out.append(line)
+    if part is not None:  # a part the sender never closed
+        out.extend(_fit_part(part))
+    joined = CRLF.join(out)
+    return _break_lines(joined) if _long_lines(joined) else joined
+
+
+def _fit_part(lines: list[bytes]) -> list[bytes]:
+    """The lines of one MIME part (its header and body; the CRLF before the next delimiter is not its own)
+    with none over 998 octets."""
+    text = CRLF.join(lines) + CRLF
+    fitted = fit_line_length(text, part=True)
+    return (fitted[:-2] if fitted.endswith(CRLF) else fitted).split(CRLF)

@@ -652,9 +652,37 @@ def test_a_utf8_body_without_content_type_is_labelled_utf8_when_encoded() -> Non
 
 
 @given(st.lists(_line, min_size=1, max_size=4))
-def test_a_multipart_body_has_its_long_lines_broken_with_a_space(lines: list[bytes]) -> None:
-    body = b"--b\r\n\r\n" + b"\r\n".join(lines) + b"\r\n" + b"z" * 2500 + b"\r\n--b--\r\n"
-    message = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + body
+def test_a_text_part_of_a_multipart_goes_quoted_printable_and_the_rest_stays_byte_for_byte(
+    lines: list[bytes],
+) -> None:
+    import email
+    import email.policy
+
+    text = b"\r\n".join(lines) + b"\r\n" + b"z" * 2500 + b"\r\n"
+    attachment = b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n"
+    message = (
+        b'Content-Type: multipart/mixed; boundary="=_b"\r\n\r\npreamble\r\n--=_b\r\n'
+        + b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        + text
+        + b"--=_b\r\n"
+        + attachment
+        + b"--=_b--\r\nepilogue\r\n"
+    )
+    fitted = fit_line_length(message)
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+    parsed = email.message_from_bytes(fitted, policy=email.policy.compat32)
+    first, second = parsed.get_payload()
+    assert first["Content-Transfer-Encoding"] == "quoted-printable" and first["MIME-Version"] is None
+    # Every byte as the sender wrote it (the CRLF before a delimiter is the delimiter's, RFC 2046 5.1.1).
+    assert first.get_payload(decode=True) == text[:-2]
+    assert fitted.endswith(b"--=_b\r\n" + attachment + b"--=_b--\r\nepilogue\r\n")  # untouched
+    assert fitted.startswith(b'Content-Type: multipart/mixed; boundary="=_b"\r\n\r\npreamble\r\n--=_b\r\n')
+
+
+@given(st.lists(_line, min_size=1, max_size=4))
+def test_a_body_that_cannot_be_reencoded_has_its_long_lines_broken_with_a_space(lines: list[bytes]) -> None:
+    body = b"\r\n".join(lines) + b"\r\n" + b"z" * 2500 + b"\r\n"
+    message = b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n" + body
     fitted = fit_line_length(message)
     assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
     # Nothing but the inserted line breaks: taking out each CRLF SP gives the message back.
@@ -679,9 +707,9 @@ def test_a_quoted_printable_body_gets_soft_breaks_and_decodes_as_before(data: by
 
 def test_a_broken_line_never_splits_a_utf8_character() -> None:
     message = (
-        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
         + "ä".encode() * 1500  # 2-byte characters: byte 997 is the middle of one
-        + b"\r\n--b--\r\n"
+        + b"\r\n"
     )
     fitted = fit_line_length(message)
     assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
