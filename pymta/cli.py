@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         code = cli.main(args=argv, prog_name="pymta", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:  # Ctrl-C: what was done is recorded; try again later
-        click.echo("pymta: interrupted; what was done so far is recorded, run it again to go on", err=True)
+    except click.exceptions.Abort:  # Ctrl-C, or the end of input at a prompt: try again later
+        click.echo("pymta: interrupted; what was done before is kept", err=True)
         return EX_TEMPFAIL
     except click.ClickException as exc:
         exc.show()
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file of the spool that could not be written: say which, why and what to do
         from .spool import write_error
 
-        error = write_error("cannot write", exc.filename or "a file of the spool", exc, "run it again")
+        error = write_error("cannot use", exc.filename or "a file of the spool", exc, "run it again")
         click.echo(f"pymta: {error}", err=True)
         return error.exit_code
     return code if isinstance(code, int) else 0

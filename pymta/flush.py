@@ -924,7 +924,7 @@ class Sessions:
                 outcomes = session.send(sender, recipients, message, **_dsn(delivery))
         except SessionError as exc:
             self._drop(host, str(exc))
-            if exc.untouched and any(other not in self.broken for other in delivery.hosts):
+            if exc.untouched and self._may_fail_over(delivery):
                 # It failed at MAIL, RCPT or DATA: none of its text was sent, so the next smarthost of
                 # its route may have it now (a 421 at MAIL used to wait for the next run on this one).
                 self._begin(delivery)
@@ -935,6 +935,16 @@ class Sessions:
         except ValueError as exc:
             return _all(recipients, "failed", f"554 5.6.0 cannot be sent over SMTP: {exc}"), session.relay
         return {outcome.recipient: outcome for outcome in outcomes}, session.relay
+
+    def _may_fail_over(self, delivery: Delivery) -> bool:
+        """Whether `delivery` can be started on the next working smarthost of its route now: there is one,
+        and no other message is started on its session (messages are finished in the order they were
+        started on a session, so this one cannot go behind them; it waits for the next run instead)."""
+        target = next((host for host in delivery.hosts if host not in self.broken), None)
+        if target is None:
+            return False
+        session = self.open.get(target)
+        return session is None or not any(waiting.session is session for waiting in self.waiting)
 
     def _session(self, host: Smarthost) -> SmtpSession | None:
         if host in self.broken:

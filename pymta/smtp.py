@@ -1020,6 +1020,10 @@ class _Client(smtplib.SMTP):
                 self.close()
                 raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc
             if not chunk:
+                rest = self._buffer[self._start :]
+                if rest:  # a last line without its CRLF ("421 bye", then the close): still the server's word
+                    self._buffer, self._start = b"", 0
+                    return rest
                 self.close()
                 raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
             self._buffer = self._buffer[self._start :] + chunk

@@ -681,6 +681,24 @@ def test_a_421_before_the_text_sends_the_message_to_the_next_smarthost_at_once(
     assert mta.entries() == []
 
 
+def test_no_failover_onto_a_session_with_a_message_started_behind(mta: MtaEnv, plain: SmtpServer) -> None:
+    # A (any sender: one, then two) is started on one; B (a route to two) is started on two behind it.
+    # When one gives up on A at MAIL, A cannot go to two ahead of B: it waits for the next run.
+    script = [*greet(), Expect("MAIL"), Send("421 4.3.2 shutting down"), Close()]
+    with ScriptedServer(script) as one:
+        routes = 'routes: [{sender: "*@b.example", smarthost: two}]\n'
+        configure(mta, plain_host(one.port, name="one"), plain_host(plain.port, name="two"), extra=routes)
+        first = enqueue(mta, "to-a@example.net")
+        # Ids order by their first 8 digits, the second they were made in: B's must come later.
+        wait_until(lambda: int(time.time()) > int(first[:8], 16), what="the next second")
+        assert enqueue(mta, "-f", "x@b.example", "to-b@example.net") > first
+        report = flusher(mta)[0].run()  # it used to die here: "finished in the order they were started"
+    assert [m.rcpt_tos for m in plain.handler.messages] == [["to-b@example.net"]]
+    [waiting] = [entry for entry in mta.entries() if entry.id == first]
+    assert waiting.state == "deferred" and "421 4.3.2 shutting down" in (waiting.last_error or "")
+    assert report.sent == 1
+
+
 def test_when_every_smarthost_is_down_the_message_is_deferred_with_both_reasons(
     mta: MtaEnv, closed_port: int
 ) -> None:
@@ -1291,4 +1309,4 @@ def test_ctrl_c_is_75_and_says_what_became_of_the_work(
 
     monkeypatch.setattr(cli.cli, "main", interrupted)
     assert cli.main(["flush"]) == 75
-    assert "interrupted; what was done so far is recorded" in capsys.readouterr().err
+    assert "interrupted; what was done before is kept" in capsys.readouterr().err

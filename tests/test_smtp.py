@@ -770,6 +770,26 @@ def test_a_reply_dripping_byte_by_byte_is_cut_off_at_its_deadline(monkeypatch: p
     assert "no complete reply within 1.5 s" in str(error), error
 
 
+def test_a_last_reply_line_without_its_crlf_before_the_close_is_still_read() -> None:
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"421 4.3.2 going down now")  # no CRLF, then the close
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        error = open_fails(make_smarthost(listener.getsockname()[1], security="none", timeout=5))
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert "421 4.3.2 going down now" in str(error), error
+
+
 def test_a_greeting_without_a_code_is_quoted_whole() -> None:
     with ScriptedServer([Send("OK thanks, I am not SMTP"), Close()]) as server:
         error = open_fails(server.smarthost())
