@@ -178,12 +178,16 @@ def _drop_mbox_separator(message: bytes) -> bytes:
     return message
 
 
-def prepare_submission(data: bytes, *, extract_recipients: bool) -> tuple[bytes, list[str]]:
+def prepare_submission(
+    data: bytes, *, extract_recipients: bool, unreadable: list[str] | None = None
+) -> tuple[bytes, list[str]]:
     """The copy of a submitted message to store, and with `extract_recipients` (-t) its header recipients.
 
     Line endings become CRLF, a leading mbox `From ` line and the fields marked `dropped` in `_FIELD_RULES`
     (Bcc, Resent-Bcc, Return-Path, Content-Length) are removed, a missing empty line after the header block is
-    inserted; nothing else changes. Raises MessageError when a recipient field cannot be read.
+    inserted; nothing else changes. Raises MessageError when a recipient field cannot be read; with an
+    `unreadable` list, the addresses of such a field that can be read are kept, and a line for each one that
+    cannot is added to the list instead (the caller decides whether the rest is enough).
     """
     if not data:
         return b"", []
@@ -202,15 +206,17 @@ def prepare_submission(data: bytes, *, extract_recipients: bool) -> tuple[bytes,
             kept.append(field)
     recipients: list[str] = []
     if extract_recipients:
-        recipients = _recipients(recipient_fields["resent" if resent else "original"])
+        recipients = _recipients(recipient_fields["resent" if resent else "original"], unreadable)
     if len(kept) == len(block.fields) and not block.separator_missing:
         return message, recipients
     separator = CRLF if block.separator_missing else b""
     return b"".join(kept) + separator + message[block.end :], recipients
 
 
-def _recipients(fields: list[tuple[str, bytes]]) -> list[str]:
-    """The addr-specs in the given recipient fields, in order, without repeats."""
+def _recipients(fields: list[tuple[str, bytes]], unreadable: list[str] | None = None) -> list[str]:
+    """The addr-specs in the given recipient fields, in order, without repeats. A field that cannot be
+    read raises MessageError, or, with an `unreadable` list, keeps the members that can be read (split at
+    its top-level commas) and adds a line for each that cannot."""
     addrs: list[str] = []
     for name, field in fields:
         value = _raw_value(field).decode("utf-8", "surrogateescape")
@@ -218,8 +224,43 @@ def _recipients(fields: list[tuple[str, bytes]]) -> list[str]:
             addrs.extend(recipient_addrs(parse_list(value), value))
         except AddressError as error:
             shown = excerpt(f"{name}: {_unfolded(field)}")
-            raise MessageError(f"cannot read the recipients in {shown}: {error}") from None
+            if unreadable is None:
+                raise MessageError(f"cannot read the recipients in {shown}: {error}") from None
+            for member in _members(value):
+                try:
+                    addrs.extend(recipient_addrs(parse_list(member), member))
+                except AddressError as member_error:
+                    unreadable.append(
+                        f"cannot read {excerpt(' '.join(member.split()))} in {shown}: {member_error}"
+                    )
     return unique_addresses(addrs)
+
+
+def _members(value: str) -> list[str]:
+    """An address list cut at its top-level commas: not inside quotes, <angle brackets> or (comments)."""
+    members, start, quoted, angle, comment, escaped = [], 0, False, 0, 0, False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quoted:
+            quoted = char != '"'
+        elif char == '"':
+            quoted = True
+        elif char == "(":
+            comment += 1
+        elif char == ")" and comment:
+            comment -= 1
+        elif char == "<" and not comment:
+            angle += 1
+        elif char == ">" and angle:
+            angle -= 1
+        elif char == "," and not (angle or comment):
+            members.append(value[start:index])
+            start = index + 1
+    members.append(value[start:])
+    return [member for member in members if member.strip()]
 
 
 def _qualified_field(field: bytes, domain: str) -> bytes:

@@ -16,7 +16,7 @@ import os
 import sys
 
 from . import errors
-from .errors import PymtaError, UsageError
+from .errors import MessageError, PymtaError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -461,11 +461,16 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
     settings = settings or read_settings(invocation.config)
     if len(data) > settings.max_size:  # read_stdin stopped just past the limit
         raise _too_large(settings)
-    message, header_recipients = prepare_submission(data, extract_recipients=invocation.extract)
+    unreadable: list[str] = []  # -t: header addresses that cannot be read; the others still get the mail
+    message, header_recipients = prepare_submission(
+        data, extract_recipients=invocation.extract, unreadable=unreadable
+    )
     if len(message) > settings.max_size:  # counted as stored and sent: lines end in CRLF
         raise _too_large(settings)
     # -t plus argv recipients: the union (Postfix, nullmailer), each address once
     recipients = unique_addresses([*invocation.recipients, *header_recipients])
+    if unreadable and not recipients:
+        raise MessageError(unreadable[0])
     if not recipients:
         where = "in the To, Cc or Bcc headers" if invocation.extract else "on the command line (or use -t)"
         raise UsageError(f"no recipients: give at least one address {where}")
@@ -497,6 +502,8 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
         raise
     for warning in settings.warnings:  # one line: what is wrong, and that the mail is safe all the same
         _say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {settings.spool}")
+    for problem in unreadable:  # a logwatch report with one typo in To: still reaches the others
+        _say(f"{problem}; that address was left out, the message queued for the others as {queue_id}")
     # In system mode the spool's owner delivers (a systemd path unit or the timer); in user mode we start it.
     if settings.deliver != "queue" and not invocation.queue_only and spool.private:
         _start_flush(invocation)

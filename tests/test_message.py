@@ -303,6 +303,16 @@ def test_unreadable_recipient_fields_name_the_field(data: bytes, message: str) -
     assert "\n" not in str(caught.value)
 
 
+def test_with_a_list_for_them_the_readable_members_of_an_unreadable_field_are_kept() -> None:
+    unreadable: list[str] = []
+    data = b'To: "Smith, J" <j@x>, John Smith, (a, comment) k@x\nCc: a@x, <b@x\n\nbody\n'
+    _, recipients = prepare_submission(data, extract_recipients=True, unreadable=unreadable)
+    assert recipients == ["j@x", "k@x", "a@x"]  # commas in quotes and comments do not split a member
+    assert len(unreadable) == 2
+    assert unreadable[0].startswith('cannot read "John Smith" in "To: ') and "no address" in unreadable[0]
+    assert unreadable[1].startswith('cannot read "<b@x" in "Cc: a@x, <b@x"')
+
+
 def test_broken_fields_outside_the_recipient_set_are_ignored() -> None:
     # With Resent- fields present, -t reads only them: a broken To does not matter.
     _, recipients = prepare_submission(b"Resent-To: r@x\nTo: John Smith\n\nb\n", extract_recipients=True)

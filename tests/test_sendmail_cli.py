@@ -234,6 +234,22 @@ def test_help_and_version_as_the_first_word_print_to_stdout_and_queue_nothing(
     assert_nothing_queued(mta.spool)
 
 
+def test_an_unreadable_header_address_is_left_out_and_the_others_still_get_the_message(mta: MtaEnv) -> None:
+    # logwatch, mdadm and sudo ignore sendmail's exit status: refusing all for one typo would lose the report
+    report = b"To: root, John Smith\nCc: <broken@example.org, ops@example.org\nSubject: report\n\nbody\n"
+    result = mta.sendmail("-t", "-i", input=report)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("sendmail: cannot read ") for line in lines), lines
+    assert '"John Smith" in "To: root, John Smith"' in lines[0] and "left out" in lines[0]
+    assert "<broken@example.org" in lines[1] and "unterminated" in lines[1]  # its comma is inside the <
+    assert [r.address for r in mta.only_entry().recipients] == ["root"]
+    only_bad = mta.sendmail("-t", "-i", input=b"To: John Smith\n\nbody\n")  # nobody left: refused
+    assert_one_line_error(only_bad, 65, '"John Smith"')
+    assert len(mta.entries()) == 1
+
+
 def test_dash_bs_speaks_smtp_and_takes_no_recipients(mta: MtaEnv) -> None:
     result = mta.sendmail("-bs", "root", input=MESSAGE)
     assert_one_line_error(result, 64, "-bs", "RCPT TO")
