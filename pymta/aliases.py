@@ -353,6 +353,7 @@ class _Expander:
         self.locals_seen: list[Target] = []  # local targets that are no alias (for validate)
         self._includes: dict[str, tuple[list[Target], list[Problem], Problem | None]] = {}
         self.unusable: list[Problem] = []  # include files that could not be used: the mail must wait
+        self.own: set[str] = set()  # names (lower case) written as \name or as their own target
 
     def note(self, problem: Problem) -> None:
         if problem not in self.problems:
@@ -412,6 +413,7 @@ class _Expander:
                     self.targets.append(target.value)
                 elif not target.expand or local.lower() == chain[-1]:
                     self.targets.append(local)  # \name, or a self-reference: the user's own mailbox
+                    self.own.add(local.lower())
                     self.locals_seen.append(target)
                 elif local.lower() in chain:
                     start = chain.index(local.lower())
@@ -517,6 +519,14 @@ def _unique(addrs: Iterable[str]) -> list[str]:
 def expand(
     aliases: Aliases, local_part: str, *, local_domains: Iterable[str] = ()
 ) -> tuple[list[str], list[str]]:
+    """`expand_marked` without the names marked for their own mailbox."""
+    targets, warnings, _ = expand_marked(aliases, local_part, local_domains=local_domains)
+    return targets, warnings
+
+
+def expand_marked(
+    aliases: Aliases, local_part: str, *, local_domains: Iterable[str] = ()
+) -> tuple[list[str], list[str], set[str]]:
     """Where mail for the local name `local_part` goes: (targets, warnings).
 
     Each target is either a bare local user name (deliver to that user's mailbox; no more aliasing applies)
@@ -525,7 +535,8 @@ def expand(
     Targets are unique ignoring case, in the order found. Warnings name the file and line they are about.
     See the module docstring for loops, self-references and unusable aliases. Raises ConfigError when an
     include file on the way cannot be used (missing, unreadable, unsafe): its members are unknown, so the
-    caller defers the mail rather than deliver or bounce it.
+    caller defers the mail rather than deliver or bounce it. The third item holds the targets (lower case)
+    written as `\\name` or as an alias's own name: their own mailbox, whatever else would apply (`admin:`).
     """
     expander = _Expander(aliases, local_domains)
     expander.expand(local_part, [], 0)
@@ -538,7 +549,7 @@ def expand(
     warnings = [
         f"{source}: {problem}" if problem.include is None else str(problem) for problem in expander.problems
     ]
-    return _unique(expander.targets), warnings
+    return _unique(expander.targets), warnings, expander.own
 
 
 def validate(path: str, *, local_domains: Iterable[str] = (), check_users: bool = True) -> list[Problem]:

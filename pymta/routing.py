@@ -76,22 +76,29 @@ class Router:
         """How to deliver `address`: None when it goes to a smarthost as it is.
 
         `expanded` says the address is already the result of an alias expansion: it is not looked up again
-        (that is where alias loops end), but the admin rule still applies to a local name.
+        (that is where alias loops end), but the admin rule still applies to a local name. A target an
+        alias wrote as `\\name` comes back as the recipient `\\name`: that user's mailbox, admin or not
+        (the mark is kept in the queue, so a retry in a later run still knows it).
         """
+        if address.startswith("\\") and "@" not in address:
+            return Plan(user=self._mailbox_owner(address[1:]))
         user = self.local_part(address)
         if user is None:
             return None
         warnings: list[str] = []
         names = [user]
+        marked: set[str] = set()  # \name and self-references: that mailbox, not the admin
         if not expanded:
-            names, warnings = self._expand(user)
+            names, warnings, marked = self._expand(user)
         admin = self.config.admin
         admin_user = (self.local_part(admin) or "").lower() if admin else ""
         targets: list[str] = []
         for name in names:
             if "@" in name:
                 targets.append(name)  # aliased to an address elsewhere
-            elif admin and admin_user != name.lower() and not _is_person(name):
+            elif name.lower() in marked and name.lower() != user.lower():
+                targets.append(f"\\{name}")  # its own mailbox, whatever `admin:` says
+            elif admin and admin_user != name.lower() and name.lower() not in marked and not _is_person(name):
                 targets.append(admin)  # root, cron, daemons: their mail goes to the admin
             else:
                 targets.append(name)
@@ -115,12 +122,12 @@ class Router:
         except KeyError:
             return user
 
-    def _expand(self, user: str) -> tuple[list[str], list[str]]:
+    def _expand(self, user: str) -> tuple[list[str], list[str], set[str]]:
         from . import aliases
 
         if self._aliases is None:
             self._aliases = aliases.load(self.config.aliases)
-        return aliases.expand(self._aliases, user, local_domains=self.local_domains)
+        return aliases.expand_marked(self._aliases, user, local_domains=self.local_domains)
 
     def wire_address(self, address: str) -> str:
         """The address as the smarthost gets it: a bare name qualified with the configured domain."""

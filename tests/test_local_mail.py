@@ -231,6 +231,20 @@ def test_names_that_differ_only_in_case_get_one_copy_in_their_mailbox(mta: MtaEn
     assert mta.entries() == []
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="admin: takes system accounts; the owner here is root only as root")
+def test_a_backslashed_name_keeps_its_own_mailbox_even_with_admin_set(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    write_aliases(mta, f"abuse: \\{OWNER}, copy@example.net\n")
+    configure(mta, plain_host(server.port), extra="admin: boss@example.net\n")
+    enqueue(mta, "-f", SENDER, "abuse", message=mail("for abuse"))
+
+    flush(mta)
+
+    assert subjects(owner_mbox(mta)) == ["for abuse"]  # \root: root's mailbox, as pymta.yaml(5) says
+    assert [m.rcpt_tos for m in server.handler.messages] == [["copy@example.net"]]  # not boss@
+
+
 def test_an_alias_loop_ends_and_delivers_to_the_name_it_comes_back_to(
     mta: MtaEnv, server: SmtpServer
 ) -> None:
