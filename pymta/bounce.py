@@ -476,19 +476,15 @@ def _notification_text(
     """The human-readable part, in plain English."""
     double = entry.sender == ""
     count = len(recipients)
-    if action in SUCCESS_ACTIONS:
-        # A success is reported for the addresses the sender used (alias targets never are), so count those.
-        total = max(count, sum(1 for r in entry.recipients if r.via is None))
-        if total > count:
-            whom = f"{count} of its {total} recipients"
-        else:
-            whom = "its recipient" if count == 1 else f"its {count} recipients"
+    success = action in SUCCESS_ACTIONS
+    # A success is reported for the addresses the sender used (alias targets never are), so count those.
+    total = (
+        max(count, sum(1 for r in entry.recipients if r.via is None)) if success else len(entry.recipients)
+    )
+    if total > count:
+        whom = f"{count} of its {total} recipients"
     else:
-        total = len(entry.recipients)
-        if total > count:
-            whom = f"{count} of its {total} recipients"
-        else:
-            whom = "its recipient" if count == 1 else f"any of its {count} recipients"
+        whom = "its recipient" if count == 1 else f"{'its' if success else 'any of its'} {count} recipients"
     paragraphs = [f"This is the mail system at {hostname}."]
     if double:
         paragraphs.append(

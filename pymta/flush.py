@@ -76,21 +76,13 @@ if TYPE_CHECKING:
 NO_SMARTHOST = "no smarthost configured; see pymta(1): add one under 'smarthosts:' in the config"
 # What `Flusher._bounce` did about the failed recipients it was given (see there).
 BounceResult = Literal["reported", "kept", "owed"]
-# A notice by its action, as the log names it, and what becomes of it when the spool cannot take it.
-_NOTICE_NAMES: dict[str, str] = {
-    "failed": "bounce",
-    "delayed": "delay notice",
-    "delivered": "success notice",
-    "relayed": "success notice",
-    "expanded": "success notice",
+# A notice by its action, as the log names it, and what becomes of it when the spool cannot take it; any
+# other action is a success notice.
+_NOTICES: dict[str, tuple[str, str]] = {
+    "failed": ("bounce", "it stays owed, and a later run queues it"),
+    "delayed": ("delay notice", "the next attempt tries again"),
 }
-_NOTICE_LEFT_OWED: dict[str, str] = {
-    "failed": "it stays owed, and a later run queues it",
-    "delayed": "the next attempt tries again",
-    "delivered": "the notice is lost",
-    "relayed": "the notice is lost",
-    "expanded": "the notice is lost",
-}
+_SUCCESS_NOTICE = ("success notice", "the notice is lost")
 
 
 @dataclass
@@ -632,10 +624,8 @@ class Flusher:
         try:
             queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action=action, now=now), dsn)
         except SpoolError as exc:
-            self.log.error(
-                f"id={entry.id} cannot queue the {_NOTICE_NAMES[action]} to <{to}>: {exc}; "
-                f"{_NOTICE_LEFT_OWED[action]}"
-            )
+            name, then = _NOTICES.get(action, _SUCCESS_NOTICE)
+            self.log.error(f"id={entry.id} cannot queue the {name} to <{to}>: {exc}; {then}")
             return None
         try:
             self.spool.request_flush()  # deliver it in this run
@@ -659,28 +649,21 @@ class Flusher:
         targets = _alias_targets(entry, attempt)
         reported: list[bounce.ReportedRecipient] = []
         for address, (status, reply, relay, _) in attempt.results.items():
+            each: bounce.Action
             if address in targets:
                 continue
             if status == "expanded":
-                reported.append(
-                    bounce.ReportedRecipient(
-                        address, bounce.status_code(None, "expanded"), last_attempt=now, action="expanded"
-                    )
-                )
-            elif status != "delivered":
+                each = "expanded"
+            elif status == "delivered" and relay == "local":
+                each = "delivered"
+            elif status == "delivered" and not attempt.relay_reports:
+                each = "relayed"
+            else:
                 continue
-            elif relay == "local":
-                reported.append(
-                    bounce.ReportedRecipient(
-                        address, bounce.status_code(None, "delivered"), last_attempt=now, action="delivered"
-                    )
-                )
-            elif not attempt.relay_reports:
-                reported.append(
-                    bounce.ReportedRecipient(
-                        address, bounce.status_code(reply, "relayed"), reply, relay, now, action="relayed"
-                    )
-                )
+            # Only a smarthost gave a reply to report, and is the remote MTA.
+            reply_of, mta = (reply, relay) if each == "relayed" else (None, None)
+            code = bounce.status_code(reply_of, each)
+            reported.append(bounce.ReportedRecipient(address, code, reply_of, mta, now, action=each))
         if not reported:
             return
         action: bounce.Action = "relayed" if all(r.action == "relayed" for r in reported) else "delivered"
