@@ -213,7 +213,7 @@ class Spool:
             for name in SUBDIRS:
                 os.makedirs(self.dir(name), mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise self._write_error("cannot create the spool", self.path, exc) from None
+            raise write_error("cannot create the spool", self.path, exc) from None
 
     def submit(
         self,
@@ -241,7 +241,7 @@ class Spool:
             self.create_private(parents=create_parents)
             drop = os.stat(new_dir)
         except OSError as exc:
-            raise self._write_error("cannot use the spool", self.path, exc) from None
+            raise write_error("cannot use the spool", self.path, exc) from None
         # A drop directory owned by someone else is the system-mode maildrop: the flusher must read the file.
         self.private = drop.st_uid == os.geteuid()
         mode = 0o600 if self.private else 0o644
@@ -256,7 +256,7 @@ class Spool:
         try:
             fd = os.open(tmp_path, _OPEN_FLAGS, mode)
         except OSError as exc:
-            raise self._write_error("cannot write to the spool", self.dir("tmp"), exc) from None
+            raise write_error("cannot write to the spool", self.dir("tmp"), exc) from None
         target = os.path.join(new_dir, message_id)
         try:
             try:
@@ -266,21 +266,17 @@ class Spool:
                 os.rename(tmp_path, target)
             except OSError as exc:
                 unlink_quietly(tmp_path)
-                raise self._write_error("cannot write the message to the spool", self.path, exc) from None
+                raise write_error("cannot write the message to the spool", self.path, exc) from None
             try:
                 _sync_new_name(new_dir, fd)
             except OSError as exc:
                 # The entry may not be durable, so the caller is told it was not accepted: take it back, or
                 # the caller's retry would deliver it twice.
                 unlink_quietly(target)
-                raise self._write_error("cannot make the queued message durable", new_dir, exc) from None
+                raise write_error("cannot make the queued message durable", new_dir, exc) from None
         finally:
             os.close(fd)
         return message_id
-
-    @staticmethod
-    def _write_error(what: str, path: str, exc: OSError, then: str = "send again") -> SpoolError:
-        return write_error(what, path, exc, then)
 
     def state_problem(self) -> SpoolError | None:
         """Why the delivery state cannot be written just now (a read-only file system, no space or inodes,
