@@ -343,21 +343,22 @@ class BrokenConfig(ValueError):
 
 def _salvage(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
+    seen: set[str] = set()
     twice: set[str] = set()  # a key on two lines (a duplicate, a second document): neither value counts
     lines = data.decode("utf-8", "replace").splitlines()
     for number, line in enumerate(lines):
         key, colon, rest = line.partition(":")
-        if colon and key in keys:
-            if key in found or key in twice:
-                twice.add(key)
-                found.pop(key, None)
+        if not colon or key not in keys:
+            continue
+        if key in seen:
+            twice.add(key)
+        seen.add(key)
+        if rest[:1] == " " and not _continues(lines, number):
+            try:
+                found[key] = _scalar(rest.strip())
+            except Unsure:
                 continue
-            if rest[:1] == " " and not _continues(lines, number):
-                try:
-                    found[key] = _scalar(rest.strip())
-                except Unsure:
-                    continue
-    return found
+    return {key: value for key, value in found.items() if key not in twice}
 
 
 def read_scalars(path: str, keys: frozenset[str]) -> dict[str, str | None]:
