@@ -62,6 +62,8 @@ SYSTEM_CONFIG = quickconfig.SYSTEM_CONFIG
 SYSTEM_SPOOL = quickconfig.SYSTEM_SPOOL
 CONFIG_DIR = os.path.dirname(SYSTEM_CONFIG)
 SECRETS_DIR = os.path.join(CONFIG_DIR, "secrets")
+# The password file the installed config's comments suggest (and `pymta test` names, in system mode).
+SECRET_FILE = os.path.join(SECRETS_DIR, "smarthost")
 UNIT_DIR = "/etc/systemd/system"
 CRON_FILE = "/etc/cron.d/pymta"
 DEFAULT_USER = "pymta"
@@ -540,8 +542,8 @@ CONFIG_HEADER = """\
 #
 # Every user's sendmail reads this file (mode 0644): it never holds a password. On a server keep one in a
 # file that only pymta can read, and name it with {{file: ...}}:
-#     install -m 600 -o {user} -g {user} /dev/null {secrets}/smarthost   # then write the password into it
-#     password: {{file: {secrets}/smarthost}}
+#     install -m 600 -o {user} -g {user} /dev/null {secret}   # then write the password into it
+#     password: {{file: {secret}}}
 
 """
 
@@ -601,7 +603,7 @@ def adapt_example(text: str) -> str:
 
 def initial_config(install: Install) -> tuple[str, str]:
     """The text of a new /etc/pymta/pymta.yaml and where it comes from."""
-    header = {"path": SYSTEM_CONFIG, "user": install.user, "secrets": SECRETS_DIR}
+    header = {"path": SYSTEM_CONFIG, "user": install.user, "secret": SECRET_FILE}
     if install.template:
         with open(install.template, encoding="utf-8") as handle:
             return handle.read(), f"a copy of {install.template}"

@@ -61,9 +61,8 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
 
         where = settings.source or "/etc/pymta/pymta.yaml (or -C FILE)"
         if Spool(settings.spool).is_shared():  # system mode: the flush runs as a user with no keyring
-            from .setup import SECRETS_DIR
+            from .setup import SECRET_FILE as secret  # where `pymta setup`'s config points (a 0700 dir)
 
-            secret = f"{SECRETS_DIR}/smarthost"  # where `pymta setup`'s config points, in its 0700 directory
             source = f"{{file: {secret}}}"
             store = f"then put the password in that file: (umask 077; cat > {secret}) && chown pymta {secret}"
         else:
