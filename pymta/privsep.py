@@ -12,8 +12,16 @@ The privilege model (system mode, as `pymta setup` makes it; pymta(1), "PRIVILEG
     local delivery          for each local recipient the delivery process sends (user, sender, message) to the
                             root process, which forks a child that drops to that recipient and writes the
                             mailbox (`local.deliver_as_recipient`). Root opens no mailbox itself.
-    pymta queue, as root    drops to the spool's owner for good before it touches the spool, so every file in
-                            it stays the owner's.
+    pymta queue, mailq,     drop to the spool's owner for good before they touch the spool, so every file in
+    pymta test, as root     it stays the owner's and what the owner planted there (a link, a FIFO) is met
+                            with the owner's rights.
+
+The rule under all of it (DESIGN.md invariant 10): root never creates, opens, renames or changes anything
+inside the spool by path. It becomes the spool's owner first, or (the users' views, `views.publish`; a
+submission, `Spool.submit`) works through `openat()` from a directory descriptor it opened without
+following a link and checked. Nothing the owner could swap decides who root acts as: that is the owner of
+the spool directory itself, whose name lives in a directory of root's (`spool_owner`). So no file in the
+spool is ever root's to "give back".
 
 Why fork without exec: the delivery process needs no interpreter of its own and inherits the loaded modules.
 The modules it will need later are imported before the switch (`PRELOAD`), so a Python installed where `pymta`
@@ -29,7 +37,6 @@ import logging
 import os
 import pwd
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import asdict
 from io import BufferedRWPair
@@ -80,11 +87,17 @@ class DeliveryProcessError(PymtaError):
 
 
 def spool_owner(spool: str) -> pwd.struct_passwd | None:
-    """The user to drop to: the private queue's owner when we are root and it is someone else; else None."""
+    """The user to drop to: the owner of the spool directory when we are root and it is someone else; else
+    None (root's own spool: user mode as root, or tests).
+
+    Judged by the spool directory itself, never by a name inside it: the owner can swap queue/ for a link
+    to a directory of root's, and a flush that trusted it would run all of its work as root. The spool's
+    own name lives in a directory of root's (`pymta setup --check` says so when it does not).
+    """
     if os.geteuid() != 0:
         return None
     try:
-        info = os.stat(os.path.join(spool, "queue"))
+        info = os.stat(spool)
     except OSError:
         return None
     if info.st_uid == 0:
@@ -115,12 +128,14 @@ def become(owner: pwd.struct_passwd, preload: tuple[str, ...] = PRELOAD) -> None
     os.umask(0o077)
 
 
-def become_spool_owner(config: Config) -> None:
-    """For a command run as root on a system spool: go on as its owner, so all it writes is theirs."""
-    owner = spool_owner(config.spool)
+def become_spool_owner(spool: str) -> None:
+    """For a command run as root on a system spool: go on as its owner, so all it writes is theirs and all
+    it reads is read with their rights (a FIFO or a link the owner planted meets the owner's rights, not
+    root's). Nothing in the spool is touched before. Root's own spool (user mode as root): nothing changes.
+    """
+    owner = spool_owner(spool)
     if owner is not None:
-        _give_back_root_files(config.spool, owner)
-        become(owner)
+        become(owner, (*PRELOAD, "pymta.listing", "pymta.views"))
 
 
 def run_flush(
@@ -142,7 +157,6 @@ def run_flush(
                 f"{config.spool}; the timer or cron line that 'pymta setup' installed does it"
             )
         return Flusher(config, logger).run(force=force, progress=progress)
-    _give_back_root_files(config.spool, owner)
     logger.debug(f"delivery runs as {owner.pw_name} (uid {owner.pw_uid}); local delivery as each recipient")
     parent_end, child_end = socket.socketpair()
     pid = os.fork()
@@ -183,7 +197,8 @@ def _publish_views(config: Config, logger: logging.Logger) -> None:
     try:
         published = os.stat(status, follow_symlinks=False).st_mtime_ns
         changed = max(
-            os.stat(os.path.join(config.spool, sub)).st_mtime_ns for sub in ("new", "queue", "state")
+            os.stat(os.path.join(config.spool, sub), follow_symlinks=False).st_mtime_ns
+            for sub in ("new", "queue", "state")
         )
     except OSError:
         published, changed = 0, 1
@@ -293,40 +308,3 @@ def _serve(config: Config, channel: socket.socket) -> FlushReport | None:
             outcome = LocalOutcome("deferred", f"local delivery failed: {error}")
         stream.write(outcome.to_json().encode() + b"\n")
         stream.flush()
-
-
-def _give_back_root_files(spool: str, owner: pwd.struct_passwd) -> None:
-    """Hand files an older, all-root flush left in the spool to its owner (they would be unreadable now).
-
-    Cheap when there is nothing to do: only a root-owned flush.lock, which every such flush made, starts the
-    walk. Only regular files with one link, opened without following links, change owner, so the owner
-    cannot get root's files by planting links.
-    """
-    lock = os.path.join(spool, "flush.lock")
-    try:
-        if os.lstat(lock).st_uid != 0:
-            return
-    except OSError:
-        return
-    paths = [lock, os.path.join(spool, "flush.request")]
-    for sub in ("queue", "state", "corrupt", "done"):
-        directory = os.path.join(spool, sub)
-        try:
-            info = os.lstat(directory)
-        except OSError:
-            continue
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == 0:
-            os.chown(directory, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
-        if stat.S_ISDIR(info.st_mode):
-            paths.extend(os.path.join(directory, name) for name in os.listdir(directory))
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            info = os.fstat(fd)
-            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == 0:
-                os.fchown(fd, owner.pw_uid, owner.pw_gid)
-        finally:
-            os.close(fd)

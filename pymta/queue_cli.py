@@ -89,14 +89,21 @@ def _settings(as_json: bool, config_file: str | None, verb: str = "") -> tuple[b
     As root on a system spool the command goes on as the spool's owner, so what it writes stays theirs.
     With a `verb` (a command that changes messages), a user who may not is refused first (EX_NOPERM)."""
     from .config import load
-    from .privsep import become_spool_owner
 
     parent = click.get_current_context().find_root().meta
     config = load(config_file or parent.get("pymta.queue.config"))
     if verb:
         queue_ops.require_admin(config, verb)
-    become_spool_owner(config)
+    _become_spool_owner(config.spool)
     return as_json or bool(parent.get("pymta.queue.json")), config
+
+
+def _become_spool_owner(spool: str) -> None:
+    """As root on a system spool, list as its owner (pymta(1), PRIVILEGES): what the owner planted in the
+    queue (a FIFO, a link to a file of root's) is then read with the owner's rights, never root's."""
+    from .privsep import become_spool_owner
+
+    become_spool_owner(spool)
 
 
 def _spool_to_list(config_file: str | None) -> tuple[str, int]:
@@ -196,6 +203,7 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
     parent = click.get_current_context().find_root().meta
     as_json = as_json or bool(parent.get("pymta.queue.json"))
     spool, status = _spool_to_list(config_file or parent.get("pymta.queue.config"))
+    _become_spool_owner(spool)
     visible = listing.load_visible(spool)
     for problem in visible.problems:
         click.echo(f"pymta: cannot read {problem}", err=True)

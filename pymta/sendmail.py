@@ -595,6 +595,10 @@ def _run(argv: list[str]) -> int:
         settings = read_settings(invocation.config)
         for warning in settings.warnings:
             _say(warning)
+        if os.geteuid() == 0:  # root lists a system spool as its owner (pymta(1), PRIVILEGES)
+            from .privsep import become_spool_owner
+
+            become_spool_owner(settings.spool)
         return print_queue(settings.spool)
     if invocation.mode == "flush":  # -q: try everything waiting now, as `pymta flush --now`
         from .cli import main as pymta_main

@@ -287,7 +287,7 @@ def _load(ctx: click.Context, config_file: str | None) -> config.Config:
 
     try:
         settings = config.load(config_file)
-        become_spool_owner(settings)
+        become_spool_owner(settings.spool)
     except PymtaError as error:
         _fail(ctx, error)
     return settings

@@ -65,6 +65,9 @@ ENVELOPE_VERSION = 1
 STALE_TMP_AGE = 36 * 3600
 # An envelope line longer than this is not one we wrote: refuse it rather than read a huge file into memory.
 MAX_ENVELOPE_LINE = 4 * 1024 * 1024
+# A state file larger than this is not one we wrote (one of a message with the largest envelope and a long
+# reply for each recipient stays below it): refused rather than read into memory.
+MAX_STATE_SIZE = 64 * 1024 * 1024
 
 # The next-attempt time of a message that no flush should pick (held, failed): the largest 32-bit time.
 NEVER = float(2**31 - 1)
@@ -141,17 +144,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _read_all(fd: int, size: int = 0) -> bytes:
-    """Everything in the file behind `fd`, from its start whatever the descriptor's offset. `size` (what
-    fstat said) lets a file that size come in one read: a shorter read than asked is the end of the file."""
+def _read_all(fd: int, size: int = 0, limit: int | None = None) -> bytes:
+    """Everything in the file behind `fd`, from its start whatever the descriptor's offset, or its first
+    `limit` bytes. `size` (what fstat said) lets a file that size come in one read: a shorter read than
+    asked is the end of the file."""
     chunks = []
     offset = 0
     wanted = size + 1 if size else 65536
     while True:
+        if limit is not None:
+            wanted = min(wanted, limit - offset)
         chunk = os.pread(fd, wanted, offset)
         chunks.append(chunk)
         offset += len(chunk)
-        if len(chunk) < wanted:
+        if len(chunk) < wanted or offset == limit:
             return b"".join(chunks)
         wanted = 65536
 
@@ -347,14 +353,23 @@ class Spool:
         return QueueEntry(location, path, envelope, state, info.st_size - len(line), info.st_uid)
 
     def _read_state(self, name: str) -> dict[str, object] | None:
+        """state/NAME as a dict, or None when there is none. Opened without following a link or waiting on
+        a FIFO, and read only when it is a regular file of at most MAX_STATE_SIZE bytes: whatever the
+        spool's owner planted there costs a listing one line, never a hang or the memory."""
         import json
+        import stat
 
         try:
-            fd = os.open(os.path.join(self.dir("state"), name), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(os.path.join(self.dir("state"), name), _READ_FLAGS)
         except FileNotFoundError:
             return None  # never tried: the common case on the flush's hot path, so no file object is made
         try:
-            state = json.loads(_read_all(fd))
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("state file is not a regular file")
+            data = _read_all(fd, limit=MAX_STATE_SIZE + 1)
+            if len(data) > MAX_STATE_SIZE:
+                raise ValueError(f"state file is larger than {MAX_STATE_SIZE} bytes")
+            state = json.loads(data)
         finally:
             os.close(fd)
         if not isinstance(state, dict):
@@ -721,7 +736,11 @@ class Spool:
         """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""
         import fcntl
 
-        fd = os.open(os.path.join(self.path, "flush.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = os.path.join(self.path, "flush.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # a lock of root's (a root process wrote it) stops the owner's flush
+            raise write_error("cannot open the flush lock", path, exc, "run pymta flush again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

