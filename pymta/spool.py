@@ -38,7 +38,10 @@ renames rather than links, so a rename over an existing name cannot happen: the 
 
 In system mode new/ and tmp/ are writable by everyone but listable by no one (1733); a dropped file must be
 readable by the flusher, so it is protected by its unguessable name, not by its mode (0644). In user mode
-everything is the user's own and private (0700 directories, 0600 files).
+everything is the user's own and private (0700 directories, 0600 files). In a spool that is not the
+submitter's own, steps 1, 4 and 5 resolve the names from descriptors of tmp/ and new/ opened without
+following a link and checked (`Spool._commit_shared`): the spool's owner cannot make root, or any user,
+write the mail into a directory of its choosing (DESIGN.md invariant 10).
 
 `sendmail` imports this module on every cron job: module level imports only os, time and errno; the
 reading side imports json when it is used.
@@ -173,6 +176,53 @@ def _sync_new_name(directory: str, fd: int) -> None:
         os.fsync(fd)
 
 
+# Opens a directory to resolve names from, without read rights (a drop directory is 1733) where the system
+# has O_PATH (Linux); never through a link.
+_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+_STICKY = 0o1000
+
+
+def _open_dir(name: str, parent_fd: int | None, path: str) -> int:
+    """A descriptor of the directory `name` (relative to `parent_fd`, never through a link); `path` names
+    it in the SpoolError raised when it cannot be opened."""
+    flags = _DIR_FLAGS if parent_fd is None else _DIR_FLAGS | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=parent_fd)
+    except OSError as exc:
+        if parent_fd is not None and exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise SpoolError(
+                f"cannot write to the spool: {path} is a symbolic link or not a directory, and sendmail "
+                "follows nothing in a spool that is not its own; nothing was queued; "
+                "run 'pymta setup --check'"
+            ) from None
+        raise write_error("cannot use the spool", path, exc) from None
+
+
+def _open_drop_dir(spool_fd: int, path: str, owner: int) -> int:
+    """tmp/ or new/ of a spool owned by `owner`, checked: a directory (no link) of `owner` or root, in which
+    other users cannot rename or remove our file (not writable by them, or sticky)."""
+    fd = _open_dir(os.path.basename(path), spool_fd, path)
+    info = os.fstat(fd)
+    problem = None
+    if info.st_uid not in (owner, 0):
+        problem = f"belongs to uid {info.st_uid}, not to the spool's owner (uid {owner})"
+    elif info.st_mode & 0o022 and not info.st_mode & _STICKY:
+        problem = f"has mode {info.st_mode & 0o7777:04o}: other users may remove what is queued there"
+    if problem is not None:
+        os.close(fd)
+        raise SpoolError(
+            f"cannot write to the spool: {path} {problem}; nothing was queued; run 'pymta setup --check'"
+        )
+    return fd
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -237,7 +287,8 @@ class Spool:
         """
         new_dir = self.dir("new")
         try:
-            drop = os.stat(new_dir)
+            owner = os.stat(self.path).st_uid
+            drop = os.lstat(new_dir)
         except FileNotFoundError:
             if not create or _is_nonempty_dir(self.path):
                 raise SpoolError(
@@ -245,12 +296,12 @@ class Spool:
                     "run 'pymta setup' or fix 'spool:' in the config"
                 ) from None
             self.create_private(parents=create_parents)
-            drop = os.stat(new_dir)
+            owner, drop = os.stat(self.path).st_uid, os.lstat(new_dir)
         except OSError as exc:
             raise write_error("cannot use the spool", self.path, exc) from None
-        # A drop directory owned by someone else is the system-mode maildrop: the flusher must read the file.
-        self.private = drop.st_uid == os.geteuid()
-        mode = 0o600 if self.private else 0o644
+        # A spool owned by someone else is the system-mode maildrop: the flusher must read the file, and
+        # nothing in it is followed (`_commit_shared`).
+        self.private = owner == drop.st_uid == os.geteuid()
         message_id = new_id()
         # The uid right after the version, where `queued_per_uid` reads it.
         head = (
@@ -258,6 +309,10 @@ class Spool:
         )
         envelope = {**head, "id": message_id, **envelope}
         data = encode_json(envelope).encode("ascii") + b"\n" + message
+        if not self.private:
+            self._commit_shared(message_id, data, owner)
+            return message_id
+        mode = 0o600
         tmp_path = os.path.join(self.dir("tmp"), message_id)
         try:
             fd = os.open(tmp_path, _OPEN_FLAGS, mode)
@@ -283,6 +338,57 @@ class Spool:
         finally:
             os.close(fd)
         return message_id
+
+    def _commit_shared(self, message_id: str, data: bytes, owner: int) -> None:
+        """The commit protocol in a spool that is not ours (system mode), with every name resolved from a
+        directory descriptor: the spool's owner can swap tmp/ or new/ for a link to another directory, and
+        a submitter who followed it would write the mail there (root: anywhere). So tmp/ and new/ are opened
+        without following a link and must be directories of the spool's owner (or root) that other users
+        may not rename files in (sticky when writable by others); the file is created, renamed and made
+        durable relative to them. The file is 0644: the flusher must read it."""
+        spool_fd = _open_dir(self.path, None, self.path)
+        try:
+            tmp_fd = _open_drop_dir(spool_fd, self.dir("tmp"), owner)
+            try:
+                new_fd = _open_drop_dir(spool_fd, self.dir("new"), owner)
+                try:
+                    self._commit_in(message_id, data, tmp_fd, new_fd)
+                finally:
+                    os.close(new_fd)
+            finally:
+                os.close(tmp_fd)
+        finally:
+            os.close(spool_fd)
+
+    def _commit_in(self, message_id: str, data: bytes, tmp_fd: int, new_fd: int) -> None:
+        try:
+            fd = os.open(message_id, _OPEN_FLAGS, 0o644, dir_fd=tmp_fd)
+        except OSError as exc:
+            raise write_error("cannot write to the spool", self.dir("tmp"), exc) from None
+        try:
+            try:
+                os.fchmod(fd, 0o644)  # whatever the caller's umask
+                _write_all(fd, data)
+                os.fsync(fd)
+                os.rename(message_id, message_id, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
+            except OSError as exc:
+                _unlink_at(tmp_fd, message_id)
+                raise write_error("cannot write the message to the spool", self.path, exc) from None
+            try:
+                try:
+                    directory = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=new_fd)
+                except PermissionError:
+                    os.fsync(fd)  # a user may not open the drop directory: see `_sync_new_name`
+                else:
+                    try:
+                        os.fsync(directory)
+                    finally:
+                        os.close(directory)
+            except OSError as exc:
+                _unlink_at(new_fd, message_id)  # not durable: take it back (see `submit`)
+                raise write_error("cannot make the queued message durable", self.dir("new"), exc) from None
+        finally:
+            os.close(fd)
 
     def state_problem(self) -> SpoolError | None:
         """Why the delivery state cannot be written just now (a read-only file system, no space or inodes,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,3 +240,44 @@ def test_a_planted_state_file_neither_hangs_nor_floods_nor_leaks_roots_listings(
         assert SECRET.encode() not in output, argv
         assert queue_id.encode() in output, (argv, output[-2000:])  # reported, not hidden
         assert result.returncode in (0, 65), (argv, result.returncode, output[-2000:])
+
+
+# --- M3: sendmail never follows a link the spool's owner made for tmp/ or new/ ---
+
+
+@pytest.mark.parametrize("directory", ["tmp", "new"])
+@pytest.mark.parametrize("who", ["root", "alice"])
+def test_sendmail_refuses_a_drop_directory_that_is_a_link(
+    hostile: SystemInstall, directory: str, who: str
+) -> None:
+    system = hostile
+    user = None if who == "root" else system.alice
+    # Where the spool's owner points the link: somewhere the submitter may write and the owner may not read.
+    target = root_only_dir(system) if user is None else Path(system.alice.home) / f"elsewhere-{directory}"
+    if user is not None:
+        target.mkdir(mode=0o700)
+        os.chown(target, user.uid, user.gid)
+    before = sorted(path.name for path in target.iterdir())
+    as_owner(
+        system,
+        'cd "$1"; mv "$2" "$2.old"; ln -s "$3" "$2"',
+        str(system.spool),
+        directory,
+        str(target),
+    )
+    result = system.sendmail(user, "-v", "friend@example.net", input=MESSAGE)
+    assert result.returncode in (EX_CANTCREAT, EX_TEMPFAIL), result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "link" in lines[0] and "pymta setup --check" in lines[0], lines
+    assert sorted(path.name for path in target.iterdir()) == before, "the mail went where the link points"
+
+
+def test_sendmail_of_root_still_queues_in_a_sound_spool(hostile: SystemInstall) -> None:
+    system = hostile
+    queue_id = submit(system, None, "friend@example.net")
+    info = os.lstat(system.spool / "new" / queue_id)
+    assert stat.S_ISREG(info.st_mode) and info.st_uid == 0
+    result = system.flush()
+    assert result.returncode == 0, result.stderr
+    [entry] = system.entries()
+    assert (entry.id, entry.submitted_by, entry.uid) == (queue_id, "root", 0)
