@@ -17,9 +17,10 @@ What a system-mode install is (DESIGN.md, "Two ways to run"), with `SPOOL` = /va
                                         other's files (which only works because the directory is not theirs).
     SPOOL/queue/, state/,  0700  pymta  private: only the flush reads the picked-up queue.
       done/, corrupt/
-    SPOOL/status/          0711  pymta  each user's view of their own queued messages, status/UID (0400,
+    SPOOL/status/          0711  root   each user's view of their own queued messages, status/UID (0400,
                                         owned by UID), written by the root flush (pymta.views); users reach
-                                        their own file by name but cannot list the directory.
+                                        their own file by name but cannot list the directory. Root's, so
+                                        pymta can neither move nor link a view (a file of another uid).
     SPOOL/flush.lock       0600  pymta  the flush lock; only the flush opens it.
     /etc/pymta/            0755  root
     /etc/pymta/pymta.yaml  0644  root   every user's sendmail reads it, so it holds no password; owned by root
@@ -54,7 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import quickconfig
+from . import quickconfig, spool_audit
 from .errors import EX_CANTCREAT, EX_CONFIG, ConfigError, PermissionDenied, UsageError
 from .views import STATUS_DIR, STATUS_MODE
 
@@ -785,19 +786,25 @@ def spool_step(install: Install) -> Step:
             changes += _dir_changes(os.path.join(spool, name), DROP_MODE, owner)
         for name in PRIVATE_DIRS:
             changes += _dir_changes(os.path.join(spool, name), PRIVATE_MODE, owner)
-        changes += _dir_changes(os.path.join(spool, STATUS_DIR), STATUS_MODE, owner)
+        changes += _dir_changes(os.path.join(spool, STATUS_DIR), STATUS_MODE, install.admin_owner())
         lock = os.path.join(spool, LOCK_FILE)
         changes += _node_changes(
             lock, LOCK_MODE, owner, False, lambda: _write_file(lock, "", LOCK_MODE, owner)
         )
         changes += _unreachable_parents(spool, install.root)
+        directories = (*DROP_DIRS, *PRIVATE_DIRS, STATUS_DIR)
+        changes += [_warning(*finding) for finding in spool_audit.spool_findings(spool, directories)]
         return changes
 
     return Step(
-        f"spool {spool}: 0755, tmp/ new/ 1733, queue/ state/ done/ corrupt/ 0700, status/ 0711, "
-        f"flush.lock 0600, owner {install.spool_owner().label}",
+        f"spool {spool}: 0755, tmp/ new/ 1733, queue/ state/ done/ corrupt/ 0700, flush.lock 0600, owner "
+        f"{install.spool_owner().label}; status/ 0711 root; nothing planted or left behind",
         check,
     )
+
+
+def _warning(problem: str, fix: str) -> Change:
+    return Change("warn", "", problem, fix)
 
 
 def _unreachable_parents(path: str, root: str | None) -> list[Change]:
@@ -831,6 +838,7 @@ def config_step(install: Install) -> Step:
         changes = _dir_changes(directory, CONFIG_DIR_MODE, admin)
         changes += _config_file_changes(install, path, admin)
         changes += _dir_changes(secrets, SECRETS_MODE, install.spool_owner())
+        changes += [_warning(*finding) for finding in spool_audit.secret_findings(secrets)]
         return changes
 
     exists = "exists, left as it is (setup never overwrites it)" if os.path.lexists(path) else "0644"

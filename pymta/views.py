@@ -4,7 +4,7 @@ In system mode the queue (queue/, 0700) belongs to the spool's owner, so an ordi
 must not: another user's mail is none of theirs (DESIGN.md invariant 6). So at the end of each delivery run
 the flush, started as root, writes for every user with messages waiting a file that only that user can read:
 
-    status/       0711  the spool's owner   users reach their own view by name but cannot list the others
+    status/       0711  root                users reach their own view by name but cannot list the others
     status/UID    0400  UID                 the messages submitted by UID (as the kernel says: the owner of
                                             the dropped file), as JSON lines
 
@@ -18,12 +18,19 @@ Readers: `mailq` and `pymta queue` read the user's own view when they cannot rea
 `max_queued_per_user` before anything is queued. A view is a copy for its user's eyes: a user who edits their
 own (they own it) fools only themselves; the pick-up counts the queue itself (`Spool.pick_up`).
 
-How a view is written, as root in a directory the spool's owner can change, so that owner can never make
-root write anywhere else: status/ is opened once, without following a link, and every name is resolved
-relative to that descriptor; a view is written to a new random name (O_CREAT | O_EXCL | O_NOFOLLOW: never an
-existing name, which could be a planted hard link to /etc/shadow), given its owner and mode through the
-descriptor, fsynced, and renamed over status/UID. A crash leaves the old view, or a `.new-*` file that a
-later run removes.
+How a view is written, as root inside a spool its owner can change, so that owner can never make root write
+anywhere else: status/ is opened once from the spool's descriptor, without following a link, and every
+name is resolved relative to that descriptor; a view is written to a new random name (O_CREAT | O_EXCL |
+O_NOFOLLOW: never an existing name, which could be a planted hard link to /etc/shadow), given its owner and
+mode through the descriptor, fsynced, and renamed over status/UID. A crash leaves the old view, or a
+`.new-*` file that a later run removes.
+
+status/ is root's, not the spool owner's: the uid of a picked-up message is what the pick-up (as the spool's
+owner) recorded, so a compromised owner could have root write a view owned by any uid. In a directory of
+its own that file would be the owner's to rename or link anywhere on the file system, a file of that uid
+with contents the owner chose; in root's status/ it stays where it is, a view nobody but that uid reads.
+A status/ that the spool's owner made (an older install, or the owner replaced root's) is taken over
+through its descriptor: given to root, mode 0711.
 
 The queue itself is read with the spool owner's rights (seteuid, then back to root): what the owner could
 plant there (a link to a file of root's) is unreadable to the reader too. Users can still learn from
@@ -111,7 +118,8 @@ def publish(spool: Spool, config: Config, logger: logging.Logger) -> None:
 
 
 def _open_status_dir(spool_fd: int, queue: os.stat_result) -> int:
-    """status/ as a descriptor: created if missing, never a link, owned by the spool's owner, mode 0711."""
+    """status/ as a descriptor: created if missing, never a link, owned by root, mode 0711 (one the spool's
+    owner made is taken over)."""
     import stat
 
     try:
@@ -123,11 +131,11 @@ def _open_status_dir(spool_fd: int, queue: os.stat_result) -> int:
         info = os.fstat(fd)
         if info.st_uid not in (0, queue.st_uid):
             raise PermissionError(
-                f"it belongs to uid {info.st_uid}, not to the spool's owner (uid {queue.st_uid})"
+                f"it belongs to uid {info.st_uid}, neither root nor the spool's owner (uid {queue.st_uid})"
             )
-        if (info.st_uid, info.st_gid) != (queue.st_uid, queue.st_gid):
-            os.fchown(fd, queue.st_uid, queue.st_gid)
-        if stat.S_IMODE(info.st_mode) != STATUS_MODE or info.st_uid != queue.st_uid:
+        if (info.st_uid, info.st_gid) != (0, 0):
+            os.fchown(fd, 0, 0)
+        if stat.S_IMODE(info.st_mode) != STATUS_MODE or info.st_uid != 0:
             os.fchmod(fd, STATUS_MODE)
     except BaseException:
         os.close(fd)

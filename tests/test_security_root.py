@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +282,73 @@ def test_sendmail_of_root_still_queues_in_a_sound_spool(hostile: SystemInstall) 
     assert result.returncode == 0, result.stderr
     [entry] = system.entries()
     assert (entry.id, entry.submitted_by, entry.uid) == (queue_id, "root", 0)
+
+
+# --- the users' views: written by root only in a directory of root's ---
+
+
+def test_the_spool_owner_can_neither_move_a_view_nor_redirect_root_writing_it(hostile: SystemInstall) -> None:
+    system, owner = hostile, hostile.spool_user
+    deferred_message(system)  # the flush publishes alice's view
+    status = system.spool / "status"
+    view = status / str(system.alice.uid)
+    info = os.lstat(status)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o711)
+    assert os.lstat(view).st_uid == system.alice.uid
+    # a file owned by alice, with content the spool's owner could forge, must stay where root put it
+    stolen = system.run_as(owner, ["/bin/mv", str(view), str(system.spool / "stolen")])
+    assert stolen.returncode != 0 and not (system.spool / "stolen").exists()
+    linked = system.run_as(owner, ["/bin/ln", str(view), str(system.spool / "linked")])
+    assert linked.returncode != 0 and not (system.spool / "linked").exists()
+
+    # status/ replaced by a directory of the owner's, or by a link to root's: root takes the one over and
+    # never writes through the other
+    as_owner(system, 'cd "$1"; mv status status.old; mkdir status', str(system.spool))
+    system.flush()
+    info = os.lstat(status)
+    assert (info.st_uid, stat.S_ISDIR(info.st_mode), stat.S_IMODE(info.st_mode)) == (0, True, 0o711)
+    assert os.lstat(view).st_uid == system.alice.uid
+    target = root_only_dir(system)
+    as_owner(system, 'cd "$1"; mv status status.gone; ln -s "$2" status', str(system.spool), str(target))
+    system.flush()
+    assert sorted(path.name for path in target.iterdir()) == ["victim"]
+    mailq = system.run_as(system.alice, [system.script("mailq")])
+    assert mailq.returncode in (0, 77) and b"Traceback" not in mailq.stderr
+
+
+# --- pymta setup --check reports tampering ---
+
+
+def test_setup_check_reports_tampering_in_the_spool_and_the_secrets(hostile: SystemInstall) -> None:
+    system, owner = hostile, hostile.spool_user
+    secrets = system.root / "etc" / "pymta" / "secrets"
+    (secrets / "smarthost").write_text("hunter2\n")
+    (secrets / "smarthost").chmod(0o666)
+    os.chown(secrets / "smarthost", owner.uid, owner.gid)
+    stale = time.time() - 2 * 86400
+    as_owner(
+        system,
+        'cd "$1"; : > new/leftover; : > corrupt/broken; ln -s /etc/passwd state/planted',
+        str(system.spool),
+    )
+    os.utime(system.spool / "new" / "leftover", (stale, stale))
+    (system.spool / "queue" / "rootfile").write_text("left by root\n")
+    (system.spool / "tmp").chmod(0o1777)
+    result = system.run_as(
+        None, [system.script("pymta"), "setup", "--check", "--root", str(system.root), "--user", owner.name]
+    )
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 1, output
+    for expected in (
+        f"{secrets / 'smarthost'} has mode 0666",
+        f"{system.spool / 'new'}: 1 file",
+        f"{system.spool / 'corrupt'}: 1 file",
+        f"{system.spool / 'state' / 'planted'} is a symbolic link",
+        f"{system.spool / 'queue' / 'rootfile'} belongs to root",
+        f"{system.spool / 'tmp'} has mode 1777",
+    ):
+        assert expected in output, (expected, output)
+    assert "Traceback" not in output
+    # and it only looked: nothing it reports was changed
+    assert stat.S_IMODE(os.stat(secrets / "smarthost").st_mode) == 0o666
+    assert os.path.islink(system.spool / "state" / "planted")

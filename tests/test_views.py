@@ -201,7 +201,7 @@ def test_each_user_gets_a_view_of_their_own_messages_only(spool: Spool) -> None:
     status = Path(spool.path, "status")
     info = os.lstat(status)
     assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o711
-    assert (info.st_uid, info.st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid)
+    assert (info.st_uid, info.st_gid) == (0, 0)  # root's: the spool's owner can move no view
     assert sorted(os.listdir(status)) == sorted([str(ALICE), str(BOB)])
     for uid, ids in ((ALICE, alice), (BOB, bob)):
         info = os.lstat(status / str(uid))
@@ -355,7 +355,13 @@ def test_publish_fixes_the_owner_and_mode_of_the_status_directory(spool: Spool) 
     status.chmod(0o777)
     views.publish(spool, Config(spool=spool.path), LOG)
     info = os.lstat(status)
-    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (NOBODY.pw_uid, 0o711)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o711)
+    status.chmod(0o777)  # one the spool's owner made (an older install, or it replaced root's) is taken over
+    os.chown(status, NOBODY.pw_uid, NOBODY.pw_gid)
+    views.publish(spool, Config(spool=spool.path), LOG)
+    info = os.lstat(status)
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o711)
+    assert os.lstat(status / str(ALICE)).st_uid == ALICE
 
 
 def test_publish_does_nothing_but_as_root_on_a_system_spool(
