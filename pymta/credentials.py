@@ -235,13 +235,29 @@ def _from_file(path: str, host: str, username: str | None) -> Secret:
 
 def _owner_fix(path: str) -> str:
     """How to give a password file to the user who reads it (this process's: the flush's, `pymta` in system
-    mode) and to nobody else."""
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = str(os.geteuid())
+    mode) and to nobody else. A file in a directory another user (not root) keeps to themselves is that
+    user's to read, as `pymta setup` makes /etc/pymta/secrets for `pymta`: a user who runs `pymta test` is
+    told to run it as root (it reads the password as that user), never to take the file."""
     quoted = shlex.quote(path)
+    try:
+        keeper = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        keeper = None
+    if keeper is not None and keeper.st_uid not in (0, os.geteuid()) and not keeper.st_mode & 0o001:
+        directory = shlex.quote(os.path.dirname(os.path.abspath(path)))
+        return (
+            f"only {_user_name(keeper.st_uid)} (and root) may enter {directory}: check it with sudo pymta "
+            "test, which reads the password as the spool's owner, as the flush does"
+        )
+    user = _user_name(os.geteuid())
     return f"the flush reads it as {user}: run chown {user} {quoted} && chmod 600 {quoted}"
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 _RESOLVERS: Mapping[str, Callable[[str, str, str | None], Secret]] = {

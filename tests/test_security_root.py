@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from system_install import SPOOL_DIRS, SystemInstall, User, queue_ids, system, system_install
+from test_security import secret_file, smarthost_config, tls_server
 
 __all__ = ["system", "system_install"]  # fixtures imported for use
 
@@ -352,3 +353,17 @@ def test_setup_check_reports_tampering_in_the_spool_and_the_secrets(hostile: Sys
     # and it only looked: nothing it reports was changed
     assert stat.S_IMODE(os.stat(secrets / "smarthost").st_mode) == 0o666
     assert os.path.islink(system.spool / "state" / "planted")
+
+
+# --- pymta test, run by a user, gives advice that holds ---
+
+
+def test_pymta_test_by_a_user_does_not_advise_giving_them_the_password(hostile: SystemInstall) -> None:
+    system = hostile
+    with tls_server(system) as server:
+        system.write_config(smarthost_config(server, {"file": str(secret_file(system))}))
+        result = system.run_as(system.alice, [system.script("pymta"), "test"])
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode != 0, output
+    assert f"chown {system.alice.name}" not in output, output
+    assert "sudo pymta test" in output, output
