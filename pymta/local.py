@@ -539,8 +539,9 @@ def deliver_as_recipient(
 ) -> LocalOutcome:
     """`deliver`, with the recipient's rights.
 
-    Mail for the process's own user is delivered in this process. As root, anyone else's is delivered by a
-    forked child that has dropped to the recipient (setgroups, setgid, setuid) and answers through a pipe.
+    Mail for the process's own user is delivered in this process. As root, everyone's (root's own too) is
+    delivered by a forked child that has dropped to the recipient (setgroups, setgid, setuid) and answers
+    through a pipe, so the root process never opens a mailbox.
     Without root, anyone else's mail is deferred: writing their mailbox needs root. A mailbox that stayed
     locked is remembered for LOCKED_MEMORY seconds, and mail for it is deferred at once meanwhile.
     """
@@ -568,7 +569,7 @@ def _deliver_with_rights(
     entry: pwd.struct_passwd, message: bytes, sender: str, local: Local, now: float, lock_timeout: float
 ) -> LocalOutcome:
     euid = _euid()
-    if entry.pw_uid == euid:
+    if entry.pw_uid == euid != 0:  # root's own mailbox too is written by a child (pymta(1), PRIVILEGES)
         return _deliver(entry, message, sender, local, now, lock_timeout, in_child=False)
     if euid != 0:
         return LocalOutcome(
