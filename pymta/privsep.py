@@ -90,17 +90,23 @@ def spool_owner(spool: str) -> pwd.struct_passwd | None:
     """The user to drop to: the owner of the spool directory when we are root and it is someone else; else
     None (root's own spool: user mode as root, or tests).
 
-    Judged by the spool directory itself, never by a name inside it: the owner can swap queue/ for a link
-    to a directory of root's, and a flush that trusted it would run all of its work as root. The spool's
-    own name lives in a directory of root's (`pymta setup --check` says so when it does not).
+    Judged by the spool directory itself, never by a name inside a directory the owner may change: it could
+    swap queue/ for a link to a directory of root's, and a flush that trusted it would run all of its work
+    as root. The spool's own name lives in a directory of root's (`pymta setup --check` says so when it
+    does not). Only in a spool directory of root's (made by hand), where nobody else can swap a name, is
+    the owner of queue/ (not followed) the one to become.
     """
+    import stat
+
     if os.geteuid() != 0:
         return None
     try:
         info = os.stat(spool)
+        if info.st_uid == 0:
+            info = os.lstat(os.path.join(spool, "queue"))
     except OSError:
         return None
-    if info.st_uid == 0:
+    if info.st_uid == 0 or not stat.S_ISDIR(info.st_mode):
         return None
     try:
         return pwd.getpwuid(info.st_uid)

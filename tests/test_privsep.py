@@ -235,3 +235,26 @@ def test_a_password_file_the_owner_cannot_read_defers_with_the_fix(
     [entry] = system_mta.entries()
     assert entry.state == "deferred" and entry.last_error is not None
     assert f"run chown nobody {secret} && chmod 600 {secret}" in entry.last_error
+
+
+def test_the_user_to_become_is_the_owner_of_the_spool_directory(tmp_path: Path) -> None:
+    """Never what a name inside a directory the owner may change says (issue 10: queue/ made a link to a
+    directory of root's made the flush run all of its work as root)."""
+    from pymta.privsep import spool_owner
+
+    assert NOBODY is not None
+    spool, roots = tmp_path / "spool", tmp_path / "roots"
+    spool.mkdir()
+    roots.mkdir()
+    os.chown(spool, NOBODY.pw_uid, NOBODY.pw_gid)
+    (spool / "queue").symlink_to(roots)
+    owner = spool_owner(str(spool))
+    assert owner is not None and owner.pw_uid == NOBODY.pw_uid
+    # a spool directory of root's (made by hand): queue/, not followed, names the owner
+    os.chown(spool, 0, 0)
+    assert spool_owner(str(spool)) is None
+    (spool / "queue").unlink()
+    (spool / "queue").mkdir()
+    os.chown(spool / "queue", NOBODY.pw_uid, NOBODY.pw_gid)
+    owner = spool_owner(str(spool))
+    assert owner is not None and owner.pw_uid == NOBODY.pw_uid
