@@ -199,12 +199,13 @@ def _open_dir(name: str, parent_fd: int | None, path: str) -> int:
 
 
 def _open_drop_dir(spool_fd: int, path: str, owner: int) -> int:
-    """tmp/ or new/ of a spool owned by `owner`, checked: a directory (no link) of `owner` or root, in which
-    other users cannot rename or remove our file (not writable by them, or sticky)."""
+    """tmp/ or new/ of a spool owned by `owner`, checked: a directory (no link) of `owner` or root (of anyone
+    in a spool directory of root's), in which other users cannot rename or remove our file (not writable
+    by them, or sticky)."""
     fd = _open_dir(os.path.basename(path), spool_fd, path)
     info = os.fstat(fd)
     problem = None
-    if info.st_uid not in (owner, 0):
+    if owner != 0 and info.st_uid not in (owner, 0):  # in a spool of root's nobody else can swap it
         problem = f"belongs to uid {info.st_uid}, not to the spool's owner (uid {owner})"
     elif info.st_mode & 0o022 and not info.st_mode & _STICKY:
         problem = f"has mode {info.st_mode & 0o7777:04o}: other users may remove what is queued there"
@@ -310,7 +311,7 @@ class Spool:
         envelope = {**head, "id": message_id, **envelope}
         data = encode_json(envelope).encode("ascii") + b"\n" + message
         if not self.private:
-            self._commit_shared(message_id, data, owner)
+            self._commit_shared(message_id, data)
             return message_id
         mode = 0o600
         tmp_path = os.path.join(self.dir("tmp"), message_id)
@@ -339,7 +340,7 @@ class Spool:
             os.close(fd)
         return message_id
 
-    def _commit_shared(self, message_id: str, data: bytes, owner: int) -> None:
+    def _commit_shared(self, message_id: str, data: bytes) -> None:
         """The commit protocol in a spool that is not ours (system mode), with every name resolved from a
         directory descriptor: the spool's owner can swap tmp/ or new/ for a link to another directory, and
         a submitter who followed it would write the mail there (root: anywhere). So tmp/ and new/ are opened
@@ -348,6 +349,7 @@ class Spool:
         durable relative to them. The file is 0644: the flusher must read it."""
         spool_fd = _open_dir(self.path, None, self.path)
         try:
+            owner = os.fstat(spool_fd).st_uid
             tmp_fd = _open_drop_dir(spool_fd, self.dir("tmp"), owner)
             try:
                 new_fd = _open_drop_dir(spool_fd, self.dir("new"), owner)

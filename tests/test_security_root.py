@@ -274,6 +274,16 @@ def test_sendmail_refuses_a_drop_directory_that_is_a_link(
     assert sorted(path.name for path in target.iterdir()) == before, "the mail went where the link points"
 
 
+def test_sendmail_refuses_a_drop_directory_without_the_sticky_bit(hostile: SystemInstall) -> None:
+    """In new/ 0733 anyone may rename another's file: root's drop could be swapped before the flush."""
+    system = hostile
+    as_owner(system, 'chmod 0733 "$1"', str(system.spool / "new"))
+    result = system.sendmail(None, "-v", "friend@example.net", input=MESSAGE)
+    assert result.returncode == EX_CANTCREAT, result.stderr
+    assert b"has mode 0733" in result.stderr and b"pymta setup --check" in result.stderr
+    assert system.names("new") == [] and system.names("tmp") == []
+
+
 def test_sendmail_of_root_still_queues_in_a_sound_spool(hostile: SystemInstall) -> None:
     system = hostile
     queue_id = submit(system, None, "friend@example.net")
