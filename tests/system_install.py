@@ -368,6 +368,9 @@ def _install(base: Path) -> Path:
     return venv
 
 
+_installs: list[Path] = []  # the installs this session made
+
+
 @pytest.fixture(scope="session")
 def system_install() -> Iterator[SystemInstall]:
     """pymta installed for every user, real users, `pymta setup --root` done (see the module docstring)."""
@@ -383,7 +386,10 @@ def system_install() -> Iterator[SystemInstall]:
     try:
         venv = _install(base)
         (base / "home").mkdir(mode=0o755)
-        tag = f"{PREFIX}{os.getpid()}"
+        # Each test module that imports the fixture gets an install of its own: a second in one session
+        # must not meet the first one's users.
+        _installs.append(base)
+        tag = f"{PREFIX}{os.getpid()}" + (f"i{len(_installs)}" if len(_installs) > 1 else "")
         users = {}
         for role, system in (("spool", True), ("alice", False), ("bob", False)):
             name = f"{tag}-{role}"
