@@ -490,6 +490,26 @@ def test_as_the_own_user_delivery_happens_in_process(spool: Path) -> None:
     assert len(read_mbox(spool / ME)) == 1
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_as_root_roots_own_mailbox_is_written_by_a_child(
+    spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root process opens no mailbox, not even root's (pymta(1), PRIVILEGES)."""
+    children: list[str] = []
+    in_child = local._deliver_in_child
+
+    def recorded(entry: pwd.struct_passwd, *args: object, **kwargs: object) -> local.LocalOutcome:
+        children.append(entry.pw_name)
+        return in_child(entry, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_deliver_in_child", recorded)
+    outcome = local.deliver_as_recipient(
+        "root", message(), sender="s@example.org", local=Local(mailbox="mbox", mail_spool=str(spool)), now=NOW
+    )
+    assert outcome.status == "delivered" and children == ["root"]
+    assert len(read_mbox(spool / "root")) == 1
+
+
 def test_without_root_other_users_mail_is_deferred(spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     other = pwd.getpwuid(0).pw_name if os.geteuid() != 0 else ME
     monkeypatch.setattr(local, "_euid", lambda: 54321)
