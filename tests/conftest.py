@@ -18,6 +18,9 @@ import pytest
 
 from pymta.spool import QueueEntry, Spool
 
+# The real-users install (tests/system_install.py): one per run, its fixtures used by name.
+pytest_plugins = ["system_install"]
+
 BIN = Path(sys.executable).parent
 
 

@@ -17,7 +17,9 @@ local user can do to another, so they are tested with real users running the ins
   directory, never /var/mail) and a fresh config ROOT/etc/pymta/pymta.yaml whose spool is ROOT's.
 
 It skips, with the reason, when not root, when useradd is missing, or when no Python every user can run
-exists. Import both fixtures into a test module: `from system_install import system, system_install`.
+exists. conftest.py registers this module as a plugin (`pytest_plugins`), so the session fixture is made
+once per run: test modules use the fixtures by name and must not import them (an imported fixture is a
+fixture of that module, and would make a second install whose users clash with the first).
 """
 
 from __future__ import annotations
@@ -368,9 +370,6 @@ def _install(base: Path) -> Path:
     return venv
 
 
-_installs: list[Path] = []  # the installs this session made
-
-
 @pytest.fixture(scope="session")
 def system_install() -> Iterator[SystemInstall]:
     """pymta installed for every user, real users, `pymta setup --root` done (see the module docstring)."""
@@ -386,10 +385,7 @@ def system_install() -> Iterator[SystemInstall]:
     try:
         venv = _install(base)
         (base / "home").mkdir(mode=0o755)
-        # Each test module that imports the fixture gets an install of its own: a second in one session
-        # must not meet the first one's users.
-        _installs.append(base)
-        tag = f"{PREFIX}{os.getpid()}" + (f"i{len(_installs)}" if len(_installs) > 1 else "")
+        tag = f"{PREFIX}{os.getpid()}"
         users = {}
         for role, system in (("spool", True), ("alice", False), ("bob", False)):
             name = f"{tag}-{role}"

@@ -35,13 +35,9 @@ from system_install import (
     SystemInstall,
     User,
     queue_ids,
-    system,
-    system_install,
 )
 
 from pymta.spool import encode_json, new_id
-
-__all__ = ["system", "system_install"]  # fixtures imported for use
 
 MESSAGE = b"Subject: security test\n\nhello from a real user\n"
 EX_USAGE, EX_NOINPUT, EX_NOUSER, EX_TEMPFAIL, EX_NOPERM = 64, 66, 67, 75, 77

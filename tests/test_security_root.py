@@ -24,10 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from system_install import SPOOL_DIRS, SystemInstall, User, queue_ids, system, system_install
+from system_install import SPOOL_DIRS, SystemInstall, User, queue_ids
 from test_security import secret_file, smarthost_config, tls_server
-
-__all__ = ["system", "system_install"]  # fixtures imported for use
 
 MESSAGE = b"Subject: root and the spool\n\nhello\n"
 SECRET = "TOPSECRET-only-root-reads-this"
