@@ -26,9 +26,30 @@ Expansion rules (`expand`):
 - Nesting stops after `MAX_DEPTH` aliases (sendmail's MaxAliasRecursion); includes after `MAX_INCLUDE_DEPTH`
   files. The name where expansion stops is treated as a local user, with a warning.
 
+- `postmaster` always works (RFC 5321 4.5.1): with no alias and no account of that name it is an alias of
+  root.
+- A `|program` or `/file` target is not honoured, but it is not lost either: the expansion lists it as
+  *unhonoured*, and the flush sends a copy of the mail to the admin (or postmaster) saying which line it was.
+
 Include files are read when an alias is expanded (as sendmail does: an edit takes effect at once), never
-through a symlink (O_NOFOLLOW), only when they are regular files no bigger than `MAX_INCLUDE_SIZE` that not
-everyone may write.
+through a symlink as the last part of the path, only when they are regular files no bigger than
+`MAX_INCLUDE_SIZE` that not everyone may write.
+
+Include files are read with the rights of their owner (as Postfix's local(8) does), the include rule:
+- A file named by the aliases file (root's) and owned by root, or by the user running pymta, is read with
+  the flush's own rights. A file owned by anybody else is read with that user's rights, and so is every
+  file it includes, however deep: rights only ever go down, never up.
+- pymta cannot become that user (the delivery process runs as `pymta`), so it checks what the kernel
+  would: every directory on the path must be searchable by that user and the file readable, by owner,
+  group and other mode bits (not ACLs). It opens the path one component at a time from "/" and checks the
+  directory or file it actually opened, so nothing can be swapped between the check and the read.
+- A file whose owner gives the rights must have exactly one link: with a second one, its owner need not be
+  whoever put it where it is named.
+So a user to whom the admin delegated a list can include only what that user could read anyway.
+
+Nothing is ever quoted from an aliases or include file in a problem, a log line, a queue listing or a
+bounce: problems name the file, the line and what is wrong ("line 3 of FILE: a target cannot be read as an
+address"). Only what the file means (alias names, recipients) travels on.
 """
 
 from __future__ import annotations
@@ -50,11 +71,19 @@ MAX_DEPTH = 10
 MAX_INCLUDE_DEPTH = 5
 # Bytes: an include file is a list of addresses; a bigger one is not what the admin meant to include.
 MAX_INCLUDE_SIZE = 1024 * 1024
+# Symbolic links followed on the way to one include file: Linux's own limit (MAXSYMLINKS).
+MAX_SYMLINKS = 40
+# Where the mail of a `postmaster` with no alias and no account goes (RFC 5321 4.5.1: it must work).
+POSTMASTER_ALIAS = "root"
 
 TargetKind = Literal["local", "address", "include", "refused"]
 Severity = Literal["error", "warning"]
+UnhonouredKind = Literal["program", "file"]
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+# A directory on the way to an include file is opened only to look up the next name in it.
+_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+_SEARCH, _READ = 0o1, 0o4  # the x and r mode bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +92,7 @@ class Problem:
 
     `error`: something written in the file is not used (a malformed entry, a refused program or file target,
     a second definition). `warning`: it is used, but probably not as meant (a loop, an unknown user).
+    The message never quotes the file's text (see the module docstring).
     """
 
     line: int
@@ -84,7 +114,8 @@ class Target:
     line: int
     include: str | None = None  # the include file it was read from
     expand: bool = True  # local only: False for `\\name` (deliver without more aliasing)
-    reason: str = ""  # refused only: why
+    reason: str = ""  # refused only: why, without the text
+    unhonoured: UnhonouredKind | None = None  # refused only: a program or file target (sent to the admin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +134,7 @@ class Aliases:
     entries: Mapping[str, Alias] = field(default_factory=dict)
     source: str | None = None  # the file read; None when parsed from text or when there was none
     problems: tuple[Problem, ...] = ()
+    owner: int | None = None  # the file's owner (uid); None when parsed from text
 
     def get(self, name: str) -> Alias | None:
         """The alias called `name` (any case), or None."""
@@ -113,6 +145,49 @@ class Aliases:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class Unhonoured:
+    """A `|program` or `/file` target met while expanding an alias: pymta does not run or write it, and the
+    flush sends the mail to the admin instead, with `header()` saying where the target was written."""
+
+    kind: UnhonouredKind
+    alias: str  # the alias whose expansion met it
+    line: int
+    file: str  # the aliases file or the include file it is written in
+
+    def __str__(self) -> str:
+        what = "|program" if self.kind == "program" else "/file"
+        return f"{what} target of {self.alias} (line {self.line} of {self.file})"
+
+
+# The header that names, in the admin's copy, a target that was not honoured (pymta.yaml(5)).
+UNHONOURED_HEADER = "X-Pymta-Unhonoured"
+# At most this many such headers in one copy; the rest are counted in the last.
+MAX_UNHONOURED_HEADERS = 20
+
+
+def unhonoured_header(items: Iterable[Unhonoured]) -> bytes:
+    """The X-Pymta-Unhonoured header fields (CRLF-terminated, ASCII) naming `items`, one each."""
+    found = list(items)
+    lines = []
+    for item in found[:MAX_UNHONOURED_HEADERS]:
+        text = "".join(char if " " <= char < "\x7f" else "?" for char in str(item))
+        lines.append(f"{UNHONOURED_HEADER}: {text}\r\n")
+    if len(found) > MAX_UNHONOURED_HEADERS:
+        lines.append(f"{UNHONOURED_HEADER}: and {len(found) - MAX_UNHONOURED_HEADERS} more\r\n")
+    return "".join(lines).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Expansion:
+    """Where mail for one local name goes (`resolve`)."""
+
+    targets: list[str]  # bare local user names and addresses with a domain, unique ignoring case
+    warnings: list[str]  # what is wrong on the way, each naming its file and line
+    own: set[str]  # targets (lower case) written as `\\name` or as an alias's own name: their own mailbox
+    unhonoured: list[Unhonoured]  # program and file targets met: the admin gets the mail for them
 
 
 # --- Reading ---
@@ -144,7 +219,7 @@ def load(path: str) -> Aliases:
     finally:
         os.close(fd)
     aliases = parse(data.decode("utf-8", "surrogateescape"))
-    return Aliases(aliases.entries, path, aliases.problems)
+    return Aliases(aliases.entries, path, aliases.problems, info.st_uid)
 
 
 def _unreadable(path: str, error: OSError) -> ConfigError:
@@ -208,7 +283,7 @@ def _parse_entry(first_line: int, pieces: list[tuple[int, str]], problems: list[
     head = pieces[0][1]
     name, rest = _split_name(head)
     if name is None:
-        problems.append(Problem(first_line, f"no ':' after the alias name in {head.strip()!r}"))
+        problems.append(Problem(first_line, "the line cannot be read as an alias: no ':' after the name"))
         return None
     problem = _name_problem(name)
     if problem:
@@ -219,8 +294,9 @@ def _parse_entry(first_line: int, pieces: list[tuple[int, str]], problems: list[
         for item in _split_targets(text):
             targets.append(classify(item, number, None))
     for target in targets:
-        if target.kind == "refused":
-            problems.append(Problem(target.line, target.reason))
+        refused = Problem(target.line, target.reason)
+        if target.kind == "refused" and refused not in problems:
+            problems.append(refused)
     if not targets:
         problems.append(Problem(first_line, f"{name} has no targets; name at least one address"))
         return None
@@ -248,15 +324,16 @@ def _split_name(line: str) -> tuple[str | None, str]:
 
 
 def _name_problem(name: str) -> str:
-    """What is wrong with `name` as an alias name; "" when nothing is."""
+    """What is wrong with `name` as an alias name; "" when nothing is. The name itself is not quoted: it is
+    text that could not be used."""
     if not name:
         return "an alias with an empty name"
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
-        return f"the alias name {name!r} holds a control character"
+        return "the alias name holds a control character"
     if any(0xDC80 <= ord(char) <= 0xDCFF for char in name):
-        return f"the alias name {name!r} is not valid UTF-8"
+        return "the alias name is not valid UTF-8"
     if "@" in name:
-        return f"the alias name {name} has a domain; alias names are local parts: write {name.split('@')[0]}"
+        return "the alias name has a domain; alias names are local parts: write only the part before the @"
     return ""
 
 
@@ -290,32 +367,39 @@ def _split_targets(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+# Why a target is refused: said without its text (the module docstring).
+PROGRAM_REFUSED = "a |program target is not honoured: pymta never runs programs from aliases"
+FILE_REFUSED = "a /file target is not honoured: pymta never writes files from aliases"
+
+
 def classify(item: str, line: int, include: str | None) -> Target:
     """One target as written (already split from its neighbours) as a Target."""
     inner = item[1:-1] if len(item) >= 2 and item[0] == item[-1] == '"' else item
     if inner.startswith("|"):
-        return _refused(item, line, include, f"{inner} is a program; pymta never runs programs from aliases")
+        return _refused(item, line, include, PROGRAM_REFUSED, "program")
     if inner.startswith("/"):
-        return _refused(item, line, include, f"{inner} is a file; pymta never writes files from aliases")
+        return _refused(item, line, include, FILE_REFUSED, "file")
     if item.lower().startswith(":include:"):
         path = item[len(":include:") :].strip()
         if not os.path.isabs(path):
-            return _refused(item, line, include, f"{item}: the include file must be an absolute path")
+            return _refused(
+                item, line, include, "an :include: target names no absolute path; write /the/path"
+            )
         return Target("include", path, line, include)
     if item.startswith("\\"):
         name = item[1:].strip()
         if not name or not _is_plain_name(name):
-            return _refused(item, line, include, f"{item} is not a local user name")
+            return _refused(item, line, include, "a \\name target cannot be read as a local user name")
         return Target("local", name, line, include, expand=False)
     head = item.split(":", 1)[0]
     if ":" in item and head and all(char.isalnum() or char in "-_." for char in head):
-        return _refused(item, line, include, f"{item}: {head}: targets are not supported")
+        return _refused(item, line, include, "a 'word:' target (such as error:) is not supported")
     try:
         mailboxes = parse_list(item)
-    except AddressError as error:
-        return _refused(item, line, include, f"{item} is not an address ({error})")
+    except AddressError:
+        return _refused(item, line, include, "a target cannot be read as an address")
     if len(mailboxes) != 1 or not mailboxes[0].addr:
-        return _refused(item, line, include, f"{item} is not one address")
+        return _refused(item, line, include, "a target cannot be read as one address")
     addr = mailboxes[0].addr
     if is_local_part_only(addr):
         name = addr[1:-1] if len(addr) >= 2 and addr[0] == addr[-1] == '"' else addr
@@ -323,12 +407,135 @@ def classify(item: str, line: int, include: str | None) -> Target:
     return Target("address", addr, line, include)
 
 
-def _refused(item: str, line: int, include: str | None, reason: str) -> Target:
-    return Target("refused", item, line, include, reason=reason)
+def _refused(
+    item: str, line: int, include: str | None, reason: str, unhonoured: UnhonouredKind | None = None
+) -> Target:
+    return Target("refused", item, line, include, reason=reason, unhonoured=unhonoured)
 
 
 def _is_plain_name(name: str) -> bool:
     return all(char.isalnum() or char in "._-+" for char in name)
+
+
+# --- Whose rights an include file is read with ---
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """A user whose rights an include file is read with (the include rule in the module docstring)."""
+
+    uid: int
+    name: str
+    groups: frozenset[int]
+
+    def may(self, info: os.stat_result, want: int) -> bool:
+        """Whether this user may `want` (_READ, _SEARCH) the file `info` is of, by its mode bits: the owner's
+        bits for its owner, else the group's for a member, else the others'."""
+        if info.st_uid == self.uid:
+            bits = info.st_mode >> 6
+        elif info.st_gid in self.groups:
+            bits = info.st_mode >> 3
+        else:
+            bits = info.st_mode
+        return bits & want == want
+
+
+class _Refused(Exception):
+    """An include file that cannot be used: why, to follow ":include:PATH "."""
+
+
+def _owner_rights(uid: int) -> Reader | None:
+    """The rights a file owned by `uid` gives: None (the flush's own) for root and the user running pymta."""
+    if uid in (0, os.geteuid()):
+        return None
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        raise _Refused(f"belongs to uid {uid}, which has no account, so its rights are unknown") from None
+    return Reader(uid, entry.pw_name, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+
+
+def _refused_for(reader: Reader) -> _Refused:
+    return _Refused(
+        f"cannot be read by {reader.name}, whose rights it is read with (an include file is read with the"
+        " rights of its owner, or of the owner of the file that includes it)"
+    )
+
+
+def _open_include(path: str, reader: Reader | None) -> tuple[int, Reader | None]:
+    """The include file `path` opened for reading, and the rights its own includes are read with.
+
+    Opens one component at a time from "/", following symbolic links on the way itself (never the last
+    one), so that with a `reader` each directory looked up in is checked for that user's search right, and
+    the file for their read right, on exactly what was opened. Raises _Refused."""
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    links = 0
+    directory = os.open("/", _DIR_FLAGS)
+    try:
+        while True:
+            if reader is not None and not reader.may(os.fstat(directory), _SEARCH):
+                raise _refused_for(reader)
+            if not pending:
+                raise _Refused("is not a regular file")
+            name = pending.pop(0)
+            if not pending:
+                return _open_last(directory, name, reader)
+            try:
+                found = os.open(name, _DIR_FLAGS, dir_fd=directory)
+            except OSError as error:
+                if error.errno != errno.ELOOP:  # without O_PATH a symbolic link fails to open
+                    raise _Refused(f"cannot be read ({error.strerror})") from None
+                found = -1
+            info = os.fstat(found) if found >= 0 else None
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                os.close(directory)
+                directory = found
+                continue
+            if found >= 0:
+                os.close(found)
+            if info is not None and not stat.S_ISLNK(info.st_mode):
+                raise _Refused(f"cannot be read ({os.strerror(errno.ENOTDIR)})")
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise _Refused(f"cannot be read ({os.strerror(errno.ELOOP)})")
+            try:
+                target = os.readlink(name, dir_fd=directory)
+            except OSError as error:
+                raise _Refused(f"cannot be read ({error.strerror})") from None
+            pending[:0] = [part for part in target.split("/") if part not in ("", ".")]
+            if target.startswith("/"):
+                os.close(directory)
+                directory = os.open("/", _DIR_FLAGS)
+    finally:
+        os.close(directory)
+
+
+def _open_last(directory: int, name: str, reader: Reader | None) -> tuple[int, Reader | None]:
+    """The last part of an include file's path, opened in `directory` and checked (see _open_include)."""
+    try:
+        fd = os.open(name, _READ_FLAGS | os.O_NOFOLLOW, dir_fd=directory)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _Refused("is a symbolic link, which pymta does not follow: name the real file") from None
+        raise _Refused(f"cannot be read ({error.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Refused("is not a regular file")
+        if reader is not None:
+            if not reader.may(info, _READ):
+                raise _refused_for(reader)
+        else:
+            reader = _owner_rights(info.st_uid)
+            if reader is not None and info.st_nlink != 1:
+                raise _Refused(
+                    f"belongs to {reader.name} and has {info.st_nlink} links; a file whose owner's rights"
+                    " it is read with must have one link (another could have been made by someone else)"
+                )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, reader
 
 
 # --- Expanding ---
@@ -338,6 +545,17 @@ def _is_plain_name(name: str) -> bool:
 class _Loop:
     names: tuple[str, ...]  # the chain from the name that is repeated, ending with it again
     line: int  # where the alias the chain starts at is defined
+
+
+@dataclass(frozen=True, slots=True)
+class _Include:
+    """What one include file gave, read with some rights: its targets, the rights its own includes are
+    read with, the problems met, and the problem that made it unusable (None when it was read)."""
+
+    targets: list[Target]
+    reader: Reader | None
+    problems: list[Problem]
+    unusable: Problem | None
 
 
 class _Expander:
@@ -351,9 +569,17 @@ class _Expander:
         self.loops: list[_Loop] = []
         self.loop_problems: list[Problem] = []  # the loop warnings among `problems`
         self.locals_seen: list[Target] = []  # local targets that are no alias (for validate)
-        self._includes: dict[str, tuple[list[Target], list[Problem], Problem | None]] = {}
+        self._includes: dict[tuple[int | None, str], _Include] = {}
         self.unusable: list[Problem] = []  # include files that could not be used: the mail must wait
         self.own: set[str] = set()  # names (lower case) written as \name or as their own target
+        self.unhonoured: list[Unhonoured] = []
+        self.reader: Reader | None = None  # the aliases file's rights: its owner's, unless root or ourselves
+        if aliases.owner is not None:
+            try:
+                self.reader = _owner_rights(aliases.owner)
+            except _Refused as refused:
+                self.unusable.append(Problem(0, f"the aliases file {refused}"))
+                self.note(self.unusable[-1])
 
     def note(self, problem: Problem) -> None:
         if problem not in self.problems:
@@ -372,6 +598,9 @@ class _Expander:
         """Add what `name` expands to; `chain` holds the names (lower case) being expanded around it."""
         alias = self.aliases.get(name)
         if alias is None:
+            if name.lower() == "postmaster" and not _is_user(name):
+                self._postmaster(name, chain)
+                return
             self.targets.append(name)
             return
         if len(chain) >= MAX_DEPTH:
@@ -386,10 +615,10 @@ class _Expander:
             self.targets.append(name)
             return
         chain.append(alias.name.lower())
-        before = len(self.targets)
-        self.expand_targets(alias, alias.targets, chain, [])
+        before = (len(self.targets), len(self.unhonoured))
+        self.expand_targets(alias, alias.targets, chain, [], self.reader)
         chain.pop()
-        if len(self.targets) == before:
+        if (len(self.targets), len(self.unhonoured)) == before:
             self.note(
                 Problem(
                     alias.line,
@@ -399,14 +628,34 @@ class _Expander:
             )
             self.targets.append(name)
 
+    def _postmaster(self, name: str, chain: list[str]) -> None:
+        """`postmaster` with no alias and no account: RFC 5321 4.5.1 says it must work, so it is an alias
+        of root (and root's own alias, if any, applies)."""
+        if POSTMASTER_ALIAS in chain:  # root's alias led here: root's own mailbox ends it
+            self.targets.append(POSTMASTER_ALIAS)
+            return
+        chain.append(name.lower())
+        self.expand(POSTMASTER_ALIAS, chain, 0)
+        chain.pop()
+
     def expand_targets(
-        self, alias: Alias, targets: Iterable[Target], chain: list[str], includes: list[str]
+        self,
+        alias: Alias,
+        targets: Iterable[Target],
+        chain: list[str],
+        includes: list[str],
+        reader: Reader | None,
     ) -> None:
         for target in targets:
             if target.kind == "refused":
                 self.note(Problem(target.line, target.reason, "error", target.include))
+                if target.unhonoured is not None:
+                    where = target.include or self.aliases.source or "aliases"
+                    found = Unhonoured(target.unhonoured, alias.name, target.line, where)
+                    if found not in self.unhonoured:
+                        self.unhonoured.append(found)
             elif target.kind == "include":
-                self.include(alias, target, chain, includes)
+                self.include(alias, target, chain, includes, reader)
             else:
                 local = self.local_name(target)
                 if local is None:
@@ -434,7 +683,9 @@ class _Expander:
                         self.locals_seen.append(target)
                     self.expand(local, chain, target.line)
 
-    def include(self, alias: Alias, target: Target, chain: list[str], includes: list[str]) -> None:
+    def include(
+        self, alias: Alias, target: Target, chain: list[str], includes: list[str], reader: Reader | None
+    ) -> None:
         path = target.value
         if path in includes:
             self.note(
@@ -451,37 +702,35 @@ class _Expander:
                 )
             )
             return
-        if path not in self._includes:
-            self._includes[path] = read_include(path, target.line, target.include)
-        found, problems, unusable = self._includes[path]
-        for problem in problems:
+        key = (None if reader is None else reader.uid, path)
+        if key not in self._includes:
+            self._includes[key] = read_include(path, target.line, target.include, reader)
+        found = self._includes[key]
+        for problem in found.problems:
             self.note(problem)
-        if unusable is not None and unusable not in self.unusable:
-            self.unusable.append(unusable)
-        self.expand_targets(alias, found, chain, [*includes, path])
+        if found.unusable is not None and found.unusable not in self.unusable:
+            self.unusable.append(found.unusable)
+        self.expand_targets(alias, found.targets, chain, [*includes, path], found.reader)
 
 
-def read_include(
-    path: str, line: int, include: str | None = None
-) -> tuple[list[Target], list[Problem], Problem | None]:
-    """The targets in the include file `path` (named on `line`), the problems met reading it, and, when the
-    file cannot be used at all (missing, unreadable, not a regular file, a symlink, writable by everyone,
-    too big), that problem."""
+def read_include(path: str, line: int, include: str | None = None, reader: Reader | None = None) -> _Include:
+    """The include file `path` (named on `line` of `include`, or of the aliases file), read with the rights
+    of `reader` (None: the flush's own, then its owner's; see the module docstring): its targets, the
+    problems met, and, when the file cannot be used at all (missing, unreadable by the reader, not a regular
+    file, a symlink, writable by everyone, too big), that problem."""
 
-    def refuse(why: str) -> tuple[list[Target], list[Problem], Problem | None]:
+    def refuse(why: str) -> _Include:
         problem = Problem(line, f":include:{path} {why}; skipped", "error", include)
-        return [], [problem], problem
+        return _Include([], reader, [problem], problem)
 
     try:
-        fd = os.open(path, _READ_FLAGS | os.O_NOFOLLOW)
+        fd, rights = _open_include(path, reader)
+    except _Refused as refused:
+        return refuse(str(refused))
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            return refuse("is a symbolic link, which pymta does not follow: name the real file")
         return refuse(f"cannot be read ({error.strerror})")
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return refuse("is not a regular file")
         if info.st_mode & stat.S_IWOTH:
             return refuse(f"is writable by everyone, so anyone could redirect mail (chmod o-w {path})")
         if info.st_size > MAX_INCLUDE_SIZE:
@@ -501,9 +750,10 @@ def read_include(
         for item in _split_targets(stripped):
             target = classify(item, number, path)
             targets.append(target)
-            if target.kind == "refused":
-                problems.append(Problem(number, target.reason, "error", path))
-    return targets, problems, None
+            problem = Problem(number, target.reason, "error", path)
+            if target.kind == "refused" and problem not in problems:
+                problems.append(problem)
+    return _Include(targets, rights, problems, None)
 
 
 def _unique(addrs: Iterable[str]) -> list[str]:
@@ -519,24 +769,21 @@ def _unique(addrs: Iterable[str]) -> list[str]:
 def expand(
     aliases: Aliases, local_part: str, *, local_domains: Iterable[str] = ()
 ) -> tuple[list[str], list[str]]:
-    """`expand_marked` without the names marked for their own mailbox."""
-    targets, warnings, _ = expand_marked(aliases, local_part, local_domains=local_domains)
-    return targets, warnings
+    """`resolve`'s targets and warnings."""
+    found = resolve(aliases, local_part, local_domains=local_domains)
+    return found.targets, found.warnings
 
 
-def expand_marked(
-    aliases: Aliases, local_part: str, *, local_domains: Iterable[str] = ()
-) -> tuple[list[str], list[str], set[str]]:
-    """Where mail for the local name `local_part` goes: (targets, warnings).
+def resolve(aliases: Aliases, local_part: str, *, local_domains: Iterable[str] = ()) -> Expansion:
+    """Where mail for the local name `local_part` goes.
 
     Each target is either a bare local user name (deliver to that user's mailbox; no more aliasing applies)
     or an address with a domain. An address in one of `local_domains` (pass localhost, the hostname and the
     configured local_domains) is treated as its local part and expanded too, so loops through them are caught.
     Targets are unique ignoring case, in the order found. Warnings name the file and line they are about.
-    See the module docstring for loops, self-references and unusable aliases. Raises ConfigError when an
-    include file on the way cannot be used (missing, unreadable, unsafe): its members are unknown, so the
-    caller defers the mail rather than deliver or bounce it. The third item holds the targets (lower case)
-    written as `\\name` or as an alias's own name: their own mailbox, whatever else would apply (`admin:`).
+    See the module docstring for loops, self-references, unusable aliases, postmaster and unhonoured
+    targets. Raises ConfigError when an include file on the way cannot be used (missing, unreadable, unsafe):
+    its members are unknown, so the caller defers the mail rather than deliver or bounce it.
     """
     expander = _Expander(aliases, local_domains)
     expander.expand(local_part, [], 0)
@@ -545,11 +792,13 @@ def expand_marked(
         problem = expander.unusable[0]
         where = f"{source}: " if problem.include is None else ""
         what = str(problem).removesuffix("; skipped")
+        if problem.line == 0:  # about the aliases file itself
+            what = problem.message
         raise ConfigError(f"{where}{what}; mail for {local_part} waits until it can be read")
     warnings = [
         f"{source}: {problem}" if problem.include is None else str(problem) for problem in expander.problems
     ]
-    return _unique(expander.targets), warnings, expander.own
+    return Expansion(_unique(expander.targets), warnings, expander.own, expander.unhonoured)
 
 
 def validate(path: str, *, local_domains: Iterable[str] = (), check_users: bool = True) -> list[Problem]:

@@ -43,15 +43,23 @@ def check(config_file: str | None) -> None:
     shown only as their source ({keyring: SERVICE}, {command: ...}, {env: VAR}, {file: PATH}); the
     config file never holds a password itself.
 
+    A valid config that will not do what it says gets a warning on stderr: an admin address on this
+    machine that leads to no mailbox (its mail then goes to root's).
+
     \b
     Exit status: 0 when the config is valid; 78 (EX_CONFIG) when it is not,
     with one line on stderr naming the file, the key, what is wrong and the fix.
     """
+    from pymta.routing import Router
+
     try:
         settings = config.load(config_file)
     except ConfigError as error:
         raise ConfigInvalid(str(error)) from None
     click.echo(render(settings), nl=False)
+    warning = Router(settings).admin_warning()
+    if warning:
+        click.echo(f"pymta: warning: {warning}", err=True)
 
 
 def render(settings: config.Config) -> str:

@@ -33,13 +33,14 @@ notice is tried again at the next attempt, and a success notice is lost.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -48,7 +49,7 @@ from .config import Config, Rewrite, Smarthost
 from .errors import ConfigError, SpoolError
 from .identity import policy_of
 from .message import complete, rewrite_from
-from .routing import Router
+from .routing import Plan, Router
 from .smtp import RecipientOutcome, SessionError, SmtpSession, Status, Transaction
 from .spool import NEVER, QueueEntry, RecipientStatus, Spool
 
@@ -375,13 +376,25 @@ class Flusher:
                 continue
             for warning in plan.warnings:
                 self.log.warning(f"id={entry.id} {warning}")
+            targets, sent_on = list(plan.targets), list(plan.targets)
+            if plan.unhonoured and entry.dsn_of is not None:  # a notice is not copied again: no loop
+                self.log.warning(f"id={entry.id} to=<{address}> {_listed(plan.unhonoured)} not honoured")
+                if plan.user is None and not targets:
+                    targets.append("\\root")  # the mailbox of last resort
+                    sent_on = targets
+            elif plan.unhonoured:
+                copy_to = self._copy_unhonoured(entry, message, address, plan)
+                if copy_to is None:
+                    attempt.set(address, "deferred", "4.3.0 cannot queue the copy for the admin", "local")
+                    continue
+                sent_on.append(copy_to)
             if plan.user is not None:
                 local.append((address, plan.user))
-            elif plan.targets:
-                attempt.set(address, "expanded", f"sent on to {', '.join(plan.targets)}", "local")
+            elif sent_on:
+                attempt.set(address, "expanded", f"sent on to {', '.join(sent_on)}", "local")
             else:
                 attempt.set(address, "failed", "5.1.1 the aliases lead to no deliverable address", "local")
-            for target in plan.targets:
+            for target in targets:
                 if target.lower() not in known and len(known) < MAX_RECIPIENTS:
                     known.add(target.lower())
                     attempt.added[target] = address
@@ -406,6 +419,38 @@ class Flusher:
             attempt.set(address, status, reason, "local")
         if remote:
             self._send_remote(entry, completed, remote, attempt)
+
+    def _copy_unhonoured(self, entry: QueueEntry, message: bytes, address: str, plan: Plan) -> str | None:
+        """Queue a copy of the message for the admin (postmaster when there is none) in place of the
+        `|program` and `/file` targets that `address` led to, each named in an X-Pymta-Unhonoured header
+        (pymta.yaml(5)); what to say it was sent on to. None when our spool cannot take it: the caller
+        defers `address`."""
+        from . import aliases, bounce
+
+        items = _listed(plan.unhonoured)
+        to = self.config.admin or "postmaster"
+        envelope: dict[str, object] = {
+            "sender": "",
+            "recipients": [to],
+            "submitted_by": bounce.MAILER_DAEMON,
+            "uid": -1,
+            "full_name": bounce.MAIL_DELIVERY_SYSTEM,
+            "queued_at": self.clock(),
+            "dsn_of": entry.id,  # ours: should it fail, it is kept for the admin, never bounced again
+        }
+        copied = aliases.unhonoured_header(plan.unhonoured) + self._as_sent(entry, message)
+        try:
+            queue_id = self.spool.submit(envelope, copied)
+        except SpoolError as exc:
+            self.log.error(f"id={entry.id} cannot queue the copy for <{to}> of mail to <{address}>: {exc}")
+            return None
+        with contextlib.suppress(OSError):  # it is queued: the next run delivers it
+            self.spool.request_flush()
+        self.log.warning(
+            f"id={entry.id} to=<{address}> status=unhonoured ({items}: pymta never runs programs or writes"
+            f" files from aliases); copy {queue_id} to <{to}>"
+        )
+        return f"<{to}> (copy {queue_id}: {items} not honoured)"
 
     def _send_remote(self, entry: QueueEntry, message: bytes, remote: list[str], attempt: Attempt) -> None:
         sender = self.router.wire_address(entry.sender)
@@ -711,6 +756,10 @@ class InFlight:
     message: bytes
     attempt: Attempt
     lock: int
+
+
+def _listed(items: Iterable[object]) -> str:
+    return ", ".join(map(str, items))
 
 
 def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) -> QueueEntry:

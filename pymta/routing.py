@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 
 from .address import qualify
 from .config import Config
+from .errors import ConfigError
 from .identity import host_names
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .aliases import Aliases
+    from .aliases import Aliases, Expansion, Unhonoured
 
+# The mailbox of last resort: where the admin's mail goes when the admin address leads to no mailbox.
+POSTMASTER_ALIAS = "root"
 # Accounts from this uid up are people (Debian's and Fedora's UID_MIN): their mail stays in their mailbox;
 # mail for system accounts below it (root, cron, daemons) and for names that are no account goes to `admin`.
 FIRST_PERSON_UID = 1000
@@ -37,6 +40,8 @@ class Plan:
     user: str | None = None
     targets: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    # `|program` and `/file` targets met: not honoured; the flush sends the admin a copy naming them
+    unhonoured: tuple[Unhonoured, ...] = ()
 
 
 def local_domains(config: Config) -> set[str]:
@@ -79,23 +84,37 @@ class Router:
         (that is where alias loops end), but the admin rule still applies to a local name. A target an
         alias wrote as `\\name` comes back as the recipient `\\name`: that user's mailbox, admin or not
         (the mark is kept in the queue, so a retry in a later run still knows it).
+
+        A local admin address is looked up even as a target, and the admin rule does not apply within it;
+        a name it leads to that has no mailbox (`postmaster@` this host with no aliases file) is root's: the
+        admin's mail must reach someone, never bounce back to the admin (issue 11).
         """
         if address.startswith("\\") and "@" not in address:
             return Plan(user=self._mailbox_owner(address[1:]))
         user = self.local_part(address)
         if user is None:
             return None
+        admin = self.config.admin
+        admin_user = (self.local_part(admin) or "").lower() if admin else ""
+        is_admin = bool(admin_user) and user.lower() == admin_user
         warnings: list[str] = []
         names = [user]
         marked: set[str] = set()  # \name and self-references: that mailbox, not the admin
-        if not expanded:
-            names, warnings, marked = self._expand(user)
-        admin = self.config.admin
-        admin_user = (self.local_part(admin) or "").lower() if admin else ""
+        unhonoured: tuple[Unhonoured, ...] = ()
+        if not expanded or is_admin:
+            found = self._expand(user)
+            names, warnings, marked = found.targets, found.warnings, found.own
+            unhonoured = tuple(found.unhonoured)
+        if is_admin and unhonoured:  # a copy for the admin of the admin's own mail would loop: root's mailbox
+            warnings.extend(f"{item} not honoured for the admin's mail" for item in unhonoured)
+            names, unhonoured = names or [POSTMASTER_ALIAS], ()
         targets: list[str] = []
         for name in names:
             if "@" in name:
                 targets.append(name)  # aliased to an address elsewhere
+            elif is_admin:
+                mailbox = name if self.user_mode or _has_account(name) else POSTMASTER_ALIAS
+                targets.append(name if mailbox == name and name.lower() == user.lower() else f"\\{mailbox}")
             elif name.lower() in marked and name.lower() != user.lower():
                 targets.append(f"\\{name}")  # its own mailbox, whatever `admin:` says
             elif admin and admin_user != name.lower() and name.lower() not in marked and not _is_person(name):
@@ -108,8 +127,8 @@ class Router:
         own = [t for t in targets if "@" not in t and t.lower() == user.lower()]
         others = tuple(t for t in targets if t not in own)
         if own:
-            return Plan(user=self._mailbox_owner(user), targets=others, warnings=tuple(warnings))
-        return Plan(targets=others, warnings=tuple(warnings))
+            return Plan(self._mailbox_owner(user), others, tuple(warnings), unhonoured)
+        return Plan(targets=others, warnings=tuple(warnings), unhonoured=unhonoured)
 
     def _mailbox_owner(self, user: str) -> str:
         """In user mode every local recipient's mail goes to the running user's own mailbox."""
@@ -122,16 +141,50 @@ class Router:
         except KeyError:
             return user
 
-    def _expand(self, user: str) -> tuple[list[str], list[str], set[str]]:
+    def _expand(self, user: str) -> Expansion:
         from . import aliases
 
         if self._aliases is None:
             self._aliases = aliases.load(self.config.aliases)
-        return aliases.expand_marked(self._aliases, user, local_domains=self.local_domains)
+        return aliases.resolve(self._aliases, user, local_domains=self.local_domains)
+
+    def admin_warning(self) -> str | None:
+        """What is wrong with `admin:` when it is a local address that leads to no mailbox (for `pymta
+        config check`): its mail then goes to root's mailbox (`plan`), not to whoever set it. None when
+        `admin:` is unset, elsewhere, or fine."""
+        admin = self.config.admin
+        user = self.local_part(admin) if admin else None
+        if user is None:
+            return None
+        try:
+            names = self._expand(user).targets
+        except ConfigError as error:
+            return f"admin: {admin} is a local address that cannot be checked: {error}"
+        missing = [name for name in names if "@" not in name and not _has_account(name)]
+        if not missing:
+            return None
+        return (
+            f"admin: {admin} is a local address that leads to no mailbox ({', '.join(missing)}: no such user"
+            f" and no alias), so the admin's mail goes to root's mailbox; set admin: to an address someone"
+            f" reads, or give {user} an alias in {self.config.aliases}"
+        )
 
     def wire_address(self, address: str) -> str:
         """The address as the smarthost gets it: a bare name qualified with the configured domain."""
         return qualify(address, self.config.domain)
+
+
+def _has_account(name: str) -> bool:
+    """Whether the local name has an account, so a mailbox (in lower case too, as local delivery looks)."""
+    import pwd
+
+    for each in dict.fromkeys((name, name.lower())):
+        try:
+            pwd.getpwnam(each)
+        except (KeyError, ValueError):
+            continue
+        return True
+    return False
 
 
 def _is_person(name: str) -> bool:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import shutil
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,22 +96,24 @@ def test_targets_are_unique_ignoring_case() -> None:
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
-        ("bad line", "line 2: no ':' after the alias name in 'bad line'"),
-        ("who@example.org: root", "line 2: the alias name who@example.org has a domain"),
+        ("bad line", "line 2: the line cannot be read as an alias: no ':' after the name"),
+        ("who@example.org: root", "line 2: the alias name has a domain"),
+        ('"zq\x01xw": root', "line 2: the alias name holds a control character"),
         (": root", "line 2: an alias with an empty name"),
         ("empty:", "line 2: empty has no targets"),
-        ("odd: a b c", "line 2: a b c is not an address"),
-        ("mailer: error:5.1.1 gone", "line 2: error:5.1.1 gone: error: targets are not supported"),
-        (
-            "rel: :include:lists/staff",
-            "line 2: :include:lists/staff: the include file must be an absolute path",
-        ),
+        ("odd: a b c", "line 2: a target cannot be read as an address"),
+        ("mailer: error:5.1.1 gone", "line 2: a 'word:' target (such as error:) is not supported"),
+        ("rel: :include:lists/staff", "line 2: an :include: target names no absolute path"),
+        ("bs: \\no/name", "line 2: a \\name target cannot be read as a local user name"),
     ],
 )
-def test_malformed_entries_are_reported_with_their_line(line: str, problem: str) -> None:
+def test_malformed_entries_are_reported_with_their_line_and_not_their_text(line: str, problem: str) -> None:
+    # The text of a line that cannot be used is never quoted (issue 10, H1): it could be a secret.
     table = aliases.parse(f"# first\n{line}\nok: root\n")
     assert any(str(found).startswith(problem) for found in table.problems), table.problems
     assert "ok" in table
+    for word in ("bad line", "who@", "zq", "a b c", "5.1.1 gone", "lists/staff", "no/name"):
+        assert not any(word in str(found) for found in table.problems), table.problems
 
 
 def test_a_continuation_line_before_any_entry_is_reported() -> None:
@@ -127,29 +134,70 @@ def test_a_second_definition_is_reported_and_the_first_is_used() -> None:
 # --- programs and files are refused ---
 
 
-def test_programs_and_files_are_refused_with_a_warning_and_never_run(tmp_path: Path) -> None:
+def test_programs_and_files_are_refused_with_a_warning_never_run_and_listed_as_unhonoured(
+    tmp_path: Path,
+) -> None:
     marker = tmp_path / "ran"
     program = f"\"|/bin/sh -c 'touch {marker}, again'\""
     table = aliases.parse(f"# x\nlog: |touch {marker}, {program}, {tmp_path}/file, admin@example.org\n")
     assert [str(problem) for problem in table.problems] == [
-        f"line 2: |touch {marker} is a program; pymta never runs programs from aliases",
-        f"line 2: |/bin/sh -c 'touch {marker}, again' is a program; pymta never runs programs from aliases",
-        f"line 2: {tmp_path}/file is a file; pymta never writes files from aliases",
+        "line 2: a |program target is not honoured: pymta never runs programs from aliases",
+        "line 2: a /file target is not honoured: pymta never writes files from aliases",
     ]
-    targets, warnings = aliases.expand(table, "log")
-    assert targets == ["admin@example.org"]
-    assert warnings == [f"aliases: {problem}" for problem in table.problems]
+    found = aliases.resolve(table, "log")
+    assert found.targets == ["admin@example.org"]
+    assert found.warnings == [f"aliases: {problem}" for problem in table.problems]
+    assert [str(item) for item in found.unhonoured] == [
+        "|program target of log (line 2 of aliases)",
+        "/file target of log (line 2 of aliases)",
+    ]
+    assert aliases.unhonoured_header(found.unhonoured) == (
+        b"X-Pymta-Unhonoured: |program target of log (line 2 of aliases)\r\n"
+        b"X-Pymta-Unhonoured: /file target of log (line 2 of aliases)\r\n"
+    )
     assert not marker.exists()
     assert not (tmp_path / "file").exists()
 
 
-def test_an_alias_with_only_refused_targets_is_delivered_to_the_local_user() -> None:
-    targets, warnings = expand("procmail: |/usr/bin/procmail\n", "procmail")
-    assert targets == ["procmail"]
-    assert warnings == [
-        "aliases: line 1: |/usr/bin/procmail is a program; pymta never runs programs from aliases",
-        "aliases: line 1: procmail has no usable target; delivering to the local user procmail",
+def test_an_alias_with_only_a_program_is_not_delivered_to_a_local_user_of_its_name() -> None:
+    # Issue 11: its mail went to /var/mail/procmail, where nobody reads it; the flush sends it to the admin.
+    found = aliases.resolve(parse("procmail: |/usr/bin/procmail\n"), "procmail")
+    assert found.targets == []
+    assert [str(item) for item in found.unhonoured] == ["|program target of procmail (line 1 of aliases)"]
+    assert found.warnings == [
+        "aliases: line 1: a |program target is not honoured: pymta never runs programs from aliases"
     ]
+
+
+def test_an_alias_with_only_unreadable_targets_is_delivered_to_the_local_user() -> None:
+    targets, warnings = expand("odd: a b c\n", "odd")
+    assert targets == ["odd"]
+    assert warnings == [
+        "aliases: line 1: a target cannot be read as an address",
+        "aliases: line 1: odd has no usable target; delivering to the local user odd",
+    ]
+
+
+def test_the_unhonoured_header_is_plain_ascii_on_one_line_and_bounded() -> None:
+    items = [aliases.Unhonoured("program", f"l\u00e9\r\nX-Evil: {n}", n, "/etc/aliases") for n in range(30)]
+    header = aliases.unhonoured_header(items)
+    lines = header.split(b"\r\n")[:-1]
+    assert len(lines) == aliases.MAX_UNHONOURED_HEADERS + 1
+    assert all(line.startswith(b"X-Pymta-Unhonoured: ") for line in lines)
+    assert lines[-1] == b"X-Pymta-Unhonoured: and 10 more"
+    assert b"\n" not in header.replace(b"\r\n", b"")
+
+
+# --- postmaster (RFC 5321 4.5.1) ---
+
+
+def test_postmaster_with_no_alias_and_no_account_is_root() -> None:
+    assert expand("", "postmaster") == (["root"], [])
+    assert expand("", "PostMaster") == (["root"], [])
+    assert expand("root: admin@example.org\n", "postmaster") == (["admin@example.org"], [])
+    assert expand("postmaster: alice\n", "postmaster") == (["alice"], [])  # an alias of its own wins
+    # root's alias leading to postmaster: root's own mailbox ends it
+    assert expand("root: postmaster\n", "root") == (["root"], [])
 
 
 # --- expansion ---
@@ -226,7 +274,9 @@ def test_include_targets_are_aliases_too_and_nest(tmp_path: Path) -> None:
     outer = write(tmp_path / "outer", f"bob\n:INCLUDE:{inner}\n|/bin/sh\n")
     targets, warnings = expand(f"list: :include:{outer}\nbob: bob@example.org\n", "list")
     assert targets == ["bob@example.org", "deep@example.org"]
-    assert warnings == [f"line 3 of {outer}: |/bin/sh is a program; pymta never runs programs from aliases"]
+    assert warnings == [
+        f"line 3 of {outer}: a |program target is not honoured: pymta never runs programs from aliases"
+    ]
 
 
 def test_include_nesting_is_limited_and_self_inclusion_stopped(tmp_path: Path) -> None:
@@ -345,18 +395,17 @@ def test_validate_reports_every_problem_with_its_line(tmp_path: Path) -> None:
     problems = aliases.validate(str(path))
     assert [str(problem) for problem in problems] == [
         "line 2: alias loop root -> admin -> root",
-        "line 6: |/usr/bin/procmail is a program; pymta never runs programs from aliases",
-        "line 6: procmail has no usable target; delivering to the local user procmail",
-        "line 8: no ':' after the alias name in 'broken line'",
+        "line 6: a |program target is not honoured: pymta never runs programs from aliases",
+        "line 8: the line cannot be read as an alias: no ':' after the name",
         f"line 9: {NOBODY_KNOWS} is neither an alias nor a local user",
         "line 10: alias loop a -> b -> c -> a",
         "line 13: root is defined again (first on line 2, which is used); merge the two entries",
-        f"line 2 of {staff}: /var/log/staff is a file; pymta never writes files from aliases",
+        f"line 2 of {staff}: a /file target is not honoured: pymta never writes files from aliases",
         f"line 3 of {staff}: {NOBODY_KNOWS} is neither an alias nor a local user",
     ]
     severities = {str(problem): problem.severity for problem in problems}
     assert severities["line 2: alias loop root -> admin -> root"] == "warning"
-    assert severities["line 8: no ':' after the alias name in 'broken line'"] == "error"
+    assert severities["line 8: the line cannot be read as an alias: no ':' after the name"] == "error"
 
 
 def test_validate_can_skip_the_user_check(tmp_path: Path) -> None:
@@ -377,3 +426,121 @@ def test_validate_warns_of_a_self_reference_to_no_user(tmp_path: Path) -> None:
 def test_a_clean_file_has_no_problems(tmp_path: Path) -> None:
     path = write(tmp_path / "aliases", "postmaster: root\nroot: root, me@example.org\nabuse: \\root\n")
     assert aliases.validate(str(path)) == []
+
+
+# --- the include rule: an include file is read with its owner's rights (issue 10, H1) ---
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: gives files to other users")
+SECRET = "hunter2-not-an-address"
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory every user may search (tmp_path lies under root's 0700 pytest directory)."""
+    path = Path(tempfile.mkdtemp(prefix="pymta-aliases-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def owned(path: Path, text: str, owner: str, mode: int = 0o644, group: str | None = None) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    entry = pwd.getpwnam(owner)
+    os.chown(path, entry.pw_uid, grp.getgrnam(group).gr_gid if group else entry.pw_gid)
+    return path
+
+
+def private_dir(path: Path, owner: str = "root", mode: int = 0o700) -> Path:
+    path.mkdir()
+    path.chmod(mode)
+    entry = pwd.getpwnam(owner)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path
+
+
+def refused_for(text: str, name: str = "list") -> str:
+    with pytest.raises(ConfigError) as refused:
+        expand(text, name)
+    return str(refused.value)
+
+
+@as_root
+def test_a_users_include_file_cannot_include_what_that_user_cannot_read(shared: Path) -> None:
+    # The attack of issue 10: an admin delegates a list to a user, who includes the smarthost password.
+    secrets = private_dir(shared / "secrets")
+    in_private_dir = owned(secrets / "smarthost", f"{SECRET}\n", "root", 0o644)  # only the directory protects
+    unreadable = owned(shared / "root-only", f"{SECRET}\n", "root", 0o600)  # only the mode protects
+    for secret in (in_private_dir, unreadable):
+        members = owned(shared / "nobody.list", f"someone@example.org\n:include:{secret}\n", "nobody")
+        message = refused_for(f"list: :include:{members}\n")
+        assert message == (
+            f"line 2 of {members}: :include:{secret} cannot be read by nobody, whose rights it is read with"
+            " (an include file is read with the rights of its owner, or of the owner of the file that"
+            " includes it); mail for list waits until it can be read"
+        )
+        members.unlink()
+        problems = aliases.validate(str(owned(shared / "aliases", f"list: :include:{members}\n", "root")))
+        assert SECRET not in str(problems)  # newaliases, as root, does not print it either
+
+
+@as_root
+def test_a_users_include_file_may_include_what_that_user_can_read(shared: Path) -> None:
+    public = owned(shared / "public", "pub@example.org\n", "root", 0o644)
+    by_group = owned(shared / "by-group", "group@example.org\n", "root", 0o640, group="nogroup")
+    mine = owned(shared / "mine", "mine@example.org\n", "nobody", 0o600)
+    members = owned(
+        shared / "nobody.list", f":include:{public}\n:include:{by_group}\n:include:{mine}\n", "nobody"
+    )
+    assert expand(f"list: :include:{members}\n", "list") == (
+        ["pub@example.org", "group@example.org", "mine@example.org"],
+        [],
+    )
+    # the owner's bits are the owner's, even when the group's or others' would allow more
+    owned(mine, "mine@example.org\n", "nobody", 0o044)
+    assert "cannot be read by nobody" in refused_for(f"list: :include:{members}\n")
+
+
+@as_root
+def test_the_rights_of_an_include_never_go_up(shared: Path) -> None:
+    # nobody's list includes daemon's list: it is read with nobody's rights, and so is what it includes.
+    daemons = owned(shared / "daemon-private", "private@example.org\n", "daemon", 0o600)
+    daemon_list = owned(shared / "daemon.list", f"d@example.org\n:include:{daemons}\n", "daemon")
+    members = owned(shared / "nobody.list", f":include:{daemon_list}\n", "nobody")
+    message = refused_for(f"list: :include:{members}\n")
+    assert f"line 2 of {daemon_list}: :include:{daemons} cannot be read by nobody" in message
+    # named by the aliases file itself, daemon's list is read with daemon's rights
+    assert expand(f"list: :include:{daemon_list}\n", "list") == (["d@example.org", "private@example.org"], [])
+
+
+@as_root
+def test_a_symbolic_link_on_the_way_is_followed_with_the_readers_rights(shared: Path) -> None:
+    hidden = private_dir(shared / "hidden")
+    inner = private_dir(hidden / "inner", mode=0o755)
+    secret = owned(inner / "list", f"{SECRET}@example.org\n", "root", 0o644)
+    (shared / "way").symlink_to(inner)  # the link itself is fine; hidden/ on its way is not
+    members = owned(shared / "nobody.list", f":include:{shared}/way/list\n", "nobody")
+    assert "cannot be read by nobody" in refused_for(f"list: :include:{members}\n")
+    hidden.chmod(0o711)
+    assert expand(f"list: :include:{members}\n", "list") == ([f"{SECRET}@example.org"], [])
+    assert expand(f"list: :include:{shared}/way/../inner/list\n", "list")[0] == [f"{SECRET}@example.org"]
+    assert secret.exists()
+
+
+@as_root
+def test_a_file_whose_owner_gives_the_rights_must_have_one_link(shared: Path) -> None:
+    members = owned(shared / "nobody.list", "someone@example.org\n", "nobody")
+    os.link(members, shared / "second-name")
+    message = refused_for(f"list: :include:{members}\n")
+    assert "belongs to nobody and has 2 links" in message
+    (shared / "second-name").unlink()
+    assert expand(f"list: :include:{members}\n", "list") == (["someone@example.org"], [])
+
+
+@as_root
+def test_an_aliases_file_owned_by_a_user_is_read_with_that_users_rights(shared: Path) -> None:
+    secret = owned(shared / "root-only", f"{SECRET}\n", "root", 0o600)
+    table = aliases.load(str(owned(shared / "aliases", f"list: :include:{secret}\n", "nobody")))
+    with pytest.raises(ConfigError, match="cannot be read by nobody") as refused:
+        aliases.expand(table, "list")
+    assert SECRET not in str(refused.value)

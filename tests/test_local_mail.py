@@ -166,10 +166,16 @@ def test_aliases_expand_with_continuation_lines_and_comments_and_never_run_a_pro
 
     result = flush(mta)
 
-    assert subjects(owner_mbox(mta)) == ["to postmaster", "to prog"]
-    [sent] = server.handler.messages
-    assert sent.rcpt_tos == ["ext@example.net"]
-    assert parsed(sent)["Subject"] == "to postmaster"
+    # prog's copy for the program went to postmaster (no admin:), which is staff: the owner and ext@
+    delivered = owner_mbox(mta)
+    assert subjects(delivered) == ["to postmaster", "to prog", "to prog"]
+    assert sorted(str(m["X-Pymta-Unhonoured"]) for m in delivered) == [
+        "None",
+        "None",
+        f"|program target of prog (line 7 of {mta.root / 'aliases'})",
+    ]
+    sent = {str(parsed(m)["Subject"]): m.rcpt_tos for m in server.handler.messages}
+    assert sent == {"to postmaster": ["ext@example.net"], "to prog": ["ext@example.net"]}
     assert not marker.exists()
     assert any("never runs programs" in line for line in log_lines(result)), log_lines(result)
     assert mta.entries() == []
@@ -314,6 +320,111 @@ def test_queue_json_statuses_of_an_expanded_alias_stay_within_the_contract(
 
     [listed] = queue_json(mta)
     assert {status for status, _ in statuses(listed).values()} <= CONTRACT_STATUSES
+
+
+# --- |program and /file targets: the admin gets the mail (issue 11) ---
+
+
+@pytest.mark.parametrize("target", ["|/usr/bin/procmail", "/var/log/prog.log"], ids=["program", "file"])
+def test_mail_for_an_unhonoured_target_goes_to_the_admin_with_a_header_naming_the_line(
+    mta: MtaEnv, server: SmtpServer, target: str
+) -> None:
+    write_aliases(mta, f"# line 1\nprog: {target}\n")
+    configure(mta, plain_host(server.port), extra="admin: boss@example.net\n")
+    queue_id = enqueue(mta, "-f", SENDER, "prog", message=mail("for prog", "the body\n"))
+
+    result = flush(mta)
+
+    [copy] = server.handler.messages
+    assert (copy.mail_from, copy.rcpt_tos) == ("<>", ["boss@example.net"])
+    message = parsed(copy)
+    kind = "|program" if target.startswith("|") else "/file"
+    assert message["X-Pymta-Unhonoured"] == f"{kind} target of prog (line 2 of {mta.root / 'aliases'})"
+    assert message["Subject"] == "for prog" and message.get_content().replace("\r\n", "\n") == "the body\n"
+    assert message["Message-ID"] == f"<{queue_id}@mx.example.org>"  # the original, as it was sent
+    assert not list((mta.root / "mail").iterdir())  # no mailbox called prog, or any other
+    assert not os.path.exists("/var/log/prog.log")
+    [line] = [line for line in log_lines(result) if "status=unhonoured" in line]
+    assert f"id={queue_id} to=<prog> status=unhonoured ({kind} target of prog" in line, line
+    assert "to <boss@example.net>" in line
+    assert target not in result.stderr.decode()  # the line's text is not quoted
+    assert mta.entries() == []
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="root's mailbox is the owner's only as root")
+def test_with_no_admin_mail_for_an_unhonoured_target_reaches_roots_mailbox(mta: MtaEnv) -> None:
+    write_aliases(mta, "prog: |/usr/bin/procmail\n")
+    configure(mta)
+    enqueue(mta, "-f", SENDER, "prog", message=mail("for prog"))
+
+    flush(mta)
+
+    [copy] = owner_mbox(mta)  # postmaster's, which is root's
+    assert copy["Subject"] == "for prog"
+    assert copy["X-Pymta-Unhonoured"] == f"|program target of prog (line 1 of {mta.root / 'aliases'})"
+    assert sorted(os.listdir(mta.root / "mail")) == ["root"]
+    assert mta.entries() == []
+
+
+# --- postmaster and a local admin (issue 11) ---
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="root's mailbox is the owner's only as root")
+def test_postmaster_works_with_no_aliases_file(mta: MtaEnv, server: SmtpServer) -> None:
+    configure(mta, plain_host(server.port))
+    enqueue(mta, "-f", SENDER, "postmaster", "postmaster@mx.example.org", message=mail("for postmaster"))
+
+    flush(mta)
+
+    assert subjects(owner_mbox(mta)) == ["for postmaster"]  # root's, once
+    assert server.handler.messages == []  # no bounce
+    assert mta.entries() == []
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="root's mailbox is the owner's only as root")
+def test_an_admin_address_with_no_mailbox_gets_roots_mailbox_not_a_bounce_loop(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    # `admin: postmaster@` this host, and no aliases file: every cron mail bounced back to the admin.
+    configure(mta, plain_host(server.port), extra="admin: postmaster@mx.example.org\n")
+    enqueue(mta, "root", message=mail("cron says", "disk full\n"))
+    enqueue(mta, "-f", "", "daemon", message=mail("a notice for a system account"))
+
+    result = flush(mta)
+
+    assert subjects(owner_mbox(mta)) == ["a notice for a system account", "cron says"]
+    assert server.handler.messages == []
+    assert not any("bounce" in line for line in log_lines(result)), log_lines(result)
+    assert sorted(os.listdir(mta.root / "mail")) == ["root"]
+    assert mta.entries() == []
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="root's mailbox is the owner's only as root")
+def test_a_local_admin_address_is_looked_up_in_the_aliases(mta: MtaEnv, server: SmtpServer) -> None:
+    write_aliases(mta, "postmaster: ops\nops: ops@example.net, root\n")
+    configure(mta, plain_host(server.port), extra="admin: postmaster@mx.example.org\n")
+    enqueue(mta, "root", message=mail("cron says"))
+
+    flush(mta)
+
+    assert [m.rcpt_tos for m in server.handler.messages] == [["ops@example.net"]]
+    assert subjects(owner_mbox(mta)) == ["cron says"]  # root: its own mailbox, not the admin again
+    assert mta.entries() == []
+
+
+def test_config_check_flags_an_admin_address_that_leads_to_no_mailbox(mta: MtaEnv) -> None:
+    configure(mta, extra="admin: nobody-here-pymta@mx.example.org\n")
+    flagged = pymta(mta, "config", "check")
+    assert flagged.returncode == 0, flagged.stderr  # valid: the mail goes to root's mailbox
+    [warning] = flagged.stderr.decode().splitlines()
+    assert warning.startswith(
+        "pymta: warning: admin: nobody-here-pymta@mx.example.org is a local address that leads to no"
+        " mailbox (nobody-here-pymta: no such user and no alias), so the admin's mail goes to root's mailbox;"
+    ), warning
+    for fine in ("admin: boss@example.net\n", "admin: postmaster@mx.example.org\n", ""):
+        configure(mta, extra=fine)
+        result = pymta(mta, "config", "check")
+        assert (result.returncode, result.stderr) == (0, b""), (fine, result.stderr)
 
 
 # --- the admin rule ---
