@@ -229,10 +229,17 @@ def _unreadable(path: str, error: OSError) -> ConfigError:
     )
 
 
-def _read_all(fd: int) -> bytes:
+def _read_all(fd: int, limit: int | None = None) -> bytes:
+    """What `fd` holds up to its end, or its first `limit` bytes."""
     chunks = []
-    while chunk := os.read(fd, 65536):
+    left = limit
+    while left is None or left > 0:
+        chunk = os.read(fd, 65536 if left is None else min(65536, left))
+        if not chunk:
+            break
         chunks.append(chunk)
+        if left is not None:
+            left -= len(chunk)
     return b"".join(chunks)
 
 
@@ -458,7 +465,7 @@ def _owner_rights(uid: int) -> Reader | None:
 def _refused_for(reader: Reader) -> _Refused:
     return _Refused(
         f"cannot be read by {reader.name}, whose rights it is read with (an include file is read with the"
-        " rights of its owner, or of the owner of the file that includes it)"
+        " rights of the user who owns it, the file that includes it, or a directory or link on its way)"
     )
 
 
@@ -466,15 +473,16 @@ def _open_include(path: str, reader: Reader | None) -> tuple[int, Reader | None]
     """The include file `path` opened for reading, and the rights its own includes are read with.
 
     Opens one component at a time from "/", following symbolic links on the way itself (never the last
-    one), so that with a `reader` each directory looked up in is checked for that user's search right, and
-    the file for their read right, on exactly what was opened. Raises _Refused."""
+    one), so that every check is made on exactly what was opened: with the flush's own rights (`reader`
+    None), a directory or symbolic link on the way that belongs to another user hands the rest of the way
+    to that user's rights (they could have put anything below it); with a user's rights, each directory
+    looked up in must be searchable by them, and the file readable. Raises _Refused."""
     pending = [part for part in path.split("/") if part not in ("", ".")]
     links = 0
     directory = os.open("/", _DIR_FLAGS)
     try:
         while True:
-            if reader is not None and not reader.may(os.fstat(directory), _SEARCH):
-                raise _refused_for(reader)
+            reader = _enter_directory(os.fstat(directory), reader)
             if not pending:
                 raise _Refused("is not a regular file")
             name = pending.pop(0)
@@ -486,18 +494,22 @@ def _open_include(path: str, reader: Reader | None) -> tuple[int, Reader | None]
                 if error.errno != errno.ELOOP:  # without O_PATH a symbolic link fails to open
                     raise _Refused(f"cannot be read ({error.strerror})") from None
                 found = -1
-            info = os.fstat(found) if found >= 0 else None
-            if info is not None and stat.S_ISDIR(info.st_mode):
-                os.close(directory)
-                directory = found
-                continue
             if found >= 0:
+                info = os.fstat(found)
+                if stat.S_ISDIR(info.st_mode):
+                    os.close(directory)
+                    directory = found
+                    continue
                 os.close(found)
-            if info is not None and not stat.S_ISLNK(info.st_mode):
+            else:
+                info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if not stat.S_ISLNK(info.st_mode):
                 raise _Refused(f"cannot be read ({os.strerror(errno.ENOTDIR)})")
             links += 1
             if links > MAX_SYMLINKS:
                 raise _Refused(f"cannot be read ({os.strerror(errno.ELOOP)})")
+            if reader is None:
+                reader = _owner_rights(info.st_uid)
             try:
                 target = os.readlink(name, dir_fd=directory)
             except OSError as error:
@@ -508,6 +520,18 @@ def _open_include(path: str, reader: Reader | None) -> tuple[int, Reader | None]
                 directory = os.open("/", _DIR_FLAGS)
     finally:
         os.close(directory)
+
+
+def _enter_directory(info: os.stat_result, reader: Reader | None) -> Reader | None:
+    """The rights to go on with inside a directory on an include file's way (`_open_include`); refuses one
+    that everyone may write without the sticky bit (anyone could have swapped what lies in it)."""
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise _Refused("lies in a directory that everyone may write (chmod o-w, or +t, that directory)")
+    if reader is None:
+        reader = _owner_rights(info.st_uid)
+    if reader is not None and not reader.may(info, _SEARCH):
+        raise _refused_for(reader)
+    return reader
 
 
 def _open_last(directory: int, name: str, reader: Reader | None) -> tuple[int, Reader | None]:
@@ -733,9 +757,11 @@ def read_include(path: str, line: int, include: str | None = None, reader: Reade
         info = os.fstat(fd)
         if info.st_mode & stat.S_IWOTH:
             return refuse(f"is writable by everyone, so anyone could redirect mail (chmod o-w {path})")
-        if info.st_size > MAX_INCLUDE_SIZE:
+        data = b""
+        if info.st_size <= MAX_INCLUDE_SIZE:  # and no more than that is read: it could grow meanwhile
+            data = _read_all(fd, MAX_INCLUDE_SIZE + 1)
+        if info.st_size > MAX_INCLUDE_SIZE or len(data) > MAX_INCLUDE_SIZE:
             return refuse(f"is bigger than {MAX_INCLUDE_SIZE} bytes")
-        data = _read_all(fd)
     except OSError as error:
         return refuse(f"cannot be read ({error.strerror})")
     finally:

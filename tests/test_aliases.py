@@ -476,8 +476,8 @@ def test_a_users_include_file_cannot_include_what_that_user_cannot_read(shared: 
         message = refused_for(f"list: :include:{members}\n")
         assert message == (
             f"line 2 of {members}: :include:{secret} cannot be read by nobody, whose rights it is read with"
-            " (an include file is read with the rights of its owner, or of the owner of the file that"
-            " includes it); mail for list waits until it can be read"
+            " (an include file is read with the rights of the user who owns it, the file that includes it,"
+            " or a directory or link on its way); mail for list waits until it can be read"
         )
         members.unlink()
         problems = aliases.validate(str(owned(shared / "aliases", f"list: :include:{members}\n", "root")))
@@ -544,3 +544,32 @@ def test_an_aliases_file_owned_by_a_user_is_read_with_that_users_rights(shared: 
     with pytest.raises(ConfigError, match="cannot be read by nobody") as refused:
         aliases.expand(table, "list")
     assert SECRET not in str(refused.value)
+
+
+@as_root
+def test_a_directory_or_link_of_a_user_on_the_way_hands_the_rest_of_the_way_to_that_user(
+    shared: Path,
+) -> None:
+    # The admin names a file in nobody's directory: nobody could have put anything there, a link or a
+    # hard link to a root-only file included, so what lies below is read with nobody's rights.
+    theirs = private_dir(shared / "theirs", "nobody", 0o755)
+    root_only = owned(theirs / "list", f"{SECRET}@example.org\n", "root", 0o600)
+    assert "cannot be read by nobody" in refused_for(f"list: :include:{root_only}\n")
+    root_only.chmod(0o644)
+    assert expand(f"list: :include:{root_only}\n", "list")[0] == [f"{SECRET}@example.org"]
+    # a link of nobody's in a root directory, to a root-only directory
+    hidden = private_dir(shared / "hidden")
+    owned(hidden / "list", f"{SECRET}@example.org\n", "root", 0o644)
+    (shared / "way").symlink_to(hidden)
+    os.chown(shared / "way", pwd.getpwnam("nobody").pw_uid, -1, follow_symlinks=False)
+    assert "cannot be read by nobody" in refused_for(f"list: :include:{shared}/way/list\n")
+    assert expand(f"list: :include:{hidden}/list\n", "list")[0] == [f"{SECRET}@example.org"]  # root's own way
+
+
+@as_root
+def test_an_include_in_a_directory_everyone_may_write_is_refused(shared: Path) -> None:
+    open_dir = private_dir(shared / "open", mode=0o777)
+    members = owned(open_dir / "list", "someone@example.org\n", "root")
+    assert "lies in a directory that everyone may write" in refused_for(f"list: :include:{members}\n")
+    open_dir.chmod(0o1777)  # sticky, as /tmp: only a file's owner may replace it
+    assert expand(f"list: :include:{members}\n", "list") == (["someone@example.org"], [])
