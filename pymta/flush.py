@@ -436,6 +436,10 @@ class Flusher:
             "uid": -1,
             "full_name": bounce.MAIL_DELIVERY_SYSTEM,
             "queued_at": self.clock(),
+            "notify": None,
+            "ret": None,
+            "envid": None,
+            "body_type": entry.body_type,  # the original's body, 8-bit or not
             "dsn_of": entry.id,  # ours: should it fail, it is kept for the admin, never bounced again
         }
         copied = aliases.unhonoured_header(plan.unhonoured) + self._as_sent(entry, message)
