@@ -388,6 +388,8 @@ def classify(item: str, line: int, include: str | None) -> Target:
         return _refused(item, line, include, FILE_REFUSED, "file")
     if item.lower().startswith(":include:"):
         path = item[len(":include:") :].strip()
+        if any(ord(char) < 32 or ord(char) == 127 for char in path):  # it is shown in messages and logs
+            return _refused(item, line, include, "an :include: target holds a control character")
         if not os.path.isabs(path):
             return _refused(
                 item, line, include, "an :include: target names no absolute path; write /the/path"

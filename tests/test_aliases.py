@@ -104,6 +104,7 @@ def test_targets_are_unique_ignoring_case() -> None:
         ("odd: a b c", "line 2: a target cannot be read as an address"),
         ("mailer: error:5.1.1 gone", "line 2: a 'word:' target (such as error:) is not supported"),
         ("rel: :include:lists/staff", "line 2: an :include: target names no absolute path"),
+        ("esc: :include:/lists/staff\x1b[2J", "line 2: an :include: target holds a control character"),
         ("bs: \\no/name", "line 2: a \\name target cannot be read as a local user name"),
     ],
 )
