@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .aliases import Aliases, Expansion, Unhonoured
 
 # The mailbox of last resort: where the admin's mail goes when the admin address leads to no mailbox.
-POSTMASTER_ALIAS = "root"
+LAST_RESORT_MAILBOX = "root"
 # Accounts from this uid up are people (Debian's and Fedora's UID_MIN): their mail stays in their mailbox;
 # mail for system accounts below it (root, cron, daemons) and for names that are no account goes to `admin`.
 FIRST_PERSON_UID = 1000
@@ -107,13 +107,13 @@ class Router:
             unhonoured = tuple(found.unhonoured)
         if is_admin and unhonoured:  # a copy for the admin of the admin's own mail would loop: root's mailbox
             warnings.extend(f"{item} not honoured for the admin's mail" for item in unhonoured)
-            names, unhonoured = names or [POSTMASTER_ALIAS], ()
+            names, unhonoured = names or [LAST_RESORT_MAILBOX], ()
         targets: list[str] = []
         for name in names:
             if "@" in name:
                 targets.append(name)  # aliased to an address elsewhere
             elif is_admin:
-                mailbox = name if self.user_mode or _has_account(name) else POSTMASTER_ALIAS
+                mailbox = name if self.user_mode or _has_account(name) else LAST_RESORT_MAILBOX
                 targets.append(name if mailbox == name and name.lower() == user.lower() else f"\\{mailbox}")
             elif name.lower() in marked and name.lower() != user.lower():
                 targets.append(f"\\{name}")  # its own mailbox, whatever `admin:` says
