@@ -366,6 +366,25 @@ def test_with_no_admin_mail_for_an_unhonoured_target_reaches_roots_mailbox(mta: 
     assert mta.entries() == []
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="root's mailbox is the owner's only as root")
+@pytest.mark.parametrize("admin", ["", "admin: postmaster@mx.example.org\n"], ids=["no-admin", "local-admin"])
+def test_a_program_alias_for_postmaster_itself_makes_no_loop_of_copies(mta: MtaEnv, admin: str) -> None:
+    write_aliases(mta, "postmaster: |/usr/bin/procmail\nprog: |/usr/bin/other\n")
+    configure(mta, extra=admin)
+    enqueue(mta, "-f", SENDER, "prog", message=mail("for prog"))
+    enqueue(mta, "-f", SENDER, "root", message=mail("for root"))
+
+    for _ in range(3):
+        flush(mta, "--now")
+
+    delivered = owner_mbox(mta)
+    assert subjects(delivered) == ["for prog", "for root"]  # the copy for prog, once; root's own
+    assert [str(m["X-Pymta-Unhonoured"]) for m in delivered if m["Subject"] == "for prog"] == [
+        f"|program target of prog (line 2 of {mta.root / 'aliases'})"
+    ]
+    assert mta.entries() == []
+
+
 # --- postmaster and a local admin (issue 11) ---
 
 
