@@ -12,7 +12,8 @@ Format, as sendmail and Postfix read it:
 
 Names are local parts and match case-insensitively. A target is a local name (expanded again), an address
 with a domain, or `:include:/absolute/path`. `|program` and `/file` targets are refused with a warning:
-pymta never runs a program or writes a file because an aliases file says so. When a name is defined twice
+pymta never runs a program or writes a file because an aliases file says so (the flush sends their mail to
+the admin instead, see below). When a name is defined twice
 the first definition is used (Postfix does the same) and the second is reported.
 
 Expansion rules (`expand`):
@@ -21,11 +22,10 @@ Expansion rules (`expand`):
 - A loop (`root: admin`, `admin: root`) is reported, and the name the loop comes back to is delivered to
   as a local user: expanding root gives `["root"]`. Nothing is lost: mail reaches that user's mailbox, or,
   when there is no such user, bounces to the sender with that reason, while the warning tells the admin why.
-- An alias whose targets are all unusable (refused, unreadable include, empty) is delivered to as a local
-  user too, with a warning, for the same reason.
+- An alias whose targets are all unusable (refused, unreadable include, empty) and none a program or a
+  file is delivered to as a local user too, with a warning, for the same reason.
 - Nesting stops after `MAX_DEPTH` aliases (sendmail's MaxAliasRecursion); includes after `MAX_INCLUDE_DEPTH`
   files. The name where expansion stops is treated as a local user, with a warning.
-
 - `postmaster` always works (RFC 5321 4.5.1): with no alias and no account of that name it is an alias of
   root.
 - A `|program` or `/file` target is not honoured, but it is not lost either: the expansion lists it as
@@ -43,6 +43,9 @@ Include files are read with the rights of their owner (as Postfix's local(8) doe
   would: every directory on the path must be searchable by that user and the file readable, by owner,
   group and other mode bits (not ACLs). It opens the path one component at a time from "/" and checks the
   directory or file it actually opened, so nothing can be swapped between the check and the read.
+- A directory or symbolic link on the way that belongs to such a user hands the rest of the way to that
+  user's rights too: they could have put anything below it. A directory that everyone may write, without
+  the sticky bit, is refused.
 - A file whose owner gives the rights must have exactly one link: with a second one, its owner need not be
   whoever put it where it is named.
 So a user to whom the admin delegated a list can include only what that user could read anyway.
