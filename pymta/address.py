@@ -23,6 +23,8 @@ _WORD = "word"  # atom or quoted string
 _LITERAL = "literal"  # [domain literal]
 # How many characters of an offending text an error message shows.
 _EXCERPT_LIMIT = 100
+# Octets of a reverse-path or forward-path, with its <>: the most SMTP carries (RFC 5321 4.5.3.1.3).
+MAX_PATH = 256
 
 
 class Mailbox:
@@ -297,15 +299,31 @@ def qualify(addr: str, domain: str) -> str:
 
 
 def recipient_addrs(mailboxes: Iterable[Mailbox], source: str) -> list[str]:
-    """The addr-specs of `mailboxes` as envelope recipients; refuses <> and bytes that are not UTF-8."""
+    """The addr-specs of `mailboxes` as envelope recipients; refuses <>, bytes that are not UTF-8 and
+    paths SMTP cannot carry."""
     addrs = []
     for mailbox in mailboxes:
         if not mailbox.addr:
             raise AddressError(f"the null address <> cannot be a recipient (in {excerpt(source)})")
         if _has_raw_bytes(mailbox.addr):
             raise AddressError(f"the address {excerpt(mailbox.addr)} is not valid UTF-8")
+        _check_path_length(mailbox.addr, "recipient")
         addrs.append(mailbox.addr)
     return addrs
+
+
+def path_octets(addr: str) -> int:
+    """The octets of `addr` as an SMTP path: its UTF-8 with the enclosing <>."""
+    return len(addr.encode("utf-8", "surrogatepass")) + 2
+
+
+def _check_path_length(addr: str, role: str) -> None:
+    octets = path_octets(addr)
+    if octets > MAX_PATH:
+        raise AddressError(
+            f"the {role} {excerpt(addr)} is {octets} octets long as an SMTP path; SMTP carries at most"
+            f" {MAX_PATH} octets (RFC 5321 4.5.3.1.3): use a shorter address"
+        )
 
 
 def _has_raw_bytes(text: str) -> bool:
@@ -341,6 +359,7 @@ def parse_envelope_address(text: str) -> str:
     mailboxes = parse_list(stripped)
     if not mailboxes:
         raise AddressError(f"no address in the sender {excerpt(text)}")
+    _check_path_length(mailboxes[0].addr, "sender")
     return mailboxes[0].addr
 
 

@@ -176,6 +176,9 @@ def test_parse_envelope_address(text: str, expected: str) -> None:
         ("undisclosed-recipients:;", "no address in the sender"),
         ("b\udcffd@x", "not valid UTF-8"),
         ("<a@x", "unterminated"),
+        ("a" * 70_000 + "@x", "is 70004 octets long as an SMTP path; SMTP carries at most 256"),
+        ("é" * 127 + "@x", "is 258 octets long"),  # 127 characters, 254 octets of UTF-8
+        ("Name <" + "a" * 253 + "@x>", "is 257 octets long"),
     ],
 )
 def test_parse_envelope_address_errors(text: str, message: str) -> None:
@@ -209,6 +212,12 @@ def test_recipients_from_args(args: list[str], expected: list[str]) -> None:
     assert recipients_from_args(args) == expected
 
 
+def test_the_longest_path_smtp_carries_is_an_address() -> None:
+    longest = "a" * 252 + "@x"  # with its <>: 256 octets
+    assert recipients_from_args([longest]) == [longest]
+    assert parse_envelope_address(f"Name <{longest}>") == longest
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -218,6 +227,8 @@ def test_recipients_from_args(args: list[str], expected: list[str]) -> None:
         (["John Smith"], "no address in"),
         (["b\udcffd@x"], "not valid UTF-8"),
         (["a\x00@x"], "control character"),
+        (["ok@x", "a" * 253 + "@x"], 'the recipient "aaaa'),
+        (["a" * 253 + "@x"], "is 257 octets long as an SMTP path"),
     ],
 )
 def test_recipients_from_args_errors(args: list[str], message: str) -> None:
