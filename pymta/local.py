@@ -73,15 +73,25 @@ Status = Literal["delivered", "deferred", "failed"]
 
 # Seconds to wait for a locked mbox before deferring: mail readers hold the lock only while they rewrite it.
 LOCK_TIMEOUT = 30.0
-# Seconds a delivery run remembers a mailbox it found locked: later messages for that user are deferred at
-# once instead of each waiting LOCK_TIMEOUT again, so one locked mbox does not stall the rest of the queue.
+# Seconds a delivery run remembers a mailbox it found locked (or whose delivery child it had to kill): later
+# messages for that user are deferred at once instead of each waiting again, so one locked mbox does not
+# stall the rest of the queue.
 LOCKED_MEMORY = 300.0
 # Seconds between attempts to take the locks.
 LOCK_RETRY_INTERVAL = 0.05
 # Seconds after which a dotlock is a crashed writer's and is removed (Postfix's stale_lock_time).
 STALE_DOTLOCK_AGE = 500.0
-# Seconds the delivering child may take beyond the lock wait (writing 35 MB takes well under this).
-CHILD_TIMEOUT = 300.0
+# Seconds the delivering child may take, besides the lock wait, before it begins to write: the user
+# switch and opening (or creating) the mailbox.
+CHILD_START_TIMEOUT = 30.0
+# Seconds the child may take to write once it holds the mailbox (35 MB take well under a second): short,
+# because the mailbox stays locked meanwhile and the whole run waits.
+CHILD_WRITE_TIMEOUT = 60.0
+# Seconds between looks at the child while it sends nothing: a stopped child (SIGSTOP from the recipient,
+# whose process it is) is seen within this and killed.
+CHILD_POLL_INTERVAL = 0.05
+# Bytes of a child's answer: one outcome as JSON.
+MAX_CHILD_ANSWER = 1 << 16
 # Bytes of a user name: NAME_MAX minus ".lock".
 MAX_USER_LENGTH = 250
 # What a user name may be made of (POSIX portable user names): nothing a shell or a path would read.
@@ -100,7 +110,7 @@ class LocalOutcome:
     status: Status
     reason: str  # one line: where the message went, or what went wrong and what to do
     mailbox: str = ""  # the mbox file or Maildir, when it got that far
-    locked: bool = False  # deferred because the mbox stayed locked (a reader holds it)
+    locked: bool = False  # deferred because the mbox stayed locked (a reader holds it) or its child stalled
 
     def to_json(self) -> str:
         return json.dumps(
@@ -432,6 +442,7 @@ def _append(fd: int, path: str, entry: bytes) -> None:
     elif size >= 2 and tail != b"\n\n":
         entry = b"\n" + entry  # the blank line before our From_ line
     try:
+        _begin_writing()
         view = memoryview(entry)
         while view:
             view = view[os.write(fd, view) :]
@@ -487,6 +498,7 @@ def _deliver_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, *, cre
             continue
         try:
             try:
+                _begin_writing()
                 os.fchmod(fd, 0o600)
                 if _euid() == 0:
                     os.fchown(fd, entry.pw_uid, entry.pw_gid)
@@ -551,7 +563,7 @@ def deliver_as_recipient(
     earlier = _found_locked.get(entry.pw_name)
     if earlier is not None and time.monotonic() - earlier[0] < LOCKED_MEMORY:
         age = time.monotonic() - earlier[0]
-        reason = f"{earlier[1].reason} (found locked {age:.0f} s ago in this run; not waiting again)"
+        reason = f"{earlier[1].reason} (so found {age:.0f} s ago in this run; not waiting again)"
         return LocalOutcome("deferred", reason, earlier[1].mailbox, locked=True)
     outcome = _deliver_with_rights(entry, message, sender, local, now, lock_timeout)
     if outcome.locked:
@@ -635,18 +647,22 @@ def _deliver_in_child(
             os._exit(status)
     os.close(write_end)
     try:
-        answer = _read_answer(read_end, pid, lock_timeout + CHILD_TIMEOUT)
+        answer, wait_status, killed = _watch_child(read_end, pid, lock_timeout)
     finally:
         os.close(read_end)
-        _, wait_status = os.waitpid(pid, 0)
+    name = entry.pw_name
+    if killed:  # remembered like a locked mailbox: the rest of this run does not wait for it again
+        return LocalOutcome(
+            "deferred", f"the delivery process for {name} {killed}; will try again", locked=True
+        )
     if answer is None:
         return LocalOutcome(
-            "deferred", f"the delivery process for {entry.pw_name} did not answer ({exit_text(wait_status)})"
+            "deferred", f"the delivery process for {name} did not answer ({exit_text(wait_status)})"
         )
     try:
         return LocalOutcome.from_json(answer.decode())
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return LocalOutcome("deferred", f"the delivery process for {entry.pw_name} gave no usable answer")
+        return LocalOutcome("deferred", f"the delivery process for {name} gave no usable answer")
 
 
 def _child(
@@ -660,6 +676,7 @@ def _child(
     lock_timeout: float,
 ) -> int:  # pragma: no cover - runs in the child
     """The child's work: drop to the recipient, deliver, answer. The exit status is 0 when it answered."""
+    global _writing_fd
     try:
         os.setgroups(groups)
         os.setgid(entry.pw_gid)
@@ -668,31 +685,98 @@ def _child(
             raise OSError(errno.EPERM, "the user switch did not take")
         os.umask(0o077)
         os.chdir("/")
+        _writing_fd = answer_fd
         outcome = _deliver(entry, message, sender, local, now, lock_timeout, in_child=True)
     except BaseException as error:  # any surprise still answers, so the flush can log it and retry
         outcome = LocalOutcome("deferred", f"local delivery as {entry.pw_name} failed: {error}")
     data = memoryview(outcome.to_json().encode())
     while data:
         data = data[os.write(answer_fd, data) :]
+    os.close(answer_fd)  # the parent sees the answer end before the exit
     return 0
 
 
-def _read_answer(fd: int, pid: int, timeout: float) -> bytes | None:
-    """All the child writes into `fd` until it closes it; None (and the child killed) after `timeout`."""
+# In a delivery child: the answer pipe, where `_begin_writing` tells the parent that the write begins.
+_writing_fd: int | None = None
+# What the child sends down the answer pipe before the write; from then its deadline is CHILD_WRITE_TIMEOUT.
+_WRITING = b"W"
+
+
+def _begin_writing() -> None:
+    """In a delivery child with the mailbox in hand: tell the parent, once, that the write begins."""
+    global _writing_fd
+    if _writing_fd is not None:
+        os.write(_writing_fd, _WRITING)
+        _writing_fd = None
+
+
+def child_time_limit(lock_timeout: float = LOCK_TIMEOUT) -> float:
+    """Seconds a local delivery in a child may take at most, from the fork to its exit."""
+    return lock_timeout + CHILD_START_TIMEOUT + CHILD_WRITE_TIMEOUT + CHILD_START_TIMEOUT
+
+
+def _watch_child(fd: int, pid: int, lock_timeout: float) -> tuple[bytes | None, int, str]:
+    """What the child writes into `fd` until it closes it (None: nothing), its wait status, and why it was
+    killed ("" when it was not).
+
+    It is killed when it is seen stopped (by the recipient, whose process it is: a stop sends nothing, so
+    a silent child is looked at every CHILD_POLL_INTERVAL), when it has not begun to write within
+    `lock_timeout + CHILD_START_TIMEOUT`, or not answered CHILD_WRITE_TIMEOUT after that. A child killed
+    while it writes an mbox leaves what it wrote (see the module docstring)."""
     import select
 
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
+    deadline = time.monotonic() + lock_timeout + CHILD_START_TIMEOUT
+    data = b""
     while True:
-        left = deadline - time.monotonic()
-        ready, _, _ = select.select([fd], [], [], max(left, 0))
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-            return None
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks) or None
-        chunks.append(chunk)
+        wait = max(min(CHILD_POLL_INTERVAL, deadline - time.monotonic()), 0)
+        if select.select([fd], [], [], wait)[0]:
+            chunk = os.read(fd, MAX_CHILD_ANSWER)
+            if not chunk:
+                break
+            if not data.startswith(_WRITING) and (data + chunk).startswith(_WRITING):
+                deadline = time.monotonic() + CHILD_WRITE_TIMEOUT
+            data += chunk
+            if len(data) > MAX_CHILD_ANSWER:
+                return None, _kill(pid), "sent more than an answer and was killed"
+            continue
+        stopped = _stopped(pid)
+        if stopped or time.monotonic() >= deadline:
+            writing = data.startswith(_WRITING)
+            why = stopped or (
+                f"did not finish writing within {CHILD_WRITE_TIMEOUT:g} s"
+                if writing
+                else f"did not begin to write within {lock_timeout + CHILD_START_TIMEOUT:g} s"
+            )
+            cut = ": a copy of this message cut short may end the mailbox" if writing else ""
+            return None, _kill(pid), f"{why} and was killed{cut}"
+    return data.removeprefix(_WRITING) or None, _reap_child(pid), ""
+
+
+def _reap_child(pid: int) -> int:
+    """Wait for a child that has answered to exit; one stopped, or still there after CHILD_START_TIMEOUT,
+    is killed (its answer stands). Its wait status."""
+    deadline = time.monotonic() + CHILD_START_TIMEOUT
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        if done and not os.WIFSTOPPED(status):
+            return status
+        if done or time.monotonic() >= deadline:
+            return _kill(pid)
+        time.sleep(CHILD_POLL_INTERVAL)
+
+
+def _stopped(pid: int) -> str:
+    """ "was stopped ..." when the child is stopped; else "". An exited child is left to be reaped later."""
+    found = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)
+    if found is not None and found.si_code == os.CLD_STOPPED:
+        return f"was stopped (signal {found.si_status}: by the recipient, whose process it is)"
+    return ""
+
+
+def _kill(pid: int) -> int:
+    """Kill the child and reap it; its wait status."""
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 def exit_text(wait_status: int) -> str:

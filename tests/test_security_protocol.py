@@ -19,9 +19,13 @@ The protocol itself (random, truncated, oversized and hostile frames) is fuzzed 
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from system_install import SystemInstall, system, system_install
-from test_security import MESSAGE, submit
+from test_security import MESSAGE, drop_file, flush, mbox_messages, submit, write_as
 
 __all__ = ["system", "system_install"]  # fixtures imported for use
 
@@ -59,3 +63,75 @@ def test_a_path_smtp_cannot_carry_is_refused_at_submission(system: SystemInstall
 def test_the_longest_path_smtp_carries_is_queued(system: SystemInstall) -> None:
     submit(system, system.alice, "-f", LONGEST, system.bob.name, LONGEST)
     assert len(system.names("new")) == 1
+
+
+# --- written straight into new/: the flush goes on ---
+
+
+@pytest.mark.parametrize("sender", [LONG_SENDER, WIDE_SENDER], ids=["70000 chars", "11000 x é"])
+def test_a_dropped_sender_smtp_cannot_carry_wedges_nothing(system: SystemInstall, sender: str) -> None:
+    alice, bob = system.alice, system.bob
+    bad, data = drop_file(sender, [bob.name])
+    write_as(system, alice, system.spool / "new" / bad, data)
+    good = submit(system, alice, bob.name, message=b"Subject: good\n\nfor bob\n")
+
+    log = flush(system)  # on the old code: root waited for the delivery process, which waited for root
+
+    [delivered] = mbox_messages(system.mail_spool / bob.name)
+    assert delivered["Subject"] == "good" and good in delivered["Message-ID"], log
+    again = system.flush()  # the lock is free: this run works instead of finding "another flush"
+    assert again.returncode == 0 and b"another flush" not in again.stderr, again.stderr
+    assert len(mbox_messages(system.mail_spool / bob.name)) == 1  # the bad one reached no mailbox
+    assert f"id={bad} " in log  # never lost silently: failed (bounced to what it claims), or kept
+    for entry in system.entries():
+        if entry.id != bad:  # its bounce, waiting for a smarthost
+            assert entry.sender == "" and [r.address for r in entry.recipients] == [sender]
+
+
+# --- the recipient's own delivery child ---
+
+
+@contextmanager
+def stopping_her_children(system: SystemInstall) -> Iterator[None]:
+    """alice, in a loop, stops every process of hers that runs `pymta flush`: her delivery child."""
+    alice = system.alice
+    loop = f'while :; do pkill -STOP -u {alice.uid} -f "[p]ymta flush"; sleep 0.02; done'
+    process = subprocess.Popen(
+        ["/bin/sh", "-c", loop],
+        user=alice.uid,
+        group=alice.gid,
+        extra_groups=[],
+        env=system.environment(alice),
+        cwd=alice.home,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_recipient_who_stops_her_delivery_child_delays_only_her_own_mail(system: SystemInstall) -> None:
+    alice, bob = system.alice, system.bob
+    for_alice = submit(system, bob, alice.name, message=b"Subject: for alice\n\nhello alice\n")
+    for_bob = submit(system, alice, bob.name, message=b"Subject: for bob\n\nhello bob\n")
+    dotlock = system.mail_spool / f"{alice.name}.lock"
+    write_as(system, alice, dotlock, b"")  # her mail reader holds the mailbox: the child waits a while
+
+    with stopping_her_children(system):
+        log = flush(system)  # on the old code: 330 s for the stopped child, past the test's timeout
+    dotlock.unlink()
+
+    [delivered] = mbox_messages(system.mail_spool / bob.name)
+    assert for_bob in delivered["Message-ID"], log
+    [waiting] = system.entries()
+    assert waiting.id == for_alice and waiting.state == "deferred", log
+    assert waiting.last_error and "stopped" in waiting.last_error and "killed" in waiting.last_error
+
+    log = flush(system)  # --now: the retry, with alice no longer interfering
+
+    assert system.entries() == [], log
+    messages = mbox_messages(system.mail_spool / alice.name)  # a copy cut short may come first
+    assert messages and for_alice in messages[-1]["Message-ID"], log
+    assert messages[-1].get_payload() == "hello alice\n"
