@@ -19,8 +19,9 @@ user in the same delivery run, at once (`LOCKED_MEMORY`). A dotlock older than
 (EACCES, EROFS), the fcntl lock alone is used, as Python's mailbox does.
 
 The mbox is opened with O_NOFOLLOW and created (O_EXCL, mode 0600, owned by the user) when missing. One that
-is a symlink, not a regular file, hard-linked, or owned by someone else is not written: the delivery is
-deferred with a reason that says what to fix, so no mail is lost while the admin looks. A write that fails
+is a symlink, not a regular file, hard-linked, owned by someone else or writable by anyone is not written:
+the delivery is deferred with a reason that says what to fix (for one someone else made: chown and chmod 600,
+since whoever made it may have left it open), so no mail is lost while the admin looks. A write that fails
 part-way (disk full, quota, file size limit) truncates the mbox back to its size before, so it is exactly
 as it was, and defers. After the write the file is fsynced.
 
@@ -351,11 +352,14 @@ def _check_mbox(path: str, info: os.stat_result, entry: pwd.struct_passwd) -> No
         raise _Deferred(f"{path} is not a regular file, {fix}")
     if info.st_nlink > 1:
         raise _Deferred(f"{path} has {info.st_nlink} hard links, {fix}")
-    if info.st_uid != entry.pw_uid:
+    if info.st_uid != entry.pw_uid:  # the mode too: whoever made it may have left it open to all
         owner = _user_name(info.st_uid)
         raise _Deferred(
             f"{path} belongs to {owner}, not {entry.pw_name}, {fix}: chown {entry.pw_name} {path}"
+            f" && chmod 600 {path}"
         )
+    if info.st_mode & stat.S_IWOTH:
+        raise _Deferred(f"{path} may be written by anyone, {fix}: chmod 600 {path}")
 
 
 def _user_name(uid: int) -> str:

@@ -19,6 +19,7 @@ The protocol itself (random, truncated, oversized and hostile frames) is fuzzed 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,3 +136,28 @@ def test_a_recipient_who_stops_her_delivery_child_delays_only_her_own_mail(syste
     messages = mbox_messages(system.mail_spool / alice.name)  # a copy cut short may come first
     assert messages and for_alice in messages[-1]["Message-ID"], log
     assert messages[-1].get_payload() == "hello alice\n"
+
+
+# --- a mailbox someone pre-created for the recipient ---
+
+
+def test_a_mailbox_others_may_read_is_not_written_and_the_fix_says_chmod(system: SystemInstall) -> None:
+    alice, bob = system.alice, system.bob
+    box = system.mail_spool / bob.name
+    write_as(system, alice, box, b"")  # alice was first: /var/mail/bob is hers
+    os.chmod(box, 0o666)
+    queue_id = submit(system, alice, bob.name)
+
+    flush(system)
+
+    [entry] = system.entries()
+    assert entry.id == queue_id and entry.state == "deferred" and entry.last_error
+    assert f"chown {bob.name} {box}" in entry.last_error and f"chmod 600 {box}" in entry.last_error
+    os.chown(box, bob.uid, -1)  # half the advice: bob's now, but still 0666, readable by alice
+    flush(system)
+    [entry] = system.entries()
+    assert entry.last_error and "may be written by anyone" in entry.last_error and box.read_bytes() == b""
+    assert f"chmod 600 {box}" in entry.last_error
+    os.chmod(box, 0o600)  # the whole advice
+    flush(system)
+    assert system.entries() == [] and len(mbox_messages(box)) == 1
