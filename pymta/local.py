@@ -26,7 +26,9 @@ part-way (disk full, quota, file size limit) truncates the mbox back to its size
 as it was, and defers. After the write the file is fsynced.
 
 Maildir: the message is written to tmp/ (O_EXCL, O_NOFOLLOW, 0600), fsynced, linked into new/ under a
-unique name (time.MusecPpidQn.host, as Python's mailbox.Maildir names them) and new/ is fsynced. With
+unique name (time.MusecPpidQn.host, as Python's mailbox.Maildir names them) and new/ is fsynced; all of
+it through descriptors of tmp/ and new/ opened without following a link and checked to be the user's, so
+swapping one for a link after the check leads nowhere. With
 `mailbox: maildir` a missing Maildir is created (0700).
 
 Why not Python's `mailbox` for writing: `mailbox.mbox` opens by path (following symlinks, so a user could
@@ -68,7 +70,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import Local
-from .spool import fsync_dir, unlink_quietly
 
 Status = Literal["delivered", "deferred", "failed"]
 
@@ -479,25 +480,55 @@ def _unique_name() -> str:
 
 
 def _deliver_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, *, create: bool) -> str:
-    """Write `data` into the Maildir's new/ (through tmp/); the file's path in new/."""
+    """Write `data` into the Maildir's new/ (through tmp/); the file's path in new/.
+
+    Everything goes through descriptors of the checked directories (the user's own, not links), so the
+    user, whose directories they are, cannot point a write elsewhere by swapping tmp/ or new/ for a link
+    after the checks: a child with the mail spool's group would have written into /var/mail."""
     if create:
         _make_maildir(maildir, entry)
-    for sub in ("", "tmp", "new", "cur"):
-        directory = os.path.join(maildir, sub) if sub else maildir
-        try:
-            info = os.stat(directory)
-        except FileNotFoundError:
-            raise _Deferred(
-                f"{directory} is missing: {maildir} is not a whole Maildir (cur, new, tmp)"
-            ) from None
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != entry.pw_uid:
-            raise _Deferred(f"{directory} is not a directory of {entry.pw_name}; the admin should fix it")
+    fds: dict[str, int] = {}
+    try:
+        fds[""] = _open_maildir_part(maildir, maildir, entry, None)
+        for sub in ("tmp", "new", "cur"):
+            fds[sub] = _open_maildir_part(maildir, os.path.join(maildir, sub), entry, fds[""])
+        return _write_maildir(maildir, data, entry, fds["tmp"], fds["new"])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _open_maildir_part(maildir: str, directory: str, entry: pwd.struct_passwd, parent: int | None) -> int:
+    """A descriptor of `directory` (the Maildir itself, which may be a link, or a part of it opened from
+    `parent` without following one), checked to be a directory of the user."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        if parent is None:
+            fd = os.open(directory, flags)
+        else:
+            fd = os.open(os.path.basename(directory), flags | os.O_NOFOLLOW, dir_fd=parent)
+    except FileNotFoundError:
+        raise _Deferred(f"{directory} is missing: {maildir} is not a whole Maildir (cur, new, tmp)") from None
+    except OSError:
+        raise _Deferred(
+            f"{directory} is not a directory of {entry.pw_name}; the admin should fix it"
+        ) from None
+    if os.fstat(fd).st_uid != entry.pw_uid:
+        os.close(fd)
+        raise _Deferred(f"{directory} is not a directory of {entry.pw_name}; the admin should fix it")
+    return fd
+
+
+def _write_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, tmp_fd: int, new_fd: int) -> str:
     for _ in range(10):
         name = _unique_name()
-        tmp = os.path.join(maildir, "tmp", name)
-        new = os.path.join(maildir, "new", name)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=tmp_fd,
+            )
         except FileExistsError:
             continue
         try:
@@ -512,18 +543,25 @@ def _deliver_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, *, cre
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.link(tmp, new)
+            os.link(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
         except FileExistsError:
-            unlink_quietly(tmp)
+            _unlink_at(name, tmp_fd)
             continue
         except OSError as error:
-            unlink_quietly(tmp)
+            _unlink_at(name, tmp_fd)
             full = " (disk full or over quota?)" if error.errno in _NO_SPACE else ""
             raise _Deferred(f"writing into {maildir} failed: {_describe(error)}{full}") from None
-        os.unlink(tmp)
-        fsync_dir(os.path.join(maildir, "new"))
-        return new
+        os.unlink(name, dir_fd=tmp_fd)
+        os.fsync(new_fd)
+        return os.path.join(maildir, "new", name)
     raise _Deferred(f"no unique file name in {maildir}/tmp after 10 tries")
+
+
+def _unlink_at(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 def _make_maildir(maildir: str, entry: pwd.struct_passwd) -> None:

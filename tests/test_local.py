@@ -479,6 +479,35 @@ def test_an_incomplete_maildir_defers(tmp_path: Path) -> None:
     assert "not a whole Maildir" in outcome.reason
 
 
+@pytest.mark.parametrize("swapped", ["tmp", "new"])
+def test_a_maildir_directory_swapped_for_a_link_after_the_checks_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swapped: str
+) -> None:
+    """The recipient renames tmp/ (or new/) away and puts a link to another directory in its place between
+    the child's checks and its writes: as a child with the mail group, that wrote into /var/mail."""
+    path = tmp_path / "Maildir"
+    mailbox.Maildir(path, create=True)
+    elsewhere = tmp_path / "var-mail"
+    elsewhere.mkdir()
+    unique_name = local._unique_name
+
+    def swap_then_name() -> str:  # called after the checks, before the writes
+        if not (path / f"{swapped}.old").exists():
+            (path / swapped).rename(path / f"{swapped}.old")
+            (path / swapped).symlink_to(elsewhere)
+        return unique_name()
+
+    monkeypatch.setattr(local, "_unique_name", swap_then_name)
+
+    outcome = deliver(tmp_path, local=maildir_local(path))
+
+    assert list(elsewhere.iterdir()) == []
+    assert outcome.status == "delivered", outcome
+    [written] = (path / ("new.old" if swapped == "new" else "new")).iterdir()
+    assert b"Subject: hello" in written.read_bytes()
+    assert list((path / ("tmp.old" if swapped == "tmp" else "tmp")).iterdir()) == []
+
+
 # --- privileges ---
 
 
