@@ -43,12 +43,22 @@ Privilege: `deliver` does the file work with the rights of the process. `deliver
 flush calls. Mail for the process's own user is delivered in the process. As root, anyone else's is delivered
 by a forked child that drops to the recipient for good (setgroups to their groups, plus the mail spool
 directory's group when only that group may create files there, as on Debian's root:mail 2775 /var/mail,
-the group mail readers' dotlock helpers have; then setgid, setuid) and answers through a pipe; a child that
-does not answer within `lock_timeout + CHILD_TIMEOUT` is killed and the delivery deferred. Fork without exec
-on purpose: it needs no interpreter readable by the recipient, and the child (non-dumpable after setuid, so
-the user cannot inspect it) calls no name service and takes no lock another thread may hold. Without root,
+the group mail readers' dotlock helpers have; then setgid, setuid) and answers through a pipe. Fork without
+exec on purpose: it needs no interpreter readable by the recipient, and the child (non-dumpable after setuid,
+so the user cannot inspect it) calls no name service and takes no lock another thread may hold. Without root,
 anyone else's mail is deferred with the fix ("run the flush as root"): that is user mode, where the user's
 own mail goes to their own mailbox.
+
+The child is the recipient's process, so the recipient may signal it, and the whole run waits for it. The
+parent kills it, defers the delivery and, for the rest of the run, defers that user's mail at once (as for a
+locked mbox) when it is seen stopped (a stop sends nothing, so a silent child is looked at every
+CHILD_POLL_INTERVAL), when it has not begun to write within `lock_timeout + CHILD_START_TIMEOUT` (the child
+says when it has the mailbox in hand), or has not answered CHILD_WRITE_TIMEOUT after that. A child killed
+while appending to an mbox cannot cut the mbox back: the mailbox then ends in a copy of the message cut
+short (readers show it as a truncated message; the next delivery starts on a line of its own) and the
+child's dotlock stays until it is STALE_DOTLOCK_AGE old, deferring that user's mail meanwhile. The message
+itself stays queued and is delivered whole by a later run. A Maildir keeps only a file in tmp/, which
+readers ignore.
 """
 
 from __future__ import annotations
