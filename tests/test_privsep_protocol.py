@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymta import privsep
+from pymta import local, privsep
 from pymta.address import MAX_PATH, path_octets
 from pymta.config import Config, Local
 from pymta.flush import FlushReport
@@ -282,3 +282,50 @@ def test_root_never_hangs_on_a_session_cut_anywhere(sent: list[bytes], data: st.
     boundaries = {sum(map(len, sent[:count])) for count in range(len(sent) + 1)}
     stall = cut not in boundaries and data.draw(st.booleans())
     assert_root_kept_its_promises(serve(stream[:cut], close=not stall))
+
+
+# --- the delivery process's side ---
+
+
+def test_the_delivery_process_asks_root_only_what_root_would_serve() -> None:
+    root_end, process_end = socket.socketpair()
+    recorder = Recorder()
+    config = replace(Config(), max_message_size=MAX_MESSAGE)
+    root = threading.Thread(
+        target=privsep._serve, args=(config, root_end, logging.getLogger("test"), recorder), daemon=True
+    )
+    root.start()
+    agent = privsep._LocalAgent(process_end, privsep.payload_limit(config))
+    try:
+        too_long = agent.deliver("root", b"hello", sender=LONG, local=Local(), now=1.7e9)
+        too_large = agent.deliver("root", b"x" * (MAX_MESSAGE + 1), sender="", local=Local(), now=1.7e9)
+        delivered = agent.deliver("root", b"hello", sender="a@example.org", local=Local(), now=1.7e9)
+    finally:
+        process_end.close()
+        root.join(SESSION_DEADLINE)
+        root_end.close()
+
+    assert too_long.status == "failed" and "5.1.7" in too_long.reason
+    assert too_large.status == "failed" and "5.3.4" in too_large.reason
+    assert delivered == LocalOutcome("delivered", "delivered to root")
+    assert recorder.calls == [("root", b"hello", "a@example.org", 1.7e9)]  # the refused ones were not sent
+
+
+def test_the_delivery_process_gives_up_on_a_silent_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root that takes a request and never answers: the delivery process waits as long as a local delivery
+    may take, then defers that message and every later local one at once (the channel is out of step)."""
+    monkeypatch.setattr(local, "child_time_limit", lambda lock_timeout=0.0: 0.1)
+    root_end, process_end = socket.socketpair()
+    agent = privsep._LocalAgent(process_end, MAX_MESSAGE)
+    try:
+        first = agent.deliver("root", b"one", sender="", local=Local(), now=1.7e9)
+        second = agent.deliver("root", b"two", sender="", local=Local(), now=1.7e9)
+        root_end.setblocking(False)
+        sent = root_end.recv(65536)
+    finally:
+        root_end.close()
+        process_end.close()
+
+    assert first.status == second.status == "deferred"
+    assert "did not answer" in first.reason and second.reason == first.reason
+    assert sent.endswith(b"one") and b"two" not in sent  # the second was not even sent
