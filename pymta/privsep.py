@@ -23,7 +23,7 @@ following a link and checked. Nothing the owner could swap decides who root acts
 the spool directory itself, whose name lives in a directory of root's (`spool_owner`). So no file in the
 spool is ever root's to "give back".
 
-The two talk in length-framed frames with limits (see "The protocol between the two" below). Root treats
+The two talk in length-framed frames with limits (`frames`). Root treats
 the delivery process as untrusted: it checks every frame against its limits and every request field before
 it acts, answers a bad request with a deferral (that message only), and gives every read of a begun frame,
 and the delivery process's exit, a deadline. The only wait without one is for the next request, while the
@@ -44,12 +44,12 @@ import os
 import pwd
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import asdict, fields
+from typing import TYPE_CHECKING, Any
 
+from . import frames
 from .errors import EX_SOFTWARE, PermissionDenied, PymtaError
 from .local import exit_text
 
@@ -238,17 +238,19 @@ def _delivery_process(
 
     try:
         become(owner)
-        agent = _LocalAgent(channel, payload_limit(config))
+        agent = _LocalAgent(channel, frames.payload_limit(config))
         report = Flusher(config, logger, local_delivery=agent.deliver).run(force=force, progress=progress)
-        _send(channel, {"op": "done", "report": asdict(report)})
+        frames.send(channel, {"op": "done", "report": asdict(report)})
         return 0
     except PymtaError as error:
-        _send_quietly(channel, {"op": "error", "message": _fit(str(error)), "code": error.exit_code})
+        frames.send_quietly(
+            channel, {"op": "error", "message": frames.fit(str(error)), "code": error.exit_code}
+        )
         return error.exit_code
     except BaseException as error:
         logger.exception("the delivery process failed")
-        message = _fit(f"the delivery process failed: {error!r}")
-        _send_quietly(channel, {"op": "error", "message": message, "code": EX_SOFTWARE})
+        message = frames.fit(f"the delivery process failed: {error!r}")
+        frames.send_quietly(channel, {"op": "error", "message": message, "code": EX_SOFTWARE})
         return EX_SOFTWARE
 
 
@@ -272,195 +274,28 @@ class _LocalAgent:
         if self.broken:
             return LocalOutcome("deferred", self.broken)
         header: dict[str, object] = {"op": "deliver", "user": user, "sender": sender, "now": now}
-        request = delivery_request(header, len(message), self.max_payload)
-        if isinstance(request, _Refusal):  # root would refuse it: no need to ask
+        request = frames.delivery_request(header, len(message), self.max_payload)
+        if isinstance(request, frames.Refusal):  # root would refuse it: no need to ask
             return LocalOutcome(request.status, request.reason)
         try:
-            _send(self.channel, header, message)
-            answer = _receive(self.channel, wait=child_time_limit() + IO_TIMEOUT)
+            frames.send(self.channel, header, message)
+            answer = frames.receive(self.channel, wait=child_time_limit() + frames.IO_TIMEOUT)
             if answer is None:
                 raise ValueError("an answer over the limits")
             return LocalOutcome.from_json(answer[0].decode())
-        except _EndOfStream:
+        except frames.EndOfStream:
             self.broken = "the root process stopped serving local deliveries; will try again"
-        except (OSError, FrameError) as error:
+        except (OSError, frames.FrameError) as error:
             self.broken = f"the root process did not answer a local delivery ({error}); will try again"
         except (ValueError, KeyError, TypeError):
             return LocalOutcome("deferred", "the root process gave no usable answer; will try again")
         return LocalOutcome("deferred", self.broken)
 
 
-# --- The protocol between the two ---
-#
-# Each message on the socket is a frame: an 8-byte prefix holding two unsigned 32-bit big-endian
-# lengths (the header's and the payload's), the header (a JSON object in UTF-8, at most MAX_HEADER
-# bytes), then the payload (the message of a local delivery; at most `payload_limit`, nothing in the
-# other frames). The delivery process sends `deliver` requests, each answered by one frame whose header
-# is the outcome, and ends with one `done` (its report) or `error` frame. The reader checks the prefix
-# against its limits before it reads more: a frame over them is read and thrown away (so the two sides
-# stay in step), a frame that is no well-formed request is answered with a deferral; either costs only
-# its own message. A frame, once begun, must arrive within IO_TIMEOUT plus a second per MiB.
+# --- The root process ---
 
-_PREFIX = struct.Struct(">II")
-# Bytes of a frame's JSON header: a request holds a user name and a path of at most 256 octets, six
-# times that at worst once JSON escapes it, and an answer one line of reason.
-MAX_HEADER = 16 * 1024
-# Characters of free text (an error, a reason) put into a header: far inside MAX_HEADER when escaped.
-MAX_TEXT = 2000
-# Seconds a frame may pause once begun, and a send may block; the payload adds a second per MiB.
-IO_TIMEOUT = 30.0
-_BYTES_PER_SECOND = 1 << 20
-# Bytes a local delivery's message may exceed `max_message_size` by: the headers delivery adds (Date,
-# Message-ID, From), the envelope line a direct drop may carry, a bounce's report around the original.
-PAYLOAD_ALLOWANCE = 8 << 20
 # Seconds root waits for the delivery process to exit after its last frame, before it kills it.
 EXIT_TIMEOUT = 30.0
-# The newest `now` a request may carry: the end of year 9999, the last one asctime() writes.
-_LATEST = 253402300799.0
-
-
-class FrameError(Exception):
-    """A frame broke off, stalled, or cannot be read: the channel is out of step and must close."""
-
-
-class _EndOfStream(FrameError):
-    """The other side closed the channel between frames."""
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    status: Literal["deferred", "failed"]
-    reason: str
-
-
-def payload_limit(config: Config) -> int:
-    """The largest message root takes for one local delivery."""
-    return config.max_message_size + PAYLOAD_ALLOWANCE
-
-
-def _fit(text: str) -> str:
-    """`text` cut to MAX_TEXT characters, so a header made of it stays within MAX_HEADER."""
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
-
-
-def _send(channel: socket.socket, header: dict[str, object], payload: bytes = b"") -> None:
-    data = json.dumps(header).encode()
-    if len(data) > MAX_HEADER:
-        raise FrameError(f"a header of {len(data)} bytes, more than {MAX_HEADER}")
-    channel.settimeout(_frame_time(len(payload)))  # sendall's timeout covers the whole send
-    channel.sendall(_PREFIX.pack(len(data), len(payload)) + data)
-    if payload:
-        channel.sendall(payload)
-
-
-def _send_quietly(channel: socket.socket, header: dict[str, object]) -> None:
-    """`_send` for a last word: when root cannot take it, the exit status still tells."""
-    try:
-        _send(channel, header)
-    except (OSError, FrameError):
-        pass
-
-
-def _frame_time(size: int) -> float:
-    return IO_TIMEOUT + size / _BYTES_PER_SECOND
-
-
-def _receive(
-    channel: socket.socket, *, wait: float | None, max_payload: int = 0
-) -> tuple[bytes, bytes] | None:
-    """The next frame's header and payload, waiting `wait` seconds (None: for good) for it to begin.
-
-    A frame over the limits is read and thrown away: None. Raises _EndOfStream when the channel closes
-    between frames, FrameError when a frame breaks off or stalls (or none begins within `wait`)."""
-    channel.settimeout(wait)
-    try:
-        first = channel.recv(_PREFIX.size)
-    except TimeoutError:
-        raise FrameError(f"nothing came for {wait:g} s") from None
-    if not first:
-        raise _EndOfStream("the channel closed")
-    header_size, payload_size = _PREFIX.unpack(
-        first + _read_exact(channel, _PREFIX.size - len(first), time.monotonic() + IO_TIMEOUT)
-    )
-    deadline = time.monotonic() + _frame_time(header_size + payload_size)
-    if header_size > MAX_HEADER or payload_size > max_payload:
-        _discard(channel, header_size + payload_size, deadline)
-        return None
-    return _read_exact(channel, header_size, deadline), _read_exact(channel, payload_size, deadline)
-
-
-def _read_exact(channel: socket.socket, size: int, deadline: float) -> bytes:
-    data = bytearray(size)
-    view = memoryview(data)
-    got = 0
-    while got < size:
-        got += _receive_into(channel, view[got : got + (1 << 20)], deadline)
-    return bytes(data)
-
-
-def _discard(channel: socket.socket, size: int, deadline: float) -> None:
-    scratch = memoryview(bytearray(1 << 16))
-    while size:
-        size -= _receive_into(channel, scratch[: min(size, len(scratch))], deadline)
-
-
-def _receive_into(channel: socket.socket, view: memoryview, deadline: float) -> int:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise FrameError("a frame stalled part-way")
-    channel.settimeout(left)
-    try:
-        count = channel.recv_into(view)
-    except TimeoutError:
-        raise FrameError("a frame stalled part-way") from None
-    if not count:
-        raise FrameError("the channel closed part-way through a frame")
-    return count
-
-
-@dataclass(frozen=True)
-class DeliveryRequest:
-    """A local delivery root will make: to a local user, from a sender SMTP can carry, at a time asctime()
-    can write."""
-
-    user: str
-    sender: str
-    now: float
-
-
-def delivery_request(header: object, size: int, max_payload: int) -> DeliveryRequest | _Refusal:
-    """`header` (a frame's decoded JSON, its payload `size` bytes) as a DeliveryRequest, or the refusal
-    that answers it."""
-    from .address import MAX_PATH, path_octets
-    from .local import lookup_user, user_name_problem
-
-    if size > max_payload:
-        return _Refusal(
-            "failed", f"5.3.4 the message is larger than local delivery takes ({max_payload} bytes)"
-        )
-    if not isinstance(header, dict) or header.get("op") != "deliver":
-        return _Refusal("deferred", "root refused a request that is no local delivery")
-    if set(header) != {"op", "user", "sender", "now"}:
-        return _Refusal("deferred", "root refused a local delivery request with other fields")
-    user, sender, now = header["user"], header["sender"], header["now"]
-    if not isinstance(user, str) or not isinstance(sender, str):
-        return _Refusal("deferred", "root refused a local delivery request whose user or sender is no text")
-    if isinstance(now, bool) or not isinstance(now, int | float) or not 0 <= now <= _LATEST:
-        return _Refusal("deferred", "root refused a local delivery request whose time is out of range")
-    problem = user_name_problem(user)
-    if problem:
-        return _Refusal("failed", f"5.1.3 refused: {problem}")
-    if lookup_user(user) is None:
-        return _Refusal("failed", f"5.1.1 no such local user: {user}")
-    octets = path_octets(sender) if sender else 0
-    if octets > MAX_PATH:
-        return _Refusal(
-            "failed", f"5.1.7 the sender is {octets} octets long; SMTP carries at most {MAX_PATH}"
-        )
-    return DeliveryRequest(user, sender, float(now))
-
-
-# --- The root process ---
 
 
 def _serve(
@@ -480,51 +315,44 @@ def _serve(
     from .local import deliver_as_recipient
 
     deliver = deliver or deliver_as_recipient
-    limit = payload_limit(config)
+    limit = frames.payload_limit(config)
     while True:
         try:
-            received = _receive(channel, wait=None, max_payload=limit)
-        except _EndOfStream:
+            received = frames.receive(channel, wait=None, max_payload=limit)
+        except frames.EndOfStream:
             return None
-        except (OSError, FrameError) as error:
+        except (OSError, frames.FrameError) as error:
             raise DeliveryProcessError(f"the delivery process broke off its requests: {error}") from None
         message = b""
         if received is None:
-            request: DeliveryRequest | _Refusal = _Refusal(
+            request: frames.DeliveryRequest | frames.Refusal = frames.Refusal(
                 "deferred",
-                f"root refused a request over its limits ({MAX_HEADER} bytes of header, {limit} of message)",
+                f"root refused a request over its limits ({frames.MAX_HEADER} bytes of header,"
+                f" {limit} of message)",
             )
         else:
-            header = _decode(received[0])
+            header = frames.decode(received[0])
             message = received[1]
             if isinstance(header, dict) and header.get("op") in ("done", "error") and not message:
                 return _last_word(header)
-            request = delivery_request(header, len(message), limit)
+            request = frames.delivery_request(header, len(message), limit)
         outcome = _deliver_one(config, deliver, request, message, logger)
         try:
-            _send(channel, _answer(outcome))
-        except (OSError, FrameError) as error:
+            frames.send(channel, _answer(outcome))
+        except (OSError, frames.FrameError) as error:
             raise DeliveryProcessError(f"the delivery process took no answer: {error}") from None
-
-
-def _decode(data: bytes) -> object:
-    """A header's JSON, or None when it is none (deep nesting included)."""
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        return None
 
 
 def _deliver_one(
     config: Config,
     deliver: LocalDelivery,
-    request: DeliveryRequest | _Refusal,
+    request: frames.DeliveryRequest | frames.Refusal,
     message: bytes,
     logger: logging.Logger,
 ) -> LocalOutcome:
     from .local import LocalOutcome
 
-    if isinstance(request, _Refusal):
+    if isinstance(request, frames.Refusal):
         logger.warning(f"local delivery: {request.reason}")
         return LocalOutcome(request.status, request.reason)
     try:
@@ -536,7 +364,7 @@ def _deliver_one(
 def _answer(outcome: LocalOutcome) -> dict[str, object]:
     """The answer frame's header: the outcome, its texts cut to fit."""
     answer: dict[str, object] = json.loads(outcome.to_json())
-    answer.update(reason=_fit(outcome.reason), mailbox=_fit(outcome.mailbox))
+    answer.update(reason=frames.fit(outcome.reason), mailbox=frames.fit(outcome.mailbox))
     return answer
 
 
@@ -565,7 +393,7 @@ def _last_word(request: dict[str, Any]) -> FlushReport:
 
 def _one_line(text: str) -> str:
     """`text` fit for one log line: controls as spaces, at most MAX_TEXT characters."""
-    return _fit("".join(char if char.isprintable() else " " for char in text))
+    return frames.fit("".join(char if char.isprintable() else " " for char in text))
 
 
 def _reap(pid: int, channel: socket.socket) -> int:

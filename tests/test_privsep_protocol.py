@@ -1,13 +1,13 @@
 """The root side of the privilege split's protocol, spoken to as a compromised delivery process would.
 
-`privsep._serve` (the root process) reads frames from the delivery process over a socket pair. Here a test
-thread plays a delivery process the `pymta` user has taken over: random bytes, frames cut short, frames
-over the limits, frames that stall, and well-framed headers holding anything JSON can hold. Whatever
-comes, root must end (never hang: every session here is given a deadline), raise nothing but
-DeliveryProcessError, answer each complete request once, stay in step for the next one, and call the
-local delivery function only for a well-formed request: a real local user, a sender SMTP can carry, a
-time asctime() can write (DESIGN.md invariant 10). The real-users end of the same promise is in
-tests/test_security_protocol.py.
+`privsep._serve` (the root process) reads frames (`pymta.frames`) from the delivery process over a
+socket pair. Here a test thread plays a delivery process the `pymta` user has taken over: random bytes,
+frames cut short, frames over the limits, frames that stall, and well-framed headers holding anything
+JSON can hold. Whatever comes, root must end (never hang: every session here is given a deadline),
+raise nothing but DeliveryProcessError, answer each complete request once, stay in step for the next
+one, and call the local delivery function only for a well-formed request: a real local user, a sender
+SMTP can carry, a time asctime() can write (DESIGN.md invariant 10). The real-users end of the same
+promise is in tests/test_security_protocol.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymta import local, privsep
+from pymta import frames, local, privsep
 from pymta.address import MAX_PATH, path_octets
 from pymta.config import Config, Local
 from pymta.flush import FlushReport
@@ -65,8 +65,8 @@ class Session:
 @pytest.fixture(autouse=True)
 def small_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A payload limit of MAX_MESSAGE bytes and a short stall limit, so the hostile cases stay quick."""
-    monkeypatch.setattr(privsep, "PAYLOAD_ALLOWANCE", 0)
-    monkeypatch.setattr(privsep, "IO_TIMEOUT", 0.3)
+    monkeypatch.setattr(frames, "PAYLOAD_ALLOWANCE", 0)
+    monkeypatch.setattr(frames, "IO_TIMEOUT", 0.3)
     yield
 
 
@@ -119,7 +119,7 @@ def serve(sent: bytes, *, close: bool = True) -> Session:
     assert not root.is_alive(), "root's _serve hung"
     while received:
         header_size, payload_size = PREFIX.unpack_from(received)
-        assert payload_size == 0 and header_size <= privsep.MAX_HEADER
+        assert payload_size == 0 and header_size <= frames.MAX_HEADER
         end = PREFIX.size + header_size
         session.answers.append(json.loads(received[PREFIX.size : end]))
         received = received[end:]
@@ -295,7 +295,7 @@ def test_the_delivery_process_asks_root_only_what_root_would_serve() -> None:
         target=privsep._serve, args=(config, root_end, logging.getLogger("test"), recorder), daemon=True
     )
     root.start()
-    agent = privsep._LocalAgent(process_end, privsep.payload_limit(config))
+    agent = privsep._LocalAgent(process_end, frames.payload_limit(config))
     try:
         too_long = agent.deliver("root", b"hello", sender=LONG, local=Local(), now=1.7e9)
         too_large = agent.deliver("root", b"x" * (MAX_MESSAGE + 1), sender="", local=Local(), now=1.7e9)
