@@ -818,7 +818,7 @@ def _reap_child(pid: int) -> int:
 
 
 def _stopped(pid: int) -> str:
-    """ "was stopped ..." when the child is stopped; else "". An exited child is left to be reaped later."""
+    """Why the child no longer runs, when it is stopped; else "". An exited child is left to be reaped."""
     found = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)
     if found is not None and found.si_code == os.CLD_STOPPED:
         return f"was stopped (signal {found.si_status}: by the recipient, whose process it is)"
