@@ -11,6 +11,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -676,6 +677,65 @@ def test_the_recipients_child_cannot_write_what_the_recipient_cannot(
     outcome = as_recipient(test_user.pw_name, Local(mailbox="maildir", mail_spool=str(spool)))
     assert outcome.status == "deferred"
     assert os.listdir(rootdir / "new") == [] and os.listdir(rootdir / "tmp") == []
+
+
+@pytest.mark.parametrize("stall", ["stopped", "silent", "silent before writing"])
+def test_a_stalled_delivery_child_is_killed_and_only_its_mail_waits(
+    test_user: pwd.struct_passwd, shared_dir: Path, monkeypatch: pytest.MonkeyPatch, stall: str
+) -> None:
+    """The child is the recipient's process: she may stop it (SIGSTOP), or her mailbox may hang it. The
+    parent kills it at once (stopped) or at its deadline (silent), defers, and does not wait for that
+    mailbox again in this run; a later run delivers the message whole."""
+    spool = shared_dir / "mail"
+    spool.mkdir()
+    spool.chmod(0o1777)
+    monkeypatch.setattr(local, "_found_locked", {})
+    monkeypatch.setattr(local, "CHILD_START_TIMEOUT", 0.5)
+    monkeypatch.setattr(local, "CHILD_WRITE_TIMEOUT", 0.5)
+    where = "_open_mbox" if stall == "silent before writing" else "_begin_writing"
+    original = getattr(local, where)
+
+    def then_stall(*args: Any) -> Any:  # runs in the child only: the recipient is not the test's user
+        result = original(*args)
+        if stall == "stopped":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            time.sleep(3600)
+        return result
+
+    monkeypatch.setattr(local, where, then_stall)
+    mail = Local(mailbox="mbox", mail_spool=str(spool))
+    name = test_user.pw_name
+
+    def attempt() -> local.LocalOutcome:
+        return local.deliver_as_recipient(
+            name, message(), sender="s@example.org", local=mail, now=NOW, lock_timeout=0.2
+        )
+
+    outcome = attempt()
+
+    assert outcome.status == "deferred" and outcome.locked, outcome
+    expected = {
+        "stopped": "was stopped",
+        "silent": "did not finish writing",
+        "silent before writing": "did not begin",
+    }
+    assert expected[stall] in outcome.reason and "killed" in outcome.reason, outcome.reason
+    assert ("cut short" in outcome.reason) == (stall != "silent before writing")
+    again = attempt()
+    assert again.status == "deferred" and "not waiting again" in again.reason
+    # What a child killed with the mailbox in hand leaves: its dotlock, removed once stale, and nothing of
+    # the message here (it stalled before its first byte); then the next run delivers it whole.
+    monkeypatch.setattr(local, where, original)
+    monkeypatch.setattr(local, "_found_locked", {})
+    dotlock = spool / f"{name}.lock"
+    if dotlock.exists():
+        old = time.time() - local.STALE_DOTLOCK_AGE - 1
+        os.utime(dotlock, (old, old))
+    assert (spool / name).read_bytes() == b""
+    assert attempt().status == "delivered"
+    [got] = read_mbox(spool / name)
+    assert got["Subject"] == "hello"
 
 
 def test_root_delivers_to_root_in_process(spool: Path) -> None:
