@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from .address import MAX_PATH, path_octets
+from .local import lookup_user, user_name_problem
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -157,9 +160,6 @@ class DeliveryRequest:
 def delivery_request(header: object, size: int, max_payload: int) -> DeliveryRequest | Refusal:
     """`header` (a frame's decoded JSON, its payload `size` bytes) as a DeliveryRequest, or the refusal
     that answers it."""
-    from .address import MAX_PATH, path_octets
-    from .local import lookup_user, user_name_problem
-
     if size > max_payload:
         return Refusal(
             "failed", f"5.3.4 the message is larger than local delivery takes ({max_payload} bytes)"
