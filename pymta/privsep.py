@@ -23,10 +23,10 @@ following a link and checked. Nothing the owner could swap decides who root acts
 the spool directory itself, whose name lives in a directory of root's (`spool_owner`). So no file in the
 spool is ever root's to "give back".
 
-The two talk in length-framed frames with limits (`frames`). Root treats
-the delivery process as untrusted: it checks every frame against its limits and every request field before
-it acts, answers a bad request with a deferral (that message only), and gives every read of a begun frame,
-and the delivery process's exit, a deadline. The only wait without one is for the next request, while the
+The two talk in length-framed frames with limits (`frames`). Root treats the delivery process as
+untrusted: it checks every frame against its limits and every request field before it acts, answers a bad
+request with a deferral (that message only), and gives every read of a begun frame, and the delivery
+process's exit, a deadline. The only wait without one is for the next request, while the
 delivery process (which holds the flush lock, and so the run) works; its end closes the channel.
 
 Why fork without exec: the delivery process needs no interpreter of its own and inherits the loaded modules.

@@ -25,10 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from system_install import SystemInstall, system, system_install
+from system_install import SystemInstall
 from test_security import MESSAGE, drop_file, flush, mbox_messages, submit, write_as
-
-__all__ = ["system", "system_install"]  # fixtures imported for use
 
 EX_NOUSER = 67
 DOMAIN_PART = "@example.org"
