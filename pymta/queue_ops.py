@@ -189,8 +189,9 @@ def _ambiguous(candidates: list[str]) -> _Failure:
     )
 
 
-def resolve(spool: Spool, argument: str) -> tuple[str, str]:
-    """The id that `argument` (a full id or a unique prefix) names, and where it is: "new" or "queue"."""
+def resolve(spool: Spool, argument: str, *, set_aside: bool = False) -> tuple[str, str]:
+    """The id that `argument` (a full id or a unique prefix) names, and where it is: "new" or "queue"; with
+    `set_aside`, also "corrupt" for a full id that the pick-up or the flush moved there."""
     wanted = _wanted(argument)
     found: dict[str, str] = {}
     # new/ before queue/: a message picked up between the two listings is seen in queue/ then, not missed.
@@ -205,7 +206,9 @@ def resolve(spool: Spool, argument: str) -> tuple[str, str]:
     if len(found) > 1:
         raise _ambiguous(sorted(found))
     if len(wanted) == ID_LENGTH:
-        if os.path.exists(os.path.join(spool.dir("corrupt"), wanted)):
+        if os.path.lexists(os.path.join(spool.dir("corrupt"), wanted)):
+            if set_aside:
+                return wanted, "corrupt"
             raise _Failure(
                 "unreadable",
                 f"unreadable: set aside in {spool.dir('corrupt')}/ for the admin; look at it there",
@@ -377,7 +380,7 @@ class _Operations:
         for argument in arguments:
             name: str | None = None
             try:
-                name, location = resolve(self.spool, argument)
+                name, location = resolve(self.spool, argument, set_aside=verb == "delete")
                 result = self._one(name, location, verb)
                 result.argument = argument
             except _Failure as failure:
@@ -391,6 +394,19 @@ class _Operations:
         return results
 
     def _one(self, name: str, location: str, verb: str) -> Result:
+        if location == "corrupt":  # only `delete` gets here: what was set aside is the admin's to remove
+            try:
+                os.unlink(os.path.join(self.spool.dir("corrupt"), name))
+            except FileNotFoundError:
+                raise _gone(name) from None
+            fsync_dir(self.spool.dir("corrupt"))
+            return Result(
+                name,
+                name,
+                True,
+                "deleted",
+                "deleted from corrupt/, where it was set aside; no bounce is sent",
+            )
         if location == "new":
             lock = self._take_from_new(name, deleting=verb == "delete")
             if lock is None:

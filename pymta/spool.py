@@ -71,6 +71,14 @@ MAX_ENVELOPE_LINE = 4 * 1024 * 1024
 # A state file larger than this is not one we wrote (one of a message with the largest envelope and a long
 # reply for each recipient stays below it): refused rather than read into memory.
 MAX_STATE_SIZE = 64 * 1024 * 1024
+# The longest address a drop may name (sender or recipient): RFC 5322's line limit, far past what SMTP carries
+# (256 octets a path), so nothing sendmail accepts is refused here.
+MAX_ADDRESS = 998
+# The latest time an envelope or state may name (the end of the year 9999, what datetime can show).
+MAX_TIME = 253402214400.0
+# Drops of one user the pick-up looks at in one run, beside root's and the spool owner's: 300,000 files
+# dropped straight into new/ cost each run a bounded amount of work, and the rest waits for later runs.
+MAX_PICKUP_PER_USER = 1000
 
 # The next-attempt time of a message that no flush should pick (held, failed): the largest 32-bit time.
 NEVER = float(2**31 - 1)
@@ -100,6 +108,19 @@ def real_user() -> tuple[str, str, int]:
 def new_id() -> str:
     """A queue id: 8 hex digits of the time (so ids sort by submission) and 64 unguessable random bits."""
     return f"{int(time.time()):08x}{os.urandom(8).hex()}"
+
+
+def is_queue_id(name: str) -> bool:
+    """Whether `name` is what `new_id` makes: 24 lower-case hexadecimal digits."""
+    return len(name) == 24 and all(char in "0123456789abcdef" for char in name)
+
+
+def quoted(name: str) -> str:
+    """A file name as a log line or listing may show it: as it is when it is printable ASCII without
+    blanks, else as a Python literal (a name holding a newline must not forge a log line)."""
+    if name and name.isascii() and name.isprintable() and " " not in name:
+        return name
+    return ascii(name)
 
 
 def _json_string(text: str) -> str:
@@ -163,6 +184,20 @@ def _read_all(fd: int, size: int = 0, limit: int | None = None) -> bytes:
         if len(chunk) < wanted or offset == limit:
             return b"".join(chunks)
         wanted = 65536
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """At most `limit` bytes of the file behind `fd`, from its start: a file its writer grows while we read
+    (to 64 GiB, sparse) costs no more memory than `limit`."""
+    chunks = []
+    offset = 0
+    while offset < limit:
+        chunk = os.pread(fd, min(1 << 20, limit - offset), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _sync_new_name(directory: str, fd: int) -> None:
@@ -427,7 +462,7 @@ class Spool:
                 except FileNotFoundError:
                     continue  # picked up or deleted while we looked
                 except (OSError, ValueError) as exc:
-                    problems.append(f"{location}/{name}: {exc}")
+                    problems.append(f"{location}/{quoted(name)}: {exc}")
         found.sort(key=lambda entry: (entry.queued_at, entry.id))
         return found, problems
 
@@ -555,21 +590,30 @@ class Spool:
         the first bytes of each queued file (`queued_per_uid`).
         """
         limit = _QueueLimit(self, max_queued_per_user) if max_queued_per_user is not None else None
+        budget = _PickUpBudget(self)
         picked = []
         for name in sorted(self._names("new")):
             source = os.path.join(self.dir("new"), name)
             try:
+                # Who dropped it, from a stat by name: a user over their quota or this run's budget costs
+                # no open, and nothing of theirs is read.
+                uid = os.lstat(source).st_uid
+                if not budget.admits(uid) or (limit is not None and not limit.admits(uid)):
+                    continue
                 if self._pick_up_one(name, source, max_size, report, sender_policy, limit):
                     picked.append(name)
             except FileNotFoundError:
                 continue
             except OSError as exc:  # one user's odd file must not stop everyone's mail
-                report(f"cannot pick up new/{name}: {exc.strerror or exc}; left in place for the admin")
+                report(
+                    f"cannot pick up new/{quoted(name)}: {exc.strerror or exc}; left in place for the admin"
+                )
         if picked:
             fsync_dir(self.dir("queue"))
             fsync_dir(self.dir("new"))
         if limit is not None:
             limit.report(report)
+        budget.report(report)
         return picked
 
     def queued_per_uid(self) -> dict[int, int]:
@@ -622,19 +666,29 @@ class Spool:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 os.unlink(source)
-                report(f"refused new/{name}: a symbolic link; removed")
+                report(f"refused new/{quoted(name)}: a symbolic link; removed")
                 return False
             if exc.errno == errno.EACCES:  # mode 000, or a hard link to someone else's private file
                 links = os.lstat(source).st_nlink
                 if links != 1:
                     os.unlink(source)
-                    report(f"refused new/{name}: a hard link ({links} names) that we may not read; removed")
+                    report(
+                        f"refused new/{quoted(name)}: a hard link ({links} names)"
+                        " that we may not read; removed"
+                    )
                 else:
                     self._set_aside(name, source, "it cannot be read (its mode lets nobody read it)", report)
                 return False
             raise
         try:
             info = os.fstat(fd)
+            if self._picked_up_already(name, info):
+                os.unlink(source)
+                report(
+                    f"new/{name} was picked up already (a pick-up stopped between taking it and removing it "
+                    "from new/); removed from new/"
+                )
+                return False
             refusal = ""
             if not stat.S_ISREG(info.st_mode):
                 refusal = "not a regular file (a FIFO, device or directory)"
@@ -642,10 +696,15 @@ class Spool:
                 refusal = f"a hard link ({info.st_nlink} names)"
             if refusal:
                 if stat.S_ISDIR(info.st_mode):
-                    report(f"refused new/{name}: {refusal}; left in place for the admin")
+                    report(f"refused new/{quoted(name)}: {refusal}; left in place for the admin")
                 else:
                     os.unlink(source)
-                    report(f"refused new/{name} of uid {info.st_uid}: {refusal}; removed")
+                    report(f"refused new/{quoted(name)} of uid {info.st_uid}: {refusal}; removed")
+                return False
+            if not is_queue_id(name):
+                self._set_aside(
+                    name, source, "its name is not a queue id (sendmail did not write it)", report
+                )
                 return False
             if info.st_size > max_size + MAX_ENVELOPE_LINE:
                 self._set_aside(name, source, f"{info.st_size} bytes, over max_message_size", report)
@@ -654,8 +713,6 @@ class Spool:
             if os.path.lexists(target):
                 self._set_aside(name, source, "a queued message has this id already", report)
                 return False
-            if limit is not None and not limit.admits(info.st_uid):
-                return False  # left in new/ as it is, for a later run
             if info.st_uid == os.geteuid():
                 # Our own submission (user mode): nobody else could have written it. Moved as it is (link,
                 # then unlink: never over an existing name); an unreadable envelope is found, and set
@@ -663,14 +720,17 @@ class Spool:
                 os.link(source, target, follow_symlinks=False)
                 os.unlink(source)
                 return True
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                data = handle.read()
+            # Never more than a drop may hold: its writer may grow it after the fstat above (M1).
+            data = _read_at_most(fd, max_size + MAX_ENVELOPE_LINE + 1)
         finally:
             os.close(fd)
-        line, _, message = data.partition(b"\n")
+        line, newline, message = data.partition(b"\n")
         try:
-            envelope = _parse_envelope(line)
-            QueueEntry("new", source, envelope, None, len(message), info.st_uid)
+            if len(data) > max_size + MAX_ENVELOPE_LINE or len(message) > max_size:
+                raise ValueError(f"over max_message_size ({max_size} bytes)")
+            if not newline:
+                raise ValueError("no envelope line: not a pymta queue file")
+            claimed = validate_drop(_parse_envelope(line), time.time())
         except ValueError as exc:
             self._set_aside(name, source, str(exc), report)
             return False
@@ -682,9 +742,6 @@ class Spool:
             owner = f"uid{info.st_uid}"
         # The file's owner and name are the kernel's word; what the envelope claims about them is not.
         # The uid goes right after the version, where `queued_per_uid` reads it.
-        claimed = {
-            key: value for key, value in envelope.items() if key not in ("v", "uid", "id", "submitted_by")
-        }
         envelope = {"v": ENVELOPE_VERSION, "uid": info.st_uid, "id": name, "submitted_by": owner, **claimed}
         if sender_policy is not None:
             refusal, message = sender_policy.check_drop(owner, _text(envelope, "sender"), message)
@@ -702,6 +759,31 @@ class Spool:
         if limit is not None:
             limit.took(info.st_uid)
         return True
+
+    def _picked_up_already(self, name: str, info: os.stat_result) -> bool:
+        """Whether new/NAME (`info`) is a submission that queue/NAME holds already: a pick-up killed after it
+        linked (user mode: the same file) or copied it (system mode: a file of ours recording the same
+        uid) into queue/ and before it unlinked it from new/. The next flush then removes it from new/, so
+        it is delivered once (issue 11, item 8)."""
+        import stat
+
+        if not is_queue_id(name) or not stat.S_ISREG(info.st_mode):
+            return False
+        try:
+            fd = os.open(os.path.join(self.dir("queue"), name), _READ_FLAGS)
+        except OSError:
+            return False
+        try:
+            queued = os.fstat(fd)
+            if (queued.st_dev, queued.st_ino) == (info.st_dev, info.st_ino):
+                return True
+            return (
+                info.st_nlink == 1
+                and queued.st_uid == os.geteuid() != info.st_uid
+                and _uid_from_head(os.pread(fd, 64, 0)) == info.st_uid
+            )
+        finally:
+            os.close(fd)
 
     def is_shared(self) -> bool:
         """Whether this is a system spool, shared by every local user: its drop directory new/ is sticky
@@ -727,9 +809,16 @@ class Spool:
         unlink_quietly(os.path.join(self.dir("state"), name))
 
     def _set_aside(self, name: str, source: str, why: str, report: Callable[[str], None]) -> None:
+        """Move new/NAME to corrupt/, where the admin can look at it and `pymta queue delete` removes it,
+        with one `report` line. A name that is no queue id (or one corrupt/ has already) gets a new id
+        there, so the admin can name it and nothing set aside before is replaced."""
         os.makedirs(self.dir("corrupt"), mode=0o700, exist_ok=True)
-        os.rename(source, os.path.join(self.dir("corrupt"), name))
-        report(f"refused new/{name}: {why}; moved to corrupt/ for the admin")
+        kept = name
+        if not is_queue_id(name) or os.path.lexists(os.path.join(self.dir("corrupt"), name)):
+            kept = new_id()
+        os.rename(source, os.path.join(self.dir("corrupt"), kept))
+        as_id = "" if kept == name else f" as {kept}"
+        report(f"refused new/{quoted(name)}: {why}; moved to corrupt/{as_id} for the admin")
 
     def _write_private(
         self, target: str, data: bytes, mtime: float | None = None, replace: bool = True
@@ -995,7 +1084,7 @@ class QueueEntry:
         self.submitted_by = _text(envelope, "submitted_by")
         self.full_name = _text(envelope, "full_name")
         self.uid = int(_number(envelope, "uid", -1))
-        self.queued_at = float(_number(envelope, "queued_at", 0))
+        self.queued_at = _time(envelope, "queued_at", 0)
         self.dsn_notify = _optional_text(envelope, "notify")
         self.dsn_ret = _optional_text(envelope, "ret")
         self.dsn_envid = _optional_text(envelope, "envid")
@@ -1026,9 +1115,7 @@ class QueueEntry:
         self.attempts = int(_number(state, "attempts", 0))
         # None when no attempt is planned: every recipient is done (failed) or the message is held.
         self.next_attempt: float | None = (
-            None
-            if state.get("next_attempt", 0) is None
-            else float(_number(state, "next_attempt", self.queued_at))
+            None if state.get("next_attempt", 0) is None else _time(state, "next_attempt", self.queued_at)
         )
         self.last_error = _optional_text(state, "last_error")
         self.size = size
@@ -1107,12 +1194,42 @@ class _QueueLimit:
             )
 
 
+class _PickUpBudget:
+    """`MAX_PICKUP_PER_USER` during one pick-up: how many drops of each user it looked at, and how many of
+    theirs it left for a later run. Root and the spool's owner (the admins, and the flush's own notices)
+    have no budget."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.exempt = {0, os.geteuid()}
+        self.seen: dict[int, int] = {}
+        self.left: dict[int, int] = {}
+
+    def admits(self, uid: int) -> bool:
+        if uid in self.exempt:
+            return True
+        seen = self.seen.get(uid, 0)
+        if seen < MAX_PICKUP_PER_USER:
+            self.seen[uid] = seen + 1
+            return True
+        self.left[uid] = self.left.get(uid, 0) + 1
+        return False
+
+    def report(self, report: Callable[[str], None]) -> None:
+        """One line per user with drops left for a later run."""
+        for uid, left in sorted(self.left.items()):
+            report(
+                f"uid {uid} has more than {MAX_PICKUP_PER_USER} files in new/: {left} are left for later "
+                "runs (a run looks at no more of one user's)"
+            )
+
+
 def _parse_envelope(line: bytes) -> dict[str, object]:
     import json
 
     try:
         envelope = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested 200,000 deep
         raise ValueError("the envelope line is not JSON: not a pymta queue file") from None
     if not isinstance(envelope, dict) or envelope.get("v") != ENVELOPE_VERSION:
         raise ValueError("unknown envelope format")
@@ -1132,10 +1249,77 @@ def _optional_text(data: dict[str, object], key: str) -> str | None:
 
 
 def _number(data: dict[str, object], key: str, default: float) -> float:
+    """A number of the envelope or state: finite, and no larger than a time can be (an integer of 400
+    digits would overflow every float conversion that follows)."""
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"envelope field {key!r} is not a number")
+    if not -MAX_TIME <= value <= MAX_TIME:  # also false for NaN
+        raise ValueError(f"envelope field {key!r} is out of range")
     return value
+
+
+def _time(data: dict[str, object], key: str, default: float) -> float:
+    value = float(_number(data, key, default))
+    if value < 0:
+        raise ValueError(f"envelope field {key!r} is not a time")
+    return value
+
+
+# The fields sendmail writes into a drop; a drop naming any other is not sendmail's.
+_DROP_FIELDS = frozenset(
+    ("v", "uid", "id", "submitted_by", "sender", "recipients", "full_name", "queued_at")
+    + ("notify", "ret", "envid", "body_type")
+)
+_NOTIFY_WORDS = frozenset(("success", "failure", "delay"))
+_CHOICES = {"ret": ("hdrs", "full"), "body_type": ("7BIT", "8BITMIME")}
+
+
+def validate_drop(envelope: dict[str, object], now: float) -> dict[str, object]:
+    """The fields of another user's drop the pick-up keeps, each checked for its type and range as sendmail
+    writes it (`sendmail.submit`); ValueError naming the first that is not. `v`, `uid`, `id` and
+    `submitted_by` are left out: the kernel tells them. A `queued_at` after `now` becomes `now`.
+
+    Everything the queue's readers convert later (a time to a date, an address to a command) is checked
+    here, so a hand-made drop costs only itself (DESIGN.md invariant 10)."""
+    for key in envelope:
+        if key not in _DROP_FIELDS:
+            raise ValueError(f"envelope field {quoted(key)} is not one sendmail writes")
+    sender = envelope.get("sender")
+    if not isinstance(sender, str) or (sender and not _is_address(sender)):
+        raise ValueError("envelope field 'sender' is not an address")
+    recipients = envelope.get("recipients")
+    if not isinstance(recipients, list) or not recipients:
+        raise ValueError("envelope has no recipient list")
+    if not all(isinstance(address, str) and _is_address(address) for address in recipients):
+        raise ValueError("envelope field 'recipients' holds something that is not an address")
+    full_name = envelope.get("full_name", "")
+    if not isinstance(full_name, str):
+        raise ValueError("envelope field 'full_name' is not text")
+    queued_at = _time(envelope, "queued_at", -1.0)
+    for key, allowed in _CHOICES.items():
+        if envelope.get(key) not in (None, *allowed):
+            raise ValueError(f"envelope field {key!r} is not one of {', '.join(allowed)}")
+    notify = envelope.get("notify")
+    if notify is not None and (
+        not isinstance(notify, str)
+        or (notify != "never" and not (notify and set(notify.split(",")) <= _NOTIFY_WORDS))
+    ):
+        raise ValueError("envelope field 'notify' is not 'never' or a list of success, failure, delay")
+    envid = envelope.get("envid")
+    if envid is not None and (
+        not isinstance(envid, str) or not 0 < len(envid) <= 100 or not all("!" <= c <= "~" for c in envid)
+    ):
+        raise ValueError("envelope field 'envid' is not 1 to 100 printable ASCII characters")
+    kept = {key: value for key, value in envelope.items() if key not in ("v", "uid", "id", "submitted_by")}
+    kept["queued_at"] = min(queued_at, now)
+    return kept
+
+
+def _is_address(text: str) -> bool:
+    """Whether `text` may be an envelope address: not empty, not too long, and no control character (one
+    would forge a line of a mailbox, a header or an SMTP command)."""
+    return 0 < len(text) <= MAX_ADDRESS and not any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
 def _is_nonempty_dir(path: str) -> bool:

@@ -45,7 +45,7 @@ from mailservers import (
 
 from pymta.config import load
 from pymta.flush import Flusher
-from pymta.spool import STALE_TMP_AGE, QueueEntry, Spool, encode_json
+from pymta.spool import STALE_TMP_AGE, QueueEntry, Spool, encode_json, new_id
 
 __all__ = ["certificates", "smtp_server"]  # fixtures imported for use
 
@@ -878,22 +878,26 @@ def test_pick_up_refuses_links_fifos_oversized_and_garbage_and_delivers_the_good
     (new / "symlink").symlink_to(outside)
     os.link(outside, new / "hardlink")
     os.mkfifo(new / "fifo")
-    (new / "oversized").write_bytes(submission + b"x" * (5 * 1024 * 1024))
-    (new / "garbage").write_bytes(b"this is not a pymta queue file\n\x00\xff")
+    oversized, garbage = sorted((new_id(), new_id()))
+    (new / oversized).write_bytes(submission + b"x" * (5 * 1024 * 1024))
+    (new / garbage).write_bytes(b"this is not a pymta queue file\n\x00\xff")
+    (new / "no\nid").write_bytes(submission)  # a name sendmail never makes, one that would forge a log line
 
     result = flush(mta, timeout=20)  # a FIFO that blocked the pick-up would time out here
 
     assert [m.rcpt_tos for m in plain.handler.messages] == [["bob@example.net"]]
     assert spool_files(mta, "new") == []
-    assert spool_files(mta, "corrupt") == ["garbage", "oversized"]
+    text = result.stderr.decode()
+    renamed = re.findall(r"moved to corrupt/ as ([0-9a-f]{24}) for the admin", text)
+    assert sorted(spool_files(mta, "corrupt")) == sorted([garbage, oversized, *renamed]) and len(renamed) == 1
     assert outside.read_bytes().startswith(b'{"v":1')  # the link's target is left alone
     assert os.stat(outside).st_nlink == 1
-    text = result.stderr.decode()
     assert "refused new/symlink: a symbolic link; removed" in text
     assert "refused new/hardlink of uid" in text and "a hard link (2 names); removed" in text
     assert "refused new/fifo of uid" in text and "not a regular file" in text
-    assert re.search(r"refused new/oversized: \d+ bytes, over max_message_size; moved to corrupt/", text)
-    assert re.search(r"id=garbage cannot read the queued message \(.+\); moved to corrupt/", text)
+    assert re.search(rf"refused new/{oversized}: \d+ bytes, over max_message_size; moved to corrupt/ ", text)
+    assert re.search(rf"id={garbage} cannot read the queued message \(.+\); moved to corrupt/", text)
+    assert "refused new/'no\\nid': its name is not a queue id (sendmail did not write it)" in text
     assert mta.entries() == []
 
 
