@@ -237,6 +237,10 @@ class Flusher:
         keeps_lock = False
         try:
             keeps_lock = self._deliver_locked(name, lock, report, loaded)
+        except (SpoolError, OSError):
+            raise  # the spool or the system fails: recording nothing more, the run ends (invariant 3)
+        except Exception as error:  # invariant 11: it costs this message, recorded on it, not the run
+            self._park(name, error)
         finally:
             if not keeps_lock:
                 self.spool.unlock_message(lock)
@@ -277,7 +281,16 @@ class Flusher:
                 reason = expiry_reason(within, recipient.last_error, entry.relay)
                 attempt.set(recipient.address, "failed", reason, "none")
         elif pending:
-            self._attempt(entry, message, pending, attempt)
+            try:
+                self._attempt(entry, message, pending, attempt)
+            except (SpoolError, OSError):
+                raise
+            except Exception as error:  # invariant 11: what it delivered is kept, the rest deferred
+                reason = self._unexpected(entry.id, error)
+                attempt.remote = None
+                for recipient in pending:
+                    if recipient.address not in attempt.results:
+                        attempt.set(recipient.address, "deferred", reason, "none")
         # The message before this one is finished now, before anything of this one is recorded: with
         # PIPELINING its text goes out with this one's commands behind it (one round trip per message), and
         # its outcome is written before this one's text is sent (invariant 3).
@@ -297,9 +310,70 @@ class Flusher:
             assert flight.attempt.remote is not None
             flight.attempt.remote()
             handed_over = self._record(flight.entry, flight.message, flight.attempt, report, flight.lock)
+        except (SpoolError, OSError):
+            raise
+        except Exception as error:  # invariant 11; its text may have gone out: the reason says so
+            self._park(flight.entry.id, error, sent=True)
         finally:
             if not handed_over:
                 self.spool.unlock_message(flight.lock)
+
+    def _unexpected(self, name: str, error: Exception, sent: bool = False) -> str:
+        """Log what went wrong with message `name` (the traceback under --verbose) and give the reason its
+        recipients are deferred with. Every SMTP session is closed: after a failure in the middle of one,
+        its state is not trusted (a message started on one is started again on a new connection)."""
+        self.sessions.close()
+        maybe = "; the smarthost may have it already" if sent else ""
+        reason = (
+            f"4.3.0 pymta failed on this message ({type(error).__name__}: {str(error)[:200]}){maybe}; "
+            "it is tried again later"
+        )
+        self.log.error(f"id={name} {reason}", exc_info=self.log.isEnabledFor(logging.DEBUG))
+        return reason
+
+    def _park(self, name: str, error: Exception, sent: bool = False) -> None:
+        """After an unexpected failure with queue/NAME (locked by the caller): defer its pending recipients
+        with the reason, on the retry schedule, and go on with the next message (DESIGN.md invariant 11).
+        One that cannot even be read, or that has failed so past its lifetime, goes to corrupt/ for the
+        admin, with a log line: it would fail again on every run."""
+        reason = self._unexpected(name, error, sent)
+        now = self.clock()
+        try:
+            entry = self.spool.read_entry("queue", name)
+            expired = now >= self._expires_at(entry, entry.held_seconds)
+        except FileNotFoundError:
+            return
+        except Exception as unreadable:  # noqa: BLE001 - whatever it is, the message is set aside
+            entry, expired = None, True
+            reason = f"{reason} ({unreadable})"
+        if entry is None or expired:
+            self.spool.set_aside_queued(name)
+            self.log.error(f"id={name} moved to corrupt/ for the admin: it cannot be delivered or bounced")
+            return
+        recipients = {r.address: r.record() for r in entry.recipients}
+        for record in recipients.values():
+            if record["status"] in PENDING:
+                record.update(status="deferred", last_error=reason)
+        attempts = entry.attempts + 1
+        next_attempt = max(
+            now, min(self._retry_at(attempts, now), self._expires_at(entry, entry.held_seconds))
+        )
+        self.spool.write_state(
+            name,
+            {
+                "state": "deferred",
+                "attempts": attempts,
+                "last_attempt": now,
+                "next_attempt": next_attempt,
+                "last_error": reason,
+                "relay": entry.relay,
+                "warned": entry.warned,
+                **({"held_seconds": entry.held_seconds} if entry.held_seconds else {}),
+                **({"bounce_due": True} if entry.bounce_due else {}),
+                "recipients": recipients,
+            },
+            next_attempt,
+        )
 
     def _abandon_in_flight(self) -> None:
         """After a failure of the run: unlock a started message, unrecorded, and a prefetched one. Nothing of
