@@ -22,6 +22,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .views import QuotaHold
+
 PROGRAM = "sendmail"
 
 USAGE = {
@@ -475,7 +477,6 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
         where = "in the To, Cc or Bcc headers" if invocation.extract else "on the command line (or use -t)"
         raise UsageError(f"no recipients: give at least one address {where}")
     login, gecos, uid = real_user()
-    _check_queue_limit(settings, uid)
     sender = login if invocation.sender is None else invocation.sender
     # Only a sender other than the login name, under a strict policy, needs the rest of the config.
     if sender != login and settings.sender_policy == "strict":
@@ -493,13 +494,17 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
         "body_type": invocation.body_type,
     }
     spool = Spool(settings.spool)
+    quota = _check_queue_limit(settings, uid)  # holds the user's drop ledger until released
     try:
         # The default user spool may be the first thing under ~/.local/state on a fresh machine.
         queue_id = spool.submit(envelope, message, create_parents=settings.default_spool)
+        quota.record(queue_id, time.time())
     except PymtaError:
         for warning in settings.warnings:
             _say(warning)
         raise
+    finally:
+        quota.release()
     for warning in settings.warnings:  # one line: what is wrong, and that the mail is safe all the same
         _say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {settings.spool}")
     for problem in unreadable:  # a logwatch report with one typo in To: still reaches the others
@@ -510,16 +515,18 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
     return queue_id, recipients
 
 
-def _check_queue_limit(settings: Settings, uid: int) -> None:
+def _check_queue_limit(settings: Settings, uid: int) -> QuotaHold:
     """System mode: refuse (EX_TEMPFAIL) a user with `max_queued_per_user` messages waiting, as the last
-    delivery run counted them (`pymta.views`); nothing is queued. Costs a stat and a small read."""
-    from .views import quota_refusal
+    delivery run counted them and as the user's drops since then add up (`pymta.views.hold_quota`);
+    nothing is queued. Else the hold, to record the drop in and release. Costs a few stats and small reads."""
+    from .views import hold_quota
 
-    refusal = quota_refusal(settings.spool, uid, settings.max_queued)
-    if refusal:
+    hold = hold_quota(settings.spool, uid, settings.max_queued, record=True)
+    if hold.refusal:
         for warning in settings.warnings:
             _say(warning)
-        raise errors.QueueLimitError(refusal)
+        raise errors.QueueLimitError(hold.refusal)
+    return hold
 
 
 def refusal_of(invocation: Invocation) -> str | None:

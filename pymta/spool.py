@@ -3,6 +3,8 @@
 Layout of a spool directory (DESIGN.md, "Two ways to run"):
 
     tmp/ID       a submission being written; only its writer ever opens it
+    tmp/.quota-UID  system mode: user UID's list of their own recent drops, for `max_queued_per_user` at
+                 submission (`pymta.views.hold_quota`)
     new/ID       a committed submission waiting to be picked up (system mode: the drop directory, 1733)
     queue/ID     a picked-up message; never changes after it is written
     state/ID     its delivery state (JSON), replaced atomically on every change; absent means never tried.

@@ -14,8 +14,9 @@ prints for it (`pymta.listing.entry_to_json`), oldest first. Drops still waiting
 A user with no message left has no view: no file means no messages, as of the last run.
 
 Readers: `mailq` and `pymta queue` read the user's own view when they cannot read the queue (`read_view`);
-`sendmail` reads only the header's count (`queued_count`, without json) to refuse a submission over
-`max_queued_per_user` before anything is queued. A view is a copy for its user's eyes: a user who edits their
+`sendmail` reads only the header's count and time (without json), and adds the user's drops since then
+from their own ledger in tmp/ (`hold_quota`), to refuse a submission over `max_queued_per_user` before
+anything is queued. A view is a copy for its user's eyes: a user who edits their
 own (they own it) fools only themselves; the pick-up counts the queue itself (`Spool.pick_up`).
 
 How a view is written, as root inside a spool its owner can change, so that owner can never make root write
@@ -286,46 +287,182 @@ def view_path(spool_path: str, uid: int) -> str:
 def queued_count(spool_path: str, uid: int) -> int:
     """How many messages the view of `uid` lists, from its header line alone (0 without a view, or when it
     cannot be read). For sendmail: no json."""
+    return _view_header(spool_path, uid)[0]
+
+
+def _view_header(spool_path: str, uid: int) -> tuple[int, float]:
+    """The count and the publication time of the view of `uid`, from its header line ((0, 0.0) without a
+    view, or when it cannot be read)."""
     try:
         fd = os.open(view_path(spool_path, uid), _READ_FLAGS)
     except OSError:
-        return 0
+        return 0, 0.0
     try:
         head = os.read(fd, HEADER_READ)
     except OSError:
-        return 0
+        return 0, 0.0
     finally:
         os.close(fd)
     line = head.partition(b"\n")[0]
-    at = line.find(b'"count":')
+    count = _header_number(line, b'"count":')
+    return int(count), _header_number(line, b'"published":')
+
+
+def _header_number(line: bytes, key: bytes) -> float:
+    at = line.find(key)
     if at < 0:
         return 0
-    digits = line[at + len(b'"count":') :].lstrip(b" ")
-    end = len(digits) - len(digits.lstrip(b"0123456789"))
-    return int(digits[:end]) if end else 0
+    digits = line[at + len(key) :].lstrip(b" ")
+    end = len(digits) - len(digits.lstrip(b"0123456789."))
+    try:
+        return float(digits[:end]) if end else 0
+    except ValueError:
+        return 0
 
 
 def quota_refusal(spool_path: str, uid: int, limit: int | None) -> str | None:
-    """Why `uid` may not queue another message now, or None when it may.
+    """Why `uid` may not queue another message now, or None when it may (`hold_quota`, looking only)."""
+    hold = hold_quota(spool_path, uid, limit)
+    hold.release()
+    return hold.refusal
 
-    Only in system mode (the drop directory new/ belongs to another user) and never for root: a user whose
-    view counts `limit` (max_queued_per_user) messages or more is told to try later. The view is as of the
-    last delivery run; the pick-up, which counts the queue itself, has the last word.
+
+class QuotaHold:
+    """What `hold_quota` found: why no message may be queued now (or None), and the user's drop ledger,
+    locked until `release`, for `record`."""
+
+    __slots__ = ("refusal", "_ledger")
+
+    def __init__(self, refusal: str | None, ledger: int | None) -> None:
+        self.refusal = refusal
+        self._ledger = ledger
+
+    def record(self, queue_id: str, now: float) -> None:
+        """Add the drop just committed to the ledger, so the next submission counts it."""
+        if self._ledger is not None:
+            try:
+                os.write(self._ledger, f"{queue_id} {now:.3f}\n".encode("ascii"))
+            except OSError:
+                pass  # the pick-up counts it all the same
+
+    def release(self) -> None:
+        if self._ledger is not None:
+            os.close(self._ledger)  # lets go of the lock too
+            self._ledger = None
+
+
+def hold_quota(spool_path: str, uid: int, limit: int | None, *, record: bool = False) -> QuotaHold:
+    """`max_queued_per_user` at submission: whether `uid` may queue another message now.
+
+    Only in system mode (the drop directory new/ belongs to another user) and never for root. A user may
+    not list the drop directory, so what they have waiting is counted from two things of their own: the
+    view the last delivery run published (`count`, as of its `published` time), and their ledger,
+    tmp/.quota-UID (theirs, 0600, one line `ID TIME` per drop sendmail made for them): a drop made since
+    the view that is still in new/ (a stat by name) counts too. So ten messages sent in a row before any
+    run are counted as ten. The ledger is pruned of what the view covers or the pick-up took, and locked
+    (flock) while it is read, and, with `record`, until `QuotaHold.release`, so two submissions of one
+    user count each other. Another user's file under that name, or none that can be made, leaves the
+    view alone to count; a user who edits their own ledger fools only themselves: the pick-up, which
+    counts the queue itself, has the last word.
     """
     if limit is None or uid == 0:
-        return None
+        return QuotaHold(None, None)
     try:
         if os.stat(os.path.join(spool_path, "new")).st_uid == os.geteuid():
-            return None  # user mode: the spool is the user's own
+            return QuotaHold(None, None)  # user mode: the spool is the user's own
     except OSError:
-        return None  # the submission reports what is wrong with the spool
-    count = queued_count(spool_path, uid)
-    if count < limit:
-        return None
-    return (
-        f"you have {count} messages waiting in the queue, the limit (max_queued_per_user) is {limit}; "
-        "try again later"
+        return QuotaHold(None, None)  # the submission reports what is wrong with the spool
+    count, published = _view_header(spool_path, uid)
+    ledger = _open_ledger(spool_path, uid, create=record)
+    if ledger is not None:
+        try:
+            recent = _count_recent(spool_path, ledger, published)
+            count += recent
+            if not recent and (count >= limit or not record):
+                _remove_ledger(spool_path, uid)  # nothing in it: no file left behind
+        except OSError:
+            os.close(ledger)
+            ledger = None
+    refusal = None
+    if count >= limit:
+        refusal = (
+            f"you have {count} messages waiting in the queue, the limit (max_queued_per_user) is {limit}; "
+            "try again later"
+        )
+    if ledger is not None and (refusal or not record):
+        os.close(ledger)
+        ledger = None
+    return QuotaHold(refusal, ledger)
+
+
+LEDGER_PREFIX = ".quota-"
+# Bytes of a ledger read: lines are 40 bytes, and more than the limit of them are never kept.
+MAX_LEDGER = 1 << 20
+
+
+_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_ledger(spool_path: str, uid: int, create: bool) -> int | None:
+    """tmp/.quota-UID of this user, opened (with `create`, created if missing) and locked; None when there is
+    none or it cannot be used."""
+    import fcntl
+    import stat
+
+    flags = (
+        os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     )
+    try:
+        tmp = os.open(os.path.join(spool_path, "tmp"), _DIRECTORY_FLAGS)
+    except OSError:
+        return None
+    try:
+        fd = os.open(f"{LEDGER_PREFIX}{uid}", flags, 0o600, dir_fd=tmp)
+    except OSError:
+        return None
+    finally:
+        os.close(tmp)
+    info = os.fstat(fd)
+    if info.st_uid != uid or not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)  # another user's file under our name: the view alone counts
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_ledger(spool_path: str, uid: int) -> None:
+    try:
+        tmp = os.open(os.path.join(spool_path, "tmp"), _DIRECTORY_FLAGS)
+    except OSError:
+        return
+    try:
+        os.unlink(f"{LEDGER_PREFIX}{uid}", dir_fd=tmp)
+    except OSError:
+        pass
+    finally:
+        os.close(tmp)
+
+
+def _count_recent(spool_path: str, ledger: int, published: float) -> int:
+    """How many drops the ledger names that came after the view was published and wait in new/; the
+    ledger is rewritten with only those."""
+    data = os.pread(ledger, MAX_LEDGER, 0)
+    kept = []
+    for line in data.split(b"\n"):
+        name, _, when = line.decode("ascii", "replace").partition(" ")
+        try:
+            at = float(when)
+        except ValueError:
+            continue
+        if at < published or "/" in name or name.startswith("."):
+            continue
+        if os.path.lexists(os.path.join(spool_path, "new", name)):
+            kept.append(line + b"\n")
+    text = b"".join(kept)
+    if text != data:
+        os.ftruncate(ledger, 0)
+        os.write(ledger, text)  # O_APPEND: at the (new) end
+    return len(kept)
 
 
 class View:

@@ -254,3 +254,42 @@ def test_a_user_with_many_drops_costs_a_run_a_bounded_amount(system: SystemInsta
     assert len(system.names("new")) == 50
     [line] = lines_naming(log, f"uid {system.alice.uid} has more than {MAX_PICKUP_PER_USER} files")
     assert "50 are left for later runs" in line
+
+
+# --- max_queued_per_user at submission (issue 11, item 7) ---
+
+
+def alice_sends(system: SystemInstall) -> int:
+    return system.sendmail(system.alice, "friend@example.net", input=MESSAGE).returncode
+
+
+def test_messages_sent_in_a_row_before_any_run_count_against_the_quota(system: SystemInstall) -> None:
+    """Ten messages in a row with max_queued_per_user: 3 and no delivery run between them: the view alone
+    (as of the last run) let all ten in; the user's ledger of her own drops counts them."""
+    system.write_config("max_queued_per_user: 3\n")
+
+    codes = [alice_sends(system) for _ in range(10)]
+
+    assert codes == [0, 0, 0] + [75] * 7
+    ledger = system.spool / "tmp" / f".quota-{system.alice.uid}"
+    assert ledger.stat().st_uid == system.alice.uid and ledger.stat().st_mode & 0o777 == 0o600
+    assert system.sendmail(system.bob, "friend@example.net", input=MESSAGE).returncode == 0  # his own count
+    system.flush()  # picks the three up (they wait: no smarthost) and publishes her view
+    assert alice_sends(system) == 75
+    deleted = system.run_as(None, [system.script("pymta"), "queue", "delete", *system.names("queue")])
+    assert deleted.returncode == 0, deleted.stderr
+    system.flush()  # her view goes: nothing of hers is left
+
+    assert alice_sends(system) == 0  # what the ledger named was picked up and is gone: not counted
+
+
+def test_another_users_file_in_place_of_the_ledger_only_leaves_the_view_to_count(
+    system: SystemInstall,
+) -> None:
+    system.write_config("max_queued_per_user: 2\n")
+    squat = system.spool / "tmp" / f".quota-{system.alice.uid}"
+    made = system.run_as(system.bob, ["/bin/sh", "-c", 'printf "x 9e99\\n" > "$1"', "sh", str(squat)])
+    assert made.returncode == 0, made.stderr
+
+    assert [alice_sends(system) for _ in range(3)] == [0, 0, 0]  # bob can neither block nor read her
+    assert squat.stat().st_uid == system.bob.uid and squat.read_bytes() == b"x 9e99\n"
