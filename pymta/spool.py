@@ -454,17 +454,27 @@ class Spool:
     # -- the read side (pymta queue, mailq, the flush) --
 
     def entries(self) -> tuple[list[QueueEntry], list[str]]:
-        """Every committed message, oldest first, and a line for each entry that could not be read."""
+        """Every committed message, oldest first, and a line for each entry that could not be read.
+
+        Of one user's files waiting in new/ (root's and ours aside) no more than `MAX_PICKUP_PER_USER` are
+        read, as the pick-up does: 300,000 files dropped there would make every listing and every user's
+        view (`pymta.views`) huge. One line says how many more there are."""
         found: list[QueueEntry] = []
         problems: list[str] = []
+        budget = _PickUpBudget(self)
         for location in ("new", "queue"):
             for name in self._names(location):
                 try:
+                    if location == "new" and not budget.admits(
+                        os.lstat(os.path.join(self.dir("new"), name)).st_uid
+                    ):
+                        continue
                     found.append(self.read_entry(location, name))
                 except FileNotFoundError:
                     continue  # picked up or deleted while we looked
                 except (OSError, ValueError) as exc:
                     problems.append(f"{location}/{quoted(name)}: {exc}")
+        budget.report(problems.append)
         found.sort(key=lambda entry: (entry.queued_at, entry.id))
         return found, problems
 
@@ -1218,11 +1228,11 @@ class _PickUpBudget:
         return False
 
     def report(self, report: Callable[[str], None]) -> None:
-        """One line per user with drops left for a later run."""
+        """One line per user with drops left alone."""
         for uid, left in sorted(self.left.items()):
             report(
                 f"uid {uid} has more than {MAX_PICKUP_PER_USER} files in new/: {left} are left for later "
-                "runs (a run looks at no more of one user's)"
+                "(a run looks at no more of one user's)"
             )
 
 

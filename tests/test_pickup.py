@@ -34,6 +34,7 @@ from pymta.listing import entry_to_json
 from pymta.local import LocalOutcome
 from pymta.spool import (
     MAX_ADDRESS,
+    MAX_PICKUP_PER_USER,
     MAX_TIME,
     QueueEntry,
     Spool,
@@ -371,3 +372,23 @@ def test_a_pick_up_killed_between_link_and_unlink_delivers_the_message_once(
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as handle:
         return handle.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
+def test_a_listing_reads_no_more_than_the_budget_of_one_users_drops(mta: MtaEnv) -> None:
+    """300,000 drops of one user made every listing and view read them all: one line says how many more."""
+    spool = Spool(str(mta.spool))
+    spool.create_private()
+    data = encode_json({**GOOD, "queued_at": time.time()}).encode() + b"\n\nx\n"
+    for _ in range(MAX_PICKUP_PER_USER + 3):
+        path = mta.spool / "new" / new_id()
+        path.write_bytes(data)
+        os.chown(path, 54321, 54321)
+
+    entries, problems = spool.entries()
+
+    assert len(entries) == MAX_PICKUP_PER_USER
+    assert problems == [
+        f"uid 54321 has more than {MAX_PICKUP_PER_USER} files in new/: 3 are left for later "
+        "(a run looks at no more of one user's)"
+    ]
