@@ -324,8 +324,10 @@ class Flusher:
         its state is not trusted (a message started on one is started again on a new connection)."""
         self.sessions.close()
         maybe = "; the smarthost may have it already" if sent else ""
+        # The error's text may hold what a message or a user wrote: one printable line of it.
+        text = "".join(char if char.isprintable() else " " for char in str(error)[:200])
         reason = (
-            f"4.3.0 pymta failed on this message ({type(error).__name__}: {str(error)[:200]}){maybe}; "
+            f"4.3.0 pymta failed on this message ({type(error).__name__}: {text}){maybe}; "
             "it is tried again later"
         )
         self.log.error(f"id={name} {reason}", exc_info=self.log.isEnabledFor(logging.DEBUG))

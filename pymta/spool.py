@@ -620,6 +620,12 @@ class Spool:
                 report(
                     f"cannot pick up new/{quoted(name)}: {exc.strerror or exc}; left in place for the admin"
                 )
+            except Exception as exc:  # noqa: BLE001 - whatever a drop does to us, it costs only itself
+                why = f"it made the pick-up fail ({type(exc).__name__})"
+                try:
+                    self._set_aside(name, source, why, report)
+                except OSError:
+                    report(f"cannot pick up new/{quoted(name)}: {why}; left in place for the admin")
         if picked:
             fsync_dir(self.dir("queue"))
             fsync_dir(self.dir("new"))
