@@ -122,6 +122,7 @@ class Flusher:
     _in_flight: InFlight | None = None  # the message started on a session and not yet finished
     _upcoming: str | None = None  # the due message after the one being delivered: the one to prefetch
     _prefetched: Prefetched | None = None  # that message, locked and read while a reply was awaited
+    _attempted: Attempt | None = None  # the attempt being recorded, for `_park` when that fails
 
     def __init__(
         self,
@@ -219,6 +220,7 @@ class Flusher:
 
     def _deliver(self, name: str, report: FlushReport) -> None:
         prefetched, self._prefetched = self._prefetched, None
+        self._attempted = None
         if prefetched is not None and prefetched.name != name:  # not expected: `_upcoming` names the next
             self.spool.unlock_message(prefetched.lock)
             prefetched = None
@@ -240,7 +242,7 @@ class Flusher:
         except (SpoolError, OSError):
             raise  # the spool or the system fails: recording nothing more, the run ends (invariant 3)
         except Exception as error:  # invariant 11: it costs this message, recorded on it, not the run
-            self._park(name, error)
+            self._park(name, error, done=self._attempted)
         finally:
             if not keeps_lock:
                 self.spool.unlock_message(lock)
@@ -298,6 +300,7 @@ class Flusher:
         if attempt.remote is not None:
             self._in_flight = InFlight(entry, message, attempt, lock)
             return True
+        self._attempted = attempt  # what a failure while it is recorded must not forget (`_park`)
         return self._record(entry, message, attempt, report, lock)
 
     def _finish_in_flight(self, report: FlushReport) -> None:
@@ -313,7 +316,7 @@ class Flusher:
         except (SpoolError, OSError):
             raise
         except Exception as error:  # invariant 11; its text may have gone out: the reason says so
-            self._park(flight.entry.id, error, sent=True)
+            self._park(flight.entry.id, error, sent=True, done=flight.attempt)
         finally:
             if not handed_over:
                 self.spool.unlock_message(flight.lock)
@@ -333,11 +336,13 @@ class Flusher:
         self.log.error(f"id={name} {reason}", exc_info=self.log.isEnabledFor(logging.DEBUG))
         return reason
 
-    def _park(self, name: str, error: Exception, sent: bool = False) -> None:
+    def _park(self, name: str, error: Exception, sent: bool = False, done: Attempt | None = None) -> None:
         """After an unexpected failure with queue/NAME (locked by the caller): defer its pending recipients
         with the reason, on the retry schedule, and go on with the next message (DESIGN.md invariant 11).
-        One that cannot even be read, or that has failed so past its lifetime, goes to corrupt/ for the
-        admin, with a log line: it would fail again on every run."""
+        `done`: the attempt whose outcomes were being recorded; who it delivered stays delivered (invariant
+        3). With nothing left to deliver, the message stays failed and owes its notice, so a later run
+        tries that again. One that cannot even be read, or that has failed so past its lifetime, goes to
+        corrupt/ for the admin, with a log line: it would fail again on every run."""
         reason = self._unexpected(name, error, sent)
         now = self.clock()
         try:
@@ -347,15 +352,25 @@ class Flusher:
             return
         except Exception as unreadable:  # noqa: BLE001 - whatever it is, the message is set aside
             entry, expired = None, True
-            reason = f"{reason} ({unreadable})"
+            self.log.error(f"id={name} cannot be read back: {unreadable}")
         if entry is None or expired:
             self.spool.set_aside_queued(name)
             self.log.error(f"id={name} moved to corrupt/ for the admin: it cannot be delivered or bounced")
             return
         recipients = {r.address: r.record() for r in entry.recipients}
+        added = done.added if done is not None else {}
+        for address, (status, _, _, _) in (done.results if done is not None else {}).items():
+            if status in ("delivered", "expanded"):
+                empty = RecipientStatus(address, via=added.get(address)).record()
+                recipients.setdefault(address, empty).update(status=status, last_error=None)
+        if all(record["status"] in ("delivered", "expanded") for record in recipients.values()):
+            self.spool.remove(entry)  # every recipient has it: what failed was a notice about it
+            return
+        pending = False
         for record in recipients.values():
             if record["status"] in PENDING:
                 record.update(status="deferred", last_error=reason)
+                pending = True
         attempts = entry.attempts + 1
         next_attempt = max(
             now, min(self._retry_at(attempts, now), self._expires_at(entry, entry.held_seconds))
@@ -363,7 +378,7 @@ class Flusher:
         self.spool.write_state(
             name,
             {
-                "state": "deferred",
+                "state": "deferred" if pending else "failed",
                 "attempts": attempts,
                 "last_attempt": now,
                 "next_attempt": next_attempt,
@@ -371,7 +386,7 @@ class Flusher:
                 "relay": entry.relay,
                 "warned": entry.warned,
                 **({"held_seconds": entry.held_seconds} if entry.held_seconds else {}),
-                **({"bounce_due": True} if entry.bounce_due else {}),
+                **({"bounce_due": True} if entry.bounce_due or not pending else {}),
                 "recipients": recipients,
             },
             next_attempt,

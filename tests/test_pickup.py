@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mailbox
 import math
 import os
 import re
@@ -324,6 +325,36 @@ def test_a_message_whose_smtp_finish_raises_is_deferred_and_the_next_goes_out_on
     [entry] = [e for e in Spool(str(mta.spool)).entries()[0] if e.location == "queue"]
     assert entry.id == doomed and entry.state == "deferred"
     assert "the smarthost may have it already" in str(entry.last_error)
+
+
+def test_a_failure_while_an_attempt_is_recorded_keeps_who_it_delivered(
+    mta: MtaEnv, plain: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant 3 under the barrier: the failure comes after the smarthost and the mailbox took the
+    message, while its outcome is recorded; no recipient gets it twice, in this run or the next."""
+    configured(mta, plain)
+    first = queue(mta, "root", "two@example.net", "bad@example.net")
+    plain.handler.rejections = {"bad@example.net": "550 5.1.1 no such user"}
+    calls = []
+
+    def bounce(self: Flusher, *args: object) -> str:
+        calls.append(args)
+        raise RuntimeError("a bug in the bounce")
+
+    monkeypatch.setattr(Flusher, "_bounce", bounce)
+    Flusher(load(str(mta.config)), logging.Logger("pymta-test")).run()
+    monkeypatch.undo()
+    Flusher(load(str(mta.config)), logging.Logger("pymta-test")).run(force=True)
+
+    assert [m.rcpt_tos for m in plain.handler.messages if m.mail_from != ""] == [["two@example.net"]]
+    box = mailbox.mbox(str(mta.root / "mail" / "root"), create=False)
+    subjects = sorted(str(message["Subject"]) for message in box)
+    box.close()
+    assert calls and subjects.count("hi") == 1  # one copy for root, and the bounce (about bad@) after
+    assert len(subjects) == 2
+    entries = {e.id: e for e in Spool(str(mta.spool)).entries()[0]}
+    statuses = {r.address: r.status for r in entries[first].recipients}
+    assert statuses == {"root": "delivered", "two@example.net": "delivered", "bad@example.net": "failed"}
 
 
 # --- a pick-up killed between its link and its unlink (issue 11 item 8) ---
