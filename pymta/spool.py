@@ -587,8 +587,13 @@ class Spool:
         Only what the kernel says is trusted: a file is opened with O_NOFOLLOW and checked on its descriptor
         (a regular file with one link, at most `max_size` bytes of message). A submission owned by us (user
         mode) is renamed into place; one owned by another user (system mode) is copied into a file of ours,
-        with `submitted_by` and `uid` taken from the file's owner, so its writer can change it no longer.
-        Links, FIFOs and devices are removed, unreadable files moved to corrupt/; each gets a `report` line.
+        with `submitted_by` and `uid` taken from the file's owner, so its writer can change it no longer;
+        no more than `max_size` and the envelope allowance of it is read, however it grows meanwhile, and
+        every envelope field is checked before it is used (`validate_drop`). Links, FIFOs and devices are
+        removed; unreadable, invalid or oversized files, names that are no queue id, and a file whose
+        pick-up fails in any other way are moved to corrupt/ (DESIGN.md invariants 10 and 11); each gets
+        one `report` line, with the name quoted (`quoted`). No more than `MAX_PICKUP_PER_USER` files of one
+        user (root and the spool's owner aside) are looked at in one call.
 
         `sender_policy` (the flush passes the config's; None checks nothing) judges the envelope sender of
         another user's submission against its owner (`pymta.identity`): a foreign sender gets an
@@ -599,7 +604,8 @@ class Spool:
         owner who has that many messages in queue/ already is left in new/ as it is, and picked up by a
         later run once the queue has room; one `report` line per user says how many wait (once per Spool
         object, that is per flush run). The queue is counted only when such a submission turns up, from
-        the first bytes of each queued file (`queued_per_uid`).
+        the first bytes of each queued file (`queued_per_uid`); a file's owner comes from an lstat, so a
+        user over the limit costs no open.
         """
         limit = _QueueLimit(self, max_queued_per_user) if max_queued_per_user is not None else None
         budget = _PickUpBudget(self)
