@@ -1310,13 +1310,18 @@ def validate_drop(envelope: dict[str, object], now: float) -> dict[str, object]:
         if key not in _DROP_FIELDS:
             raise ValueError(f"envelope field {quoted(key)} is not one sendmail writes")
     sender = envelope.get("sender")
-    if not isinstance(sender, str) or (sender and not _is_address(sender)):
-        raise ValueError("envelope field 'sender' is not an address")
+    if not isinstance(sender, str):
+        raise ValueError("envelope field 'sender' is not text")
+    if sender and (problem := _address_problem(sender)):
+        raise ValueError(f"envelope field 'sender' {problem}")
     recipients = envelope.get("recipients")
     if not isinstance(recipients, list) or not recipients:
         raise ValueError("envelope has no recipient list")
-    if not all(isinstance(address, str) and _is_address(address) for address in recipients):
-        raise ValueError("envelope field 'recipients' holds something that is not an address")
+    for address in recipients:
+        if not isinstance(address, str):
+            raise ValueError("envelope field 'recipients' holds something that is not text")
+        if problem := _address_problem(address):
+            raise ValueError(f"envelope field 'recipients' holds an address that {problem}")
     full_name = envelope.get("full_name", "")
     if not isinstance(full_name, str):
         raise ValueError("envelope field 'full_name' is not text")
@@ -1340,10 +1345,16 @@ def validate_drop(envelope: dict[str, object], now: float) -> dict[str, object]:
     return kept
 
 
-def _is_address(text: str) -> bool:
-    """Whether `text` may be an envelope address: not empty, not too long, and no control character (one
-    would forge a line of a mailbox, a header or an SMTP command)."""
-    return 0 < len(text) <= MAX_ADDRESS and not any(ord(c) < 32 or ord(c) == 127 for c in text)
+def _address_problem(text: str) -> str | None:
+    """Why `text` cannot be an envelope address, or None: it is empty, too long, or holds a control
+    character (one would forge a line of a mailbox, a header or an SMTP command)."""
+    if not text:
+        return "is empty"
+    if len(text) > MAX_ADDRESS:
+        return f"is longer than {MAX_ADDRESS} characters"
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        return "holds a control character (header injection?)"
+    return None
 
 
 def _is_nonempty_dir(path: str) -> bool:
