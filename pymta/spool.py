@@ -188,20 +188,6 @@ def _read_all(fd: int, size: int = 0, limit: int | None = None) -> bytes:
         wanted = 65536
 
 
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """At most `limit` bytes of the file behind `fd`, from its start: a file its writer grows while we read
-    (to 64 GiB, sparse) costs no more memory than `limit`."""
-    chunks = []
-    offset = 0
-    while offset < limit:
-        chunk = os.pread(fd, min(1 << 20, limit - offset), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
 def _sync_new_name(directory: str, fd: int) -> None:
     """Make durable the name of the file `fd` that was just renamed into `directory`: fsync the directory.
     A writer who may not open it (system mode's drop directory, 1733: writable, not readable) fsyncs the
@@ -745,7 +731,7 @@ class Spool:
                 os.unlink(source)
                 return True
             # Never more than a drop may hold: its writer may grow it after the fstat above (M1).
-            data = _read_at_most(fd, max_size + MAX_ENVELOPE_LINE + 1)
+            data = _read_all(fd, limit=max_size + MAX_ENVELOPE_LINE + 1)
         finally:
             os.close(fd)
         line, newline, message = data.partition(b"\n")

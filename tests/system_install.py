@@ -24,7 +24,6 @@ fixture of that module, and would make a second install whose users clash with t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import re
@@ -371,31 +370,9 @@ def _install(base: Path) -> Path:
     return venv
 
 
-# The one install of this process, how many fixture instances use it, and what removes it. pytest makes a
-# session fixture per test module that imports `system_install`, and the users' names carry the pid, so
-# every module that imports it shares one install, removed when the last of them is done.
-_SHARED: list[Any] = []
-
-
 @pytest.fixture(scope="session")
 def system_install() -> Iterator[SystemInstall]:
     """pymta installed for every user, real users, `pymta setup --root` done (see the module docstring)."""
-    if not _SHARED:
-        stack = contextlib.ExitStack()
-        _SHARED.extend([stack.enter_context(_installed()), 0, stack])
-    _SHARED[1] += 1
-    try:
-        yield _SHARED[0]
-    finally:
-        _SHARED[1] -= 1
-        if _SHARED[1] == 0:
-            stack = _SHARED[2]
-            _SHARED.clear()
-            stack.close()
-
-
-@contextlib.contextmanager
-def _installed() -> Iterator[SystemInstall]:
     if os.geteuid() != 0:
         pytest.skip("needs root: creates real users (useradd) and runs pymta as them")
     for tool in ("useradd", "userdel", "groupdel"):

@@ -22,11 +22,9 @@ from pathlib import Path
 
 import pytest
 from mailservers import SmtpServer
-from system_install import SystemInstall, queue_ids, system, system_install
+from system_install import SystemInstall, queue_ids
 
 from pymta.spool import MAX_PICKUP_PER_USER, NEVER, encode_json, new_id
-
-__all__ = ["system", "system_install"]  # fixtures imported for use
 
 MESSAGE = b"Subject: from bob\n\nhello\n"
 EX_OK = 0

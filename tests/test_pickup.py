@@ -39,7 +39,7 @@ from pymta.spool import (
     MAX_TIME,
     QueueEntry,
     Spool,
-    _read_at_most,
+    _read_all,
     encode_json,
     is_queue_id,
     new_id,
@@ -208,14 +208,14 @@ def test_only_what_new_id_makes_is_a_queue_id() -> None:
 
 
 def test_a_drop_grown_to_64_gib_costs_no_more_than_the_limit(tmp_path: Path) -> None:
-    """M1: the pick-up reads through `_read_at_most`, whatever the file's size has become."""
+    """M1: the pick-up reads through `_read_all` with a limit, whatever the file's size has become."""
     path = tmp_path / "drop"
     with open(path, "wb") as handle:
         handle.truncate(64 << 30)  # sparse: no disk used
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert len(_read_at_most(fd, 3 << 20)) == 3 << 20
-        assert len(_read_at_most(fd, 0)) == 0
+        assert len(_read_all(fd, limit=3 << 20)) == 3 << 20
+        assert len(_read_all(fd, 1 << 20, limit=0)) == 0
     finally:
         os.close(fd)
 
