@@ -4,8 +4,12 @@
 
 Where the mail goes: `~/Maildir` (config `local.maildir`, ~ is the recipient's home) when `local.mailbox` is
 `maildir`, or `auto` and that directory exists; else the mbox `MAIL_SPOOL/USER` (`local.mail_spool`,
-/var/mail). Every delivery begins with a `Return-Path: <sender>` line (RFC 5321 4.4, final delivery) and has
-LF line endings (the message arrives in SMTP form, CRLF).
+/var/mail). With `auto`, an mbox that is missing and that the user may not create (EACCES or EPERM: Debian's
+/var/mail is root:mail 2775, and user mode has neither root nor the group) is not waited for: the Maildir is
+created (cur, new, tmp, 0700) and the message goes there, and so does all later mail, since `auto` now finds
+it; the delivery's reason says so, so the log tells it once. Every delivery begins with a
+`Return-Path: <sender>` line (RFC 5321 4.4, final delivery) and has LF line endings (the message arrives in
+SMTP form, CRLF).
 
 mbox: the message follows a `From SENDER DATE` line (asctime, local time; MAILER-DAEMON for the null sender;
 whitespace as '_' and characters beyond ASCII as '?', so every reader can parse it; Return-Path keeps the
@@ -146,6 +150,15 @@ class _Locked(_Deferred):
     """Internal: the mbox stayed locked past the deadline."""
 
 
+class _Uncreatable(_Deferred):
+    """Internal: the mbox is missing and this user may not create it (EACCES, EPERM: the mail spool lets
+    only root or a group create files). `plain` says so without the fix for the mbox."""
+
+    def __init__(self, text: str, plain: str) -> None:
+        super().__init__(text)
+        self.plain = plain
+
+
 def user_name_problem(user: str) -> str:
     """Why `user` cannot be a local user name (shell or path characters, too long); "" when it can."""
     if not user:
@@ -229,10 +242,36 @@ def _deliver(
             return LocalOutcome("delivered", f"delivered to {name}", maildir)
         _deliver_mbox(path, mbox_entry(data, sender, now), entry, lock_timeout, in_child=in_child)
         return LocalOutcome("delivered", f"delivered to {path}", path)
+    except _Uncreatable as why:
+        if local.mailbox != "auto":
+            return LocalOutcome("deferred", str(why), path)
+        return _fall_back_to_maildir(maildir, data, entry, why)
     except _Deferred as why:
         return LocalOutcome("deferred", str(why), path, locked=isinstance(why, _Locked))
     except OSError as error:
         return LocalOutcome("deferred", f"cannot deliver to {path}: {_describe(error)}", path)
+
+
+def _fall_back_to_maildir(
+    maildir: str, data: bytes, entry: pwd.struct_passwd, why: _Uncreatable
+) -> LocalOutcome:
+    """`mailbox: auto` and the mbox may not be created (Debian's /var/mail lets only root and the group
+    mail create files; user mode has neither): create the user's Maildir and deliver there. From then on
+    `auto` finds the Maildir, so this happens, and the reason says so, once."""
+    try:
+        name = _deliver_maildir(maildir, data, entry, create=True)
+    except _Deferred as also:
+        return LocalOutcome("deferred", f"{why.plain}; and no Maildir instead: {also}", maildir)
+    except OSError as error:
+        return LocalOutcome(
+            "deferred", f"{why.plain}; and no Maildir instead: cannot create {maildir}: {_describe(error)}"
+        )
+    return LocalOutcome(
+        "delivered",
+        f"delivered to {name}: {why.plain}, so {maildir} was created, and {entry.pw_name}'s mail goes"
+        " there from now on",
+        maildir,
+    )
 
 
 def _clean(sender: str) -> str:
@@ -328,10 +367,14 @@ def _open_mbox(path: str, entry: pwd.struct_passwd) -> int:
                 f"the mail spool directory {directory} does not exist; create it or set local.mail_spool"
             ) from None
         except OSError as error:
-            raise _Deferred(
+            plain = f"{path} cannot be created ({_describe(error)})"
+            fix = (
                 f"cannot create {path}: {_describe(error)}; create it for the user"
                 f" (install -m 600 -o {entry.pw_name} /dev/null {path}) or use a Maildir"
-            ) from None
+            )
+            if error.errno in (errno.EACCES, errno.EPERM):
+                raise _Uncreatable(fix, plain) from None
+            raise _Deferred(fix) from None
         try:
             os.fchmod(fd, 0o600)
             if _euid() == 0:
@@ -575,6 +618,7 @@ def _unlink_at(name: str, dir_fd: int) -> None:
 
 
 def _make_maildir(maildir: str, entry: pwd.struct_passwd) -> None:
+    """Create what is missing of the Maildir and its cur, new and tmp: 0700 whatever the umask."""
     for sub in ("", "tmp", "new", "cur"):
         directory = os.path.join(maildir, sub) if sub else maildir
         try:
@@ -585,6 +629,12 @@ def _make_maildir(maildir: str, entry: pwd.struct_passwd) -> None:
             raise _Deferred(
                 f"cannot create {directory}: its parent (the home directory?) is missing"
             ) from None
+        # Through a descriptor: a symbolic link swapped in for the new directory is not followed.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
         if _euid() == 0:
             os.chown(directory, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 

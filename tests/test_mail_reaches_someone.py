@@ -1,0 +1,152 @@
+"""User mode on a Debian-like mail spool (issue 11, items 2 and 3): mail for the user's own local names
+must end in a mailbox that user can read, and never in the bin.
+
+A real unprivileged user (the `system` fixtures' alice) runs the installed `sendmail` and `pymta flush`
+with a user-mode config: a spool in her home and a mail spool directory that is root:mail 2775, as
+Debian's /var/mail is, so she cannot create her mbox there. The mail must land in a ~/Maildir created
+for it (cur, new, tmp, 0700), said once in the log; mail for `root` goes there too. When even that
+cannot be created, the mail expires, its bounce and the double bounce expire, and the last notice (to
+postmaster) stays in the queue, listed as told to no one, instead of being deleted.
+
+Everything skips when not run as root (see tests/system_install.py).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import mailbox
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from system_install import DOMAIN, HOSTNAME, SystemInstall, User, queue_ids, system, system_install
+
+__all__ = ["system", "system_install"]  # fixtures imported for use
+
+MESSAGE = b"Subject: user mode\n\nhello from a user-mode install\n"
+# Seconds to wait for a chain of expiries (lifetimes of a fraction of a second) to settle.
+DEADLINE = 60.0
+
+
+@dataclass
+class UserMode:
+    """A user-mode install of `user`: their own spool and config, a mail spool they may not create in."""
+
+    system: SystemInstall
+    user: User
+    config: Path
+    spool: Path
+    mail_spool: Path
+
+    @property
+    def maildir(self) -> Path:
+        return Path(self.user.home) / "Maildir"
+
+    def write_config(self, extra: str = "", maildir: str = "~/Maildir") -> None:
+        self.config.write_text(
+            f"spool: {self.spool}\nhostname: {HOSTNAME}\ndomain: {DOMAIN}\ndeliver: queue\n"
+            f"local:\n  mailbox: auto\n  mail_spool: {self.mail_spool}\n  maildir: {maildir}\n"
+            f"aliases: {self.system.aliases}\n{extra}"
+        )
+        self.config.chmod(0o644)
+
+    def run(self, program: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        env = self.system.environment(self.user, PYMTA_CONFIG=str(self.config))
+        return self.system.run_as(self.user, [self.system.script(program), *args], input=input, env=env)
+
+    def sendmail(self, *args: str) -> str:
+        result = self.run("sendmail", "-v", *args, input=MESSAGE)
+        assert result.returncode == 0, result.stderr
+        [queue_id] = queue_ids(result.stderr)
+        return queue_id
+
+    def flush(self) -> list[str]:
+        result = self.run("pymta", "flush", "--now", "-v")
+        assert result.returncode == 0, result.stderr
+        return result.stderr.decode().splitlines()
+
+    def queue(self) -> list[dict[str, object]]:
+        result = self.run("pymta", "queue", "--json")
+        assert result.returncode == 0, result.stderr
+        listed: list[dict[str, object]] = json.loads(result.stdout)
+        return listed
+
+
+@pytest.fixture
+def user_mode(system: SystemInstall) -> Iterator[UserMode]:
+    """alice in user mode; the mail spool is root:mail 2775 (Debian's /var/mail), so her mbox cannot be
+    created. Her Maildir and spool are removed afterwards."""
+    alice = system.alice
+    mail_spool = system.base / "debian-mail"
+    mail_spool.mkdir()
+    os.chown(mail_spool, 0, grp.getgrnam("mail").gr_gid)
+    mail_spool.chmod(0o2775)
+    spool = Path(alice.home) / "pymta-spool"
+    setup = UserMode(system, alice, system.base / "alice.yaml", spool, mail_spool)
+    setup.write_config()
+    try:
+        yield setup
+    finally:
+        for path in (setup.maildir, spool, mail_spool, system.base / "locked-out"):
+            shutil.rmtree(path, ignore_errors=True)
+        setup.config.unlink(missing_ok=True)
+
+
+def test_own_mail_falls_back_to_a_new_maildir_when_the_mbox_cannot_be_created(user_mode: UserMode) -> None:
+    """`echo hi | sendmail "$(id -un)"` on a stock Debian, user mode, no smarthost: ~/Maildir, not the bin."""
+    alice = user_mode.user
+    user_mode.sendmail(alice.name)
+
+    lines = user_mode.flush()
+
+    assert user_mode.queue() == []
+    [line] = [line for line in lines if "status=" in line]
+    assert "status=sent" in line, lines
+    assert f"{user_mode.mail_spool}/{alice.name}" in line and str(user_mode.maildir) in line, line
+    assert not (user_mode.mail_spool / alice.name).exists()
+    for sub in ("", "cur", "new", "tmp"):
+        info = os.stat(user_mode.maildir / sub)
+        assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700, sub
+        assert info.st_uid == alice.uid, sub
+    [name] = os.listdir(user_mode.maildir / "new")
+    delivered = user_mode.maildir / "new" / name
+    assert delivered.stat().st_uid == alice.uid
+    assert stat.S_IMODE(delivered.stat().st_mode) == 0o600
+    # She can read it with her own rights (mailbox.Maildir, as her mail reader would).
+    read = user_mode.system.run_as(
+        alice,
+        [
+            str(user_mode.system.venv / "bin" / "python"),
+            "-c",
+            "import mailbox, sys; [m] = mailbox.Maildir(sys.argv[1]); print(m['Subject'])",
+            str(user_mode.maildir),
+        ],
+    )
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.decode().strip() == "user mode"
+
+
+def test_mail_for_root_in_user_mode_reaches_the_users_maildir_and_the_fallback_is_logged_once(
+    user_mode: UserMode,
+) -> None:
+    """Root's mail submitted by a user in user mode is the user's own (their mailbox, no admin set); the
+    fallback is said once, when the Maildir is created, not for every message after."""
+    alice = user_mode.user
+    user_mode.sendmail(alice.name)
+    first = user_mode.flush()
+    user_mode.sendmail("root")
+    user_mode.sendmail(f"postmaster@{HOSTNAME}")
+    later = user_mode.flush()
+
+    assert user_mode.queue() == []
+    box = mailbox.Maildir(str(user_mode.maildir), create=False)
+    assert len(box) == 3
+    said = [line for line in first + later if "cannot be created" in line]
+    assert len(said) == 1 and said[0] in first, first + later
+    assert all("status=sent" in line for line in later if "status=" in line), later
