@@ -20,9 +20,11 @@ no line longer than 998 bytes. So a DSN can always be relayed, even by a server 
   says why.
 
 No bounce storms: a DSN comes from `<>`; a message from `<>` that fails is reported to the admin instead (a
-double bounce); and when that cannot be (no admin, or the admin's own copy is what failed) `bounce_recipient`
-says None: the message stays `failed` in the queue for the admin to see. The admin's copy is recognised by
-what routing cannot change: a notice of ours (`dsn_of` in its envelope) whose envelope recipient is the admin
+double bounce); when that cannot be (no admin, or the admin's own copy is what failed) to the local
+postmaster, delivered without the admin rule (root's mailbox after aliases; the user's own in user mode);
+and when the notice to postmaster fails too, `bounce_recipient` says None: the message stays `failed` in
+the queue, told to no one, and `failed_retention` never removes it. The admin's copy is recognised by what
+routing cannot change: a notice of ours (`dsn_of` in its envelope) whose envelope recipient is the admin
 address, however aliases expand it, and any failed recipient that an alias chain from the admin reached.
 
 Success notices (`-N success`, RFC 3461 5.2): "delivered" after a local delivery, "relayed" after a smarthost
@@ -54,6 +56,9 @@ SUCCESS_ACTIONS: tuple[Action, ...] = ("delivered", "relayed", "expanded")
 # The whole original is returned (-R full) only up to this size: a bounce must not carry a big attachment
 # back through the sender's mailbox quota (Postfix limits bounce_size_limit to 50 kB; 256 KiB is generous).
 FULL_RETURN_LIMIT = 256 * 1024
+# Who is told of a double bounce when the admin cannot be (RFC 5321 4.5.1: every host has a postmaster; a
+# bare local name, so aliases decide whose mailbox it is: root's, or in user mode the user's own).
+POSTMASTER = "postmaster"
 # Envelope `submitted_by` and display name of every DSN, as other MTAs name their bounce sender.
 MAILER_DAEMON = "MAILER-DAEMON"
 MAIL_DELIVERY_SYSTEM = "Mail Delivery System"
@@ -290,23 +295,34 @@ def delay_warning_due(
 
 
 def bounce_recipient(entry: QueueEntry, admin: str | None, failed: Iterable[str] | None = None) -> str | None:
-    """Who gets the DSN about `entry`: its envelope sender; for the null sender the admin (a double bounce).
+    """Who gets the DSN about `entry`: its envelope sender; for the null sender the admin (a double bounce),
+    and failing that the local postmaster (`POSTMASTER`), as Postfix sends a double bounce.
 
-    None when nobody can, and the message then stays `failed` in the queue for the admin to find: the
-    message is from the null sender and there is no admin; or it is a notice of ours (`dsn_of`) addressed
-    to the admin, whatever aliases or routing made of that address; or the admin address, or an alias chain
-    from it (`via`), led to one of the `failed` recipients (default: all of the message's recipients). A
-    notice to the admin that failed must not beget another: that is what makes bounce storms impossible.
+    Postmaster is told when there is no admin, or when the admin's own copy is what failed: a notice of
+    ours (`dsn_of`) addressed to the admin, whatever aliases or routing made of that address; or the admin
+    address, or an alias chain from it (`via`), led to one of the `failed` recipients (default: all of the
+    message's recipients). The notice to postmaster is marked (`to_postmaster`, see `dsn_envelope`): it is
+    delivered without the admin rule, so it reaches root's mailbox (after aliases) even when the admin is
+    what fails. None when that notice itself failed: nobody is left to tell, and the message stays `failed`
+    in the queue, untold, for the admin to find. A notice that failed begets at most one more, to a
+    different place: that is what makes bounce storms impossible.
     """
     if entry.sender != "":
         return entry.sender
-    if not admin:
+    if entry.to_postmaster:
         return None
+    if admin and not _admins_own(entry, admin, failed):
+        return admin
+    return POSTMASTER
+
+
+def _admins_own(entry: QueueEntry, admin: str, failed: Iterable[str] | None) -> bool:
+    """Whether what failed of the null-sender `entry` is the admin's own copy (see `bounce_recipient`)."""
     wanted = admin.lower()
     if entry.dsn_of is not None and any(
         r.via is None and r.address.lower() == wanted for r in entry.recipients
     ):
-        return None
+        return True
     via = {r.address.lower(): r.via.lower() for r in entry.recipients if r.via}
     addresses = [r.address for r in entry.recipients] if failed is None else list(failed)
     for address in addresses:
@@ -314,10 +330,10 @@ def bounce_recipient(entry: QueueEntry, admin: str | None, failed: Iterable[str]
         current: str | None = address.lower()
         while current is not None and current not in seen:  # alias chains can loop
             if current == wanted:
-                return None
+                return True
             seen.add(current)
             current = via.get(current)
-    return admin
+    return False
 
 
 def dsn_envelope(
@@ -331,10 +347,13 @@ def dsn_envelope(
 ) -> dict[str, object]:
     """The envelope to pass to `Spool.submit` with a DSN about `entry`: from the null sender to `to`.
 
-    `dsn_of` and `dsn_action` mark it as a DSN; `bounce_recipient` reads `dsn_of` to refuse a notice about a
-    failed notice to the admin. No NOTIFY is asked: should the DSN fail, the flush reports it to the admin
+    `dsn_of` and `dsn_action` mark it as a DSN; `bounce_recipient` reads `dsn_of` to recognise a failed
+    notice to the admin. A notice about a null-sender message to `POSTMASTER` is the last resort and says so
+    (`to_postmaster`): the flush routes it without the admin rule, and nobody is told when it fails. No
+    NOTIFY is asked: should the DSN fail, the flush reports it to the admin or postmaster
     (`bounce_recipient`), and a smarthost's own bounce of it goes to `<>`, which takes none.
     """
+    last_resort = {"to_postmaster": True} if entry.sender == "" and to == POSTMASTER else {}
     return {
         "sender": "",
         "recipients": [to],
@@ -348,6 +367,7 @@ def dsn_envelope(
         "body_type": None,  # always 7-bit: see the module docstring
         "dsn_of": entry.id,
         "dsn_action": action,
+        **last_resort,
     }
 
 
@@ -849,6 +869,7 @@ __all__ = [
     "ACTIONS",
     "Action",
     "FULL_RETURN_LIMIT",
+    "POSTMASTER",
     "ReportedRecipient",
     "bounce_recipient",
     "build_dsn",

@@ -455,10 +455,11 @@ class Flusher:
         work = [(r.address, r.via is not None) for r in pending]
         remote: list[str] = []
         local: list[tuple[str, str]] = []
+        use_admin = not entry.to_postmaster  # that notice is sent because the admin could not be told
         while work:
             address, expanded = work.pop(0)
             try:
-                plan = router.plan(address, expanded=expanded)
+                plan = router.plan(address, expanded=expanded, use_admin=use_admin)
             except ConfigError as unusable:  # the aliases file: only local names wait for its fix
                 attempt.set(address, "deferred", f"4.3.5 {unusable}", "local")
                 continue
@@ -693,7 +694,8 @@ class Flusher:
         to = bounce.bounce_recipient(view, self.config.admin, owed)
         if to is None:
             self.log.warning(
-                f"id={entry.id} failed and nobody can be told (a bounce of a bounce); kept for the admin"
+                f"id={entry.id} failed and nobody can be told (the notice to postmaster failed too); kept in"
+                " the queue until deleted: see pymta queue"
             )
             return "kept"
         reported = [

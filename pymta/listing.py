@@ -33,6 +33,30 @@ def iso_utc(timestamp: float) -> str:
 CONTRACT_STATUS = {"expanded": "delivered"}
 
 
+def untold(entry: QueueEntry) -> bool:
+    """Whether `entry` failed and no human was told: a failed recipient was never reported (its bounce had
+    nobody to go to: `bounce.bounce_recipient`) and none is owed. `failed_retention` never removes it."""
+    return (
+        entry.state == "failed"
+        and not entry.bounce_due
+        and any(r.status == "failed" and not r.reported for r in entry.recipients)
+    )
+
+
+# What the listing says below such a message; what to do about them (after `untold_summary`).
+UNTOLD_NOTE = "no one was told it failed: kept until you delete it (pymta queue delete ID)"
+UNTOLD_FIX = "read each with pymta queue show ID, then remove it with pymta queue delete ID"
+
+
+def untold_summary(entries: list[QueueEntry]) -> str | None:
+    """The line that points at the messages no one was told about (for `pymta queue` and
+    `pymta setup --check`), or None when there are none."""
+    count = sum(1 for entry in entries if untold(entry))
+    if not count:
+        return None
+    return f"{count} failed message{'s' if count != 1 else ''} no one was told about: see pymta queue"
+
+
 def entry_to_json(entry: QueueEntry) -> dict[str, object]:
     """One message as the `pymta queue --json` contract describes it."""
     return {
@@ -90,8 +114,10 @@ def entry_from_json(data: dict[str, object], uid: int = -1) -> QueueEntry:
         "attempts": data.get("attempts", 0),
         "next_attempt": None if next_attempt is None else time_of_iso(next_attempt),
         "last_error": data.get("last_error"),
+        # A user's view does not say what was reported; untold messages are the admin's to find.
         "recipients": {
-            r["address"]: {"status": r.get("status"), "last_error": r.get("last_error")} for r in recipients
+            r["address"]: {"status": r.get("status"), "last_error": r.get("last_error"), "reported": True}
+            for r in recipients
         },
     }
     return QueueEntry("queue", "", envelope, state, size, uid)
@@ -131,9 +157,14 @@ def format_table(entries: list[QueueEntry], now: float | None = None) -> list[st
         )
         if entry.last_error:
             lines.append(f"{'':<{width}}  ({entry.last_error})")
+        if untold(entry):
+            lines.append(f"{'':<{width}}  ({UNTOLD_NOTE})")
     total = sum(entry.size for entry in entries)
     count = len(entries)
     lines.append(f"-- {count} message{'s' if count != 1 else ''}, {human_size(total)} in total")
+    summary = untold_summary(entries)
+    if summary is not None:
+        lines.append(f"-- {summary} ({UNTOLD_FIX})")
     return lines
 
 
@@ -155,6 +186,7 @@ def details_to_json(details: Details) -> dict[str, object]:
         "relay": state.get("relay") if isinstance(state.get("relay"), str) else None,
         "held_from": state.get("held_from") if entry.state == "held" else None,
         "bounce_due": state.get("bounce_due") is True,
+        "untold": untold(entry),
         "headers": [{"name": name, "value": value} for name, value in details.headers],
     }
     if details.message is not None:
@@ -218,6 +250,8 @@ def format_details(details: Details, now: float | None = None) -> list[str]:
         lines.append(f"last error:    {printable(entry.last_error)}")
     if state.get("bounce_due") is True:
         lines.append("bounce:        owed to the sender; the next flush sends it")
+    elif untold(entry):
+        lines.append(f"bounce:        {UNTOLD_NOTE}")
     dsn = [
         f"{key}={value}"
         for key, value in (("notify", entry.dsn_notify), ("ret", entry.dsn_ret), ("envid", entry.dsn_envid))

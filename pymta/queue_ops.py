@@ -612,15 +612,15 @@ class _Operations:
             return f"no notice is sent: the sender asked for none (sendmail -N {entry.dsn_notify})"
         if entry.sender:
             return "will be returned to the sender by the next flush"
-        if bounce.bounce_recipient(entry, self.config.admin, failing) is None:
-            if not self.config.admin:
-                return (
-                    "the sender is <> (a bounce itself) and no admin is configured, so it stays failed here"
-                )
+        to = bounce.bounce_recipient(entry, self.config.admin, failing)
+        if to is None:
             return (
-                "the sender is <> (a bounce itself) and it was for the admin, who is not told of a failed "
-                "notice, so it stays failed here"
+                "the sender is <> (a bounce itself) and it was the notice to postmaster, so no one is left "
+                "to tell: it stays failed here until deleted"
             )
+        if to == bounce.POSTMASTER:
+            why = "no admin is configured" if not self.config.admin else "it was for the admin"
+            return f"the sender is <> (a bounce itself) and {why}, so the next flush reports it to postmaster"
         return "the sender is <> (a bounce itself), so the next flush reports it to the admin"
 
 
@@ -721,8 +721,11 @@ def expire_failed(
 
     For the flush. Only messages whose state file has the mtime NEVER are read (a failed message, its
     bounce sent, or a held one), so this costs a stat per state file. Held messages, messages whose bounce
-    is still owed (`bounce_due`) and messages a queue command or delivery holds are left alone.
+    is still owed (`bounce_due`), messages no one was told about (`listing.untold`: they stay until an
+    admin deletes them) and messages a queue command or delivery holds are left alone.
     """
+    from .listing import untold
+
     logger = logger or logging.getLogger(log.LOGGER_NAME)
     removed = []
     for name in sorted(_names(spool, "state")):
@@ -737,7 +740,7 @@ def expire_failed(
         try:
             entry = spool.read_entry("queue", name)
             state = _read_state(spool, name)
-            if entry.state != "failed" or state.get("bounce_due"):
+            if entry.state != "failed" or state.get("bounce_due") or untold(entry):
                 continue
             age = now - failed_since(entry, state)
             if age <= config.failed_retention:

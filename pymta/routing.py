@@ -77,11 +77,12 @@ class Router:
         domain = domain.lower().rstrip(".")
         return not at or domain in self.local_domains or domain == self.config.domain.lower()
 
-    def plan(self, address: str, *, expanded: bool = False) -> Plan | None:
+    def plan(self, address: str, *, expanded: bool = False, use_admin: bool = True) -> Plan | None:
         """How to deliver `address`: None when it goes to a smarthost as it is.
 
         `expanded` says the address is already the result of an alias expansion: it is not looked up again
-        (that is where alias loops end), but the admin rule still applies to a local name. A target an
+        (that is where alias loops end), but the admin rule still applies to a local name. `use_admin`
+        False leaves the admin rule out (the notice to postmaster, sent because the admin failed). A target an
         alias wrote as `\\name` comes back as the recipient `\\name`: that user's mailbox, admin or not
         (the mark is kept in the queue, so a retry in a later run still knows it).
 
@@ -94,7 +95,7 @@ class Router:
         user = self.local_part(address)
         if user is None:
             return None
-        admin = self.config.admin
+        admin = self.config.admin if use_admin else None
         admin_user = (self.local_part(admin) or "").lower() if admin else ""
         is_admin = bool(admin_user) and user.lower() == admin_user
         warnings: list[str] = []

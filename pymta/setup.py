@@ -807,6 +807,33 @@ def _warning(problem: str, fix: str) -> Change:
     return Change("warn", "", problem, fix)
 
 
+def untold_step(install: Install) -> Step:
+    """A warning when the queue holds failed messages no one was told about (`listing.untold`): they stay
+    until an admin reads and deletes them, and nothing else points at them."""
+    spool = install.host_spool
+
+    def check() -> list[Change]:
+        from .listing import UNTOLD_FIX, untold_summary
+        from .spool import Spool
+
+        queue = Spool(spool)
+        if not queue.exists():
+            return []
+        try:
+            entries, _ = queue.entries()
+        except PermissionError:
+            return [
+                _warning(
+                    f"cannot read the queue in {spool} to look for failed messages no one was told about",
+                    "run pymta setup --check as root",
+                )
+            ]
+        summary = untold_summary(entries)
+        return [] if summary is None else [_warning(f"{summary} (in {spool})", UNTOLD_FIX)]
+
+    return Step(f"no failed message in {spool} that no one was told about", check)
+
+
 def _unreachable_parents(path: str, root: str | None) -> list[Change]:
     """A warning for each directory above `path` (up to the root) that not every user may pass through."""
     changes = []
@@ -1181,6 +1208,7 @@ def install_plan(install: Install) -> list[Step]:
         steps += [units_step(install), enable_step(install)]
     else:
         steps.append(cron_step(install))
+    steps.append(untold_step(install))
     return steps
 
 

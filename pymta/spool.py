@@ -1075,6 +1075,7 @@ class QueueEntry:
         "bounce_due",
         "relay",
         "dsn_of",
+        "to_postmaster",
         "held_seconds",
     )
 
@@ -1134,6 +1135,9 @@ class QueueEntry:
         self.bounce_due = state.get("bounce_due") is True  # an admin asked for a bounce (pymta queue bounce)
         self.relay = _optional_text(state, "relay")  # the server of the last attempt, if one answered
         self.dsn_of = _optional_text(envelope, "dsn_of")  # this is a notice about that message
+        # The last-resort notice to postmaster (`bounce.bounce_recipient`): routed without the admin rule,
+        # and a failure of it is told to no one.
+        self.to_postmaster = envelope.get("to_postmaster") is True
         # Seconds spent on hold, added up by `pymta queue release`: not part of the message's lifetime.
         self.held_seconds = max(0.0, float(_number(state, "held_seconds", 0)))
 

@@ -769,14 +769,28 @@ def test_null_sender_bounce_goes_to_the_admin() -> None:
     assert bounce_recipient(make_entry(sender=""), "admin@example.org") == "admin@example.org"
 
 
-def test_null_sender_without_admin_gets_no_bounce() -> None:
-    assert bounce_recipient(make_entry(sender=""), None) is None
-    assert bounce_recipient(make_entry(sender=""), "") is None
+def test_null_sender_without_admin_goes_to_postmaster() -> None:
+    """As Postfix does: with nobody else to tell, the local postmaster (root's mailbox after aliases)."""
+    assert bounce_recipient(make_entry(sender=""), None) == "postmaster"
+    assert bounce_recipient(make_entry(sender=""), "") == "postmaster"
 
 
-def test_a_bounce_to_the_admin_that_fails_gets_no_bounce() -> None:
+def test_a_bounce_to_the_admin_that_fails_goes_to_postmaster() -> None:
     double = make_entry(sender="", statuses={"Admin@Example.org": ("failed", USER_UNKNOWN)})
-    assert bounce_recipient(double, "admin@example.org") is None
+    assert bounce_recipient(double, "admin@example.org") == "postmaster"
+
+
+def test_a_notice_to_postmaster_that_fails_gets_no_notice() -> None:
+    """The last resort: its failure is told to no one, and the message stays in the queue for good."""
+    last = make_entry(sender="", statuses={"postmaster": ("failed", "5.1.1 no such local user: root")})
+    last.to_postmaster = True
+    assert bounce_recipient(last, "admin@example.org") is None
+    assert bounce_recipient(last, None) is None
+    # Only our own mark counts: a bounce to a sender that happens to be called postmaster is a bounce.
+    envelope = dsn_envelope(make_entry(sender="postmaster"), "postmaster", action="failed", now=NOW)
+    assert "to_postmaster" not in envelope
+    envelope = dsn_envelope(make_entry(sender=""), "postmaster", action="failed", now=NOW)
+    assert envelope["to_postmaster"] is True
 
 
 def test_null_sender_message_with_admin_among_delivered_recipients_still_reports_to_admin() -> None:
@@ -786,7 +800,8 @@ def test_null_sender_message_with_admin_among_delivered_recipients_still_reports
     )
     failed = [r.address for r in entry.recipients if r.status == "failed"]
     assert bounce_recipient(entry, "admin@example.org", failed) == "admin@example.org"
-    assert bounce_recipient(entry, "admin@example.org") is None  # without `failed`: all recipients count
+    # Without `failed` all recipients count: the admin's copy failed, so postmaster is told.
+    assert bounce_recipient(entry, "admin@example.org") == "postmaster"
 
 
 def test_double_bounce_text_speaks_to_the_admin() -> None:
@@ -814,21 +829,22 @@ def test_a_notice_of_ours_to_the_admin_gets_no_notice_whatever_the_alias_made_of
     double.recipients = double.recipients[:1]  # the envelope holds only the admin; the target came by alias
     double.recipients.append(RecipientStatus("admin-bad@remote.test", "failed", USER_UNKNOWN))
     double.dsn_of = "dsn1"
-    assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) is None
-    assert bounce_recipient(double, "Boss@Example.org", ["admin-bad@remote.test"]) is None
+    assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) == "postmaster"
+    assert bounce_recipient(double, "Boss@Example.org", ["admin-bad@remote.test"]) == "postmaster"
     # A null-sender message that is not one of our notices: the alias chain from the admin still counts.
     double.dsn_of = None
     double.recipients[1] = RecipientStatus(
         "admin-bad@remote.test", "failed", USER_UNKNOWN, "boss@example.org"
     )
-    assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) is None
+    assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) == "postmaster"
     # Without either, a failed null-sender message is the admin's business.
     double.recipients[1] = RecipientStatus("admin-bad@remote.test", "failed", USER_UNKNOWN)
     assert bounce_recipient(double, "boss@example.org", ["admin-bad@remote.test"]) == "boss@example.org"
 
 
 def test_a_bounce_storm_is_impossible() -> None:
-    """The original fails, its DSN fails, the double bounce to the admin fails: then nothing more."""
+    """The original fails, its DSN fails, the double bounce to the admin fails, the notice to postmaster
+    fails: then nothing more."""
     original = make_entry(sender="alice@example.org")
     to = bounce_recipient(original, "admin@example.org")
     assert to == "alice@example.org"
@@ -836,7 +852,11 @@ def test_a_bounce_storm_is_impossible() -> None:
     to = bounce_recipient(dsn, "admin@example.org")
     assert to == "admin@example.org"
     double = make_entry(sender="", statuses={to: ("failed", USER_UNKNOWN)}, entry_id="dsn2")
-    assert bounce_recipient(double, "admin@example.org") is None
+    to = bounce_recipient(double, "admin@example.org")
+    assert to == "postmaster"
+    last = make_entry(sender="", statuses={to: ("failed", USER_UNKNOWN)}, entry_id="dsn3")
+    last.to_postmaster = True
+    assert bounce_recipient(last, "admin@example.org") is None
 
 
 def test_dsn_envelope_queues_from_the_null_sender(tmp_path: Path) -> None:

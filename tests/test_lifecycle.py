@@ -12,8 +12,10 @@ import email
 import email.policy
 import email.utils
 import json
+import mailbox
 import os
 import pwd
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -290,10 +292,30 @@ def test_a_failed_null_sender_message_is_reported_to_the_admin(mta: MtaEnv, serv
     assert recipients["bad@example.net"]["reported"] is True
 
 
-def test_a_failed_null_sender_message_without_an_admin_stays_failed_and_bounces_nowhere(
+def postmaster_mail(mta: MtaEnv) -> list[mailbox.mboxMessage]:
+    """What reached root's mbox in the test's mail spool: postmaster is root (the aliases file says so, as
+    pymta's own default does), and the flush runs as root here."""
+    path = mta.mail_spool / "root"
+    if not path.exists():
+        return []
+    box = mailbox.mbox(str(path), create=False)
+    try:
+        return list(box)
+    finally:
+        box.close()
+
+
+def final_recipients(notice: mailbox.mboxMessage) -> list[str]:
+    """The Final-Recipient fields of a DSN read back from a mailbox."""
+    return re.findall(r"^Final-Recipient: rfc822; (\S+)", notice.as_string(), re.MULTILINE)
+
+
+def test_a_failed_null_sender_message_without_an_admin_goes_to_postmaster_in_roots_mailbox(
     mta: MtaEnv, server: SmtpServer
 ) -> None:
+    """No admin: the double bounce goes to the local postmaster, as Postfix sends it, not nowhere."""
     server.handler.rejections = {"bad@example.net": UNKNOWN}
+    (mta.root / "aliases").write_text("postmaster: root\n")
     configure(mta, plain_host(server.port), extra=NO_WARNINGS)
     queue_id = enqueue(mta, "-f", "", "bad@example.net")
 
@@ -302,10 +324,77 @@ def test_a_failed_null_sender_message_without_an_admin_stays_failed_and_bounces_
 
     assert server.handler.messages == []
     assert offered(server) == ["bad@example.net"]
-    assert any("nobody can be told" in line for line in log_lines(result))
+    assert not any("nobody can be told" in line for line in log_lines(result))
+    [notice] = postmaster_mail(mta)
+    assert notice["Subject"] == "Undelivered Mail Returned to Sender"
+    assert final_recipients(notice) == ["bad@example.net"]
+    assert "for the mail administrator" in " ".join(notice.as_string().split())
     [listed] = failed_listing(mta)
     assert (listed["id"], listed["sender"]) == (queue_id, "")
     assert [e.id for e in mta.entries()] == [queue_id]
+
+
+def test_a_double_bounce_the_admin_never_takes_goes_to_postmaster_when_it_expires(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    """The admin's server keeps answering 4xx: when the double bounce to the admin expires, postmaster
+    (root's mailbox) is told, once, and nothing more is sent out."""
+    server.handler.rejections = {"bad@example.net": UNKNOWN, "boss@example.net": GREYLISTED}
+    (mta.root / "aliases").write_text("postmaster: root\n")
+    retry = "retry: {schedule: [10m], lifetime: 1h, warn_after: never}\n"
+    configure(mta, plain_host(server.port), extra=retry + "admin: boss@example.net\n")
+    queue_id = enqueue(mta, "-f", "", "bad@example.net")
+    clock = Clock(mta.only_entry().queued_at)
+    flusher(mta, clock)[0].run()
+    assert postmaster_mail(mta) == []
+    [notice_id] = [e.id for e in mta.entries() if e.id != queue_id]
+
+    clock.now += 3600 + 1
+    run, lines = flusher(mta, clock)
+    run.run()
+    clock.now += 3600 + 1
+    flusher(mta, clock)[0].run()
+
+    [notice] = postmaster_mail(mta)
+    assert final_recipients(notice) == ["boss@example.net"]
+    assert offered(server).count("boss@example.net") == 1  # tried once; then it expired: nothing more
+    assert {e.id: e.state for e in mta.entries()} == {queue_id: "failed", notice_id: "failed"}
+    assert any(f"id={notice_id} failed for boss@example.net; bounce" in line for line in lines), lines
+
+
+def test_a_message_no_one_was_told_about_stays_past_failed_retention_and_is_pointed_at(
+    mta: MtaEnv, server: SmtpServer
+) -> None:
+    """No admin, and the notice to postmaster fails too (its alias names no user): that notice reached no
+    human. failed_retention removes the messages whose failure someone was told of, never that one; the
+    queue listing marks it and says how many there are."""
+    server.handler.rejections = {"bad@example.net": UNKNOWN}
+    (mta.root / "aliases").write_text("postmaster: nosuchuser-pymta-test\n")
+    configure(mta, plain_host(server.port), extra=NO_WARNINGS + "failed_retention: 1d\n")
+    queue_id = enqueue(mta, "-f", "", "bad@example.net")
+    clock = Clock(mta.only_entry().queued_at)
+    flusher(mta, clock)[0].run()
+    [notice_id] = [e.id for e in mta.entries() if e.id != queue_id]
+    assert {e.id: e.state for e in mta.entries()} == {queue_id: "failed", notice_id: "failed"}
+
+    clock.now += 2 * 86400
+    run, lines = flusher(mta, clock)
+    run.run()
+
+    assert [e.id for e in mta.entries()] == [notice_id]
+    assert any(f"id={queue_id} removed" in line for line in lines)
+    assert not any(f"id={notice_id} removed" in line for line in lines)
+    table = pymta(mta, "queue").stdout.decode()
+    assert "1 failed message no one was told about" in table, table
+    below = table.split(notice_id, 1)[1].splitlines()
+    assert any("no one was told" in line for line in below[1:3]), table
+    shown = pymta(mta, "queue", "show", notice_id).stdout.decode()
+    assert "no one was told" in shown, shown
+    [details] = json.loads(pymta(mta, "queue", "show", "--json", notice_id).stdout)
+    assert details["untold"] is True
+    recipients = state_of(mta, notice_id)["recipients"]
+    assert isinstance(recipients, dict)
+    assert recipients["nosuchuser-pymta-test"]["status"] == "failed"  # postmaster's alias target
 
 
 def test_an_expiry_with_no_server_answering_keeps_our_own_reason(mta: MtaEnv) -> None:
@@ -346,10 +435,10 @@ def test_expiry_comes_on_time_not_at_the_next_retry_after_it(mta: MtaEnv, server
 
 def test_a_dsn_to_an_admin_alias_that_fails_causes_no_bounce_storm(mta: MtaEnv, server: SmtpServer) -> None:
     """`admin` is a local alias whose target rejects mail: the double bounce fails under the target's
-    address, not the admin's, and must still beget no further notice."""
+    address, not the admin's; postmaster is told (locally, the admin rule left out), and then nothing more."""
     reject = "550 5.1.1 no such mailbox"
     server.handler.rejections = {"bad@example.net": reject, "admin-bad@remote.test": reject}
-    (mta.root / "aliases").write_text("boss: admin-bad@remote.test\n")
+    (mta.root / "aliases").write_text("boss: admin-bad@remote.test\npostmaster: root\n")
     configure(
         mta,
         plain_host(server.port),
@@ -357,9 +446,10 @@ def test_a_dsn_to_an_admin_alias_that_fails_causes_no_bounce_storm(mta: MtaEnv, 
     )
     queue_id = enqueue(mta, "-f", "", "bad@example.net")
 
-    results = [flush(mta, "--now") for _ in range(5)]
+    for _ in range(5):
+        flush(mta, "--now")
 
-    # The original, then one double bounce to the admin (sent to the alias target): then it stops.
+    # The original, then one double bounce to the admin (sent to the alias target): then postmaster.
     assert offered(server) == ["bad@example.net", "admin-bad@remote.test"]
     assert server.handler.messages == []
     entries = mta.entries()
@@ -367,11 +457,8 @@ def test_a_dsn_to_an_admin_alias_that_fails_causes_no_bounce_storm(mta: MtaEnv, 
     assert {e.state for e in entries} == {"failed"}
     [notice] = [e for e in entries if e.id != queue_id]
     assert notice.dsn_of == queue_id
-    assert any(
-        f"id={notice.id} failed and nobody can be told" in line
-        for result in results
-        for line in log_lines(result)
-    )
+    [told] = postmaster_mail(mta)
+    assert final_recipients(told) == ["admin-bad@remote.test"]
 
 
 @pytest.mark.parametrize("admin", ["boss@example.net", None])
@@ -380,6 +467,7 @@ def test_a_dsn_that_fails_itself_causes_no_bounce_storm(
 ) -> None:
     reject = "550 5.1.1 no such mailbox"
     server.handler.rejections = {"bad@example.net": reject, SENDER: reject, "boss@example.net": reject}
+    (mta.root / "aliases").write_text("postmaster: root\n")
     extra = NO_WARNINGS + (f"admin: {admin}\n" if admin else "")
     configure(mta, plain_host(server.port), extra=extra)
     enqueue(mta, "-f", SENDER, "bad@example.net")
@@ -387,13 +475,16 @@ def test_a_dsn_that_fails_itself_causes_no_bounce_storm(
     for _ in range(3):
         flush(mta, "--now")
 
-    # The original, its bounce to the sender, and (with an admin) one double bounce: then it stops.
+    # The original, its bounce to the sender, (with an admin) one double bounce, and one notice to
+    # postmaster in root's mailbox: then it stops.
     expected = ["bad@example.net", SENDER, *([admin] if admin else [])]
     assert offered(server) == expected
     assert server.handler.messages == []
     entries = mta.entries()
     assert len(entries) == len(expected)
     assert {e.state for e in entries} == {"failed"}
+    [told] = postmaster_mail(mta)
+    assert final_recipients(told) == [admin or SENDER]
 
 
 # --- success notices (-N success) ---

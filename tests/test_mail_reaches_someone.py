@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +151,81 @@ def test_mail_for_root_in_user_mode_reaches_the_users_maildir_and_the_fallback_i
     said = [line for line in first + later if "cannot be created" in line]
     assert len(said) == 1 and said[0] in first, first + later
     assert all("status=sent" in line for line in later if "status=" in line), later
+
+
+def test_undeliverable_user_mode_mail_ends_told_to_no_one_and_is_kept_not_deleted(
+    user_mode: UserMode,
+) -> None:
+    """Neither the mbox nor the Maildir can be created: the message expires, its bounce to alice expires, the
+    double bounce goes to postmaster (alice's own mailbox in user mode) and expires too. That last notice
+    reached no one: it stays in the queue, failed, marked as such, whatever failed_retention says."""
+    locked_out = user_mode.system.base / "locked-out"
+    locked_out.mkdir(mode=0o755)  # root's: alice cannot create her Maildir in it
+    user_mode.write_config(
+        "retry: {schedule: [0.2s], lifetime: 0.3s, warn_after: never}\nfailed_retention: 0.3s\n",
+        maildir=f"{locked_out}/Maildir",
+    )
+    user_mode.sendmail(user_mode.user.name)
+
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        user_mode.flush()
+        listed = user_mode.queue()
+        recipients = [
+            [r["address"] for r in entry["recipients"]]  # type: ignore[index, union-attr]
+            for entry in listed
+        ]
+        if recipients == [["postmaster"]] and listed[0]["state"] == "failed":
+            break
+        assert time.monotonic() < deadline, listed
+    [kept] = listed
+    assert kept["sender"] == ""
+
+    # Past failed_retention, a flush still keeps it; `pymta queue` says why.
+    failed_at = time.time()
+    while time.time() < failed_at + 0.5:
+        user_mode.flush()
+    assert [entry["id"] for entry in user_mode.queue()] == [kept["id"]]
+    table = user_mode.run("pymta", "queue").stdout.decode()
+    assert "no one was told" in table, table
+    assert "1 failed message no one was told about" in table, table
+
+
+def test_setup_check_and_the_queue_point_at_a_system_mode_message_no_one_was_told_about(
+    system: SystemInstall,
+) -> None:
+    """System mode, no admin: a message from <> to a user that does not exist fails; the notice to
+    postmaster fails too (its alias names no user). That notice is kept, and `pymta setup --check` and
+    `pymta queue` say so."""
+    system.aliases.write_text("postmaster: nosuchuser-pymta-test\n")
+    result = system.sendmail(None, "-v", "-f", "", "nosuchuser-pymta-a", input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    [queue_id] = queue_ids(result.stderr)
+
+    flushed = system.flush()
+
+    assert flushed.returncode == 0, flushed.stderr
+    entries = system.entries()
+    assert len(entries) == 2 and {e.state for e in entries} == {"failed"}
+    [kept] = [e for e in entries if e.id != queue_id]
+    assert kept.to_postmaster and kept.dsn_of == queue_id
+    assert b"nobody can be told" in flushed.stderr
+    checked = system.run_as(
+        None,
+        [
+            system.script("pymta"),
+            "setup",
+            "--check",
+            "--root",
+            str(system.root),
+            "--user",
+            system.spool_user.name,
+            "--no-systemd",
+        ],
+    )
+    assert checked.returncode == 1
+    [line] = [line for line in checked.stdout.decode().splitlines() if "no one was told" in line]
+    assert line.startswith("[warn] 1 failed message no one was told about: see pymta queue"), line
+    assert "pymta queue delete ID" in line
+    listed = system.run_as(None, [system.script("pymta"), "queue"]).stdout.decode()
+    assert "-- 1 failed message no one was told about: see pymta queue" in listed, listed

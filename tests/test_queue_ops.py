@@ -88,7 +88,7 @@ def record(
     next_attempt: float | None = None,
 ) -> None:
     """Write the state the flush's `_record` writes after an attempt: deferred when a recipient is pending,
-    else failed (next_attempt None, mtime NEVER)."""
+    else failed (next_attempt None, mtime NEVER), its failed recipients reported (their bounce queued)."""
     now = time.time()
     pending = any(status in ("pending", "deferred") for status, _ in statuses.values())
     errors = [error for _, error in statuses.values() if error]
@@ -102,7 +102,10 @@ def record(
             "next_attempt": when if pending else None,
             "last_error": errors[-1] if errors else None,
             "relay": "smtp.example.net[192.0.2.1]:587",
-            "recipients": {a: {"status": s, "last_error": e} for a, (s, e) in statuses.items()},
+            "recipients": {
+                a: {"status": s, "last_error": e, **({"reported": True} if s == "failed" else {})}
+                for a, (s, e) in statuses.items()
+            },
         },
         when,
     )
@@ -372,13 +375,13 @@ def test_bounce_of_a_message_from_the_null_sender_goes_to_the_admin(mta: MtaEnv)
     assert state(mta, queue_id)["bounce_due"] is True
 
 
-def test_bounce_keeps_what_else_a_recipient_record_holds_so_a_notice_to_the_admin_begets_none(
+def test_bounce_keeps_what_else_a_recipient_record_holds_so_the_admin_is_not_told_again(
     mta: MtaEnv,
 ) -> None:
     """`boss` (the admin) is an alias; a message from <> to it waits under the alias target, which names
     it in `via`. The administrator's bounce keeps that `via`: the flush then sees the admin's own mail and
-    queues no notice about it (the bounce-storm rule of `bounce.bounce_recipient`)."""
-    (mta.root / "aliases").write_text("boss: admin-box@remote.test\n")
+    tells postmaster, not the admin (the bounce-storm rule of `bounce.bounce_recipient`)."""
+    (mta.root / "aliases").write_text("boss: admin-box@remote.test\npostmaster: root\n")
     mta.write_config(
         "domain: example.org\nhostname: mx.example.org\ndeliver: queue\nadmin: boss@example.org\n"
         "local_domains: [example.org]\n"
@@ -392,7 +395,7 @@ def test_bounce_keeps_what_else_a_recipient_record_holds_so_a_notice_to_the_admi
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == (
         f"{queue_id}: bounced: 1 recipient failed; the sender is <> (a bounce itself) and it was for the "
-        "admin, who is not told of a failed notice, so it stays failed here\n"
+        "admin, so the next flush reports it to postmaster\n"
     )
     assert state(mta, queue_id)["recipients"]["admin-box@remote.test"] == {
         "status": "failed",
@@ -400,8 +403,10 @@ def test_bounce_keeps_what_else_a_recipient_record_holds_so_a_notice_to_the_admi
         "via": "boss@example.org",
     }
     flush(mta)
-    assert list(listed(mta)) == [queue_id]  # no notice about it was queued
+    # The notice went to postmaster (root's mailbox: the flush runs as root), not to the admin again.
+    assert list(listed(mta)) == [queue_id]
     assert listed(mta)[queue_id]["state"] == "failed"
+    assert b"Final-Recipient: rfc822; admin-box@remote.test" in (mta.mail_spool / "root").read_bytes()
 
 
 def test_bounce_of_a_null_sender_message_without_an_admin_says_so(mta: MtaEnv) -> None:
@@ -411,7 +416,7 @@ def test_bounce_of_a_null_sender_message_without_an_admin_says_so(mta: MtaEnv) -
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode() == (
         f"{queue_id}: bounced: 1 recipient failed; the sender is <> (a bounce itself) and no admin is "
-        "configured, so it stays failed here\n"
+        "configured, so the next flush reports it to postmaster\n"
     )
 
 
@@ -701,6 +706,9 @@ def test_expire_failed_removes_failed_messages_past_the_retention(mta: MtaEnv) -
     queue_ops.bounce(config, [bounced_long_ago], now=now - 5 * 86400)
     saved = state(mta, bounced_long_ago)
     del saved["bounce_due"]
+    for recipient in saved["recipients"].values():
+        if recipient["status"] == "failed":
+            recipient["reported"] = True
     spool(mta).write_state(bounced_long_ago, saved, NEVER)
 
     assert queue_ops.expire_failed(spool(mta), config, now) == sorted([old, bounced_long_ago])
