@@ -191,20 +191,28 @@ def test_undeliverable_user_mode_mail_ends_told_to_no_one_and_is_kept_not_delete
     assert "1 failed message no one was told about" in table, table
 
 
+def double_bounce_in_system_mode(
+    system: SystemInstall, *, postmaster: str
+) -> tuple[str, subprocess.CompletedProcess[bytes]]:
+    """Root queues a message from <> to a user that does not exist (no admin is set), with `postmaster`
+    aliased as given; one flush as root. The message's id and the flush."""
+    system.aliases.write_text(f"postmaster: {postmaster}\n")
+    result = system.sendmail(None, "-v", "-f", "", "nosuchuser-pymta-a", input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    [queue_id] = queue_ids(result.stderr)
+    flushed = system.flush()
+    assert flushed.returncode == 0, flushed.stderr
+    return queue_id, flushed
+
+
 def test_setup_check_and_the_queue_point_at_a_system_mode_message_no_one_was_told_about(
     system: SystemInstall,
 ) -> None:
     """System mode, no admin: a message from <> to a user that does not exist fails; the notice to
     postmaster fails too (its alias names no user). That notice is kept, and `pymta setup --check` and
     `pymta queue` say so."""
-    system.aliases.write_text("postmaster: nosuchuser-pymta-test\n")
-    result = system.sendmail(None, "-v", "-f", "", "nosuchuser-pymta-a", input=MESSAGE)
-    assert result.returncode == 0, result.stderr
-    [queue_id] = queue_ids(result.stderr)
+    queue_id, flushed = double_bounce_in_system_mode(system, postmaster="nosuchuser-pymta-test")
 
-    flushed = system.flush()
-
-    assert flushed.returncode == 0, flushed.stderr
     entries = system.entries()
     assert len(entries) == 2 and {e.state for e in entries} == {"failed"}
     [kept] = [e for e in entries if e.id != queue_id]
@@ -229,3 +237,19 @@ def test_setup_check_and_the_queue_point_at_a_system_mode_message_no_one_was_tol
     assert "pymta queue delete ID" in line
     listed = system.run_as(None, [system.script("pymta"), "queue"]).stdout.decode()
     assert "-- 1 failed message no one was told about: see pymta queue" in listed, listed
+
+
+def test_system_mode_double_bounce_without_admin_reaches_roots_mailbox(system: SystemInstall) -> None:
+    """System mode (the split flush: root, the spool owner, a child per recipient), no admin: a message
+    from <> to a user that does not exist fails, and the notice goes to postmaster, root's mbox."""
+    queue_id, flushed = double_bounce_in_system_mode(system, postmaster="root")
+
+    assert [(e.id, e.state) for e in system.entries()] == [(queue_id, "failed")]
+    box = mailbox.mbox(str(system.mail_spool / "root"), create=False)
+    try:
+        [notice] = list(box)
+    finally:
+        box.close()
+    assert notice["Subject"] == "Undelivered Mail Returned to Sender"
+    assert "Final-Recipient: rfc822; nosuchuser-pymta-a" in notice.as_string()
+    assert b"nobody can be told" not in flushed.stderr
