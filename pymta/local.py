@@ -263,9 +263,8 @@ def _fall_back_to_maildir(
     except _Deferred as also:
         return LocalOutcome("deferred", f"{why.plain}; and no Maildir instead: {also}", maildir)
     except OSError as error:
-        return LocalOutcome(
-            "deferred", f"{why.plain}; and no Maildir instead: cannot create {maildir}: {_describe(error)}"
-        )
+        reason = f"{why.plain}; and no Maildir instead: cannot create {maildir}: {_describe(error)}"
+        return LocalOutcome("deferred", reason, maildir)
     return LocalOutcome(
         "delivered",
         f"delivered to {name}: {why.plain}, so {maildir} was created, and {entry.pw_name}'s mail goes"

@@ -49,10 +49,10 @@ class UserMode:
     def maildir(self) -> Path:
         return Path(self.user.home) / "Maildir"
 
-    def write_config(self, extra: str = "", maildir: str = "~/Maildir") -> None:
+    def write_config(self, extra: str = "", maildir: str = "~/Maildir", mailbox: str = "auto") -> None:
         self.config.write_text(
             f"spool: {self.spool}\nhostname: {HOSTNAME}\ndomain: {DOMAIN}\ndeliver: queue\n"
-            f"local:\n  mailbox: auto\n  mail_spool: {self.mail_spool}\n  maildir: {maildir}\n"
+            f"local:\n  mailbox: {mailbox}\n  mail_spool: {self.mail_spool}\n  maildir: {maildir}\n"
             f"aliases: {self.system.aliases}\n{extra}"
         )
         self.config.chmod(0o644)
@@ -151,6 +151,21 @@ def test_mail_for_root_in_user_mode_reaches_the_users_maildir_and_the_fallback_i
     said = [line for line in first + later if "cannot be created" in line]
     assert len(said) == 1 and said[0] in first, first + later
     assert all("status=sent" in line for line in later if "status=" in line), later
+
+
+def test_with_mailbox_mbox_the_mail_waits_for_the_mbox_with_the_fix_and_no_maildir_is_made(
+    user_mode: UserMode,
+) -> None:
+    """The fallback is `auto`'s: who asked for mbox gets mbox, and the fix while it cannot be created."""
+    user_mode.write_config(mailbox="mbox")
+    queue_id = user_mode.sendmail(user_mode.user.name)
+
+    user_mode.flush()
+
+    [waiting] = user_mode.queue()
+    assert (waiting["id"], waiting["state"]) == (queue_id, "deferred")
+    assert "install -m 600" in str(waiting["last_error"])
+    assert not user_mode.maildir.exists()
 
 
 def test_undeliverable_user_mode_mail_ends_told_to_no_one_and_is_kept_not_deleted(
