@@ -279,11 +279,17 @@ def test_550_to_one_of_three_rcpts_fails_only_that_recipient(mta: MtaEnv) -> Non
 
 def test_552_to_the_message_fails_every_recipient(mta: MtaEnv) -> None:
     reply = "552 5.3.4 message too big for the system"
+    (mta.root / "aliases").write_text("postmaster: root\n")
     with SmtpServer("plain", handler=Handler(data_reply=reply)) as server:
         configure(mta, host(server.port))
         message = Queued(mta, *THREE)
         report, lines = run_flush(mta)
     assert report.failed == 4  # the three recipients, and the bounce, which this server refuses too
+    # The notice about the failed bounce went to postmaster: root's mailbox (the flush runs as root here).
+    assert (
+        report.sent == 1
+        and b"Final-Recipient: rfc822; alice@example.org" in (mta.mail_spool / "root").read_bytes()
+    )
     assert message.statuses() == dict.fromkeys(THREE, ("failed", reply))
     entry = message.entry()
     assert (entry.state, entry.last_error) == ("failed", reply)  # kept, visible to the admin
