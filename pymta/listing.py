@@ -48,10 +48,9 @@ UNTOLD_NOTE = "no one was told it failed: kept until you delete it (pymta queue 
 UNTOLD_FIX = "read each with pymta queue show ID, then remove it with pymta queue delete ID"
 
 
-def untold_summary(entries: list[QueueEntry]) -> str | None:
-    """The line that points at the messages no one was told about (for `pymta queue` and
+def untold_summary(count: int) -> str | None:
+    """The line that points at the `count` messages no one was told about (for `pymta queue` and
     `pymta setup --check`), or None when there are none."""
-    count = sum(1 for entry in entries if untold(entry))
     if not count:
         return None
     return f"{count} failed message{'s' if count != 1 else ''} no one was told about: see pymta queue"
@@ -162,7 +161,7 @@ def format_table(entries: list[QueueEntry], now: float | None = None) -> list[st
     total = sum(entry.size for entry in entries)
     count = len(entries)
     lines.append(f"-- {count} message{'s' if count != 1 else ''}, {human_size(total)} in total")
-    summary = untold_summary(entries)
+    summary = untold_summary(sum(1 for entry in entries if untold(entry)))
     if summary is not None:
         lines.append(f"-- {summary} ({UNTOLD_FIX})")
     return lines

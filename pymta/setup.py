@@ -814,24 +814,63 @@ def untold_step(install: Install) -> Step:
 
     def check() -> list[Change]:
         from .listing import UNTOLD_FIX, untold_summary
-        from .spool import Spool
 
-        queue = Spool(spool)
-        if not queue.exists():
+        if not os.path.isdir(os.path.join(spool, "queue")):
             return []
-        try:
-            entries, _ = queue.entries()
-        except PermissionError:
+        count = _untold_count(spool)
+        if count is None:
             return [
                 _warning(
                     f"cannot read the queue in {spool} to look for failed messages no one was told about",
                     "run pymta setup --check as root",
                 )
             ]
-        summary = untold_summary(entries)
+        summary = untold_summary(count)
         return [] if summary is None else [_warning(f"{summary} (in {spool})", UNTOLD_FIX)]
 
     return Step(f"no failed message in {spool} that no one was told about", check)
+
+
+def _untold_count(spool: str) -> int | None:
+    """How many messages in the queue no one was told about, read with the spool owner's rights: root
+    opens nothing in a directory its owner may change, so a forked child becomes the owner, counts and
+    answers through a pipe. None when the queue cannot be read."""
+    import warnings
+
+    from .errors import PymtaError
+    from .listing import untold
+    from .privsep import become, spool_owner
+    from .spool import Spool
+
+    def count() -> int:
+        return sum(1 for entry in Spool(spool).entries()[0] if untold(entry))
+
+    try:
+        owner = spool_owner(spool)
+        if owner is None:
+            return count()
+    except (OSError, PymtaError):
+        return None
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():  # no thread of ours runs here: the child takes no lock
+        warnings.filterwarnings("ignore", r".*fork\(\) may lead to deadlocks", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child; its answer is what the tests check
+        status = 1
+        try:
+            os.close(read_end)
+            become(owner, ("pymta.listing", "pymta.spool"))
+            os.write(write_end, str(count()).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        answer = os.read(read_end, 64)
+    finally:
+        os.close(read_end)
+        _, wait_status = os.waitpid(pid, 0)
+    return int(answer) if wait_status == 0 and answer.isdigit() else None
 
 
 def _unreachable_parents(path: str, root: str | None) -> list[Change]:
