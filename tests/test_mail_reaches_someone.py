@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 from system_install import DOMAIN, HOSTNAME, SystemInstall, User, queue_ids, system, system_install
 
+from pymta.spool import encode_json, new_id
+
 __all__ = ["system", "system_install"]  # fixtures imported for use
 
 MESSAGE = b"Subject: user mode\n\nhello from a user-mode install\n"
@@ -268,3 +270,35 @@ def test_system_mode_double_bounce_without_admin_reaches_roots_mailbox(system: S
     assert notice["Subject"] == "Undelivered Mail Returned to Sender"
     assert "Final-Recipient: rfc822; nosuchuser-pymta-a" in notice.as_string()
     assert b"nobody can be told" not in flushed.stderr
+
+
+def test_a_users_drop_cannot_claim_to_be_the_notice_to_postmaster(system: SystemInstall) -> None:
+    """alice writes a drop herself, from <>, marked `to_postmaster` (which would make its failure told to
+    no one, kept for good, and route it past the admin rule). The pick-up drops the mark: its failure is
+    reported to postmaster like any double bounce."""
+    system.aliases.write_text("postmaster: root\n")
+    name = new_id()
+    envelope = {
+        "v": 1,
+        "id": name,
+        "sender": "",
+        "recipients": ["nosuchuser-pymta-a"],
+        "submitted_by": "root",
+        "uid": 0,
+        "queued_at": time.time(),
+        "to_postmaster": True,
+    }
+    drop = encode_json(envelope).encode() + b"\n" + MESSAGE
+    path = system.spool / "new" / name
+    written = system.run_as(
+        system.alice, ["/bin/sh", "-c", 'set -C; cat > "$1"', "sh", str(path)], input=drop
+    )
+    assert written.returncode == 0, written.stderr
+
+    flushed = system.flush()
+
+    assert flushed.returncode == 0, flushed.stderr
+    [entry] = system.entries()
+    assert (entry.id, entry.state, entry.to_postmaster) == (name, "failed", False)
+    assert b"nobody can be told" not in flushed.stderr
+    assert b"Final-Recipient: rfc822; nosuchuser-pymta-a" in (system.mail_spool / "root").read_bytes()
