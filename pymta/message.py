@@ -22,6 +22,11 @@ _FOLD_STARTS = (ord(" "), ord("\t"))
 _FIELD_NAME_BYTES = bytes(range(33, 127))  # printable ASCII: what a field name is made of (':' ends it)
 # RFC 5322 specials: a display name holding one of these must be quoted.
 _DISPLAY_SPECIALS = frozenset('()<>[]:;@\\,."')
+# MIME parts nested deeper than this are not parsed when lines are fitted for SMTP: what lies below is
+# treated as opaque text (its long lines broken as Postfix does). Real mail nests a few levels (a forward
+# of a forward with attachments); each level costs a pass over what it holds and a few stack frames, and
+# a message nested 400 deep hit Python's recursion limit and stopped every flush.
+MAX_PART_DEPTH = 50
 
 
 class _FieldRule:
@@ -143,6 +148,19 @@ def _raw_value(field: bytes) -> bytes:
     if value.endswith(CRLF):
         return value[:-2]
     return value[:-1] if value.endswith(b"\n") else value
+
+
+def _encoded(text: str) -> bytes:
+    """`text` as UTF-8, a byte carried as surrogateescape (U+DC80-U+DCFF) written as that byte. Another
+    unpaired surrogate stands for no byte at all (argv and the queue never carry one, a library caller
+    may): it is written as U+FFFD, so a header pymta generates never stops the delivery of its message."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return "".join(
+            "\ufffd" if "\ud800" <= char <= "\udfff" and not "\udc80" <= char <= "\udcff" else char
+            for char in text
+        ).encode("utf-8", "surrogateescape")
 
 
 def _unfolded(field: bytes) -> str:
@@ -282,7 +300,7 @@ def _qualified_field(field: bytes, domain: str) -> bytes:
         return field
     for mailbox in reversed(bare):  # from the end, so earlier spans stay valid
         text = f"{text[: mailbox.end]}@{domain}{text[mailbox.end :]}"
-    return field[:colon] + text.encode("utf-8", "surrogateescape") + field[colon + len(value) :]
+    return field[:colon] + _encoded(text) + field[colon + len(value) :]
 
 
 def _plainly_qualified(text: str) -> bool:
@@ -302,7 +320,7 @@ def _display_name(full_name: str) -> str:
     """`full_name` for a From field: controls removed, quoted if it holds specials, RFC 2047 if not ASCII."""
     name = "".join(" " if ord(char) < 32 or char == "\x7f" else char for char in full_name).strip()
     # GECOS bytes that are not UTF-8 arrive as surrogates; they cannot be encoded, so they become U+FFFD.
-    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    name = _encoded(name).decode("utf-8", "replace")
     if not name.isascii():
         from email.header import Header
 
@@ -369,7 +387,7 @@ def complete(
         generated.append(f"Message-ID: <{message_id}@{hostname}>\r\n")
     if "from" not in present:
         generated.append(f"From: {_from_value(full_name, qualify(sender or submitted_by, domain))}\r\n")
-    parts.extend(line.encode("utf-8", "surrogateescape") for line in generated)
+    parts.extend(_encoded(line) for line in generated)
     if not block.fields or block.separator_missing:
         parts.append(CRLF)
     parts.append(memoryview(message)[block.end :])  # the body is copied once, into the result
@@ -415,7 +433,7 @@ def rewrite_from(message: bytes, address: str, original: str = "x-original-from"
         new.append(f"X-Original-From: {old_value}\r\n")
     elif old_address and original == "reply-to" and not has_reply_to:
         new.append(f"Reply-To: {old_value}\r\n")
-    header.extend(line.encode("utf-8", "surrogateescape") for line in new)
+    header.extend(_encoded(line) for line in new)
     if not block.fields or block.separator_missing:
         header.append(CRLF)
     return b"".join(header) + message[block.end :]
@@ -467,7 +485,7 @@ def _break_lines(text: bytes, *, fold: bool = False, soft: bool = False) -> byte
     )
 
 
-def fit_line_length(message: bytes, *, part: bool = False) -> bytes:
+def fit_line_length(message: bytes, *, part: bool = False, depth: int = 0) -> bytes:
     """`message` (CRLF) with no line over 998 octets, as SMTP requires; the same object when it has none.
 
     Too long a header line is folded at a blank. The body of a single text part (no Content-Type, or text/*,
@@ -477,7 +495,9 @@ def fit_line_length(message: bytes, *, part: bool = False) -> bytes:
     single part in quoted-printable already gets soft line breaks, which decoding removes. A multipart body
     has each of its parts fitted the same way, the rest left byte for byte. What is left (base64, a
     preamble, a multipart without a boundary) has each long line broken with a space inserted, as Postfix
-    does: that changes its text, which is why it comes last.
+    does: that changes its text, which is why it comes last. So does a multipart nested more than
+    MAX_PART_DEPTH deep (`depth` counts the levels above `message`): it is not parsed, but fitted as
+    opaque text.
     """
     if len(message) <= MAX_LINE or not _long_lines(message):
         return message
@@ -491,8 +511,8 @@ def fit_line_length(message: bytes, *, part: bool = False) -> bytes:
     raw_type = get_header(message, "content-type") or "text/plain"
     content_type = raw_type.strip().lower()
     encoding = (get_header(message, "content-transfer-encoding") or "").strip().lower()
-    if content_type.startswith("multipart/"):
-        fitted = _fit_parts(raw_type, body)
+    if content_type.startswith("multipart/") and depth < MAX_PART_DEPTH:
+        fitted = _fit_parts(raw_type, body, depth + 1)
         if fitted is not None:
             return head + separator + fitted
     single = not content_type.startswith(("multipart/", "message/"))
@@ -523,9 +543,9 @@ def fit_line_length(message: bytes, *, part: bool = False) -> bytes:
     return b"".join((*fields, *added, CRLF, encoded))
 
 
-def _fit_parts(content_type: str, body: bytes) -> bytes | None:
-    """A multipart `body` with each part fitted (`fit_line_length`), its boundaries, preamble and epilogue
-    kept; None when the Content-Type names no boundary."""
+def _fit_parts(content_type: str, body: bytes, depth: int) -> bytes | None:
+    """A multipart `body` with each part fitted (`fit_line_length`, the parts `depth` levels deep), its
+    boundaries, preamble and epilogue kept; None when the Content-Type names no boundary."""
     from email.message import Message
 
     holder = Message()
@@ -540,7 +560,7 @@ def _fit_parts(content_type: str, body: bytes) -> bytes | None:
         bare = line.rstrip(b" \t")  # transport padding after a delimiter (RFC 2046 5.1.1)
         if bare in (delimiter, delimiter + b"--"):
             if part is not None:
-                out.extend(_fit_part(part))
+                out.extend(_fit_part(part, depth))
             out.append(line)
             part = [] if bare == delimiter else None
         elif part is not None:
@@ -548,14 +568,14 @@ def _fit_parts(content_type: str, body: bytes) -> bytes | None:
         else:
             out.append(line)
     if part is not None:  # a part the sender never closed
-        out.extend(_fit_part(part))
+        out.extend(_fit_part(part, depth))
     joined = CRLF.join(out)
     return _break_lines(joined) if _long_lines(joined) else joined
 
 
-def _fit_part(lines: list[bytes]) -> list[bytes]:
-    """The lines of one MIME part (its header and body; the CRLF before the next delimiter is not its own)
-    with none over 998 octets."""
+def _fit_part(lines: list[bytes], depth: int) -> list[bytes]:
+    """The lines of one MIME part `depth` levels deep (its header and body; the CRLF before the next
+    delimiter is not its own) with none over 998 octets."""
     text = CRLF.join(lines) + CRLF
-    fitted = fit_line_length(text, part=True)
+    fitted = fit_line_length(text, part=True, depth=depth)
     return (fitted[:-2] if fitted.endswith(CRLF) else fitted).split(CRLF)

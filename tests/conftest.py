@@ -154,3 +154,15 @@ def mta(tmp_path: Path) -> MtaEnv:
     env = MtaEnv(root=tmp_path, config=tmp_path / "pymta.yaml", spool=tmp_path / "spool")
     env.write_config("domain: example.org\nhostname: mx.example.org\ndeliver: queue\n")
     return env
+
+
+def nested_multipart(depth: int, line_length: int = 1200) -> bytes:
+    """A message whose MIME parts nest `depth` deep, with one line of `line_length` octets in the innermost
+    text part: fitting its lines for SMTP reaches every level (about 27 KB at 400 deep)."""
+    opening = b"".join(
+        f'Content-Type: multipart/mixed; boundary="b{level}"\r\n\r\n--b{level}\r\n'.encode()
+        for level in range(depth)
+    )
+    closing = b"".join(f"--b{level}--\r\n".encode() for level in reversed(range(depth)))
+    inner = b"Content-Type: text/plain\r\n\r\n" + b"x" * line_length + b"\r\n"
+    return b"Subject: deep\r\nMIME-Version: 1.0\r\n" + opening + inner + closing

@@ -13,6 +13,7 @@ from email.header import decode_header, make_header
 from pathlib import Path
 
 import pytest
+from conftest import nested_multipart
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -474,6 +475,25 @@ def test_generated_from_encodes_non_ascii_names(full_name: str) -> None:
     assert decoded == f"{expected_name} <alice@example.org>"
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"full_name": "Al\ud800ice"},  # an unpaired surrogate: no byte stands behind it
+        {"sender": "al\udfffice"},
+        {"submitted_by": "\ud83d", "sender": ""},
+        {"domain": "ex\ud800ample.org"},
+        {"message_id": "id\udbff"},
+    ],
+)
+def test_complete_writes_a_character_no_byte_stands_for_as_a_replacement(changes: dict[str, str]) -> None:
+    # A library caller may pass any str; argv and the queue carry bytes as surrogateescape (\udc80-\udcff).
+    result = completed(b"To: bob\r\nSubject: s\r\n\r\nbody\r\n", **changes)
+    assert result.endswith(b"\r\n\r\nbody\r\n")
+    assert "\ufffd" in result.decode("utf-8", "surrogateescape") or b"=?utf-8?" in result
+    # A byte carried as surrogateescape is still written as that byte.
+    assert b"From: al\xfcice@example.org\r\n" in completed(b"Subject: s\r\n\r\n", sender="al\udcfcice")
+
+
 # --- header helpers -------------------------------------------------------------------------------------
 
 
@@ -725,6 +745,24 @@ def test_a_broken_line_never_splits_a_utf8_character() -> None:
     assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
     for line in _lines_of(fitted):
         line.decode("utf-8")  # raises if a character was cut in two
+
+
+def test_parts_nested_deeper_than_the_limit_are_fitted_as_opaque_text() -> None:
+    import email
+    import email.policy
+
+    message = nested_multipart(400)
+    fitted = fit_line_length(message)  # RecursionError before: every flush stopped at this message
+    assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+    # Nothing but the inserted line breaks and their spaces; no part was lost or reordered.
+    assert fitted.replace(b"\r\n ", b"") == message.replace(b"\r\n ", b"")
+    # The levels within the limit are still parsed: a text part there is re-encoded, not cut.
+    shallow = fit_line_length(nested_multipart(3))
+    inner = email.message_from_bytes(shallow, policy=email.policy.compat32)
+    for _ in range(3):
+        [inner] = inner.get_payload()
+    assert inner["Content-Transfer-Encoding"] == "quoted-printable"
+    assert inner.get_payload(decode=True) == b"x" * 1200
 
 
 def test_a_body_without_a_final_line_end_gets_no_bare_lf() -> None:
