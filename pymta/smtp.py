@@ -86,6 +86,7 @@ SMTPUTF8_MISSING_REPLY = "553 5.6.7 {address}: non-ASCII address, and the smarth
 _NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 _ENHANCED_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _UNSAFE_ADDRESS_RE = re.compile(r"[\x00-\x1f\x7f<>]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _DOT_LINE_RE = re.compile(rb"^\.", re.MULTILINE)
 
 
@@ -1087,6 +1088,8 @@ def _check_arguments(
     for address in (sender, *recipients):
         if _UNSAFE_ADDRESS_RE.search(address):
             raise ValueError(f"address {address!r} contains characters SMTP cannot carry")
+        if _SURROGATE_RE.search(address):  # bytes that were not UTF-8: no SMTP command can carry them
+            raise ValueError(f"address {address!r} is not valid UTF-8")
     mail: list[str] = []
     rcpt: list[str] = []
     targets: list[str] = []

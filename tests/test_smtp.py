@@ -306,6 +306,8 @@ def test_xtext() -> None:
         ("me@example.org", [], {}),
         ("me@example.org", ["a@example.org"], {"notify": "sometimes"}),
         ("me@example.org", ["a@example.org"], {"ret": "body"}),
+        ("me@example.org", ["a\ud800@example.org"], {}),  # no byte stands behind an unpaired surrogate
+        ("m\udcffe@example.org", ["a@example.org"], {}),  # a byte that is not UTF-8 (surrogateescape)
     ],
 )
 def test_arguments_smtp_cannot_carry_are_refused_before_sending(
