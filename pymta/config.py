@@ -58,6 +58,10 @@ DEFAULT_SECURITY: Security = "starttls"
 DEFAULT_PORTS: Mapping[Security, int] = {"starttls": 587, "tls": 465, "none": 25}
 # Seconds per SMTP command: patient with a slow provider, short enough that a dead one does not stall a flush.
 DEFAULT_SMTP_TIMEOUT = 30
+# Seconds for the answer to the end of a message's text: RFC 5321 4.5.3.2.6 asks for 10 minutes, as a server
+# may scan the message before it answers. Giving up sooner only makes the message go again: the server may
+# have it by then, so each early give-up can be one more copy.
+DEFAULT_DATA_TIMEOUT = 600
 # Seconds between attempts: quick first retries get past greylisting, then back off; the last one repeats.
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (60, 300, 900, 3600, 14400)
 # Seconds before a message that still cannot be delivered bounces: RFC 5321 4.5.4.1 asks for 4-5 days.
@@ -250,7 +254,8 @@ class Smarthost:
     ca_file: str | None = None  # trust this CA file instead of the system store
     fingerprint: str | None = None  # normalised "sha256:AB:CD:..." pin of the server certificate
     auth_plaintext: bool = False  # allow AUTH without TLS (DESIGN invariant 8)
-    timeout: float = DEFAULT_SMTP_TIMEOUT
+    timeout: float = DEFAULT_SMTP_TIMEOUT  # connect, greeting, each command's reply
+    data_timeout: float = DEFAULT_DATA_TIMEOUT  # the reply to the end of the message text
     # auto: the best mechanism both sides know; xoauth2/oauthbearer take an OAuth2 token from `password`
     auth: AuthMechanism = "auto"
     name: str | None = None  # what routes call it; default: its host
@@ -279,6 +284,7 @@ class Smarthost:
             "fingerprint": self.fingerprint,
             "auth_plaintext": self.auth_plaintext,
             "timeout": format_duration(self.timeout),
+            "data_timeout": format_duration(self.data_timeout),
             "auth": self.auth,
             "name": self.name,
             "rewrite": self.rewrite.masked() if self.rewrite else None,
@@ -713,6 +719,7 @@ _SMARTHOST_KEYS: Mapping[str, _Key] = {
     "fingerprint": _Key("fingerprint", _fingerprint),
     "auth_plaintext": _Key("auth_plaintext", _boolean),
     "timeout": _Key("timeout", _duration),
+    "data_timeout": _Key("data_timeout", _duration),
     "auth": _Key("auth", _choice(*AUTH_CHOICES)),
     "name": _Key("name", lambda value, where: _text(value, where, "a short name for routes")),
     "rewrite": _Key("rewrite", _rewrite),

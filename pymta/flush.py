@@ -75,6 +75,11 @@ if TYPE_CHECKING:
 
 
 NO_SMARTHOST = "no smarthost configured; see pymta(1): add one under 'smarthosts:' in the config"
+# A smarthost whose sessions break this many times in a row in one run (no answer within a limit, the
+# connection lost in the middle of a message), with no message answered in between, is not tried again in
+# that run: each break costs a reconnect, and a server that takes every message and then hangs would
+# otherwise cost a data_timeout (10 minutes) per message, holding the queue for hours.
+MAX_BROKEN_SESSIONS = 2
 # What `Flusher._bounce` did about the failed recipients it was given (see there).
 BounceResult = Literal["reported", "kept", "owed"]
 # A notice by its action, as the log names it, and what becomes of it when the spool cannot take it; any
@@ -580,6 +585,9 @@ class Flusher:
 
         def finish() -> None:
             results, relay = self.sessions.finish(delivery, while_waiting=self._prefetch)
+            if delivery.untried is not None:
+                self.log.info(f"id={entry.id} not tried: {delivery.untried}; it waits for the next run")
+                return
             if _asks_success(entry):  # only then does it matter (and it costs a look per message)
                 attempt.relay_reports = _offers_dsn(delivery.session)
             for address in remote:
@@ -597,6 +605,9 @@ class Flusher:
         """Write the outcome of one attempt to the message's state, send the bounce or delay notice it calls
         for, and remove the message when every recipient is done and nothing is owed. True when it was
         removed: its `lock` went with it (`Spool.remove` closes it), and must not be unlocked again."""
+        if not attempt.results and not entry.bounce_due:
+            report.attempted -= 1  # not tried after all (`Sessions`: its smarthost was given up): unchanged
+            return False
         now = self.clock()
         attempts = entry.attempts + (1 if attempt.results else 0)
         recipients: dict[str, dict[str, object]] = {}
@@ -925,6 +936,8 @@ class Delivery:
         "session",
         "transaction",
         "result",
+        "failed_on",
+        "untried",
     )
 
     def __init__(
@@ -946,14 +959,27 @@ class Delivery:
         # The outcomes and relay when they are known without an answer to this message (no smarthost works,
         # or it cannot be sent over SMTP at all).
         self.result: tuple[dict[str, RecipientOutcome], str] | None = None
+        # The smarthosts whose session broke at this message before any of its text went out, and why: it
+        # is not started there again in this run.
+        self.failed_on: dict[Smarthost, str] = {}
+        # Why it was not tried at all (its smarthosts were given up in this run), or None; `result` then
+        # holds no outcomes, and the message's state is left as it was.
+        self.untried: str | None = None
 
 
 class Sessions:
     """The SMTP connections of one run, one per smarthost, opened on first use and reused for every message.
 
-    A smarthost that cannot be reached, or whose session breaks mid-message, is not tried again in the same
+    A smarthost that cannot be reached (connect, greeting, TLS or AUTH fail) is not tried again in the same
     run: a dead server would otherwise cost a timeout per message. The next smarthost of the route is tried
     instead (DESIGN.md: "tried in order; the next one when one is unreachable").
+
+    A session that breaks in the middle of a message (no answer within its limit, the connection lost)
+    costs that message an attempt and the run a reconnect: the next message opens a new connection, and
+    every message's state records only what happened to it (a message started behind the broken one is
+    started again). Only after MAX_BROKEN_SESSIONS such breaks in a row, with no message answered between
+    them, is the smarthost given up for the run; the messages left for it are then not tried at all, and
+    their state stays as it was, due for the next run.
 
     A message is started, then finished (`start`, `finish`; `send` does both). The flush starts the next
     message before it finishes the current one, so that with PIPELINING the next one's commands go out with
@@ -965,7 +991,10 @@ class Sessions:
         self.config = config
         self.log = logger
         self.open: dict[Smarthost, SmtpSession] = {}
-        self.broken: dict[Smarthost, str] = {}  # smarthosts that failed this run, and why
+        self.broken: dict[Smarthost, str] = {}  # smarthosts that could not be reached this run, and why
+        self.breaks: dict[Smarthost, int] = {}  # sessions broken mid-message in a row, by smarthost
+        # Smarthosts left for the next run after MAX_BROKEN_SESSIONS breaks in a row, and why.
+        self.given_up: dict[Smarthost, str] = {}
         self.waiting: list[Delivery] = []  # started and not finished, oldest first
 
     def send(
@@ -1011,10 +1040,16 @@ class Sessions:
         return result
 
     def _begin(self, delivery: Delivery) -> None:
-        delivery.transaction = delivery.result = None  # a restart forgets the lost transaction
-        reasons = []
+        delivery.transaction = delivery.result = delivery.untried = None  # a restart forgets the lost one
+        reasons = list(delivery.failed_on.values())
+        given_up = []
         recipients = delivery.recipients
         for host in delivery.hosts:
+            if host in delivery.failed_on:
+                continue
+            if host in self.given_up:
+                given_up.append(self.given_up[host])
+                continue
             session = self._session(host)
             if session is None:
                 reasons.append(self.broken[host])
@@ -1026,6 +1061,10 @@ class Sessions:
             except ValueError as exc:
                 reply = f"554 5.6.0 cannot be sent over SMTP: {exc}"
                 delivery.result = _all(recipients, "failed", reply), session.relay
+            return
+        if given_up and not reasons:  # nothing happened to this message: no outcome to record
+            delivery.untried = "; ".join(given_up)
+            delivery.result = {}, "none"
             return
         relay = delivery.hosts[0].label if len(delivery.hosts) == 1 else "none"
         delivery.result = _all(recipients, "deferred", "; ".join(reasons)), relay
@@ -1041,35 +1080,43 @@ class Sessions:
         assert host is not None and session is not None and transaction is not None
         recipients = delivery.recipients
         try:
-            try:
-                outcomes = session.finish(transaction, while_waiting=while_waiting)
-            except SessionError as exc:
-                if not exc.reconnect:
-                    raise
-                # The server closed the idle connection between messages: nothing of this one reached it.
-                session.close()
-                session.open()
-                sender, message = delivery.prepare(host)
-                outcomes = session.send(sender, recipients, message, **_dsn(delivery))
+            outcomes = session.finish(transaction, while_waiting=while_waiting)
         except SessionError as exc:
-            self._drop(host, str(exc))
-            if exc.untouched and self._may_fail_over(delivery):
-                # It failed at MAIL, RCPT or DATA: none of its text was sent, so the next smarthost of
-                # its route may have it now (a 421 at MAIL used to wait for the next run on this one).
+            self._close(host, session)
+            if exc.reconnect:
+                # The server closed the idle connection between messages (or said 421 to RSET): nothing of
+                # this one reached it, and a new connection takes it.
                 self._begin(delivery)
                 return self._finish(delivery, while_waiting)
-            # The message was in flight: the connection may have died after the server took it, so it is
-            # not sent to another smarthost in this run (that would risk a duplicate); it is deferred.
+            self._broke(host, str(exc))
+            if exc.untouched:
+                # It failed at MAIL, RCPT or DATA: none of its text was sent, so the next smarthost of its
+                # route may have it now (a 421 at MAIL used to wait for the next run on this one).
+                delivery.failed_on[host] = str(exc)
+                if self._may_fail_over(delivery):
+                    self._begin(delivery)
+                    return self._finish(delivery, while_waiting)
+            # Otherwise the message was in flight: the server may have taken it (when the answer to its end
+            # never came, the error says so), so it is not sent to another smarthost in this run (that would
+            # risk a duplicate); it is deferred. The next message opens a new connection.
             return _all(recipients, "deferred", str(exc)), session.relay
         except ValueError as exc:
             return _all(recipients, "failed", f"554 5.6.0 cannot be sent over SMTP: {exc}"), session.relay
+        self.breaks.pop(host, None)  # it answers: a later break starts the count again
         return {outcome.recipient: outcome for outcome in outcomes}, session.relay
 
     def _may_fail_over(self, delivery: Delivery) -> bool:
         """Whether `delivery` can be started on the next working smarthost of its route now: there is one,
         and no other message is started on its session (messages are finished in the order they were
         started on a session, so this one cannot go behind them; it waits for the next run instead)."""
-        target = next((host for host in delivery.hosts if host not in self.broken), None)
+        target = next(
+            (
+                host
+                for host in delivery.hosts
+                if host not in self.broken and host not in self.given_up and host not in delivery.failed_on
+            ),
+            None,
+        )
         if target is None:
             return False
         session = self.open.get(target)
@@ -1090,11 +1137,31 @@ class Sessions:
         return session
 
     def _drop(self, host: Smarthost, reason: str) -> None:
+        """`host` cannot be reached: it is not tried again in this run."""
         self.log.warning(f"smarthost {host.label}: {reason}")
         self.broken[host] = reason
         session = self.open.pop(host, None)
         if session is not None:
             session.close()
+
+    def _close(self, host: Smarthost, session: SmtpSession) -> None:
+        """Close `session` (it failed); the next message for `host` opens a new one."""
+        if self.open.get(host) is session:
+            del self.open[host]
+        session.close()
+
+    def _broke(self, host: Smarthost, reason: str) -> None:
+        """A session with `host` broke in the middle of a message: count it, and give the smarthost up for
+        this run after MAX_BROKEN_SESSIONS in a row."""
+        self.log.warning(f"smarthost {host.label}: {reason}")
+        breaks = self.breaks.get(host, 0) + 1
+        self.breaks[host] = breaks
+        if breaks >= MAX_BROKEN_SESSIONS:
+            self.given_up[host] = f"smarthost {host.label} broke off {breaks} sessions in a row in this run"
+            self.log.warning(
+                f"smarthost {host.label}: {breaks} sessions in a row broke off mid-message; not tried again "
+                "in this run: the messages left for it wait, untried, for the next run"
+            )
 
     def close(self) -> None:
         """QUIT every open session (a session with a message half sent is only closed)."""

@@ -11,6 +11,12 @@ write of the current one's text, behind its final dot, and a message costs one r
 message's final reply is read and returned before any of the next one's text is sent, so the caller records
 it first (DESIGN.md invariant 3); nothing of a message is delivered before its text has gone out.
 
+Each wait has its limit, as RFC 5321 4.5.3.2 gives each step its own: `timeout` (short) for the
+connection, the greeting and each command's reply; `data_timeout` (10 minutes by
+default) for the reply to the final dot, which a server may send only after scanning the message. When
+that reply never comes the outcome is unknown, and the error says that the smarthost may already have
+the message (`SessionError.outcome_unknown`).
+
 Results are values, failures of the session are exceptions. `send()` returns, per recipient, `delivered` (the
 server said 250 to DATA), `deferred` (a 4xx to MAIL, RCPT or DATA) or `failed` (a 5xx), with the server's
 reply. Anything that ends the session (no connection, a timeout, TLS or certificate trouble, a pin
@@ -121,8 +127,11 @@ class SessionError(PymtaError):
     421), or the connection ended while an earlier started message was finished: nothing of that message
     reached the server, so the caller should open the session again and resend it at once. `untouched`
     is True when the session failed at MAIL, RCPT or DATA, before any of the message's text was sent:
-    the server cannot have taken it, so another smarthost may get it in the same run.
-    `reply` is the server's reply that caused the failure, when there was one.
+    the server cannot have taken it, so another smarthost may get it in the same run. `outcome_unknown`
+    is True when the message's text went out and the answer to its end never came (no answer within
+    `data_timeout`, the connection lost): the server may have taken it, so sending it again may deliver it
+    twice (RFC 5321 4.5.3.2.6); the error says so. `reply` is the server's reply that caused the failure,
+    when there was one.
     """
 
     exit_code = EX_TEMPFAIL
@@ -137,6 +146,7 @@ class SessionError(PymtaError):
         reconnect: bool = False,
         connection_usable: bool = False,
         untouched: bool = False,
+        outcome_unknown: bool = False,
     ) -> None:
         super().__init__(f"{relay}: {reason}")
         self.relay = relay
@@ -146,6 +156,7 @@ class SessionError(PymtaError):
         self.reconnect = reconnect
         self.connection_usable = connection_usable
         self.untouched = untouched
+        self.outcome_unknown = outcome_unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -752,9 +763,9 @@ class SmtpSession:
         if while_waiting is not None:
             while_waiting()
         try:
-            code, reply_bytes = client.getreply()
+            code, reply_bytes = client.getreply(self.smarthost.data_timeout)  # RFC 5321 4.5.3.2.6
         except Exception as error:
-            raise self._network_failure(error, "the message text (DATA)") from error
+            raise self._unanswered_text(error) from error
         reply = _transaction_reply(code, reply_bytes)
         if code == 421:
             raise self._closed(reply, "the end of DATA")
@@ -897,6 +908,29 @@ class SmtpSession:
         stage, reason = _explain(error, doing, self.smarthost)
         return self._fail(stage, reason)
 
+    def _unanswered_text(self, error: BaseException) -> SessionError:
+        """The text and its final dot went out, and no answer came: the server may have the message (it
+        answers once it has taken it, and a scanner may take long), or may not. Either way it is deferred;
+        the error says that the smarthost may already have it, so a duplicate can be explained."""
+        silent = any(isinstance(cause, TimeoutError) for cause in _causes(error))  # or its deadline passed
+        if isinstance(error, ReplyLimit) and not silent:
+            what, fix = f"{error} to the end of the message text, so pymta hung up", ""
+        elif silent:
+            what = f"no answer to the end of the message text within {self.smarthost.data_timeout:g} s"
+            fix = "; if this smarthost scans mail slowly, raise its data_timeout"
+        else:
+            what, fix = (
+                "the connection ended before the server answered the end of the message text (DATA)",
+                "",
+            )
+        failure = self._fail(
+            "closed",
+            f"{what}; the smarthost may already have the message: it is deferred, and when it is sent "
+            f"again it may arrive twice{fix}",
+        )
+        failure.outcome_unknown = True
+        return failure
+
 
 def fetch_certificate(smarthost: Smarthost, hostname: str) -> Certificate | None:
     """The certificate the server presents, fetched *without* verifying it and without AUTH or mail.
@@ -958,22 +992,23 @@ class _Client(smtplib.SMTP):
         self._start = 0
         self._buffer_of: socket.socket | None = None
 
-    def getreply(self) -> tuple[int, bytes]:
+    def getreply(self, timeout: float | None = None) -> tuple[int, bytes]:
         """One reply, as smtplib's: (code, the lines' text joined by LF); -1 and the whole line when it has
-        no code. At most MAX_REPLY_LINES lines, and the whole reply within the timeout plus
-        REPLY_TRANSFER_TIME (the timeout alone bounds only each wait for data). Past either the connection
-        is closed and SMTPServerDisconnected says why."""
-        deadline = time.monotonic() + self.timeout + REPLY_TRANSFER_TIME
+        no code. At most MAX_REPLY_LINES lines, and the whole reply within `timeout` (default: the
+        session's) plus REPLY_TRANSFER_TIME (`timeout` alone bounds only each wait for data). Past either
+        the connection is closed and SMTPServerDisconnected says why."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit + REPLY_TRANSFER_TIME
         try:
-            return self._reply(deadline)
+            return self._reply(deadline, limit)
         finally:
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)  # what sends after this expect, not the rest of a deadline
 
-    def _reply(self, deadline: float) -> tuple[int, bytes]:
+    def _reply(self, deadline: float, limit: float) -> tuple[int, bytes]:
         texts = []
         while True:
-            line = self._readline(deadline)
+            line = self._readline(deadline, limit)
             if len(line) > MAX_REPLY_LINE:
                 self.close()
                 raise smtplib.SMTPResponseException(500, b"Line too long.")
@@ -987,10 +1022,11 @@ class _Client(smtplib.SMTP):
                 self.close()
                 raise ReplyLimit(f"a reply of more than {MAX_REPLY_LINES} lines")
 
-    def _readline(self, deadline: float) -> bytes:
-        """A line of the server's (with its line end), read straight from the socket: a buffer that
-        began on another socket is dropped, as STARTTLS requires (text sent before the handshake must not
-        count as said under TLS)."""
+    def _readline(self, deadline: float, limit: float) -> bytes:
+        """A line of the server's (with its line end), read straight from the socket, waiting at most
+        `limit` seconds for each piece of it, and never past `deadline`: a buffer that began on another
+        socket is dropped, as STARTTLS requires (text sent before the handshake must not count as said
+        under TLS)."""
         sock = self.sock
         if sock is None:
             raise smtplib.SMTPServerDisconnected("please run connect() first")
@@ -1004,7 +1040,7 @@ class _Client(smtplib.SMTP):
                 return line
             if len(self._buffer) - self._start > MAX_REPLY_LINE:
                 return self._buffer[self._start :]
-            wait = min(deadline - time.monotonic(), self.timeout)
+            wait = min(deadline - time.monotonic(), limit)
             try:
                 if wait <= 0:
                     raise TimeoutError
@@ -1012,10 +1048,8 @@ class _Client(smtplib.SMTP):
                 chunk = sock.recv(65536)
             except TimeoutError as exc:
                 self.close()
-                if wait < self.timeout:  # the reply's deadline, not one silence, ran out
-                    raise ReplyLimit(
-                        f"no complete reply within {self.timeout + REPLY_TRANSFER_TIME:g} s"
-                    ) from None
+                if wait < limit:  # the reply's deadline, not one silence, ran out
+                    raise ReplyLimit(f"no complete reply within {limit + REPLY_TRANSFER_TIME:g} s") from None
                 raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc
             except OSError as exc:
                 self.close()

@@ -21,6 +21,7 @@ every wait polls with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -173,7 +174,9 @@ class Handler:
     - rejections: address -> the reply to its RCPT, e.g. {"bad@x": "550 5.1.1 user unknown"};
     - mail_reply / data_reply: the reply to MAIL / to the end of DATA instead of 250, e.g. "552 5.3.4 big";
     - extensions: extra EHLO keywords, e.g. ["DSN"] (the DSN parameters are then accepted);
-    - hide: EHLO keywords to remove, e.g. {"8BITMIME", "SMTPUTF8", "AUTH"}.
+    - hide: EHLO keywords to remove, e.g. {"8BITMIME", "SMTPUTF8", "AUTH"};
+    - slow: recipient -> seconds the reply to the end of DATA waits for a message to it (a content scanner
+      at work); the message is recorded before the wait, as a scanner has it once it has read it.
     """
 
     rejections: dict[str, str] = field(default_factory=dict)
@@ -181,6 +184,7 @@ class Handler:
     data_reply: str | None = None
     extensions: list[str] = field(default_factory=list)
     hide: set[str] = field(default_factory=set)
+    slow: dict[str, float] = field(default_factory=dict)
     messages: list[Received] = field(default_factory=list)
     ehlo_names: list[str] = field(default_factory=list)
     resets: int = 0
@@ -236,7 +240,11 @@ class Handler:
                 else None,
             )
         )
-        return f"250 2.0.0 OK: queued as {len(self.messages)}"
+        queued = len(self.messages)
+        delay = max((self.slow.get(rcpt, 0.0) for rcpt in envelope.rcpt_tos), default=0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        return f"250 2.0.0 OK: queued as {queued}"
 
     # Mechanisms aiosmtpd lacks; it finds them on the handler by name (auth_CRAM__MD5 is CRAM-MD5).
 

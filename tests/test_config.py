@@ -324,6 +324,9 @@ VALID_SMARTHOST: list[tuple[str, Callable[[Smarthost], object], object]] = [
     ("auth_plaintext: false", lambda h: h.auth_plaintext, False),
     ("timeout: 90s", lambda h: h.timeout, 90),
     ("timeout: 2.5", lambda h: h.timeout, 2.5),
+    ("", lambda h: h.data_timeout, 600),  # RFC 5321 4.5.3.2.6: 10 minutes for the end of the text
+    ("data_timeout: 20m", lambda h: (h.data_timeout, h.timeout), (1200, 30)),
+    ("data_timeout: 0.5", lambda h: h.data_timeout, 0.5),
 ]
 
 
@@ -495,6 +498,16 @@ INVALID: list[tuple[str, str, str]] = [
         "smarthosts:\n  - host: a.example\n    timeout: 0",
         "smarthosts[0].timeout",
         "must be longer than 0 seconds, not 0",
+    ),
+    (
+        "smarthosts:\n  - host: a.example\n    data_timeout: 0s",
+        "smarthosts[0].data_timeout",
+        'must be longer than 0 seconds, not "0s"',
+    ),
+    (
+        "smarthosts:\n  - host: a.example\n    data_timeout: forever",
+        "smarthosts[0].data_timeout",
+        '"forever" is not a duration; write e.g. 90s, 5m, 4h, 5d',
     ),
     (
         "smarthosts:\n  - host: a.example\n    security: none\n    username: me",
@@ -874,6 +887,14 @@ def test_check_prints_effective_settings(tmp_path: Path) -> None:
     assert "password: {keyring: pymta}" in body and "schedule: [1m, 5m, 15m, 1h, 4h]" in body
     assert config.loads(body, "<output>").masked() == config.loads(FULL, FILE).masked()
     assert result.stderr == ""
+
+
+def test_check_shows_each_smarthost_s_timeouts(tmp_path: Path) -> None:
+    path = write(tmp_path, "smarthosts:\n  - host: a.example\n  - host: b.example\n    data_timeout: 15m\n")
+    result = CliRunner().invoke(config_group, ["check", "-C", path])
+    assert result.exit_code == 0, result.output
+    hosts = yaml.safe_load(result.stdout)["smarthosts"]
+    assert [(h["timeout"], h["data_timeout"]) for h in hosts] == [("30s", "10m"), ("30s", "15m")]
 
 
 @no_system_config

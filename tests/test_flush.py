@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MtaEnv, script
+from conftest import MtaEnv, nested_multipart, script
 from mailservers import (
     HOST,
     PASSWORD,
@@ -86,6 +86,19 @@ def enqueue(mta: MtaEnv, *args: str, message: bytes = SIMPLE) -> str:
     found = re.search(rb"queued as (\w+)", result.stderr)
     assert found, result.stderr
     return found.group(1).decode()
+
+
+def enqueue_in_order(mta: MtaEnv, *recipients: str) -> list[str]:
+    """Queue one message per recipient, each in a later second than the one before, so the flush takes
+    them in this order (ids order by the second they were made in)."""
+    ids: list[str] = []
+    for recipient in recipients:
+        if ids:
+            second = int(ids[-1][:8], 16)
+            wait_until(lambda second=second: int(time.time()) > second, what="the next second")
+        ids.append(enqueue(mta, recipient))
+    assert ids == sorted(ids)
+    return ids
 
 
 def flush(mta: MtaEnv, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
@@ -544,7 +557,8 @@ def test_a_smarthost_failing_mid_pipeline_defers_that_message_and_the_next_goes_
     assert len(server.data) == 1
     [deferred] = mta.entries()
     assert deferred.state == "deferred"
-    assert "closed the connection" in (deferred.last_error or "")
+    assert "connection ended before the server answered" in (deferred.last_error or "")
+    assert "may already have the message" in (deferred.last_error or "")
     first_rcpt = next(line for line in server.lines if line.startswith("RCPT"))
     assert f"<{deferred.recipients[0].address}>" in first_rcpt
     [received] = plain.handler.messages
@@ -552,18 +566,24 @@ def test_a_smarthost_failing_mid_pipeline_defers_that_message_and_the_next_goes_
     assert sum("status=sent" in line for line in log_lines(result)) == 1
 
 
-def test_the_only_smarthost_failing_mid_pipeline_defers_both_messages(mta: MtaEnv) -> None:
+def test_the_only_smarthost_failing_mid_pipeline_costs_the_next_message_a_new_connection(
+    mta: MtaEnv,
+) -> None:
+    # The first message's text went out and the server went away: it may have it, so it is deferred. The
+    # second, whose commands went unanswered, is tried again over a new connection (this server refuses
+    # it), and its state says what happened to it, not to the first.
     script = [*greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS, Close()]
     with ScriptedServer(script) as server:
         configure(mta, plain_host(server.port))
-        for n in range(2):
-            enqueue(mta, f"user{n}@example.net")
+        first, second = enqueue_in_order(mta, "user0@example.net", "user1@example.net")
         flush(mta)
-    assert server.connections == 1  # not tried again in this run
+    assert server.connections == 2
     assert len(server.data) == 1
-    entries = mta.entries()
-    assert [entry.state for entry in entries] == ["deferred", "deferred"]
-    assert all("closed the connection" in (entry.last_error or "") for entry in entries)
+    entries = {entry.id: entry for entry in mta.entries()}
+    assert [entries[i].state for i in (first, second)] == ["deferred", "deferred"]
+    assert "may already have the message" in (entries[first].last_error or "")
+    assert "closed the connection during connect" in (entries[second].last_error or "")
+    assert "may already have" not in (entries[second].last_error or "")
 
 
 def test_a_connection_closed_after_a_text_carries_the_next_two_over_a_new_one(mta: MtaEnv) -> None:
@@ -697,6 +717,103 @@ def test_no_failover_onto_a_session_with_a_message_started_behind(mta: MtaEnv, p
     [waiting] = [entry for entry in mta.entries() if entry.id == first]
     assert waiting.state == "deferred" and "421 4.3.2 shutting down" in (waiting.last_error or "")
     assert report.sent == 1
+
+
+# --- a slow or silent smarthost: the end of the text has its own, long limit ---
+
+
+def test_a_slow_answer_to_the_end_of_the_text_is_awaited_and_the_message_sent_once(
+    mta: MtaEnv, plain: SmtpServer
+) -> None:
+    # A content scanner that takes longer than the command timeout to answer the final dot: before, pymta
+    # hung up after `timeout`, deferred, and sent the whole message again at every retry.
+    plain.handler.slow = {"slow@example.net": 4.0}
+    configure(mta, plain_host(plain.port, timeout="2s"))  # data_timeout keeps its default, 10 minutes
+    enqueue(mta, "slow@example.net")
+    result = flush(mta)
+    assert [m.rcpt_tos for m in plain.handler.messages] == [["slow@example.net"]]
+    assert "status=sent" in result.stderr.decode()
+    assert mta.entries() == []
+    flush(mta)
+    assert len(plain.handler.messages) == 1  # exactly once
+
+
+def test_no_answer_to_the_end_of_the_text_defers_only_that_message_and_the_run_goes_on(
+    mta: MtaEnv, plain: SmtpServer
+) -> None:
+    plain.handler.slow = {"slow@example.net": 6.0}
+    plain.handler.rejections = {"busy@example.net": "451 4.3.0 try again later"}
+    configure(mta, plain_host(plain.port, timeout="5s", data_timeout="2s"))
+    slow, one, busy, two = enqueue_in_order(
+        mta, "slow@example.net", "one@example.net", "busy@example.net", "two@example.net"
+    )
+
+    result = flush(mta)
+
+    # The others went over a new connection in the same run (before, they were all deferred untried).
+    received = [m.rcpt_tos for m in plain.handler.messages]
+    assert ["one@example.net"] in received and ["two@example.net"] in received
+    assert received.count(["slow@example.net"]) == 1  # the server has it: the outcome was unknown
+    assert len(plain.handler.sessions) == 2
+    entries = {entry.id: entry for entry in mta.entries()}
+    assert set(entries) == {slow, busy}
+    waiting = entries[slow]
+    assert waiting.state == "deferred" and waiting.attempts == 1
+    assert "may already have the message" in (waiting.last_error or "")
+    assert "data_timeout" in (waiting.last_error or "")
+    assert waiting.recipients[0].last_error == waiting.last_error
+    # The other message records only what happened to it: its own 451, once.
+    assert entries[busy].attempts == 1
+    assert entries[busy].last_error == "451 4.3.0 try again later"
+    lines = log_lines(result)
+    [slow_line] = [line for line in lines if f"id={slow} " in line and "status=" in line]
+    assert "status=deferred" in slow_line and "may already have the message" in slow_line
+    for queue_id in (one, two):
+        [line] = [line for line in lines if f"id={queue_id} " in line and "status=" in line]
+        assert "tries=1 status=sent" in line
+    listed = {item["id"]: item for item in queue_json(mta)}
+    assert "may already have the message" in str(listed[slow]["last_error"])
+
+
+def test_a_smarthost_that_hangs_twice_in_a_row_leaves_the_rest_untried_and_untouched(
+    mta: MtaEnv, plain: SmtpServer
+) -> None:
+    plain.handler.slow = {"slow1@example.net": 6.0, "slow2@example.net": 6.0}
+    configure(mta, plain_host(plain.port, timeout="5s", data_timeout="2s"))
+    slow1, slow2, other = enqueue_in_order(mta, "slow1@example.net", "slow2@example.net", "other@example.net")
+
+    result = flush(mta)
+
+    entries = {entry.id: entry for entry in mta.entries()}
+    assert [entries[i].state for i in (slow1, slow2)] == ["deferred", "deferred"]
+    # Not tried in this run (a server that hangs at every message would cost a timeout each): its state
+    # is as it was, and it is due for the next run.
+    untried = entries[other]
+    assert untried.state == "queued" and untried.attempts == 0 and untried.last_error is None
+    assert any(f"id={other} not tried" in line for line in log_lines(result))
+    assert ["other@example.net"] not in [m.rcpt_tos for m in plain.handler.messages]
+
+    plain.handler.slow = {}
+    flush(mta)
+    assert ["other@example.net"] in [m.rcpt_tos for m in plain.handler.messages]
+    assert other not in {entry.id for entry in mta.entries()}
+
+
+def test_a_message_nested_400_deep_is_delivered_and_the_others_with_it(
+    mta: MtaEnv, plain: SmtpServer
+) -> None:
+    configure(mta, plain_host(plain.port))
+    enqueue(mta, "deep@example.net", message=nested_multipart(400))
+    enqueue(mta, "other@example.net")
+    result = flush(mta)  # exit 1 and a RecursionError before, at every flush
+    assert sorted(rcpt for m in plain.handler.messages for rcpt in m.rcpt_tos) == [
+        "deep@example.net",
+        "other@example.net",
+    ]
+    [deep] = [m for m in plain.handler.messages if m.rcpt_tos == ["deep@example.net"]]
+    assert b"x" * 900 in deep.data and max(map(len, deep.data.split(b"\r\n"))) <= 998
+    assert sum("status=sent" in line for line in log_lines(result)) == 2
+    assert mta.entries() == []
 
 
 def test_when_every_smarthost_is_down_the_message_is_deferred_with_both_reasons(

@@ -804,16 +804,26 @@ def test_421_greeting() -> None:
     assert error.stage == "greeting" and "refused the session: 421 4.3.2 too busy" in str(error)
 
 
-def test_hang_in_data_times_out() -> None:
+def test_no_answer_to_the_end_of_the_text_says_the_server_may_have_it() -> None:
     script = [*greet(), Expect("MAIL"), Send("250 ok"), Expect("RCPT"), Send("250 ok"), Expect("DATA"),
               Send("354 go"), Hang()]  # fmt: skip
-    with ScriptedServer(script) as server, session(server.smarthost(timeout=0.3)) as s:
+    with ScriptedServer(script) as server, session(server.smarthost(timeout=5, data_timeout=0.3)) as s:
         with pytest.raises(SessionError) as caught:
             s.send("me@example.org", ["a@example.org"], MESSAGE)
-    assert caught.value.stage == "closed" and "no answer to the message text (DATA) within 0.3 s" in str(
-        caught.value
-    )
-    assert not caught.value.reconnect
+    error = caught.value
+    assert error.stage == "closed" and "no answer to the end of the message text within 0.3 s" in str(error)
+    assert "the smarthost may already have the message" in str(error) and "data_timeout" in str(error)
+    assert error.outcome_unknown and not error.reconnect and not error.untouched
+    assert "\n" not in str(error)
+
+
+def test_the_end_of_the_text_may_take_longer_than_a_command(plain_server: SmtpServer) -> None:
+    # A content scanner answers the final dot after more than `timeout`: RFC 5321 4.5.3.2.6 allows 10 min.
+    plain_server.handler.slow = {"a@example.org": 2.5}
+    with session(plain_server.smarthost(timeout=1)) as s:
+        [outcome] = s.send("me@example.org", ["a@example.org"], MESSAGE)
+    assert outcome.status == "delivered" and outcome.reply == "250 2.0.0 OK: queued as 1"
+    assert len(plain_server.handler.messages) == 1
 
 
 def test_close_mid_data() -> None:
