@@ -254,7 +254,7 @@ class Smarthost:
     ca_file: str | None = None  # trust this CA file instead of the system store
     fingerprint: str | None = None  # normalised "sha256:AB:CD:..." pin of the server certificate
     auth_plaintext: bool = False  # allow AUTH without TLS (DESIGN invariant 8)
-    timeout: float = DEFAULT_SMTP_TIMEOUT  # connect, greeting, each command's reply
+    timeout: float = DEFAULT_SMTP_TIMEOUT  # connect, greeting, each command's reply, each block of text sent
     data_timeout: float = DEFAULT_DATA_TIMEOUT  # the reply to the end of the message text
     # auto: the best mechanism both sides know; xoauth2/oauthbearer take an OAuth2 token from `password`
     auth: AuthMechanism = "auto"

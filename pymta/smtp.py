@@ -12,7 +12,7 @@ message's final reply is read and returned before any of the next one's text is 
 it first (DESIGN.md invariant 3); nothing of a message is delivered before its text has gone out.
 
 Each wait has its limit, as RFC 5321 4.5.3.2 gives each step its own: `timeout` (short) for the
-connection, the greeting and each command's reply; `data_timeout` (10 minutes by
+connection, the greeting, each command's reply and each block of text sent; `data_timeout` (10 minutes by
 default) for the reply to the final dot, which a server may send only after scanning the message. When
 that reply never comes the outcome is unknown, and the error says that the smarthost may already have
 the message (`SessionError.outcome_unknown`).
@@ -63,6 +63,8 @@ from pymta.errors import EX_TEMPFAIL, PymtaError
 from pymta.message import fit_line_length
 
 if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
     from pymta.config import Smarthost
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ MAX_REPLY_LINES = 100
 REPLY_TRANSFER_TIME = 30.0
 # Bytes of one reply line (smtplib's limit too).
 MAX_REPLY_LINE = 8192
+# Bytes of the message text sent per block; each block has `timeout` to leave (RFC 5321 4.5.3.2.5 bounds
+# each block, not the whole text): 64 KiB in 30 s is 2 KiB/s, slower than any uplink that still works.
+DATA_BLOCK = 65536
 
 Status = Literal["delivered", "deferred", "failed"]
 Stage = Literal["connect", "greeting", "tls", "auth", "credentials", "protocol", "closed"]
@@ -1004,6 +1009,17 @@ class _Client(smtplib.SMTP):
         finally:
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)  # what sends after this expect, not the rest of a deadline
+
+    def send(self, s: ReadableBuffer | str) -> None:
+        """smtplib's send, in blocks of DATA_BLOCK bytes, each within the timeout: the socket's timeout
+        bounds a whole sendall (since Python 3.5), so a large text on a slow link ran out of it while it
+        was still moving, and was sent again in full at every retry."""
+        view = memoryview(s.encode(self.command_encoding) if isinstance(s, str) else s).cast("B")
+        if view.nbytes <= DATA_BLOCK:
+            super().send(s)
+            return
+        for start in range(0, view.nbytes, DATA_BLOCK):
+            super().send(view[start : start + DATA_BLOCK])
 
     def _reply(self, deadline: float, limit: float) -> tuple[int, bytes]:
         texts = []

@@ -826,6 +826,79 @@ def test_the_end_of_the_text_may_take_longer_than_a_command(plain_server: SmtpSe
     assert len(plain_server.handler.messages) == 1
 
 
+class _SlowReader:
+    """A plain SMTP server on 127.0.0.1 that takes one message, reading its text `block` bytes at a time,
+    `pace` seconds apart: a slow link, where the text moves all along but takes longer than the timeout
+    to arrive."""
+
+    def __init__(self, block: int = 16384, pace: float = 0.02) -> None:
+        import threading
+
+        self.block, self.pace, self.received = block, pace, 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, block)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(10)
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
+        with conn:
+            try:
+                conn.sendall(b"220 slow ESMTP\r\n")
+                for reply in (b"250 slow\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+                    conn.recv(1024)  # EHLO, MAIL, RCPT, DATA, one at a time (no PIPELINING)
+                    conn.sendall(reply)
+                tail = b""
+                while not tail.endswith(b"\r\n.\r\n"):
+                    chunk = conn.recv(self.block)
+                    if not chunk:
+                        return
+                    self.received += len(chunk)
+                    tail = (tail + chunk)[-5:]
+                    time.sleep(self.pace)
+                conn.sendall(b"250 2.0.0 all of it\r\n")
+                conn.recv(1024)  # QUIT
+                conn.sendall(b"221 bye\r\n")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.thread.join(timeout=30)
+        self.listener.close()
+
+
+def test_a_long_text_on_a_slow_link_may_take_longer_than_the_timeout_while_it_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `timeout` bounds each block of the text (RFC 5321 4.5.3.2.5), not the whole of it: sendall's
+    # timeout covered the whole call, so a large message on a slow uplink could never be sent.
+    from pymta import smtp
+
+    connect = smtp._Client._tcp_connect
+
+    def small_buffers(client: smtp._Client, host: str, port: int, timeout: float) -> socket.socket:
+        sock = connect(client, host, port, timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # a link's buffers, not loopback's 4 MB
+        return sock
+
+    monkeypatch.setattr(smtp._Client, "_tcp_connect", small_buffers)
+    # 1.5 MB: at most 16 kB each 20 ms is read, so it cannot arrive within the 1 s timeout
+    message = MESSAGE + (b"x" * 76 + b"\r\n") * 20000
+    server = _SlowReader()
+    try:
+        with session(make_smarthost(server.port, security="none", timeout=1)) as s:
+            [outcome] = s.send("me@example.org", ["a@example.org"], message)
+    finally:
+        server.close()
+    assert outcome.status == "delivered" and outcome.reply == "250 2.0.0 all of it"
+    assert server.received >= len(message)
+
+
 def test_close_mid_data() -> None:
     script = [*greet(), Expect("MAIL"), Send("250 ok"), Expect("RCPT"), Send("250 ok"), Expect("DATA"),
               Send("354 go"), Close()]  # fmt: skip
