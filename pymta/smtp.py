@@ -918,16 +918,14 @@ class SmtpSession:
         answers once it has taken it, and a scanner may take long), or may not. Either way it is deferred;
         the error says that the smarthost may already have it, so a duplicate can be explained."""
         silent = any(isinstance(cause, TimeoutError) for cause in _causes(error))  # or its deadline passed
+        fix = ""
         if isinstance(error, ReplyLimit) and not silent:
-            what, fix = f"{error} to the end of the message text, so pymta hung up", ""
+            what = f"{error} to the end of the message text, so pymta hung up"
         elif silent:
             what = f"no answer to the end of the message text within {self.smarthost.data_timeout:g} s"
             fix = "; if this smarthost scans mail slowly, raise its data_timeout"
         else:
-            what, fix = (
-                "the connection ended before the server answered the end of the message text (DATA)",
-                "",
-            )
+            what = "the connection ended before the server answered the end of the message text (DATA)"
         failure = self._fail(
             "closed",
             f"{what}; the smarthost may already have the message: it is deferred, and when it is sent "
