@@ -67,6 +67,7 @@ from typing import Literal
 
 from .address import is_local_part_only, parse_list
 from .errors import AddressError, ConfigError
+from .spool import _read_all
 
 # How many aliases deep an expansion may go: sendmail's MaxAliasRecursion default.
 MAX_DEPTH = 10
@@ -216,7 +217,7 @@ def load(path: str) -> Aliases:
                 f"the aliases file {path} is writable by everyone, so anyone could redirect mail;"
                 f" fix it with chmod o-w {path}"
             )
-        data = _read_all(fd)
+        data = _read_all(fd, info.st_size)
     except OSError as error:
         raise _unreadable(path, error) from None
     finally:
@@ -230,20 +231,6 @@ def _unreadable(path: str, error: OSError) -> ConfigError:
         f"cannot read the aliases file {path}: {error.strerror or error}; make it readable by the user"
         f" that runs the flush (chmod 644 {path}) or point aliases: in pymta.yaml at another file"
     )
-
-
-def _read_all(fd: int, limit: int | None = None) -> bytes:
-    """What `fd` holds up to its end, or its first `limit` bytes."""
-    chunks = []
-    left = limit
-    while left is None or left > 0:
-        chunk = os.read(fd, 65536 if left is None else min(65536, left))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        if left is not None:
-            left -= len(chunk)
-    return b"".join(chunks)
 
 
 def parse(text: str) -> Aliases:
@@ -764,7 +751,7 @@ def read_include(path: str, line: int, include: str | None = None, reader: Reade
             return refuse(f"is writable by everyone, so anyone could redirect mail (chmod o-w {path})")
         data = b""
         if info.st_size <= MAX_INCLUDE_SIZE:  # and no more than that is read: it could grow meanwhile
-            data = _read_all(fd, MAX_INCLUDE_SIZE + 1)
+            data = _read_all(fd, limit=MAX_INCLUDE_SIZE + 1)
         if info.st_size > MAX_INCLUDE_SIZE or len(data) > MAX_INCLUDE_SIZE:
             return refuse(f"is bigger than {MAX_INCLUDE_SIZE} bytes")
     except OSError as error:
