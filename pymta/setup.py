@@ -833,44 +833,23 @@ def untold_step(install: Install) -> Step:
 
 def _untold_count(spool: str) -> int | None:
     """How many messages in the queue no one was told about, read with the spool owner's rights: root
-    opens nothing in a directory its owner may change, so a forked child becomes the owner, counts and
-    answers through a pipe. None when the queue cannot be read."""
-    import warnings
-
+    opens nothing in a directory its owner may change (`views.entries_as`). None when the queue cannot be
+    read."""
     from .errors import PymtaError
     from .listing import untold
-    from .privsep import become, spool_owner
+    from .privsep import spool_owner
     from .spool import Spool
-
-    def count() -> int:
-        return sum(1 for entry in Spool(spool).entries()[0] if untold(entry))
+    from .views import entries_as
 
     try:
         owner = spool_owner(spool)
         if owner is None:
-            return count()
+            entries = Spool(spool).entries()[0]
+        else:
+            entries = entries_as(Spool(spool), owner.pw_uid, owner.pw_gid)
     except (OSError, PymtaError):
         return None
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():  # no thread of ours runs here: the child takes no lock
-        warnings.filterwarnings("ignore", r".*fork\(\) may lead to deadlocks", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child; its answer is what the tests check
-        status = 1
-        try:
-            os.close(read_end)
-            become(owner, ("pymta.listing", "pymta.spool"))
-            os.write(write_end, str(count()).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    try:
-        answer = os.read(read_end, 64)
-    finally:
-        os.close(read_end)
-        _, wait_status = os.waitpid(pid, 0)
-    return int(answer) if wait_status == 0 and answer.isdigit() else None
+    return sum(1 for entry in entries if untold(entry))
 
 
 def _unreachable_parents(path: str, root: str | None) -> list[Change]:

@@ -160,16 +160,17 @@ def viewer(entry: QueueEntry, spool_owner: int) -> int | None:
     return uid if uid > 0 and uid != spool_owner else None
 
 
-def _entries_as(spool: Spool, owner: os.stat_result) -> list[QueueEntry]:
-    """The spool's entries, read with the rights of its owner (effective uid and gid, no groups) rather than
-    root's: a link the owner planted in queue/ or state/ to a file of root's is then unreadable, as it is
-    for the owner itself. Root's ids are back before this returns (the saved uid stays 0 throughout)."""
+def entries_as(spool: Spool, uid: int, gid: int) -> list[QueueEntry]:
+    """The spool's entries, read by root with the rights of its owner `uid` and `gid` (effective ids, no
+    groups) rather than root's: a link the owner planted in queue/ or state/ to a file of root's is then
+    unreadable, as it is for the owner itself. Root's ids are back before this returns (the saved uid stays
+    0 throughout)."""
     groups, egid = os.getgroups(), os.getegid()
     os.setgroups([])
     try:
-        os.setegid(owner.st_gid)
+        os.setegid(gid)
         try:
-            os.seteuid(owner.st_uid)
+            os.seteuid(uid)
             try:
                 entries, _ = spool.entries()  # unreadable entries are the flush's to report, not ours
             finally:
@@ -190,7 +191,7 @@ def _publish_in(
     from .listing import entry_to_json
 
     spool_owner = queue.st_uid
-    entries = _entries_as(spool, queue)
+    entries = entries_as(spool, queue.st_uid, queue.st_gid)
     lines: dict[int, list[str]] = {}
     for entry in entries:
         uid = viewer(entry, spool_owner)
