@@ -129,18 +129,21 @@ def _choice(field: str, flag: str, allowed: tuple[str, ...]) -> Callable[[Invoca
 
 
 def _set_notify(invocation: Invocation, value: str | None) -> None:
-    words = [word.strip().lower() for word in (value or "").split(",")]
-    valid = {"success", "failure", "delay"}
-    if words != ["never"] and not (words and all(word in valid for word in words)):
+    from .spool import is_notify
+
+    notify = ",".join(word.strip().lower() for word in (value or "").split(","))
+    if not is_notify(notify):
         raise UsageError(
             f"-N {value!r}: takes 'never' or a list of success, failure, delay (e.g. -N failure,delay)"
         )
-    invocation.notify = ",".join(words)
+    invocation.notify = notify
 
 
 def _set_envid(invocation: Invocation, value: str | None) -> None:
+    from .spool import is_envid
+
     envid = value or ""
-    if not 0 < len(envid) <= 100 or not all(33 <= ord(char) <= 126 for char in envid):
+    if not is_envid(envid):
         raise UsageError("-V: the envelope id must be 1 to 100 printable ASCII characters without spaces")
     invocation.envid = envid
 

@@ -1319,20 +1319,27 @@ def validate_drop(envelope: dict[str, object], now: float) -> dict[str, object]:
     for key, allowed in _CHOICES.items():
         if envelope.get(key) not in (None, *allowed):
             raise ValueError(f"envelope field {key!r} is not one of {', '.join(allowed)}")
-    notify = envelope.get("notify")
-    if notify is not None and (
-        not isinstance(notify, str)
-        or (notify != "never" and not (notify and set(notify.split(",")) <= _NOTIFY_WORDS))
-    ):
+    if envelope.get("notify") is not None and not is_notify(envelope["notify"]):
         raise ValueError("envelope field 'notify' is not 'never' or a list of success, failure, delay")
-    envid = envelope.get("envid")
-    if envid is not None and (
-        not isinstance(envid, str) or not 0 < len(envid) <= 100 or not all("!" <= c <= "~" for c in envid)
-    ):
+    if envelope.get("envid") is not None and not is_envid(envelope["envid"]):
         raise ValueError("envelope field 'envid' is not 1 to 100 printable ASCII characters")
     kept = {key: value for key, value in envelope.items() if key not in ("v", "uid", "id", "submitted_by")}
     kept["queued_at"] = min(queued_at, now)
     return kept
+
+
+def is_notify(value: object) -> bool:
+    """Whether `value` is a `notify` field as sendmail writes it (-N): 'never', or success, failure and delay
+    joined by commas."""
+    return isinstance(value, str) and (
+        value == "never" or (bool(value) and set(value.split(",")) <= _NOTIFY_WORDS)
+    )
+
+
+def is_envid(value: object) -> bool:
+    """Whether `value` is an `envid` field as sendmail takes it (-V): 1 to 100 printable ASCII characters
+    without spaces."""
+    return isinstance(value, str) and 0 < len(value) <= 100 and all("!" <= char <= "~" for char in value)
 
 
 def _address_problem(text: str) -> str | None:
