@@ -84,6 +84,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import Local
+from .spool import _unlink_at
 
 Status = Literal["delivered", "deferred", "failed"]
 
@@ -597,23 +598,16 @@ def _write_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, tmp_fd: 
                 os.close(fd)
             os.link(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
         except FileExistsError:
-            _unlink_at(name, tmp_fd)
+            _unlink_at(tmp_fd, name)
             continue
         except OSError as error:
-            _unlink_at(name, tmp_fd)
+            _unlink_at(tmp_fd, name)
             full = " (disk full or over quota?)" if error.errno in _NO_SPACE else ""
             raise _Deferred(f"writing into {maildir} failed: {_describe(error)}{full}") from None
         os.unlink(name, dir_fd=tmp_fd)
         os.fsync(new_fd)
         return os.path.join(maildir, "new", name)
     raise _Deferred(f"no unique file name in {maildir}/tmp after 10 tries")
-
-
-def _unlink_at(name: str, dir_fd: int) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass
 
 
 def _make_maildir(maildir: str, entry: pwd.struct_passwd) -> None:
@@ -632,10 +626,10 @@ def _make_maildir(maildir: str, entry: pwd.struct_passwd) -> None:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fchmod(fd, 0o700)
+            if _euid() == 0:
+                os.fchown(fd, entry.pw_uid, entry.pw_gid)
         finally:
             os.close(fd)
-        if _euid() == 0:
-            os.chown(directory, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
 # --- Running as the recipient ---
