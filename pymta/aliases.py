@@ -614,7 +614,7 @@ class _Expander:
         """Add what `name` expands to; `chain` holds the names (lower case) being expanded around it."""
         alias = self.aliases.get(name)
         if alias is None:
-            if name.lower() == "postmaster" and not _is_user(name):
+            if name.lower() == "postmaster" and not is_user(name):
                 self._postmaster(name, chain)
                 return
             self.targets.append(name)
@@ -847,7 +847,7 @@ def validate(path: str, *, local_domains: Iterable[str] = (), check_users: bool 
     if check_users:
         for target in unknown:
             name = target.value if target.kind == "local" else target.value.rpartition("@")[0]
-            if not _is_user(name):
+            if not is_user(name):
                 what = "is not a local user" if name in aliases else "is neither an alias nor a local user"
                 problem = Problem(target.line, f"{name} {what}", "warning", target.include)
                 if problem not in problems:
@@ -875,7 +875,8 @@ def _loop_text(aliases: Aliases, loop: _Loop) -> str:
     return " -> ".join([*names, names[0]])
 
 
-def _is_user(name: str) -> bool:
+def is_user(name: str) -> bool:
+    """Whether the local name has an account, so a mailbox (in lower case too, as local delivery looks)."""
     try:
         pwd.getpwnam(name)
     except (KeyError, ValueError):

@@ -114,7 +114,9 @@ class Router:
             if "@" in name:
                 targets.append(name)  # aliased to an address elsewhere
             elif is_admin:
-                mailbox = name if self.user_mode or _has_account(name) else LAST_RESORT_MAILBOX
+                from .aliases import is_user
+
+                mailbox = name if self.user_mode or is_user(name) else LAST_RESORT_MAILBOX
                 targets.append(name if mailbox == name and name.lower() == user.lower() else f"\\{mailbox}")
             elif name.lower() in marked and name.lower() != user.lower():
                 targets.append(f"\\{name}")  # its own mailbox, whatever `admin:` says
@@ -161,7 +163,9 @@ class Router:
             names = self._expand(user).targets
         except ConfigError as error:
             return f"admin: {admin} is a local address that cannot be checked: {error}"
-        missing = [name for name in names if "@" not in name and not _has_account(name)]
+        from .aliases import is_user
+
+        missing = [name for name in names if "@" not in name and not is_user(name)]
         if not missing:
             return None
         return (
@@ -173,19 +177,6 @@ class Router:
     def wire_address(self, address: str) -> str:
         """The address as the smarthost gets it: a bare name qualified with the configured domain."""
         return qualify(address, self.config.domain)
-
-
-def _has_account(name: str) -> bool:
-    """Whether the local name has an account, so a mailbox (in lower case too, as local delivery looks)."""
-    import pwd
-
-    for each in dict.fromkeys((name, name.lower())):
-        try:
-            pwd.getpwnam(each)
-        except (KeyError, ValueError):
-            continue
-        return True
-    return False
 
 
 def _is_person(name: str) -> bool:
