@@ -333,7 +333,7 @@ class Flusher:
         self.sessions.close()
         maybe = "; the smarthost may have it already" if sent else ""
         # The error's text may hold what a message or a user wrote: one printable line of it.
-        text = "".join(char if char.isprintable() else " " for char in str(error)[:200])
+        text = log.one_line(str(error)[:200])
         reason = (
             f"4.3.0 pymta failed on this message ({type(error).__name__}: {text}){maybe}; "
             "it is tried again later"

@@ -52,3 +52,9 @@ def delivery_line(
         f"id={queue_id} to=<{recipient}> relay={relay} delay={delay:.1f} tries={tries} "
         f"status={status} ({' '.join(reply.split())})"
     )
+
+
+def one_line(text: str) -> str:
+    """`text` fit for one log line: every character that is not printable (a line break, a control) as a
+    space, so a text a user or a message wrote cannot forge a line."""
+    return "".join(char if char.isprintable() else " " for char in text)

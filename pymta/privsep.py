@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from . import frames
 from .errors import EX_SOFTWARE, PermissionDenied, PymtaError
 from .local import exit_text
+from .log import one_line
 
 if TYPE_CHECKING:
     from .config import Config, Local
@@ -379,7 +380,7 @@ def _last_word(request: dict[str, Any]) -> FlushReport:
             message = "the delivery process failed and did not say why"
         if isinstance(code, bool) or not isinstance(code, int) or not 0 < code < 256:
             code = EX_SOFTWARE
-        raise DeliveryProcessError(_one_line(message), code)
+        raise DeliveryProcessError(frames.fit(one_line(message)), code)
     report = request.get("report")
     kinds = {field.name: field.type for field in fields(FlushReport)}
     if (
@@ -389,11 +390,6 @@ def _last_word(request: dict[str, Any]) -> FlushReport:
     ):
         raise DeliveryProcessError("the delivery process ended its run with a malformed report")
     return FlushReport(**report)
-
-
-def _one_line(text: str) -> str:
-    """`text` fit for one log line: controls as spaces, at most MAX_TEXT characters."""
-    return frames.fit("".join(char if char.isprintable() else " " for char in text))
 
 
 def _reap(pid: int, channel: socket.socket) -> int:
