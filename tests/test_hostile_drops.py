@@ -18,11 +18,11 @@ import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from mailservers import SmtpServer
-from system_install import SystemInstall, queue_ids
+from system_install import SystemInstall
+from test_security import submit, write_as
 
 from pymta.spool import MAX_PICKUP_PER_USER, NEVER, encode_json, new_id
 
@@ -64,16 +64,8 @@ HOSTILE: dict[str, tuple[str, bytes]] = {
 }
 
 
-def write_as_alice(system: SystemInstall, path: Path, data: bytes) -> None:
-    result = system.run_as(system.alice, ["/bin/sh", "-c", 'set -C; cat > "$1"', "sh", str(path)], input=data)
-    assert result.returncode == 0, result.stderr
-
-
 def bob_sends(system: SystemInstall) -> str:
-    result = system.sendmail(system.bob, "-v", "someone@example.net", input=MESSAGE)
-    assert result.returncode == 0, result.stderr
-    [queue_id] = queue_ids(result.stderr)
-    return queue_id
+    return submit(system, system.bob, "someone@example.net", message=MESSAGE)
 
 
 def smarthost(server: SmtpServer) -> str:
@@ -100,7 +92,7 @@ def test_a_hostile_drop_goes_to_corrupt_and_the_run_delivers_the_others(
 ) -> None:
     prefix, data = hostile
     name = prefix + new_id()[len(prefix) :]
-    write_as_alice(system, system.spool / "new" / name, data)
+    write_as(system, system.alice, system.spool / "new" / name, data)
     with SmtpServer("plain") as server:
         system.write_config(smarthost(server))
         queue_commands_work(system)  # before the flush: root lists the raw drop, alice her view
@@ -121,7 +113,7 @@ def test_a_hostile_drop_goes_to_corrupt_and_the_run_delivers_the_others(
 
 def test_a_drop_named_to_forge_a_log_line_is_quoted_set_aside_and_deletable(system: SystemInstall) -> None:
     name = f"{new_id()}\nid=0 to=<ceo@example.org> status=sent"
-    write_as_alice(system, system.spool / "new" / name, envelope_text() + b"\n" + MESSAGE)
+    write_as(system, system.alice, system.spool / "new" / name, envelope_text() + b"\n" + MESSAGE)
     with SmtpServer("plain") as server:
         system.write_config(smarthost(server))
         listing = system.run_as(None, [system.script("pymta"), "queue"])  # before the flush: named, quoted
@@ -170,7 +162,7 @@ def test_a_drop_grown_after_the_flusher_opened_it_is_not_read_whole(system: Syst
     queued = system.names("queue")
     name = "00000000" + new_id()[8:]  # the first drop the quota applies to: the queue is counted for it
     path = system.spool / "new" / name
-    write_as_alice(system, path, envelope_text() + b"\n" + MESSAGE)
+    write_as(system, system.alice, path, envelope_text() + b"\n" + MESSAGE)
     alice = system.alice
     grower = subprocess.Popen(
         [system.script("python"), "-c", GROW_ON_OPEN, str(path)],

@@ -46,7 +46,7 @@ EX_USAGE, EX_NOINPUT, EX_NOUSER, EX_TEMPFAIL, EX_NOPERM = 64, 66, 67, 75, 77
 # --- helpers ---
 
 
-def submit(system: SystemInstall, user: User, *args: str, message: bytes = MESSAGE) -> str:
+def submit(system: SystemInstall, user: User | None, *args: str, message: bytes = MESSAGE) -> str:
     """`sendmail -v ARGS` as `user`: it must queue; the queue id."""
     result = system.sendmail(user, "-v", *args, input=message)
     assert result.returncode == 0, result.stderr

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from system_install import SPOOL_DIRS, SystemInstall, User, queue_ids
-from test_security import secret_file, smarthost_config, tls_server
+from system_install import SPOOL_DIRS, SystemInstall, User
+from test_security import secret_file, smarthost_config, submit, tls_server
 
 MESSAGE = b"Subject: root and the spool\n\nhello\n"
 SECRET = "TOPSECRET-only-root-reads-this"
@@ -91,13 +91,6 @@ def limited(system: SystemInstall, user: User | None, argv: list[str]) -> subpro
     """`argv` as `user` with little memory and a short deadline: a hang or an unbounded read fails."""
     wrapped = ["/bin/sh", "-c", f'ulimit -v {MEMORY_LIMIT_KIB}; exec "$@"', "sh", *argv]
     return system.run_as(user, wrapped, timeout=HANG)
-
-
-def submit(system: SystemInstall, user: User | None, *args: str) -> str:
-    result = system.sendmail(user, "-v", *args, input=MESSAGE)
-    assert result.returncode == 0, result.stderr
-    [queue_id] = queue_ids(result.stderr)
-    return queue_id
 
 
 def deferred_message(system: SystemInstall) -> str:
