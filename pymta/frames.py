@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .address import MAX_PATH, path_octets
 from .local import lookup_user, user_name_problem
+from .spool import MAX_TIME
 
 if TYPE_CHECKING:
     from .config import Config
@@ -40,8 +41,6 @@ _BYTES_PER_SECOND = 1 << 20
 # Bytes a local delivery's message may exceed `max_message_size` by: the headers delivery adds (Date,
 # Message-ID, From), the envelope line a direct drop may carry, a bounce's report around the original.
 PAYLOAD_ALLOWANCE = 8 << 20
-# The newest `now` a request may carry: the end of year 9999, the last one asctime() writes.
-_LATEST = 253402300799.0
 
 
 class FrameError(Exception):
@@ -171,7 +170,7 @@ def delivery_request(header: object, size: int, max_payload: int) -> DeliveryReq
     user, sender, now = header["user"], header["sender"], header["now"]
     if not isinstance(user, str) or not isinstance(sender, str):
         return Refusal("deferred", "root refused a local delivery request whose user or sender is no text")
-    if isinstance(now, bool) or not isinstance(now, int | float) or not 0 <= now <= _LATEST:
+    if isinstance(now, bool) or not isinstance(now, int | float) or not 0 <= now <= MAX_TIME:
         return Refusal("deferred", "root refused a local delivery request whose time is out of range")
     problem = user_name_problem(user)
     if problem:

@@ -76,7 +76,8 @@ MAX_STATE_SIZE = 64 * 1024 * 1024
 # The longest address a drop may name (sender or recipient): RFC 5322's line limit, far past what SMTP carries
 # (256 octets a path), so nothing sendmail accepts is refused here.
 MAX_ADDRESS = 998
-# The latest time an envelope or state may name (the end of the year 9999, what datetime can show).
+# The latest time an envelope, a state or a privsep request may name: the last day of the year 9999 begins,
+# so that datetime can still show it in any time zone.
 MAX_TIME = 253402214400.0
 # Drops of one user the pick-up looks at in one run, beside root's and the spool owner's: 300,000 files
 # dropped straight into new/ cost each run a bounded amount of work, and the rest waits for later runs.
