@@ -45,13 +45,13 @@ a leading '-' or '.', shell characters) fails; everything the admin can fix defe
 
 Privilege: `deliver` does the file work with the rights of the process. `deliver_as_recipient` is what the
 flush calls. Mail for the process's own user is delivered in the process. As root, anyone else's is delivered
-by a forked child that drops to the recipient for good (setgroups to their groups, plus the mail spool
-directory's group when only that group may create files there, as on Debian's root:mail 2775 /var/mail,
-the group mail readers' dotlock helpers have; then setgid, setuid) and answers through a pipe. Fork without
-exec on purpose: it needs no interpreter readable by the recipient, and the child (non-dumpable after setuid,
-so the user cannot inspect it) calls no name service and takes no lock another thread may hold. Without root,
-anyone else's mail is deferred with the fix ("run the flush as root"): that is user mode, where the user's
-own mail goes to their own mailbox.
+by a forked child that drops to the recipient for good (setgroups to their groups, plus, for the mbox only,
+the mail spool directory's group when only that group may create files there, as on Debian's root:mail 2775
+/var/mail, the group mail readers' dotlock helpers have; then setgid, setuid) and answers through a pipe. Fork
+without exec on purpose: it needs no interpreter readable by the recipient, and the child (non-dumpable after
+setuid, so the user cannot inspect it) calls no name service and takes no lock another thread may hold.
+Without root, anyone else's mail is deferred with the fix ("run the flush as root"): that is user mode, where
+the user's own mail goes to their own mailbox.
 
 The child is the recipient's process, so the recipient may signal it, and the whole run waits for it. The
 parent kills it, defers the delivery and, for the rest of the run, defers that user's mail at once (as for a
@@ -227,7 +227,11 @@ def _deliver(
     lock_timeout: float,
     *,
     in_child: bool,
+    to_maildir: bool | None = None,
+    may_fall_back: bool = True,
 ) -> LocalOutcome:
+    """Deliver to the Maildir when `to_maildir` (None: as `local` says, `_uses_maildir`), else to the mbox;
+    an mbox that may not be created falls back to the Maildir only when `may_fall_back`."""
     data = (
         b"Return-Path: <"
         + _clean(sender).encode("utf-8", "surrogateescape")
@@ -235,7 +239,7 @@ def _deliver(
         + message.replace(b"\r\n", b"\n")
     )
     maildir = _maildir_path(local, entry)
-    use_maildir = local.mailbox == "maildir" or (local.mailbox == "auto" and os.path.isdir(maildir))
+    use_maildir = _uses_maildir(local, entry) if to_maildir is None else to_maildir
     path = maildir if use_maildir else os.path.join(local.mail_spool, entry.pw_name)
     try:
         if use_maildir:
@@ -244,7 +248,7 @@ def _deliver(
         _deliver_mbox(path, mbox_entry(data, sender, now), entry, lock_timeout, in_child=in_child)
         return LocalOutcome("delivered", f"delivered to {path}", path)
     except _Uncreatable as why:
-        if local.mailbox != "auto":
+        if local.mailbox != "auto" or not may_fall_back:
             return LocalOutcome("deferred", str(why), path)
         return _fall_back_to_maildir(maildir, data, entry, why)
     except _Deferred as why:
@@ -281,6 +285,13 @@ def _clean(sender: str) -> str:
 
 def _describe(error: OSError) -> str:
     return error.strerror or str(error)
+
+
+def _uses_maildir(local: Local, entry: pwd.struct_passwd) -> bool:
+    """Whether `entry`'s mail goes to their Maildir (else to their mbox in the mail spool)."""
+    return local.mailbox == "maildir" or (
+        local.mailbox == "auto" and os.path.isdir(_maildir_path(local, entry))
+    )
 
 
 def _maildir_path(local: Local, entry: pwd.struct_passwd) -> str:
@@ -683,16 +694,15 @@ def _deliver_with_rights(
             "deferred",
             f"cannot deliver to {entry.pw_name}'s mailbox without root; run the flush as root (pymta setup)",
         )
-    _create_mbox_as_root(entry, local)
-    return _deliver_in_child(entry, message, sender, local, now, lock_timeout)
+    to_maildir = _uses_maildir(local, entry)  # decided once: the child is held to it (see _child_groups)
+    if not to_maildir:
+        _create_mbox_as_root(entry, local)
+    return _deliver_in_child(entry, message, sender, local, now, lock_timeout, to_maildir)
 
 
 def _create_mbox_as_root(entry: pwd.struct_passwd, local: Local) -> None:
     """Create a missing mbox for the recipient (0600, theirs), as Postfix does as root, for a mail spool
     only root may create files in. O_EXCL and O_NOFOLLOW: whatever is there already, the child checks."""
-    maildir = _maildir_path(local, entry)
-    if local.mailbox == "maildir" or (local.mailbox == "auto" and os.path.isdir(maildir)):
-        return
     try:
         fd = os.open(os.path.join(local.mail_spool, entry.pw_name), _CREATE_FLAGS, 0o600)
     except OSError:
@@ -704,10 +714,14 @@ def _create_mbox_as_root(entry: pwd.struct_passwd, local: Local) -> None:
         os.close(fd)
 
 
-def _child_groups(entry: pwd.struct_passwd, local: Local) -> list[int]:
-    """The recipient's groups, plus the mail spool directory's group when only that group may create files
-    in it (Debian's /var/mail: root:mail 2775, the group mail readers' dotlock helpers run with)."""
+def _child_groups(entry: pwd.struct_passwd, local: Local, *, to_maildir: bool) -> list[int]:
+    """The recipient's groups, plus, for a delivery to the mbox, the mail spool directory's group when only
+    that group may create files in it (Debian's /var/mail: root:mail 2775, the group mail readers' dotlock
+    helpers run with). Never for a Maildir: the recipient's own links there would let them use the group to
+    create directories wherever it may (in the mail spool itself)."""
     groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    if to_maildir:
+        return sorted(groups)
     try:
         info = os.stat(local.mail_spool)
     except OSError:
@@ -718,10 +732,19 @@ def _child_groups(entry: pwd.struct_passwd, local: Local) -> list[int]:
 
 
 def _deliver_in_child(
-    entry: pwd.struct_passwd, message: bytes, sender: str, local: Local, now: float, lock_timeout: float
+    entry: pwd.struct_passwd,
+    message: bytes,
+    sender: str,
+    local: Local,
+    now: float,
+    lock_timeout: float,
+    to_maildir: bool,
 ) -> LocalOutcome:
-    """Fork; the child drops to the recipient, delivers and writes the outcome (JSON) into a pipe."""
-    groups = _child_groups(entry, local)  # looked up here: the child calls no name service
+    """Fork; the child drops to the recipient, delivers to the Maildir when `to_maildir` (else to the mbox,
+    with no fall back to a Maildir when it carries the mail spool's group) and writes the outcome (JSON)
+    into a pipe."""
+    groups = _child_groups(entry, local, to_maildir=to_maildir)  # here: the child calls no name service
+    plain = sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
     read_end, write_end = os.pipe()
     try:
         with warnings.catch_warnings():
@@ -737,7 +760,8 @@ def _deliver_in_child(
         status = 1
         try:
             os.close(read_end)
-            status = _child(entry, groups, write_end, message, sender, local, now, lock_timeout)
+            target = (to_maildir, groups == plain)
+            status = _child(entry, groups, write_end, message, sender, local, now, lock_timeout, target)
         finally:
             os._exit(status)
     os.close(write_end)
@@ -769,6 +793,7 @@ def _child(
     local: Local,
     now: float,
     lock_timeout: float,
+    target: tuple[bool, bool],
 ) -> int:  # pragma: no cover - runs in the child
     """The child's work: drop to the recipient, deliver, answer. The exit status is 0 when it answered."""
     global _writing_fd
@@ -781,7 +806,18 @@ def _child(
         os.umask(0o077)
         os.chdir("/")
         _writing_fd = answer_fd
-        outcome = _deliver(entry, message, sender, local, now, lock_timeout, in_child=True)
+        to_maildir, may_fall_back = target
+        outcome = _deliver(
+            entry,
+            message,
+            sender,
+            local,
+            now,
+            lock_timeout,
+            in_child=True,
+            to_maildir=to_maildir,
+            may_fall_back=may_fall_back,
+        )
     except BaseException as error:  # any surprise still answers, so the flush can log it and retry
         outcome = LocalOutcome("deferred", f"local delivery as {entry.pw_name} failed: {error}")
     data = memoryview(outcome.to_json().encode())

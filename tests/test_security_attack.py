@@ -1,0 +1,61 @@
+"""Attacks on system mode as the hostile side, with real users (see tests/system_install.py).
+
+Each test is one finding of an attack on the real install: alice (an ordinary user) or the spool's owner
+plants something where root's commands or a delivery child look, and the test proves what root must not do.
+
+Everything skips when not run as root.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+from system_install import SystemInstall
+
+MESSAGE = b"Subject: attack\n\nhello\n"
+
+
+def _config(system: SystemInstall, local: str) -> None:
+    system.config.write_text(
+        f"spool: {system.spool}\nhostname: mx.example.org\ndomain: example.org\ndeliver: queue\n"
+        f"local:\n{local}  mail_spool: {system.mail_spool}\naliases: {system.aliases}\n"
+    )
+    system.config.chmod(0o644)
+
+
+def _owned_by(directory: str, uid: int) -> list[str]:
+    return sorted(
+        entry.name for entry in os.scandir(directory) if entry.stat(follow_symlinks=False).st_uid == uid
+    )
+
+
+def test_a_maildir_link_into_the_mail_spool_gets_nothing_created_there_with_its_group(
+    system: SystemInstall,
+) -> None:
+    """Like Debian's /var/mail (root:mail 2775), the mail spool lets only its group create files, so a
+    delivery child to an mbox carries that group. alice points her Maildir at the mail spool: her child
+    must not use the group to create directories there (it would own names in the mail spool)."""
+    alice = system.alice
+    group = system.bob.gid  # a group alice is not in, standing for Debian's mail
+    os.chown(system.mail_spool, 0, group)
+    system.mail_spool.chmod(0o2775)
+    for mailbox in ("maildir", "auto"):
+        _config(system, f"  mailbox: {mailbox}\n  maildir: ~/Maildir\n")
+        link = os.path.join(alice.home, "Maildir")
+        if os.path.lexists(link):
+            os.unlink(link)
+        assert system.run_as(alice, ["/bin/ln", "-s", str(system.mail_spool), link]).returncode == 0
+        sent = system.sendmail(alice, alice.name, input=MESSAGE)
+        assert sent.returncode == 0, sent.stderr
+
+        flushed = system.flush()
+
+        assert flushed.returncode in (0, 75), flushed.stderr
+        planted = _owned_by(str(system.mail_spool), alice.uid)
+        assert planted in ([], [alice.name]), (mailbox, planted, flushed.stderr.decode()[-2000:])
+        for name in planted:  # at most her own mbox, a plain file
+            assert stat.S_ISREG(os.lstat(system.mail_spool / name).st_mode)
+        os.unlink(link)
+        subprocess.run(["/bin/rm", "-rf", *(str(system.mail_spool / name) for name in planted)], check=True)
