@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fnmatch
 import logging
 import os
@@ -238,6 +239,12 @@ class Flusher:
                 lock = self.spool.lock_message(name)
             except FileNotFoundError:
                 return  # deleted by an admin while we worked
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise  # the spool or the system fails (see below)
+                self.log.error(f"id={name} is a symbolic link, not a queued message; moved to corrupt/")
+                self.spool.set_aside_queued(name)  # it costs only itself (invariant 11)
+                return
         if lock is None:
             self.log.info(f"id={name} is being changed by a queue command; it waits for the next run")
             return

@@ -733,8 +733,8 @@ def expire_failed(
             if os.stat(os.path.join(spool.dir("state"), name)).st_mtime < NEVER:
                 continue
             lock = spool.lock_message(name)
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # gone, or no message (a link): the delivery of the queue sets that aside
         if lock is None:
             continue
         try:

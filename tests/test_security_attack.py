@@ -59,3 +59,29 @@ def test_a_maildir_link_into_the_mail_spool_gets_nothing_created_there_with_its_
             assert stat.S_ISREG(os.lstat(system.mail_spool / name).st_mode)
         os.unlink(link)
         subprocess.run(["/bin/rm", "-rf", *(str(system.mail_spool / name) for name in planted)], check=True)
+
+
+def test_a_link_in_queue_costs_only_itself_not_the_run(system: SystemInstall) -> None:
+    """The spool's owner (or a crash, or a careless admin) leaves a symbolic link under a queue id in
+    queue/: it is set aside in corrupt/ like any unreadable message, and the run delivers the others
+    (invariant 11), instead of the delivery process failing on it and every run after."""
+    alice, bob = system.alice, system.bob
+    planted = "000000000000000000000000"  # sorts first: due before alice's message
+    link = system.spool / "queue" / planted
+    failed = "000000000000000000000001"  # its state marks it failed: the run's housekeeping looks first
+    state = system.spool / "state" / failed
+    plant = (
+        f"ln -s /dev/zero {link} && ln -s /dev/zero {system.spool / 'queue' / failed}"
+        f" && echo '{{}}' > {state} && touch -d @2147483647 {state}"
+    )
+    made = system.run_as(system.spool_user, ["/bin/sh", "-c", plant])
+    assert made.returncode == 0, made.stderr
+    assert system.sendmail(alice, bob.name, input=MESSAGE).returncode == 0
+
+    for _ in range(2):  # the first run picks up and delivers; the second finds the queue sound
+        flushed = system.flush()
+        assert flushed.returncode == 0, flushed.stderr.decode()[-2000:]
+
+    assert b"Subject: attack" in (system.mail_spool / bob.name).read_bytes()
+    assert not os.path.lexists(link)  # the due one is set aside; the failed one is no one's work
+    assert os.path.islink(system.spool / "corrupt" / planted)
