@@ -694,15 +694,15 @@ def _deliver_with_rights(
             "deferred",
             f"cannot deliver to {entry.pw_name}'s mailbox without root; run the flush as root (pymta setup)",
         )
-    to_maildir = _uses_maildir(local, entry)  # decided once: the child is held to it (see _child_groups)
-    if not to_maildir:
-        _create_mbox_as_root(entry, local)
-    return _deliver_in_child(entry, message, sender, local, now, lock_timeout, to_maildir)
+    _create_mbox_as_root(entry, local)
+    return _deliver_in_child(entry, message, sender, local, now, lock_timeout)
 
 
 def _create_mbox_as_root(entry: pwd.struct_passwd, local: Local) -> None:
     """Create a missing mbox for the recipient (0600, theirs), as Postfix does as root, for a mail spool
     only root may create files in. O_EXCL and O_NOFOLLOW: whatever is there already, the child checks."""
+    if local.mailbox == "maildir" or (local.mailbox == "auto" and os.path.isdir(_maildir_path(local, entry))):
+        return
     try:
         fd = os.open(os.path.join(local.mail_spool, entry.pw_name), _CREATE_FLAGS, 0o600)
     except OSError:
@@ -714,14 +714,11 @@ def _create_mbox_as_root(entry: pwd.struct_passwd, local: Local) -> None:
         os.close(fd)
 
 
-def _child_groups(entry: pwd.struct_passwd, local: Local, *, to_maildir: bool) -> list[int]:
-    """The recipient's groups, plus, for a delivery to the mbox, the mail spool directory's group when only
-    that group may create files in it (Debian's /var/mail: root:mail 2775, the group mail readers' dotlock
-    helpers run with). Never for a Maildir: the recipient's own links there would let them use the group to
-    create directories wherever it may (in the mail spool itself)."""
+def _child_groups(entry: pwd.struct_passwd, local: Local) -> list[int]:
+    """The recipient's groups, plus the mail spool directory's group when only that group may create files
+    in it (Debian's /var/mail: root:mail 2775, the group mail readers' dotlock helpers run with). The child
+    takes that group for a delivery to the mbox only (`_become_recipient`)."""
     groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    if to_maildir:
-        return sorted(groups)
     try:
         info = os.stat(local.mail_spool)
     except OSError:
@@ -738,13 +735,10 @@ def _deliver_in_child(
     local: Local,
     now: float,
     lock_timeout: float,
-    to_maildir: bool,
 ) -> LocalOutcome:
-    """Fork; the child drops to the recipient, delivers to the Maildir when `to_maildir` (else to the mbox,
-    with no fall back to a Maildir when it carries the mail spool's group) and writes the outcome (JSON)
-    into a pipe."""
-    groups = _child_groups(entry, local, to_maildir=to_maildir)  # here: the child calls no name service
-    plain = sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))
+    """Fork; the child drops to the recipient, delivers and writes the outcome (JSON) into a pipe."""
+    # Looked up here: the child calls no name service.
+    groups = (sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))), _child_groups(entry, local))
     read_end, write_end = os.pipe()
     try:
         with warnings.catch_warnings():
@@ -760,8 +754,7 @@ def _deliver_in_child(
         status = 1
         try:
             os.close(read_end)
-            target = (to_maildir, groups == plain)
-            status = _child(entry, groups, write_end, message, sender, local, now, lock_timeout, target)
+            status = _child(entry, groups, write_end, message, sender, local, now, lock_timeout)
         finally:
             os._exit(status)
     os.close(write_end)
@@ -786,19 +779,30 @@ def _deliver_in_child(
 
 def _child(
     entry: pwd.struct_passwd,
-    groups: list[int],
+    groups: tuple[list[int], list[int]],
     answer_fd: int,
     message: bytes,
     sender: str,
     local: Local,
     now: float,
     lock_timeout: float,
-    target: tuple[bool, bool],
 ) -> int:  # pragma: no cover - runs in the child
-    """The child's work: drop to the recipient, deliver, answer. The exit status is 0 when it answered."""
+    """The child's work: drop to the recipient, deliver, answer. The exit status is 0 when it answered.
+
+    `groups` are the recipient's own and those with the mail spool's group (`_child_groups`). Whether the
+    mail goes to the Maildir is decided first, with the recipient's rights (their links, their view of the
+    files), and only a delivery to the mbox takes the mail spool's group: with it, the recipient's Maildir,
+    a link to the mail spool, would have the child create directories there. Such a child does not fall
+    back to a Maildir either."""
     global _writing_fd
     try:
-        os.setgroups(groups)
+        own, with_spool_group = groups
+        os.setgroups(own)
+        os.setegid(entry.pw_gid)
+        os.seteuid(entry.pw_uid)  # for the look only: the saved uid is still root's
+        to_maildir = _uses_maildir(local, entry)
+        os.seteuid(0)
+        os.setgroups(own if to_maildir else with_spool_group)
         os.setgid(entry.pw_gid)
         os.setuid(entry.pw_uid)  # as root this sets the real, effective and saved uid: no way back
         if os.getuid() != entry.pw_uid or os.geteuid() != entry.pw_uid or os.getegid() != entry.pw_gid:
@@ -806,7 +810,7 @@ def _child(
         os.umask(0o077)
         os.chdir("/")
         _writing_fd = answer_fd
-        to_maildir, may_fall_back = target
+        may_fall_back = to_maildir or sorted(with_spool_group) == sorted(own)
         outcome = _deliver(
             entry,
             message,

@@ -608,11 +608,10 @@ def test_the_child_gets_the_mail_spools_group_only_when_that_group_may_write_it(
     mail = Local(mail_spool=str(spool))
     spool.chmod(0o2775)
     expected = own | ({gid} if gid != 0 else set())
-    assert set(local._child_groups(me, mail, to_maildir=False)) == expected
-    assert set(local._child_groups(me, mail, to_maildir=True)) == own  # a Maildir never gets the group
+    assert set(local._child_groups(me, mail)) == expected
     for mode in (0o1777, 0o755):
         spool.chmod(mode)
-        assert set(local._child_groups(me, mail, to_maildir=False)) == own
+        assert set(local._child_groups(me, mail)) == own
 
 
 def as_recipient(user: str, mail: Local, data: bytes | None = None) -> local.LocalOutcome:

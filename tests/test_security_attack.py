@@ -85,3 +85,24 @@ def test_a_link_in_queue_costs_only_itself_not_the_run(system: SystemInstall) ->
     assert b"Subject: attack" in (system.mail_spool / bob.name).read_bytes()
     assert not os.path.lexists(link)  # the due one is set aside; the failed one is no one's work
     assert os.path.islink(system.spool / "corrupt" / planted)
+
+
+def test_whether_mail_goes_to_the_maildir_is_judged_with_the_recipients_rights(system: SystemInstall) -> None:
+    """alice links her Maildir to a directory only root may look into: her mail goes to her mbox, as for
+    any Maildir she cannot reach, so how her mail fares tells her nothing about root's files."""
+    alice = system.alice
+    hidden = system.base / "root-only"
+    (hidden / "Maildir").mkdir(parents=True)
+    hidden.chmod(0o700)
+    _config(system, "  mailbox: auto\n  maildir: ~/Maildir\n")
+    link = os.path.join(alice.home, "Maildir")
+    assert system.run_as(alice, ["/bin/ln", "-s", str(hidden / "Maildir"), link]).returncode == 0
+    try:
+        assert system.sendmail(alice, alice.name, input=MESSAGE).returncode == 0
+        flushed = system.flush()
+        assert flushed.returncode == 0, flushed.stderr
+        assert b"Subject: attack" in (system.mail_spool / alice.name).read_bytes(), flushed.stderr
+        assert system.entries() == []
+    finally:
+        os.unlink(link)
+        subprocess.run(["/bin/rm", "-rf", str(hidden)], check=True)
