@@ -91,7 +91,7 @@ def test_whether_mail_goes_to_the_maildir_is_judged_with_the_recipients_rights(s
     """alice links her Maildir to a directory only root may look into: her mail goes to her mbox, as for
     any Maildir she cannot reach, so how her mail fares tells her nothing about root's files."""
     alice = system.alice
-    hidden = system.base / "root-only"
+    hidden = system.base / "attack-hidden"  # others use base/root-only
     (hidden / "Maildir").mkdir(parents=True)
     hidden.chmod(0o700)
     _config(system, "  mailbox: auto\n  maildir: ~/Maildir\n")
