@@ -1,0 +1,85 @@
+"""The CI slice of the torture suite (bench/torture.py): every experiment of the full run, with small counts.
+
+Real processes (the installed `sendmail` and `pymta`), a real SMTP server in its own process (aiosmtpd,
+bench/torture_sink.py) and real files: each test fails on a lost, corrupt or unallowed duplicate message, on
+an exit code that should not happen, or (fuzzing) on an exception other than pymta's own. The full run, with
+the counts the README reports, is `python bench/torture.py`. Deselect this slice with `-m "not torture"`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SEED = 7
+
+pytestmark = pytest.mark.torture
+
+
+def _load_torture():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("torture", BENCH / "torture.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["torture"] = module  # the fuzz reproducers import it by this name
+    spec.loader.exec_module(module)
+    return module
+
+
+torture = _load_torture()
+
+
+def check(tally) -> None:  # type: ignore[no-untyped-def]
+    print(tally.report())
+    assert tally.ok, tally.report()
+
+
+def test_sendmail_killed_at_random_moments_leaves_a_whole_entry_or_none():
+    tally = torture.sendmail_kill(30, SEED, largest=512 * 1024, batch=15)
+    check(tally)
+    assert tally.acknowledged > 0
+
+
+def test_flush_killed_at_random_moments_loses_nothing_and_duplicates_at_most_once_per_kill():
+    tally = torture.flush_kill(10, SEED, queue=40)
+    check(tally)
+    assert tally.duplicates <= 10
+
+
+def test_smarthost_cutting_connections_loses_nothing():
+    check(torture.smarthost_drop(30, SEED, rate=0.3))
+
+
+def test_concurrent_senders_and_flushes_deliver_each_message_exactly_once():
+    tally = torture.concurrency(8, SEED, each=4, loops=4)
+    check(tally)
+    assert tally.acknowledged == 32 and tally.duplicates == 0
+
+
+def test_full_disk_loses_no_acknowledged_message():
+    check(torture.disk_full(2, SEED))
+
+
+# Findings of the fuzzer that are reported and being fixed elsewhere: (target, exception, where) prefixes.
+KNOWN_FINDINGS = {
+    ("message at delivery", "RecursionError"): "issue 11 item 6: deeply nested MIME parts",
+    ("aliases parser", "ValueError"): "a NUL byte in an :include: path escapes read_include (reported)",
+}
+
+
+def test_fuzzed_inputs_raise_only_pymta_errors(tmp_path: Path):
+    tally = torture.fuzz(2100, SEED, findings=tmp_path, time_limit=None)
+    print(tally.report())
+    new = [
+        breach
+        for breach in tally.breaches
+        if not any(breach.startswith(f"{target}: {kind} ") for target, kind in KNOWN_FINDINGS)
+    ]
+    assert not new, "\n".join(new)
+    known = [reason for (target, kind), reason in KNOWN_FINDINGS.items()
+             if any(b.startswith(f"{target}: {kind} ") for b in tally.breaches)]  # fmt: skip
+    if known:
+        pytest.xfail("known findings still present: " + "; ".join(known))
