@@ -440,10 +440,13 @@ def _feed_and_kill(
 ) -> None:
     """Write `data` to the process in chunks and kill it as `plan` says: `start` (while the interpreter
     starts), `read` (after a random number of chunks: mid-read), `late` (at 60-105% of the `typical` time
-    an unkilled run takes: mostly in the commit), `none`."""
+    an unkilled run takes: mostly in the commit), `none`; `interrupt` and `terminate` send SIGINT (a
+    Ctrl-C) or SIGTERM at the `late` moment instead of SIGKILL."""
     assert process.stdin is not None
-    delay = {"start": rng.uniform(0.0, 0.3 * typical), "late": rng.uniform(0.6 * typical, 1.05 * typical)}
-    timer = threading.Timer(delay[plan], process.kill) if plan in delay else None
+    late = rng.uniform(0.6 * typical, 1.05 * typical)
+    delay = {"start": rng.uniform(0.0, 0.3 * typical), "late": late, "interrupt": late, "terminate": late}
+    signum = {"interrupt": signal.SIGINT, "terminate": signal.SIGTERM}.get(plan, signal.SIGKILL)
+    timer = threading.Timer(delay[plan], process.send_signal, (signum,)) if plan in delay else None
     if timer is not None:
         timer.start()
     chunks = []
@@ -503,8 +506,15 @@ def sendmail_kill(
     tally = Tally("sendmail-kill")
     rng = random.Random(seed)
     messages = Messages(rng)
-    outcomes = {"exited 0": 0, "killed": 0, "killed, entry kept": 0, "tmp leftovers": 0}
-    plans = ("none", "start", "read", "read", "late", "late", "late")
+    outcomes = {
+        "exited 0": 0,
+        "killed": 0,
+        "killed, entry kept": 0,
+        "interrupted, said nothing queued": 0,
+        "interrupted while starting": 0,
+        "tmp leftovers": 0,
+    }
+    plans = ("none", "start", "read", "read", "late", "late", "late", "interrupt", "terminate")
     lifetimes = Lifetimes()
     with workspace("sendmail") as root:
         sink = Sink(root)
@@ -514,6 +524,7 @@ def sendmail_kill(
             while done < trials:
                 expected: dict[str, bytes] = {}
                 killed: dict[str, bytes] = {}
+                refused: set[str] = set()  # sendmail said so: nothing may be queued
                 for _ in range(min(batch, trials - done)):
                     token, data = messages.make(messages.size(largest))
                     process = mta.start(
@@ -531,9 +542,17 @@ def sendmail_kill(
                     if process.returncode == 0:
                         expected[token] = data
                         outcomes["exited 0"] += 1
-                    elif process.returncode == -signal.SIGKILL:
+                    elif process.returncode in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT):
                         killed[token] = data
                         outcomes["killed"] += 1
+                    elif process.returncode == 75 and plan == "interrupt":  # "nothing was queued"
+                        refused.add(token)
+                        outcomes["interrupted, said nothing queued"] += 1
+                    elif process.returncode == 1 and b"KeyboardInterrupt" in stderr and plan == "interrupt":
+                        # Ctrl-C while the interpreter imports, before sendmail's main() runs: a traceback
+                        # and exit 1, from Python itself. Nothing may be queued then either.
+                        refused.add(token)
+                        outcomes["interrupted while starting"] += 1
                     else:
                         tally.breach(f"sendmail exited {process.returncode}: {said(stderr)}")
                     done += 1
@@ -550,6 +569,12 @@ def sendmail_kill(
                     elif any(body != want for body in bodies) or len(bodies) > 1:
                         tally.corrupt += 1
                         tally.breach(f"token {token}: {len(bodies)} entries, not one whole copy")
+                for token in refused & set(entries):
+                    tally.duplicates += 1
+                    tally.breach(
+                        f"token {token}: sendmail was interrupted and said nothing was queued, but its "
+                        "message is in the spool: the caller will send it again"
+                    )
                 for token in expected:
                     if token not in entries:
                         tally.breach(f"token {token}: sendmail exited 0 but there is no entry")
