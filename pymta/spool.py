@@ -29,8 +29,9 @@ The commit protocol of `Spool.submit`, and what a crash after each step leaves b
     4. rename tmp/ID to new/ID (atomic)                 crash: new/ID may not survive a power loss, and
                                                         sendmail has not yet said it was accepted
     5. fsync new/ (a user who may not open the drop     the entry is durable: only now sendmail exits 0;
-       directory: fsync the file again, see              if this fails the entry is unlinked again and
-       `_sync_new_name`)                                 sendmail fails
+       directory: fsync the file again, see              if this fails, or an interruption (SIGINT)
+       `_sync_new_name`)                                 stops any step, tmp/ID and new/ID are unlinked
+                                                         again and sendmail fails ("nothing was queued")
 
 So a reader sees a whole entry in new/ or none, and a caller told "accepted" has a durable entry. Leftovers in
 tmp/ are removed by the flush once they are older than `STALE_TMP_AGE`.
@@ -344,22 +345,26 @@ class Spool:
         except OSError as exc:
             raise write_error("cannot write to the spool", self.dir("tmp"), exc) from None
         target = os.path.join(new_dir, message_id)
+        renamed = False
         try:
-            try:
-                os.fchmod(fd, mode)  # whatever the caller's umask
-                _write_all(fd, data)
-                os.fsync(fd)
-                os.rename(tmp_path, target)
-            except OSError as exc:
-                unlink_quietly(tmp_path)
-                raise write_error("cannot write the message to the spool", self.path, exc) from None
-            try:
-                _sync_new_name(new_dir, fd)
-            except OSError as exc:
-                # The entry may not be durable, so the caller is told it was not accepted: take it back, or
-                # the caller's retry would deliver it twice.
-                unlink_quietly(target)
+            os.fchmod(fd, mode)  # whatever the caller's umask
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.rename(tmp_path, target)
+            renamed = True
+            _sync_new_name(new_dir, fd)
+        except BaseException as exc:
+            # Whatever stopped the commit, an OSError or an interruption (a Ctrl-C during the fsync, which
+            # sendmail reports as "nothing was queued"), the caller is told the message was not accepted:
+            # take it back, or the caller's retry would deliver it twice. (The target is unlinked even
+            # when `renamed` is not yet set: the interruption may come just after the rename.)
+            unlink_quietly(tmp_path)
+            unlink_quietly(target)
+            if not isinstance(exc, OSError):
+                raise
+            if renamed:
                 raise write_error("cannot make the queued message durable", new_dir, exc) from None
+            raise write_error("cannot write the message to the spool", self.path, exc) from None
         finally:
             os.close(fd)
         return message_id

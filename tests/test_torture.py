@@ -9,6 +9,7 @@ the counts the README reports, is `python bench/torture.py`. Deselect this slice
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -83,3 +84,23 @@ def test_fuzzed_inputs_raise_only_pymta_errors(tmp_path: Path):
              if any(b.startswith(f"{target}: {kind} ") for b in tally.breaches)]  # fmt: skip
     if known:
         pytest.xfail("known findings still present: " + "; ".join(known))
+
+
+def test_a_submission_interrupted_during_its_commit_leaves_no_entry(tmp_path: Path, monkeypatch):
+    """Found by the torture suite (SIGINT at random moments): a Ctrl-C while the new entry's name is made
+    durable (the fsync of new/, milliseconds) made sendmail say "interrupted; nothing was queued" and exit 75
+    while the entry stayed in new/, to be delivered; the caller, told it failed, sends it again. The commit
+    takes the entry back on any interruption, as it does when the fsync fails."""
+    from pymta import spool as spool_module
+    from pymta.spool import Spool
+
+    def interrupted(directory: str, fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spool_module, "_sync_new_name", interrupted)
+    spool = Spool(str(tmp_path / "spool"))
+    envelope = {"sender": "a@example.org", "recipients": ["b@example.org"], "uid": 0}
+    with pytest.raises(KeyboardInterrupt):
+        spool.submit(envelope, b"Subject: x\r\n\r\nbody\r\n")
+    assert sorted(os.listdir(tmp_path / "spool" / "new")) == []
+    assert sorted(os.listdir(tmp_path / "spool" / "tmp")) == []
