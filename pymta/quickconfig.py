@@ -394,6 +394,8 @@ def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
         from .config import yaml_problem  # the words `pymta config check` uses; the file is broken anyway
 
         raise BrokenConfig(yaml_problem(exc), _salvage(data, keys)) from None
+    except RecursionError:  # PyYAML recurses once per level of nesting: `[[[[...` a few thousand deep
+        raise BrokenConfig("nested too deeply to be read", _salvage(data, keys)) from None
     if twice is not None:  # PyYAML keeps the last; `pymta` refuses the file: neither value can be trusted
         key, line = twice
         raise BrokenConfig(f"line {line}: duplicate key {key!r}; remove one of them", _salvage(data, keys))

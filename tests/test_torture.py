@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MtaEnv
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SEED = 7
@@ -104,3 +105,15 @@ def test_a_submission_interrupted_during_its_commit_leaves_no_entry(tmp_path: Pa
         spool.submit(envelope, b"Subject: x\r\n\r\nbody\r\n")
     assert sorted(os.listdir(tmp_path / "spool" / "new")) == []
     assert sorted(os.listdir(tmp_path / "spool" / "tmp")) == []
+
+
+def test_a_config_nested_too_deep_for_the_yaml_parser_still_queues(mta: MtaEnv):
+    """Found by the torture suite (fuzzing config loading): a config whose YAML nests deeper than Python's
+    recursion limit made sendmail exit 1 with a RecursionError traceback, queueing nothing; a broken
+    config never stops a submission."""
+    mta.write_config("deliver: queue\nbroken: " + "[" * 3000 + "\n")
+    result = mta.sendmail("-oi", "someone@example.net", input=b"Subject: x\n\nbody\n")
+    assert result.returncode == 0, result.stderr.decode()[-300:]
+    assert b"Traceback" not in result.stderr
+    assert b"pymta config check" in result.stderr  # the warning that says what to fix
+    assert len(mta.entries()) == 1
