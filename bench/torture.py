@@ -692,30 +692,38 @@ def flush_kill(kills: int, seed: int, *, queue: int = 200, progress: Progress = 
 
 
 @_timed
-def smarthost_drop(count: int, seed: int, *, rate: float = 0.25, progress: Progress = _quiet) -> Tally:
-    """`count` messages through a server that cuts `rate` of the transactions at one of four moments."""
+def smarthost_drop(
+    count: int, seed: int, *, rate: float = 0.25, batch: int = 100, progress: Progress = _quiet
+) -> Tally:
+    """`count` messages, `batch` at a time, through a server that cuts `rate` of the transactions at one
+    of four moments; `pymta flush --now` runs until each batch is delivered."""
     tally = Tally("smarthost-drop")
     rng = random.Random(seed)
     messages = Messages(rng)
     expected: dict[str, bytes] = {}
+    runs = 0
     with workspace("drop") as root:
         sink = Sink(root, fault_rate=rate, faults=",".join(FAULTS), seed=seed)
         try:
             mta = Mta(root, sink.port)
-            for _ in range(count):
-                token, data = messages.make(messages.size(256 * 1024))
-                mta.submit(data)
-                expected[token] = data
-            runs = 0
-            while mta.waiting() and runs < count * 2 + 20:
-                result = mta.run("pymta", "flush", "--now")
-                runs += 1
-                if result.returncode != 0:
-                    tally.breach(f"pymta flush exited {result.returncode}: {said(result.stderr)}")
-                if runs % 50 == 0:
-                    progress(f"smarthost-drop: {runs} flushes, {mta.waiting()} of {count} still queued")
-            if mta.waiting():
-                tally.breach(f"{mta.waiting()} messages still queued after {runs} flushes: {mta.status()}")
+            while len(expected) < count:
+                for _ in range(min(batch, count - len(expected))):
+                    token, data = messages.make(messages.size(256 * 1024))
+                    mta.submit(data)
+                    expected[token] = data
+                for _ in range(batch * 2 + 20):
+                    if not mta.waiting():
+                        break
+                    result = mta.run("pymta", "flush", "--now")
+                    runs += 1
+                    if result.returncode != 0:
+                        tally.breach(f"pymta flush exited {result.returncode}: {said(result.stderr)}")
+                if mta.waiting():
+                    tally.breach(
+                        f"{mta.waiting()} messages still queued after {runs} flushes: {mta.status()}"
+                    )
+                    break
+                progress(f"smarthost-drop: {len(expected)}/{count} messages delivered, {runs} flush runs")
             faults = sink.faults()
             allowed: dict[str, int] = {}
             for kind, token in faults:
@@ -1426,8 +1434,9 @@ def _save_finding(
     path = directory / f"{slug}-{number}.py"
     what = f"raises {type(exc).__name__}: {str(exc)[:200]!r}" if exc is not None else "takes over 1 s"
     path.write_text(
-        f'"""Torture fuzz finding: {target.name} {what}.\n\nRun: .venv/bin/python {path}"""\n'
-        f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
+        f'"""Torture fuzz finding: {target.name} {what}.\n\n'
+        f'Run: .venv/bin/python {path.name} [the bench/ directory, if not {HERE}]"""\n'
+        f"import sys\nsys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else {str(HERE)!r})\n"
         f"data = {data!r}\nseed = {seed}\n"
         "import random, tempfile\nfrom pathlib import Path\nfrom torture import _fuzz_targets\n"
         f"target = [t for t in _fuzz_targets(Path(tempfile.mkdtemp())) if t.name == {target.name!r}][0]\n"
