@@ -396,28 +396,31 @@ class Spool:
             fd = os.open(message_id, _OPEN_FLAGS, 0o644, dir_fd=tmp_fd)
         except OSError as exc:
             raise write_error("cannot write to the spool", self.dir("tmp"), exc) from None
+        renamed = False
         try:
+            os.fchmod(fd, 0o644)  # whatever the caller's umask
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.rename(message_id, message_id, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
+            renamed = True
             try:
-                os.fchmod(fd, 0o644)  # whatever the caller's umask
-                _write_all(fd, data)
-                os.fsync(fd)
-                os.rename(message_id, message_id, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
-            except OSError as exc:
-                _unlink_at(tmp_fd, message_id)
-                raise write_error("cannot write the message to the spool", self.path, exc) from None
-            try:
+                directory = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=new_fd)
+            except PermissionError:
+                os.fsync(fd)  # a user may not open the drop directory: see `_sync_new_name`
+            else:
                 try:
-                    directory = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=new_fd)
-                except PermissionError:
-                    os.fsync(fd)  # a user may not open the drop directory: see `_sync_new_name`
-                else:
-                    try:
-                        os.fsync(directory)
-                    finally:
-                        os.close(directory)
-            except OSError as exc:
-                _unlink_at(new_fd, message_id)  # not durable: take it back (see `submit`)
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        except BaseException as exc:
+            # Not durable, or interrupted: take it back, whichever name it has by now (see `submit`).
+            _unlink_at(tmp_fd, message_id)
+            _unlink_at(new_fd, message_id)
+            if not isinstance(exc, OSError):
+                raise
+            if renamed:
                 raise write_error("cannot make the queued message durable", self.dir("new"), exc) from None
+            raise write_error("cannot write the message to the spool", self.path, exc) from None
         finally:
             os.close(fd)
 

@@ -108,6 +108,40 @@ def test_a_submission_interrupted_during_its_commit_leaves_no_entry(tmp_path: Pa
     assert sorted(os.listdir(tmp_path / "spool" / "tmp")) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a spool of another user's needs root to make")
+def test_a_submission_to_a_shared_spool_interrupted_during_its_commit_leaves_no_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The same for system mode's drop directory (a spool of another user's, committed through directory
+    descriptors): a Ctrl-C during the fsync of new/ takes the entry back."""
+    from pymta.spool import Spool
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir(mode=0o755)
+    for name in ("tmp", "new"):
+        (spool_dir / name).mkdir()
+        (spool_dir / name).chmod(0o1733)
+        os.chown(spool_dir / name, 65534, 65534)
+    os.chown(spool_dir, 65534, 65534)
+    fsyncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        if len(fsyncs) == 2:  # the file's, then the directory's
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    envelope = {"sender": "a@example.org", "recipients": ["b@example.org"], "uid": 0}
+    spool = Spool(str(spool_dir))
+    with pytest.raises(KeyboardInterrupt):
+        spool.submit(envelope, b"Subject: x\r\n\r\nbody\r\n")
+    assert not spool.private
+    assert sorted(os.listdir(spool_dir / "new")) == []
+    assert sorted(os.listdir(spool_dir / "tmp")) == []
+
+
 def test_a_config_nested_too_deep_for_the_yaml_parser_still_queues(mta: MtaEnv):
     """Found by the torture suite (fuzzing config loading): a config whose YAML nests deeper than Python's
     recursion limit made sendmail exit 1 with a RecursionError traceback, queueing nothing; a broken
