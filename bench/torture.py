@@ -621,6 +621,7 @@ def flush_kill(kills: int, seed: int, *, queue: int = 200, progress: Progress = 
     messages = Messages(rng)
     expected: dict[str, bytes] = {}
     done = rounds = unkilled = 0
+    pace = 1.0
     with workspace("flush") as root:
         sink = Sink(root)
         try:
@@ -655,17 +656,21 @@ def flush_kill(kills: int, seed: int, *, queue: int = 200, progress: Progress = 
                 process = mta.start(
                     "pymta", "flush", "--now", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
                 )
-                delay = rng.uniform(0.6 * startup, startup + per_message * mta.waiting())
+                # `pace` follows the machine's speed (shared machines drift): a flush that ran to the end
+                # makes the next delays shorter, a kill a little longer.
+                delay = pace * rng.uniform(0.6 * startup, startup + per_message * mta.waiting())
                 timer = threading.Timer(delay, process.kill)
                 timer.start()
                 _, stderr = process.communicate()
                 timer.cancel()
                 if process.returncode == -signal.SIGKILL:
                     done += 1
+                    pace = min(2.0, pace * 1.05)
                     if not mta.flush_lock_free():
                         tally.breach("the flush lock was still held after the flush was killed")
                 elif process.returncode == 0:
                     unkilled += 1
+                    pace = max(0.2, pace * 0.8)
                 else:
                     tally.breach(f"pymta flush exited {process.returncode}: {said(stderr)}")
                 if done % 25 == 0 and process.returncode == -signal.SIGKILL:
