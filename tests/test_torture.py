@@ -67,7 +67,6 @@ def test_full_disk_loses_no_acknowledged_message():
 
 # Findings of the fuzzer that are reported and being fixed elsewhere: (target, exception, where) prefixes.
 KNOWN_FINDINGS = {
-    ("message at delivery", "RecursionError"): "issue 11 item 6: deeply nested MIME parts",
     ("config loading", "RecursionError"): "config.loads on YAML nested thousands deep (reported)",
 }
 
