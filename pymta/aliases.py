@@ -290,10 +290,8 @@ def _parse_entry(first_line: int, pieces: list[tuple[int, str]], problems: list[
     for number, text in [(first_line, rest), *pieces[1:]]:
         for item in _split_targets(text):
             targets.append(classify(item, number, None))
-    for target in targets:
-        refused = Problem(target.line, target.reason)
-        if target.kind == "refused" and refused not in problems:
-            problems.append(refused)
+    # Each of the entry's lines is its own; only a line naming two refused targets can repeat a problem.
+    problems.extend(dict.fromkeys(Problem(t.line, t.reason) for t in targets if t.kind == "refused"))
     if not targets:
         problems.append(Problem(first_line, f"{name} has no targets; name at least one address"))
         return None

@@ -876,6 +876,11 @@ def loads(text: str | bytes, source: str = "<string>") -> Config:
         document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as error:
         raise _yaml_error(error, source) from None
+    except RecursionError:  # PyYAML recurses once per level of nesting: `[[[[...` a few thousand deep
+        raise _Where(source).fail(
+            "is nested too deeply to read (lists or mappings inside each other thousands of times); "
+            "no pymta setting nests more than a few levels"
+        ) from None
     return parse(document, source)
 
 

@@ -461,7 +461,7 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
 
     from .address import unique_addresses
     from .message import prepare_submission
-    from .spool import Spool, real_user
+    from .spool import SUBMIT_MIN_FREE, Spool, real_user
 
     settings = settings or read_settings(invocation.config)
     if len(data) > settings.max_size:  # read_stdin stopped just past the limit
@@ -500,7 +500,9 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
     quota = _check_queue_limit(settings, uid)  # holds the user's drop ledger until released
     try:
         # The default user spool may be the first thing under ~/.local/state on a fresh machine.
-        queue_id = spool.submit(envelope, message, create_parents=settings.default_spool)
+        queue_id = spool.submit(
+            envelope, message, create_parents=settings.default_spool, reserve=SUBMIT_MIN_FREE
+        )
         quota.record(queue_id, time.time())
     except PymtaError:
         for warning in settings.warnings:

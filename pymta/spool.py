@@ -91,6 +91,10 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Bytes the state directory must have free before a flush delivers anything: a state record is under 1 KiB,
 # and one that cannot be written would make every later run send its delivered recipients again.
 STATE_MIN_FREE = 256 * 1024
+# Free space a sendmail submission must leave on the spool's file system beyond its own size: the flush
+# delivers nothing it could not record (`state_problem`), so a queue filled to its last bytes would stop
+# the very runs that drain it. Postfix's queue_minfree keeps room for the same reason.
+SUBMIT_MIN_FREE = 4 * STATE_MIN_FREE
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -304,12 +308,14 @@ class Spool:
         *,
         create: bool = True,
         create_parents: bool = False,
+        reserve: int = 0,
     ) -> str:
         """Commit a submission durably (the protocol in the module docstring) and return its id.
 
         `envelope` gets `v` and `id` added. Raises SpoolError (EX_CANTCREAT) when the spool cannot be
-        written and SpoolFullError (EX_TEMPFAIL) when the disk or the file size limit is full; either way
-        nothing is left that a reader could pick up.
+        written and SpoolFullError (EX_TEMPFAIL) when the disk or the file size limit is full, or when the
+        message would leave less than `reserve` bytes free; either way nothing is left that a reader
+        could pick up.
         """
         new_dir = self.dir("new")
         try:
@@ -335,6 +341,8 @@ class Spool:
         )
         envelope = {**head, "id": message_id, **envelope}
         data = encode_json(envelope).encode("ascii") + b"\n" + message
+        if reserve:
+            self._check_room(len(data) + reserve)
         if not self.private:
             self._commit_shared(message_id, data)
             return message_id
@@ -368,6 +376,19 @@ class Spool:
         finally:
             os.close(fd)
         return message_id
+
+    def _check_room(self, needed: int) -> None:
+        """SpoolFullError unless the spool's file system has `needed` bytes free for ordinary users."""
+        try:
+            info = os.statvfs(self.path)
+        except OSError:
+            return  # the commit that follows says what is wrong with the spool
+        free = info.f_bavail * info.f_frsize
+        if free < needed:
+            raise SpoolFullError(
+                f"the spool {self.path} has only {free // 1024} KiB free, and {SUBMIT_MIN_FREE // 1024} KiB "
+                "stay free for the deliveries that empty it: free some space, then send again"
+            )
 
     def _commit_shared(self, message_id: str, data: bytes) -> None:
         """The commit protocol in a spool that is not ours (system mode), with every name resolved from a

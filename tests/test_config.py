@@ -1034,3 +1034,9 @@ def test_sender_identity_keys_read_back_from_masked() -> None:
     loaded = config.loads("trusted_users: [root, www-data]\nsender_policy: strict\n", FILE)
     assert loaded.masked()["trusted_users"] == ["root", "www-data"]
     assert config.loads(yaml.safe_dump(loaded.masked()), FILE).masked() == loaded.masked()
+
+
+def test_a_config_nested_thousands_deep_is_one_config_error() -> None:
+    """Found by the torture suite's fuzzer: PyYAML's RecursionError escaped as a traceback."""
+    with pytest.raises(ConfigError, match=r"^x\.yaml: is nested too deeply to read"):
+        config.loads("spool: /tmp/spool\nbroken: " + "[" * 3000 + "\n", "x.yaml")

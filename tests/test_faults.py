@@ -533,3 +533,36 @@ def test_the_password_appears_nowhere(
     for what, needle in _needles().items():
         for where, blob in traces.items():
             assert needle not in blob, f"{what} appears in {where}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (as root, in a mount namespace)")
+def test_sendmail_leaves_the_flush_room_to_drain_a_nearly_full_spool(mta: MtaEnv) -> None:
+    """Found by the torture suite: sendmail filled the spool to its last 256 KiB, after which every flush
+    refused to deliver (it records what it delivers) and nothing could drain the queue. Now sendmail keeps
+    SUBMIT_MIN_FREE free: it refuses with 75 and queues nothing, and the flush still delivers."""
+    small = mta.root / "small"
+    small.mkdir()
+    mta.spool = small / "spool"
+    mta.write_config("domain: example.org\nhostname: mx.example.org\ndeliver: queue\n")
+    steps = f"""
+        set -e
+        mount -t tmpfs -o size=4m tmpfs {small}
+        printf 'Subject: before\n\nqueued while there was room\n' | {script("sendmail")} root
+        dd if=/dev/zero of={small}/ballast bs=64k 2>/dev/null || true
+        truncate -s -600K {small}/ballast
+        set +e
+        printf 'Subject: after\\n\\nno room\\n' | {script("sendmail")} root; echo "sendmail=$?"
+        ls {mta.spool}/new | wc -l | sed 's/^/new=/'
+        {script("pymta")} flush; echo "flush=$?"
+        find {mta.spool}/queue {mta.spool}/new -type f | wc -l | sed 's/^/left=/'
+    """
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", steps],
+        capture_output=True, text=True, env=mta.env, timeout=60,
+    )  # fmt: skip
+    assert "sendmail=75" in result.stdout, result
+    assert "stay free for the deliveries that empty it" in result.stderr
+    assert "new=1" in result.stdout  # the one queued on the tmpfs before it filled up; nothing more
+    assert "flush=0" in result.stdout, result
+    assert "left=0" in result.stdout, result
+    assert b"queued while there was room" in (mta.mail_spool / "root").read_bytes()

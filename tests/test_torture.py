@@ -65,25 +65,10 @@ def test_full_disk_loses_no_acknowledged_message():
     check(torture.disk_full(2, SEED))
 
 
-# Findings of the fuzzer that are reported and being fixed elsewhere: (target, exception, where) prefixes.
-KNOWN_FINDINGS = {
-    ("config loading", "RecursionError"): "config.loads on YAML nested thousands deep (reported)",
-}
-
-
 def test_fuzzed_inputs_raise_only_pymta_errors(tmp_path: Path):
     tally = torture.fuzz(2100, SEED, findings=tmp_path, time_limit=None)
     print(tally.report())
-    new = [
-        breach
-        for breach in tally.breaches
-        if not any(breach.startswith(f"{target}: {kind} ") for target, kind in KNOWN_FINDINGS)
-    ]
-    assert not new, "\n".join(new)
-    known = [reason for (target, kind), reason in KNOWN_FINDINGS.items()
-             if any(b.startswith(f"{target}: {kind} ") for b in tally.breaches)]  # fmt: skip
-    if known:
-        pytest.xfail("known findings still present: " + "; ".join(known))
+    assert not tally.breaches, "\n".join(tally.breaches)
 
 
 def test_a_submission_interrupted_during_its_commit_leaves_no_entry(tmp_path: Path, monkeypatch):
