@@ -80,6 +80,8 @@ import stat
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -698,11 +700,38 @@ def _deliver_with_rights(
     return _deliver_in_child(entry, message, sender, local, now, lock_timeout)
 
 
+@contextmanager
+def _looking_as(entry: pwd.struct_passwd, groups: list[int]) -> Iterator[None]:
+    """Root's effective ids and groups become the recipient's for a look at their files (through their
+    links, with their rights), then root's again. The saved uid stays root's, which is what lets them come
+    back; the recipient, whose uid is neither this process's real nor its saved one, cannot signal it."""
+    own_groups, egid = os.getgroups(), os.getegid()
+    os.setgroups(groups)
+    try:
+        os.setegid(entry.pw_gid)
+        try:
+            os.seteuid(entry.pw_uid)
+            try:
+                yield
+            finally:
+                os.seteuid(0)
+        finally:
+            os.setegid(egid)
+    finally:
+        os.setgroups(own_groups)
+
+
 def _create_mbox_as_root(entry: pwd.struct_passwd, local: Local) -> None:
     """Create a missing mbox for the recipient (0600, theirs), as Postfix does as root, for a mail spool
-    only root may create files in. O_EXCL and O_NOFOLLOW: whatever is there already, the child checks."""
-    if local.mailbox == "maildir" or (local.mailbox == "auto" and os.path.isdir(_maildir_path(local, entry))):
+    only root may create files in. O_EXCL and O_NOFOLLOW: whatever is there already, the child checks.
+    Whether the mail goes to their Maildir instead is judged with their rights, as the child judges it:
+    root following their link would tell them, by their mail's fate, what lies behind it."""
+    if local.mailbox == "maildir":
         return
+    if local.mailbox == "auto":
+        with _looking_as(entry, os.getgrouplist(entry.pw_name, entry.pw_gid)):
+            if _uses_maildir(local, entry):
+                return
     try:
         fd = os.open(os.path.join(local.mail_spool, entry.pw_name), _CREATE_FLAGS, 0o600)
     except OSError:
@@ -797,11 +826,8 @@ def _child(
     global _writing_fd
     try:
         own, with_spool_group = groups
-        os.setgroups(own)
-        os.setegid(entry.pw_gid)
-        os.seteuid(entry.pw_uid)  # for the look only: the saved uid is still root's
-        to_maildir = _uses_maildir(local, entry)
-        os.seteuid(0)
+        with _looking_as(entry, own):
+            to_maildir = _uses_maildir(local, entry)
         os.setgroups(own if to_maildir else with_spool_group)
         os.setgid(entry.pw_gid)
         os.setuid(entry.pw_uid)  # as root this sets the real, effective and saved uid: no way back

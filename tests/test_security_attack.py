@@ -106,3 +106,29 @@ def test_whether_mail_goes_to_the_maildir_is_judged_with_the_recipients_rights(s
     finally:
         os.unlink(link)
         subprocess.run(["/bin/rm", "-rf", str(hidden)], check=True)
+
+
+def test_root_creating_a_missing_mbox_judges_the_maildir_with_the_recipients_rights(
+    system: SystemInstall,
+) -> None:
+    """In a mail spool only root may create files in (root 0755), root creates a missing mbox before the
+    child delivers, unless the mail goes to the recipient's Maildir. Root judged that by following alice's
+    link into a directory only root may look into, so her mail waited there and went through elsewhere:
+    its fate told her whether a root-only path was a directory. Root now looks with her rights."""
+    alice = system.alice
+    hidden = system.base / "attack-hidden-mbox"
+    (hidden / "Maildir").mkdir(parents=True)
+    hidden.chmod(0o700)
+    system.mail_spool.chmod(0o755)
+    _config(system, "  mailbox: auto\n  maildir: ~/Maildir\n")
+    link = os.path.join(alice.home, "Maildir")
+    assert system.run_as(alice, ["/bin/ln", "-s", str(hidden / "Maildir"), link]).returncode == 0
+    try:
+        assert system.sendmail(alice, alice.name, input=MESSAGE).returncode == 0
+        flushed = system.flush()
+        assert flushed.returncode == 0, flushed.stderr
+        assert system.entries() == [], flushed.stderr.decode()[-2000:]
+        assert b"Subject: attack" in (system.mail_spool / alice.name).read_bytes()
+    finally:
+        os.unlink(link)
+        subprocess.run(["/bin/rm", "-rf", str(hidden)], check=True)
