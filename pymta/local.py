@@ -701,16 +701,16 @@ def _deliver_with_rights(
 
 
 @contextmanager
-def _looking_as(entry: pwd.struct_passwd, groups: list[int]) -> Iterator[None]:
-    """Root's effective ids and groups become the recipient's for a look at their files (through their
+def looking_as(uid: int, gid: int, groups: list[int]) -> Iterator[None]:
+    """Root's effective ids and groups become another user's for a look at their files (through their
     links, with their rights), then root's again. The saved uid stays root's, which is what lets them come
-    back; the recipient, whose uid is neither this process's real nor its saved one, cannot signal it."""
+    back; that user, whose uid is neither this process's real nor its saved one, cannot signal it."""
     own_groups, egid = os.getgroups(), os.getegid()
     os.setgroups(groups)
     try:
-        os.setegid(entry.pw_gid)
+        os.setegid(gid)
         try:
-            os.seteuid(entry.pw_uid)
+            os.seteuid(uid)
             try:
                 yield
             finally:
@@ -729,7 +729,7 @@ def _create_mbox_as_root(entry: pwd.struct_passwd, local: Local) -> None:
     if local.mailbox == "maildir":
         return
     if local.mailbox == "auto":
-        with _looking_as(entry, os.getgrouplist(entry.pw_name, entry.pw_gid)):
+        with looking_as(entry.pw_uid, entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)):
             if _uses_maildir(local, entry):
                 return
     try:
@@ -826,7 +826,7 @@ def _child(
     global _writing_fd
     try:
         own, with_spool_group = groups
-        with _looking_as(entry, own):
+        with looking_as(entry.pw_uid, entry.pw_gid, own):
             to_maildir = _uses_maildir(local, entry)
         os.setgroups(own if to_maildir else with_spool_group)
         os.setgid(entry.pw_gid)

@@ -165,20 +165,10 @@ def entries_as(spool: Spool, uid: int, gid: int) -> list[QueueEntry]:
     groups) rather than root's: a link the owner planted in queue/ or state/ to a file of root's is then
     unreadable, as it is for the owner itself. Root's ids are back before this returns (the saved uid stays
     0 throughout)."""
-    groups, egid = os.getgroups(), os.getegid()
-    os.setgroups([])
-    try:
-        os.setegid(gid)
-        try:
-            os.seteuid(uid)
-            try:
-                entries, _ = spool.entries()  # unreadable entries are the flush's to report, not ours
-            finally:
-                os.seteuid(0)
-        finally:
-            os.setegid(egid)
-    finally:
-        os.setgroups(groups)
+    from .local import looking_as
+
+    with looking_as(uid, gid, []):
+        entries, _ = spool.entries()  # unreadable entries are the flush's to report, not ours
     return entries
 
 
