@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pymta.config import load
-from pymta.flush import Flusher
-from pymta.spool import Spool
+from pymta.config.load import load
+from pymta.delivery.flush import Flusher
+from pymta.queue.spool import Spool
 
 SINK = Path(__file__).resolve().parent / "sink.py"
 

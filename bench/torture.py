@@ -325,7 +325,7 @@ class Mta:
     def submit(self, message: bytes) -> str:
         """Queue `message` in this process as sendmail's commit would, but without its fsyncs: the harness
         fills queues fast, and no power is lost here. The entry is the one `Spool.submit` writes."""
-        from pymta.spool import ENVELOPE_VERSION, Spool, encode_json, new_id
+        from pymta.queue.spool import ENVELOPE_VERSION, Spool, encode_json, new_id
 
         spool = Spool(str(self.spool))
         if not spool.exists():
@@ -381,7 +381,7 @@ class Mta:
         return "; ".join(f"{e['id']} {e['state']} {e['last_error']}" for e in entries[:3])
 
     def flush_lock_free(self) -> bool:
-        from pymta.spool import Spool
+        from pymta.queue.spool import Spool
 
         spool = Spool(str(self.spool))
         fd = spool.lock_flush()
@@ -476,7 +476,7 @@ def _feed_and_kill(
 
 def _spool_entries(mta: Mta) -> tuple[dict[str, list[bytes]], list[str]]:
     """The messages committed in new/ and queue/, by token, and a line for each file that is not one."""
-    from pymta.spool import Spool
+    from pymta.queue.spool import Spool
 
     spool = Spool(str(mta.spool))
     found: dict[str, list[bytes]] = {}
@@ -501,7 +501,7 @@ def sendmail_kill(
     trials: int, seed: int, *, largest: int = 2 * MB, batch: int = 100, progress: Progress = _quiet
 ) -> Tally:
     """kill -9 of `sendmail` at random moments; see the module docstring."""
-    from pymta.spool import STALE_TMP_AGE
+    from pymta.queue.spool import STALE_TMP_AGE
 
     tally = Tally("sendmail-kill")
     rng = random.Random(seed)
@@ -1241,9 +1241,12 @@ class Target:
 
 
 def _fuzz_targets(workdir: Path) -> list[Target]:
-    from pymta import aliases, config, message, sendmail, smtpd
-    from pymta.address import parse_envelope_address, parse_list, recipients_from_args
+    from pymta.config import aliases
+    from pymta.config import load as config
     from pymta.errors import PymtaError, SpoolError, SpoolFullError
+    from pymta.mail import message
+    from pymta.mail.address import parse_envelope_address, parse_list, recipients_from_args
+    from pymta.submission import sendmail, smtpd
 
     include = workdir / "include"
     include.write_text("a@x.org\nb\n")

@@ -2,6 +2,6 @@
 
 import sys
 
-from pymta.cli import main
+from pymta.cli.main import main
 
 sys.exit(main())

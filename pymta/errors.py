@@ -53,12 +53,6 @@ class AddressError(PymtaError):
     exit_code = EX_NOUSER
 
 
-class UnavailableError(PymtaError):
-    """A mode or service that pymta does not offer (yet)."""
-
-    exit_code = EX_UNAVAILABLE
-
-
 class SpoolError(PymtaError):
     """The spool cannot be written: missing, not writable, or on a read-only file system."""
 
@@ -78,13 +72,7 @@ class QueueLimitError(SpoolFullError):
     exit_code = EX_TEMPFAIL
 
 
-class TempFailError(PymtaError):
-    """A passing problem; the caller should try again later."""
-
-    exit_code = EX_TEMPFAIL
-
-
-class PermissionDenied(PymtaError):
+class PermissionDeniedError(PymtaError):
     """The user may not do this."""
 
     exit_code = EX_NOPERM

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pymta.spool import QueueEntry, Spool
+from pymta.queue.spool import QueueEntry, Spool
 
 # The real-users install (tests/system_install.py): one per run, its fixtures used by name.
 pytest_plugins = ["system_install"]

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import pytest
 
-from pymta.spool import QueueEntry, Spool
+from pymta.queue.spool import QueueEntry, Spool
 
 PROJECT = Path(__file__).resolve().parent.parent
 # What pip needs to build the package: a copy is installed, so no build/ or egg-info lands in the tree that

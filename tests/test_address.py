@@ -10,7 +10,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pymta.address import (
+from pymta.errors import AddressError
+from pymta.mail.address import (
     Mailbox,
     excerpt,
     is_local_part_only,
@@ -19,7 +20,6 @@ from pymta.address import (
     qualify,
     recipients_from_args,
 )
-from pymta.errors import AddressError
 
 # (caller or shape, header value or argument, expected (addr, display) pairs)
 LIST_EXAMPLES = [

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pymta import aliases
-from pymta.aliases import Problem
+from pymta.config import aliases
+from pymta.config.aliases import Problem
 from pymta.errors import ConfigError
 
 NOBODY_KNOWS = "pymta-no-such-user"

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymta import bounce
-from pymta import message as message_module
-from pymta.bounce import (
+from pymta.mail import dsn as bounce
+from pymta.mail import message as message_module
+from pymta.mail.dsn import (
     FULL_RETURN_LIMIT,
     ReportedRecipient,
     bounce_recipient,
@@ -27,8 +27,8 @@ from pymta.bounce import (
     status_code,
     wants,
 )
-from pymta.message import header_fields
-from pymta.spool import QueueEntry, RecipientStatus, Spool
+from pymta.mail.message import header_fields
+from pymta.queue.spool import QueueEntry, RecipientStatus, Spool
 
 HOST = "mx.example.net"
 QUEUED = 1_700_000_000.0

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import MtaEnv, script
 
-from pymta.message import complete
-from pymta.spool import QueueEntry
+from pymta.mail.message import complete
+from pymta.queue.spool import QueueEntry
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 DOMAIN = "example.org"

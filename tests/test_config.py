@@ -1,4 +1,5 @@
-"""pymta.config: every key valid and invalid, one-line errors naming file and key, masking, `config check`."""
+"""pymta.config.load: every key valid and invalid, one-line errors naming file and key, masking, `config
+check`."""
 
 import dataclasses
 import os
@@ -16,9 +17,10 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pymta import config, quickconfig
-from pymta.config import Config, PasswordSource, Retry, Smarthost
-from pymta.config_cli import config_group, render
+from pymta.cli.config import config_group, render
+from pymta.config import load as config
+from pymta.config import paths as quickconfig
+from pymta.config.load import Config, PasswordSource, Retry, Smarthost
 from pymta.errors import EX_CONFIG, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -994,7 +996,7 @@ def test_example_config_is_valid_and_shows_every_key() -> None:
         assert f"{key.rpartition('.')[2]}:" in text, key
 
 
-# --- trusted_users and sender_policy (pymta.identity) ---
+# --- trusted_users and sender_policy (pymta.config.identity) ---
 
 
 def test_sender_identity_defaults() -> None:

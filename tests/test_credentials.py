@@ -1,4 +1,4 @@
-"""pymta.credentials: the four password sources, their errors, and that the secret never shows."""
+"""pymta.delivery.credentials: the four password sources, their errors, and that the secret never shows."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import keyring.errors
 import pytest
 from keyring.backend import KeyringBackend
 
-from pymta import credentials
-from pymta.config import PasswordSource
-from pymta.credentials import CredentialError, Secret, resolve
+from pymta.config.load import PasswordSource
+from pymta.delivery import credentials
+from pymta.delivery.credentials import CredentialError, Secret, resolve
 
 SECRET = "hünter2-€"
 HOST = "smtp.example.org"

@@ -25,9 +25,10 @@ import click
 import pytest
 from conftest import local_sandbox
 
-from pymta import config, errors
-from pymta.cli import cli
-from pymta.sendmail import FLAGS, MODES, OPTIONS
+from pymta import errors
+from pymta.cli.main import cli
+from pymta.config import load as config
+from pymta.submission.sendmail import FLAGS, MODES, OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -404,7 +405,7 @@ def test_every_example_and_man_page_is_installed_with_the_package() -> None:
 
 
 def test_the_readme_quotes_the_no_smarthost_reason_as_the_flush_writes_it() -> None:
-    from pymta.flush import NO_SMARTHOST
+    from pymta.delivery.flush import NO_SMARTHOST
 
     readme = (ROOT / "README.md").read_text()
     quoted = re.findall(r"no smarthost configured[^)\"\n]*", readme)

@@ -45,9 +45,9 @@ from mailservers import (
     smtp_server,
 )
 
-from pymta.config import load
-from pymta.flush import Flusher, FlushReport
-from pymta.spool import QueueEntry
+from pymta.config.load import load
+from pymta.delivery.flush import Flusher, FlushReport
+from pymta.queue.spool import QueueEntry
 
 __all__ = ["certificates", "smtp_server"]  # fixtures imported for use
 

@@ -43,9 +43,9 @@ from mailservers import (
     wait_until,
 )
 
-from pymta.config import load
-from pymta.flush import Flusher
-from pymta.spool import STALE_TMP_AGE, QueueEntry, Spool, encode_json, new_id
+from pymta.config.load import load
+from pymta.delivery.flush import Flusher
+from pymta.queue.spool import STALE_TMP_AGE, QueueEntry, Spool, encode_json, new_id
 
 __all__ = ["certificates", "smtp_server"]  # fixtures imported for use
 
@@ -1037,7 +1037,8 @@ def test_a_submission_owned_by_another_user_is_copied_and_attributed_to_its_owne
     assert entry.uid == 65534
     nobody = pwd.getpwuid(65534).pw_name
     assert entry.submitted_by == nobody
-    # The file claims root's sender, which its owner may not set: marked as sendmail does (pymta.identity).
+    # The file claims root's sender, which its owner may not set: marked as sendmail does
+    # (pymta.config.identity).
     warning = f"X-Authentication-Warning: mx.example.org: {nobody} set sender to root using -f\r\n"
     assert mta.message(entry) == warning.encode() + claimed.partition(b"\n")[2]
     [listed] = queue_json(mta)
@@ -1310,7 +1311,7 @@ def test_a_prefetched_message_is_unlocked_when_the_run_fails(mta: MtaEnv) -> Non
 
 @pytest.mark.parametrize("change", ["hold", "delete"])
 def test_a_message_held_or_deleted_before_its_prefetch_is_skipped(mta: MtaEnv, change: str) -> None:
-    from pymta import queue_ops
+    from pymta.queue import ops as queue_ops
 
     script = [
         *greet(), *FIRST_ENVELOPE, ReadData(), *NEXT_COMMANDS,
@@ -1350,8 +1351,8 @@ def test_a_message_held_or_deleted_before_its_prefetch_is_skipped(mta: MtaEnv, c
 def test_a_state_directory_without_room_stops_the_flush_before_it_sends_anything(
     mta: MtaEnv, plain: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pymta import spool as spool_module
     from pymta.errors import SpoolFullError
+    from pymta.queue import spool as spool_module
 
     configure(mta, plain_host(plain.port))
     queue_id = enqueue(mta, "ops@example.net")
@@ -1407,7 +1408,7 @@ def test_an_unwritable_spool_file_is_one_clear_line_and_a_sysexits_code(
     code: int,
     words: str,
 ) -> None:
-    from pymta import cli
+    from pymta.cli import main as cli
 
     def fail(*args: object, **kwargs: object) -> None:
         raise raised
@@ -1423,7 +1424,7 @@ def test_ctrl_c_is_75_and_says_what_became_of_the_work(
 ) -> None:
     import click
 
-    from pymta import cli
+    from pymta.cli import main as cli
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise click.exceptions.Abort()

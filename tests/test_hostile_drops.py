@@ -24,7 +24,7 @@ from mailservers import SmtpServer
 from system_install import SystemInstall
 from test_security import submit, write_as
 
-from pymta.spool import MAX_PICKUP_PER_USER, NEVER, encode_json, new_id
+from pymta.queue.spool import MAX_PICKUP_PER_USER, NEVER, encode_json, new_id
 
 MESSAGE = b"Subject: from bob\n\nhello\n"
 EX_OK = 0

@@ -28,10 +28,10 @@ from conftest import MtaEnv
 from mailservers import Handler, Received, SmtpServer
 from test_flush import Clock, configure, enqueue, flush, flusher, log_lines, plain_host, state_of
 
-from pymta import queue_ops
-from pymta.config import load
+from pymta.config.load import load
 from pymta.errors import SpoolFullError
-from pymta.spool import NEVER, Spool
+from pymta.queue import ops as queue_ops
+from pymta.queue.spool import NEVER, Spool
 
 SENDER = "alice@example.net"  # not local: her bounces go out through the smarthost
 UNKNOWN = "550 5.1.1 <bad@example.net>: user unknown"

@@ -27,8 +27,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymta import local
-from pymta.config import Local
+from pymta.config.load import Local
+from pymta.delivery import local
 
 ROOT = Path(__file__).resolve().parent.parent
 ME = pwd.getpwuid(os.geteuid()).pw_name
@@ -189,8 +189,8 @@ def test_concurrent_deliveries_from_several_processes_never_interleave(spool: Pa
     writers, each = 6, 5
     code = """
         import sys
-        from pymta.local import deliver
-        from pymta.config import Local
+        from pymta.delivery.local import deliver
+        from pymta.config.load import Local
         spool, user, writer, each = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
         for number in range(each):
             body = (f"writer {writer} message {number} " * 4000 + "\\r\\n").encode()
@@ -402,8 +402,8 @@ def test_a_write_that_fails_midway_leaves_the_mbox_exactly_as_before(spool: Path
     before = path.read_bytes()
     code = """
         import resource, sys
-        from pymta.local import deliver
-        from pymta.config import Local
+        from pymta.delivery.local import deliver
+        from pymta.config.load import Local
         spool, user, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         data = b"Subject: big\\r\\n\\r\\n" + b"x" * 200_000 + b"\\r\\n"

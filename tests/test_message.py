@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymta.errors import MessageError
-from pymta.message import (
+from pymta.mail.message import (
     MAX_LINE,
     complete,
     fit_line_length,
@@ -626,12 +626,12 @@ def test_complete_keeps_the_body(generated: tuple[bytes, bytes], full_name: str,
 def test_import_pulls_in_nothing_heavy() -> None:
     """sendmail runs for every cron job: these modules must not import re, typing, email, ... at start-up."""
     # -S: without site, so what the environment's .pth files import cannot hide or fake a heavy import.
-    code = "import pymta.message, pymta.address, sys; print(' '.join(sorted(sys.modules)))"
+    code = "import pymta.mail.message, pymta.mail.address, sys; print(' '.join(sorted(sys.modules)))"
     output = subprocess.run(
         [sys.executable, "-S", "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
     ).stdout
     loaded = set(output.split())
-    assert {"pymta.message", "pymta.address"} <= loaded
+    assert {"pymta.mail.message", "pymta.mail.address"} <= loaded
     heavy = {"re", "typing", "dataclasses", "enum", "email", "json", "smtplib", "ssl", "socket"}
     assert loaded & heavy == set()
     assert not any(name.startswith("email.") for name in loaded)
@@ -768,7 +768,7 @@ def test_parts_nested_deeper_than_the_limit_are_fitted_as_opaque_text() -> None:
 def test_big_parts_are_parsed_fewer_levels_deep(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each level costs a few passes over what it holds: a 30 MB message nested 50 deep took 40 s at
     # every delivery attempt. A part is parsed only while its depth times its size stays under a bound.
-    from pymta import message
+    from pymta.mail import message
 
     monkeypatch.setattr(message, "MAX_PART_WORK", 100_000)
     fitted = fit_line_length(nested_multipart(10, 20_000))  # within MAX_PART_DEPTH, over the bound

@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mailservers import HOST, SmtpServer
 
-from pymta.config import load
-from pymta.flush import Flusher
-from pymta.listing import entry_to_json
-from pymta.local import LocalOutcome
-from pymta.spool import (
+from pymta.config.load import load
+from pymta.delivery.flush import Flusher
+from pymta.delivery.local import LocalOutcome
+from pymta.queue.listing import entry_to_json
+from pymta.queue.spool import (
     MAX_ADDRESS,
     MAX_PICKUP_PER_USER,
     MAX_TIME,
@@ -301,7 +301,7 @@ def test_a_message_whose_smtp_finish_raises_is_deferred_and_the_next_goes_out_on
 ) -> None:
     """The failure hits a message in flight (its commands sent, pipelined): it is parked, the session it was
     on is not trusted any more, and the message started behind it goes out on a new connection."""
-    from pymta import smtp
+    from pymta.delivery import smtp
 
     configured(mta, plain)
     ids = {queue(mta, "one@example.net"): "one@example.net", queue(mta, "two@example.net"): "two@example.net"}
@@ -363,7 +363,7 @@ def test_a_failure_while_an_attempt_is_recorded_keeps_who_it_delivered(
 # queue/ID and before new/ID is unlinked; the test kills it there with SIGKILL.
 STOP_BETWEEN_LINK_AND_UNLINK = """
 import os, signal, sys
-from pymta.spool import Spool
+from pymta.queue.spool import Spool
 
 real_link = os.link
 def link(*args, **kwargs):

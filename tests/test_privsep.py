@@ -1,4 +1,4 @@
-"""The privilege split of a flush started as root on a system spool (pymta.privsep).
+"""The privilege split of a flush started as root on a system spool (pymta.delivery.privsep).
 
 The network and the credentials are handled by a process that runs as the spool's owner; root only forks it
 and writes local mailboxes through a child that runs as each recipient. These tests run the real `pymta flush`
@@ -22,7 +22,7 @@ import pytest
 from conftest import MtaEnv, local_sandbox
 from mailservers import HOST, PASSWORD, USER, SmtpServer, certificates, smtp_server
 
-from pymta.spool import Spool
+from pymta.queue.spool import Spool
 
 __all__ = ["certificates", "smtp_server"]
 
@@ -240,7 +240,7 @@ def test_a_password_file_the_owner_cannot_read_defers_with_the_fix(
 def test_the_user_to_become_is_the_owner_of_the_spool_directory(tmp_path: Path) -> None:
     """Never what a name inside a directory the owner may change says (issue 10: queue/ made a link to a
     directory of root's made the flush run all of its work as root)."""
-    from pymta.privsep import spool_owner
+    from pymta.delivery.privsep import spool_owner
 
     assert NOBODY is not None
     spool, roots = tmp_path / "spool", tmp_path / "roots"

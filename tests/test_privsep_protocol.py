@@ -1,6 +1,6 @@
 """The root side of the privilege split's protocol, spoken to as a compromised delivery process would.
 
-`privsep._serve` (the root process) reads frames (`pymta.frames`) from the delivery process over a
+`privsep._serve` (the root process) reads frames (`pymta.delivery.frames`) from the delivery process over a
 socket pair. Here a test thread plays a delivery process the `pymta` user has taken over: random bytes,
 frames cut short, frames over the limits, frames that stall, and well-framed headers holding anything
 JSON can hold. Whatever comes, root must end (never hang: every session here is given a deadline),
@@ -27,11 +27,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymta import frames, local, privsep
-from pymta.address import MAX_PATH, path_octets
-from pymta.config import Config, Local
-from pymta.flush import FlushReport
-from pymta.local import LocalOutcome, user_name_problem
+from pymta.config.load import Config, Local
+from pymta.delivery import frames, local, privsep
+from pymta.delivery.flush import FlushReport
+from pymta.delivery.local import LocalOutcome, user_name_problem
+from pymta.mail.address import MAX_PATH, path_octets
 
 PREFIX = struct.Struct(">II")
 MAX_MESSAGE = 1000  # the config's max_message_size here; with no allowance, also root's payload limit

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import MtaEnv, local_sandbox, script
 from test_sendmail_cli import NOBODY, unprivileged, world_dir
 
-from pymta.cli import cli
+from pymta.cli.main import cli
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 FIELDS = {

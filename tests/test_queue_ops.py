@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from conftest import MtaEnv, script
 from test_queue_cli import FIELDS
 
-from pymta import queue_ops
-from pymta.cli import cli
-from pymta.config import load
-from pymta.spool import NEVER, Spool
+from pymta.cli.main import cli
+from pymta.config.load import load
+from pymta.queue import ops as queue_ops
+from pymta.queue.spool import NEVER, Spool
 
 SIMPLE = b"Subject: hello\nTo: a@example.net\n\nhello\n"
 CONTRACT = FIELDS  # the DESIGN.md field names, as tests/test_queue_cli.py lists them

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymta import quickconfig
+from pymta.config import paths as quickconfig
 
 TARGETS = ("spool", "deliver", "max_message_size")
 KEYS = frozenset(TARGETS)
@@ -277,7 +277,7 @@ def check_agreement(text: str, tmp_path: Path) -> None:
     keys = [k.value for k, _ in node.value] if isinstance(node, yaml.MappingNode) else []
     if len(keys) != len(set(keys)):
         # PyYAML keeps the last of a key written twice; `pymta` refuses the file, and so does the reader.
-        with pytest.raises(quickconfig.BrokenConfig, match="duplicate key"):
+        with pytest.raises(quickconfig.BrokenConfigError, match="duplicate key"):
             quickconfig.read_scalars(str(path), KEYS)
     elif document is None:
         assert quickconfig.read_scalars(str(path), KEYS) == {}

@@ -1,6 +1,6 @@
 """Sender identity (issue 6, item 3) and the message size limit at submission.
 
-Who may set which envelope sender (`pymta.identity`): at pick-up of a drop file owned by another user
+Who may set which envelope sender (`pymta.config.identity`): at pick-up of a drop file owned by another user
 (system mode, simulated as root with os.chown to uid 65534) a foreign sender gets X-Authentication-Warning,
 or under `sender_policy: strict` the file goes to corrupt/; `sendmail` itself refuses under strict (77).
 The tests that run sendmail as an untrusted user make root untrusted with `trusted_users: []`: the user
@@ -23,13 +23,16 @@ from pathlib import Path
 import pytest
 from conftest import MtaEnv
 
-from pymta import config, identity, quickconfig, routing, sendmail
-from pymta.config import load
+from pymta.config import identity, routing
+from pymta.config import load as config
+from pymta.config import paths as quickconfig
+from pymta.config.identity import ACCEPT, REFUSE, WARN, SenderPolicy
+from pymta.config.load import load
+from pymta.delivery.flush import Flusher
 from pymta.errors import EX_DATAERR, EX_NOPERM
-from pymta.flush import Flusher
-from pymta.identity import ACCEPT, REFUSE, WARN, SenderPolicy
-from pymta.message import header_fields, prepend_field
-from pymta.spool import Spool, encode_json
+from pymta.mail.message import header_fields, prepend_field
+from pymta.queue.spool import Spool, encode_json
+from pymta.submission import sendmail
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 NOBODY_UID = 65534
@@ -530,7 +533,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def test_sender_checks_import_nothing_heavy(mta: MtaEnv, policy: str | None, sender: str) -> None:
     mta.write_config(config_text(UNTRUSTED, f"sender_policy: {policy}\n" if policy else ""))
     code = (
-        "import sys; from pymta.sendmail import main; "
+        "import sys; from pymta.submission.sendmail import main; "
         f"sys.exit(main(['sendmail', '-f', {sender!r}, 'victim@example.net']))"
     )
     env = {**mta.env, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -547,6 +550,6 @@ def test_sender_checks_import_nothing_heavy(mta: MtaEnv, policy: str | None, sen
         for line in result.stderr.decode().splitlines()
         if line.startswith("import time:") and "|" in line and "imported package" not in line
     }
-    assert "pymta.sendmail" in modules
+    assert "pymta.submission.sendmail" in modules
     assert sorted(m for m in modules if m.split(".")[0] in HEAVY) == []
     assert len(mta.entries()) == 1

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import local_sandbox
 
-from pymta import config, setup
-from pymta.cli import main
+from pymta.cli.main import main
+from pymta.config import load as config
+from pymta.setup import plan as setup
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,7 +343,7 @@ def test_a_correct_link_is_left_alone_and_another_pymta_is_replaced(run_setup: S
     sendmail.symlink_to(BIN / "sendmail")
     other = root / "opt/old-pymta/bin/mailq"
     other.parent.mkdir(parents=True)
-    other.write_text("#!/usr/bin/python3\nfrom pymta.sendmail import mailq\n")
+    other.write_text("#!/usr/bin/python3\nfrom pymta.submission.sendmail import mailq\n")
     mailq = root / "usr/bin/mailq"
     mailq.parent.mkdir(parents=True)
     mailq.symlink_to(other)
@@ -449,7 +450,7 @@ def test_units_run_the_flush_of_this_environment(run_setup: Setup, root: Path) -
     service = unit_settings(units / "pymta-flush.service")
     assert service["Type"] == "oneshot"
     assert service["ExecStart"] == f"{BIN / 'pymta'} flush"
-    assert "User" not in service, "it starts as root: local delivery needs it (pymta.privsep)"
+    assert "User" not in service, "it starts as root: local delivery needs it (pymta.delivery.privsep)"
     assert "switched to `pymta` for good" in (units / "pymta-flush.service").read_text()
     timer = unit_settings(units / "pymta-flush.timer")
     assert timer["OnCalendar"] == "*:0/5"

@@ -14,7 +14,7 @@ from conftest import local_sandbox
 from mailservers import PASSWORD, USER, SmtpServer, certificates, self_signed_context, smtp_server
 from test_credentials import MemoryKeyring
 
-from pymta import smarthost_cli
+from pymta.cli import smarthost as smarthost_cli
 
 __all__ = ["certificates", "smtp_server"]  # fixtures imported for use
 pymta_test = smarthost_cli.test_command  # not test_command: pytest would try to collect it

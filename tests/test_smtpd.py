@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 from conftest import MtaEnv, script
 
-from pymta import config, smtpd
+from pymta.config import load as config
 from pymta.errors import EX_OK, EX_TEMPFAIL, EX_USAGE, SpoolFullError
-from pymta.smtpd import Session
+from pymta.submission import smtpd
+from pymta.submission.smtpd import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
@@ -636,7 +637,7 @@ def test_sendmail_imports_the_smtp_module_only_for_bs(mta: MtaEnv) -> None:
         timeout=DEADLINE,
     )
     assert result.returncode == 0, result.stderr
-    assert b"pymta.sendmail" in result.stderr and b"pymta.smtpd" not in result.stderr
+    assert b"pymta.submission.sendmail" in result.stderr and b"pymta.submission.smtpd" not in result.stderr
 
 
 # --- The systemd units: loopback only, one sendmail -bs per connection ---

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
-from pymta.spool import Spool, encode_json, new_id
+from pymta.queue.spool import Spool, encode_json, new_id
 
 ENVELOPE: dict[str, object] = {
     "sender": "alice",

@@ -76,8 +76,8 @@ def test_a_submission_interrupted_during_its_commit_leaves_no_entry(tmp_path: Pa
     durable (the fsync of new/, milliseconds) made sendmail say "interrupted; nothing was queued" and exit 75
     while the entry stayed in new/, to be delivered; the caller, told it failed, sends it again. The commit
     takes the entry back on any interruption, as it does when the fsync fails."""
-    from pymta import spool as spool_module
-    from pymta.spool import Spool
+    from pymta.queue import spool as spool_module
+    from pymta.queue.spool import Spool
 
     def interrupted(directory: str, fd: int) -> None:
         raise KeyboardInterrupt
@@ -97,7 +97,7 @@ def test_a_submission_to_a_shared_spool_interrupted_during_its_commit_leaves_no_
 ):
     """The same for system mode's drop directory (a spool of another user's, committed through directory
     descriptors): a Ctrl-C during the fsync of new/ takes the entry back."""
-    from pymta.spool import Spool
+    from pymta.queue.spool import Spool
 
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir(mode=0o755)

@@ -28,9 +28,11 @@ from pathlib import Path
 import pytest
 from conftest import MtaEnv, local_sandbox
 
-from pymta import config, listing, quickconfig, views
-from pymta.config import Config
-from pymta.spool import Spool, encode_json
+from pymta.config import load as config
+from pymta.config import paths as quickconfig
+from pymta.config.load import Config
+from pymta.queue import listing, views
+from pymta.queue.spool import Spool, encode_json
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: it gives files to other users")
@@ -52,22 +54,22 @@ PRELOAD = (
     "select",
     "stat",
     "threading",
-    "pymta.address",
-    "pymta.aliases",
-    "pymta.cli",
-    "pymta.config",
-    "pymta.identity",
-    "pymta.listing",
-    "pymta.local",
+    "pymta.mail.address",
+    "pymta.config.aliases",
+    "pymta.cli.main",
+    "pymta.config.load",
+    "pymta.config.identity",
+    "pymta.queue.listing",
+    "pymta.delivery.local",
     "pymta.log",
-    "pymta.message",
-    "pymta.privsep",
-    "pymta.queue_cli",
-    "pymta.queue_ops",
-    "pymta.routing",
-    "pymta.sendmail",
-    "pymta.smtpd",
-    "pymta.views",
+    "pymta.mail.message",
+    "pymta.delivery.privsep",
+    "pymta.cli.queue",
+    "pymta.queue.ops",
+    "pymta.config.routing",
+    "pymta.submission.sendmail",
+    "pymta.submission.smtpd",
+    "pymta.queue.views",
 )
 
 
@@ -406,7 +408,7 @@ def test_queued_count_reads_the_header_and_quota_refusal_applies_the_limit(spool
 
 @needs_root
 def test_sendmail_refuses_a_user_at_the_limit_and_queues_nothing(world: Path) -> None:
-    from pymta import sendmail
+    from pymta.submission import sendmail
 
     cfg = world_config(world, "max_queued_per_user: 2\n")
     spool = system_spool(world / "spool")
@@ -433,7 +435,7 @@ def test_sendmail_refuses_a_user_at_the_limit_and_queues_nothing(world: Path) ->
 
 @needs_root
 def test_sendmail_bs_answers_mail_from_with_452_at_the_limit(world: Path) -> None:
-    from pymta import sendmail
+    from pymta.submission import sendmail
 
     cfg = world_config(world, "max_queued_per_user: 1\n")
     spool = system_spool(world / "spool")
@@ -540,7 +542,7 @@ def two_users(world: Path) -> tuple[str, Spool, list[str], list[str]]:
 
 
 def pymta(*args: str) -> Callable[[], int]:
-    from pymta.cli import main
+    from pymta.cli.main import main
 
     return lambda: main(list(args))
 
@@ -552,7 +554,7 @@ def without_ages(listing_text: str) -> str:
 
 @needs_root
 def test_a_user_lists_only_their_own_messages(two_users: tuple[str, Spool, list[str], list[str]]) -> None:
-    from pymta import sendmail
+    from pymta.submission import sendmail
 
     cfg, spool, alice, bob = two_users
     published = view_lines(spool, ALICE)[0]["published"]
@@ -710,7 +712,7 @@ def test_sendmail_queues_all_the_same_with_a_broken_limit_and_says_so(mta: MtaEn
 def test_setup_makes_checks_and_purges_the_status_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pymta.cli import main
+    from pymta.cli.main import main
 
     root = tmp_path / "root"
     root.mkdir()

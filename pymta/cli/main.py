@@ -1,0 +1,120 @@
+"""The `pymta` command: a thin click layer over the library. Each command parses its options, makes one or
+two library calls and turns a library error (PymtaError) into one line on stderr and its sysexits code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pymta import __version__
+from pymta.errors import EX_TEMPFAIL, EX_USAGE, PymtaError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pymta")
+def cli() -> None:
+    """pymta: a small, trustworthy mail relay.
+
+    `sendmail` queues each message in the spool; `pymta flush` delivers the queue to the configured
+    smarthost. These commands let you look at and manage what is waiting.
+
+    The config is read from -C FILE, else $PYMTA_CONFIG, else /etc/pymta/pymta.yaml, else
+    $XDG_CONFIG_HOME/pymta/pymta.yaml. See pymta(1) and pymta.yaml(5).
+    """
+
+
+config_option = click.option(
+    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
+)
+
+
+@cli.command()
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log each delivery attempt on stderr, as it goes to syslog."
+)
+@click.option(
+    "--now", "force", is_flag=True, help="Try every waiting message now, not only those that are due."
+)
+@click.option("--background", is_flag=True, hidden=True, help="Started by sendmail: print nothing.")
+@config_option
+def flush(verbose: bool, force: bool, background: bool, config_file: str | None) -> None:
+    """Deliver the queue: to local mailboxes and to the smarthost.
+
+    Picks up what `sendmail` queued, then delivers every message that is due (with --now: every waiting
+    message): local users (after aliases and `admin:`) into their mailboxes, everyone else over one
+    connection per smarthost. 4xx answers and network, TLS or AUTH trouble defer a recipient until its
+    next retry; a 5xx answer fails it, and its sender gets a bounce. Exits 0 when the run itself worked,
+    even if messages were deferred; when another flush is running it exits 0 at once and that one looks
+    again.
+
+    Run it from a timer every few minutes; `deliver: immediate` also starts it after each message.
+    On a system spool, start it as root: it delivers as the spool's owner and writes each local mailbox
+    as its recipient (pymta(1), PRIVILEGES); other users are refused with exit 77.
+    Every attempt is logged to syslog (facility mail) as `id=... to=<...> relay=... status=...`.
+    """
+    from pymta import log
+    from pymta.config.load import load
+    from pymta.delivery.privsep import run_flush
+
+    config = load(config_file)
+    logger = log.setup(verbose=verbose and not background)
+    show_progress = not (verbose or background) and sys.stderr.isatty()
+    report = run_flush(config, logger, force=force, progress=_progress_line if show_progress else None)
+    if show_progress:
+        click.echo("", err=True)
+    if verbose or (not background and sys.stdout.isatty()):
+        click.echo(report.summary())
+
+
+def _progress_line(done: int, total: int) -> None:
+    """A one-line progress display on the terminal: messages done of the total, and the percentage."""
+    if total >= 10:
+        click.echo(f"\rdelivering {done}/{total} ({100 * done // total}%)", err=True, nl=False)
+
+
+def _register_command_groups() -> None:
+    from pymta.cli.config import config_group
+    from pymta.cli.queue import queue_group
+    from pymta.cli.setup import setup_command
+    from pymta.cli.smarthost import password_group, test_command
+
+    cli.add_command(queue_group)
+    cli.add_command(config_group)
+    cli.add_command(test_command)
+    cli.add_command(password_group)
+    cli.add_command(setup_command)
+
+
+_register_command_groups()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `pymta` console script: click's usage errors become EX_USAGE (64)."""
+    try:
+        code = cli.main(args=argv, prog_name="pymta", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:  # Ctrl-C, or the end of input at a prompt: try again later
+        click.echo("pymta: interrupted; what was done before is kept", err=True)
+        return EX_TEMPFAIL
+    except click.ClickException as exc:
+        exc.show()
+        return EX_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except PymtaError as exc:
+        click.echo(f"pymta: {exc}", err=True)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:  # a file of the spool that could not be written: say which, why and what to do
+        from pymta.queue.spool import write_error
+
+        error = write_error("cannot use", exc.filename or "a file of the spool", exc, "run it again")
+        click.echo(f"pymta: {error}", err=True)
+        return error.exit_code
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""`pymta test` and `pymta password`: check each smarthost, and keep its password in the keyring.
+
+A thin layer over `pymta.delivery.smtp` and `pymta.delivery.credentials`: each command loads the config,
+makes one library
+call per smarthost and turns a library error into one line that says what failed and what to do.
+`pymta test` is `msmtp --serverinfo` for every configured smarthost: it connects, shows TLS, the certificate,
+the server's extensions and whether AUTH succeeds, and sends nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import NoReturn
+
+import click
+
+from pymta.config import load as config
+from pymta.delivery.credentials import (
+    CredentialError,
+    Secret,
+    delete_from_keyring,
+    keyring_backend_problem,
+    keyring_fix,
+    store_in_keyring,
+)
+from pymta.delivery.smtp import Certificate, SessionError, SmtpSession, fetch_certificate
+from pymta.errors import EX_OK, EX_UNAVAILABLE, ConfigError, PymtaError, UsageError
+
+# Days before expiry from which `pymta test` warns about the server certificate.
+EXPIRY_WARNING_DAYS = 14
+
+_config_option = click.option(
+    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
+)
+
+
+# --- pymta test ---
+
+
+@click.command("test", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--to", "to", metavar="ADDR", help="Also send a test message to ADDR through the queue.")
+@_config_option
+@click.pass_context
+def test_command(ctx: click.Context, to: str | None, config_file: str | None) -> None:
+    """Connect to each smarthost and show what a delivery would meet, without sending.
+
+    For every smarthost in the config: the TLS version and cipher, the server certificate (subject, issuer,
+    expiry, fingerprint and how it was verified), the extensions the server offers, and whether AUTH
+    succeeds with the configured password. Each failure is explained with the fix.
+
+    With --to ADDR, a short test message is then queued for ADDR and a flush delivers it, like any
+    other mail; the result for ADDR is shown.
+
+    \b
+    Exit status: 0 when every smarthost passes; 69 (EX_UNAVAILABLE) when one fails;
+    78 (EX_CONFIG) when the config is invalid or names no smarthost.
+    """
+    settings = _load(ctx, config_file)
+    if not settings.smarthosts:
+        from pymta.queue.spool import Spool
+
+        where = settings.source or "/etc/pymta/pymta.yaml (or -C FILE)"
+        if Spool(settings.spool).is_shared():  # system mode: the flush runs as a user with no keyring
+            from pymta.setup.plan import (
+                SECRET_FILE as secret,  # where `pymta setup`'s config points (a 0700 dir)
+            )
+
+            source = f"{{file: {secret}}}"
+            store = f"then put the password in that file: (umask 077; cat > {secret}) && chown pymta {secret}"
+        else:
+            source = "{keyring: pymta}"
+            store = "then store the password with `pymta password set smtp.example.org`"
+        click.echo(
+            f"pymta: no smarthost configured in {where}; add one, e.g.\n"
+            "  smarthosts:\n"
+            "    - host: smtp.example.org\n"
+            "      port: 587\n"
+            "      username: me@example.org\n"
+            f"      password: {source}\n"
+            f"{store} (see pymta.yaml(5))",
+            err=True,
+        )
+        ctx.exit(ConfigError.exit_code)
+    failures = 0
+    for number, smarthost in enumerate(settings.smarthosts):
+        if number:
+            click.echo()
+        if not _check(smarthost, settings.hostname):
+            failures += 1
+    if to is not None:
+        click.echo()
+        if failures:
+            click.echo(
+                f"pymta: not sending the test message to {to}: fix the smarthost problems above first",
+                err=True,
+            )
+            ctx.exit(EX_UNAVAILABLE)
+        from pymta.delivery.flush import send_test_message
+
+        queue_id, entry = send_test_message(settings, to)
+        if entry is None:
+            click.echo(f"Test message {queue_id} to {to}: delivered to the smarthost.")
+        else:
+            click.echo(
+                f"Test message {queue_id} to {to}: {entry.state}; it stays in the queue (pymta queue)."
+            )
+            for recipient in entry.recipients:
+                click.echo(
+                    f"  {recipient.address}: {recipient.status} ({recipient.last_error or 'not tried yet'})"
+                )
+            ctx.exit(EX_UNAVAILABLE)
+    ctx.exit(EX_UNAVAILABLE if failures else EX_OK)
+
+
+def _check(smarthost: config.Smarthost, hostname: str) -> bool:
+    """Open one session, print what it learned; True when everything up to AUTH worked."""
+    session = SmtpSession(smarthost, hostname)
+    error: SessionError | None = None
+    try:
+        session.open()
+    except SessionError as failure:
+        error = failure
+    finally:
+        session.close()
+    info = session.info
+    click.echo(f"{info.relay} (security: {smarthost.security})")
+    if info.greeting:
+        _field("greeting", info.greeting)
+    if info.tls:
+        _field("TLS", f"{info.tls.version}, {info.tls.cipher} ({info.tls.bits} bits)")
+        _certificate(info.tls.certificate)
+    elif smarthost.security == "none" and info.greeting:
+        _field("TLS", "none (security: none): mail travels unencrypted")
+    if info.extensions:
+        _field("extensions", ", ".join(info.extensions))
+    if error is None:
+        if smarthost.username:
+            _field("auth", f"ok, {info.authenticated}")
+        else:
+            _field("auth", "not used (no username configured)")
+        click.echo("  result:       OK")
+        return True
+    if error.stage == "tls" and "certificate verify failed" in error.reason:
+        _offer_pin(smarthost, hostname)
+    click.echo(f"  FAILED:       {error.reason}")
+    return False
+
+
+def _certificate(certificate: Certificate) -> None:
+    if certificate.subject:
+        _field("certificate", certificate.subject)
+    if certificate.issuer:
+        _field("issuer", certificate.issuer)
+    if certificate.not_after:
+        days = (certificate.not_after - datetime.now(UTC)).days
+        note = f" (in {days} days)" if days >= 0 else " (EXPIRED)"
+        if 0 <= days < EXPIRY_WARNING_DAYS:
+            note += " - renew it soon"
+        _field("expires", f"{certificate.not_after:%Y-%m-%d %H:%M} UTC{note}")
+    _field("fingerprint", certificate.fingerprint)
+    _field("verified", certificate.verification)
+
+
+def _offer_pin(smarthost: config.Smarthost, hostname: str) -> None:
+    """After a verification failure: show the certificate the server presents, so it can be pinned."""
+    try:
+        certificate = fetch_certificate(smarthost, hostname)
+    except SessionError:
+        return
+    if certificate is None:
+        return
+    click.echo("  the server presents this certificate (NOT verified):")
+    _certificate(certificate)
+    click.echo(
+        "  if you trust it (compare the fingerprint with the one your provider publishes), pin it with\n"
+        f'    fingerprint: "{certificate.fingerprint}"'
+    )
+
+
+def _field(name: str, value: str) -> None:
+    click.echo(f"  {name + ':':<13} {value}")
+
+
+# --- pymta password ---
+
+
+@click.group("password", context_settings={"help_option_names": ["-h", "--help"]})
+def password_group() -> None:
+    """Store or delete a smarthost password in the keyring.
+
+    The smarthost must take its password from the keyring (password: {keyring: SERVICE} in the config);
+    the entry is stored under that service and the smarthost's username.
+    """
+
+
+@password_group.command("set")
+@click.argument("host")
+@_config_option
+@click.pass_context
+def password_set(ctx: click.Context, host: str, config_file: str | None) -> None:
+    """Store the password for the smarthost HOST in the keyring.
+
+    Asks twice without echo on a terminal; otherwise reads one line from standard input.
+
+    \b
+    Exit status: 0 stored; 64 no such smarthost or no password given; 69 no keyring backend;
+    78 invalid config, or the smarthost does not use the keyring.
+    """
+    settings = _load(ctx, config_file)
+    try:
+        smarthost, service, username = _keyring_entry(settings, host)
+        if problem := keyring_backend_problem():
+            raise CredentialError(f"{problem}; {keyring_fix(smarthost.host)}")
+        secret = _read_password(username, smarthost.host)
+        store_in_keyring(service, username, secret, host=smarthost.host)
+    except PymtaError as error:
+        _fail(ctx, error)
+    click.echo(f"stored the password for {username} at {smarthost.host} in the keyring ({service})")
+
+
+@password_group.command("delete")
+@click.argument("host")
+@_config_option
+@click.pass_context
+def password_delete(ctx: click.Context, host: str, config_file: str | None) -> None:
+    """Delete the password for the smarthost HOST from the keyring.
+
+    \b
+    Exit status: 0 deleted or nothing stored; 64 no such smarthost; 69 no keyring backend;
+    78 invalid config, or the smarthost does not use the keyring.
+    """
+    settings = _load(ctx, config_file)
+    try:
+        smarthost, service, username = _keyring_entry(settings, host)
+        deleted = delete_from_keyring(service, username, host=smarthost.host)
+    except PymtaError as error:
+        _fail(ctx, error)
+    if deleted:
+        click.echo(f"deleted the password for {username} at {smarthost.host} from the keyring ({service})")
+    else:
+        click.echo(
+            f"the keyring ({service}) holds no password for {username} at {smarthost.host}; nothing to do"
+        )
+
+
+def _keyring_entry(settings: config.Config, host: str) -> tuple[config.Smarthost, str, str]:
+    """The smarthost called `host`, its keyring service and username; PymtaError explaining what is wrong."""
+    matches = [s for s in settings.smarthosts if host.lower() in (s.host.lower(), s.label.lower())]
+    if not matches:
+        known = ", ".join(s.label for s in settings.smarthosts) or "none"
+        raise UsageError(f"no smarthost {host} in {settings.source or 'the config'}; configured: {known}")
+    smarthost = matches[0]
+    source = smarthost.password
+    if source is None or source.kind != "keyring" or not smarthost.username:
+        now = (
+            f"takes its password from {{{source.kind}: {source.reference}}}" if source else "has no password:"
+        )
+        raise ConfigError(
+            f"{settings.source}: smarthost {smarthost.label} {now}, not from the keyring; to use the "
+            "keyring write password: {keyring: pymta} (and username:) under it"
+        )
+    return smarthost, source.reference, smarthost.username
+
+
+def _read_password(username: str, host: str) -> Secret:
+    if _stdin_is_terminal():
+        password = click.prompt(
+            f"Password for {username} at {host}",
+            hide_input=True,
+            confirmation_prompt=True,
+            prompt_suffix=": ",
+        )
+    else:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+    if not password:
+        raise UsageError("no password given; type it at the prompt, or pipe it in on one line")
+    return Secret(password)
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _load(ctx: click.Context, config_file: str | None) -> config.Config:
+    """The config; as root on a system spool, the command then goes on as the spool's owner, who is the one
+    that reads the credentials and talks to the smarthost in a flush (pymta(1), PRIVILEGES)."""
+    from pymta.delivery.privsep import become_spool_owner
+
+    try:
+        settings = config.load(config_file)
+        become_spool_owner(settings.spool)
+    except PymtaError as error:
+        _fail(ctx, error)
+    return settings
+
+
+def _fail(ctx: click.Context, error: PymtaError) -> NoReturn:
+    click.echo(f"pymta: {error}", err=True)
+    ctx.exit(error.exit_code)
+
+
+__all__ = ["password_group", "test_command"]

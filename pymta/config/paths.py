@@ -1,0 +1,423 @@
+"""Where pymta's files are, and the few settings `sendmail` needs, read without YAML.
+
+`sendmail` runs for every cron job, and importing a YAML parser costs more than the rest of an enqueue. It
+needs only a handful of top-level scalars (where the spool is, whether to start a flush), so it reads them
+with the small line reader here. Anything the reader is not certain about (a flow collection, an anchor, a
+block scalar, a continued line) makes it fall back to the real YAML parser, so both always agree; a test
+checks that against PyYAML.
+
+A config file that is broken *elsewhere* does not stop `sendmail`: the mail is queued and the flush, which
+validates the whole file (`pymta.config.load`), refuses to run until it is fixed. Mail is kept, not lost.
+
+The search order for the config file (DESIGN.md) lives here too, so `sendmail` and `pymta` agree on it.
+"""
+
+import os
+
+ENV_CONFIG = "PYMTA_CONFIG"
+SYSTEM_CONFIG = "/etc/pymta/pymta.yaml"
+SYSTEM_SPOOL = "/var/spool/pymta"
+
+# Plain scalars starting with these are YAML structure, not text: leave them to the real parser.
+_YAML_INDICATORS = frozenset("[]{}&*!|>%@`,?")
+
+
+def _home() -> str:
+    """The real user's home: $HOME unless it is unset or "/" (sudo runs sendmail with HOME=/), else passwd."""
+    home = os.environ.get("HOME", "")
+    if home and home != "/":
+        return home
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir or "/"
+    except KeyError:  # a uid with no passwd entry
+        return home or "/"
+
+
+def _xdg(variable: str, fallback: str) -> str:
+    value = os.environ.get(variable, "")
+    return value if os.path.isabs(value) else os.path.join(_home(), fallback)
+
+
+def config_candidates(explicit: str | None = None) -> list[str]:
+    """The config files in the order they are tried; a `-C` file or $PYMTA_CONFIG is the only one."""
+    if explicit:
+        return [explicit]
+    from_env = os.environ.get(ENV_CONFIG, "")
+    if from_env:
+        return [from_env]
+    return [SYSTEM_CONFIG, os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "pymta", "pymta.yaml")]
+
+
+def find_config(explicit: str | None = None) -> str | None:
+    """The config file to use, or None when there is none (which is valid: defaults apply).
+
+    A file named explicitly (`-C`, $PYMTA_CONFIG) is returned even if missing, so reading it reports that.
+    """
+    candidates = config_candidates(explicit)
+    if explicit or os.environ.get(ENV_CONFIG, ""):
+        return candidates[0]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def default_spool() -> str:
+    """The spool when the config names none: the system spool once `pymta setup` made it, else the user's."""
+    if os.path.isdir(os.path.join(SYSTEM_SPOOL, "new")):
+        return SYSTEM_SPOOL
+    return os.path.join(_xdg("XDG_STATE_HOME", os.path.join(".local", "state")), "pymta")
+
+
+# The message size limit when the config sets none: pymta.config.load.DEFAULT_MAX_MESSAGE_SIZE, repeated here
+# so
+# that sendmail does not import the YAML parser for it (a test checks they agree).
+DEFAULT_MAX_MESSAGE_SIZE = 35_000_000
+# pymta.config.load.SIZE_UNITS, repeated for the same reason (a test checks that both parse_size agree).
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+}  # fmt: skip
+_DIGITS = "0123456789"
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# pymta.config.load.DEFAULT_MAX_QUEUED_PER_USER, repeated for the same reason (a test checks they agree).
+DEFAULT_MAX_QUEUED_PER_USER = 1000
+
+
+def parse_queue_limit(text: str) -> int | None:
+    """`max_queued_per_user` as `pymta.config.load` reads it: a whole number of at least 1, or `none` (None:
+    no
+    limit). Raises ValueError for anything else."""
+    text = text.strip()
+    if text == "none":
+        return None
+    if not text or text.lstrip(_DIGITS) or int(text) < 1:
+        raise ValueError(f"{text!r} is not a number of messages")
+    return int(text)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `text`, exactly as `pymta.config.load.parse_size` reads it (`35M`, `35MB`, `10k`, `1.5G`,
+    `64KiB`,
+    a plain number), without importing `re` or `fractions`. Raises ValueError when `text` is not a size."""
+    text = text.strip()
+    end = len(text) - len(text.lstrip(_DIGITS))
+    whole, fraction = text[:end], ""
+    if whole and text[end : end + 1] == ".":
+        rest = text[end + 1 :]
+        fraction = rest[: len(rest) - len(rest.lstrip(_DIGITS))]
+        end += 1 + len(fraction)
+        if not fraction:
+            whole = ""  # "5." is no number
+    unit = text[end + 1 :] if text[end : end + 1] == " " else text[end:]
+    if not whole or not all(char in _LETTERS for char in unit) or unit.lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size")
+    scale: int = 10 ** len(fraction)
+    return int(whole + fraction) * _SIZE_UNITS[unit.lower()] // scale
+
+
+class UnsureError(Exception):
+    """The line reader met YAML it does not handle; the real parser must decide."""
+
+
+def _unquote_double(text: str) -> str:
+    out: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == '"':
+            rest = "".join(chars).strip()
+            if rest and not rest.startswith("#"):
+                raise UnsureError
+            return "".join(out)
+        if char == "\\":
+            escaped = next(chars, "")
+            simple = {"\\": "\\", '"': '"', "n": "\n", "t": "\t", "/": "/", " ": " "}
+            if escaped not in simple:
+                raise UnsureError
+            out.append(simple[escaped])
+        else:
+            out.append(char)
+    raise UnsureError  # unterminated: it continues on the next line
+
+
+def _unquote_single(text: str) -> str:
+    out = []
+    i = 0
+    while i < len(text):
+        if text[i] == "'":
+            if text[i + 1 : i + 2] == "'":
+                out.append("'")
+                i += 2
+                continue
+            rest = text[i + 1 :].strip()
+            if rest and not rest.startswith("#"):
+                raise UnsureError
+            return "".join(out)
+        out.append(text[i])
+        i += 1
+    raise UnsureError
+
+
+# Plain scalars YAML 1.1 reads as booleans, or as the merge and value tags: not text.
+_NOT_TEXT = frozenset(
+    "yes Yes YES no No NO true True TRUE false False FALSE on On ON off Off OFF = <<".split()
+)
+
+
+def _may_be_number(text: str) -> bool:
+    """Whether YAML 1.1 might read `text` as a number or a date (0x1F, 010, 1_000, 1:20, 2001-12-14, .5, +1).
+
+    A plain decimal and a decimal with a unit of letters (35M, 5d) are certainly what they look like.
+    """
+    digits = len(text) - len(text.lstrip("0123456789"))
+    if digits == 0:
+        return text[0] in "+-."
+    rest = text[digits:]
+    return (text[0] == "0" and len(text) > 1) or not (rest == "" or (rest.isascii() and rest.isalpha()))
+
+
+def _plain(text: str) -> str | None:
+    # A comment starts at " #" (or is all there is); a ": " inside a plain scalar is a nested mapping.
+    cut = text.find(" #")
+    if cut >= 0:
+        text = text[:cut]
+    text = text.strip()
+    if not text or text.startswith("#") or text in ("~", "null", "Null", "NULL"):
+        return None
+    if text[0] in _YAML_INDICATORS or ": " in text or text.endswith(":") or "\t" in text:
+        raise UnsureError
+    if text in _NOT_TEXT or _may_be_number(text):
+        raise UnsureError  # YAML reads it as a bool, number or date; let it say which
+    return text
+
+
+def _check_closed(node: str) -> None:
+    """Raise UnsureError unless the quoted scalar or [flow] {collection} that `node` starts with ends on its
+    line.
+
+    PyYAML lets such a node continue on lines at any indentation, even column 0, where the line reader
+    would take its continuation for a top-level key.
+    """
+    if node[0] == '"':
+        _unquote_double(node[1:])
+        return
+    if node[0] == "'":
+        _unquote_single(node[1:])
+        return
+    depth = 0
+    quote = ""
+    i = 0
+    while i < len(node):
+        char = node[i]
+        if quote:
+            if char == "\\" and quote == '"':
+                i += 1
+            elif char == quote and node[i + 1 : i + 2] == "'" == quote:
+                i += 1
+            elif char == quote:
+                quote = ""
+        elif char in "\"'" and node[i - 1] in " [{,:":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                rest = node[i + 1 :].strip()
+                if rest and not rest.startswith("#"):
+                    raise UnsureError
+                return
+        elif char == "#" and node[i - 1] in " \t":
+            raise UnsureError  # a comment inside an open collection: it goes on
+        i += 1
+    raise UnsureError
+
+
+def _node(line: str) -> tuple[str, int]:
+    """Where a value starts in `line` (after "- ", "? ", anchors, tags and a plain "key: "), and the offset
+    of the key that owns it: a block scalar's lines are indented beyond that."""
+    content = line
+    owner = 0
+    while True:
+        if content[:2] in ("- ", "? ", ": ") or content in ("-", "?", ":"):
+            content = content[2:].lstrip(" ")
+        elif content[:1] in ("&", "!"):
+            content = content.partition(" ")[2].lstrip(" ")
+        elif not content or content[0] in "\"'[{|>":
+            return content, owner
+        else:
+            owner = len(line) - len(content)
+            key, colon, rest = content.partition(": ")
+            if not colon:
+                return "", owner
+            content = rest.lstrip(" ")
+
+
+def _continues(lines: list[str], number: int) -> bool:
+    """Whether the next line with content after `number` is indented, i.e. belongs to this line's value."""
+    for following in lines[number + 1 :]:
+        stripped = following.strip()
+        if stripped and not stripped.startswith("#"):
+            return following[0] in " \t"
+    return False
+
+
+def _scan(text: str, keys: frozenset[str]) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    seen: set[str] = set()  # every top-level key: one written twice is an error PyYAML alone lets pass
+    started = False  # a line of the document has been read: a "---" now starts a second one
+    lines = text.splitlines()
+    block_column = -1  # lines indented beyond this column are the content of a | or > block scalar
+    for number, line in enumerate(lines):
+        content = line.lstrip(" ")
+        indent = len(line) - len(content)
+        if block_column >= 0 and (indent > block_column or not content.strip()):
+            continue
+        block_column = -1
+        if not content.strip() or content.startswith("#"):
+            continue
+        if line.startswith(("---", "...")) and line[3:4] in ("", " ", "\t"):
+            if started or (line[3:].strip() and not line[3:].strip().startswith("#")):
+                raise UnsureError  # a second document, or content on the document marker line
+            continue
+        started = True
+        node, owner = _node(content)
+        if node[:1] in ("|", ">"):
+            block_column = indent + owner
+        elif node[:1] in ('"', "'", "[", "{"):
+            _check_closed(node)
+        if indent:
+            continue
+        if line.startswith("%") or line[0] in "\"'?-[{\t":
+            raise UnsureError  # directives, quoted or complex keys, a top-level sequence
+        key, colon, rest = line.partition(":")
+        if not colon:
+            raise UnsureError
+        key = key.rstrip()
+        if key == "<<" or key in seen:
+            # A merge key can bring in any key; a key twice is for the YAML reader to report.
+            raise UnsureError
+        seen.add(key)
+        if key not in keys:
+            continue
+        if rest and rest[0] != " ":
+            raise UnsureError
+        if _continues(lines, number):
+            raise UnsureError  # a nested block, or a value continued on the next lines
+        found[key] = _scalar(rest.strip())
+    return found
+
+
+def _scalar(value: str) -> str | None:
+    """A one-line scalar as YAML reads it: double-quoted, single-quoted or plain. Raises UnsureError."""
+    if value.startswith('"'):
+        return _unquote_double(value[1:])
+    if value.startswith("'"):
+        return _unquote_single(value[1:])
+    return _plain(value)
+
+
+def _duplicate_key(node: object) -> tuple[str, int] | None:
+    """The first top-level key of a YAML mapping node that is written twice, and its line (1-based)."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            if key_node.value in seen:
+                return key_node.value, key_node.start_mark.line + 1
+            seen.add(key_node.value)
+    return None
+
+
+class BrokenConfigError(ValueError):
+    """The file is not valid YAML. `salvaged` holds the wanted keys that stand plainly on a line of their
+    own (`spool: /path` at the start of a line), so a broken line elsewhere does not move the mail to
+    another spool."""
+
+    def __init__(self, message: str, salvaged: dict[str, str | None]) -> None:
+        super().__init__(message)
+        self.salvaged = salvaged
+
+
+def _salvage(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    seen: set[str] = set()
+    twice: set[str] = set()  # a key on two lines (a duplicate, a second document): neither value counts
+    lines = data.decode("utf-8", "replace").splitlines()
+    for number, line in enumerate(lines):
+        key, colon, rest = line.partition(":")
+        if not colon or key not in keys:
+            continue
+        if key in seen:
+            twice.add(key)
+        seen.add(key)
+        if rest[:1] == " " and not _continues(lines, number):
+            try:
+                found[key] = _scalar(rest.strip())
+            except UnsureError:
+                continue
+    return {key: value for key, value in found.items() if key not in twice}
+
+
+def read_scalars(path: str, keys: frozenset[str]) -> dict[str, str | None]:
+    """The top-level scalar values of `keys` in the YAML file at `path` (absent keys are left out).
+
+    Values are returned as the text YAML would give for a string; callers interpret them. Raises OSError
+    when the file cannot be read, BrokenConfigError when it is not valid YAML, and ValueError when it is valid
+    YAML but not a mapping.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise UnsureError
+        return _scan(text, keys)
+    except (UnsureError, UnicodeDecodeError):
+        return _read_with_yaml(data, keys)
+
+
+def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
+    import yaml
+
+    try:
+        loader = yaml.SafeLoader(data)
+        try:
+            node = loader.get_single_node()
+            twice = _duplicate_key(node)
+            document = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        from pymta.config.load import (
+            yaml_problem,  # the words `pymta config check` uses; the file is broken anyway
+        )
+
+        raise BrokenConfigError(yaml_problem(exc), _salvage(data, keys)) from None
+    except RecursionError:  # PyYAML recurses once per level of nesting: `[[[[...` a few thousand deep
+        raise BrokenConfigError("nested too deeply to be read", _salvage(data, keys)) from None
+    if twice is not None:  # PyYAML keeps the last; `pymta` refuses the file: neither value can be trusted
+        key, line = twice
+        raise BrokenConfigError(
+            f"line {line}: duplicate key {key!r}; remove one of them", _salvage(data, keys)
+        )
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ValueError("the file must be a mapping of keys to values")
+    found: dict[str, str | None] = {}
+    for key in keys:
+        if key in document:
+            value = document[key]
+            if isinstance(value, bool):
+                found[key] = "true" if value else "false"
+            else:
+                found[key] = None if value is None else str(value)
+    return found

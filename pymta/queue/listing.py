@@ -1,0 +1,398 @@
+"""What is in the queue, for people (`mailq`, `pymta queue`) and for scripts (`pymta queue --json`).
+
+The JSON field names are a contract (DESIGN.md, "pymta queue --json"): monitoring depends on them. The table
+is for an admin at a terminal: one line per message, its last error indented below it, as Postfix's mailq.
+This module does not import click, so `mailq` stays light.
+
+In system mode a user who is neither root nor the spool's owner cannot read the queue; `load_visible` then
+gives their own messages from the view the last delivery run published for them (`pymta.queue.views`), and
+`view_notes` the line that says so. Their JSON is the same array, holding only their messages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from pymta.errors import EX_OK, PermissionDeniedError
+from pymta.queue.spool import QueueEntry, Spool
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymta.queue.ops import Details
+
+
+def iso_utc(timestamp: float) -> str:
+    """ISO 8601 in UTC with a Z, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+# A recipient replaced by its alias targets (or the admin) was handed on: to scripts, it is delivered;
+# its targets follow it in the list with statuses of their own.
+CONTRACT_STATUS = {"expanded": "delivered"}
+
+
+def untold(entry: QueueEntry) -> bool:
+    """Whether `entry` failed and no human was told: a failed recipient was never reported (its bounce had
+    nobody to go to: `bounce.bounce_recipient`) and none is owed. `failed_retention` never removes it."""
+    return (
+        entry.state == "failed"
+        and not entry.bounce_due
+        and any(r.status == "failed" and not r.reported for r in entry.recipients)
+    )
+
+
+# What the listing says below such a message; what to do about them (after `untold_summary`).
+UNTOLD_NOTE = "no one was told it failed: kept until you delete it (pymta queue delete ID)"
+UNTOLD_FIX = "read each with pymta queue show ID, then remove it with pymta queue delete ID"
+
+
+def untold_summary(count: int) -> str | None:
+    """The line that points at the `count` messages no one was told about (for `pymta queue` and
+    `pymta setup --check`), or None when there are none."""
+    if not count:
+        return None
+    return f"{count} failed message{'s' if count != 1 else ''} no one was told about: see pymta queue"
+
+
+def entry_to_json(entry: QueueEntry) -> dict[str, object]:
+    """One message as the `pymta queue --json` contract describes it."""
+    return {
+        "id": entry.id,
+        "state": entry.state,
+        "sender": entry.sender,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": CONTRACT_STATUS.get(r.status, r.status),
+                "last_error": r.last_error,
+            }
+            for r in entry.recipients
+        ],
+        "size": entry.size,
+        "submitted_by": entry.submitted_by,
+        "queued_at": iso_utc(entry.queued_at),
+        "next_attempt": None if entry.next_attempt is None else iso_utc(entry.next_attempt),
+        "attempts": entry.attempts,
+        "last_error": entry.last_error,
+    }
+
+
+def time_of_iso(text: object) -> float:
+    """The Unix time of an `iso_utc` text. Raises ValueError when it is not one."""
+    import calendar
+
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not an ISO 8601 time")
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def entry_from_json(data: dict[str, object], uid: int = -1) -> QueueEntry:
+    """An `entry_to_json` object read back as a QueueEntry of `uid` (a user's view): what the table and
+    `pymta queue show` print of it. Raises ValueError when it is not such an object."""
+    recipients = data.get("recipients")
+    if not isinstance(recipients, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("address"), str) for r in recipients
+    ):
+        raise ValueError("its recipients are not a list of {address, status, last_error}")
+    size = data.get("size")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError("its size is not a number")
+    next_attempt = data.get("next_attempt")
+    envelope: dict[str, object] = {
+        "id": data.get("id"),
+        "sender": data.get("sender"),
+        "recipients": [r["address"] for r in recipients],
+        "submitted_by": data.get("submitted_by"),
+        "uid": uid,
+        "queued_at": time_of_iso(data.get("queued_at")),
+    }
+    state: dict[str, object] = {
+        "state": data.get("state"),
+        "attempts": data.get("attempts", 0),
+        "next_attempt": None if next_attempt is None else time_of_iso(next_attempt),
+        "last_error": data.get("last_error"),
+        # A user's view does not say what was reported; untold messages are the admin's to find.
+        "recipients": {
+            r["address"]: {"status": r.get("status"), "last_error": r.get("last_error"), "reported": True}
+            for r in recipients
+        },
+    }
+    return QueueEntry("queue", "", envelope, state, size, uid)
+
+
+def human_age(seconds: float) -> str:
+    """An age as an admin reads it at a glance: 42s, 5m, 3h, 2d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def human_size(size: int) -> str:
+    """A size in bytes, KiB or MiB with one decimal where it helps."""
+    if size < 1024:
+        return f"{size}B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f}K"
+    return f"{size / (1024 * 1024):.1f}M"
+
+
+def format_table(entries: list[QueueEntry], now: float | None = None) -> list[str]:
+    """The queue as lines of text: a header, a line per message (and its last error), a total."""
+    if not entries:
+        return ["Mail queue is empty"]
+    now = time.time() if now is None else now
+    width = max(len(entry.id) for entry in entries)
+    lines = [f"{'ID':<{width}}  {'AGE':>4}  {'SIZE':>6}  {'STATE':<8}  SENDER -> RECIPIENTS"]
+    for entry in entries:
+        sender = entry.sender or "<>"
+        pending = [r.address for r in entry.recipients if r.status not in ("delivered", "expanded")]
+        lines.append(
+            f"{entry.id:<{width}}  {human_age(now - entry.queued_at):>4}  {human_size(entry.size):>6}  "
+            f"{entry.state:<8}  {sender} -> {', '.join(pending) or '(all delivered)'}"
+        )
+        if entry.last_error:
+            lines.append(f"{'':<{width}}  ({entry.last_error})")
+        if untold(entry):
+            lines.append(f"{'':<{width}}  ({UNTOLD_NOTE})")
+    total = sum(entry.size for entry in entries)
+    count = len(entries)
+    lines.append(f"-- {count} message{'s' if count != 1 else ''}, {human_size(total)} in total")
+    summary = untold_summary(sum(1 for entry in entries if untold(entry)))
+    if summary is not None:
+        lines.append(f"-- {summary} ({UNTOLD_FIX})")
+    return lines
+
+
+def _when(timestamp: object) -> str | None:
+    return (
+        iso_utc(timestamp) if isinstance(timestamp, int | float) and not isinstance(timestamp, bool) else None
+    )
+
+
+def details_to_json(details: Details) -> dict[str, object]:
+    """`pymta queue show --json`: the `pymta queue --json` object of the message, and more about it."""
+    entry, state = details.entry, details.state
+    shown = {
+        "argument": details.argument,
+        "ok": True,
+        **entry_to_json(entry),
+        "location": entry.location,
+        "last_attempt": _when(state.get("last_attempt")),
+        "relay": state.get("relay") if isinstance(state.get("relay"), str) else None,
+        "held_from": state.get("held_from") if entry.state == "held" else None,
+        "bounce_due": state.get("bounce_due") is True,
+        "untold": untold(entry),
+        "headers": [{"name": name, "value": value} for name, value in details.headers],
+    }
+    if details.message is not None:
+        shown["message"] = details.message.decode("utf-8", "replace")
+    return shown
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (an escape sequence in a header) shown as \\xNN."""
+    return "".join(
+        char
+        if char == "\t" or (ord(char) >= 0x20 and not 0x7F <= ord(char) < 0xA0)
+        else f"\\x{ord(char):02x}"
+        for char in text
+    )
+
+
+def format_details(details: Details, now: float | None = None) -> list[str]:
+    """`pymta queue show`: what an admin needs to know about one message, one fact per line."""
+    now = time.time() if now is None else now
+    entry, state = details.entry, details.state
+
+    def when(timestamp: float) -> str:
+        ago = now - timestamp
+        return (
+            f"{iso_utc(timestamp)} ({human_age(ago)} ago)"
+            if ago >= 0
+            else f"{iso_utc(timestamp)} (in {human_age(-ago)})"
+        )
+
+    lines = [f"id:            {entry.id}"]
+    if entry.location == "new":
+        lines.append("location:      new/ (committed, not yet picked up by a flush)")
+    state_line = entry.state
+    if entry.state == "held":
+        state_line += f" (was {state.get('held_from', 'queued')}; `pymta queue release` lets it go)"
+    lines.append(f"state:         {state_line}")
+    lines.append(f"sender:        {printable(entry.sender) if entry.sender else '<> (the null sender)'}")
+    who = f"{entry.submitted_by} (uid {entry.uid}" + (
+        f", {printable(entry.full_name)})" if entry.full_name else ")"
+    )
+    lines.append(f"submitted by:  {who}")
+    lines.append(f"queued at:     {when(entry.queued_at)}")
+    lines.append(f"size:          {human_size(entry.size)} ({entry.size} bytes)")
+    attempts = str(entry.attempts)
+    last_attempt = state.get("last_attempt")
+    if isinstance(last_attempt, int | float):
+        attempts += f", the last at {when(last_attempt)}"
+        relay = state.get("relay")
+        if isinstance(relay, str) and relay != "none":
+            attempts += f" via {printable(relay)}"
+    lines.append(f"attempts:      {attempts}")
+    if entry.next_attempt is None:
+        nothing = {"held": "none while held", "failed": "none: every recipient is done"}
+        lines.append(f"next attempt:  {nothing.get(entry.state, 'none')}")
+    elif entry.next_attempt <= now:
+        lines.append("next attempt:  due now (the next flush)")
+    else:
+        lines.append(f"next attempt:  {when(entry.next_attempt)}")
+    if entry.last_error:
+        lines.append(f"last error:    {printable(entry.last_error)}")
+    if state.get("bounce_due") is True:
+        lines.append("bounce:        owed to the sender; the next flush sends it")
+    elif untold(entry):
+        lines.append(f"bounce:        {UNTOLD_NOTE}")
+    dsn = [
+        f"{key}={value}"
+        for key, value in (("notify", entry.dsn_notify), ("ret", entry.dsn_ret), ("envid", entry.dsn_envid))
+        if value
+    ]
+    if dsn:
+        lines.append(f"dsn:           {printable(', '.join(dsn))}")
+    lines.append("recipients:")
+    width = max(len(r.status) for r in entry.recipients) if entry.recipients else 0
+    for recipient in entry.recipients:
+        lines.append(f"  {recipient.status:<{width}}  {printable(recipient.address)}")
+        if recipient.last_error:
+            lines.append(f"  {'':<{width}}  {printable(recipient.last_error)}")
+    if details.note is not None:  # a user's own view holds no header fields
+        lines.append(f"view:          {details.note}")
+    elif details.message is None:
+        lines.append("headers:")
+        lines.extend(f"  {printable(name)}: {printable(value)}" for name, value in details.headers)
+    return lines
+
+
+def load(spool_path: str) -> tuple[list[QueueEntry], list[str]]:
+    """The entries of the spool (none when it does not exist yet) and a line per unreadable entry."""
+    try:
+        return Spool(spool_path).entries()
+    except PermissionError:
+        raise PermissionDeniedError(
+            f"cannot read the queue in {spool_path}: permission denied; "
+            "run this as root or as the spool's owner"
+        ) from None
+
+
+class Visible:
+    """What this user may see of the queue: the entries and a line per unreadable one; for a user who sees
+    only their own view (`own_view`), when the last delivery run published it (None: it found no message
+    of theirs), the limit it counted against, and who else sees the whole queue (`owner`)."""
+
+    __slots__ = ("entries", "problems", "own_view", "published", "limit", "owner")
+
+    def __init__(
+        self,
+        entries: list[QueueEntry],
+        problems: list[str],
+        own_view: bool = False,
+        published: float | None = None,
+        limit: int | None = None,
+        owner: str = "",
+    ) -> None:
+        self.entries = entries
+        self.problems = problems
+        self.own_view = own_view
+        self.published = published
+        self.limit = limit
+        self.owner = owner
+
+
+def load_visible(spool_path: str) -> Visible:
+    """The whole queue when this user may read it (`load`); else, in system mode, their own view."""
+    from pymta.queue import views
+
+    try:
+        return Visible(*Spool(spool_path).entries())
+    except PermissionError:
+        if not views.own_view_only(spool_path):
+            return Visible(*load(spool_path))  # raises PermissionDeniedError
+    return own_view(spool_path)
+
+
+def own_view(spool_path: str) -> Visible:
+    """This user's messages as the last delivery run saw them (`pymta.queue.views`): never anyone else's."""
+    from pymta.queue import views
+
+    uid = os.geteuid()
+    owner = views.spool_owner_name(spool_path)
+    path = views.view_path(spool_path, uid)
+    try:
+        view = views.read_view(spool_path, uid)
+    except ValueError as exc:
+        return Visible([], [f"{path}: {exc}; the next delivery run rewrites it"], True, None, None, owner)
+    except OSError as exc:
+        raise PermissionDeniedError(
+            f"cannot read your queue view {path}: {exc.strerror or exc}; "
+            "only root and the spool's owner read the queue itself (pymta setup --check)"
+        ) from None
+    if view is None:
+        return Visible([], [], True, None, None, owner)
+    entries, problems = [], []
+    for number, message in enumerate(view.messages, 2):
+        try:
+            entries.append(entry_from_json(message, uid))
+        except ValueError as exc:
+            problems.append(f"{path}: line {number}: {exc}")
+    return Visible(entries, problems, True, view.published, view.limit, owner)
+
+
+def clock(timestamp: float, now: float | None = None) -> str:
+    """A local time as a user reads it: HH:MM today, else the date too."""
+    now = time.time() if now is None else now
+    when = time.localtime(timestamp)
+    if when[:3] == time.localtime(now)[:3]:
+        return time.strftime("%H:%M", when)
+    return time.strftime("%Y-%m-%d %H:%M", when)
+
+
+# Mail a user sent after the last delivery run is in no view yet: said wherever a view is shown.
+SINCE = "; mail sent since then shows after the next one"
+
+
+def whole_queue_note(owner: str) -> str:
+    """Who may see the whole queue: root, and the spool's owner (when that is not root itself)."""
+    return (
+        "only root sees the whole queue" if owner == "root" else f"only root and {owner} see the whole queue"
+    )
+
+
+def view_notes(visible: Visible, now: float | None = None) -> list[str]:
+    """The lines that tell a user they see only their own messages, and as of when (none for an admin)."""
+    if not visible.own_view:
+        return []
+    whole = whole_queue_note(visible.owner)
+    if visible.published is None or not visible.entries:
+        when = "" if visible.published is None else f"{clock(visible.published, now)}; "
+        since = SINCE.removeprefix("; ")
+        return [f"you have no messages in the queue as of the last delivery run ({when}{since}); {whole}"]
+    notes = [f"your messages as of {clock(visible.published, now)} (the last delivery run{SINCE}); {whole}"]
+    if visible.limit is not None and len(visible.entries) >= visible.limit:
+        notes.append(
+            f"you have reached max_queued_per_user ({visible.limit}): sendmail takes no new message from "
+            "you until some of these are delivered"
+        )
+    return notes
+
+
+def print_queue(spool_path: str) -> int:
+    """`mailq` and `sendmail -bp`: print the table (a user's own view: the note, then the table of their
+    messages); unreadable entries are reported on stderr."""
+    visible = load_visible(spool_path)
+    lines = view_notes(visible)
+    if visible.entries or not visible.own_view:
+        lines += format_table(visible.entries)
+    for problem in visible.problems:
+        os.write(2, f"mailq: cannot read {problem}\n".encode("utf-8", "replace"))
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+    return EX_OK
