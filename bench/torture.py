@@ -1246,7 +1246,7 @@ def _fuzz_targets(workdir: Path) -> list[Target]:
     from pymta.errors import PymtaError, SpoolError, SpoolFullError
     from pymta.mail import message
     from pymta.mail.address import parse_envelope_address, parse_list, recipients_from_args
-    from pymta.submission import sendmail, smtpd
+    from pymta.submission import invocation, smtpd, submit
 
     include = workdir / "include"
     include.write_text("a@x.org\nb\n")
@@ -1258,7 +1258,7 @@ def _fuzz_targets(workdir: Path) -> list[Target]:
 
     def sendmail_args(data: bytes, rng: random.Random) -> object:
         words = [text(word) for word in data.split(b"\0")]
-        return sendmail.parse_args(words)
+        return invocation.parse_args(words)
 
     def submission(data: bytes, rng: random.Random) -> object:
         unreadable: list[str] | None = [] if rng.random() < 0.5 else None
@@ -1295,7 +1295,7 @@ def _fuzz_targets(workdir: Path) -> list[Target]:
         if rng.random() < 0.5:
             return config.loads(data, "fuzz.yaml")
         config_file.write_bytes(data)  # as sendmail reads it: no YAML where possible, never fails
-        return sendmail.read_settings(str(config_file))
+        return submit.read_settings(str(config_file))
 
     def bs_dialogue(data: bytes, rng: random.Random) -> object:
         queued: list[str] = []

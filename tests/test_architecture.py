@@ -37,9 +37,6 @@ KNOWN_LAYER = {
     "pymta.mail.dsn -> pymta.queue.spool",
     # queue
     "pymta.queue.views -> pymta.delivery.local",
-    # submission
-    "pymta.submission.sendmail -> pymta.cli.main",
-    "pymta.submission.sendmail -> pymta.delivery.privsep",
 }
 KNOWN_CYCLES = {
     # config
@@ -49,15 +46,9 @@ KNOWN_CYCLES = {
     # queue
     "pymta.queue.ops -> pymta.queue.listing -> pymta.queue.ops",
     "pymta.queue.listing -> pymta.queue.views -> pymta.queue.listing",
-    # submission
-    "pymta.cli.main -> pymta.cli.queue -> pymta.submission.sendmail -> pymta.cli.main",
-    "pymta.submission.sendmail -> pymta.submission.smtpd -> pymta.submission.sendmail",
 }
 KNOWN_UNMARKED = {
     # cli
-    "pymta.cli.config",
-    "pymta.cli.main",
-    "pymta.cli.queue",
     "pymta.cli.setup",
     "pymta.cli.smarthost",
     # config
@@ -73,9 +64,6 @@ KNOWN_UNMARKED = {
     "pymta.queue.views",
     # setup
     "pymta.setup.plan",
-    # submission
-    "pymta.submission.sendmail",
-    "pymta.submission.smtpd",
 }
 KNOWN_LARGE = {
     # config
@@ -92,8 +80,6 @@ KNOWN_LARGE = {
     "pymta.queue.spool",
     # setup
     "pymta.setup.plan",
-    # submission
-    "pymta.submission.sendmail",
 }
 
 

@@ -28,7 +28,7 @@ from conftest import local_sandbox
 from pymta import errors
 from pymta.cli.main import cli
 from pymta.config import load as config
-from pymta.submission.sendmail import FLAGS, MODES, OPTIONS
+from pymta.submission.invocation import FLAGS, MODES, OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

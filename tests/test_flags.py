@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymta.errors import EX_NOUSER, EX_UNAVAILABLE, EX_USAGE, PymtaError
-from pymta.submission.sendmail import FLAGS, Invocation, parse_args
+from pymta.submission.invocation import FLAGS, Invocation, parse_args
 
 
 def fields(invocation: Invocation) -> dict[str, object]:

@@ -32,7 +32,7 @@ from pymta.delivery.flush import Flusher
 from pymta.errors import EX_DATAERR, EX_NOPERM
 from pymta.mail.message import header_fields, prepend_field
 from pymta.queue.spool import Spool, encode_json
-from pymta.submission import sendmail
+from pymta.submission import submit
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 NOBODY_UID = 65534
@@ -480,15 +480,15 @@ def test_reading_stops_just_past_the_limit(stdin_pipe: int, stop_at_dot: bool) -
     data = b"Subject: x\n\n" + b"line of text\n" * 1000
     os.write(stdin_pipe, data)
     os.close(stdin_pipe)
-    assert sendmail.read_stdin(stop_at_dot, limit=100) == data[:101]
+    assert submit.read_stdin(stop_at_dot, limit=100) == data[:101]
     assert os.read(0, 1 << 20) == data[101:]  # the rest was left unread
-    assert sendmail.read_stdin(stop_at_dot, limit=100) == b""
+    assert submit.read_stdin(stop_at_dot, limit=100) == b""
 
 
 def test_reading_without_a_limit_takes_everything(stdin_pipe: int) -> None:
     os.write(stdin_pipe, b"x" * 50_000)
     os.close(stdin_pipe)
-    assert sendmail.read_stdin(False) == b"x" * 50_000
+    assert submit.read_stdin(False) == b"x" * 50_000
 
 
 # --- the import-light size parser agrees with the config's ---
@@ -533,7 +533,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 def test_sender_checks_import_nothing_heavy(mta: MtaEnv, policy: str | None, sender: str) -> None:
     mta.write_config(config_text(UNTRUSTED, f"sender_policy: {policy}\n" if policy else ""))
     code = (
-        "import sys; from pymta.submission.sendmail import main; "
+        "import sys; from pymta.cli.sendmail import main; "
         f"sys.exit(main(['sendmail', '-f', {sender!r}, 'victim@example.net']))"
     )
     env = {**mta.env, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -550,6 +550,6 @@ def test_sender_checks_import_nothing_heavy(mta: MtaEnv, policy: str | None, sen
         for line in result.stderr.decode().splitlines()
         if line.startswith("import time:") and "|" in line and "imported package" not in line
     }
-    assert "pymta.submission.sendmail" in modules
+    assert "pymta.cli.sendmail" in modules
     assert sorted(m for m in modules if m.split(".")[0] in HEAVY) == []
     assert len(mta.entries()) == 1

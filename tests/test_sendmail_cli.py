@@ -723,9 +723,7 @@ def test_sendmail_imports_nothing_heavy(mta: MtaEnv, deliver: str) -> None:
     # -S: without site, the editable install's path hook (which imports re, pathlib...) is not loaded, so
     # the list below is pymta's own doing; the project root goes on sys.path through PYTHONPATH instead.
     mta.write_config(f"deliver: {deliver}\n")
-    code = (
-        "import sys; from pymta.submission.sendmail import main; sys.exit(main(['sendmail', '-t', 'root']))"
-    )
+    code = "import sys; from pymta.cli.sendmail import main; sys.exit(main(['sendmail', '-t', 'root']))"
     env = {**mta.env, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run(
         [sys.executable, "-S", "-X", "importtime", "-c", code],
@@ -739,9 +737,7 @@ def test_sendmail_imports_nothing_heavy(mta: MtaEnv, deliver: str) -> None:
     for line in result.stderr.decode().splitlines():
         if line.startswith("import time:") and "|" in line and "imported package" not in line:
             modules.add(line.rsplit("|", 1)[1].strip())
-    assert (
-        "pymta.submission.sendmail" in modules and "pymta.queue.spool" in modules
-    )  # the measurement saw pymta
+    assert "pymta.cli.sendmail" in modules and "pymta.queue.spool" in modules  # the measurement saw pymta
     assert len(mta.entries()) == 1
     heavy = sorted(m for m in modules if m.split(".")[0] in FORBIDDEN_IMPORTS)
     assert heavy == [], heavy

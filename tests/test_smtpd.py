@@ -637,7 +637,7 @@ def test_sendmail_imports_the_smtp_module_only_for_bs(mta: MtaEnv) -> None:
         timeout=DEADLINE,
     )
     assert result.returncode == 0, result.stderr
-    assert b"pymta.submission.sendmail" in result.stderr and b"pymta.submission.smtpd" not in result.stderr
+    assert b"pymta.cli.sendmail" in result.stderr and b"pymta.submission.smtpd" not in result.stderr
 
 
 # --- The systemd units: loopback only, one sendmail -bs per connection ---

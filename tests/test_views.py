@@ -67,7 +67,9 @@ PRELOAD = (
     "pymta.cli.queue",
     "pymta.queue.ops",
     "pymta.config.routing",
-    "pymta.submission.sendmail",
+    "pymta.cli.sendmail",
+    "pymta.submission.invocation",
+    "pymta.submission.submit",
     "pymta.submission.smtpd",
     "pymta.queue.views",
 )
@@ -408,7 +410,7 @@ def test_queued_count_reads_the_header_and_quota_refusal_applies_the_limit(spool
 
 @needs_root
 def test_sendmail_refuses_a_user_at_the_limit_and_queues_nothing(world: Path) -> None:
-    from pymta.submission import sendmail
+    from pymta.cli import sendmail
 
     cfg = world_config(world, "max_queued_per_user: 2\n")
     spool = system_spool(world / "spool")
@@ -435,7 +437,7 @@ def test_sendmail_refuses_a_user_at_the_limit_and_queues_nothing(world: Path) ->
 
 @needs_root
 def test_sendmail_bs_answers_mail_from_with_452_at_the_limit(world: Path) -> None:
-    from pymta.submission import sendmail
+    from pymta.cli import sendmail
 
     cfg = world_config(world, "max_queued_per_user: 1\n")
     spool = system_spool(world / "spool")
@@ -554,7 +556,7 @@ def without_ages(listing_text: str) -> str:
 
 @needs_root
 def test_a_user_lists_only_their_own_messages(two_users: tuple[str, Spool, list[str], list[str]]) -> None:
-    from pymta.submission import sendmail
+    from pymta.cli import sendmail
 
     cfg, spool, alice, bob = two_users
     published = view_lines(spool, ALICE)[0]["published"]

@@ -10,6 +10,7 @@ import click
 import yaml
 
 from pymta.config import load as config
+from pymta.config.routing import Router
 from pymta.errors import EX_CONFIG, ConfigError
 
 
@@ -50,8 +51,6 @@ def check(config_file: str | None) -> None:
     Exit status: 0 when the config is valid; 78 (EX_CONFIG) when it is not,
     with one line on stderr naming the file, the key, what is wrong and the fix.
     """
-    from pymta.config.routing import Router
-
     try:
         settings = config.load(config_file)
     except ConfigError as error:

@@ -8,8 +8,11 @@ import sys
 
 import click
 
-from pymta import __version__
+from pymta import __version__, log
+from pymta.config.load import load
+from pymta.delivery.privsep import run_flush
 from pymta.errors import EX_TEMPFAIL, EX_USAGE, PymtaError
+from pymta.queue.spool import write_error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,10 +57,6 @@ def flush(verbose: bool, force: bool, background: bool, config_file: str | None)
     as its recipient (pymta(1), PRIVILEGES); other users are refused with exit 77.
     Every attempt is logged to syslog (facility mail) as `id=... to=<...> relay=... status=...`.
     """
-    from pymta import log
-    from pymta.config.load import load
-    from pymta.delivery.privsep import run_flush
-
     config = load(config_file)
     logger = log.setup(verbose=verbose and not background)
     show_progress = not (verbose or background) and sys.stderr.isatty()
@@ -75,10 +74,11 @@ def _progress_line(done: int, total: int) -> None:
 
 
 def _register_command_groups() -> None:
-    from pymta.cli.config import config_group
-    from pymta.cli.queue import queue_group
-    from pymta.cli.setup import setup_command
-    from pymta.cli.smarthost import password_group, test_command
+    # lazy: each command group is its own module, so that a later change can load only the one that runs
+    from pymta.cli.config import config_group  # lazy: see above
+    from pymta.cli.queue import queue_group  # lazy: see above
+    from pymta.cli.setup import setup_command  # lazy: see above
+    from pymta.cli.smarthost import password_group, test_command  # lazy: see above
 
     cli.add_command(queue_group)
     cli.add_command(config_group)
@@ -108,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as exc:  # a file of the spool that could not be written: say which, why and what to do
-        from pymta.queue.spool import write_error
-
         error = write_error("cannot use", exc.filename or "a file of the spool", exc, "run it again")
         click.echo(f"pymta: {error}", err=True)
         return error.exit_code

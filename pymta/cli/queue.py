@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 
 import click
 
+from pymta import log
+from pymta.config.load import Config, load
+from pymta.delivery.privsep import become_spool_owner
+from pymta.errors import ConfigError
 from pymta.queue import listing
 from pymta.queue import ops as queue_ops
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pymta.config.load import Config
+from pymta.submission.submit import read_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,8 +91,6 @@ def _settings(as_json: bool, config_file: str | None, verb: str = "") -> tuple[b
 
     As root on a system spool the command goes on as the spool's owner, so what it writes stays theirs.
     With a `verb` (a command that changes messages), a user who may not is refused first (EX_NOPERM)."""
-    from pymta.config.load import load
-
     parent = click.get_current_context().find_root().meta
     config = load(config_file or parent.get("pymta.queue.config"))
     if verb:
@@ -103,8 +102,6 @@ def _settings(as_json: bool, config_file: str | None, verb: str = "") -> tuple[b
 def _become_spool_owner(spool: str) -> None:
     """As root on a system spool, list as its owner (pymta(1), PRIVILEGES): what the owner planted in the
     queue (a FIFO, a link to a file of root's) is then read with the owner's rights, never root's."""
-    from pymta.delivery.privsep import become_spool_owner
-
     become_spool_owner(spool)
 
 
@@ -112,14 +109,9 @@ def _spool_to_list(config_file: str | None) -> tuple[str, int]:
     """The spool to list, and the exit status. A broken config does not hide the queue: like mailq, the
     listing goes on with the spool sendmail keeps mail in meanwhile, after the config's error, and then
     exits 78 (the commands that change messages refuse outright)."""
-    from pymta.config.load import load
-    from pymta.errors import ConfigError
-
     try:
         return load(config_file).spool, 0
     except ConfigError as exc:
-        from pymta.submission.sendmail import read_settings
-
         spool = read_settings(config_file).spool
         click.echo(f"pymta: {exc}", err=True)
         click.echo(f"pymta: listing {spool}, where sendmail queues while the config is broken", err=True)
@@ -139,8 +131,6 @@ def _report(results: list[queue_ops.Result], as_json: bool) -> None:
 
 
 def _logger() -> logging.Logger:
-    from pymta import log
-
     return log.setup()
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import select
 
+from pymta.config import paths as quickconfig
 from pymta.errors import (
     EX_CANTCREAT,
     EX_OK,
@@ -54,12 +55,13 @@ from pymta.errors import (
     SpoolFullError,
     UsageError,
 )
+from pymta.mail.address import parse_envelope_address, parse_list, recipient_addrs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pymta.submission.sendmail import Invocation
+    from pymta.submission.invocation import Invocation
 
 # Seconds without input before the session ends with 421 (RFC 5321 4.5.3.2.7 asks for at least 5 minutes).
 IDLE_TIMEOUT = 300.0
@@ -256,8 +258,6 @@ def _path_and_params(argument: str, keyword: str) -> tuple[str, list[tuple[str, 
 
 def _sender(path: str) -> str:
     """The envelope sender of a MAIL FROM path ("" for <>), checked as `sendmail -f` checks it."""
-    from pymta.mail.address import parse_envelope_address
-
     try:
         return parse_envelope_address(path)
     except AddressError as exc:
@@ -266,8 +266,6 @@ def _sender(path: str) -> str:
 
 def _recipient(path: str) -> str:
     """The one recipient of a RCPT TO path, checked as sendmail's command-line recipients are."""
-    from pymta.mail.address import parse_list, recipient_addrs
-
     try:
         mailboxes = parse_list(path)
         if len(mailboxes) != 1:
@@ -540,8 +538,6 @@ def _note(line: str) -> None:
 def _settings(config: str | None) -> tuple[str, int]:
     """How the greeting names us (`hostname:`, else the node name: no DNS lookup) and the message size limit
     (`max_message_size:`), read without YAML where possible. A broken config never stops the session."""
-    from pymta.config import paths as quickconfig
-
     values: dict[str, str | None] = {}
     path = quickconfig.find_config(config)
     if path is not None:

@@ -1,0 +1,287 @@
+"""Submitting one message: read it from standard input, read the few settings it needs, and commit it.
+
+`submit` is what `sendmail` and each message of `sendmail -bs` end in: prepare the message (normalise, -t,
+strip Bcc), check the size limit, the sender policy and the user's queue limit, commit it to the spool
+(`pymta.queue.spool`'s commit protocol) and, in user mode with `deliver: immediate`, start a detached flush.
+It runs for every message on the machine, so it imports nothing heavy and reads the config without YAML
+(`read_settings`); it never touches the network (ARCHITECTURE.md, invariant 5).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from pymta import errors
+from pymta.config import paths as quickconfig
+from pymta.errors import MessageError, PymtaError, UsageError
+from pymta.mail.address import unique_addresses
+from pymta.mail.message import prepare_submission
+from pymta.queue.spool import SUBMIT_MIN_FREE, Spool, real_user
+from pymta.queue.views import hold_quota, quota_refusal
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymta.queue.views import QuotaHold
+    from pymta.submission.invocation import Invocation
+
+
+def read_stdin(stop_at_dot: bool, limit: int | None = None) -> bytes:
+    """The whole of standard input as bytes; with `stop_at_dot`, up to a line holding only '.'.
+
+    DESIGN.md, "Lone dot": reading ends at EOF, except at a terminal without -i/-oi, where a line with only
+    '.' ends the message as sendmail(8) always did. With a `limit`, reading stops once more than `limit`
+    bytes have come (at most `limit + 1` are kept): the caller refuses the message as too large.
+    """
+    room = -1 if limit is None else limit + 1  # bytes still wanted; -1: no limit
+    if stop_at_dot:
+        lines = []
+        with os.fdopen(os.dup(0), "rb", buffering=0) as terminal:
+            while room:
+                line = terminal.readline(room)
+                if not line or line.rstrip(b"\r\n") == b".":
+                    break
+                lines.append(line)
+                room = max(room - len(line), 0) if room > 0 else room
+        return b"".join(lines)
+    chunks = []
+    try:
+        while room:
+            chunk = os.read(0, 1 << 20 if room < 0 else min(room, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            room = room - len(chunk) if room > 0 else room
+    except OSError as exc:
+        raise errors.NoInputError(
+            f"cannot read the message from standard input: {exc.strerror}; pipe the message into sendmail"
+        ) from None
+    return b"".join(chunks)
+
+
+class Settings:
+    """What sendmail reads from the config (without YAML where possible), and what is wrong with it."""
+
+    __slots__ = ("spool", "default_spool", "deliver", "max_size", "sender_policy", "max_queued", "warnings")
+
+    def __init__(
+        self,
+        spool: str,
+        default_spool: bool,
+        deliver: str | None,
+        max_size: int,
+        sender_policy: str | None,
+        warnings: list[str],
+        max_queued: int | None = None,
+    ) -> None:
+        self.spool = spool
+        self.default_spool = default_spool  # the default user spool: its parents may be created
+        self.deliver = deliver
+        self.max_size = max_size  # max_message_size in bytes
+        self.sender_policy = sender_policy
+        self.max_queued = max_queued  # max_queued_per_user; None: no limit
+        self.warnings = warnings  # one line each: what is wrong with the config; mail is queued all the same
+
+
+_SETTING_KEYS = frozenset(("spool", "deliver", "max_message_size", "sender_policy", "max_queued_per_user"))
+
+
+def read_settings(config_file: str | None) -> Settings:
+    """The spool, the delivery mode, the size limit and the sender policy, and warnings when the config is
+    broken: read without YAML where possible. A broken config never stops a submission."""
+    warnings: list[str] = []
+    values: dict[str, str | None] = {}
+    path = quickconfig.find_config(config_file)
+    if path is not None:
+        try:
+            values = quickconfig.read_scalars(path, _SETTING_KEYS)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            warnings.append(f"cannot read the config {path} ({reason}); fix it and run 'pymta config check'")
+            if isinstance(exc, quickconfig.BrokenConfigError):
+                values = exc.salvaged
+    max_size = quickconfig.DEFAULT_MAX_MESSAGE_SIZE
+    size_text = values.get("max_message_size")
+    if size_text:
+        try:
+            max_size = quickconfig.parse_size(size_text)
+        except ValueError:
+            max_size = 0
+        if max_size <= 0:
+            max_size = quickconfig.DEFAULT_MAX_MESSAGE_SIZE
+            warnings.append(
+                f"max_message_size: {size_text!r} is not a size, so {max_size} bytes applies; "
+                "fix it and run 'pymta config check'"
+            )
+    max_queued: int | None = quickconfig.DEFAULT_MAX_QUEUED_PER_USER
+    queued_text = values.get("max_queued_per_user")
+    if queued_text:
+        try:
+            max_queued = quickconfig.parse_queue_limit(queued_text)
+        except ValueError:
+            warnings.append(
+                f"max_queued_per_user: {queued_text!r} is not a number of messages, so {max_queued} "
+                "applies; fix it and run 'pymta config check'"
+            )
+    spool = values.get("spool")
+    if spool and not os.path.isabs(spool):
+        warnings.append(
+            f"{path}: spool: {spool!r} is not an absolute path, so the message goes to the default spool; "
+            "fix it and run 'pymta config check'"
+        )
+        spool = None
+    default = not spool
+    return Settings(
+        spool or quickconfig.default_spool(),
+        default,
+        values.get("deliver"),
+        max_size,
+        values.get("sender_policy"),
+        warnings,
+        max_queued,
+    )
+
+
+def _check_sender(invocation: Invocation, login: str, sender: str) -> None:
+    """Under `sender_policy: strict`, refuse (EX_NOPERM) a sender that `login` may not set.
+
+    The rare path (-f with another address than the login name, and a strict policy): only here is the whole
+    config loaded, so the decision is the one the pick-up takes (`pymta.config.identity`). A config that
+    cannot be
+    loaded decides nothing here: the message is queued and the pick-up, which needs the config, judges it.
+    """
+    from pymta.config import load as config  # lazy: the YAML parser, only for -f under a strict policy
+    from pymta.config.identity import REFUSE, policy_of  # lazy: needs the loaded config, as above
+
+    try:
+        settings = config.load(invocation.config)
+    except PymtaError:
+        return
+    policy = policy_of(settings)
+    if policy.strict and policy.judge(login, sender) == REFUSE:
+        raise errors.PermissionDeniedError(
+            f"{policy.refusal(login, sender)}; ask the admin to add {login} to trusted_users, or send "
+            "without -f; nothing was queued"
+        )
+
+
+def submit(invocation: Invocation, data: bytes, settings: Settings | None = None) -> tuple[str, list[str]]:
+    """Prepare the message read from stdin and commit it to the spool; return its queue id and recipients.
+
+    `settings` are what `read_settings` read from the config (read here when not given, as for -bs).
+    """
+    settings = settings or read_settings(invocation.config)
+    if len(data) > settings.max_size:  # read_stdin stopped just past the limit
+        raise _too_large(settings)
+    unreadable: list[str] = []  # -t: header addresses that cannot be read; the others still get the mail
+    message, header_recipients = prepare_submission(
+        data, extract_recipients=invocation.extract, unreadable=unreadable
+    )
+    if len(message) > settings.max_size:  # counted as stored and sent: lines end in CRLF
+        raise _too_large(settings)
+    # -t plus argv recipients: the union (Postfix, nullmailer), each address once
+    recipients = unique_addresses([*invocation.recipients, *header_recipients])
+    if unreadable and not recipients:
+        raise MessageError(unreadable[0])
+    if not recipients:
+        where = "in the To, Cc or Bcc headers" if invocation.extract else "on the command line (or use -t)"
+        raise UsageError(f"no recipients: give at least one address {where}")
+    login, gecos, uid = real_user()
+    sender = login if invocation.sender is None else invocation.sender
+    # Only a sender other than the login name, under a strict policy, needs the rest of the config.
+    if sender != login and settings.sender_policy == "strict":
+        _check_sender(invocation, login, sender)
+    envelope: dict[str, object] = {
+        "sender": sender,
+        "recipients": recipients,
+        "submitted_by": login,
+        "uid": uid,
+        "full_name": gecos if invocation.full_name is None else invocation.full_name,
+        "queued_at": time.time(),
+        "notify": invocation.notify,
+        "ret": invocation.ret,
+        "envid": invocation.envid,
+        "body_type": invocation.body_type,
+    }
+    spool = Spool(settings.spool)
+    quota = _check_queue_limit(settings, uid)  # holds the user's drop ledger until released
+    try:
+        # The default user spool may be the first thing under ~/.local/state on a fresh machine.
+        queue_id = spool.submit(
+            envelope, message, create_parents=settings.default_spool, reserve=SUBMIT_MIN_FREE
+        )
+        quota.record(queue_id, time.time())
+    except PymtaError:
+        for warning in settings.warnings:
+            say(warning)
+        raise
+    finally:
+        quota.release()
+    for warning in settings.warnings:  # one line: what is wrong, and that the mail is safe all the same
+        say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {settings.spool}")
+    for problem in unreadable:  # a logwatch report with one typo in To: still reaches the others
+        say(f"{problem}; that address was left out, the message queued for the others as {queue_id}")
+    # In system mode the spool's owner delivers (a systemd path unit or the timer); in user mode we start it.
+    if settings.deliver != "queue" and not invocation.queue_only and spool.private:
+        _start_flush(invocation)
+    return queue_id, recipients
+
+
+def _check_queue_limit(settings: Settings, uid: int) -> QuotaHold:
+    """System mode: refuse (EX_TEMPFAIL) a user with `max_queued_per_user` messages waiting, as the last
+    delivery run counted them and as the user's drops since then add up (`pymta.queue.views.hold_quota`);
+    nothing is queued. Else the hold, to record the drop in and release. Costs a few stats and small reads."""
+    hold = hold_quota(settings.spool, uid, settings.max_queued, record=True)
+    if hold.refusal:
+        for warning in settings.warnings:
+            say(warning)
+        raise errors.QueueLimitError(hold.refusal)
+    return hold
+
+
+def refusal_of(invocation: Invocation) -> str | None:
+    """Why the running user may not queue a message now (`max_queued_per_user`), or None: for `-bs`, which
+    answers MAIL FROM with it."""
+    settings = read_settings(invocation.config)
+    return quota_refusal(settings.spool, real_user()[2], settings.max_queued)
+
+
+def _too_large(settings: Settings) -> PymtaError:
+    for warning in settings.warnings:  # a max_message_size that could not be read says so
+        say(warning)
+    return errors.MessageError(
+        f"message too large: more than {settings.max_size} bytes (max_message_size); nothing was queued"
+    )
+
+
+def _start_flush(invocation: Invocation) -> None:
+    """Start `pymta flush` detached: its own session, no stdio of the caller's, never waited for.
+
+    The caller (cron, PHP, sudo) waits for sendmail's exit and for its stdout/stderr to close; the flush holds
+    none of them, so it never delays the caller. Many flushes started at once are harmless: the spool's
+    flush lock lets one deliver, and the others ask it to look again.
+    """
+    argv = [sys.executable, "-m", "pymta", "flush", "--background"]
+    if invocation.config:
+        argv += ["-C", invocation.config]
+    devnull = os.devnull
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0),
+    ]
+    try:
+        os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setsid=True)
+    except OSError as exc:
+        if invocation.verbose:
+            say(f"could not start a delivery now ({exc.strerror}); the timer will deliver the message")
+
+
+def say(line: str, program: str = "sendmail") -> None:
+    """One line on stderr, named for the program; a caller that closed stderr (at, anacron) must not make us
+    fail."""
+    try:
+        os.write(2, f"{program}: {line}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
