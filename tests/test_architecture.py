@@ -49,7 +49,6 @@ KNOWN_CYCLES = {
 }
 KNOWN_UNMARKED = {
     # cli
-    "pymta.cli.setup",
     "pymta.cli.smarthost",
     # config
     "pymta.config.identity",
@@ -62,8 +61,6 @@ KNOWN_UNMARKED = {
     "pymta.queue.listing",
     "pymta.queue.ops",
     "pymta.queue.views",
-    # setup
-    "pymta.setup.plan",
 }
 KNOWN_LARGE = {
     # config
@@ -78,8 +75,6 @@ KNOWN_LARGE = {
     # queue
     "pymta.queue.ops",
     "pymta.queue.spool",
-    # setup
-    "pymta.setup.plan",
 }
 
 

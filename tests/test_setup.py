@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from conftest import local_sandbox
 
 from pymta.cli.main import main
 from pymta.config import load as config
-from pymta.setup import plan as setup
+from pymta.setup import install, steps
+from pymta.setup.files import owner_of
+from pymta.setup.units import path_unit, service_unit, timer_unit
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +210,7 @@ def test_a_second_run_changes_nothing(run_setup: Setup, root: Path) -> None:
     again = run_setup()
     assert again.code == 0
     assert again.changes == [], again.lines
-    assert len(again.marked("ok", "warn")) == len(setup.install_plan(setup.Install(root=str(root))))
+    assert len(again.marked("ok", "warn")) == len(steps.install_plan(install.Install(root=str(root))))
     assert snapshot(root) == before
 
 
@@ -237,7 +240,7 @@ def test_links_point_at_the_console_scripts_and_work(run_setup: Setup, root: Pat
     assert result.code == 0, result.lines
     assert config_file.read_text() == config_text, "an existing config is never overwritten"
     assert any("left as it is" in line for line in run_setup().lines)
-    for link, script in setup.LINKS:
+    for link, script in install.LINKS:
         path = root / link.lstrip("/")
         assert path.is_symlink(), path
         assert os.readlink(path) == str(BIN / script)
@@ -343,7 +346,7 @@ def test_a_correct_link_is_left_alone_and_another_pymta_is_replaced(run_setup: S
     sendmail.symlink_to(BIN / "sendmail")
     other = root / "opt/old-pymta/bin/mailq"
     other.parent.mkdir(parents=True)
-    other.write_text("#!/usr/bin/python3\nfrom pymta.submission.sendmail import mailq\n")
+    other.write_text("#!/usr/bin/python3\nfrom pymta.cli.sendmail import mailq\n")
     mailq = root / "usr/bin/mailq"
     mailq.parent.mkdir(parents=True)
     mailq.symlink_to(other)
@@ -405,7 +408,7 @@ def test_check_reports_tampering_each_with_its_fix(run_setup: Setup, root: Path)
     if IS_ROOT:
         owner = expected_spool_owner()
         assert f"{root / SPOOL / 'queue'} is owned by" in problems
-        assert f"fix: chown {setup._owner_of(*owner).label}" in problems
+        assert f"fix: chown {owner_of(*owner).label}" in problems
     # Checking changed nothing; setup then fixes it all.
     assert mode(new) == 0o755
     fixed = run_setup()
@@ -474,7 +477,7 @@ def test_units_run_the_flush_of_this_environment(run_setup: Setup, root: Path) -
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_systemd_accepts_the_units(run_setup: Setup, root: Path) -> None:
     assert run_setup().code == 0
-    units = [str(root / "etc/systemd/system" / name) for name in setup.UNITS]
+    units = [str(root / "etc/systemd/system" / name) for name in install.UNITS]
     verified = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *units], capture_output=True, text=True, timeout=60
     )
@@ -483,8 +486,17 @@ def test_systemd_accepts_the_units(run_setup: Setup, root: Path) -> None:
 
 
 def test_the_examples_are_what_setup_installs() -> None:
-    assert (ROOT / "examples/pymta-flush.path").read_text() == setup.path_unit("/var/spool/pymta")
-    assert (ROOT / "examples/pymta-flush.timer").read_text() == setup.TIMER_UNIT
+    assert (ROOT / "examples/pymta-flush.path").read_text() == path_unit("/var/spool/pymta")
+    assert (ROOT / "examples/pymta-flush.timer").read_text() == timer_unit()
+
+
+def test_the_templates_go_into_the_wheel() -> None:
+    """A wheel (not an editable install) has only the package data pyproject.toml names."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["pymta.setup"]
+    templates = ROOT / "pymta/setup/templates"
+    named = {path for pattern in patterns for path in (ROOT / "pymta/setup").glob(pattern)}
+    assert set(templates.iterdir()) <= named and len(named) >= 4
 
 
 def test_no_systemd_writes_a_cron_line(run_setup: Setup, root: Path) -> None:
@@ -501,10 +513,8 @@ def test_no_systemd_writes_a_cron_line(run_setup: Setup, root: Path) -> None:
 
 
 def test_exec_start_quotes_a_path_with_spaces() -> None:
-    assert 'ExecStart="/opt/my pymta/bin/pymta" flush\n' in setup.service_unit(
-        "/opt/my pymta/bin/pymta", "/s"
-    )
-    assert "ExecStart=/opt/100%%/pymta flush\n" in setup.service_unit("/opt/100%/pymta", "/s")
+    assert 'ExecStart="/opt/my pymta/bin/pymta" flush\n' in service_unit("/opt/my pymta/bin/pymta", "/s")
+    assert "ExecStart=/opt/100%%/pymta flush\n" in service_unit("/opt/100%/pymta", "/s")
 
 
 # --- The config ---
@@ -525,14 +535,14 @@ def test_the_installed_config_is_valid_and_relays_nothing(run_setup: Setup, root
 
 def test_adapting_the_example_comments_out_only_those_blocks() -> None:
     example = (ROOT / "examples/pymta.yaml").read_text()
-    adapted = setup.adapt_example(example)
+    adapted = install.adapt_example(example)
     assert config.loads(adapted).smarthosts == ()
     # Each line is the example's, or the example's behind a '#': the lines of those four keys.
     pairs = list(zip(adapted.splitlines(), example.splitlines(), strict=True))
     assert all(mine in (theirs, f"#{theirs}") for mine, theirs in pairs)
     keys = {theirs.split(":")[0] for mine, theirs in pairs if mine != theirs and not theirs[0].isspace()}
     assert keys == {"admin", "smarthosts", "routes", "rewrite"}
-    assert setup.adapt_example(
+    assert install.adapt_example(
         "deliver: queue\nadmin: a@b.c\nroutes:\n  - x: 1\n\n  - y: 2\n# note\nretry: {}\n"
     ) == ("deliver: queue\n#admin: a@b.c\n#routes:\n#  - x: 1\n\n#  - y: 2\n# note\nretry: {}\n")
 

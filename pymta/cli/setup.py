@@ -1,6 +1,6 @@
 """`pymta setup`: install system mode on this machine (or under --root DIR), check it, or undo it.
 
-A thin layer over `pymta.setup.plan`: it turns the options into an Install and a plan, runs the plan and exits
+A thin layer over `pymta.setup`: it turns the options into an Install and a plan, runs the plan and exits
 with its status. Every step prints one line: `[ok] ...` when there is nothing to do, else one line per
 change (`[create]`, `[fix]`, `[backup]`, `[run]`, `[remove]`, `[restore]`; `[would ...]` with --dry-run,
 `[problem] ...; fix: ...` with --check).
@@ -11,6 +11,10 @@ from __future__ import annotations
 import click
 
 from pymta.errors import UsageError
+from pymta.setup import plan
+from pymta.setup.install import Install, require_root
+from pymta.setup.steps import install_plan
+from pymta.setup.uninstall import uninstall_plan
 
 
 @click.command("setup", context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,17 +81,15 @@ def setup_command(
 
     Run it as root; --root DIR, --check and --dry-run do not need root.
     """
-    from pymta.setup import plan as setup
-
     if sum((dry_run, check, uninstall)) > 1 and not (dry_run and uninstall):
         raise UsageError("pymta setup: --check goes with neither --dry-run nor --uninstall")
     if purge and not uninstall:
         raise UsageError("pymta setup: --purge goes with --uninstall only")
-    install = setup.Install(root=root, user=user, template=config_file, systemd=False if no_systemd else None)
-    mode = setup.CHECK if check else setup.DRY_RUN if dry_run else setup.APPLY
-    setup.require_root(install, mode)
-    plan = setup.uninstall_plan(install, purge) if uninstall else setup.install_plan(install)
-    status = setup.run(plan, mode, click.echo)
-    if mode == setup.CHECK and status:
+    install = Install(root=root, user=user, template=config_file, systemd=False if no_systemd else None)
+    mode = plan.CHECK if check else plan.DRY_RUN if dry_run else plan.APPLY
+    require_root(install, mode)
+    steps = uninstall_plan(install, purge) if uninstall else install_plan(install)
+    status = plan.run(steps, mode, click.echo)
+    if mode == plan.CHECK and status:
         click.echo("pymta setup --check: problems found; `pymta setup` fixes what it can", err=True)
     ctx.exit(status)

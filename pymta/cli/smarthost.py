@@ -62,7 +62,7 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
 
         where = settings.source or "/etc/pymta/pymta.yaml (or -C FILE)"
         if Spool(settings.spool).is_shared():  # system mode: the flush runs as a user with no keyring
-            from pymta.setup.plan import (
+            from pymta.setup.install import (
                 SECRET_FILE as secret,  # where `pymta setup`'s config points (a 0700 dir)
             )
 
