@@ -325,7 +325,9 @@ class Mta:
     def submit(self, message: bytes) -> str:
         """Queue `message` in this process as sendmail's commit would, but without its fsyncs: the harness
         fills queues fast, and no power is lost here. The entry is the one `Spool.submit` writes."""
-        from pymta.queue.spool import ENVELOPE_VERSION, Spool, encode_json, new_id
+        from pymta.queue.directory import encode_json, new_id
+        from pymta.queue.entry import ENVELOPE_VERSION
+        from pymta.queue.spool import Spool
 
         spool = Spool(str(self.spool))
         if not spool.exists():

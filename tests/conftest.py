@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pymta.queue.spool import QueueEntry, Spool
+from pymta.queue.entry import QueueEntry
+from pymta.queue.spool import Spool
 
 # The real-users install (tests/system_install.py): one per run, its fixtures used by name.
 pytest_plugins = ["system_install"]

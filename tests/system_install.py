@@ -39,7 +39,8 @@ from typing import IO, Any
 
 import pytest
 
-from pymta.queue.spool import QueueEntry, Spool
+from pymta.queue.entry import QueueEntry
+from pymta.queue.spool import Spool
 
 PROJECT = Path(__file__).resolve().parent.parent
 # What pip needs to build the package: a copy is installed, so no build/ or egg-info lands in the tree that

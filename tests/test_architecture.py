@@ -32,9 +32,9 @@ MAX_LINES = 650  # "no module over ~600 lines"
 # another's lines. Each entry goes when its module is fixed; the test fails on an entry no longer needed.
 KNOWN_LAYER = {
     # config
-    "pymta.config.aliases -> pymta.queue.spool",
+    "pymta.config.aliases -> pymta.queue.directory",
     # mail
-    "pymta.mail.dsn -> pymta.queue.spool",
+    "pymta.mail.dsn -> pymta.queue.entry",
     # queue
     "pymta.queue.views -> pymta.delivery.local",
 }
@@ -74,7 +74,6 @@ KNOWN_LARGE = {
     "pymta.mail.dsn",
     # queue
     "pymta.queue.ops",
-    "pymta.queue.spool",
 }
 
 

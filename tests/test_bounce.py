@@ -28,7 +28,8 @@ from pymta.mail.dsn import (
     wants,
 )
 from pymta.mail.message import header_fields
-from pymta.queue.spool import QueueEntry, RecipientStatus, Spool
+from pymta.queue.entry import MessageState, QueueEntry, RecipientStatus
+from pymta.queue.spool import Spool
 
 HOST = "mx.example.net"
 QUEUED = 1_700_000_000.0
@@ -92,7 +93,9 @@ def make_entry(
             for address, (status, error) in statuses.items()
         },
     }
-    return QueueEntry("queue", f"/spool/queue/{entry_id}", envelope, state, 1234, 1000)
+    return QueueEntry(
+        "queue", f"/spool/queue/{entry_id}", envelope, MessageState.from_json(state), 1234, 1000
+    )
 
 
 def parse(dsn: bytes) -> EmailMessage:

@@ -16,7 +16,7 @@ import pytest
 from conftest import MtaEnv, script
 
 from pymta.mail.message import complete
-from pymta.queue.spool import QueueEntry
+from pymta.queue.entry import QueueEntry
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 DOMAIN = "example.org"

@@ -47,7 +47,7 @@ from mailservers import (
 
 from pymta.config.load import load
 from pymta.delivery.flush import Flusher, FlushReport
-from pymta.queue.spool import QueueEntry
+from pymta.queue.entry import QueueEntry
 
 __all__ = ["certificates", "smtp_server"]  # fixtures imported for use
 

@@ -45,7 +45,9 @@ from mailservers import (
 
 from pymta.config.load import load
 from pymta.delivery.flush import Flusher
-from pymta.queue.spool import STALE_TMP_AGE, QueueEntry, Spool, encode_json, new_id
+from pymta.queue.directory import encode_json, new_id
+from pymta.queue.entry import QueueEntry
+from pymta.queue.spool import STALE_TMP_AGE, Spool
 
 __all__ = ["certificates", "smtp_server"]  # fixtures imported for use
 

@@ -24,7 +24,9 @@ from mailservers import SmtpServer
 from system_install import SystemInstall
 from test_security import submit, write_as
 
-from pymta.queue.spool import MAX_PICKUP_PER_USER, NEVER, encode_json, new_id
+from pymta.queue.directory import encode_json, new_id
+from pymta.queue.entry import NEVER
+from pymta.queue.pickup import MAX_PICKUP_PER_USER
 
 MESSAGE = b"Subject: from bob\n\nhello\n"
 EX_OK = 0

@@ -31,7 +31,8 @@ from test_flush import Clock, configure, enqueue, flush, flusher, log_lines, pla
 from pymta.config.load import load
 from pymta.errors import SpoolFullError
 from pymta.queue import ops as queue_ops
-from pymta.queue.spool import NEVER, Spool
+from pymta.queue.entry import NEVER
+from pymta.queue.spool import Spool
 
 SENDER = "alice@example.net"  # not local: her bounces go out through the smarthost
 UNKNOWN = "550 5.1.1 <bad@example.net>: user unknown"

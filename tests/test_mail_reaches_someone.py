@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from system_install import DOMAIN, HOSTNAME, SystemInstall, User, queue_ids
 
-from pymta.queue.spool import encode_json, new_id
+from pymta.queue.directory import encode_json, new_id
 
 MESSAGE = b"Subject: user mode\n\nhello from a user-mode install\n"
 # Seconds to wait for a chain of expiries (lifetimes of a fraction of a second) to settle.

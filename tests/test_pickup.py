@@ -32,20 +32,12 @@ from mailservers import HOST, SmtpServer
 from pymta.config.load import load
 from pymta.delivery.flush import Flusher
 from pymta.delivery.local import LocalOutcome
+from pymta.queue.directory import encode_json, is_queue_id, new_id, quoted
+from pymta.queue.directory import read_all as _read_all
+from pymta.queue.entry import MAX_TIME, QueueEntry
 from pymta.queue.listing import entry_to_json
-from pymta.queue.spool import (
-    MAX_ADDRESS,
-    MAX_PICKUP_PER_USER,
-    MAX_TIME,
-    QueueEntry,
-    Spool,
-    _read_all,
-    encode_json,
-    is_queue_id,
-    new_id,
-    quoted,
-    validate_drop,
-)
+from pymta.queue.pickup import MAX_ADDRESS, MAX_PICKUP_PER_USER, validate_drop
+from pymta.queue.spool import Spool
 
 NOW = 1_800_000_000.0
 GOOD: dict[str, object] = {

@@ -23,7 +23,8 @@ from test_queue_cli import FIELDS
 from pymta.cli.main import cli
 from pymta.config.load import load
 from pymta.queue import ops as queue_ops
-from pymta.queue.spool import NEVER, Spool
+from pymta.queue.entry import NEVER
+from pymta.queue.spool import Spool
 
 SIMPLE = b"Subject: hello\nTo: a@example.net\n\nhello\n"
 CONTRACT = FIELDS  # the DESIGN.md field names, as tests/test_queue_cli.py lists them

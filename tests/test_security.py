@@ -37,7 +37,7 @@ from system_install import (
     queue_ids,
 )
 
-from pymta.queue.spool import encode_json, new_id
+from pymta.queue.directory import encode_json, new_id
 
 MESSAGE = b"Subject: security test\n\nhello from a real user\n"
 EX_USAGE, EX_NOINPUT, EX_NOUSER, EX_TEMPFAIL, EX_NOPERM = 64, 66, 67, 75, 77

@@ -31,7 +31,8 @@ from pymta.config.load import load
 from pymta.delivery.flush import Flusher
 from pymta.errors import EX_DATAERR, EX_NOPERM
 from pymta.mail.message import header_fields, prepend_field
-from pymta.queue.spool import Spool, encode_json
+from pymta.queue.directory import encode_json
+from pymta.queue.spool import Spool
 from pymta.submission import submit
 
 LOGIN = pwd.getpwuid(os.getuid()).pw_name

@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
-from pymta.queue.spool import Spool, encode_json, new_id
+from pymta.queue.directory import encode_json, new_id
+from pymta.queue.spool import Spool
 
 ENVELOPE: dict[str, object] = {
     "sender": "alice",

@@ -32,7 +32,8 @@ from pymta.config import load as config
 from pymta.config import paths as quickconfig
 from pymta.config.load import Config
 from pymta.queue import listing, views
-from pymta.queue.spool import Spool, encode_json
+from pymta.queue.directory import encode_json
+from pymta.queue.spool import Spool
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: it gives files to other users")

@@ -12,7 +12,7 @@ from pymta import __version__, log
 from pymta.config.load import load
 from pymta.delivery.privsep import run_flush
 from pymta.errors import EX_TEMPFAIL, EX_USAGE, PymtaError
-from pymta.queue.spool import write_error
+from pymta.queue.directory import write_error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

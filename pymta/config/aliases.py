@@ -67,7 +67,7 @@ from typing import Literal
 
 from pymta.errors import AddressError, ConfigError
 from pymta.mail.address import is_local_part_only, parse_list
-from pymta.queue.spool import _read_all
+from pymta.queue.directory import read_all as _read_all
 
 # How many aliases deep an expansion may go: sendmail's MaxAliasRecursion default.
 MAX_DEPTH = 10

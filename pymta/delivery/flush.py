@@ -52,7 +52,8 @@ from pymta.config.routing import Plan, Router
 from pymta.delivery.smtp import RecipientOutcome, SessionError, SmtpSession, Status, Transaction
 from pymta.errors import ConfigError, SpoolError
 from pymta.mail.message import complete, rewrite_from
-from pymta.queue.spool import NEVER, QueueEntry, RecipientStatus, Spool
+from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus
+from pymta.queue.spool import Spool
 
 # Deferred messages come back within +-10% of their interval, so a burst does not retry as a burst.
 RETRY_JITTER = 0.1

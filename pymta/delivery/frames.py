@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pymta.delivery.local import lookup_user, user_name_problem
 from pymta.mail.address import MAX_PATH, path_octets
-from pymta.queue.spool import MAX_TIME
+from pymta.queue.entry import MAX_TIME
 
 if TYPE_CHECKING:
     from pymta.config.load import Config

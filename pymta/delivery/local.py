@@ -86,7 +86,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pymta.config.load import Local
-from pymta.queue.spool import _unlink_at
+from pymta.queue.directory import unlink_at as _unlink_at
 
 Status = Literal["delivered", "deferred", "failed"]
 

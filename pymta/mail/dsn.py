@@ -46,7 +46,7 @@ from pymta.mail.message import CRLF, MAX_LINE, get_header, header_fields, normal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pymta.queue.spool import QueueEntry
+    from pymta.queue.entry import QueueEntry
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 ACTIONS: tuple[Action, ...] = ("failed", "delayed", "delivered", "relayed", "expanded")

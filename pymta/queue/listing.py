@@ -16,7 +16,8 @@ import sys
 import time
 
 from pymta.errors import EX_OK, PermissionDeniedError
-from pymta.queue.spool import QueueEntry, Spool
+from pymta.queue.entry import MessageState, QueueEntry
+from pymta.queue.spool import Spool
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def entry_from_json(data: dict[str, object], uid: int = -1) -> QueueEntry:
             for r in recipients
         },
     }
-    return QueueEntry("queue", "", envelope, state, size, uid)
+    return QueueEntry("queue", "", envelope, MessageState.from_json(state), size, uid)
 
 
 def human_age(seconds: float) -> str:

@@ -48,7 +48,9 @@ from dataclasses import dataclass, field
 from pymta import log
 from pymta.config.identity import policy_of
 from pymta.errors import EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE, PermissionDeniedError
-from pymta.queue.spool import NEVER, QueueEntry, Spool, fsync_dir, unlink_quietly
+from pymta.queue.directory import fsync_dir, unlink_quietly
+from pymta.queue.entry import NEVER, QueueEntry
+from pymta.queue.spool import Spool
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     import logging
 
     from pymta.config.load import Config
-    from pymta.queue.spool import QueueEntry, Spool
+    from pymta.queue.entry import QueueEntry
+    from pymta.queue.spool import Spool
 
 STATUS_DIR = "status"
 STATUS_MODE = 0o711
@@ -212,7 +213,7 @@ def _write_view(status_fd: int, uid: int, data: bytes) -> None:
     """status/UID replaced by `data`, owned by UID, mode 0400: through a new name, never an existing one."""
     import pwd
 
-    from pymta.queue.spool import _write_all
+    from pymta.queue.directory import write_all as _write_all
 
     try:
         gid = pwd.getpwuid(uid).pw_gid

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pymta.errors import UsageError
 from pymta.mail.address import parse_envelope_address, recipients_from_args
-from pymta.queue.spool import is_envid, is_notify
+from pymta.queue.pickup import is_envid, is_notify
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -1,0 +1,318 @@
+"""The spool directory: where its parts are, the file primitives every part of the queue uses (an atomic
+private write, a bounded read, an fsync of a directory, a one-line error for a failed write), and reading
+a queued message and its state (`SpoolDirectory`). What the parts hold, and the commit protocol that writes
+them, is in `pymta.queue.spool`'s docstring.
+
+`sendmail` imports this module: module level imports only os, time and errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+from pymta.errors import SpoolError, SpoolFullError
+from pymta.queue.entry import (
+    MAX_ENVELOPE_LINE,
+    MAX_STATE_SIZE,
+    MessageState,
+    QueueEntry,
+    parse_envelope,
+    parse_state,
+    time_field,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def new_id() -> str:
+    """A queue id: 8 hex digits of the time (so ids sort by submission) and 64 unguessable random bits."""
+    return f"{int(time.time()):08x}{os.urandom(8).hex()}"
+
+
+def is_queue_id(name: str) -> bool:
+    """Whether `name` is what `new_id` makes: 24 lower-case hexadecimal digits."""
+    return len(name) == 24 and all(char in "0123456789abcdef" for char in name)
+
+
+def quoted(name: str) -> str:
+    """A file name as a log line or listing may show it: as it is when it is printable ASCII without
+    blanks, else as a Python literal (a name holding a newline must not forge a log line)."""
+    if name and name.isascii() and name.isprintable() and " " not in name:
+        return name
+    return ascii(name)
+
+
+def _json_string(text: str) -> str:
+    out = ['"']
+    for char in text:
+        code = ord(char)
+        if char == '"' or char == "\\":
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    out.append('"')
+    return "".join(out)
+
+
+def encode_json(value: object) -> str:
+    """JSON for the envelope's plain values, ASCII only, without importing json (it pulls in re)."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return _json_string(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(encode_json(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_json_string(str(k))}:{encode_json(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot encode {type(value).__name__} in an envelope")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (after a create, rename or unlink in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_all(fd: int, size: int = 0, limit: int | None = None) -> bytes:
+    """Everything in the file behind `fd`, from its start whatever the descriptor's offset, or its first
+    `limit` bytes. `size` (what fstat said) lets a file that size come in one read: a shorter read than
+    asked is the end of the file."""
+    chunks = []
+    offset = 0
+    wanted = size + 1 if size else 65536
+    while True:
+        if limit is not None:
+            wanted = min(wanted, limit - offset)
+        chunk = os.pread(fd, wanted, offset)
+        chunks.append(chunk)
+        offset += len(chunk)
+        if len(chunk) < wanted or offset == limit:
+            return b"".join(chunks)
+        wanted = 65536
+
+
+def unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_error(what: str, path: str, exc: OSError, then: str = "send again") -> SpoolError:
+    """The one-line SpoolError for a failed write to `path`: what failed, why, and what to do (`then`, after
+    freeing space). Out of space or quota is SpoolFullError (try again later: 75); the rest 73."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _NO_SPACE:
+        return SpoolFullError(f"{what} {path}: {reason}; free some space, then {then}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SpoolError(f"{what} {path}: {reason}; check its owner, mode and mount (pymta setup --check)")
+    if exc.errno == errno.ENOENT:
+        return SpoolError(
+            f"{what} {path}: it does not exist; run 'pymta setup' or fix 'spool:' in the config"
+        )
+    return SpoolError(f"{what} {path}: {reason}")
+
+
+def unlink_quietly(path: str) -> None:
+    """Unlink `path` if it is there; a file already gone, or one we may not remove, is not an error here."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class SpoolDirectory:
+    """A spool directory and what reads it. Cheap to construct; nothing touches the disk until a method is
+    called. `pymta.queue.spool.Spool` adds the commit protocol, the pick-up and the locks."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._dirs: dict[str, str] = {}
+
+    def dir(self, name: str) -> str:
+        """The path of one of the spool's directories (tmp, new, queue, ...)."""
+        path = self._dirs.get(name)
+        if path is None:
+            path = self._dirs[name] = os.path.join(self.path, name)
+        return path
+
+    # -- the write side (sendmail) --
+
+    def _names(self, location: str) -> Iterator[str]:
+        try:
+            with os.scandir(self.dir(location)) as listing:
+                for item in listing:
+                    if not item.name.startswith("."):
+                        yield item.name
+        except FileNotFoundError:
+            return
+
+    def read_entry(self, location: str, name: str) -> QueueEntry:
+        """Read the envelope of new/NAME or queue/NAME, and state/NAME if there is one."""
+        import stat
+
+        path = os.path.join(self.dir(location), name)
+        fd = os.open(path, READ_FLAGS)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                line = handle.readline(MAX_ENVELOPE_LINE)
+        finally:
+            os.close(fd)
+        if not line.endswith(b"\n"):
+            raise ValueError("no envelope line: not a pymta queue file")
+        envelope = parse_envelope(line)
+        state = self.read_state(name, time_field(envelope, "queued_at", 0)) if location == "queue" else None
+        return QueueEntry(location, path, envelope, state, info.st_size - len(line), info.st_uid)
+
+    def read_state(self, name: str, queued_at: float = 0.0) -> MessageState | None:
+        """state/NAME (`MessageState`; without a next attempt, due from `queued_at`), or None when there is
+        none. Opened without following a link or waiting on
+        a FIFO, and read only when it is a regular file of at most MAX_STATE_SIZE bytes: whatever the
+        spool's owner planted there costs a listing one line, never a hang or the memory."""
+        import stat
+
+        try:
+            fd = os.open(os.path.join(self.dir("state"), name), READ_FLAGS)
+        except FileNotFoundError:
+            return None  # never tried: the common case on the flush's hot path, so no file object is made
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("state file is not a regular file")
+            data = read_all(fd, limit=MAX_STATE_SIZE + 1)
+            if len(data) > MAX_STATE_SIZE:
+                raise ValueError(f"state file is larger than {MAX_STATE_SIZE} bytes")
+        finally:
+            os.close(fd)
+        return parse_state(data, queued_at)
+
+    def load(self, name: str, fd: int | None = None) -> tuple[QueueEntry, bytes]:
+        """A picked-up message and its entry, from one read of queue/NAME (the flush's hot path).
+
+        `fd`, when given, is a descriptor of queue/NAME that is already open (the one `lock_message`
+        returned): the file is read through it, from its start, and it stays open. FileNotFoundError when
+        that file has no name any more (deleted by a queue command between the open and the lock; queue
+        files are only ever unlinked, never replaced, and only the one flush renames them).
+        """
+        import stat
+
+        path = os.path.join(self.dir("queue"), name)
+        own = fd is None
+        if fd is None:
+            fd = os.open(path, READ_FLAGS)
+        try:
+            info = os.fstat(fd)
+            if info.st_nlink == 0:
+                raise FileNotFoundError(errno.ENOENT, "deleted since it was opened", path)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
+            data = read_all(fd, info.st_size)
+        finally:
+            if own:
+                os.close(fd)
+        line, newline, message = data.partition(b"\n")
+        if not newline:
+            raise ValueError("no envelope line: not a pymta queue file")
+        envelope = parse_envelope(line)
+        state = self.read_state(name, time_field(envelope, "queued_at", 0))
+        entry = QueueEntry("queue", path, envelope, state, len(message), info.st_uid)
+        if entry.id != name:
+            raise ValueError(f"its envelope claims the id {entry.id!r}, not its file name")
+        return entry, message
+
+    def read_message(self, entry: QueueEntry) -> bytes:
+        """The stored message of an entry, without its envelope line."""
+        fd = os.open(entry.path, READ_FLAGS)
+        with os.fdopen(fd, "rb") as handle:
+            handle.readline(MAX_ENVELOPE_LINE)
+            return handle.read()
+
+    def is_shared(self) -> bool:
+        """Whether this is a system spool, shared by every local user: its drop directory new/ is sticky
+        (1733, as `pymta setup` makes it). False when it does not exist yet."""
+        import stat
+
+        try:
+            return bool(os.stat(self.dir("new")).st_mode & stat.S_ISVTX)
+        except OSError:
+            return False
+
+    def exists(self) -> bool:
+        """Whether the spool has been created (by a first submission or by pymta setup)."""
+        return os.path.isdir(self.dir("queue"))
+
+    def set_aside_queued(self, name: str) -> None:
+        """Move an unreadable queue/NAME (and its state) to corrupt/, where the admin can look at it."""
+        os.makedirs(self.dir("corrupt"), mode=0o700, exist_ok=True)
+        try:
+            os.rename(os.path.join(self.dir("queue"), name), os.path.join(self.dir("corrupt"), name))
+        except FileNotFoundError:
+            pass
+        unlink_quietly(os.path.join(self.dir("state"), name))
+
+    def _set_aside(self, name: str, source: str, why: str, report: Callable[[str], None]) -> None:
+        """Move new/NAME to corrupt/, where the admin can look at it and `pymta queue delete` removes it,
+        with one `report` line. A name that is no queue id (or one corrupt/ has already) gets a new id
+        there, so the admin can name it and nothing set aside before is replaced."""
+        os.makedirs(self.dir("corrupt"), mode=0o700, exist_ok=True)
+        kept = name
+        if not is_queue_id(name) or os.path.lexists(os.path.join(self.dir("corrupt"), name)):
+            kept = new_id()
+        os.rename(source, os.path.join(self.dir("corrupt"), kept))
+        as_id = "" if kept == name else f" as {kept}"
+        report(f"refused new/{quoted(name)}: {why}; moved to corrupt/{as_id} for the admin")
+
+    def _write_private(
+        self, target: str, data: bytes, mtime: float | None = None, replace: bool = True
+    ) -> None:
+        """Write `data` to `target` atomically and durably: a dot-file beside it, fsync, rename (or, when not
+        `replace`, link and unlink, which raises FileExistsError rather than replace an existing file)."""
+        directory, name = os.path.split(target)
+        tmp_path = os.path.join(directory, f".{name}.tmp")
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if mtime is not None:
+                os.utime(tmp_path, (mtime, mtime))
+            if replace:
+                os.rename(tmp_path, target)
+            else:
+                os.link(tmp_path, target)
+                os.unlink(tmp_path)
+        except BaseException:
+            unlink_quietly(tmp_path)
+            raise

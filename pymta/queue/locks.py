@@ -1,0 +1,132 @@
+"""The locks of a spool, and freeing what a flush delivered.
+
+    flush.lock      flock'ed by the one flush that may run (`lock_flush`): two flushes never deliver at once,
+                    and sendmail never waits for it (invariant 4)
+    flush.request   asks the flush that holds the lock to look at the queue once more (`request_flush`)
+    queue/ID        flock'ed while a flush delivers it or a `pymta queue` command changes it (`lock_message`)
+
+A delivered message is unlinked at once (that is the decision), and a background thread, the reaper,
+closes its last descriptor, which is what frees its blocks (`remove`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pymta.queue.directory import READ_FLAGS, SpoolDirectory, unlink_quietly, write_error
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import queue
+    import threading
+
+    from pymta.queue.entry import QueueEntry
+
+
+class Locks(SpoolDirectory):
+    """The locks of a spool and its reaper (`pymta.queue.spool.Spool` has them)."""
+
+    _reaper: threading.Thread | None = None  # frees delivered messages in the background
+    _doomed: queue.SimpleQueue[int | None]
+
+    def remove(self, entry: QueueEntry, lock: int | None = None) -> None:
+        """Forget a message whose every recipient is done: unlink queue/ID (that unlink is the decision),
+        then state/ID.
+
+        A descriptor of the file stays open across the unlink, and a background thread closes it while the
+        flush goes on: whoever lets go of an unlinked file last pays for freeing its blocks, and for a file
+        that was fsynced that costs three renames here, ten times the unlink itself. `finish_removals` waits
+        for those closes. A crash leaves nothing behind: the kernel frees an unlinked file whose last
+        descriptor goes (after a power loss, when the file system is mounted again).
+
+        `lock`, the message's lock descriptor (`lock_message`), is that descriptor when given, and is handed
+        over: the caller must not unlock it (unless this raises).
+        """
+        fd = os.open(entry.path, READ_FLAGS) if lock is None else lock
+        try:
+            os.unlink(entry.path)
+        except BaseException:
+            if lock is None:
+                os.close(fd)
+            raise
+        if entry.has_state:
+            unlink_quietly(os.path.join(self.dir("state"), entry.id))
+        if self._reaper is None:
+            import queue
+            import threading
+
+            self._doomed = queue.SimpleQueue()
+            self._reaper = threading.Thread(target=self._reap, name="pymta-reaper", daemon=True)
+            self._reaper.start()
+        self._doomed.put(fd)
+
+    def _reap(self) -> None:
+        while (fd := self._doomed.get()) is not None:
+            os.close(fd)
+
+    def finish_removals(self) -> None:
+        """Wait until every message handed to `remove` is freed."""
+        if self._reaper is not None:
+            self._doomed.put(None)
+            self._reaper.join()
+            self._reaper = None
+
+    def lock_flush(self) -> int | None:
+        """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""
+        import fcntl
+
+        path = os.path.join(self.path, "flush.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # a lock of root's (a root process wrote it) stops the owner's flush
+            raise write_error("cannot open the flush lock", path, exc, "run pymta flush again") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def lock_message(self, name: str, wait: float = 0.0) -> int | None:
+        """Lock queue/NAME against concurrent changes (flock on the file), waiting up to `wait` seconds.
+
+        The flush holds it while it delivers a message; `pymta queue` commands hold it while they change
+        one. Returns a descriptor for `unlock_message`, or None when someone else holds it. Raises
+        FileNotFoundError when the message is gone.
+        """
+        import fcntl
+
+        fd = os.open(os.path.join(self.dir("queue"), name), READ_FLAGS)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+
+    def unlock_message(self, fd: int) -> None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def release_flush(self, fd: int) -> None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+    def request_flush(self) -> None:
+        """Ask the flush that holds the lock to look at the queue once more before it stops."""
+        fd = os.open(os.path.join(self.path, "flush.request"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+    def has_flush_request(self) -> bool:
+        return os.path.exists(os.path.join(self.path, "flush.request"))
+
+    def take_flush_request(self) -> bool:
+        """True (and the request cleared) when someone asked for another look since the last call."""
+        try:
+            os.unlink(os.path.join(self.path, "flush.request"))
+        except FileNotFoundError:
+            return False
+        return True
