@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import json
 import re
 from email.message import EmailMessage, Message
 from pathlib import Path
@@ -16,19 +17,12 @@ from hypothesis import strategies as st
 
 from pymta.mail import dsn as bounce
 from pymta.mail import message as message_module
-from pymta.mail.dsn import (
-    FULL_RETURN_LIMIT,
-    ReportedRecipient,
-    bounce_recipient,
-    build_dsn,
-    delay_warning_due,
-    dsn_envelope,
-    reported_recipients,
-    status_code,
-    wants,
-)
+from pymta.mail import mime
+from pymta.mail.dsn import FULL_RETURN_LIMIT, ReportedRecipient, build_dsn, status_code
 from pymta.mail.message import header_fields
+from pymta.queue import notices
 from pymta.queue.entry import MessageState, QueueEntry, RecipientStatus
+from pymta.queue.notices import bounce_recipient, delay_warning_due, dsn_envelope, reported_recipients, wants
 from pymta.queue.spool import Spool
 
 HOST = "mx.example.net"
@@ -234,7 +228,7 @@ def test_expired_recipients_are_5_4_7_with_our_own_reason() -> None:
 
 
 def test_an_expired_recipient_keeps_the_last_reply_of_the_server_that_gave_it() -> None:
-    reason = bounce.expiry_reason("2h", "451 4.3.0 try later", "smtp.example.com[192.0.2.7]:587")
+    reason = notices.expiry_reason("2h", "451 4.3.0 try later", "smtp.example.com[192.0.2.7]:587")
     assert reason == (
         "5.4.7 expired: not delivered within 2h; "
         "the last reply from smtp.example.com[192.0.2.7]:587 was: 451 4.3.0 try later"
@@ -257,8 +251,36 @@ def test_an_expired_recipient_keeps_the_last_reply_of_the_server_that_gave_it() 
     assert "could not be reached" not in text
 
 
+def test_an_expired_recipient_is_reported_from_its_typed_expiry_not_from_its_reason_text() -> None:
+    expired = notices.expiry("2h", "451 4.3.0 try later", "smtp.example.com[192.0.2.7]:587")
+    record = {"status": "failed", "last_error": "shown to people only", "expired": expired.to_json()}
+    state = MessageState.from_json({"recipients": {"slow@example.com": record}})
+    assert state.recipients["slow@example.com"].expired == expired
+    envelope: dict[str, object] = {"v": 1, "id": ID, "sender": "a@b.c", "recipients": ["slow@example.com"]}
+    entry = QueueEntry("queue", "/spool/queue/x", envelope, state, 10, 1000)
+    (reported,) = reported_recipients(entry, "failed", remote_mta=None, last_attempt=LAST)
+    assert (reported.status, reported.diagnostic) == ("5.4.7", "451 4.3.0 try later")
+    assert (reported.remote_mta, reported.expired_after) == ("smtp.example.com[192.0.2.7]:587", "2h")
+
+
+def test_an_expiry_survives_the_state_file(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    envelope: dict[str, object] = {"sender": "a@b.c", "recipients": ["slow@example.com"], "queued_at": QUEUED}
+    queue_id = spool.submit(envelope, b"x\n", create_parents=True)
+    assert spool.pick_up(10**6, pytest.fail) == [queue_id]
+    relay = "smtp.example.com[192.0.2.7]:587"
+    reason = notices.expiry_reason("2h", "451 4.3.0 try later", relay)
+    record = {"status": "failed", "last_error": reason}
+    spool.write_state(queue_id, {"state": "failed", "recipients": {"slow@example.com": record}}, QUEUED)
+    written = json.loads((tmp_path / "spool" / "state" / queue_id).read_bytes())
+    expected = {"within": "2h", "reply": "451 4.3.0 try later", "relay": relay}
+    assert written["recipients"]["slow@example.com"]["expired"] == expected
+    (recipient,) = spool.read_entry("queue", queue_id).recipients
+    assert recipient.expired == notices.expiry("2h", "451 4.3.0 try later", relay)
+
+
 def test_an_expired_recipient_no_server_answered_keeps_our_own_reason() -> None:
-    reason = bounce.expiry_reason("2h", "smtp.example.com: cannot connect: refused", "none")
+    reason = notices.expiry_reason("2h", "smtp.example.com: cannot connect: refused", "none")
     assert reason == "5.4.7 expired: not delivered within 2h"
     entry = make_entry(statuses={"slow@example.com": ("failed", reason)})
     message = parse(failed_dsn_of(entry))
@@ -404,7 +426,7 @@ def test_notices_about_other_recipients_have_other_message_ids_and_a_rebuild_the
 
 
 def test_the_line_limit_is_the_one_of_the_message_module() -> None:
-    assert bounce.MAX_LINE is message_module.MAX_LINE
+    assert mime.MAX_LINE is message_module.MAX_LINE
 
 
 @pytest.mark.parametrize(

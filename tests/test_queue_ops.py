@@ -22,6 +22,7 @@ from test_queue_cli import FIELDS
 
 from pymta.cli.main import cli
 from pymta.config.load import load
+from pymta.queue import ids
 from pymta.queue import ops as queue_ops
 from pymta.queue.entry import NEVER
 from pymta.queue.spool import Spool
@@ -772,6 +773,6 @@ def test_library_reports_results_without_printing(mta: MtaEnv, capsys: pytest.Ca
         (True, "held", 0),
         (False, "no such message", 67),
     ]
-    assert queue_ops.exit_code(results) == 67 and queue_ops.exit_code(results[:1]) == 0
+    assert ids.exit_code(results) == 67 and ids.exit_code(results[:1]) == 0
     assert capsys.readouterr() == ("", "")
     assert os.path.exists(mta.spool / "queue" / queue_id)

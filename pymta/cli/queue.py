@@ -21,7 +21,8 @@ from pymta import log
 from pymta.config.load import Config, load
 from pymta.delivery.privsep import become_spool_owner
 from pymta.errors import ConfigError
-from pymta.queue import listing
+from pymta.queue import contract, listing
+from pymta.queue import ids as queue_ids
 from pymta.queue import ops as queue_ops
 from pymta.submission.submit import read_settings
 
@@ -118,7 +119,7 @@ def _spool_to_list(config_file: str | None) -> tuple[str, int]:
         return spool, exc.exit_code
 
 
-def _report(results: list[queue_ops.Result], as_json: bool) -> None:
+def _report(results: list[queue_ids.Result], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([result.to_json() for result in results], indent=2))
     else:
@@ -127,7 +128,7 @@ def _report(results: list[queue_ops.Result], as_json: bool) -> None:
                 click.echo(result.line)
             else:
                 click.echo(f"pymta: {listing.printable(result.line)}", err=True)
-    click.get_current_context().exit(queue_ops.exit_code(results))
+    click.get_current_context().exit(queue_ids.exit_code(results))
 
 
 def _logger() -> logging.Logger:
@@ -203,7 +204,7 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
     if states:
         entries = [entry for entry in entries if entry.state in states]
     if as_json:
-        click.echo(json.dumps([listing.entry_to_json(entry) for entry in entries], indent=2))
+        click.echo(json.dumps([contract.entry_to_json(entry) for entry in entries], indent=2))
     else:
         for note in listing.view_notes(visible):
             click.echo(note)
@@ -242,12 +243,12 @@ def show(ids: tuple[str, ...], body: bool, as_json: bool, config_file: str | Non
     """
     as_json, config = _settings(as_json, config_file)
     shown = queue_ops.show(config, list(ids), body=body)
-    failures = [item for item in shown if isinstance(item, queue_ops.Result)]
+    failures = [item for item in shown if isinstance(item, queue_ids.Result)]
     if as_json:
         click.echo(
             json.dumps(
                 [
-                    item.to_json() if isinstance(item, queue_ops.Result) else listing.details_to_json(item)
+                    item.to_json() if isinstance(item, queue_ids.Result) else listing.details_to_json(item)
                     for item in shown
                 ],
                 indent=2,
@@ -256,7 +257,7 @@ def show(ids: tuple[str, ...], body: bool, as_json: bool, config_file: str | Non
     else:
         first = True
         for item in shown:
-            if isinstance(item, queue_ops.Result):
+            if isinstance(item, queue_ids.Result):
                 click.echo(f"pymta: {listing.printable(item.line)}", err=True)
                 continue
             if not first:
@@ -266,7 +267,7 @@ def show(ids: tuple[str, ...], body: bool, as_json: bool, config_file: str | Non
             if item.message is not None:
                 click.echo("message:")
                 click.echo(item.message, nl=not item.message.endswith(b"\n"))
-    click.get_current_context().exit(queue_ops.exit_code(failures))
+    click.get_current_context().exit(queue_ids.exit_code(failures))
 
 
 show.help = f"""{inspect.cleandoc(show.help or "")}

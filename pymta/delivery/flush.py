@@ -289,7 +289,7 @@ class Flusher:
         attempt.held = entry.held_seconds
         if pending and now >= self._expires_at(entry, attempt.held):
             from pymta.config.load import format_duration
-            from pymta.mail.dsn import expiry_reason
+            from pymta.queue.notices import expiry_reason
 
             within = format_duration(self.config.retry.lifetime)
             for recipient in pending:
@@ -706,7 +706,7 @@ class Flusher:
         """Queue the failure notice for the `owed` recipients. "reported" when it is queued or none is
         wanted, so they count as reported; "kept" (the message stays failed, for the admin) when nobody can
         get it; "owed" when our spool could not take it, so it is still owed to a later run."""
-        from pymta.mail import dsn as bounce
+        from pymta.queue import notices as bounce
 
         if not bounce.wants(entry, "failed"):
             return "reported"
@@ -738,7 +738,7 @@ class Flusher:
         now: float,
     ) -> bool:
         """Queue the one "still trying" notice when `retry.warn_after` has passed; True when it was queued."""
-        from pymta.mail import dsn as bounce
+        from pymta.queue import notices as bounce
 
         view = _with_statuses(entry, recipients)
         retry = self.config.retry
@@ -772,6 +772,7 @@ class Flusher:
         our own spool cannot take it (full disk, quota, file size limit): what is still owed is the caller's
         to keep. Never raises for the spool, so the attempt's outcomes are always recorded (invariant 3)."""
         from pymta.mail import dsn as bounce
+        from pymta.queue import notices
 
         dsn = bounce.build_dsn(
             entry,
@@ -784,7 +785,7 @@ class Flusher:
             retry_until=retry_until,
         )
         try:
-            queue_id = self.spool.submit(bounce.dsn_envelope(entry, to, action=action, now=now), dsn)
+            queue_id = self.spool.submit(notices.dsn_envelope(entry, to, action=action, now=now), dsn)
         except SpoolError as exc:
             name, then = _NOTICES.get(action, _SUCCESS_NOTICE)
             self.log.error(f"id={entry.id} cannot queue the {name} to <{to}>: {exc}; {then}")
@@ -802,8 +803,9 @@ class Flusher:
         if not _asks_success(entry):
             return  # nearly every message: no import, no look at its recipients
         from pymta.mail import dsn as bounce
+        from pymta.queue import notices
 
-        if not bounce.wants(entry, "delivered"):
+        if not notices.wants(entry, "delivered"):
             return
         # Alias targets are the recipient's business, not the sender's (RFC 3461 5.2.7.3): an expansion is
         # reported as "expanded" for the address the sender used, once (in the attempt that expanded it),

@@ -1,9 +1,10 @@
-"""Delivery status notifications (RFC 3464): who gets one, whether one is wanted, and the message itself.
+"""Delivery status notifications (RFC 3464): the message itself, built from plain values.
 
 A DSN is an ordinary message from the null sender `<>`, queued like any other (DESIGN.md invariant 2): the
-flush decides *when* (a recipient failed, the lifetime expired, `retry.warn_after` passed); this module
-decides *whether* (`wants`, honouring `sendmail -N`), *to whom* (`bounce_recipient`), and builds the bytes
-(`build_dsn`) and the envelope (`dsn_envelope`). It is pure: no I/O, no clock, no printing.
+flush decides *when*; `pymta.queue.notices` decides *whether* and *to whom*, and which recipients it
+reports on (`ReportedRecipient`); this module builds the bytes (`build_dsn`) from the message it is about
+(anything shaped like `Original`: a queue entry is one). It is pure: no I/O, no clock, no printing, and it
+knows nothing of the queue.
 
 Its main invariant: whatever the original holds (8-bit or broken headers, NUL bytes, endless lines, no header
 block at all), `build_dsn` returns a valid MIME message that is 7-bit clean: ASCII only, CRLF line endings,
@@ -19,14 +20,6 @@ no line longer than 998 bytes. So a DSN can always be relayed, even by a server 
   8-bit original can only travel as 8bit, which would need 8BITMIME. Otherwise its headers go, and the text
   says why.
 
-No bounce storms: a DSN comes from `<>`; a message from `<>` that fails is reported to the admin instead (a
-double bounce); when that cannot be (no admin, or the admin's own copy is what failed) to the local
-postmaster, delivered without the admin rule (root's mailbox after aliases; the user's own in user mode);
-and when the notice to postmaster fails too, `bounce_recipient` says None: the message stays `failed` in
-the queue, told to no one, and `failed_retention` never removes it. The admin's copy is recognised by what
-routing cannot change: a notice of ours (`dsn_of` in its envelope) whose envelope recipient is the admin
-address, however aliases expand it, and any failed recipient that an alias chain from the admin reached.
-
 Success notices (`-N success`, RFC 3461 5.2): "delivered" after a local delivery, "relayed" after a smarthost
 that does not offer DSN took the message (one that does gets NOTIFY passed on, and reports itself), and
 "expanded" for an address that aliases (or the admin rule) replaced: RFC 3461 5.2.7.3 reports the address
@@ -40,13 +33,22 @@ import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
-from pymta.mail.message import CRLF, MAX_LINE, get_header, header_fields, normalise_line_endings
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pymta.queue.entry import QueueEntry
+from pymta.mail.message import CRLF, get_header, header_fields, normalise_line_endings
+from pymta.mail.mime import (
+    LINE_WIDTH,
+    ascii_field,
+    ascii_token,
+    body_part,
+    header_bytes,
+    quoted_printable,
+    readable,
+    rfc5322_date,
+    seven_bit_clean,
+    text_part,
+    wrap,
+)
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 ACTIONS: tuple[Action, ...] = ("failed", "delayed", "delivered", "relayed", "expanded")
@@ -56,9 +58,6 @@ SUCCESS_ACTIONS: tuple[Action, ...] = ("delivered", "relayed", "expanded")
 # The whole original is returned (-R full) only up to this size: a bounce must not carry a big attachment
 # back through the sender's mailbox quota (Postfix limits bounce_size_limit to 50 kB; 256 KiB is generous).
 FULL_RETURN_LIMIT = 256 * 1024
-# Who is told of a double bounce when the admin cannot be (RFC 5321 4.5.1: every host has a postmaster; a
-# bare local name, so aliases decide whose mailbox it is: root's, or in user mode the user's own).
-POSTMASTER = "postmaster"
 # Envelope `submitted_by` and display name of every DSN, as other MTAs name their bounce sender.
 MAILER_DAEMON = "MAILER-DAEMON"
 MAIL_DELIVERY_SYSTEM = "Mail Delivery System"
@@ -76,11 +75,6 @@ _STATUS_CLASS: dict[Action, str] = {
 }
 # The RFC 3464 diagnostic-type of a reason of our own (not a server's reply): a private X- type, as Postfix's.
 LOCAL_DIAGNOSTIC_TYPE = "X-pymta"
-# A delivery-status field value is cut here: it must fit a line (998 bytes) after folding; the text part
-# carries the reply in full.
-MAX_FIELD_VALUE = 900
-# Soft limit of a folded field line and of the wrapped text (RFC 5322 2.1.1 asks for 78).
-LINE_WIDTH = 78
 SUBJECTS: dict[Action, str] = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
@@ -138,12 +132,30 @@ _MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,900}>")  # one printable ASCII msg-id, n
 _PRINTABLE_ADDRESS = re.compile(r"[!-~]{1,900}")
 # A relay as the flush records it (`SmtpSession.relay`): `host[ip]:port`, `host:port`, or a label.
 _RELAY = re.compile(r"(?P<host>[^\[\]\s]+?)(?:\[(?P<ip>[^\]\s]*)\])?(?::(?P<port>[0-9]+))?")
-# The reason the flush records for a recipient that expired (`expiry_reason`), read back by the builder.
-_EXPIRY = re.compile(
-    r"5\.4\.7 expired: not delivered within (?P<within>\S+)(?:; the last reply from "
-    r"(?P<relay>\S+) was: (?P<reply>.*))?",
-    re.DOTALL,
-)
+
+
+class OriginalRecipient(Protocol):
+    """A recipient of the message a DSN is about, as far as the DSN counts it."""
+
+    @property
+    def via(self) -> str | None: ...
+
+
+class Original(Protocol):
+    """What a DSN tells of the message it is about (`pymta.queue.entry.QueueEntry` is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def sender(self) -> str: ...
+    @property
+    def queued_at(self) -> float: ...
+    @property
+    def dsn_ret(self) -> str | None: ...
+    @property
+    def dsn_envid(self) -> str | None: ...
+    @property
+    def recipients(self) -> Sequence[OriginalRecipient]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +174,12 @@ class ReportedRecipient:
     @property
     def smtp_reply(self) -> bool:
         """Whether the diagnostic is a server's SMTP reply (Diagnostic-Code type `smtp`)."""
-        return self.diagnostic is not None and _SMTP_REPLY.match(self.diagnostic) is not None
+        return self.diagnostic is not None and is_smtp_reply(self.diagnostic)
+
+
+def is_smtp_reply(text: str) -> bool:
+    """Whether `text` starts as a server's SMTP reply does ("550 ...", "451-..."), not as a reason of ours."""
+    return _SMTP_REPLY.match(text) is not None
 
 
 def status_code(reply: str | None, action: Action) -> str:
@@ -189,188 +206,6 @@ def status_code(reply: str | None, action: Action) -> str:
     return f"{wanted}.0.0"
 
 
-def reported_recipients(
-    entry: QueueEntry,
-    action: Literal["failed", "delayed"],
-    *,
-    remote_mta: str | None = None,
-    last_attempt: float | None = None,
-) -> list[ReportedRecipient]:
-    """The recipients of `entry` a DSN of `action` reports on: status `failed` for "failed", `pending` or
-    `deferred` for "delayed", each with its status code from its last reply. `remote_mta` (the relay of the
-    last attempt; "none" or "" for no server) is named only beside a reply that came from a server. A
-    recipient that expired (`expiry_reason`) after a server's reply is reported with that reply and that
-    server, and status 5.4.7. (A success notice reports what one attempt did, which the queue entry does not
-    hold: the flush builds its recipients from the attempt.)"""
-    wanted = ("failed",) if action == "failed" else ("pending", "deferred")
-    relay = remote_mta if remote_mta and remote_mta not in ("none", "local") else None
-    reported = []
-    for recipient in entry.recipients:
-        if recipient.status not in wanted:
-            continue
-        reply = recipient.last_error
-        expired = _EXPIRY.fullmatch(reply.strip()) if action == "failed" and reply else None
-        if expired is not None and expired.group("reply"):
-            last = expired.group("reply")
-            reported.append(
-                ReportedRecipient(
-                    recipient.address,
-                    EXPIRED_STATUS,
-                    last,
-                    expired.group("relay") if _SMTP_REPLY.match(last) else None,
-                    last_attempt,
-                    expired_after=expired.group("within"),
-                )
-            )
-            continue
-        from_server = reply is not None and _SMTP_REPLY.match(reply) is not None
-        reported.append(
-            ReportedRecipient(
-                recipient.address,
-                status_code(reply, action),
-                reply,
-                relay if from_server else None,
-                last_attempt,
-            )
-        )
-    return reported
-
-
-def expiry_reason(within: str, last_reply: str | None = None, relay: str | None = None) -> str:
-    """The reason a recipient fails with when `retry.lifetime` (`within`, as "5d") ran out: the server's
-    last reply kept in it when one answered, so the sender's DSN still shows what the server said."""
-    reason = f"{EXPIRED_STATUS} expired: not delivered within {within}"
-    if last_reply and _SMTP_REPLY.match(last_reply) and relay and relay not in ("none", "local"):
-        return f"{reason}; the last reply from {relay} was: {' '.join(last_reply.split())}"
-    return reason
-
-
-# --- Decisions ---
-
-
-def notify_words(entry: QueueEntry) -> frozenset[str] | None:
-    """The NOTIFY words of `sendmail -N` (never, success, failure, delay), or None when -N was not given."""
-    if entry.dsn_notify is None:
-        return None
-    return frozenset(word.strip().lower() for word in entry.dsn_notify.split(",") if word.strip())
-
-
-def wants(entry: QueueEntry, action: Action, *, delay_warnings: bool = True) -> bool:
-    """Whether the sender of `entry` is to get a DSN of `action`, by what they asked with `-N`.
-
-    `-N never`: none. No -N: failures, and delay warnings when the config has them on (`delay_warnings`,
-    i.e. `retry.warn_after` is not `never`). An explicit list: only what it names (`-N failure` means no
-    delay warning), and a delay warning still only when the config has them on. A message from the null
-    sender never gets a delay warning: it is a notification itself, and only its final failure is news (to
-    the admin). A success notice ("delivered", "relayed") only when -N named success (RFC 3461 4.1), and
-    never for the null sender. Whether a failed DSN can be sent at all is `bounce_recipient`'s question.
-    """
-    words = notify_words(entry)
-    if words is not None and "never" in words:
-        return False
-    if action in SUCCESS_ACTIONS:
-        return entry.sender != "" and words is not None and "success" in words
-    if action == "failed":
-        return words is None or "failure" in words
-    if entry.sender == "" or not delay_warnings:
-        return False
-    return words is None or "delay" in words
-
-
-def delay_warning_due(
-    entry: QueueEntry, *, now: float, warn_after: float | None, lifetime: float, held: float = 0.0
-) -> bool:
-    """Whether `entry` has waited long enough for a delay warning: `warn_after` passed, `lifetime` not yet,
-    a recipient still waiting, and the sender wants one. `held` seconds on hold do not count as waiting.
-    Sending it only once is the caller's to record (a warning built again has the same Message-ID, so a
-    repeat is at least recognisable)."""
-    if warn_after is None or warn_after >= lifetime:
-        return False
-    waited = now - entry.queued_at - held
-    if not warn_after <= waited < lifetime:
-        return False
-    if not any(recipient.status in ("pending", "deferred") for recipient in entry.recipients):
-        return False
-    return wants(entry, "delayed")
-
-
-def bounce_recipient(entry: QueueEntry, admin: str | None, failed: Iterable[str] | None = None) -> str | None:
-    """Who gets the DSN about `entry`: its envelope sender; for the null sender the admin (a double bounce),
-    and failing that the local postmaster (`POSTMASTER`), as Postfix sends a double bounce.
-
-    Postmaster is told when there is no admin, or when the admin's own copy is what failed: a notice of
-    ours (`dsn_of`) addressed to the admin, whatever aliases or routing made of that address; or the admin
-    address, or an alias chain from it (`via`), led to one of the `failed` recipients (default: all of the
-    message's recipients). The notice to postmaster is marked (`to_postmaster`, see `dsn_envelope`): it is
-    delivered without the admin rule, so it reaches root's mailbox (after aliases) even when the admin is
-    what fails. None when that notice itself failed: nobody is left to tell, and the message stays `failed`
-    in the queue, untold, for the admin to find. A notice that failed begets at most one more, to a
-    different place: that is what makes bounce storms impossible.
-    """
-    if entry.sender != "":
-        return entry.sender
-    if entry.to_postmaster:
-        return None
-    if admin and not _admins_own(entry, admin, failed):
-        return admin
-    return POSTMASTER
-
-
-def _admins_own(entry: QueueEntry, admin: str, failed: Iterable[str] | None) -> bool:
-    """Whether what failed of the null-sender `entry` is the admin's own copy (see `bounce_recipient`)."""
-    wanted = admin.lower()
-    if entry.dsn_of is not None and any(
-        r.via is None and r.address.lower() == wanted for r in entry.recipients
-    ):
-        return True
-    via = {r.address.lower(): r.via.lower() for r in entry.recipients if r.via}
-    addresses = [r.address for r in entry.recipients] if failed is None else list(failed)
-    for address in addresses:
-        seen: set[str] = set()
-        current: str | None = address.lower()
-        while current is not None and current not in seen:  # alias chains can loop
-            if current == wanted:
-                return True
-            seen.add(current)
-            current = via.get(current)
-    return False
-
-
-def dsn_envelope(
-    entry: QueueEntry,
-    to: str,
-    *,
-    action: Action,
-    now: float,
-    submitted_by: str = MAILER_DAEMON,
-    uid: int = -1,
-) -> dict[str, object]:
-    """The envelope to pass to `Spool.submit` with a DSN about `entry`: from the null sender to `to`.
-
-    `dsn_of` and `dsn_action` mark it as a DSN; `bounce_recipient` reads `dsn_of` to recognise a failed
-    notice to the admin. A notice about a null-sender message to `POSTMASTER` is the last resort and says so
-    (`to_postmaster`): the flush routes it without the admin rule, and nobody is told when it fails. No
-    NOTIFY is asked: should the DSN fail, the flush reports it to the admin or postmaster
-    (`bounce_recipient`), and a smarthost's own bounce of it goes to `<>`, which takes none.
-    """
-    last_resort = {"to_postmaster": True} if entry.sender == "" and to == POSTMASTER else {}
-    return {
-        "sender": "",
-        "recipients": [to],
-        "submitted_by": submitted_by,
-        "uid": uid,
-        "full_name": MAIL_DELIVERY_SYSTEM,
-        "queued_at": now,
-        "notify": None,
-        "ret": None,
-        "envid": None,
-        "body_type": None,  # always 7-bit: see the module docstring
-        "dsn_of": entry.id,
-        "dsn_action": action,
-        **last_resort,
-    }
-
-
 def dsn_message_id(entry_id: str, action: Action, hostname: str, addresses: Iterable[str]) -> str:
     """The Message-ID of the DSN of `action` about message `entry_id` reporting on `addresses`.
 
@@ -388,7 +223,7 @@ def dsn_message_id(entry_id: str, action: Action, hostname: str, addresses: Iter
 
 
 def build_dsn(
-    entry: QueueEntry,
+    entry: Original,
     original: bytes,
     recipients: Sequence[ReportedRecipient],
     *,
@@ -414,8 +249,8 @@ def build_dsn(
         entry, message, recipients, action=action, hostname=hostname, retry_until=retry_until, why=why
     )
     parts = [
-        _text_part(text),
-        _part(
+        text_part(text),
+        body_part(
             [("Content-Description", "Delivery report"), ("Content-Type", "message/delivery-status")],
             _delivery_status(entry, recipients, action=action, hostname=hostname, retry_until=retry_until),
         ),
@@ -428,10 +263,10 @@ def build_dsn(
         ("From", f"{MAIL_DELIVERY_SYSTEM} <{MAILER_DAEMON}@{hostname}>"),
         ("To", _to_value(to)),
         ("Subject", SUBJECTS[action]),
-        ("Date", _date(now)),
+        ("Date", rfc5322_date(now)),
         (
             "Message-ID",
-            dsn_message_id(_ascii_token(entry.id), action, hostname, (r.address for r in recipients)),
+            dsn_message_id(ascii_token(entry.id), action, hostname, (r.address for r in recipients)),
         ),
     ]
     if references:
@@ -445,11 +280,11 @@ def build_dsn(
     for part in parts:
         body.append(b"\r\n--" + boundary.encode("ascii") + CRLF + part)
     body.append(b"\r\n--" + boundary.encode("ascii") + b"--\r\n")
-    return _header_bytes(header) + CRLF + b"".join(body)
+    return header_bytes(header) + CRLF + b"".join(body)
 
 
 def _returned_part(
-    entry: QueueEntry, message: bytes, header_block: bytes, action: Action
+    entry: Original, message: bytes, header_block: bytes, action: Action
 ) -> tuple[bytes | None, str | None]:
     """The third part (the original, or its headers, or none) and why the whole original is not in it when
     `-R full` asked for it."""
@@ -460,7 +295,7 @@ def _returned_part(
                 f"it is too large ({len(message)} bytes; at most {FULL_RETURN_LIMIT // 1024} KiB are "
                 "returned)"
             )
-        elif not _seven_bit_clean(message):
+        elif not seven_bit_clean(message):
             why = "it contains 8-bit or binary data, which a notification cannot carry unencoded"
         else:
             # A message without a header block is all body: the empty line says so to a MIME reader.
@@ -470,21 +305,21 @@ def _returned_part(
                 ("Content-Type", "message/rfc822"),
                 ("Content-Transfer-Encoding", "7bit"),
             ]
-            return _part(headers, whole), None
+            return body_part(headers, whole), None
     if not header_block:
         return None, why
     headers = [
         ("Content-Description", "Undelivered message headers" if action == "failed" else "Message headers"),
         ("Content-Type", "text/rfc822-headers"),
     ]
-    if _seven_bit_clean(header_block):
-        return _part([*headers, ("Content-Transfer-Encoding", "7bit")], header_block), why
-    encoded = _quoted_printable(header_block)
-    return _part([*headers, ("Content-Transfer-Encoding", "quoted-printable")], encoded), why
+    if seven_bit_clean(header_block):
+        return body_part([*headers, ("Content-Transfer-Encoding", "7bit")], header_block), why
+    encoded = quoted_printable(header_block)
+    return body_part([*headers, ("Content-Transfer-Encoding", "quoted-printable")], encoded), why
 
 
 def _notification_text(
-    entry: QueueEntry,
+    entry: Original,
     message: bytes,
     recipients: Sequence[ReportedRecipient],
     *,
@@ -536,12 +371,12 @@ def _notification_text(
             "successful delivery when it was sent."
         )
     else:
-        until = f" and will keep trying until {_date(retry_until)}" if retry_until is not None else ""
+        until = f" and will keep trying until {rfc5322_date(retry_until)}" if retry_until is not None else ""
         paragraphs.append(
             f"{'The' if double else 'Your'} message has not yet been delivered to {whom}. "
-            f"The mail system has been trying since {_date(entry.queued_at)}{until}."
+            f"The mail system has been trying since {rfc5322_date(entry.queued_at)}{until}."
         )
-    blocks = [_wrap(paragraph) for paragraph in paragraphs]
+    blocks = [wrap(paragraph) for paragraph in paragraphs]
     blocks.append(
         "\n".join(_recipient_lines(recipient, recipient.action or action) for recipient in recipients)
     )
@@ -550,56 +385,56 @@ def _notification_text(
             _EXPIRED_ADVICE if r.expired_after else _ADVICE.get(_subject(r.status), _ADVICE["5"])
             for r in recipients
         ]
-        blocks.append("What you can do:\n" + "\n".join(_wrap(item) for item in dict.fromkeys(advice)))
+        blocks.append("What you can do:\n" + "\n".join(wrap(item) for item in dict.fromkeys(advice)))
         if total > count:
-            blocks.append(_wrap("The other recipients are not affected by this notice."))
+            blocks.append(wrap("The other recipients are not affected by this notice."))
     elif action == "delayed":
         blocks.append(
-            _wrap(
+            wrap(
                 "This is only a warning: you do not need to send the message again. You will be told "
                 "again only if it finally cannot be delivered."
             )
         )
-    details = [f"    Queue ID:  {_readable(entry.id)}", f"    Queued:    {_date(entry.queued_at)}"]
+    details = [f"    Queue ID:  {readable(entry.id)}", f"    Queued:    {rfc5322_date(entry.queued_at)}"]
     subject = _subject_text(message)
     if subject is not None:
         details.append(f"    Subject:   {subject}")
     blocks.append("The message:\n" + "\n".join(details))
     if action == "failed" and entry.dsn_ret == "full" and why is None:
-        blocks.append(_wrap("The whole message is attached below, as was asked for when it was sent."))
+        blocks.append(wrap("The whole message is attached below, as was asked for when it was sent."))
     elif why is not None:
         blocks.append(
-            _wrap(f"The whole message was asked for, but only its headers are attached below: {why}.")
+            wrap(f"The whole message was asked for, but only its headers are attached below: {why}.")
         )
     elif header_fields(message):
-        blocks.append(_wrap("The headers of the message are attached below."))
+        blocks.append(wrap("The headers of the message are attached below."))
     else:
-        blocks.append(_wrap("The message had no header fields, so none are attached."))
+        blocks.append(wrap("The message had no header fields, so none are attached."))
     return "\n\n".join(blocks) + "\n"
 
 
 def _recipient_lines(recipient: ReportedRecipient, action: Action) -> str:
     meaning = _meaning(recipient.status, action)
-    lines = [f"    {_readable(recipient.address)}"]
-    headline = f"{meaning[0].upper()}{meaning[1:]} ({_readable(recipient.status)})"
+    lines = [f"    {readable(recipient.address)}"]
+    headline = f"{meaning[0].upper()}{meaning[1:]} ({readable(recipient.status)})"
     if recipient.expired_after is not None and recipient.diagnostic:
         # It expired although a server answered: say what that server last said, not "could not be reached".
-        server = f" from {_readable(recipient.remote_mta)}" if recipient.remote_mta else ""
+        server = f" from {readable(recipient.remote_mta)}" if recipient.remote_mta else ""
         return "\n".join(
             lines
             + _indented(
-                f"{headline}: not delivered within {_readable(recipient.expired_after)}; the last "
-                f"reply{server} was: {_readable(recipient.diagnostic)}"
+                f"{headline}: not delivered within {readable(recipient.expired_after)}; the last "
+                f"reply{server} was: {readable(recipient.diagnostic)}"
             )
         )
     lines += _indented(headline + ".")
     if recipient.diagnostic:
         if recipient.smtp_reply:
-            server = f" {_readable(recipient.remote_mta)}" if recipient.remote_mta else ""
+            server = f" {readable(recipient.remote_mta)}" if recipient.remote_mta else ""
             said = f"The server{server} said: "
         else:
             said = "Reason: "
-        lines += _indented(said + _readable(recipient.diagnostic))
+        lines += _indented(said + readable(recipient.diagnostic))
     return "\n".join(lines)
 
 
@@ -645,12 +480,12 @@ def _subject_text(message: bytes) -> str | None:
             text = str(make_header(decode_header(raw)))
     except Exception:  # RFC 2047 errors of every kind: show it as written
         text = raw
-    shown = _readable(text)
+    shown = readable(text)
     return shown if len(shown) <= 200 else shown[:200] + "..."
 
 
 def _delivery_status(
-    entry: QueueEntry,
+    entry: Original,
     recipients: Sequence[ReportedRecipient],
     *,
     action: Action,
@@ -658,11 +493,11 @@ def _delivery_status(
     retry_until: float | None,
 ) -> bytes:
     """The body of the message/delivery-status part: the per-message fields, then a block per recipient."""
-    per_message = [("Reporting-MTA", f"dns; {hostname}"), ("X-Pymta-Queue-ID", _ascii_field(entry.id))]
+    per_message = [("Reporting-MTA", f"dns; {hostname}"), ("X-Pymta-Queue-ID", ascii_field(entry.id))]
     if entry.dsn_envid:
-        per_message.append(("Original-Envelope-Id", _ascii_field(entry.dsn_envid)))
-    per_message.append(("Arrival-Date", _date(entry.queued_at)))
-    blocks = [_header_bytes(per_message)]
+        per_message.append(("Original-Envelope-Id", ascii_field(entry.dsn_envid)))
+    per_message.append(("Arrival-Date", rfc5322_date(entry.queued_at)))
+    blocks = [header_bytes(per_message)]
     for recipient in recipients:
         fields: list[tuple[str, str]] = []
         if recipient.original_recipient:
@@ -673,15 +508,15 @@ def _delivery_status(
             ("Status", recipient.status if _valid_status(recipient.status) else _fallback_status(action)),
         ]
         if recipient.remote_mta:
-            fields.append(("Remote-MTA", f"dns; {_ascii_field(remote_mta_name(recipient.remote_mta))}"))
+            fields.append(("Remote-MTA", f"dns; {ascii_field(remote_mta_name(recipient.remote_mta))}"))
         if recipient.diagnostic:
             kind = "smtp" if recipient.smtp_reply else LOCAL_DIAGNOSTIC_TYPE
-            fields.append(("Diagnostic-Code", f"{kind}; {_ascii_field(recipient.diagnostic)}"))
+            fields.append(("Diagnostic-Code", f"{kind}; {ascii_field(recipient.diagnostic)}"))
         if recipient.last_attempt is not None:
-            fields.append(("Last-Attempt-Date", _date(recipient.last_attempt)))
+            fields.append(("Last-Attempt-Date", rfc5322_date(recipient.last_attempt)))
         if action == "delayed" and retry_until is not None:
-            fields.append(("Will-Retry-Until", _date(retry_until)))
-        blocks.append(_header_bytes(fields))
+            fields.append(("Will-Retry-Until", rfc5322_date(retry_until)))
+        blocks.append(header_bytes(fields))
     return CRLF.join(blocks)
 
 
@@ -712,7 +547,7 @@ def _typed_address(address: str) -> str:
     """An address with its RFC 3464 type: `rfc822; a@b`, or (RFC 6533) `utf-8; j\\x{F6}rg@b` if not ASCII."""
     if _PRINTABLE_ADDRESS.fullmatch(address) and "\\" not in address:
         return f"rfc822; {address}"
-    return f"utf-8; {_ascii_field(address)}"
+    return f"utf-8; {ascii_field(address)}"
 
 
 def _original_message_id(message: bytes, entry_id: str, hostname: str) -> str | None:
@@ -729,45 +564,6 @@ def _original_message_id(message: bytes, entry_id: str, hostname: str) -> str | 
     return candidate if _MESSAGE_ID.fullmatch(candidate) else None
 
 
-# --- MIME and text helpers ---
-
-
-def _part(headers: list[tuple[str, str]], body: bytes) -> bytes:
-    """One body part: its header, an empty line, its body ending in CRLF."""
-    if body and not body.endswith(CRLF):
-        body += CRLF
-    return _header_bytes(headers) + CRLF + body
-
-
-def _text_part(text: str) -> bytes:
-    """The notification text as a text/plain part: us-ascii as is, else UTF-8 in quoted-printable."""
-    data = text.replace("\n", "\r\n").encode("utf-8")
-    headers = [("Content-Description", "Notification")]
-    if text.isascii() and all(len(line) <= MAX_LINE for line in data.split(CRLF)):
-        headers += [("Content-Type", "text/plain; charset=us-ascii"), ("Content-Transfer-Encoding", "7bit")]
-        return _part(headers, data)
-    headers += [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Transfer-Encoding", "quoted-printable"),
-    ]
-    return _part(headers, _quoted_printable(data))
-
-
-def _header_bytes(fields: list[tuple[str, str]]) -> bytes:
-    """Header fields (ASCII values) folded at spaces to about LINE_WIDTH, each line ending in CRLF."""
-    lines = []
-    for name, value in fields:
-        line = f"{name}:"
-        for word in value.split(" "):
-            if len(line) + 1 + len(word) > LINE_WIDTH and line.strip() != f"{name}:":
-                lines.append(line)
-                line = " " + word
-            else:
-                line += " " + word
-        lines.append(line)
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
-
-
 def _boundary(entry_id: str, action: Action, parts: list[bytes]) -> str:
     """A multipart boundary found in no part. `=_` cannot occur in quoted-printable; the hash of the id
     keeps the DSN the same each time it is built."""
@@ -781,71 +577,6 @@ def _boundary(entry_id: str, action: Action, parts: list[bytes]) -> str:
         counter += 1
 
 
-def _seven_bit_clean(data: bytes) -> bool:
-    """ASCII without NUL, bare CR or LF, and no line longer than MAX_LINE: may go as 7bit."""
-    if not data.isascii() or b"\0" in data:
-        return False
-    lines = data.split(CRLF)
-    return all(b"\r" not in line and b"\n" not in line and len(line) <= MAX_LINE for line in lines)
-
-
-def _quoted_printable(data: bytes) -> bytes:
-    """`data` (lines ending in CRLF) in quoted-printable (RFC 2045 6.7): every byte recoverable, lines at
-    most 76 characters. Only CRLF is a line break; a lone CR or LF is encoded."""
-    out: list[str] = []
-    lines = data.split(CRLF)
-    for line in lines:
-        last = len(line) - 1
-        current = ""
-        for index, byte in enumerate(line):
-            if (33 <= byte <= 126 and byte != ord("=")) or (byte in (9, 32) and index < last):
-                token = chr(byte)
-            else:
-                token = f"={byte:02X}"
-            if len(current) + len(token) > 75:
-                out.append(current + "=")
-                current = ""
-            current += token
-        out.append(current)
-    return "\r\n".join(out).encode("ascii")
-
-
-def _clean(text: str) -> str:
-    """`text` as proper Unicode: bytes that were not UTF-8 (surrogateescape) and lone surrogates become
-    U+FFFD."""
-    return "".join("\ufffd" if 0xD800 <= ord(char) <= 0xDFFF else char for char in text)
-
-
-def _readable(text: str | None) -> str:
-    """`text` for the human-readable part: one line, control characters as spaces, bad bytes as U+FFFD."""
-    cleaned = _clean(text or "")
-    return "".join(" " if ord(char) < 32 or 127 <= ord(char) < 160 else char for char in cleaned).strip()
-
-
-def _ascii_field(text: str) -> str:
-    """`text` for a delivery-status field: printable ASCII on one line; other characters as RFC 6533
-    `\\x{HEX}` escapes (a backslash too, so the escapes stay unambiguous); controls as spaces; cut at
-    MAX_FIELD_VALUE."""
-    out = []
-    for char in _clean(text):
-        code = ord(char)
-        if char == "\\":
-            out.append("\\x{5C}")
-        elif 32 <= code < 127:
-            out.append(char)
-        elif code < 32 or code == 127 or 128 <= code < 160:
-            out.append(" ")
-        else:
-            out.append(f"\\x{{{code:X}}}")
-    value = " ".join("".join(out).split())
-    return value if len(value) <= MAX_FIELD_VALUE else value[:MAX_FIELD_VALUE] + "..."
-
-
-def _ascii_token(text: str) -> str:
-    """`text` with everything but printable ASCII other than <>@ and space dropped: fit for a msg-id."""
-    return "".join(char for char in text if 33 <= ord(char) < 127 and char not in '<>@\\"') or "unknown"
-
-
 def _to_value(address: str) -> str:
     """The To field of a DSN: the address as it is, when it is plain printable ASCII; otherwise (it cannot
     be written in a 7-bit header) an empty group, the envelope still carrying the address."""
@@ -854,32 +585,15 @@ def _to_value(address: str) -> str:
     return "undisclosed-recipients:;"
 
 
-def _date(moment: float) -> str:
-    """`moment` as an RFC 5322 date in the local time zone (RFC 3464 dates are RFC 5322 dates)."""
-    from email.utils import formatdate
-
-    return formatdate(moment, localtime=True)
-
-
-def _wrap(paragraph: str) -> str:
-    return "\n".join(textwrap.wrap(paragraph, LINE_WIDTH, break_on_hyphens=False))
-
-
 __all__ = [
     "ACTIONS",
     "Action",
     "FULL_RETURN_LIMIT",
-    "POSTMASTER",
+    "Original",
     "ReportedRecipient",
-    "bounce_recipient",
     "build_dsn",
-    "delay_warning_due",
-    "dsn_envelope",
-    "expiry_reason",
     "dsn_message_id",
-    "notify_words",
+    "is_smtp_reply",
     "remote_mta_name",
-    "reported_recipients",
     "status_code",
-    "wants",
 ]

@@ -44,7 +44,6 @@ MAX_STATE_SIZE = 64 * 1024 * 1024
 MAX_TIME = 253402214400.0
 # The next-attempt time of a message that no flush should pick (held, failed): the largest 32-bit time.
 NEVER = float(2**31 - 1)
-STATES = ("queued", "deferred", "held", "failed")
 # The RFC 3463 status of a recipient whose `retry.lifetime` ran out ("delivery time expired").
 EXPIRED_STATUS = "5.4.7"
 

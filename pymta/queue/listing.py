@@ -1,7 +1,6 @@
-"""What is in the queue, for people (`mailq`, `pymta queue`) and for scripts (`pymta queue --json`).
-
-The JSON field names are a contract (DESIGN.md, "pymta queue --json"): monitoring depends on them. The table
-is for an admin at a terminal: one line per message, its last error indented below it, as Postfix's mailq.
+"""What is in the queue, for people (`mailq`, `pymta queue`, `pymta queue show`); for scripts the same
+entries go out as `pymta.queue.contract` says (`pymta queue --json`). The table is for an admin at a
+terminal: one line per message, its last error indented below it, as Postfix's mailq.
 This module does not import click, so `mailq` stays light.
 
 In system mode a user who is neither root nor the spool's owner cannot read the queue; `load_visible` then
@@ -16,27 +15,37 @@ import sys
 import time
 
 from pymta.errors import EX_OK, PermissionDeniedError
-from pymta.queue.entry import MessageState, QueueEntry
+from pymta.queue import views
+from pymta.queue.contract import entry_from_json, entry_to_json, iso_utc
+from pymta.queue.entry import QueueEntry
 from pymta.queue.spool import Spool
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pymta.queue.ops import Details
 
+class Details:
+    """One message as `pymta queue show` describes it (`pymta.queue.ops.show`): its entry, its header fields,
+    the whole stored message when asked for, and from a user's own view a `note` (as of when, and that it
+    has no header fields)."""
 
-def iso_utc(timestamp: float) -> str:
-    """ISO 8601 in UTC with a Z, to the second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    __slots__ = ("argument", "entry", "headers", "message", "note")
 
-
-# A recipient replaced by its alias targets (or the admin) was handed on: to scripts, it is delivered;
-# its targets follow it in the list with statuses of their own.
-CONTRACT_STATUS = {"expanded": "delivered"}
+    def __init__(
+        self,
+        argument: str,
+        entry: QueueEntry,
+        headers: list[tuple[str, str]],
+        message: bytes | None,
+        note: str | None = None,
+    ) -> None:
+        self.argument = argument
+        self.entry = entry
+        self.headers = headers
+        self.message = message
+        self.note = note
 
 
 def untold(entry: QueueEntry) -> bool:
     """Whether `entry` failed and no human was told: a failed recipient was never reported (its bounce had
-    nobody to go to: `bounce.bounce_recipient`) and none is owed. `failed_retention` never removes it."""
+    nobody to go to: `notices.bounce_recipient`) and none is owed. `failed_retention` never removes it."""
     return (
         entry.state == "failed"
         and not entry.bounce_due
@@ -55,72 +64,6 @@ def untold_summary(count: int) -> str | None:
     if not count:
         return None
     return f"{count} failed message{'s' if count != 1 else ''} no one was told about: see pymta queue"
-
-
-def entry_to_json(entry: QueueEntry) -> dict[str, object]:
-    """One message as the `pymta queue --json` contract describes it."""
-    return {
-        "id": entry.id,
-        "state": entry.state,
-        "sender": entry.sender,
-        "recipients": [
-            {
-                "address": r.address,
-                "status": CONTRACT_STATUS.get(r.status, r.status),
-                "last_error": r.last_error,
-            }
-            for r in entry.recipients
-        ],
-        "size": entry.size,
-        "submitted_by": entry.submitted_by,
-        "queued_at": iso_utc(entry.queued_at),
-        "next_attempt": None if entry.next_attempt is None else iso_utc(entry.next_attempt),
-        "attempts": entry.attempts,
-        "last_error": entry.last_error,
-    }
-
-
-def time_of_iso(text: object) -> float:
-    """The Unix time of an `iso_utc` text. Raises ValueError when it is not one."""
-    import calendar
-
-    if not isinstance(text, str):
-        raise ValueError(f"{text!r} is not an ISO 8601 time")
-    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
-
-
-def entry_from_json(data: dict[str, object], uid: int = -1) -> QueueEntry:
-    """An `entry_to_json` object read back as a QueueEntry of `uid` (a user's view): what the table and
-    `pymta queue show` print of it. Raises ValueError when it is not such an object."""
-    recipients = data.get("recipients")
-    if not isinstance(recipients, list) or not all(
-        isinstance(r, dict) and isinstance(r.get("address"), str) for r in recipients
-    ):
-        raise ValueError("its recipients are not a list of {address, status, last_error}")
-    size = data.get("size")
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise ValueError("its size is not a number")
-    next_attempt = data.get("next_attempt")
-    envelope: dict[str, object] = {
-        "id": data.get("id"),
-        "sender": data.get("sender"),
-        "recipients": [r["address"] for r in recipients],
-        "submitted_by": data.get("submitted_by"),
-        "uid": uid,
-        "queued_at": time_of_iso(data.get("queued_at")),
-    }
-    state: dict[str, object] = {
-        "state": data.get("state"),
-        "attempts": data.get("attempts", 0),
-        "next_attempt": None if next_attempt is None else time_of_iso(next_attempt),
-        "last_error": data.get("last_error"),
-        # A user's view does not say what was reported; untold messages are the admin's to find.
-        "recipients": {
-            r["address"]: {"status": r.get("status"), "last_error": r.get("last_error"), "reported": True}
-            for r in recipients
-        },
-    }
-    return QueueEntry("queue", "", envelope, MessageState.from_json(state), size, uid)
 
 
 def human_age(seconds: float) -> str:
@@ -168,24 +111,18 @@ def format_table(entries: list[QueueEntry], now: float | None = None) -> list[st
     return lines
 
 
-def _when(timestamp: object) -> str | None:
-    return (
-        iso_utc(timestamp) if isinstance(timestamp, int | float) and not isinstance(timestamp, bool) else None
-    )
-
-
 def details_to_json(details: Details) -> dict[str, object]:
     """`pymta queue show --json`: the `pymta queue --json` object of the message, and more about it."""
-    entry, state = details.entry, details.state
+    entry, state = details.entry, details.entry.record
     shown = {
         "argument": details.argument,
         "ok": True,
         **entry_to_json(entry),
         "location": entry.location,
-        "last_attempt": _when(state.get("last_attempt")),
-        "relay": state.get("relay") if isinstance(state.get("relay"), str) else None,
-        "held_from": state.get("held_from") if entry.state == "held" else None,
-        "bounce_due": state.get("bounce_due") is True,
+        "last_attempt": None if state.last_attempt is None else iso_utc(state.last_attempt),
+        "relay": state.relay,
+        "held_from": state.held_from if entry.state == "held" else None,
+        "bounce_due": state.bounce_due,
         "untold": untold(entry),
         "headers": [{"name": name, "value": value} for name, value in details.headers],
     }
@@ -207,7 +144,7 @@ def printable(text: str) -> str:
 def format_details(details: Details, now: float | None = None) -> list[str]:
     """`pymta queue show`: what an admin needs to know about one message, one fact per line."""
     now = time.time() if now is None else now
-    entry, state = details.entry, details.state
+    entry, state = details.entry, details.entry.record
 
     def when(timestamp: float) -> str:
         ago = now - timestamp
@@ -222,7 +159,7 @@ def format_details(details: Details, now: float | None = None) -> list[str]:
         lines.append("location:      new/ (committed, not yet picked up by a flush)")
     state_line = entry.state
     if entry.state == "held":
-        state_line += f" (was {state.get('held_from', 'queued')}; `pymta queue release` lets it go)"
+        state_line += f" (was {state.held_from or 'queued'}; `pymta queue release` lets it go)"
     lines.append(f"state:         {state_line}")
     lines.append(f"sender:        {printable(entry.sender) if entry.sender else '<> (the null sender)'}")
     who = f"{entry.submitted_by} (uid {entry.uid}" + (
@@ -232,12 +169,10 @@ def format_details(details: Details, now: float | None = None) -> list[str]:
     lines.append(f"queued at:     {when(entry.queued_at)}")
     lines.append(f"size:          {human_size(entry.size)} ({entry.size} bytes)")
     attempts = str(entry.attempts)
-    last_attempt = state.get("last_attempt")
-    if isinstance(last_attempt, int | float):
-        attempts += f", the last at {when(last_attempt)}"
-        relay = state.get("relay")
-        if isinstance(relay, str) and relay != "none":
-            attempts += f" via {printable(relay)}"
+    if state.last_attempt is not None:
+        attempts += f", the last at {when(state.last_attempt)}"
+        if state.relay is not None and state.relay != "none":
+            attempts += f" via {printable(state.relay)}"
     lines.append(f"attempts:      {attempts}")
     if entry.next_attempt is None:
         nothing = {"held": "none while held", "failed": "none: every recipient is done"}
@@ -248,7 +183,7 @@ def format_details(details: Details, now: float | None = None) -> list[str]:
         lines.append(f"next attempt:  {when(entry.next_attempt)}")
     if entry.last_error:
         lines.append(f"last error:    {printable(entry.last_error)}")
-    if state.get("bounce_due") is True:
+    if state.bounce_due:
         lines.append("bounce:        owed to the sender; the next flush sends it")
     elif untold(entry):
         lines.append(f"bounce:        {UNTOLD_NOTE}")
@@ -310,8 +245,6 @@ class Visible:
 
 def load_visible(spool_path: str) -> Visible:
     """The whole queue when this user may read it (`load`); else, in system mode, their own view."""
-    from pymta.queue import views
-
     try:
         return Visible(*Spool(spool_path).entries())
     except PermissionError:
@@ -322,8 +255,6 @@ def load_visible(spool_path: str) -> Visible:
 
 def own_view(spool_path: str) -> Visible:
     """This user's messages as the last delivery run saw them (`pymta.queue.views`): never anyone else's."""
-    from pymta.queue import views
-
     uid = os.geteuid()
     owner = views.spool_owner_name(spool_path)
     path = views.view_path(spool_path, uid)

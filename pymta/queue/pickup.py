@@ -62,7 +62,7 @@ class PickUp(SpoolDirectory):
         no more than `max_size` and the envelope allowance of it is read, however it grows meanwhile, and
         every envelope field is checked before it is used (`validate_drop`). Links, FIFOs and devices are
         removed; unreadable, invalid or oversized files, names that are no queue id, and a file whose
-        pick-up fails in any other way are moved to corrupt/ (DESIGN.md invariants 10 and 11); each gets
+        pick-up fails in any other way are moved to corrupt/ (ARCHITECTURE.md 10, 11); each gets
         one `report` line, with the name quoted (`quoted`). No more than `MAX_PICKUP_PER_USER` files of one
         user (root and the spool's owner aside) are looked at in one call.
 
@@ -376,7 +376,7 @@ def validate_drop(envelope: dict[str, object], now: float) -> dict[str, object]:
     `submitted_by` are left out: the kernel tells them. A `queued_at` after `now` becomes `now`.
 
     Everything the queue's readers convert later (a time to a date, an address to a command) is checked
-    here, so a hand-made drop costs only itself (DESIGN.md invariant 10)."""
+    here, so a hand-made drop costs only itself (ARCHITECTURE.md, invariant 10)."""
     for key in envelope:
         if key not in _DROP_FIELDS:
             raise ValueError(f"envelope field {quoted(key)} is not one sendmail writes")

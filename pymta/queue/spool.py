@@ -7,7 +7,7 @@ message (`write_state`, `due`). It knows nothing of SMTP. Beside it, by job:
     pickup.py     the pick-up gate: new/ to queue/, drop validation, sender policy, per-user limits
     locks.py      flush.lock, flush.request, the message locks, the reaper of delivered messages
 
-Layout of a spool directory (DESIGN.md, "Two ways to run"):
+Layout of a spool directory (ARCHITECTURE.md, "On disk"):
 
     tmp/ID       a submission being written; only its writer ever opens it
     tmp/.quota-UID  system mode: user UID's list of their own recent drops, for `max_queued_per_user` at
@@ -52,7 +52,7 @@ readable by the flusher, so it is protected by its unguessable name, not by its 
 everything is the user's own and private (0700 directories, 0600 files). In a spool that is not the
 submitter's own, steps 1, 4 and 5 resolve the names from descriptors of tmp/ and new/ opened without
 following a link and checked (`Spool._commit_shared`): the spool's owner cannot make root, or any user,
-write the mail into a directory of its choosing (DESIGN.md invariant 10).
+write the mail into a directory of its choosing (ARCHITECTURE.md, invariant 10).
 
 `sendmail` imports this module on every cron job: it and the queue modules it loads import only os, time,
 errno and dataclasses at module level; the reading side imports json when it is used.

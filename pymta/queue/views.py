@@ -1,7 +1,7 @@
 """Per-user views of the queue in system mode: what each user may see of it, published by the flush.
 
 In system mode the queue (queue/, 0700) belongs to the spool's owner, so an ordinary user cannot list it, and
-must not: another user's mail is none of theirs (DESIGN.md invariant 6). So at the end of each delivery run
+must not: another user's mail is none of theirs (invariant 6). So at the end of each delivery run
 the flush, started as root, writes for every user with messages waiting a file that only that user can read:
 
     status/       0711  root                users reach their own view by name but cannot list the others
@@ -10,7 +10,7 @@ the flush, started as root, writes for every user with messages waiting a file t
 
 A view is a header line, `{"v": 1, "uid": UID, "count": N, "published": UNIX TIME, "limit": L}` (`limit` is
 `max_queued_per_user`, null for none), then one line per message holding the object `pymta queue --json`
-prints for it (`pymta.queue.listing.entry_to_json`), oldest first. Drops still waiting in new/ count and are
+prints for it (`pymta.queue.contract.entry_to_json`), oldest first. Drops still waiting in new/ count and are
 listed.
 A user with no message left has no view: no file means no messages, as of the last run.
 
@@ -38,12 +38,16 @@ The queue itself is read with the spool owner's rights (seteuid, then back to ro
 plant there (a link to a file of root's) is unreadable to the reader too. Users can still learn from
 status/ that a view exists for a uid and its size (stat needs no read right); not its content.
 
-`sendmail` imports this module: it imports only os at module level.
+`sendmail` imports this module: it imports only os at module level, and of the queue only what the spool
+loads already (and the small `contract`).
 """
 
 from __future__ import annotations
 
 import os
+
+from pymta.queue.contract import entry_to_json
+from pymta.queue.directory import SpoolDirectory, write_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -180,8 +184,6 @@ def _publish_in(
     import json
     import time
 
-    from pymta.queue.listing import entry_to_json
-
     spool_owner = queue.st_uid
     entries = entries_as(spool, queue.st_uid, queue.st_gid)
     lines: dict[int, list[str]] = {}
@@ -213,8 +215,6 @@ def _write_view(status_fd: int, uid: int, data: bytes) -> None:
     """status/UID replaced by `data`, owned by UID, mode 0400: through a new name, never an existing one."""
     import pwd
 
-    from pymta.queue.directory import write_all as _write_all
-
     try:
         gid = pwd.getpwuid(uid).pw_gid
     except KeyError:
@@ -230,7 +230,7 @@ def _write_view(status_fd: int, uid: int, data: bytes) -> None:
         raise FileExistsError(f"no free name for a new view in {STATUS_DIR}/")
     try:
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fchmod(fd, VIEW_MODE)
             os.fchown(fd, uid, gid)
             os.fsync(fd)
@@ -515,8 +515,6 @@ def read_view(spool_path: str, uid: int) -> View | None:
 def own_view_only(spool_path: str) -> bool:
     """Whether this user sees only their own view: not root, unable to list queue/, on a system spool (its
     drop directory new/ is sticky, 1733, as `pymta setup` makes it)."""
-    from pymta.queue.spool import Spool
-
     if os.geteuid() == 0:
         return False
     try:
@@ -526,7 +524,7 @@ def own_view_only(spool_path: str) -> bool:
         pass
     except OSError:
         return False  # missing: the callers say what is wrong
-    return Spool(spool_path).is_shared()
+    return SpoolDirectory(spool_path).is_shared()
 
 
 def spool_owner_name(spool_path: str) -> str:
