@@ -618,6 +618,21 @@ def test_list_by_state(mta: MtaEnv) -> None:
 # --- concurrency ---
 
 
+def wait_until_it_holds_open(process: subprocess.Popen[bytes], path: Path, timeout: float = 30) -> None:
+    """Poll /proc until `process` has `path` open: it has found the message and waits for its lock."""
+    deadline = time.monotonic() + timeout
+    fds = Path(f"/proc/{process.pid}/fd")
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            if any(os.path.realpath(fd) == os.path.realpath(path) for fd in fds.iterdir()):
+                return
+        except OSError:
+            pass  # an fd closed while we looked
+        time.sleep(0.01)
+    raise AssertionError(f"{process.args} never opened {path}")
+
+
 def test_a_command_waits_for_a_delivery_then_says_so(mta: MtaEnv) -> None:
     queue_id = enqueue(mta)
     flush(mta)
@@ -639,7 +654,7 @@ def test_a_command_waits_for_a_delivery_then_says_so(mta: MtaEnv) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(0.5)
+        wait_until_it_holds_open(waiting, mta.spool / "queue" / queue_id)
         assert waiting.poll() is None  # still waiting for the lock
         assert state_file(mta, queue_id).read_bytes() == before
     finally:
@@ -663,7 +678,7 @@ def test_a_message_delivered_while_the_command_waits_is_reported_gone(mta: MtaEn
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(0.5)
+        wait_until_it_holds_open(waiting, mta.spool / "queue" / queue_id)
         queue.remove(queue.read_entry("queue", queue_id))  # the delivery ends: every recipient accepted
         queue.finish_removals()
     finally:
