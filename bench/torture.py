@@ -1244,7 +1244,7 @@ class Target:
 
 def _fuzz_targets(workdir: Path) -> list[Target]:
     from pymta.config import aliases
-    from pymta.config import load as config
+    from pymta.config.load import loads
     from pymta.errors import PymtaError, SpoolError, SpoolFullError
     from pymta.mail import message
     from pymta.mail.address import parse_envelope_address, parse_list, recipients_from_args
@@ -1295,7 +1295,7 @@ def _fuzz_targets(workdir: Path) -> list[Target]:
 
     def config_text(data: bytes, rng: random.Random) -> object:
         if rng.random() < 0.5:
-            return config.loads(data, "fuzz.yaml")
+            return loads(data, "fuzz.yaml")
         config_file.write_bytes(data)  # as sendmail reads it: no YAML where possible, never fails
         return submit.read_settings(str(config_file))
 

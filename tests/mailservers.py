@@ -42,7 +42,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from pymta.config.load import PasswordSource, Smarthost
+from pymta.config.model import PasswordSource, Smarthost
 
 HOST = "127.0.0.1"
 USER = "me@example.org"

@@ -37,8 +37,6 @@ KNOWN_LAYER = {
     "pymta.queue.views -> pymta.delivery.local",
 }
 KNOWN_CYCLES = {
-    # config
-    "pymta.config.load -> pymta.config.paths -> pymta.config.load",
     # delivery
     "pymta.delivery.privsep -> pymta.delivery.flush -> pymta.delivery.privsep",
 }
@@ -47,7 +45,6 @@ KNOWN_UNMARKED = {
     "pymta.cli.smarthost",
     # config
     "pymta.config.identity",
-    "pymta.config.paths",
     "pymta.config.routing",
     # delivery
     "pymta.delivery.flush",
@@ -58,7 +55,6 @@ KNOWN_UNMARKED = {
 KNOWN_LARGE = {
     # config
     "pymta.config.aliases",
-    "pymta.config.load",
     # delivery
     "pymta.delivery.flush",
     "pymta.delivery.local",

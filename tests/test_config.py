@@ -18,9 +18,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pymta.cli.config import config_group, render
-from pymta.config import load as config
 from pymta.config import paths as quickconfig
-from pymta.config.load import Config, PasswordSource, Retry, Smarthost
+from pymta.config.limits import SIZE_UNITS, format_size, parse_size
+from pymta.config.load import KEYS, load, loads
+from pymta.config.model import (
+    DURATION_UNITS,
+    Config,
+    PasswordSource,
+    Retry,
+    Smarthost,
+    default_hostname,
+    format_duration,
+    parse_duration,
+)
 from pymta.errors import EX_CONFIG, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +55,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def fresh_hostname() -> Iterator[None]:
     """The default hostname is computed afresh in every test (it is cached per process)."""
-    cached = config.default_hostname
+    cached = default_hostname
     cached.cache_clear()
     yield
     cached.cache_clear()
@@ -59,7 +69,7 @@ def write(tmp_path: Path, text: str, name: str = "pymta.yaml") -> str:
 
 def error_of(text: str) -> str:
     with pytest.raises(ConfigError) as caught:
-        config.loads(text, FILE)
+        loads(text, FILE)
     assert caught.value.exit_code == EX_CONFIG
     return str(caught.value)
 
@@ -97,7 +107,7 @@ max_message_size: 20M
 
 
 def test_full_config() -> None:
-    loaded = config.loads(FULL, FILE)
+    loaded = loads(FULL, FILE)
     assert loaded == Config(
         spool="/var/spool/pymta",
         source=FILE,
@@ -128,7 +138,7 @@ def test_full_config() -> None:
 
 
 def test_config_is_immutable() -> None:
-    loaded = config.loads(FULL, FILE)
+    loaded = loads(FULL, FILE)
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded.spool = "/tmp"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -146,19 +156,17 @@ def test_defaults() -> None:
     assert defaults.smarthosts == ()
     assert defaults.retry == Retry((60, 300, 900, 3600, 14400), 5 * 86400)
     assert defaults.max_message_size == 35_000_000
-    assert defaults.hostname == config.default_hostname()
+    assert defaults.hostname == default_hostname()
     assert defaults.domain == defaults.hostname
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n", "~\n"])
 def test_empty_file_gives_defaults(text: str) -> None:
-    assert config.loads(text, FILE) == Config(source=FILE)
+    assert loads(text, FILE) == Config(source=FILE)
 
 
 def test_null_values_mean_the_default() -> None:
-    loaded = config.loads(
-        "spool:\nretry:\n  lifetime: ~\nsmarthosts:\n  - host: a.example\n    port:\n", FILE
-    )
+    loaded = loads("spool:\nretry:\n  lifetime: ~\nsmarthosts:\n  - host: a.example\n    port:\n", FILE)
     assert loaded == Config(source=FILE, smarthosts=(Smarthost("a.example", 587),))
 
 
@@ -167,8 +175,8 @@ def test_null_values_mean_the_default() -> None:
 
 @no_system_config
 def test_no_config_anywhere_is_valid() -> None:
-    assert config.load() == Config()
-    assert config.load(None).source is None
+    assert load() == Config()
+    assert load(None).source is None
 
 
 @no_system_config
@@ -176,7 +184,7 @@ def test_user_config_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     (tmp_path / "xdg" / "pymta").mkdir(parents=True)
     path = write(tmp_path / "xdg" / "pymta", "deliver: queue\n")
-    loaded = config.load()
+    loaded = load()
     assert loaded.source == path
     assert loaded.deliver == "queue"
 
@@ -185,9 +193,9 @@ def test_explicit_file_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     explicit = write(tmp_path, "deliver: queue\n", "explicit.yaml")
     from_env = write(tmp_path, "deliver: immediate\n", "env.yaml")
     monkeypatch.setenv("PYMTA_CONFIG", from_env)
-    assert config.load().source == from_env
-    assert config.load(explicit).source == explicit
-    assert config.load(explicit).deliver == "queue"
+    assert load().source == from_env
+    assert load(explicit).source == explicit
+    assert load(explicit).deliver == "queue"
 
 
 @pytest.mark.parametrize("through", ["argument", "environment"])
@@ -196,7 +204,7 @@ def test_named_file_that_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     if through == "environment":
         monkeypatch.setenv("PYMTA_CONFIG", missing)
     with pytest.raises(ConfigError) as caught:
-        config.load(missing if through == "argument" else None)
+        load(missing if through == "argument" else None)
     assert str(caught.value) == f"{missing}: no such file; check the name given with -C or in $PYMTA_CONFIG"
     assert caught.value.exit_code == EX_CONFIG
 
@@ -207,9 +215,9 @@ def test_unreadable_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     def denied(file: str, mode: str = "r") -> None:
         raise PermissionError(13, "Permission denied", file)
 
-    monkeypatch.setattr(config, "open", denied, raising=False)
+    monkeypatch.setattr("pymta.config.load.open", denied, raising=False)
     with pytest.raises(ConfigError) as caught:
-        config.load(path)
+        load(path)
     message = str(caught.value)
     assert message.startswith(f"{path}: cannot be read (permission denied); ")
     assert f"chmod 644 {path}" in message and "\n" not in message
@@ -220,19 +228,19 @@ def test_unreadable_file_for_real(tmp_path: Path) -> None:
     path = write(tmp_path, "deliver: queue\n")
     os.chmod(path, 0o000)
     with pytest.raises(ConfigError, match="permission denied"):
-        config.load(path)
+        load(path)
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r": is a directory; name the config file inside it"):
-        config.load(str(tmp_path))
+        load(str(tmp_path))
 
 
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "pymta.yaml"
     path.write_bytes(b"spool: /var/spool/\xff\n")
     with pytest.raises(ConfigError) as caught:
-        config.load(str(path))
+        load(str(path))
     assert str(caught.value).startswith(f"{path}: is not valid YAML: ")
     assert "\n" not in str(caught.value)
 
@@ -270,12 +278,12 @@ VALID: list[tuple[str, Callable[[Config], object], object]] = [
 
 @pytest.mark.parametrize(("text", "get", "value"), VALID, ids=[text for text, _, _ in VALID])
 def test_valid_top_level(text: str, get: Callable[[Config], object], value: object) -> None:
-    assert get(config.loads(text + "\n", FILE)) == value
+    assert get(loads(text + "\n", FILE)) == value
 
 
 def smarthost(lines: str) -> Smarthost:
     body = "".join(f"    {line}\n" for line in lines.split("; ") if line)
-    return config.loads(f"smarthosts:\n  - host: smtp.example.org\n{body}", FILE).smarthosts[0]
+    return loads(f"smarthosts:\n  - host: smtp.example.org\n{body}", FILE).smarthosts[0]
 
 
 FINGERPRINT = "sha256:" + ":".join(f"{byte:02X}" for byte in range(0xA0, 0xC0))
@@ -349,7 +357,7 @@ def test_valid_smarthost(lines: str, get: Callable[[Smarthost], object], value: 
     ],
 )
 def test_smarthost_host_forms(host: str, stored: str) -> None:
-    assert config.loads(f"smarthosts:\n  - host: {host}\n", FILE).smarthosts[0].host == stored
+    assert loads(f"smarthosts:\n  - host: {host}\n", FILE).smarthosts[0].host == stored
 
 
 # --- Every key, invalid: one line naming the file and the key path, with the fix ---
@@ -629,7 +637,7 @@ def test_masked_output_shows_sources_never_secrets(monkeypatch: pytest.MonkeyPat
         "  - {host: c.example, username: me, password: {env: SMTP_PASSWORD}}\n"
         f"  - {{host: d.example, username: me, password: {{file: {secret_file}}}}}\n"
     )
-    loaded = config.loads(text, FILE)
+    loaded = loads(text, FILE)
     masked = loaded.masked()
     hosts = masked["smarthosts"]
     assert isinstance(hosts, list)
@@ -676,8 +684,8 @@ def test_yaml_syntax_errors(text: str, expected: str) -> None:
 def test_merge_keys_are_not_duplicates() -> None:
     text = "base: &b {host: a.example, port: 25}\nsmarthosts:\n  - <<: *b\n    port: 26\n"
     with pytest.raises(ConfigError, match=r"^/etc/pymta/pymta.yaml: base: unknown key"):
-        config.loads(text, FILE)
-    loaded = config.loads("smarthosts:\n  - &b {host: a.example, port: 25}\n  - <<: *b\n    port: 26\n", FILE)
+        loads(text, FILE)
+    loaded = loads("smarthosts:\n  - &b {host: a.example, port: 25}\n  - <<: *b\n    port: 26\n", FILE)
     assert [host.port for host in loaded.smarthosts] == [25, 26]
 
 
@@ -712,14 +720,14 @@ def test_top_level_must_be_a_mapping(text: str, kind: str) -> None:
     ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
-    assert config.parse_duration(text) == seconds
-    assert type(config.parse_duration(text)) is type(seconds)
+    assert parse_duration(text) == seconds
+    assert type(parse_duration(text)) is type(seconds)
 
 
 @pytest.mark.parametrize("text", ["", "5 days", "5 m", "m", "5M", "5H", "-5m", "1e3", "5m30", "1..5s", "inf"])
 def test_not_a_duration(text: str) -> None:
     with pytest.raises(ValueError):
-        config.parse_duration(text)
+        parse_duration(text)
 
 
 @pytest.mark.parametrize(
@@ -739,7 +747,7 @@ def test_not_a_duration(text: str) -> None:
     ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
-    assert config.format_duration(seconds) == text
+    assert format_duration(seconds) == text
 
 
 @pytest.mark.parametrize(
@@ -763,13 +771,13 @@ def test_format_duration(seconds: float, text: str) -> None:
     ],
 )
 def test_parse_size(text: str, size: int) -> None:
-    assert config.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "M", "35 M B", "35MiBs", "-1", "35T", "1e6", "35  M"])
 def test_not_a_size(text: str) -> None:
     with pytest.raises(ValueError):
-        config.parse_size(text)
+        parse_size(text)
 
 
 @pytest.mark.parametrize(
@@ -788,34 +796,34 @@ def test_not_a_size(text: str) -> None:
     ],
 )
 def test_format_size(size: int, text: str) -> None:
-    assert config.format_size(size) == text
+    assert format_size(size) == text
 
 
 @given(st.integers(min_value=0, max_value=10**9))
 def test_duration_round_trip(seconds: int) -> None:
-    assert config.parse_duration(config.format_duration(seconds)) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
 
 
 @given(st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False))
 def test_duration_round_trip_fractions(seconds: float) -> None:
-    assert config.parse_duration(config.format_duration(seconds)) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
 
 
-@given(st.lists(st.tuples(st.integers(0, 1000), st.sampled_from(sorted(config.DURATION_UNITS))), min_size=1))
+@given(st.lists(st.tuples(st.integers(0, 1000), st.sampled_from(sorted(DURATION_UNITS))), min_size=1))
 def test_duration_parts_add_up(parts: list[tuple[int, str]]) -> None:
     text = "".join(f"{count}{unit}" for count, unit in parts)
-    assert config.parse_duration(text) == sum(count * config.DURATION_UNITS[unit] for count, unit in parts)
+    assert parse_duration(text) == sum(count * DURATION_UNITS[unit] for count, unit in parts)
 
 
 @given(st.integers(min_value=0, max_value=10**15))
 def test_size_round_trip(size: int) -> None:
-    assert config.parse_size(config.format_size(size)) == size
+    assert parse_size(format_size(size)) == size
 
 
-@given(st.integers(0, 10**6), st.sampled_from(sorted(config.SIZE_UNITS)), st.booleans())
+@given(st.integers(0, 10**6), st.sampled_from(sorted(SIZE_UNITS)), st.booleans())
 def test_size_units(count: int, unit: str, upper: bool) -> None:
     text = f"{count}{unit.upper() if upper else unit}"
-    assert config.parse_size(text) == count * config.SIZE_UNITS[unit]
+    assert parse_size(text) == count * SIZE_UNITS[unit]
 
 
 # --- The hostname ---
@@ -824,13 +832,13 @@ def test_size_units(count: int, unit: str, upper: bool) -> None:
 def test_hostname_with_a_dot_needs_no_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "box.example.org", "", "", "")))
     monkeypatch.setattr(socket, "getfqdn", lambda name="": pytest.fail("asked the resolver"))
-    assert config.default_hostname() == "box.example.org"
+    assert default_hostname() == "box.example.org"
 
 
 def test_hostname_from_the_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "box", "", "", "")))
     monkeypatch.setattr(socket, "getfqdn", lambda name="": f"{name}.example.net")
-    assert config.default_hostname() == "box.example.net"
+    assert default_hostname() == "box.example.net"
     assert Config(configured_domain="example.org").hostname == "box.example.net"
 
 
@@ -838,25 +846,25 @@ def test_hostname_from_the_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hostname_falls_back_to_the_node_name(monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
     monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "box", "", "", "")))
     monkeypatch.setattr(socket, "getfqdn", lambda name="": answer)
-    assert config.default_hostname() == "box"
+    assert default_hostname() == "box"
 
 
 def test_hostname_never_waits_for_a_dead_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "box", "", "", "")))
     monkeypatch.setattr(socket, "getfqdn", lambda name="": release.wait(10) and "late.example")
-    monkeypatch.setattr(config, "HOSTNAME_LOOKUP_TIMEOUT", 0.05)
+    monkeypatch.setattr("pymta.config.model.HOSTNAME_LOOKUP_TIMEOUT", 0.05)
     try:
-        assert config.default_hostname() == "box"
+        assert default_hostname() == "box"
     finally:
         release.set()
 
 
 def test_loading_does_not_resolve_the_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "default_hostname", lambda: pytest.fail("resolved the hostname"))
-    loaded = config.loads(FULL, FILE)
+    monkeypatch.setattr("pymta.config.model.default_hostname", lambda: pytest.fail("resolved the hostname"))
+    loaded = loads(FULL, FILE)
     assert loaded.hostname == "host.example.org"
-    config.loads("deliver: queue\n", FILE)
+    loads("deliver: queue\n", FILE)
 
 
 # --- Retry ---
@@ -871,8 +879,8 @@ def test_retry_delay_repeats_the_last_interval() -> None:
 
 
 def test_masked_reads_back_as_the_same_settings() -> None:
-    loaded = config.loads(FULL, FILE)
-    again = config.loads(yaml.safe_dump(loaded.masked()), FILE)
+    loaded = loads(FULL, FILE)
+    again = loads(yaml.safe_dump(loaded.masked()), FILE)
     assert again.masked() == loaded.masked()
     assert again.smarthosts == loaded.smarthosts and again.retry == loaded.retry
 
@@ -887,7 +895,7 @@ def test_check_prints_effective_settings(tmp_path: Path) -> None:
     header, _, body = result.stdout.partition("\n")
     assert header == f"# {path}: valid; effective settings, defaults filled in, passwords masked"
     assert "password: {keyring: pymta}" in body and "schedule: [1m, 5m, 15m, 1h, 4h]" in body
-    assert config.loads(body, "<output>").masked() == config.loads(FULL, FILE).masked()
+    assert loads(body, "<output>").masked() == loads(FULL, FILE).masked()
     assert result.stderr == ""
 
 
@@ -982,17 +990,17 @@ def test_check_through_the_console_script(tmp_path: Path) -> None:
 
 def test_man_page_documents_every_key() -> None:
     page = (ROOT / "man" / "pymta.yaml.5").read_text()
-    for key in config.KEYS:
+    for key in KEYS:
         name = key.rpartition(".")[2]
         assert f".B {name}" in page or f".BR {name}" in page or f"\\fB{name}\\fR" in page, key
 
 
 def test_example_config_is_valid_and_shows_every_key() -> None:
     path = ROOT / "examples" / "pymta.yaml"
-    loaded = config.load(str(path))
+    loaded = load(str(path))
     assert loaded.smarthosts[0].host == "smtp.web.de"
     text = path.read_text()
-    for key in config.KEYS:
+    for key in KEYS:
         assert f"{key.rpartition('.')[2]}:" in text, key
 
 
@@ -1005,11 +1013,11 @@ def test_sender_identity_defaults() -> None:
 
 
 def test_trusted_users_and_sender_policy_are_read() -> None:
-    loaded = config.loads("trusted_users: [root, www-data, _cron-failure]\nsender_policy: strict\n", FILE)
+    loaded = loads("trusted_users: [root, www-data, _cron-failure]\nsender_policy: strict\n", FILE)
     assert loaded.trusted_users == ("root", "www-data", "_cron-failure")
     assert loaded.sender_policy == "strict"
-    assert config.loads("trusted_users: []\n", FILE).trusted_users == ()
-    assert config.loads("trusted_users:\n", FILE).trusted_users == ("root",)  # empty: the default
+    assert loads("trusted_users: []\n", FILE).trusted_users == ()
+    assert loads("trusted_users:\n", FILE).trusted_users == ("root",)  # empty: the default
 
 
 @pytest.mark.parametrize(
@@ -1028,17 +1036,17 @@ def test_trusted_users_and_sender_policy_are_read() -> None:
 )
 def test_sender_identity_keys_are_checked(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        config.loads(text, FILE)
+        loads(text, FILE)
     assert str(raised.value).startswith(f"{FILE}: {message}")
 
 
 def test_sender_identity_keys_read_back_from_masked() -> None:
-    loaded = config.loads("trusted_users: [root, www-data]\nsender_policy: strict\n", FILE)
+    loaded = loads("trusted_users: [root, www-data]\nsender_policy: strict\n", FILE)
     assert loaded.masked()["trusted_users"] == ["root", "www-data"]
-    assert config.loads(yaml.safe_dump(loaded.masked()), FILE).masked() == loaded.masked()
+    assert loads(yaml.safe_dump(loaded.masked()), FILE).masked() == loaded.masked()
 
 
 def test_a_config_nested_thousands_deep_is_one_config_error() -> None:
     """Found by the torture suite's fuzzer: PyYAML's RecursionError escaped as a traceback."""
     with pytest.raises(ConfigError, match=r"^x\.yaml: is nested too deeply to read"):
-        config.loads("spool: /tmp/spool\nbroken: " + "[" * 3000 + "\n", "x.yaml")
+        loads("spool: /tmp/spool\nbroken: " + "[" * 3000 + "\n", "x.yaml")

@@ -15,7 +15,7 @@ import keyring.errors
 import pytest
 from keyring.backend import KeyringBackend
 
-from pymta.config.load import PasswordSource
+from pymta.config.model import PasswordSource
 from pymta.delivery import credentials
 from pymta.delivery.credentials import CredentialError, Secret, resolve
 

@@ -27,7 +27,8 @@ from conftest import local_sandbox
 
 from pymta import errors
 from pymta.cli.main import cli
-from pymta.config import load as config
+from pymta.config.load import load, loads
+from pymta.config.model import PASSWORD_KINDS
 from pymta.submission.invocation import FLAGS, MODES, OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +210,7 @@ def test_every_queue_json_field_is_documented(queued_json: list[dict[str, object
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_config_loads(path: Path) -> None:
-    loaded = config.load(str(path))
+    loaded = load(str(path))
     assert loaded.smarthosts, f"{path.name} configures no smarthost"
 
 
@@ -224,17 +225,17 @@ README_YAML = re.findall(r"^```yaml\n(.*?)^```$", README, re.M | re.S)
 
 @pytest.mark.parametrize("text", README_YAML, ids=[f"block{n}" for n in range(len(README_YAML))])
 def test_readme_config_blocks_load(text: str) -> None:
-    loaded = config.loads(text, "README.md")
+    loaded = loads(text, "README.md")
     assert loaded.smarthosts or text.count("\n") == 1  # a whole example, or one line to add to one
 
 
 def test_readme_shows_oauth2_and_every_password_source() -> None:
-    blocks = [config.loads(text, "README.md") for text in README_YAML]
+    blocks = [loads(text, "README.md") for text in README_YAML]
     kinds = {host.password.kind for loaded in blocks for host in loaded.smarthosts if host.password}
     auths = {host.auth for loaded in blocks for host in loaded.smarthosts}
     assert "xoauth2" in auths
     assert {"keyring", "command"} <= kinds
-    for source in config.PASSWORD_KINDS:
+    for source in PASSWORD_KINDS:
         assert f"{{{source}:" in README, source
 
 

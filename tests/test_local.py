@@ -27,7 +27,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymta.config.load import Local
+from pymta.config.model import Local
 from pymta.delivery import local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ def test_concurrent_deliveries_from_several_processes_never_interleave(spool: Pa
     code = """
         import sys
         from pymta.delivery.local import deliver
-        from pymta.config.load import Local
+        from pymta.config.model import Local
         spool, user, writer, each = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
         for number in range(each):
             body = (f"writer {writer} message {number} " * 4000 + "\\r\\n").encode()
@@ -403,7 +403,7 @@ def test_a_write_that_fails_midway_leaves_the_mbox_exactly_as_before(spool: Path
     code = """
         import resource, sys
         from pymta.delivery.local import deliver
-        from pymta.config.load import Local
+        from pymta.config.model import Local
         spool, user, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         data = b"Subject: big\\r\\n\\r\\n" + b"x" * 200_000 + b"\\r\\n"

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymta.config.load import Config, Local
+from pymta.config.model import Config, Local
 from pymta.delivery import frames, local, privsep
 from pymta.delivery.flush import FlushReport
 from pymta.delivery.local import LocalOutcome, user_name_problem

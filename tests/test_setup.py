@@ -23,7 +23,7 @@ import pytest
 from conftest import local_sandbox
 
 from pymta.cli.main import main
-from pymta.config import load as config
+from pymta.config.load import load, loads
 from pymta.setup import install, steps
 from pymta.setup.files import owner_of
 from pymta.setup.units import path_unit, service_unit, timer_unit
@@ -523,7 +523,7 @@ def test_exec_start_quotes_a_path_with_spaces() -> None:
 def test_the_installed_config_is_valid_and_relays_nothing(run_setup: Setup, root: Path) -> None:
     assert run_setup().code == 0
     path = root / "etc/pymta/pymta.yaml"
-    loaded = config.load(str(path))
+    loaded = load(str(path))
     assert loaded.smarthosts == ()
     assert loaded.rewrite is None
     assert loaded.admin is None
@@ -536,7 +536,7 @@ def test_the_installed_config_is_valid_and_relays_nothing(run_setup: Setup, root
 def test_adapting_the_example_comments_out_only_those_blocks() -> None:
     example = (ROOT / "examples/pymta.yaml").read_text()
     adapted = install.adapt_example(example)
-    assert config.loads(adapted).smarthosts == ()
+    assert loads(adapted).smarthosts == ()
     # Each line is the example's, or the example's behind a '#': the lines of those four keys.
     pairs = list(zip(adapted.splitlines(), example.splitlines(), strict=True))
     assert all(mine in (theirs, f"#{theirs}") for mine, theirs in pairs)

@@ -38,7 +38,7 @@ from mailservers import (
     tls_server,
 )
 
-from pymta.config.load import PasswordSource, Smarthost
+from pymta.config.model import PasswordSource, Smarthost
 from pymta.delivery.credentials import CredentialError, Secret
 from pymta.delivery.smtp import RecipientOutcome, SessionError, SmtpSession, xtext
 

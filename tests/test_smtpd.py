@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import MtaEnv, script
 
-from pymta.config import load as config
+from pymta.config.limits import DEFAULT_MAX_MESSAGE_SIZE
 from pymta.errors import EX_OK, EX_TEMPFAIL, EX_USAGE, SpoolFullError
 from pymta.submission import smtpd
 from pymta.submission.smtpd import Session
@@ -625,7 +625,7 @@ def test_a_full_disk_answers_452_and_the_session_goes_on() -> None:
 
 
 def test_the_default_size_limit_is_the_configs() -> None:
-    assert smtpd.DEFAULT_MAX_SIZE == config.DEFAULT_MAX_MESSAGE_SIZE
+    assert smtpd.DEFAULT_MAX_SIZE == DEFAULT_MAX_MESSAGE_SIZE
 
 
 def test_sendmail_imports_the_smtp_module_only_for_bs(mta: MtaEnv) -> None:

@@ -28,9 +28,11 @@ from pathlib import Path
 import pytest
 from conftest import MtaEnv, local_sandbox
 
-from pymta.config import load as config
 from pymta.config import paths as quickconfig
-from pymta.config.load import Config
+from pymta.config.limits import DEFAULT_MAX_QUEUED_PER_USER, parse_queue_limit
+from pymta.config.load import load, loads
+from pymta.config.model import Config
+from pymta.errors import ConfigError
 from pymta.queue import listing, views
 from pymta.queue.directory import encode_json
 from pymta.queue.spool import Spool
@@ -418,7 +420,7 @@ def test_sendmail_refuses_a_user_at_the_limit_and_queues_nothing(world: Path) ->
     drop(spool, ALICE)
     drop(spool, ALICE)
     pick_up(spool)
-    views.publish(spool, config.load(cfg), LOG)
+    views.publish(spool, load(cfg), LOG)
 
     def submit() -> int:
         return sendmail.main(["sendmail", "-C", cfg, "friend@example.net"])
@@ -444,7 +446,7 @@ def test_sendmail_bs_answers_mail_from_with_452_at_the_limit(world: Path) -> Non
     spool = system_spool(world / "spool")
     drop(spool, ALICE)
     pick_up(spool)
-    views.publish(spool, config.load(cfg), LOG)
+    views.publish(spool, load(cfg), LOG)
     session = b"EHLO me\r\nMAIL FROM:<alice@example.org>\r\nQUIT\r\n"
     code, out, err = run_as(ALICE, lambda: sendmail.main(["sendmail", "-bs", "-C", cfg]), session)
     replies = out.splitlines()
@@ -540,7 +542,7 @@ def two_users(world: Path) -> tuple[str, Spool, list[str], list[str]]:
     bob = [drop(spool, BOB, to="bob-secret@example.net")]
     pick_up(spool)
     alice.append(drop(spool, ALICE, to="alice-friend@example.net"))
-    views.publish(spool, config.load(cfg), LOG)
+    views.publish(spool, load(cfg), LOG)
     return cfg, spool, alice, bob
 
 
@@ -650,30 +652,30 @@ def test_a_user_may_not_change_queued_messages(
 
 
 def test_max_queued_per_user_is_read_and_checked() -> None:
-    assert Config().max_queued_per_user == config.DEFAULT_MAX_QUEUED_PER_USER == 1000
-    assert config.loads("max_queued_per_user: 5\n", "f.yaml").max_queued_per_user == 5
-    assert config.loads("max_queued_per_user: none\n", "f.yaml").max_queued_per_user is None
-    assert config.loads("max_queued_per_user:\n", "f.yaml").max_queued_per_user == 1000
+    assert Config().max_queued_per_user == DEFAULT_MAX_QUEUED_PER_USER == 1000
+    assert loads("max_queued_per_user: 5\n", "f.yaml").max_queued_per_user == 5
+    assert loads("max_queued_per_user: none\n", "f.yaml").max_queued_per_user is None
+    assert loads("max_queued_per_user:\n", "f.yaml").max_queued_per_user == 1000
     for value, shown in (("0", "0"), ("-3", "-3"), ("true", "true"), ("lots", '"lots"'), ("1.5", "1.5")):
-        with pytest.raises(config.ConfigError) as error:
-            config.loads(f"max_queued_per_user: {value}\n", "f.yaml")
+        with pytest.raises(ConfigError) as error:
+            loads(f"max_queued_per_user: {value}\n", "f.yaml")
         assert str(error.value) == (
             "f.yaml: max_queued_per_user: must be a whole number of messages, at least 1, or none for no "
             f"limit, not {shown}"
         )
-    with pytest.raises(config.ConfigError, match=r'not "5" \(remove the quotes\)$'):
-        config.loads('max_queued_per_user: "5"\n', "f.yaml")
-    with pytest.raises(config.ConfigError, match='did you mean "max_queued_per_user"'):
-        config.loads("max_queue_per_user: 5\n", "f.yaml")
+    with pytest.raises(ConfigError, match=r'not "5" \(remove the quotes\)$'):
+        loads('max_queued_per_user: "5"\n', "f.yaml")
+    with pytest.raises(ConfigError, match='did you mean "max_queued_per_user"'):
+        loads("max_queue_per_user: 5\n", "f.yaml")
 
 
 @pytest.mark.parametrize("value", ["none", "7"])
 def test_max_queued_per_user_reads_back_from_masked(value: str) -> None:
     import yaml
 
-    loaded = config.loads(f"max_queued_per_user: {value}\n", "f.yaml")
+    loaded = loads(f"max_queued_per_user: {value}\n", "f.yaml")
     assert loaded.masked()["max_queued_per_user"] == (value if value == "none" else int(value))
-    again = config.loads(yaml.safe_dump(loaded.masked()), "f.yaml")
+    again = loads(yaml.safe_dump(loaded.masked()), "f.yaml")
     assert again.max_queued_per_user == loaded.max_queued_per_user and again.masked() == loaded.masked()
 
 
@@ -683,19 +685,14 @@ def test_sendmail_reads_max_queued_per_user_as_the_config_does(tmp_path: Path, t
     path.write_text(f"max_queued_per_user: {text}\n")
     value = quickconfig.read_scalars(str(path), frozenset({"max_queued_per_user"})).get("max_queued_per_user")
     try:
-        quick: object = (
-            quickconfig.DEFAULT_MAX_QUEUED_PER_USER
-            if value is None
-            else (quickconfig.parse_queue_limit(value))
-        )
+        quick: object = DEFAULT_MAX_QUEUED_PER_USER if value is None else (parse_queue_limit(value))
     except ValueError:
         quick = "error"
     try:
-        full: object = config.load(str(path)).max_queued_per_user
-    except config.ConfigError:
+        full: object = load(str(path)).max_queued_per_user
+    except ConfigError:
         full = "error"
     assert quick == full, text
-    assert quickconfig.DEFAULT_MAX_QUEUED_PER_USER == config.DEFAULT_MAX_QUEUED_PER_USER
 
 
 def test_sendmail_queues_all_the_same_with_a_broken_limit_and_says_so(mta: MtaEnv) -> None:

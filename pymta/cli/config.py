@@ -9,7 +9,8 @@ from typing import IO, Any
 import click
 import yaml
 
-from pymta.config import load as config
+from pymta.config.load import load
+from pymta.config.model import Config
 from pymta.config.routing import Router
 from pymta.errors import EX_CONFIG, ConfigError
 
@@ -52,7 +53,7 @@ def check(config_file: str | None) -> None:
     with one line on stderr naming the file, the key, what is wrong and the fix.
     """
     try:
-        settings = config.load(config_file)
+        settings = load(config_file)
     except ConfigError as error:
         raise ConfigInvalid(str(error)) from None
     click.echo(render(settings), nl=False)
@@ -61,7 +62,7 @@ def check(config_file: str | None) -> None:
         click.echo(f"pymta: warning: {warning}", err=True)
 
 
-def render(settings: config.Config) -> str:
+def render(settings: Config) -> str:
     """The settings as YAML that `pymta config check -C` would accept, after comment lines saying whence."""
     if settings.source:
         header = f"# {settings.source}: valid; effective settings, defaults filled in, passwords masked\n"

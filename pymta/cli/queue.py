@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import click
 
 from pymta import log
-from pymta.config.load import Config, load
+from pymta.config.load import load
+from pymta.config.model import Config
 from pymta.delivery.privsep import become_spool_owner
 from pymta.errors import ConfigError
 from pymta.queue import contract, listing

@@ -114,10 +114,10 @@ def _newaliases(invocation: Invocation) -> int:
     the file and report each problem with its line number. Exit 0 when it has no errors (warnings, such as
     an alias loop, are printed too), EX_DATAERR when something in it would be ignored."""
     from pymta.config import aliases  # lazy: newaliases only
-    from pymta.config import load as config  # lazy: the YAML parser, for newaliases only
+    from pymta.config.load import load  # lazy: the YAML parser, for newaliases only
     from pymta.config.routing import local_domains  # lazy: newaliases only
 
-    settings = config.load(invocation.config)
+    settings = load(invocation.config)
     path = settings.aliases
     problems = aliases.validate(path, local_domains=local_domains(settings))
     for problem in problems:

@@ -15,7 +15,8 @@ from typing import NoReturn
 
 import click
 
-from pymta.config import load as config
+from pymta.config.load import load
+from pymta.config.model import Config, Smarthost
 from pymta.delivery.credentials import (
     CredentialError,
     Secret,
@@ -113,7 +114,7 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
     ctx.exit(EX_UNAVAILABLE if failures else EX_OK)
 
 
-def _check(smarthost: config.Smarthost, hostname: str) -> bool:
+def _check(smarthost: Smarthost, hostname: str) -> bool:
     """Open one session, print what it learned; True when everything up to AUTH worked."""
     session = SmtpSession(smarthost, hostname)
     error: SessionError | None = None
@@ -162,7 +163,7 @@ def _certificate(certificate: Certificate) -> None:
     _field("verified", certificate.verification)
 
 
-def _offer_pin(smarthost: config.Smarthost, hostname: str) -> None:
+def _offer_pin(smarthost: Smarthost, hostname: str) -> None:
     """After a verification failure: show the certificate the server presents, so it can be pinned."""
     try:
         certificate = fetch_certificate(smarthost, hostname)
@@ -244,7 +245,7 @@ def password_delete(ctx: click.Context, host: str, config_file: str | None) -> N
         )
 
 
-def _keyring_entry(settings: config.Config, host: str) -> tuple[config.Smarthost, str, str]:
+def _keyring_entry(settings: Config, host: str) -> tuple[Smarthost, str, str]:
     """The smarthost called `host`, its keyring service and username; PymtaError explaining what is wrong."""
     matches = [s for s in settings.smarthosts if host.lower() in (s.host.lower(), s.label.lower())]
     if not matches:
@@ -283,13 +284,13 @@ def _stdin_is_terminal() -> bool:
     return sys.stdin.isatty()
 
 
-def _load(ctx: click.Context, config_file: str | None) -> config.Config:
+def _load(ctx: click.Context, config_file: str | None) -> Config:
     """The config; as root on a system spool, the command then goes on as the spool's owner, who is the one
     that reads the credentials and talks to the smarthost in a flush (pymta(1), PRIVILEGES)."""
     from pymta.delivery.privsep import become_spool_owner
 
     try:
-        settings = config.load(config_file)
+        settings = load(config_file)
         become_spool_owner(settings.spool)
     except PymtaError as error:
         _fail(ctx, error)

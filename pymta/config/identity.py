@@ -25,7 +25,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pymta.config.load import Config
+    from pymta.config.model import Config
 
 # Names of this host that are always local, whatever it is called.
 LOCAL_HOSTS = ("localhost", "localhost.localdomain")

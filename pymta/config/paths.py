@@ -14,6 +14,10 @@ The search order for the config file (DESIGN.md) lives here too, so `sendmail` a
 
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import yaml
+
 ENV_CONFIG = "PYMTA_CONFIG"
 SYSTEM_CONFIG = "/etc/pymta/pymta.yaml"
 SYSTEM_SPOOL = "/var/spool/pymta"
@@ -69,55 +73,6 @@ def default_spool() -> str:
     if os.path.isdir(os.path.join(SYSTEM_SPOOL, "new")):
         return SYSTEM_SPOOL
     return os.path.join(_xdg("XDG_STATE_HOME", os.path.join(".local", "state")), "pymta")
-
-
-# The message size limit when the config sets none: pymta.config.load.DEFAULT_MAX_MESSAGE_SIZE, repeated here
-# so
-# that sendmail does not import the YAML parser for it (a test checks they agree).
-DEFAULT_MAX_MESSAGE_SIZE = 35_000_000
-# pymta.config.load.SIZE_UNITS, repeated for the same reason (a test checks that both parse_size agree).
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "kib": 2**10,
-    "m": 10**6, "mb": 10**6, "mib": 2**20,
-    "g": 10**9, "gb": 10**9, "gib": 2**30,
-}  # fmt: skip
-_DIGITS = "0123456789"
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-# pymta.config.load.DEFAULT_MAX_QUEUED_PER_USER, repeated for the same reason (a test checks they agree).
-DEFAULT_MAX_QUEUED_PER_USER = 1000
-
-
-def parse_queue_limit(text: str) -> int | None:
-    """`max_queued_per_user` as `pymta.config.load` reads it: a whole number of at least 1, or `none` (None:
-    no
-    limit). Raises ValueError for anything else."""
-    text = text.strip()
-    if text == "none":
-        return None
-    if not text or text.lstrip(_DIGITS) or int(text) < 1:
-        raise ValueError(f"{text!r} is not a number of messages")
-    return int(text)
-
-
-def parse_size(text: str) -> int:
-    """Bytes in `text`, exactly as `pymta.config.load.parse_size` reads it (`35M`, `35MB`, `10k`, `1.5G`,
-    `64KiB`,
-    a plain number), without importing `re` or `fractions`. Raises ValueError when `text` is not a size."""
-    text = text.strip()
-    end = len(text) - len(text.lstrip(_DIGITS))
-    whole, fraction = text[:end], ""
-    if whole and text[end : end + 1] == ".":
-        rest = text[end + 1 :]
-        fraction = rest[: len(rest) - len(rest.lstrip(_DIGITS))]
-        end += 1 + len(fraction)
-        if not fraction:
-            whole = ""  # "5." is no number
-    unit = text[end + 1 :] if text[end : end + 1] == " " else text[end:]
-    if not whole or not all(char in _LETTERS for char in unit) or unit.lower() not in _SIZE_UNITS:
-        raise ValueError(f"{text!r} is not a size")
-    scale: int = 10 ** len(fraction)
-    return int(whole + fraction) * _SIZE_UNITS[unit.lower()] // scale
 
 
 class UnsureError(Exception):
@@ -366,6 +321,16 @@ def _salvage(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     return {key: value for key, value in found.items() if key not in twice}
 
 
+def read_plain(path: str, keys: frozenset[str]) -> tuple[dict[str, str | None], OSError | ValueError | None]:
+    """`read_scalars` for the readers that must not fail (sendmail, `sendmail -bs`, `pymta setup`): the values
+    and, when the file cannot be read or is not a valid config, why. A broken file still gives the keys it
+    says plainly on a line of their own (`BrokenConfigError.salvaged`); an unreadable one gives none."""
+    try:
+        return read_scalars(path, keys), None
+    except (OSError, ValueError) as exc:
+        return (exc.salvaged if isinstance(exc, BrokenConfigError) else {}), exc
+
+
 def read_scalars(path: str, keys: frozenset[str]) -> dict[str, str | None]:
     """The top-level scalar values of `keys` in the YAML file at `path` (absent keys are left out).
 
@@ -384,6 +349,42 @@ def read_scalars(path: str, keys: frozenset[str]) -> dict[str, str | None]:
         return _read_with_yaml(data, keys)
 
 
+# A fix for the commonest YAML mistakes, by a fragment of PyYAML's problem text.
+_SYNTAX_FIXES: tuple[tuple[str, str], ...] = (
+    ("'\\t'", "indent with spaces, not tabs"),
+    ("mapping values are not allowed", 'check the indentation, and quote values that contain ": "'),
+    ("expected <block end>", "check that keys at the same level line up"),
+    ("could not find expected ':'", 'write "key: value", with a space after the colon'),
+    ("found unexpected end of stream", "close the quote or bracket that is still open"),
+    ("expected a single document", "remove the second document (the line with --- or ...)"),
+)
+
+
+def yaml_problem(error: "yaml.YAMLError") -> str:
+    """What is wrong with a file PyYAML cannot read, in one line: where, what, and the likely fix.
+
+    Both readers say it in these words: `pymta config check` (`pymta.config.load`) and sendmail's warning.
+    """
+    import yaml
+
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return f"is not valid YAML: {' '.join(str(error).split())}"
+    mark = error.problem_mark
+    problem = " ".join((error.problem or "").split())
+    if problem.startswith("duplicate key"):
+        return f"line {mark.line + 1}: {problem}"
+    said = f"{problem} {error.context or ''}"
+    fix = next(
+        (fix for fragment, fix in _SYNTAX_FIXES if fragment in said), "check the indentation and quoting"
+    )
+    context = (
+        f" ({error.context} on line {error.context_mark.line + 1})"
+        if error.context and error.context_mark
+        else ""
+    )
+    return f"line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {problem}{context}; {fix}"
+
+
 def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
     import yaml
 
@@ -396,10 +397,6 @@ def _read_with_yaml(data: bytes, keys: frozenset[str]) -> dict[str, str | None]:
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
-        from pymta.config.load import (
-            yaml_problem,  # the words `pymta config check` uses; the file is broken anyway
-        )
-
         raise BrokenConfigError(yaml_problem(exc), _salvage(data, keys)) from None
     except RecursionError:  # PyYAML recurses once per level of nesting: `[[[[...` a few thousand deep
         raise BrokenConfigError("nested too deeply to be read", _salvage(data, keys)) from None

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from pymta.config.identity import host_names
-from pymta.config.load import Config
+from pymta.config.model import Config
 from pymta.errors import ConfigError
 from pymta.mail.address import qualify
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from pymta.errors import EX_UNAVAILABLE, PymtaError
 
 if TYPE_CHECKING:
-    from pymta.config.load import PasswordSource
+    from pymta.config.model import PasswordSource
 
 # Seconds a password command may run: `pass` asking gpg-agent is quick; a hung one must not stall a flush.
 COMMAND_TIMEOUT = 30.0

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pymta import log
 from pymta.config.identity import policy_of
-from pymta.config.load import Config, Rewrite, Smarthost
+from pymta.config.model import Config, Rewrite, Smarthost
 from pymta.config.routing import Plan, Router
 from pymta.delivery.smtp import RecipientOutcome, SessionError, SmtpSession, Status, Transaction
 from pymta.errors import ConfigError, SpoolError
@@ -64,7 +64,7 @@ MAX_RECIPIENTS = 1000
 # A recipient's status as the log line says it, in Postfix's words.
 LOGGED_STATUS = {"delivered": "sent", "deferred": "deferred", "failed": "bounced"}
 if TYPE_CHECKING:
-    from pymta.config.load import Local
+    from pymta.config.model import Local
     from pymta.delivery.local import LocalOutcome
     from pymta.mail.dsn import Action, ReportedRecipient
 
@@ -288,7 +288,7 @@ class Flusher:
         attempt = Attempt()
         attempt.held = entry.held_seconds
         if pending and now >= self._expires_at(entry, attempt.held):
-            from pymta.config.load import format_duration
+            from pymta.config.model import format_duration
             from pymta.queue.notices import expiry_reason
 
             within = format_duration(self.config.retry.lifetime)

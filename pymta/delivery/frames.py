@@ -27,7 +27,7 @@ from pymta.mail.address import MAX_PATH, path_octets
 from pymta.queue.entry import MAX_TIME
 
 if TYPE_CHECKING:
-    from pymta.config.load import Config
+    from pymta.config.model import Config
 
 _PREFIX = struct.Struct(">II")
 # Bytes of a frame's JSON header: a request holds a user name and a path of at most 256 octets, six

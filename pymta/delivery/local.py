@@ -85,7 +85,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from pymta.config.load import Local
+from pymta.config.model import Local
 from pymta.queue.directory import unlink_at as _unlink_at
 
 Status = Literal["delivered", "deferred", "failed"]

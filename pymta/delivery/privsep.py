@@ -55,7 +55,7 @@ from pymta.errors import EX_SOFTWARE, PermissionDeniedError, PymtaError
 from pymta.log import one_line
 
 if TYPE_CHECKING:
-    from pymta.config.load import Config, Local
+    from pymta.config.model import Config, Local
     from pymta.delivery.flush import FlushReport, LocalDelivery
     from pymta.delivery.local import LocalOutcome
 

@@ -65,7 +65,7 @@ from pymta.mail.message import fit_line_length
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-    from pymta.config.load import Smarthost
+    from pymta.config.model import Smarthost
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from pymta.queue.spool import Spool, real_user
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pymta.config.load import Config
+    from pymta.config.model import Config
 
 # Seconds a command waits for a message that a flush is delivering before it says so (EX_TEMPFAIL).
 LOCK_WAIT = 10.0

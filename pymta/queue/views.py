@@ -53,7 +53,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
 
-    from pymta.config.load import Config
+    from pymta.config.model import Config
     from pymta.queue.entry import QueueEntry
     from pymta.queue.spool import Spool
 

@@ -141,12 +141,7 @@ class Install:
             source = self.template or ""
         value: str | None = None
         if source:
-            try:
-                value = quickconfig.read_scalars(source, frozenset({"spool"})).get("spool")
-            except quickconfig.BrokenConfigError as exc:
-                value = exc.salvaged.get("spool")
-            except (OSError, ValueError):
-                value = None
+            value = quickconfig.read_plain(source, frozenset({"spool"}))[0].get("spool")
         if not value or not os.path.isabs(value):
             return SYSTEM_SPOOL
         value = os.path.normpath(value)

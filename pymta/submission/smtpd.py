@@ -46,6 +46,7 @@ import os
 import select
 
 from pymta.config import paths as quickconfig
+from pymta.config.limits import DEFAULT_MAX_MESSAGE_SIZE, parse_size
 from pymta.errors import (
     EX_CANTCREAT,
     EX_OK,
@@ -73,9 +74,8 @@ TEXT_LINE_LIMIT = 1000
 MAX_RECIPIENTS = 1000
 # 5xx replies before the session is closed with 421: a confused or hostile client (Postfix: 20 too).
 MAX_ERRORS = 20
-# The message size limit when the config sets no max_message_size (pymta.config.load.DEFAULT_MAX_MESSAGE_SIZE;
-# repeated here so that -bs does not import the YAML parser; a test checks they agree).
-DEFAULT_MAX_SIZE = 35_000_000
+# The message size limit when the config sets no max_message_size.
+DEFAULT_MAX_SIZE = DEFAULT_MAX_MESSAGE_SIZE
 
 _READ_SIZE = 1 << 16
 # Commands of other protocols: a web page or a confused proxy talking to localhost:25 (Postfix refuses them).
@@ -541,16 +541,13 @@ def _settings(config: str | None) -> tuple[str, int]:
     values: dict[str, str | None] = {}
     path = quickconfig.find_config(config)
     if path is not None:
-        try:
-            values = quickconfig.read_scalars(path, frozenset(("hostname", "max_message_size")))
-        except (OSError, ValueError) as exc:
-            values = exc.salvaged if isinstance(exc, quickconfig.BrokenConfigError) else {}
+        values = quickconfig.read_plain(path, frozenset(("hostname", "max_message_size")))[0]
     hostname = values.get("hostname") or os.uname().nodename or "localhost"
     max_size = DEFAULT_MAX_SIZE
     text = values.get("max_message_size")
     if text:
         try:
-            max_size = quickconfig.parse_size(text)
+            max_size = parse_size(text)
         except ValueError:
             _note(
                 f"max_message_size: {text!r} is not a size; using {DEFAULT_MAX_SIZE} octets"

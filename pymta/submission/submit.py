@@ -14,6 +14,7 @@ import sys
 import time
 
 from pymta import errors
+from pymta.config import limits
 from pymta.config import paths as quickconfig
 from pymta.errors import MessageError, PymtaError, UsageError
 from pymta.mail.address import unique_addresses
@@ -94,31 +95,28 @@ def read_settings(config_file: str | None) -> Settings:
     values: dict[str, str | None] = {}
     path = quickconfig.find_config(config_file)
     if path is not None:
-        try:
-            values = quickconfig.read_scalars(path, _SETTING_KEYS)
-        except (OSError, ValueError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
+        values, problem = quickconfig.read_plain(path, _SETTING_KEYS)
+        if problem is not None:
+            reason = getattr(problem, "strerror", None) or str(problem)
             warnings.append(f"cannot read the config {path} ({reason}); fix it and run 'pymta config check'")
-            if isinstance(exc, quickconfig.BrokenConfigError):
-                values = exc.salvaged
-    max_size = quickconfig.DEFAULT_MAX_MESSAGE_SIZE
+    max_size = limits.DEFAULT_MAX_MESSAGE_SIZE
     size_text = values.get("max_message_size")
     if size_text:
         try:
-            max_size = quickconfig.parse_size(size_text)
+            max_size = limits.parse_size(size_text)
         except ValueError:
             max_size = 0
         if max_size <= 0:
-            max_size = quickconfig.DEFAULT_MAX_MESSAGE_SIZE
+            max_size = limits.DEFAULT_MAX_MESSAGE_SIZE
             warnings.append(
                 f"max_message_size: {size_text!r} is not a size, so {max_size} bytes applies; "
                 "fix it and run 'pymta config check'"
             )
-    max_queued: int | None = quickconfig.DEFAULT_MAX_QUEUED_PER_USER
+    max_queued: int | None = limits.DEFAULT_MAX_QUEUED_PER_USER
     queued_text = values.get("max_queued_per_user")
     if queued_text:
         try:
-            max_queued = quickconfig.parse_queue_limit(queued_text)
+            max_queued = limits.parse_queue_limit(queued_text)
         except ValueError:
             warnings.append(
                 f"max_queued_per_user: {queued_text!r} is not a number of messages, so {max_queued} "
@@ -151,11 +149,11 @@ def _check_sender(invocation: Invocation, login: str, sender: str) -> None:
     cannot be
     loaded decides nothing here: the message is queued and the pick-up, which needs the config, judges it.
     """
-    from pymta.config import load as config  # lazy: the YAML parser, only for -f under a strict policy
     from pymta.config.identity import REFUSE, policy_of  # lazy: needs the loaded config, as above
+    from pymta.config.load import load  # lazy: the YAML parser, only for -f under a strict policy
 
     try:
-        settings = config.load(invocation.config)
+        settings = load(invocation.config)
     except PymtaError:
         return
     policy = policy_of(settings)
