@@ -1243,7 +1243,7 @@ class Target:
 
 
 def _fuzz_targets(workdir: Path) -> list[Target]:
-    from pymta.config import aliases
+    from pymta.config import aliases, expansion
     from pymta.config.load import loads
     from pymta.errors import PymtaError, SpoolError, SpoolFullError
     from pymta.mail import message
@@ -1291,7 +1291,9 @@ def _fuzz_targets(workdir: Path) -> list[Target]:
     def alias_file(data: bytes, rng: random.Random) -> object:
         parsed = aliases.parse(text(data.replace(b"INCLUDE", str(include).encode())))
         names = [name for name in list(parsed.entries)[:5]] + ["root", "postmaster"]
-        return [aliases.resolve(parsed, name, local_domains=["localhost", "h.example.org"]) for name in names]
+        return [
+            expansion.resolve(parsed, name, local_domains=["localhost", "h.example.org"]) for name in names
+        ]
 
     def config_text(data: bytes, rng: random.Random) -> object:
         if rng.random() < 0.5:

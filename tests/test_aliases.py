@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pymta.config import aliases
+from pymta.config import aliases, expansion
 from pymta.config.aliases import Problem
 from pymta.errors import ConfigError
 
@@ -25,7 +25,7 @@ def parse(text: str) -> aliases.Aliases:
 
 
 def expand(text: str, name: str, **kwargs: object) -> tuple[list[str], list[str]]:
-    return aliases.expand(parse(text), name, **kwargs)  # type: ignore[arg-type]
+    return expansion.expand(parse(text), name, **kwargs)  # type: ignore[arg-type]
 
 
 def write(path: Path, text: str) -> Path:
@@ -71,7 +71,7 @@ def test_continuation_lines_join_the_entry_and_keep_their_line_numbers() -> None
     staff = table.get("staff")
     assert staff is not None
     assert [(t.value, t.line) for t in staff.targets] == [("alice", 1), ("bob", 2), ("carol@example.org", 5)]
-    assert aliases.expand(table, "next") == (["dave"], [])
+    assert expansion.expand(table, "next") == (["dave"], [])
 
 
 def test_lookup_ignores_case_and_quoted_names_work() -> None:
@@ -82,8 +82,8 @@ def test_lookup_ignores_case_and_quoted_names_work() -> None:
         """
     )
     assert "POSTMASTER" in table and "postmaster" in table
-    assert aliases.expand(table, "PostMaster") == (["root"], [])
-    assert aliases.expand(table, "Sales Team") == (["alice", "bob@example.org"], [])
+    assert expansion.expand(table, "PostMaster") == (["root"], [])
+    assert expansion.expand(table, "Sales Team") == (["alice", "bob@example.org"], [])
 
 
 def test_targets_are_unique_ignoring_case() -> None:
@@ -129,7 +129,7 @@ def test_a_second_definition_is_reported_and_the_first_is_used() -> None:
     assert [str(problem) for problem in table.problems] == [
         "line 3: ROOT is defined again (first on line 1, which is used); merge the two entries"
     ]
-    assert aliases.expand(table, "root") == (["alice"], [])
+    assert expansion.expand(table, "root") == (["alice"], [])
 
 
 # --- programs and files are refused ---
@@ -145,14 +145,14 @@ def test_programs_and_files_are_refused_with_a_warning_never_run_and_listed_as_u
         "line 2: a |program target is not honoured: pymta never runs programs from aliases",
         "line 2: a /file target is not honoured: pymta never writes files from aliases",
     ]
-    found = aliases.resolve(table, "log")
+    found = expansion.resolve(table, "log")
     assert found.targets == ["admin@example.org"]
     assert found.warnings == [f"aliases: {problem}" for problem in table.problems]
     assert [str(item) for item in found.unhonoured] == [
         "|program target of log (line 2 of aliases)",
         "/file target of log (line 2 of aliases)",
     ]
-    assert aliases.unhonoured_header(found.unhonoured) == (
+    assert expansion.unhonoured_header(found.unhonoured) == (
         b"X-Pymta-Unhonoured: |program target of log (line 2 of aliases)\r\n"
         b"X-Pymta-Unhonoured: /file target of log (line 2 of aliases)\r\n"
     )
@@ -162,7 +162,7 @@ def test_programs_and_files_are_refused_with_a_warning_never_run_and_listed_as_u
 
 def test_an_alias_with_only_a_program_is_not_delivered_to_a_local_user_of_its_name() -> None:
     # Issue 11: its mail went to /var/mail/procmail, where nobody reads it; the flush sends it to the admin.
-    found = aliases.resolve(parse("procmail: |/usr/bin/procmail\n"), "procmail")
+    found = expansion.resolve(parse("procmail: |/usr/bin/procmail\n"), "procmail")
     assert found.targets == []
     assert [str(item) for item in found.unhonoured] == ["|program target of procmail (line 1 of aliases)"]
     assert found.warnings == [
@@ -180,10 +180,10 @@ def test_an_alias_with_only_unreadable_targets_is_delivered_to_the_local_user() 
 
 
 def test_the_unhonoured_header_is_plain_ascii_on_one_line_and_bounded() -> None:
-    items = [aliases.Unhonoured("program", f"l\u00e9\r\nX-Evil: {n}", n, "/etc/aliases") for n in range(30)]
-    header = aliases.unhonoured_header(items)
+    items = [expansion.Unhonoured("program", f"l\u00e9\r\nX-Evil: {n}", n, "/etc/aliases") for n in range(30)]
+    header = expansion.unhonoured_header(items)
     lines = header.split(b"\r\n")[:-1]
-    assert len(lines) == aliases.MAX_UNHONOURED_HEADERS + 1
+    assert len(lines) == expansion.MAX_UNHONOURED_HEADERS + 1
     assert all(line.startswith(b"X-Pymta-Unhonoured: ") for line in lines)
     assert lines[-1] == b"X-Pymta-Unhonoured: and 10 more"
     assert b"\n" not in header.replace(b"\r\n", b"")
@@ -254,10 +254,10 @@ def test_addresses_in_local_domains_are_expanded_and_their_loops_caught() -> Non
 
 
 def test_nesting_deeper_than_the_limit_stops_with_a_warning() -> None:
-    text = "".join(f"a{n}: a{n + 1}\n" for n in range(aliases.MAX_DEPTH + 5))
+    text = "".join(f"a{n}: a{n + 1}\n" for n in range(expansion.MAX_DEPTH + 5))
     targets, warnings = expand(text, "a0")
-    assert targets == [f"a{aliases.MAX_DEPTH}"]
-    assert len(warnings) == 1 and f"nested more than {aliases.MAX_DEPTH} deep" in warnings[0]
+    assert targets == [f"a{expansion.MAX_DEPTH}"]
+    assert len(warnings) == 1 and f"nested more than {expansion.MAX_DEPTH} deep" in warnings[0]
 
 
 # --- :include: ---
@@ -286,13 +286,13 @@ def test_include_nesting_is_limited_and_self_inclusion_stopped(tmp_path: Path) -
     targets, warnings = expand(f"loop: :include:{me}\n", "loop")
     assert targets == ["me@example.org"]
     assert warnings == [f"line 2 of {me}: {me} includes itself; skipped"]
-    chain = [tmp_path / f"level{n}" for n in range(aliases.MAX_INCLUDE_DEPTH + 2)]
+    chain = [tmp_path / f"level{n}" for n in range(expansion.MAX_INCLUDE_DEPTH + 2)]
     for here, there in zip(chain, chain[1:], strict=False):
         write(here, f"{here.name}@example.org\n:include:{there}\n")
     write(chain[-1], "last@example.org\n")
     targets, warnings = expand(f"deep: :include:{chain[0]}\n", "deep")
-    assert targets == [f"level{n}@example.org" for n in range(aliases.MAX_INCLUDE_DEPTH)]
-    assert len(warnings) == 1 and f"nested more than {aliases.MAX_INCLUDE_DEPTH} deep" in warnings[0]
+    assert targets == [f"level{n}@example.org" for n in range(expansion.MAX_INCLUDE_DEPTH)]
+    assert len(warnings) == 1 and f"nested more than {expansion.MAX_INCLUDE_DEPTH} deep" in warnings[0]
 
 
 def test_an_include_through_a_symlink_makes_the_mail_wait(tmp_path: Path) -> None:
@@ -321,7 +321,7 @@ def test_a_world_writable_or_missing_include_makes_the_mail_wait_not_bounce(tmp_
     )
     # newaliases still reports it, as a problem of the file
     (tmp_path / "aliases").write_text(f"list: :include:{tmp_path}/missing, x@example.org\n")
-    problems = aliases.validate(str(tmp_path / "aliases"), check_users=False)
+    problems = expansion.validate(str(tmp_path / "aliases"), check_users=False)
     assert [str(p) for p in problems] == [
         f"line 1: :include:{tmp_path}/missing cannot be read (No such file or directory); skipped"
     ]
@@ -330,9 +330,9 @@ def test_a_world_writable_or_missing_include_makes_the_mail_wait_not_bounce(tmp_
 def test_an_include_is_read_at_expansion_time(tmp_path: Path) -> None:
     staff = write(tmp_path / "staff", "alice\n")
     table = aliases.parse(f"staff: :include:{staff}\n")
-    assert aliases.expand(table, "staff")[0] == ["alice"]
+    assert expansion.expand(table, "staff")[0] == ["alice"]
     write(staff, "bob\n")
-    assert aliases.expand(table, "staff")[0] == ["bob"]
+    assert expansion.expand(table, "staff")[0] == ["bob"]
 
 
 # --- load ---
@@ -342,13 +342,13 @@ def test_load_a_file(tmp_path: Path) -> None:
     path = write(tmp_path / "aliases", "root: admin@example.org\n")
     table = aliases.load(str(path))
     assert table.source == str(path)
-    assert aliases.expand(table, "root") == (["admin@example.org"], [])
+    assert expansion.expand(table, "root") == (["admin@example.org"], [])
 
 
 def test_a_missing_file_means_no_aliases(tmp_path: Path) -> None:
     table = aliases.load(str(tmp_path / "missing"))
     assert len(table) == 0 and table.problems == ()
-    assert aliases.validate(str(tmp_path / "missing")) == []
+    assert expansion.validate(str(tmp_path / "missing")) == []
 
 
 def test_a_file_that_cannot_be_used_is_an_error_naming_it_and_the_fix(tmp_path: Path) -> None:
@@ -393,7 +393,7 @@ def test_validate_reports_every_problem_with_its_line(tmp_path: Path) -> None:
         root: again@example.org
         """,
     )
-    problems = aliases.validate(str(path))
+    problems = expansion.validate(str(path))
     assert [str(problem) for problem in problems] == [
         "line 2: alias loop root -> admin -> root",
         "line 6: a |program target is not honoured: pymta never runs programs from aliases",
@@ -411,22 +411,22 @@ def test_validate_reports_every_problem_with_its_line(tmp_path: Path) -> None:
 
 def test_validate_can_skip_the_user_check(tmp_path: Path) -> None:
     path = write(tmp_path / "aliases", f"ghost: {NOBODY_KNOWS}\n")
-    assert [str(p) for p in aliases.validate(str(path))] == [
+    assert [str(p) for p in expansion.validate(str(path))] == [
         f"line 1: {NOBODY_KNOWS} is neither an alias nor a local user"
     ]
-    assert aliases.validate(str(path), check_users=False) == []
+    assert expansion.validate(str(path), check_users=False) == []
 
 
 def test_validate_warns_of_a_self_reference_to_no_user(tmp_path: Path) -> None:
     path = write(tmp_path / "aliases", f"{NOBODY_KNOWS}: {NOBODY_KNOWS}, x@example.org\nroot: root\n")
-    assert aliases.validate(str(path)) == [
+    assert expansion.validate(str(path)) == [
         Problem(1, f"{NOBODY_KNOWS} is not a local user", "warning"),
     ]
 
 
 def test_a_clean_file_has_no_problems(tmp_path: Path) -> None:
     path = write(tmp_path / "aliases", "postmaster: root\nroot: root, me@example.org\nabuse: \\root\n")
-    assert aliases.validate(str(path)) == []
+    assert expansion.validate(str(path)) == []
 
 
 # --- the include rule: an include file is read with its owner's rights (issue 10, H1) ---
@@ -481,7 +481,7 @@ def test_a_users_include_file_cannot_include_what_that_user_cannot_read(shared: 
             " or a directory or link on its way); mail for list waits until it can be read"
         )
         members.unlink()
-        problems = aliases.validate(str(owned(shared / "aliases", f"list: :include:{members}\n", "root")))
+        problems = expansion.validate(str(owned(shared / "aliases", f"list: :include:{members}\n", "root")))
         assert SECRET not in str(problems)  # newaliases, as root, does not print it either
 
 
@@ -543,7 +543,7 @@ def test_an_aliases_file_owned_by_a_user_is_read_with_that_users_rights(shared: 
     secret = owned(shared / "root-only", f"{SECRET}\n", "root", 0o600)
     table = aliases.load(str(owned(shared / "aliases", f"list: :include:{secret}\n", "nobody")))
     with pytest.raises(ConfigError, match="cannot be read by nobody") as refused:
-        aliases.expand(table, "list")
+        expansion.expand(table, "list")
     assert SECRET not in str(refused.value)
 
 

@@ -113,13 +113,13 @@ def _newaliases(invocation: Invocation) -> int:
     """newaliases(1): there is no database to rebuild (the flush reads the aliases file as it is), so check
     the file and report each problem with its line number. Exit 0 when it has no errors (warnings, such as
     an alias loop, are printed too), EX_DATAERR when something in it would be ignored."""
-    from pymta.config import aliases  # lazy: newaliases only
+    from pymta.config import expansion  # lazy: newaliases only
     from pymta.config.load import load  # lazy: the YAML parser, for newaliases only
     from pymta.config.routing import local_domains  # lazy: newaliases only
 
     settings = load(invocation.config)
     path = settings.aliases
-    problems = aliases.validate(path, local_domains=local_domains(settings))
+    problems = expansion.validate(path, local_domains=local_domains(settings))
     for problem in problems:
         _say(f"{path}: {problem.severity}: {problem}")  # an include's problem names its file itself
     if not os.path.exists(path):

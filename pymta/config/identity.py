@@ -18,10 +18,15 @@ The decision is taken where the kernel's word is trusted: at pick-up of a drop f
 (`Spool.pick_up`), and, for `strict`, already in `sendmail`. In user mode everything in the spool is the
 user's own and nothing is checked at pick-up.
 
-`spool` and `sendmail` import this module only when they need it; it imports nothing.
+`spool` and `sendmail` import this module only when they need it; it imports only the header helper
+(`pymta.mail.message.prepend_field`) that adds the warning field.
 """
 
 from __future__ import annotations
+
+import os
+
+from pymta.mail.message import prepend_field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -37,8 +42,6 @@ def host_names(hostname: str) -> tuple[str, ...]:
     /etc/hosts names it too), and the kernel's node name when it is a single label. A dotted node name that
     differs from `hostname` is left out: it may be a mail domain of its own (a server called example.org
     whose hostname: is mail.example.org), whose mail must go out, not into local mailboxes."""
-    import os
-
     names = [*LOCAL_HOSTS]
     hostname = hostname.lower().rstrip(".")
     if hostname:
@@ -114,8 +117,6 @@ class SenderPolicy:
         if verdict == REFUSE:
             return self.refusal(login, sender), message
         if verdict == WARN:
-            from pymta.mail.message import prepend_field
-
             return "", prepend_field(message, self.warning_field(login, sender))
         return "", message
 

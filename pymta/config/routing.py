@@ -15,16 +15,16 @@ recipient it came from, so an alias is expanded once and a target that was deliv
 from __future__ import annotations
 
 import os
+import pwd
 from dataclasses import dataclass, field
 
+from pymta.config import aliases
+from pymta.config.aliases import Aliases, is_user
+from pymta.config.expansion import Expansion, Unhonoured, resolve
 from pymta.config.identity import host_names
 from pymta.config.model import Config
 from pymta.errors import ConfigError
 from pymta.mail.address import qualify
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from pymta.config.aliases import Aliases, Expansion, Unhonoured
 
 # The mailbox of last resort: where the admin's mail goes when the admin address leads to no mailbox.
 LAST_RESORT_MAILBOX = "root"
@@ -114,8 +114,6 @@ class Router:
             if "@" in name:
                 targets.append(name)  # aliased to an address elsewhere
             elif is_admin:
-                from pymta.config.aliases import is_user
-
                 mailbox = name if self.user_mode or is_user(name) else LAST_RESORT_MAILBOX
                 targets.append(name if mailbox == name and name.lower() == user.lower() else f"\\{mailbox}")
             elif name.lower() in marked and name.lower() != user.lower():
@@ -137,19 +135,15 @@ class Router:
         """In user mode every local recipient's mail goes to the running user's own mailbox."""
         if not self.user_mode:
             return user
-        import pwd
-
         try:
             return pwd.getpwuid(os.geteuid()).pw_name
         except KeyError:
             return user
 
     def _expand(self, user: str) -> Expansion:
-        from pymta.config import aliases
-
         if self._aliases is None:
             self._aliases = aliases.load(self.config.aliases)
-        return aliases.resolve(self._aliases, user, local_domains=self.local_domains)
+        return resolve(self._aliases, user, local_domains=self.local_domains)
 
     def admin_warning(self) -> str | None:
         """What is wrong with `admin:` when it is a local address that leads to no mailbox (for `pymta
@@ -163,8 +157,6 @@ class Router:
             names = self._expand(user).targets
         except ConfigError as error:
             return f"admin: {admin} is a local address that cannot be checked: {error}"
-        from pymta.config.aliases import is_user
-
         missing = [name for name in names if "@" not in name and not is_user(name)]
         if not missing:
             return None
@@ -181,8 +173,6 @@ class Router:
 
 def _is_person(name: str) -> bool:
     """Whether the local name is a person's account (uid >= FIRST_PERSON_UID), not a system account."""
-    import pwd
-
     try:
         uid = pwd.getpwnam(name).pw_uid
     except KeyError:

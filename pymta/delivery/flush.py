@@ -530,7 +530,7 @@ class Flusher:
         `|program` and `/file` targets that `address` led to, each named in an X-Pymta-Unhonoured header
         (pymta.yaml(5)); what to say it was sent on to. None when our spool cannot take it: the caller
         defers `address`."""
-        from pymta.config import aliases
+        from pymta.config.expansion import unhonoured_header
         from pymta.mail import dsn as bounce
 
         items = _listed(plan.unhonoured)
@@ -548,7 +548,7 @@ class Flusher:
             "body_type": entry.body_type,  # the original's body, 8-bit or not
             "dsn_of": entry.id,  # ours: should it fail, it is kept for the admin, never bounced again
         }
-        copied = aliases.unhonoured_header(plan.unhonoured) + self._as_sent(entry, message)
+        copied = unhonoured_header(plan.unhonoured) + self._as_sent(entry, message)
         try:
             queue_id = self.spool.submit(envelope, copied)
         except SpoolError as exc:
