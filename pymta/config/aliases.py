@@ -35,7 +35,7 @@ from typing import Literal
 
 from pymta.errors import AddressError, ConfigError
 from pymta.fsutil import read_all
-from pymta.mail.address import is_local_part_only, parse_list
+from pymta.mail.address import has_control, has_raw_bytes, is_local_part_only, parse_list
 
 TargetKind = Literal["local", "address", "include", "refused"]
 Severity = Literal["error", "warning"]
@@ -234,9 +234,9 @@ def _name_problem(name: str) -> str:
     text that could not be used."""
     if not name:
         return "an alias with an empty name"
-    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+    if has_control(name):
         return "the alias name holds a control character"
-    if any(0xDC80 <= ord(char) <= 0xDCFF for char in name):
+    if has_raw_bytes(name):
         return "the alias name is not valid UTF-8"
     if "@" in name:
         return "the alias name has a domain; alias names are local parts: write only the part before the @"
@@ -287,7 +287,7 @@ def classify(item: str, line: int, include: str | None) -> Target:
         return _refused(item, line, include, FILE_REFUSED, "file")
     if item.lower().startswith(":include:"):
         path = item[len(":include:") :].strip()
-        if any(ord(char) < 32 or ord(char) == 127 for char in path):  # it is shown in messages and logs
+        if has_control(path):  # it is shown in messages and logs
             return _refused(item, line, include, "an :include: target holds a control character")
         if not os.path.isabs(path):
             return _refused(

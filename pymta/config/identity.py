@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+from pymta.mail.address import has_control
 from pymta.mail.message import prepend_field
 
 TYPE_CHECKING = False
@@ -111,7 +112,7 @@ class SenderPolicy:
     def check_drop(self, login: str, sender: str, message: bytes) -> tuple[str, bytes]:
         """For a drop file owned by `login` with the envelope sender `sender`: why it is refused ("" when it
         is not), and the message to store (with the warning field at the top when one is due)."""
-        if any(ord(char) < 32 or ord(char) == 127 or 0xD800 <= ord(char) <= 0xDFFF for char in sender):
+        if has_control(sender) or any(0xD800 <= ord(char) <= 0xDFFF for char in sender):
             return "the envelope sender holds a control character or undecodable bytes", message
         verdict = self.judge(login, sender)
         if verdict == REFUSE:

@@ -63,7 +63,7 @@ class _Token:
         self.text = text
         self.start = start
         self.end = end
-        self.control = _has_control(text)
+        self.control = has_control(text, tab=True)
 
 
 def excerpt(text: str) -> str:
@@ -71,7 +71,7 @@ def excerpt(text: str) -> str:
     shown = []
     for char in text[:_EXCERPT_LIMIT]:
         code = ord(char)
-        if code < 32 or code == 127:
+        if is_control(char):
             shown.append({"\r": "\\r", "\n": "\\n", "\t": "\\t"}.get(char, f"\\x{code:02x}"))
         elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
             shown.append(f"\\x{code - 0xDC00:02x}")
@@ -81,9 +81,15 @@ def excerpt(text: str) -> str:
     return '"' + "".join(shown) + more + '"'
 
 
-def _has_control(text: str) -> bool:
-    """True when `text` holds a C0 control other than TAB, or DEL."""
-    return any((ord(char) < 32 and char != "\t") or char == "\x7f" for char in text)
+def is_control(char: str) -> bool:
+    """Whether `char` is a C0 control character or DEL: what no address, name or path that ends up in a
+    header, an SMTP command, a message or a log line may hold (header injection)."""
+    return char < " " or char == "\x7f"
+
+
+def has_control(text: str, *, tab: bool = False) -> bool:
+    """Whether `text` holds a control character (`is_control`); with `tab`, a TAB is allowed."""
+    return any(is_control(char) and not (tab and char == "\t") for char in text)
 
 
 def _after_line_break(text: str, position: int) -> int:
@@ -305,7 +311,7 @@ def recipient_addrs(mailboxes: Iterable[Mailbox], source: str) -> list[str]:
     for mailbox in mailboxes:
         if not mailbox.addr:
             raise AddressError(f"the null address <> cannot be a recipient (in {excerpt(source)})")
-        if _has_raw_bytes(mailbox.addr):
+        if has_raw_bytes(mailbox.addr):
             raise AddressError(f"the address {excerpt(mailbox.addr)} is not valid UTF-8")
         _check_path_length(mailbox.addr, "recipient")
         addrs.append(mailbox.addr)
@@ -326,7 +332,7 @@ def _check_path_length(addr: str, role: str) -> None:
         )
 
 
-def _has_raw_bytes(text: str) -> bool:
+def has_raw_bytes(text: str) -> bool:
     """True when `text` holds bytes that were not UTF-8 (decoded with surrogateescape)."""
     return any(0xDC80 <= ord(char) <= 0xDCFF for char in text)
 
@@ -349,9 +355,9 @@ def parse_envelope_address(text: str) -> str:
     When the value holds several addresses the first one wins (Postfix does that). Control characters anywhere
     are refused: an envelope address ends up in SMTP commands and in generated headers.
     """
-    if any(ord(char) < 32 or char == "\x7f" for char in text):
+    if has_control(text):
         raise AddressError(f"the sender {excerpt(text)} contains a control character (header injection?)")
-    if _has_raw_bytes(text):
+    if has_raw_bytes(text):
         raise AddressError(f"the sender {excerpt(text)} is not valid UTF-8")
     stripped = text.strip(" ")
     if stripped in ("", "<>"):

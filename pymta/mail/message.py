@@ -15,6 +15,7 @@ from __future__ import annotations
 from pymta.errors import AddressError, MessageError
 from pymta.mail.address import (
     excerpt,
+    is_control,
     is_local_part_only,
     parse_list,
     qualify,
@@ -329,7 +330,7 @@ def _plainly_qualified(text: str) -> bool:
 
 def _display_name(full_name: str) -> str:
     """`full_name` for a From field: controls removed, quoted if it holds specials, RFC 2047 if not ASCII."""
-    name = "".join(" " if ord(char) < 32 or char == "\x7f" else char for char in full_name).strip()
+    name = "".join(" " if is_control(char) else char for char in full_name).strip()
     # GECOS bytes that are not UTF-8 arrive as surrogates; they cannot be encoded, so they become U+FFFD.
     name = _encoded(name).decode("utf-8", "replace")
     if not name.isascii():
