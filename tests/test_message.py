@@ -22,6 +22,7 @@ from pymta.mail.message import (
     MAX_LINE,
     complete,
     fit_line_length,
+    format_date,
     get_header,
     header_fields,
     normalise_line_endings,
@@ -781,3 +782,12 @@ def test_a_body_without_a_final_line_end_gets_no_bare_lf() -> None:
     fitted = fit_line_length(b"Subject: s\r\n\r\n" + b"x" * 2000)
     assert b"\n" not in fitted.replace(b"\r\n", b"")
     assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_format_date_writes_what_email_utils_writes(moment: float) -> None:
+    """One date writer: the import-free format_date is what email.utils.formatdate (which the DSN used)
+    writes, so either can stand for the other."""
+    from email.utils import formatdate
+
+    assert format_date(moment) == formatdate(moment, localtime=True)

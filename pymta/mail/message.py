@@ -352,16 +352,17 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def _date_value(queued_at: float) -> str:
-    """`queued_at` as an RFC 5322 date in the local time zone, English names whatever the locale."""
+def format_date(moment: float) -> str:
+    """`moment` as an RFC 5322 date in the local time zone, English names whatever the locale: the one date
+    writer (email.utils.formatdate gives the same text, but importing `email` would cost sendmail)."""
     import time
 
-    moment = time.localtime(queued_at)
-    offset = moment.tm_gmtoff // 60
+    local = time.localtime(moment)
+    offset = local.tm_gmtoff // 60
     zone = f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
     return (
-        f"{_DAYS[moment.tm_wday]}, {moment.tm_mday:02d} {_MONTHS[moment.tm_mon - 1]} {moment.tm_year} "
-        f"{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d} {zone}"
+        f"{_DAYS[local.tm_wday]}, {local.tm_mday:02d} {_MONTHS[local.tm_mon - 1]} {local.tm_year} "
+        f"{local.tm_hour:02d}:{local.tm_min:02d}:{local.tm_sec:02d} {zone}"
     )
 
 
@@ -394,7 +395,7 @@ def complete(
         parts.append(field if field.endswith(b"\n") else field + CRLF)
     generated = []  # in this order, each when missing
     if "date" not in present:
-        generated.append(f"Date: {_date_value(queued_at)}\r\n")
+        generated.append(f"Date: {format_date(queued_at)}\r\n")
     if "message-id" not in present:
         generated.append(f"Message-ID: <{message_id}@{hostname}>\r\n")
     if "from" not in present:
