@@ -1,0 +1,220 @@
+"""The launchers (pymta.setup.launcher): written for real, run for real, deaf to a hostile environment, and
+never written over a file that is not pymta's."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import MtaEnv, script
+
+from pymta.setup.launcher import (
+    ENTRY_POINTS,
+    MARKER,
+    Install,
+    LauncherError,
+    kind_of,
+    launcher_text,
+    this_install,
+    write_launchers,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE = b"Subject: cron\n\njob output\n"
+FOREIGN = b'#!/bin/sh\nexec /usr/sbin/exim4 -odi "$@"\n'
+
+
+def launchers(tmp_path: Path, install: Install | None = None) -> Path:
+    directory = tmp_path / "bin"
+    directory.mkdir(mode=0o755, exist_ok=True)
+    write_launchers(str(directory), install or this_install())
+    return directory
+
+
+def run(program: Path | str, mta: MtaEnv, *args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(program), *args],
+        input=kwargs.pop("input", b""),  # type: ignore[arg-type]
+        env=kwargs.pop("env", mta.env),  # type: ignore[arg-type]
+        capture_output=True,
+        timeout=60,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_the_entry_points_are_pyprojects() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {name: f"{module}:{function}" for name, (module, function) in ENTRY_POINTS.items()} == declared
+
+
+def test_a_launcher_queues_lists_and_checks_for_real(mta: MtaEnv, tmp_path: Path) -> None:
+    directory = launchers(tmp_path)
+    result = run(directory / "sendmail", mta, "-i", "root@example.org", input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    entry = mta.only_entry()
+    assert [r.address for r in entry.recipients] == ["root@example.org"]
+    listing = run(directory / "mailq", mta)
+    assert listing.returncode == 0, listing.stderr
+    assert entry.id.encode() in listing.stdout
+    checked = run(directory / "newaliases", mta)
+    assert checked.returncode == 0 and b"no aliases file" in checked.stderr, checked.stderr
+    for name in ("sendmail", "mailq", "newaliases"):
+        info = (directory / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o755 and kind_of(str(directory / name)) == "launcher"
+    assert sorted(os.listdir(directory)) == ["mailq", "newaliases", "sendmail"]  # no temporary file left
+
+
+def _plant_fake_pymta(directory: Path, marker: Path) -> None:
+    """A `pymta` package whose sendmail records that it ran and exits 99, and the startup hooks of site."""
+    hijack = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    (directory / "pymta" / "submission").mkdir(parents=True)
+    (directory / "pymta" / "__init__.py").write_text(hijack)
+    (directory / "pymta" / "submission" / "__init__.py").write_text("")
+    (directory / "pymta" / "submission" / "sendmail.py").write_text(f"{hijack}def main():\n    return 99\n")
+    for hook in ("sitecustomize.py", "usercustomize.py"):
+        (directory / hook).write_text(hijack)
+
+
+def test_a_launcher_ignores_pythonpath_pythonhome_user_site_and_its_own_directory(
+    mta: MtaEnv, tmp_path: Path
+) -> None:
+    directory = launchers(tmp_path)
+    marker = tmp_path / "hijacked"
+    hostile = tmp_path / "hostile"
+    user_site = (
+        hostile / "userbase" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    )
+    for place in (hostile, user_site, directory, tmp_path / "cwd"):
+        place.mkdir(parents=True, exist_ok=True)
+        _plant_fake_pymta(place, marker)
+    env = {
+        **mta.env,
+        "PYTHONPATH": str(hostile),
+        "PYTHONHOME": str(hostile),  # honoured, it would not even find the standard library
+        "PYTHONUSERBASE": str(hostile / "userbase"),
+    }
+    result = run(directory / "sendmail", mta, "root", input=MESSAGE, env=env, cwd=tmp_path / "cwd")
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists(), marker.read_text()
+    assert len(mta.entries()) == 1
+
+
+def test_a_launcher_loads_neither_site_nor_re(mta: MtaEnv, tmp_path: Path) -> None:
+    directory = launchers(tmp_path)
+    text = (directory / "sendmail").read_bytes()
+    install = this_install()
+    assert text.startswith(f"#!{install.interpreter} -IS\n".encode())
+    # The script's own lines, run as its #! line runs them, with the import log on.
+    result = run(
+        install.interpreter,
+        mta,
+        "-I",
+        "-S",
+        "-X",
+        "importtime",
+        str(directory / "sendmail"),
+        "root",
+        input=MESSAGE,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.decode().splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "pymta.submission.sendmail" in modules
+    assert not modules & {"site", "re", "sitecustomize", "_distutils_hack"}, modules
+    assert len(mta.entries()) == 1
+
+
+@pytest.mark.parametrize("where", ["a" * 130, "with blank"])
+def test_an_interpreter_path_too_long_or_with_a_blank_is_started_by_sh(
+    mta: MtaEnv, tmp_path: Path, where: str
+) -> None:
+    install = this_install()
+    place = tmp_path / where
+    place.mkdir()
+    (place / "python3").symlink_to(install.interpreter)
+    directory = launchers(tmp_path, Install(str(place / "python3"), install.paths))
+    assert (directory / "sendmail").read_bytes().startswith(b"#!/bin/sh\n")
+    result = run(
+        directory / "sendmail", mta, "root", input=MESSAGE, env={**mta.env, "PYTHONPATH": "/nonexistent"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(mta.entries()) == 1
+    assert kind_of(str(directory / "sendmail")) == "launcher"
+
+
+def test_a_foreign_file_is_refused_and_left_as_it_was_unless_replaced(tmp_path: Path) -> None:
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    (directory / "sendmail").write_bytes(FOREIGN)
+    with pytest.raises(LauncherError, match="is not pymta's"):
+        write_launchers(str(directory), this_install())
+    assert (directory / "sendmail").read_bytes() == FOREIGN
+    assert sorted(os.listdir(directory)) == ["sendmail"]  # refused before anything was written
+    write_launchers(str(directory), this_install(), replace=True)
+    assert kind_of(str(directory / "sendmail")) == "launcher"
+
+
+def test_a_symbolic_link_is_refused_and_its_target_never_written(tmp_path: Path) -> None:
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    target = tmp_path / "exim4"
+    target.write_bytes(FOREIGN)
+    (directory / "sendmail").symlink_to(target)
+    assert kind_of(str(directory / "sendmail")) == "foreign"
+    with pytest.raises(LauncherError, match="symbolic link"):
+        write_launchers(str(directory), this_install(), ("sendmail",))
+    assert (directory / "sendmail").is_symlink()
+    write_launchers(str(directory), this_install(), ("sendmail",), replace=True)
+    assert not (directory / "sendmail").is_symlink() and target.read_bytes() == FOREIGN
+
+
+def test_pips_script_and_a_launcher_are_replaced_whatever_the_umask(tmp_path: Path) -> None:
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    (directory / "sendmail").write_bytes(Path(script("sendmail")).read_bytes())
+    assert kind_of(str(directory / "sendmail")) == "console script"
+    old = os.umask(0o077)
+    try:
+        write_launchers(str(directory), this_install())
+        write_launchers(str(directory), this_install())  # again, over its own
+    finally:
+        os.umask(old)
+    for name in ("sendmail", "mailq", "newaliases"):
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o755
+        assert kind_of(str(directory / name)) == "launcher"
+    assert sorted(os.listdir(directory)) == ["mailq", "newaliases", "sendmail"]
+
+
+def test_a_directory_other_users_may_write_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    directory.chmod(0o777)
+    with pytest.raises(LauncherError, match="other users may change it"):
+        write_launchers(str(directory), this_install())
+    assert os.listdir(directory) == []
+
+
+def test_an_install_without_pymta_or_a_relative_interpreter_is_refused(tmp_path: Path) -> None:
+    install = this_install()
+    with pytest.raises(LauncherError, match="no pymta package"):
+        launcher_text("sendmail", Install(install.interpreter, (str(tmp_path),)))
+    with pytest.raises(LauncherError, match="absolute path"):
+        launcher_text("sendmail", Install("python3", install.paths))
+    with pytest.raises(LauncherError, match="no launcher for"):
+        write_launchers(str(tmp_path), install, ("exim4",))
+
+
+def test_kind_of_tells_what_is_in_the_way_without_blocking(tmp_path: Path) -> None:
+    assert kind_of(str(tmp_path / "absent")) == "absent"
+    os.mkfifo(tmp_path / "fifo")
+    assert kind_of(str(tmp_path / "fifo")) == "foreign"
+    (tmp_path / "marker-late").write_bytes(b"#!/bin/sh\n" + b"\n" * 10 + MARKER + b"\n")
+    assert kind_of(str(tmp_path / "marker-late")) == "foreign"  # the marker is where a launcher has it
