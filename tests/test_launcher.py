@@ -208,6 +208,13 @@ def test_an_install_without_pymta_or_a_relative_interpreter_is_refused(tmp_path:
         launcher_text("sendmail", Install(install.interpreter, (str(tmp_path),)))
     with pytest.raises(LauncherError, match="absolute path"):
         launcher_text("sendmail", Install("python3", install.paths))
+    with pytest.raises(LauncherError, match="absolute path"):
+        launcher_text("sendmail", Install(install.interpreter + "\n", install.paths))
+    for odd in ("it's here", "back\\N slash"):  # sh's quote would end, or Python read an escape
+        (tmp_path / odd).mkdir()
+        (tmp_path / odd / "python3").symlink_to(install.interpreter)
+        with pytest.raises(LauncherError, match="a quote or a backslash"):
+            launcher_text("sendmail", Install(str(tmp_path / odd / "python3"), install.paths))
     with pytest.raises(LauncherError, match="no launcher for"):
         write_launchers(str(tmp_path), install, ("exim4",))
 

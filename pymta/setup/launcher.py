@@ -89,10 +89,10 @@ def launcher_text(name: str, install: Install) -> bytes:
     if len(shebang.encode()) - 1 > SHEBANG_MAX or any(char.isspace() for char in interpreter):
         # The kernel would cut the line or split it at the blank: /bin/sh starts the interpreter instead.
         # To Python the second and third lines are one string literal; to sh the second is the exec.
-        if "'" in interpreter:
+        if "'" in interpreter or "\\" in interpreter:  # they would end sh's quote or make a Python escape
             raise LauncherError(
                 f"cannot write a launcher for the interpreter {interpreter!r}: its path is too long for a "
-                "#! line and holds a quote; install pymta under a shorter path"
+                "#! line and holds a quote or a backslash; install pymta under a shorter path"
             )
         shebang = f"#!/bin/sh\n'''exec' '{interpreter}' -IS \"$0\" \"$@\"\n' '''\n"
     lines = [
@@ -109,7 +109,7 @@ def launcher_text(name: str, install: Install) -> bytes:
 
 def _check_install(install: Install) -> None:
     interpreter = install.interpreter
-    if not os.path.isabs(interpreter) or "\n" in interpreter or not os.access(interpreter, os.X_OK):
+    if not os.path.isabs(interpreter) or not interpreter.isprintable() or not os.access(interpreter, os.X_OK):
         raise LauncherError(
             f"cannot write a launcher for the interpreter {interpreter!r}: it must be the absolute path of "
             "an executable Python"
