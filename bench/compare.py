@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """pymta as its users run it, beside the interpreter's floor and a plain smtplib loop: issue 12's table.
 
-    python3 bench/compare.py [--venv DIR] [--big] [--json FILE]
+    python3 bench/compare.py [--venv DIR] [--big] [--only PARTS] [--json FILE]
 
 What is measured is what a Debian user gets: `--python` (default /usr/bin/python3) makes a venv and
 installs this source tree into it the way the README says (`python3 -m venv DIR && DIR/bin/pip install
@@ -244,6 +244,7 @@ class Bench:
         self.figures: dict[str, Figure] = {}
         self.notes: list[str] = []
         self.imports: list[tuple[str, float, float]] = []
+        self.spent: dict[str, float] = {}  # seconds each part of the run took
         self.version = subprocess.run(
             [self.python, "-c", "import platform; print(platform.python_version())"],
             capture_output=True,
@@ -261,6 +262,10 @@ class Bench:
         if not (self.args.no_install and (self.bin / "pymta").exists()):
             if not (self.bin / "python3").exists():
                 subprocess.run([self.python, "-m", "venv", str(self.venv)], check=True)
+            # The scripts are written by the pip that runs this command, before it has upgraded itself: in a
+            # fresh venv that is the interpreter's bundled pip, as for a user following the README.
+            pip = subprocess.run([str(self.bin / "pip"), "--version"], capture_output=True, text=True)
+            self.notes.append(f"the console scripts were written by {' '.join(pip.stdout.split()[:2])}")
             subprocess.run(
                 [str(self.bin / "pip"), "install", "-q", "-U", "pip", "."],
                 cwd=SOURCE,
@@ -431,10 +436,10 @@ class Bench:
     def table(self) -> list[tuple[str, str, str, str]]:
         rows: list[tuple[str, str, str, str]] = []
         floor = self.median("python3 -c pass")
-        assert floor is not None
         for how in ("pip script", "launcher"):
             enqueue = self.median(f"sendmail enqueue ({how})")
-            assert enqueue is not None
+            if enqueue is None or floor is None:
+                continue
             ratio = enqueue / floor
             rows.append(
                 (
@@ -495,9 +500,12 @@ class Bench:
             ("`pymta queue`", "< 3 s", 3.0, f"{big:,} queued: pymta queue"),
         ):
             value = self.median(key)
-            shown = self.show(key, 2)
-            if key.endswith("s: idle flush") or key.endswith("pymta queue"):
-                shown += f", peak RSS {self.show(f'{key}, peak RSS')}"
+            if value is None:
+                shown = "not measured (--big)"
+            elif key.endswith("peak RSS"):  # the flush that delivers them all, and its rate
+                shown = f"{self.show(key)} (delivering {self.show(f'{big:,} queued: flush', 0)})"
+            else:
+                shown = f"{self.show(key, 2)}, peak RSS {self.show(f'{key}, peak RSS')}"
             rows.append(
                 (f"{big:,} queued: {name}", shown, target, "" if value is None else _met(value < limit))
             )
@@ -573,13 +581,18 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--python", default="/usr/bin/python3", help="the interpreter users have")
-    parser.add_argument("--venv", help="install into this venv (made when missing) and keep it")
+    parser.add_argument(
+        "--venv",
+        help="install into this venv (made when missing) and keep it; a venv whose pip is current already "
+        "gets console scripts of that pip, not those of the bundled pip a fresh venv (the default) has",
+    )
     parser.add_argument("--no-install", action="store_true", help="with --venv: use its install as it is")
     parser.add_argument("--runs", type=int, default=40, help="interleaved runs for the start-up medians")
     parser.add_argument("--messages", type=int, default=1000, help="sequential enqueues")
     parser.add_argument("--flush", type=int, default=1000, help="messages per flush round")
     parser.add_argument("--rounds", type=int, default=5, help="flush rounds")
     parser.add_argument("--big", action="store_true", help="also the large queues (about five minutes)")
+    parser.add_argument("--only", help="only these parts, e.g. 'start-up,imports' (the install always runs)")
     parser.add_argument("--big-flush", type=int, default=10000)
     parser.add_argument("--big-queue", type=int, default=100000)
     parser.add_argument("--json", default="pymta-bench.json", help="where to write every figure")
@@ -603,19 +616,30 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="pymta-bench-") as name:
             tmp = Path(name)
             bench = Bench(args, tmp)
-            bench.install()
-            bench.configs(int(sink.stdout.readline()))
-            steps = [
-                bench.startup,
-                bench.sequential,
-                lambda: bench.flush(args.flush, args.rounds),
-                bench.large_message,
-                bench.importtime,
-            ]
+            steps = {
+                "install": bench.install,
+                "start-up": bench.startup,
+                "sequential enqueues": bench.sequential,
+                "flush": lambda: bench.flush(args.flush, args.rounds),
+                "30 MB": bench.large_message,
+                "imports": bench.importtime,
+            }
             if args.big:
-                steps += [lambda: bench.flush(args.big_flush, 3), bench.big_queue]
-            for step in steps:
+                steps["big flush"] = lambda: bench.flush(args.big_flush, 3)
+                steps["big queue"] = bench.big_queue
+            only = set(args.only.split(",")) if args.only else set(steps)
+            if only - set(steps):
+                parser.error(
+                    f"--only: no part {', '.join(sorted(only - set(steps)))}; parts: {', '.join(steps)}"
+                )
+            for part, step in steps.items():
+                if part not in only and part != "install":
+                    continue
+                start = time.perf_counter()
                 step()
+                bench.spent[part] = round(time.perf_counter() - start, 1)
+                if part == "install":
+                    bench.configs(int(sink.stdout.readline()))
     finally:
         sink.stdin.close()
         sink.wait(30)
@@ -623,7 +647,8 @@ def main() -> int:
     report = bench.markdown()
     print(report)
     elapsed = time.time() - started
-    print(f"\n({elapsed:.0f} s; every figure in {args.json})")
+    parts = ", ".join(f"{name} {seconds:.0f}" for name, seconds in bench.spent.items())
+    print(f"\n({elapsed:.0f} s: {parts}; every figure in {args.json})")
     Path(args.json).write_text(
         json.dumps(
             {
@@ -632,6 +657,7 @@ def main() -> int:
                 "cores": os.cpu_count(),
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "notes": bench.notes,
+                "seconds": bench.spent,
                 "table": [
                     dict(zip(("figure", "pymta today", "target", "met?"), row, strict=True))
                     for row in bench.table()
