@@ -127,7 +127,7 @@ def test_a_launcher_loads_neither_site_nor_re(mta: MtaEnv, tmp_path: Path) -> No
         for line in result.stderr.decode().splitlines()
         if line.startswith("import time:") and "|" in line
     }
-    assert "pymta.submission.sendmail" in modules
+    assert "pymta.cli.sendmail" in modules
     assert not modules & {"site", "re", "sitecustomize", "_distutils_hack"}, modules
     assert len(mta.entries()) == 1
 
@@ -223,5 +223,10 @@ def test_kind_of_tells_what_is_in_the_way_without_blocking(tmp_path: Path) -> No
     assert kind_of(str(tmp_path / "absent")) == "absent"
     os.mkfifo(tmp_path / "fifo")
     assert kind_of(str(tmp_path / "fifo")) == "foreign"
+    older = b"#!/usr/bin/python3\nimport re\nimport sys\nfrom pymta.sendmail import main\nsys.exit(main())\n"
+    (tmp_path / "older").write_bytes(older)  # pip's script of a pymta before the packages
+    assert kind_of(str(tmp_path / "older")) == "console script"
+    (tmp_path / "other").write_bytes(older.replace(b"pymta.", b"pymtb."))
+    assert kind_of(str(tmp_path / "other")) == "foreign"
     (tmp_path / "marker-late").write_bytes(b"#!/bin/sh\n" + b"\n" * 10 + MARKER + b"\n")
     assert kind_of(str(tmp_path / "marker-late")) == "foreign"  # the marker is where a launcher has it

@@ -12,7 +12,7 @@ itself, after the standard library as `site` would, imports the one entry functi
     # pymta launcher (pymta.setup.launcher): ...
     import sys
     sys.path.append('/opt/pymta/lib/python3.11/site-packages')
-    from pymta.submission.sendmail import main
+    from pymta.cli.sendmail import main
     sys.exit(main())
 
 An interpreter path the kernel cannot take on a `#!` line (over `SHEBANG_MAX` bytes, or with a blank in it)
@@ -40,9 +40,9 @@ from pymta.errors import EX_CANTCREAT, PymtaError
 # Each program and its entry function: the same as pyproject.toml's [project.scripts] (a test compares them).
 ENTRY_POINTS = {
     "pymta": ("pymta.cli.main", "main"),
-    "sendmail": ("pymta.submission.sendmail", "main"),
-    "mailq": ("pymta.submission.sendmail", "mailq"),
-    "newaliases": ("pymta.submission.sendmail", "newaliases"),
+    "sendmail": ("pymta.cli.sendmail", "main"),
+    "mailq": ("pymta.cli.sendmail", "mailq"),
+    "newaliases": ("pymta.cli.sendmail", "newaliases"),
 }
 # What runs once per message or per look at the queue, where start-up is most of the cost.
 FAST_PROGRAMS = ("sendmail", "mailq", "newaliases")
@@ -130,7 +130,8 @@ def _check_install(install: Install) -> None:
 
 def kind_of(path: str) -> str:
     """What is at `path`, not following a link: 'absent', 'launcher' (one of these), 'console script'
-    (pip's script of a pymta entry function), or 'foreign' (anything else, a symbolic link included)."""
+    (pip's script of a pymta entry function, of any version), or 'foreign' (anything else, a symbolic link
+    included)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -146,10 +147,18 @@ def kind_of(path: str) -> str:
     lines = head.split(b"\n")
     if head.startswith(b"#!") and any(line.startswith(MARKER) for line in lines[1:4]):
         return "launcher"
-    calls = {f"from {module} import {function}".encode() for module, function in ENTRY_POINTS.values()}
-    if head.startswith(b"#!") and any(line.strip() in calls for line in lines):
+    # Of this version or an older one (whose entry functions lived in other modules).
+    if head.startswith(b"#!") and any(_is_pymta_import(line.strip()) for line in lines):
         return "console script"
     return "foreign"
+
+
+def _is_pymta_import(line: bytes) -> bool:
+    """Whether `line` is the import of a pip console script of pymta: `from pymta.MODULE import NAME`."""
+    words = line.split()
+    return (
+        len(words) == 4 and words[0] == b"from" and words[1].startswith(b"pymta.") and words[2] == b"import"
+    )
 
 
 def write_launchers(
