@@ -595,7 +595,9 @@ def main() -> int:
     parser.add_argument("--only", help="only these parts, e.g. 'start-up,imports' (the install always runs)")
     parser.add_argument("--big-flush", type=int, default=10000)
     parser.add_argument("--big-queue", type=int, default=100000)
-    parser.add_argument("--json", default="pymta-bench.json", help="where to write every figure")
+    parser.add_argument(
+        "--json", default=str(HERE / "results" / "compare.json"), help="where to write every figure"
+    )
     parser.add_argument(
         "--smtplib-loop", nargs=2, type=int, metavar=("PORT", "COUNT"), help=argparse.SUPPRESS
     )
@@ -649,6 +651,7 @@ def main() -> int:
     elapsed = time.time() - started
     parts = ", ".join(f"{name} {seconds:.0f}" for name, seconds in bench.spent.items())
     print(f"\n({elapsed:.0f} s: {parts}; every figure in {args.json})")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps(
             {
