@@ -79,7 +79,7 @@ def message(number: int) -> bytes:
 
 
 def queue_id(now: float) -> str:
-    """An id as `pymta.queue.spool.new_id` makes it: 8 hex digits of the time, 64 random bits."""
+    """An id as `pymta.queue.directory.new_id` makes it: 8 hex digits of the time, 64 random bits."""
     return f"{int(now):08x}{os.urandom(8).hex()}"
 
 
@@ -105,8 +105,8 @@ def envelope_line(name: str, now: float) -> bytes:
 def fill(spool: Path, count: int, deferred_until: float | None = None) -> None:
     """`count` messages: committed drops in new/, as sendmail leaves them; or, with `deferred_until`,
     picked-up messages in queue/ with a deferred state whose mtime (the next attempt) is that time, as a
-    flush leaves them after a 4xx. Written without an fsync each, then os.sync()ed once: the flush meets
-    a queue filled earlier, not the journal of the fill still being written out."""
+    flush leaves them after a 4xx (the keys: `pymta.queue.entry`). Written without an fsync each, then
+    os.sync()ed once: the flush meets a queue filled earlier, not the journal of the fill being written."""
     for sub in ("tmp", "new", "queue", "state", "corrupt"):
         (spool / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     now = time.time()
