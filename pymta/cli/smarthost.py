@@ -98,8 +98,9 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
             )
             ctx.exit(EX_UNAVAILABLE)
         from pymta.delivery.flush import send_test_message
+        from pymta.delivery.privsep import run_flush
 
-        queue_id, entry = send_test_message(settings, to)
+        queue_id, entry = send_test_message(settings, to, run_flush)
         if entry is None:
             click.echo(f"Test message {queue_id} to {to}: delivered to the smarthost.")
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import shlex
 import signal
 import stat
@@ -21,6 +20,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from pymta.errors import EX_UNAVAILABLE, PymtaError
+from pymta.privileges import user_name
 
 if TYPE_CHECKING:
     from pymta.config.model import PasswordSource
@@ -246,18 +246,11 @@ def _owner_fix(path: str) -> str:
     if keeper is not None and keeper.st_uid not in (0, os.geteuid()) and not keeper.st_mode & 0o001:
         directory = shlex.quote(os.path.dirname(os.path.abspath(path)))
         return (
-            f"only {_user_name(keeper.st_uid)} (and root) may enter {directory}: check it with sudo pymta "
+            f"only {user_name(keeper.st_uid)} (and root) may enter {directory}: check it with sudo pymta "
             "test, which reads the password as the spool's owner, as the flush does"
         )
-    user = _user_name(os.geteuid())
+    user = user_name(os.geteuid())
     return f"the flush reads it as {user}: run chown {user} {quoted} && chmod 600 {quoted}"
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 _RESOLVERS: Mapping[str, Callable[[str, str, str | None], Secret]] = {

@@ -900,9 +900,9 @@ def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) 
 
 
 def _account(user: str) -> str:
-    """The account whose mailbox mail for the local name `user` goes to (`local.lookup_user`, which also
-    tries the name in lower case), or the name itself when there is none."""
-    from pymta.delivery.local import lookup_user
+    """The account whose mailbox mail for the local name `user` goes to (`privileges.lookup_user`, which
+    also tries the name in lower case), or the name itself when there is none."""
+    from pymta.privileges import lookup_user
 
     found = lookup_user(user)
     return user if found is None else found.pw_name
@@ -1209,9 +1209,13 @@ TEST_MESSAGE = (
 
 
 def send_test_message(
-    config: Config, to: str, logger: logging.Logger | None = None
+    config: Config,
+    to: str,
+    run_flush: Callable[[Config, logging.Logger], object],
+    logger: logging.Logger | None = None,
 ) -> tuple[str, QueueEntry | None]:
-    """Queue a test message for `to` as the user running this, and run a flush.
+    """Queue a test message for `to` as the user running this, and run a flush with `run_flush`
+    (`privsep.run_flush`, which imports this module: passed in, so the two do not import each other).
 
     Returns the queue id and, when the message is still waiting (deferred, failed, or left to a flush that
     was already running), its entry; None when it was delivered.
@@ -1232,8 +1236,6 @@ def send_test_message(
     text = TEST_MESSAGE.format(to=", ".join(recipients), host=config.hostname)
     spool = Spool(config.spool)
     queue_id = spool.submit(envelope, text.encode("utf-8"))
-    from pymta.delivery.privsep import run_flush
-
     run_flush(config, logger or logging.getLogger(log.LOGGER_NAME))
     for location in ("queue", "new"):
         try:

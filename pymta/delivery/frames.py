@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pymta.delivery.local import lookup_user, user_name_problem
+from pymta.delivery.local import user_name_problem
 from pymta.mail.address import MAX_PATH, path_octets
+from pymta.privileges import lookup_user
 from pymta.queue.entry import MAX_TIME
 
 if TYPE_CHECKING:

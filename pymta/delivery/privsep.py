@@ -30,59 +30,60 @@ process's exit, a deadline. The only wait without one is for the next request, w
 delivery process (which holds the flush lock, and so the run) works; its end closes the channel.
 
 Why fork without exec: the delivery process needs no interpreter of its own and inherits the loaded modules.
-The modules it will need later are imported before the switch (`PRELOAD`), so a Python installed where `pymta`
-cannot read (a virtualenv under /root) still works; an installed pymta needs none of that.
+The modules it will need later are imported before the switch (`preload`), so a Python installed where
+`pymta` cannot read (a virtualenv under /root) still works; an installed pymta needs none of that.
 
 A spool whose private directory belongs to root (user mode as root, or tests) runs in one process, as before.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import pkgutil
 import pwd
-import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import TYPE_CHECKING, Any
 
+from pymta import privileges
 from pymta.delivery import frames
-from pymta.delivery.local import exit_text
+from pymta.delivery.flush import Flusher, FlushReport
+from pymta.delivery.local import LocalOutcome, child_time_limit, deliver_as_recipient
 from pymta.errors import EX_SOFTWARE, PermissionDeniedError, PymtaError
 from pymta.log import one_line
+from pymta.queue import views
+from pymta.queue.spool import Spool
 
 if TYPE_CHECKING:
     from pymta.config.model import Config, Local
-    from pymta.delivery.flush import FlushReport, LocalDelivery
-    from pymta.delivery.local import LocalOutcome
+    from pymta.delivery.flush import LocalDelivery
 
-# Modules the delivery process imports lazily: imported before the user switch, so they come from memory.
-PRELOAD = (
-    "_strptime",
-    "base64",
-    "email.message",
-    "email.parser",
-    "email.policy",
-    "email.utils",
-    "encodings.idna",
-    "hmac",
-    "json",
-    "queue",
-    "select",
-    "smtplib",
-    "ssl",
-    "subprocess",
-    "threading",
-    "pymta.config.aliases",
-    "pymta.mail.dsn",
-    "pymta.delivery.credentials",
-    "pymta.delivery.local",
-    "pymta.queue.ops",
-    "pymta.delivery.smtp",
-)
+# What the delivery process (and a command that became the spool's owner) imports before the switch, so that
+# it comes from memory (the module docstring says why): every module of these packages, found on disk, so
+# the list cannot go stale ...
+PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery")
+# ... and the modules the standard library imports on first use, which no import statement of pymta shows
+# (time.strptime, email's parser and policies, the IDNA codec). tests/test_preload.py holds both: every
+# import inside a function of those packages is loaded by then, and each name here is still needed.
+PRELOAD_STDLIB = ("_strptime", "email.parser", "email.policy", "encodings.idna")
+
+
+def preload() -> list[str]:
+    """Import everything the delivery process may need later (`PRELOAD_PACKAGES`, `PRELOAD_STDLIB`); the
+    names imported."""
+    names = list(PRELOAD_STDLIB)
+    for package in PRELOAD_PACKAGES:
+        path = importlib.import_module(package).__path__
+        names += sorted(info.name for info in pkgutil.iter_modules(path, f"{package}."))
+    for name in names:
+        importlib.import_module(name)
+    return names
 
 
 class DeliveryProcessError(PymtaError):
@@ -103,8 +104,6 @@ def spool_owner(spool: str) -> pwd.struct_passwd | None:
     does not). Only in a spool directory of root's (made by hand), where nobody else can swap a name, is
     the owner of queue/ (not followed) the one to become.
     """
-    import stat
-
     if os.geteuid() != 0:
         return None
     try:
@@ -125,20 +124,13 @@ def spool_owner(spool: str) -> pwd.struct_passwd | None:
         ) from None
 
 
-def become(owner: pwd.struct_passwd, preload: tuple[str, ...] = PRELOAD) -> None:
-    """Switch this process to `owner` for good: groups, gid and uid (real, effective and saved), home."""
-    import importlib
-
-    for name in preload:
-        importlib.import_module(name)
-    groups = os.getgrouplist(owner.pw_name, owner.pw_gid)
-    os.setgroups(groups)
-    os.setgid(owner.pw_gid)
-    os.setuid(owner.pw_uid)
-    if os.getuid() != owner.pw_uid or os.geteuid() != owner.pw_uid or os.getegid() != owner.pw_gid:
-        raise PermissionError(f"the switch to {owner.pw_name} did not take")
+def become(owner: pwd.struct_passwd) -> None:
+    """Switch this process to `owner` for good (`privileges.become`: groups, gid and uid, real, effective
+    and saved), with their home; what it may import later is imported before (`preload`), while this
+    Python's files are still readable."""
+    preload()
+    privileges.become(owner, privileges.groups_of(owner))
     os.environ.update(HOME=owner.pw_dir, USER=owner.pw_name, LOGNAME=owner.pw_name)
-    os.umask(0o077)
 
 
 def become_spool_owner(spool: str) -> None:
@@ -148,7 +140,7 @@ def become_spool_owner(spool: str) -> None:
     """
     owner = spool_owner(spool)
     if owner is not None:
-        become(owner, (*PRELOAD, "pymta.queue.listing", "pymta.queue.views"))
+        become(owner)
 
 
 def run_flush(
@@ -159,27 +151,23 @@ def run_flush(
     progress: Callable[[int, int], None] | None = None,
 ) -> FlushReport:
     """One flush, split by privilege when we are root on a system spool (see the module docstring)."""
-    from pymta.delivery.flush import Flusher
-    from pymta.queue.views import own_view_only, spool_owner_name
-
     owner = spool_owner(config.spool)
     if owner is None:
-        if own_view_only(config.spool):
+        if views.own_view_only(config.spool):
+            owner_name = views.spool_owner_name(config.spool)
             raise PermissionDeniedError(
-                f"only root and {spool_owner_name(config.spool)} (the spool's owner) may deliver the queue "
-                f"{config.spool}; the timer or cron line that 'pymta setup' installed does it"
+                f"only root and {owner_name} (the spool's owner) may deliver the queue {config.spool}"
+                f"; the timer or cron line that 'pymta setup' installed does it"
             )
         return Flusher(config, logger).run(force=force, progress=progress)
     logger.debug(f"delivery runs as {owner.pw_name} (uid {owner.pw_uid}); local delivery as each recipient")
     parent_end, child_end = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the delivery process; the tests check what it does
-        code = EX_SOFTWARE
-        try:
-            parent_end.close()
-            code = _delivery_process(config, logger, owner, child_end, force, progress)
-        finally:
-            os._exit(code)
+
+    def delivery_process() -> int:  # pragma: no cover - runs in the delivery process; the tests check it
+        parent_end.close()
+        return _delivery_process(config, logger, owner, child_end, force, progress)
+
+    pid = privileges.fork_child(delivery_process, failed=EX_SOFTWARE)
     child_end.close()
     try:
         result = _serve(config, parent_end, logger)
@@ -188,7 +176,7 @@ def run_flush(
         _publish_views(config, logger)
     if result is None:
         raise DeliveryProcessError(
-            f"the delivery process (as {owner.pw_name}) ended early: {exit_text(status)}"
+            f"the delivery process (as {owner.pw_name}) ended early: {privileges.exit_text(status)}"
         )
     return result
 
@@ -200,11 +188,6 @@ def _publish_views(config: Config, logger: logging.Logger) -> None:
     it: the views are stamped with the time their reading began, and new/, queue/ and state/ change their
     mtime whenever a message comes, goes or changes state (by a flush or by `pymta queue`).
     """
-    import time
-
-    from pymta.queue import views
-    from pymta.queue.spool import Spool
-
     status = os.path.join(config.spool, views.STATUS_DIR)
     try:
         published = os.stat(status, follow_symlinks=False).st_mtime_ns
@@ -235,8 +218,6 @@ def _delivery_process(
     force: bool,
     progress: Callable[[int, int], None] | None,
 ) -> int:  # pragma: no cover - runs in the delivery process
-    from pymta.delivery.flush import Flusher
-
     try:
         become(owner)
         agent = _LocalAgent(channel, frames.payload_limit(config))
@@ -270,8 +251,6 @@ class _LocalAgent:
         self, user: str, message: bytes, *, sender: str, local: Local, now: float
     ) -> LocalOutcome:  # pragma: no cover - runs in the delivery process
         """Ask root to deliver `message` to `user`; root uses its own `local` settings, not ours."""
-        from pymta.delivery.local import LocalOutcome, child_time_limit
-
         if self.broken:
             return LocalOutcome("deferred", self.broken)
         header: dict[str, object] = {"op": "deliver", "user": user, "sender": sender, "now": now}
@@ -313,8 +292,6 @@ def _serve(
     has no deadline: the delivery process's work between two (SMTP sessions) has its own timeouts, and it
     is the run itself. Raises DeliveryProcessError when the delivery process reports an error or breaks the
     framing; the caller then closes the channel and ends the process (`_reap`)."""
-    from pymta.delivery.local import deliver_as_recipient
-
     deliver = deliver or deliver_as_recipient
     limit = frames.payload_limit(config)
     while True:
@@ -351,8 +328,6 @@ def _deliver_one(
     message: bytes,
     logger: logging.Logger,
 ) -> LocalOutcome:
-    from pymta.delivery.local import LocalOutcome
-
     if isinstance(request, frames.Refusal):
         logger.warning(f"local delivery: {request.reason}")
         return LocalOutcome(request.status, request.reason)
@@ -371,8 +346,6 @@ def _answer(outcome: LocalOutcome) -> dict[str, object]:
 
 def _last_word(request: dict[str, Any]) -> FlushReport:
     """The report of a `done` frame; a DeliveryProcessError for an `error` frame or a malformed report."""
-    from pymta.delivery.flush import FlushReport
-
     if request.get("op") == "error":
         code = request.get("code")
         message = request.get("message")
@@ -394,18 +367,11 @@ def _last_word(request: dict[str, Any]) -> FlushReport:
 
 def _reap(pid: int, channel: socket.socket) -> int:
     """Close the channel (a delivery process waiting for an answer sees its end), then wait for the
-    process to exit, at most EXIT_TIMEOUT seconds before it is killed; its wait status."""
+    process to exit, at most EXIT_TIMEOUT seconds before it is killed (at once when it is seen stopped:
+    `privileges.reap`); its wait status."""
     try:
         channel.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     channel.close()
-    deadline = time.monotonic() + EXIT_TIMEOUT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            os.kill(pid, signal.SIGKILL)
-            return os.waitpid(pid, 0)[1]
-        time.sleep(0.05)
+    return privileges.reap(pid, EXIT_TIMEOUT)

@@ -171,7 +171,7 @@ def entries_as(spool: Spool, uid: int, gid: int) -> list[QueueEntry]:
     groups) rather than root's: a link the owner planted in queue/ or state/ to a file of root's is then
     unreadable, as it is for the owner itself. Root's ids are back before this returns (the saved uid stays
     0 throughout)."""
-    from pymta.delivery.local import looking_as
+    from pymta.privileges import looking_as  # lazy: sendmail imports this module; only root's publish looks
 
     with looking_as(uid, gid, []):
         entries, _ = spool.entries()  # unreadable entries are the flush's to report, not ours

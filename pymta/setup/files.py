@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import grp
 import os
-import pwd
 import shlex
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pymta.privileges import user_name
 from pymta.setup.plan import Change
 
 PARENT_MODE = 0o755  # directories setup creates above what it installs
@@ -31,14 +31,7 @@ class Owner:
 
 
 def owner_of(uid: int, gid: int) -> Owner:
-    return Owner(uid, gid, f"{_user_name(uid)}:{group_name(gid)}")
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    return Owner(uid, gid, f"{user_name(uid)}:{group_name(gid)}")
 
 
 def group_name(gid: int) -> str:
@@ -49,7 +42,7 @@ def group_name(gid: int) -> str:
 
 
 def describe_owner(info: os.stat_result) -> str:
-    return f"{_user_name(info.st_uid)}:{group_name(info.st_gid)}"
+    return f"{user_name(info.st_uid)}:{group_name(info.st_gid)}"
 
 
 def _open_node(path: str, directory: bool) -> int:
