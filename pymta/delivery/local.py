@@ -316,7 +316,7 @@ def _create_mbox_as_root(entry: pwd.struct_passwd, local: Local) -> None:
 def _child_groups(entry: pwd.struct_passwd, local: Local) -> list[int]:
     """The recipient's groups, plus the mail spool directory's group when only that group may create files
     in it (Debian's /var/mail: root:mail 2775, the group mail readers' dotlock helpers run with). The child
-    takes that group for a delivery to the mbox only (`_become_recipient`)."""
+    takes that group for a delivery to the mbox only (`_child`)."""
     groups = set(groups_of(entry))
     try:
         info = os.stat(local.mail_spool)
