@@ -41,7 +41,6 @@ KNOWN_UNMARKED = {
 KNOWN_LARGE = {
     # delivery
     "pymta.delivery.flush",
-    "pymta.delivery.smtp",
 }
 
 

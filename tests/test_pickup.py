@@ -293,7 +293,7 @@ def test_a_message_whose_smtp_finish_raises_is_deferred_and_the_next_goes_out_on
 ) -> None:
     """The failure hits a message in flight (its commands sent, pipelined): it is parked, the session it was
     on is not trusted any more, and the message started behind it goes out on a new connection."""
-    from pymta.delivery import smtp
+    from pymta.delivery.smtp import session as smtp
 
     configured(mta, plain)
     ids = {queue(mta, "one@example.net"): "one@example.net", queue(mta, "two@example.net"): "two@example.net"}

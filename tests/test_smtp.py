@@ -40,7 +40,9 @@ from mailservers import (
 
 from pymta.config.model import PasswordSource, Smarthost
 from pymta.delivery.credentials import CredentialError, Secret
-from pymta.delivery.smtp import RecipientOutcome, SessionError, SmtpSession, xtext
+from pymta.delivery.smtp.commands import xtext
+from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError
+from pymta.delivery.smtp.session import SmtpSession
 
 __all__ = ["certificates", "plain_server", "smtp_server", "tls_server"]  # fixtures imported for use
 
@@ -518,7 +520,7 @@ def test_certificate_for_another_name_fails(certificates: Certificates) -> None:
     context = certificates.server_context(certificates.issue("other.example"))
     with SmtpServer("starttls", certificates, server_context=context) as server:
         error = open_fails(server.smarthost(username=USER))
-    assert error.stage == "tls"
+    assert error.stage == "tls" and error.certificate_failed  # typed: `pymta test` offers the pin on it
     assert "certificate verify failed" in str(error) and "not valid for '127.0.0.1'" in str(error)
     assert "write host:" in str(error)
     assert server.auth.attempts == []
@@ -542,6 +544,7 @@ def test_self_signed_needs_a_pin(certificates: Certificates) -> None:
     with SmtpServer("starttls", server_context=context) as server:
         error = open_fails(server.smarthost(username=USER))
         assert error.stage == "tls" and "self-signed" in str(error) and "fingerprint" in str(error)
+        assert error.certificate_failed
         # The CA file of another CA does not help either.
         assert open_fails(server.smarthost(ca_file=str(certificates.ca_file))).stage == "tls"
         with session(server.smarthost(username=USER, fingerprint=fingerprint)) as s:
@@ -552,6 +555,7 @@ def test_self_signed_needs_a_pin(certificates: Certificates) -> None:
         wrong = "sha256:" + ":".join(["AB"] * 32)
         error = open_fails(server.smarthost(username=USER, fingerprint=wrong))
     assert error.stage == "tls" and "does not match the pinned fingerprint" in str(error)
+    assert not error.certificate_failed  # the pin, not the chain: nothing to offer
     assert fingerprint in str(error)
     assert [a.success for a in server.auth.attempts] == [True]  # no AUTH after a failed pin
 
@@ -762,9 +766,9 @@ def test_a_reply_that_never_ends_is_cut_off_after_a_bounded_number_of_lines() ->
 
 
 def test_a_reply_dripping_byte_by_byte_is_cut_off_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pymta.delivery import smtp
+    from pymta.delivery.smtp import replies
 
-    monkeypatch.setattr(smtp, "REPLY_TRANSFER_TIME", 0.5)
+    monkeypatch.setattr(replies, "REPLY_TRANSFER_TIME", 0.5)
     server = _HostileServer(b"220 a very slow greeting indeed\r\n", pace=0.2)  # each wait well under timeout
     try:
         error = open_fails(make_smarthost(server.port, security="none", timeout=1))
@@ -878,16 +882,16 @@ def test_a_long_text_on_a_slow_link_may_take_longer_than_the_timeout_while_it_mo
 ) -> None:
     # `timeout` bounds each block of the text (RFC 5321 4.5.3.2.5), not the whole of it: sendall's
     # timeout covered the whole call, so a large message on a slow uplink could never be sent.
-    from pymta.delivery import smtp
+    from pymta.delivery.smtp import replies
 
-    connect = smtp._Client._tcp_connect
+    connect = replies.Client._tcp_connect
 
-    def small_buffers(client: smtp._Client, host: str, port: int, timeout: float) -> socket.socket:
+    def small_buffers(client: replies.Client, host: str, port: int, timeout: float) -> socket.socket:
         sock = connect(client, host, port, timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # a link's buffers, not loopback's 4 MB
         return sock
 
-    monkeypatch.setattr(smtp._Client, "_tcp_connect", small_buffers)
+    monkeypatch.setattr(replies.Client, "_tcp_connect", small_buffers)
     # 1.5 MB: at most 16 kB each 20 ms is read, so it cannot arrive within the 1 s timeout
     message = MESSAGE + (b"x" * 76 + b"\r\n") * 20000
     server = _SlowReader()

@@ -25,7 +25,10 @@ from pymta.delivery.credentials import (
     keyring_fix,
     store_in_keyring,
 )
-from pymta.delivery.smtp import Certificate, SessionError, SmtpSession, fetch_certificate
+from pymta.delivery.smtp.connection import fetch_certificate
+from pymta.delivery.smtp.outcome import SessionError
+from pymta.delivery.smtp.session import SmtpSession
+from pymta.delivery.smtp.tls import Certificate
 from pymta.errors import EX_OK, EX_UNAVAILABLE, ConfigError, PymtaError, UsageError
 
 # Days before expiry from which `pymta test` warns about the server certificate.
@@ -143,7 +146,7 @@ def _check(smarthost: Smarthost, hostname: str) -> bool:
             _field("auth", "not used (no username configured)")
         click.echo("  result:       OK")
         return True
-    if error.stage == "tls" and "certificate verify failed" in error.reason:
+    if error.certificate_failed:
         _offer_pin(smarthost, hostname)
     click.echo(f"  FAILED:       {error.reason}")
     return False

@@ -49,7 +49,8 @@ from pymta import log
 from pymta.config.identity import policy_of
 from pymta.config.model import Config, Rewrite, Smarthost
 from pymta.config.routing import Plan, Router
-from pymta.delivery.smtp import RecipientOutcome, SessionError, SmtpSession, Status, Transaction
+from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, Status
+from pymta.delivery.smtp.session import SmtpSession, Transaction
 from pymta.errors import ConfigError, SpoolError
 from pymta.mail.message import complete, rewrite_from
 from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus

@@ -1,0 +1,394 @@
+"""One SMTP session with a smarthost, on smtplib: connect, TLS, AUTH, and a result for every recipient.
+
+    with SmtpSession(smarthost, hostname=config.hostname) as session:   # connect, EHLO, TLS, EHLO, AUTH
+        outcomes = session.send(sender, recipients, message_bytes)       # one RecipientOutcome per recipient
+
+One session carries many messages: RSET goes before every message but the first. When the server offers
+PIPELINING (RFC 2920), RSET, MAIL, every RCPT and DATA go out in one write, and a message costs two round
+trips: its commands, and its text. A caller with many messages starts the next one before it finishes the
+current one (`start()`, then `finish()` in the same order): the next message's commands then ride in the
+write of the current one's text, behind its final dot, and a message costs one round trip. The current
+message's final reply is read and returned before any of the next one's text is sent, so the caller records
+it first (DESIGN.md invariant 3); nothing of a message is delivered before its text has gone out.
+
+Each wait has its limit, as RFC 5321 4.5.3.2 gives each step its own: `timeout` (short) for the
+connection, the greeting, each command's reply and each block of text sent; `data_timeout` (10 minutes by
+default) for the reply to the final dot, which a server may send only after scanning the message. When
+that reply never comes the outcome is unknown, and the error says that the smarthost may already have
+the message (`SessionError.outcome_unknown`).
+
+Results are values, failures of the session are exceptions. `send()` returns, per recipient, `delivered` (the
+server said 250 to DATA), `deferred` (a 4xx to MAIL, RCPT or DATA) or `failed` (a 5xx), with the server's
+reply. Anything that ends the session (no connection, a timeout, TLS or certificate trouble, a pin
+mismatch, STARTTLS or AUTH missing or refused, a password source failing, 421, the connection lost) raises
+`SessionError`, one line that says what failed, why and what to do. The caller defers on it.
+
+ESMTP parameters are sent only when the server offers them: SIZE; BODY=8BITMIME for a message with 8-bit
+bytes (without 8BITMIME such a message goes as it is: no MIME down-conversion); SMTPUTF8 when an address is
+non-ASCII (without it those recipients fail with 553 5.6.7, as RFC 6531 and Postfix do: no smarthost
+setting can make the address deliverable there); NOTIFY, RET, ENVID and ORCPT (xtext, RFC 3461) with DSN.
+
+Connecting, TLS and AUTH, and their invariants, are `connection.Connection`'s, under this class.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pymta.delivery.smtp.commands import check_arguments, command_lines, doing, join
+from pymta.delivery.smtp.connection import Connection
+from pymta.delivery.smtp.explain import unanswered
+from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, known_status, status_of
+from pymta.delivery.smtp.replies import transaction_reply
+from pymta.mail.message import fit_line_length
+
+if TYPE_CHECKING:
+    from pymta.config.model import Smarthost
+    from pymta.delivery.credentials import Secret
+
+
+# RFC 6531 3.4: a non-ASCII address cannot go to a server without SMTPUTF8; the message is undeliverable
+# there (Postfix bounces with the same code). Down-conversion (RFC 6857) is not attempted.
+SMTPUTF8_MISSING_REPLY = "553 5.6.7 {address}: non-ASCII address, and the smarthost does not offer SMTPUTF8"
+
+_DOT_LINE_RE = re.compile(rb"^\.", re.MULTILINE)
+
+
+@dataclass(eq=False, slots=True)
+class Transaction:
+    """A message started on a session (`SmtpSession.start`) and not finished yet."""
+
+    recipients: list[str]  # as given to start(), in order
+    outcomes: dict[str, RecipientOutcome]  # decided so far; those known without the server at start
+    pending: list[str] = field(default_factory=list)  # the recipients that go to the server
+    message: bytes = b""
+    mail: str = ""  # the MAIL command
+    rcpts: list[str] = field(default_factory=list)  # the RCPT commands, one per pending recipient
+    reset: bool = False  # RSET goes first: a message went before on this connection
+    pipelined: bool = False  # the server offers PIPELINING
+    encoding: str = "ascii"  # of the commands: utf-8 with SMTPUTF8
+    written: bool = False  # the commands went out
+    lost: bool = False  # the connection ended before this message was finished: start it again
+
+
+# --- The session ---
+
+
+class SmtpSession(Connection):
+    """One connection to a smarthost, reusable for many messages (RSET between them); opening it and its
+    failures are `Connection`'s."""
+
+    def __init__(
+        self,
+        smarthost: Smarthost,
+        hostname: str,
+        secret: Callable[[], Secret] | None = None,
+    ) -> None:
+        super().__init__(smarthost, hostname, secret)
+        self._transactions = 0
+        self._started: list[Transaction] = []  # started and not finished, oldest first
+
+    def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        notify: str | None = None,
+        ret: str | None = None,
+        envid: str | None = None,
+        body_type: str | None = None,
+        expanded: Collection[str] = (),
+    ) -> list[RecipientOutcome]:
+        """Send one message; one outcome per recipient, in the order given.
+
+        `message` has CRLF line endings and is not dot-stuffed. `notify` ("never" or a comma list of
+        success, failure, delay), `ret` ("hdrs"/"full") and `envid` go out as DSN parameters when the
+        server offers DSN, `body_type` ("8BITMIME"/"7BIT") asks for BODY=8BITMIME (which is also used
+        whenever the message has 8-bit bytes and the server offers it). The `expanded` recipients are the
+        targets of an alias: their NOTIFY leaves out SUCCESS (RFC 3461 5.2.7.3), since the address the
+        sender named was reported as expanded, and the targets are not the sender's to know.
+
+        Raises SessionError when the session fails (see the class), ValueError before sending anything
+        when an argument cannot be carried by SMTP (CR, LF, <, > in an address; an unknown NOTIFY word).
+        """
+        if self._started:
+            raise RuntimeError("a started message must be finished first")
+        return self.finish(
+            self.start(
+                sender,
+                recipients,
+                message,
+                notify=notify,
+                ret=ret,
+                envid=envid,
+                body_type=body_type,
+                expanded=expanded,
+            )
+        )
+
+    def start(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        *,
+        notify: str | None = None,
+        ret: str | None = None,
+        envid: str | None = None,
+        body_type: str | None = None,
+        expanded: Collection[str] = (),
+    ) -> Transaction:
+        """Start one message (arguments as for `send()`); `finish()` sends it and gives the outcomes.
+
+        Nothing is sent here. Messages are finished in the order they were started; a message started
+        while an earlier one is not finished has its commands sent behind that one's text (see the module
+        docstring). Raises ValueError as `send()` does; failures of the session come from `finish()`.
+        """
+        client = self._require_open()
+        params = check_arguments(sender, recipients, notify, ret, envid)
+        message = fit_line_length(message)  # a line over 998 octets would be refused, and the mail bounced
+        features = client.esmtp_features
+        dsn = "dsn" in features
+        needs_utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
+        utf8 = needs_utf8 and "smtputf8" in features
+        outcomes: dict[str, RecipientOutcome] = {}
+        if needs_utf8 and not utf8:
+            for recipient in recipients:
+                if not (sender.isascii() and recipient.isascii()):
+                    address = sender if not sender.isascii() else recipient
+                    outcomes[recipient] = RecipientOutcome(
+                        recipient, "failed", SMTPUTF8_MISSING_REPLY.format(address=address)
+                    )
+        pending = [r for r in dict.fromkeys(recipients) if r not in outcomes]
+        if not pending:
+            return Transaction(list(recipients), outcomes)
+
+        mail_params = []
+        if "size" in features:
+            mail_params.append(f"SIZE={len(message)}")
+        if "8bitmime" in features and (utf8 or body_type == "8BITMIME" or not message.isascii()):
+            mail_params.append("BODY=8BITMIME")
+        if utf8:
+            mail_params.append("SMTPUTF8")
+        if dsn:
+            mail_params += params.mail
+        mail = f"MAIL FROM:<{sender}>{join(mail_params)}"
+        rcpts = [f"RCPT TO:<{r}>{join(params.for_recipient(r, expanded) if dsn else [])}" for r in pending]
+        reset = self._transactions > 0
+        self._transactions += 1
+        transaction = Transaction(
+            list(recipients),
+            outcomes,
+            pending,
+            message,
+            mail,
+            rcpts,
+            reset=reset,
+            pipelined="pipelining" in features,
+            encoding="utf-8" if utf8 else "ascii",
+        )
+        self._started.append(transaction)
+        return transaction
+
+    def finish(
+        self, transaction: Transaction, *, while_waiting: Callable[[], None] | None = None
+    ) -> list[RecipientOutcome]:
+        """Send a started message; one outcome per recipient, in the order given to `start()`.
+
+        `while_waiting`, if given, is called once the text (with the commands of the message started behind
+        it) is written and before its reply is read: local work that overlaps the round trip. It must not
+        raise, and must neither send nor record anything.
+
+        Raises SessionError as `send()` does. When the connection ended before anything of this message
+        was sent (a failure while finishing the one before it), the error says `reconnect` and the
+        transaction is `lost`: start the message again, on this session reopened or another one.
+        """
+        outcomes = transaction.outcomes
+        recipients = transaction.recipients
+        if not transaction.pending:
+            return [outcomes[r] for r in recipients]
+        if transaction.lost:
+            raise SessionError(
+                self.relay,
+                "the connection ended before this message was sent; try again later",
+                stage="closed",
+                reconnect=True,
+            )
+        if not self._started or self._started[0] is not transaction:
+            raise RuntimeError("started messages are finished in the order they were started")
+        client = self._require_open()
+        client.command_encoding = transaction.encoding
+        pending, message, reset = transaction.pending, transaction.message, transaction.reset
+
+        # RSET before every message but the first. With PIPELINING (RFC 2920) RSET, MAIL, every RCPT and DATA
+        # go out in one write (DATA may end a group), often behind the text of the message before; a message
+        # then costs one or two round trips. A plain smtplib loop needs 3 + recipients.
+        pipelining = transaction.pipelined
+        lines = [transaction.mail, *transaction.rcpts, "DATA"] if pipelining else [transaction.mail]
+        replies = self._exchange(lines, reset=reset, written=transaction.written)
+        transaction.written = True
+        code, reply = replies[0]
+        status = known_status(code)
+        if status != "delivered":  # with PIPELINING the RCPTs and DATA were answered too (503): moot
+            if pipelining and replies[-1][0] == 354:
+                self._data(b"")  # the server took DATA anyway; end the empty transaction
+            outcomes.update((r, RecipientOutcome(r, status, reply)) for r in pending)
+            return self._finished(transaction)
+        rcpt_replies = (
+            replies[1:-1] if pipelining else [self._exchange([line])[0] for line in transaction.rcpts]
+        )
+
+        accepted = []
+        for recipient, (code, reply) in zip(pending, rcpt_replies, strict=True):
+            status = known_status(code)
+            if status == "delivered":
+                accepted.append(recipient)
+            else:
+                outcomes[recipient] = RecipientOutcome(recipient, status, reply)
+        if pipelining:
+            code, reply = replies[-1]
+        elif accepted:
+            code, reply = self._command("DATA", "", "DATA")
+        if code == 354:
+            if not accepted:  # every RCPT refused, yet the server wants the text: send none (RFC 2920 3.1)
+                self._data(b"")
+                return self._finished(transaction)
+            code, reply = self._data(message, while_waiting)
+        elif accepted and status_of(code) == "delivered":
+            raise self._fail("protocol", f"the server answered DATA with {reply}, not 354", reply=reply)
+        if accepted:
+            status = known_status(code)
+            outcomes.update((r, RecipientOutcome(r, status, reply)) for r in accepted)
+        return self._finished(transaction)
+
+    def _finished(self, transaction: Transaction) -> list[RecipientOutcome]:
+        self._started.pop(0)
+        return [transaction.outcomes[r] for r in transaction.recipients]
+
+    def __repr__(self) -> str:
+        return f"<SmtpSession {self.relay} {'open' if self.is_open else 'closed'}>"
+
+    # -- transactions --
+
+    def _exchange(
+        self, lines: Sequence[str], *, reset: bool = False, written: bool = False
+    ) -> list[tuple[int, str]]:
+        """Send `lines` (with RSET first when `reset`) in one write and read one reply per line; `written`:
+        they went out already, behind the text of the message before (`_data`), and are only read.
+
+        The replies are 2xx, 4xx or 5xx; anything else, a 421 or a lost connection raises SessionError.
+        When the server turns out to be gone at the RSET (closed the idle connection, or 421), the error
+        says `reconnect`: nothing of this message reached it. Every error here is `untouched`: the message's
+        text is sent only after these commands.
+        """
+        client = self._require_open()
+        commands = ["RSET", *lines] if reset else list(lines)
+        if not written:
+            try:
+                client.send(command_lines(commands, client.command_encoding))
+            except Exception as error:
+                failure = self._network_failure(error, doing(commands[0]))
+                failure.reconnect, failure.untouched = reset, True
+                raise failure from error
+        replies = []
+        for index, command in enumerate(commands):
+            at_reset = reset and index == 0
+            try:
+                code, message = client.getreply()
+            except Exception as error:
+                failure = self._network_failure(error, doing(command))
+                failure.reconnect, failure.untouched = at_reset, True
+                raise failure from error
+            if at_reset and code == 250:
+                continue
+            reply = transaction_reply(code, message)
+            if code == 421:
+                failure = self._closed(reply, doing(command))
+            elif at_reset:
+                failure = self._fail("protocol", f"the server answered RSET with {reply}", reply=reply)
+            elif status_of(code) is None and not (code == 354 and command == "DATA"):
+                failure = self._fail(
+                    "protocol", f"unexpected reply to {doing(command)}: {reply!r}", reply=reply
+                )
+            else:
+                replies.append((code, reply))
+                continue
+            failure.reconnect, failure.untouched = at_reset and code == 421, True
+            raise failure
+        return replies
+
+    def _command(self, verb: str, arguments: str, doing: str) -> tuple[int, str]:
+        """Send one command, read its reply; a 421, a lost connection or a timeout raise SessionError."""
+        client = self._require_open()
+        try:
+            code, message = client.docmd(verb, arguments)
+        except Exception as error:
+            raise self._network_failure(error, doing) from error
+        reply = transaction_reply(code, message)
+        if code == 421:
+            raise self._closed(reply, doing)
+        if status_of(code) is None and code != 354:
+            raise self._fail("protocol", f"unexpected reply to {doing}: {reply!r}", reply=reply)
+        return code, reply
+
+    def _data(self, message: bytes, while_waiting: Callable[[], None] | None = None) -> tuple[int, str]:
+        """Send the text of the first started message and read the reply to its end; the commands of the
+        message started behind it go out in the same write (the module docstring says why that is safe).
+        `while_waiting` runs between the write and the read (`finish`)."""
+        client = self._require_open()
+        body = message
+        if body.startswith(b".") or b"\n." in body:  # most messages have no line to dot-stuff: no copy
+            body = _DOT_LINE_RE.sub(b"..", body)
+        if body and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        try:
+            client.send(b"".join((body, b".\r\n", self._commands_behind())))  # one copy of the text
+        except Exception as error:
+            raise self._network_failure(error, "the message text (DATA)") from error
+        if while_waiting is not None:
+            while_waiting()
+        try:
+            code, reply_bytes = client.getreply(self.smarthost.data_timeout)  # RFC 5321 4.5.3.2.6
+        except Exception as error:
+            raise self._unanswered_text(error) from error
+        reply = transaction_reply(code, reply_bytes)
+        if code == 421:
+            raise self._closed(reply, "the end of DATA")
+        if status_of(code) is None:
+            raise self._fail("protocol", f"unexpected reply to the end of DATA: {reply!r}", reply=reply)
+        return code, reply
+
+    def _commands_behind(self) -> bytes:
+        """The commands of the message started after the one whose text is going out, if the server takes
+        them pipelined (marked as sent); b"" when there is none (or they cannot be encoded: then `_exchange`
+        reports that when that message is finished)."""
+        if len(self._started) < 2:
+            return b""
+        following = self._started[1]
+        if not following.pipelined or following.written or following.lost:
+            return b""
+        lines = [following.mail, *following.rcpts, "DATA"]
+        try:
+            data = command_lines(["RSET", *lines] if following.reset else lines, following.encoding)
+        except UnicodeError:
+            return b""
+        following.written = True
+        return data
+
+    def _forget_started(self) -> bool:
+        """Mark the started messages lost (the connection is going); True when one had commands sent."""
+        started, self._started = self._started, []
+        self._transactions = 0
+        for transaction in started:
+            transaction.lost = True
+        return any(transaction.written for transaction in started)
+
+    def _unanswered_text(self, error: BaseException) -> SessionError:
+        """The text went out and the answer to its end never came (`explain.unanswered`)."""
+        failure = self._fail("closed", unanswered(error, self.smarthost.data_timeout))
+        failure.outcome_unknown = True
+        return failure
