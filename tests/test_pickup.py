@@ -32,6 +32,7 @@ from mailservers import HOST, SmtpServer
 from pymta.config.load import load
 from pymta.delivery.flush import Flusher
 from pymta.delivery.local import LocalOutcome
+from pymta.delivery.record import Recorder
 from pymta.queue.directory import encode_json, is_queue_id, new_id, quoted
 from pymta.queue.directory import read_all as _read_all
 from pymta.queue.entry import MAX_TIME, QueueEntry
@@ -329,11 +330,11 @@ def test_a_failure_while_an_attempt_is_recorded_keeps_who_it_delivered(
     plain.handler.rejections = {"bad@example.net": "550 5.1.1 no such user"}
     calls = []
 
-    def bounce(self: Flusher, *args: object) -> str:
+    def bounce(self: Recorder, *args: object) -> str:
         calls.append(args)
         raise RuntimeError("a bug in the bounce")
 
-    monkeypatch.setattr(Flusher, "_bounce", bounce)
+    monkeypatch.setattr(Recorder, "_bounce", bounce)
     Flusher(load(str(mta.config)), logging.Logger("pymta-test")).run()
     monkeypatch.undo()
     Flusher(load(str(mta.config)), logging.Logger("pymta-test")).run(force=True)

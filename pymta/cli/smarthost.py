@@ -9,12 +9,15 @@ the server's extensions and whether AUTH succeeds, and sends nothing.
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import NoReturn
 
 import click
 
+from pymta import log
 from pymta.config.load import load
 from pymta.config.model import Config, Smarthost
 from pymta.delivery.credentials import (
@@ -25,11 +28,15 @@ from pymta.delivery.credentials import (
     keyring_fix,
     store_in_keyring,
 )
+from pymta.delivery.privsep import become_spool_owner, run_flush
 from pymta.delivery.smtp.connection import fetch_certificate
 from pymta.delivery.smtp.outcome import SessionError
 from pymta.delivery.smtp.session import SmtpSession
 from pymta.delivery.smtp.tls import Certificate
 from pymta.errors import EX_OK, EX_UNAVAILABLE, ConfigError, PymtaError, UsageError
+from pymta.mail.address import recipients_from_args
+from pymta.queue.entry import QueueEntry
+from pymta.queue.spool import Spool, real_user
 
 # Days before expiry from which `pymta test` warns about the server certificate.
 EXPIRY_WARNING_DAYS = 14
@@ -62,11 +69,9 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
     """
     settings = _load(ctx, config_file)
     if not settings.smarthosts:
-        from pymta.queue.spool import Spool
-
         where = settings.source or "/etc/pymta/pymta.yaml (or -C FILE)"
         if Spool(settings.spool).is_shared():  # system mode: the flush runs as a user with no keyring
-            from pymta.setup.install import (
+            from pymta.setup.install import (  # lazy: the setup package, for this hint only
                 SECRET_FILE as secret,  # where `pymta setup`'s config points (a 0700 dir)
             )
 
@@ -100,10 +105,7 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
                 err=True,
             )
             ctx.exit(EX_UNAVAILABLE)
-        from pymta.delivery.flush import send_test_message
-        from pymta.delivery.privsep import run_flush
-
-        queue_id, entry = send_test_message(settings, to, run_flush)
+        queue_id, entry = _send_test_message(settings, to)
         if entry is None:
             click.echo(f"Test message {queue_id} to {to}: delivered to the smarthost.")
         else:
@@ -291,8 +293,6 @@ def _stdin_is_terminal() -> bool:
 def _load(ctx: click.Context, config_file: str | None) -> Config:
     """The config; as root on a system spool, the command then goes on as the spool's owner, who is the one
     that reads the credentials and talks to the smarthost in a flush (pymta(1), PRIVILEGES)."""
-    from pymta.delivery.privsep import become_spool_owner
-
     try:
         settings = load(config_file)
         become_spool_owner(settings.spool)
@@ -304,6 +304,46 @@ def _load(ctx: click.Context, config_file: str | None) -> Config:
 def _fail(ctx: click.Context, error: PymtaError) -> NoReturn:
     click.echo(f"pymta: {error}", err=True)
     ctx.exit(error.exit_code)
+
+
+TEST_MESSAGE = (
+    "Subject: pymta test message\r\n"
+    "To: {to}\r\n"
+    "Auto-Submitted: auto-generated\r\n"
+    "\r\n"
+    "This is a test message from pymta on {host}, sent with `pymta test --to`.\r\n"
+    "If you read it, delivery through the smarthost works.\r\n"
+)
+
+
+def _send_test_message(
+    settings: Config, to: str, logger: logging.Logger | None = None
+) -> tuple[str, QueueEntry | None]:
+    """Queue a test message for `to` as the user running this, and run a flush.
+
+    Returns the queue id and, when the message is still waiting (deferred, failed, or left to a flush that
+    was already running), its entry; None when it was delivered.
+    """
+    recipients = recipients_from_args([to])
+    login, gecos, uid = real_user()
+    envelope: dict[str, object] = {
+        "sender": login,
+        "recipients": recipients,
+        "submitted_by": login,
+        "uid": uid,
+        "full_name": gecos,
+        "queued_at": time.time(),
+    }
+    text = TEST_MESSAGE.format(to=", ".join(recipients), host=settings.hostname)
+    spool = Spool(settings.spool)
+    queue_id = spool.submit(envelope, text.encode("utf-8"))
+    run_flush(settings, logger or logging.getLogger(log.LOGGER_NAME))
+    for location in ("queue", "new"):
+        try:
+            return queue_id, spool.read_entry(location, queue_id)
+        except FileNotFoundError:
+            continue
+    return queue_id, None
 
 
 __all__ = ["password_group", "test_command"]

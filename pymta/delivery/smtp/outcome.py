@@ -1,7 +1,8 @@
 """What an SMTP session gives back: an outcome per recipient, or a `SessionError` that ends the session.
 
 Results are values, failures of the session are exceptions (ARCHITECTURE.md, "Import rules"). `Status` is
-the one vocabulary of a recipient's outcome, shared with local delivery (`delivery.local`).
+the one vocabulary of a recipient's outcome, shared with local delivery (`delivery.local`),
+and `RecipientOutcome` the one shape of it, kept by the flush for every recipient of an attempt.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ from typing import Literal
 from pymta.errors import EX_TEMPFAIL, PymtaError
 
 Status = Literal["delivered", "deferred", "failed"]
+# What one attempt made of a recipient (`delivery.record.Attempt`): a Status, or "expanded" (an alias, sent
+# on to its targets). A session's outcomes are always a Status.
+Result = Literal["delivered", "deferred", "failed", "expanded"]
 Stage = Literal["connect", "greeting", "tls", "auth", "credentials", "protocol", "closed"]
 
 
 @dataclass(frozen=True, slots=True)
 class RecipientOutcome:
-    """What the server said about one recipient of one message."""
+    """What became of one recipient of one message: what the server said, or what local delivery, the
+    aliases or the flush decided (`delivery.record.Attempt` keeps one per recipient)."""
 
-    recipient: str
-    status: Status  # delivered (2xx to DATA), deferred (4xx), failed (5xx)
+    recipient: str  # the address as it went out (on the wire: qualified)
+    status: Result  # delivered (2xx to DATA), deferred (4xx), failed (5xx); expanded only from the flush
     reply: str  # "550 5.1.1 <x@example.org>: user unknown": code, enhanced code, text, on one line
+    relay: str = ""  # who gave it: "host[ip]:port", "local" or "none"; "" from a session (`session.relay`)
 
     @property
     def code(self) -> int:
