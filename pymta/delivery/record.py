@@ -3,9 +3,10 @@
 `Attempt` holds one `RecipientOutcome` per recipient (the same shape an SMTP session returns, with the relay
 that gave it). `Recorder.record` writes them to the message's state under its lock, before the text of the
 next message is sent (DESIGN.md invariant 3), queues the bounce, delay or success notice they call for
-(`mail.dsn`), and removes a message every recipient has. A notice that our own spool cannot take never
-stops the outcomes from being recorded: a bounce stays owed (`bounce_due`), a delay notice is tried again
-at the next attempt, and a success notice is lost. `Recorder.park` records an unexpected failure.
+(`queue.notices` decides, `mail.dsn` builds), and removes a message every recipient has. A notice that our own
+spool cannot take never stops the outcomes from being recorded: a bounce stays owed (`bounce_due`), a delay
+notice is tried again at the next attempt, and a success notice is lost. `Recorder.park` records an unexpected
+failure.
 """
 
 from __future__ import annotations
