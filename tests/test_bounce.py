@@ -271,7 +271,8 @@ def test_an_expiry_survives_the_state_file(tmp_path: Path) -> None:
     relay = "smtp.example.com[192.0.2.7]:587"
     reason = notices.expiry_reason("2h", "451 4.3.0 try later", relay)
     record = {"status": "failed", "last_error": reason}
-    spool.write_state(queue_id, {"state": "failed", "recipients": {"slow@example.com": record}}, QUEUED)
+    state = MessageState.from_json({"state": "failed", "recipients": {"slow@example.com": record}})
+    spool.write_state(queue_id, state, QUEUED)
     written = json.loads((tmp_path / "spool" / "state" / queue_id).read_bytes())
     expected = {"within": "2h", "reply": "451 4.3.0 try later", "relay": relay}
     assert written["recipients"]["slow@example.com"]["expired"] == expected

@@ -24,7 +24,7 @@ from pymta.cli.main import cli
 from pymta.config.load import load
 from pymta.queue import ids
 from pymta.queue import ops as queue_ops
-from pymta.queue.entry import NEVER
+from pymta.queue.entry import NEVER, MessageState
 from pymta.queue.spool import Spool
 
 SIMPLE = b"Subject: hello\nTo: a@example.net\n\nhello\n"
@@ -97,18 +97,20 @@ def record(
     when = (now + 3600 if next_attempt is None else next_attempt) if pending else NEVER
     spool(mta).write_state(
         queue_id,
-        {
-            "state": "deferred" if pending else "failed",
-            "attempts": attempts,
-            "last_attempt": now if last_attempt is None else last_attempt,
-            "next_attempt": when if pending else None,
-            "last_error": errors[-1] if errors else None,
-            "relay": "smtp.example.net[192.0.2.1]:587",
-            "recipients": {
-                a: {"status": s, "last_error": e, **({"reported": True} if s == "failed" else {})}
-                for a, (s, e) in statuses.items()
-            },
-        },
+        MessageState.from_json(
+            {
+                "state": "deferred" if pending else "failed",
+                "attempts": attempts,
+                "last_attempt": now if last_attempt is None else last_attempt,
+                "next_attempt": when if pending else None,
+                "last_error": errors[-1] if errors else None,
+                "relay": "smtp.example.net[192.0.2.1]:587",
+                "recipients": {
+                    a: {"status": s, "last_error": e, **({"reported": True} if s == "failed" else {})}
+                    for a, (s, e) in statuses.items()
+                },
+            }
+        ),
         when,
     )
 
@@ -726,7 +728,7 @@ def test_expire_failed_removes_failed_messages_past_the_retention(mta: MtaEnv) -
     for recipient in saved["recipients"].values():
         if recipient["status"] == "failed":
             recipient["reported"] = True
-    spool(mta).write_state(bounced_long_ago, saved, NEVER)
+    spool(mta).write_state(bounced_long_ago, MessageState.from_json(saved), NEVER)
 
     assert queue_ops.expire_failed(spool(mta), config, now) == sorted([old, bounced_long_ago])
     assert sorted(listed(mta)) == sorted([recent, waiting, held])

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
 from pymta.queue.directory import encode_json, new_id
+from pymta.queue.entry import MessageState
 from pymta.queue.spool import Spool
 
 ENVELOPE: dict[str, object] = {
@@ -263,7 +264,7 @@ def test_remove_unlinks_at_once_and_frees_the_file_in_the_background(tmp_path: P
     lock = spool.lock_message(queue_id)
     assert lock is not None
     entry, _ = spool.load(queue_id, lock)
-    spool.write_state(queue_id, {"state": "deferred"}, 0)
+    spool.write_state(queue_id, MessageState.from_json({"state": "deferred"}), 0)
     entry.has_state = True
     spool.remove(entry, lock)
     assert os.listdir(spool.dir("queue")) == []  # the unlink is the decision

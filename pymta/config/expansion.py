@@ -42,7 +42,7 @@ from pymta.config.aliases import (
 )
 from pymta.config.include import Reader
 from pymta.errors import ConfigError
-from pymta.mail.address import is_local_part_only
+from pymta.mail.address import POSTMASTER, is_local_part_only
 
 # How many aliases deep an expansion may go: sendmail's MaxAliasRecursion default.
 MAX_DEPTH = 10
@@ -152,7 +152,7 @@ class _Expander:
         """Add what `name` expands to; `chain` holds the names (lower case) being expanded around it."""
         alias = self.aliases.get(name)
         if alias is None:
-            if name.lower() == "postmaster" and not is_user(name):
+            if name.lower() == POSTMASTER and not is_user(name):
                 self._postmaster(name, chain)
                 return
             self.targets.append(name)

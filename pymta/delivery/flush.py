@@ -265,14 +265,12 @@ class Flusher:
         attempt = Attempt()
         attempt.held = entry.held_seconds
         if pending and now >= self.recorder.expires_at(entry, attempt.held):
-            from pymta.queue.notices import (
-                expiry_reason,  # lazy: the notices module, for an expired message only
-            )
+            from pymta.queue.notices import expiry  # lazy: the notices module, for an expired message only
 
             within = format_duration(self.config.retry.lifetime)
             for recipient in pending:
-                reason = expiry_reason(within, recipient.last_error, entry.relay)
-                attempt.set(recipient.address, "failed", reason, "none")
+                expired = expiry(within, recipient.last_error, entry.relay)
+                attempt.set(recipient.address, "failed", expired.reason, "none", expired=expired)
         elif pending:
             try:
                 self._attempt(entry, message, pending, attempt)

@@ -22,8 +22,9 @@ from pymta.config.model import Config
 from pymta.config.routing import Plan
 from pymta.delivery.smtp.outcome import RecipientOutcome, Result
 from pymta.errors import SpoolError
+from pymta.mail.address import POSTMASTER
 from pymta.mail.message import complete
-from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus
+from pymta.queue.entry import NEVER, Expiry, QueueEntry, RecipientStatus, record_attempt
 from pymta.queue.spool import Spool
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Attempt:
     def __init__(self) -> None:
         # address (as queued) -> its outcome: the address as sent, status, reply or reason, relay
         self.results: dict[str, RecipientOutcome] = {}
+        self.expired: dict[str, Expiry] = {}  # the recipients that failed because their lifetime ran out
         self.added: dict[str, str] = {}  # alias targets added in this attempt -> the recipient they came from
         self.relay: str | None = None  # the smarthost that answered, if one did
         self.relay_reports = False  # that smarthost offers DSN: it got NOTIFY and reports delivery itself
@@ -59,8 +61,18 @@ class Attempt:
         # Set while the remote recipients are started on a session: reads their outcomes into `results`.
         self.remote: Callable[[], None] | None = None
 
-    def set(self, address: str, status: Result, reply: str, relay: str, wire: str | None = None) -> None:
+    def set(
+        self,
+        address: str,
+        status: Result,
+        reply: str,
+        relay: str,
+        wire: str | None = None,
+        expired: Expiry | None = None,
+    ) -> None:
         self.results[address] = RecipientOutcome(wire or address, status, reply, relay)
+        if expired is not None:
+            self.expired[address] = expired
         if relay not in ("none", "local"):
             self.relay = relay
 
@@ -102,38 +114,35 @@ class Recorder:
             self.spool.set_aside_queued(name)
             self.log.error(f"id={name} moved to corrupt/ for the admin: it cannot be delivered or bounced")
             return
-        recipients = {r.address: r.record() for r in entry.recipients}
+        recipients = {r.address: copy.copy(r) for r in entry.recipients}
         added = done.added if done is not None else {}
         for address, outcome in (done.results if done is not None else {}).items():
             if outcome.status in ("delivered", "expanded"):
-                empty = RecipientStatus(address, via=added.get(address)).record()
-                recipients.setdefault(address, empty).update(status=outcome.status, last_error=None)
-        if all(record["status"] in ("delivered", "expanded") for record in recipients.values()):
+                recipient = recipients.setdefault(address, RecipientStatus(address, via=added.get(address)))
+                recipient.status, recipient.last_error = outcome.status, None
+        if all(r.status in ("delivered", "expanded") for r in recipients.values()):
             self.spool.remove(entry)  # every recipient has it: what failed was a notice about it
             return
         pending = False
-        for record in recipients.values():
-            if record["status"] in PENDING:
-                record.update(status="deferred", last_error=reason)
+        for recipient in recipients.values():
+            if recipient.status in PENDING:
+                recipient.status, recipient.last_error = "deferred", reason
                 pending = True
         attempts = entry.attempts + 1
         next_attempt = max(now, min(self.retry_at(attempts, now), self.expires_at(entry, entry.held_seconds)))
-        self.spool.write_state(
-            name,
-            {
-                "state": "deferred" if pending else "failed",
-                "attempts": attempts,
-                "last_attempt": now,
-                "next_attempt": next_attempt,
-                "last_error": reason,
-                "relay": entry.relay,
-                "warned": entry.warned,
-                **({"held_seconds": entry.held_seconds} if entry.held_seconds else {}),
-                **({"bounce_due": True} if entry.bounce_due or not pending else {}),
-                "recipients": recipients,
-            },
-            next_attempt,
+        state = record_attempt(
+            entry,
+            recipients.values(),
+            state="deferred" if pending else "failed",
+            attempts=attempts,
+            now=now,
+            next_attempt=next_attempt,
+            last_error=reason,
+            relay=entry.relay,
+            warned=entry.warned,
+            bounce_due=entry.bounce_due or not pending,
         )
+        self.spool.write_state(name, state, next_attempt)
 
     def expires_at(self, entry: QueueEntry, held: float) -> float:
         """When `entry`'s pending recipients fail as expired: `retry.lifetime` after it was queued, not
@@ -163,7 +172,7 @@ class Recorder:
         from pymta.mail import dsn as bounce  # lazy: the DSN module, for a message that may owe a notice
 
         items = listed(plan.unhonoured)
-        to = self.config.admin or "postmaster"
+        to = self.config.admin or POSTMASTER
         envelope: dict[str, object] = {
             "sender": "",
             "recipients": [to],
@@ -199,15 +208,16 @@ class Recorder:
         removed: its `lock` went with it (`Spool.remove` closes it), and must not be unlocked again."""
         now = self.clock()
         attempts = entry.attempts + (1 if attempt.results else 0)
-        recipients: dict[str, dict[str, object]] = {}
+        recipients: dict[str, RecipientStatus] = {}
         last_error = entry.last_error
-        for recipient in [*entry.recipients, *(RecipientStatus(a, via=v) for a, v in attempt.added.items())]:
-            record = recipient.record()
+        for known in [*entry.recipients, *(RecipientStatus(a, via=v) for a, v in attempt.added.items())]:
+            recipient = copy.copy(known)
             outcome = attempt.results.get(recipient.address)
             if outcome is not None:
                 status, reply = outcome.status, outcome.reply
-                record["status"] = status
-                record["last_error"] = None if status in ("delivered", "expanded") else reply
+                recipient.status = status
+                recipient.last_error = None if status in ("delivered", "expanded") else reply
+                recipient.expired = attempt.expired.get(recipient.address) if status == "failed" else None
                 if status not in ("delivered", "expanded"):
                     last_error = reply
                 if status != "expanded":
@@ -223,22 +233,19 @@ class Recorder:
                             reply,
                         )
                     )
-            recipients[recipient.address] = record
-        state_info: dict[str, object] = {"warned": entry.warned}
-        if attempt.held:
-            state_info["held_seconds"] = attempt.held
-        owed = [a for a, r in recipients.items() if r["status"] == "failed" and not r.get("reported")]
+            recipients[recipient.address] = recipient
+        warned = entry.warned
+        owed = [a for a, r in recipients.items() if r.status == "failed" and not r.reported]
         bounce_owed = False
         if owed and (attempt.results or entry.bounce_due):
             told = self._bounce(entry, message, recipients, owed, attempt, now)
             if told == "reported":
                 for address in owed:
-                    recipients[address]["reported"] = True
+                    recipients[address].reported = True
             elif told == "owed":  # our spool could not take it: a later run queues it
                 bounce_owed = True
-                state_info["bounce_due"] = True
         self._notify_success(entry, message, attempt, now)
-        statuses = {str(r["status"]) for r in recipients.values()}
+        statuses = {r.status for r in recipients.values()}
         if statuses <= {"delivered", "expanded"}:
             self.spool.remove(entry, lock)
             return True
@@ -248,25 +255,24 @@ class Recorder:
             # the next retry after it (up to the last interval of the schedule later).
             next_attempt = max(now, min(self.retry_at(attempts, now), self.expires_at(entry, attempt.held)))
             if not entry.warned and self._warn(entry, message, recipients, attempt, now):
-                state_info["warned"] = True
+                warned = True
         else:
             state = "failed"
             # Nothing left to deliver; only a bounce still owed brings it back.
             next_attempt = self.retry_at(attempts, now) if bounce_owed else NEVER
-        self.spool.write_state(
-            entry.id,
-            {
-                "state": state,
-                "attempts": attempts,
-                "last_attempt": now,
-                "next_attempt": next_attempt if next_attempt < NEVER else None,
-                "last_error": last_error,
-                "relay": attempt.relay or entry.relay,
-                **state_info,
-                "recipients": recipients,
-            },
-            next_attempt,
+        recorded = record_attempt(
+            entry,
+            recipients.values(),
+            state=state,
+            attempts=attempts,
+            now=now,
+            next_attempt=next_attempt,
+            last_error=last_error,
+            relay=attempt.relay or entry.relay,
+            warned=warned,
+            bounce_due=bounce_owed,
         )
+        self.spool.write_state(entry.id, recorded, next_attempt)
         return False
 
     def retry_at(self, attempts: int, now: float) -> float:
@@ -278,7 +284,7 @@ class Recorder:
         self,
         entry: QueueEntry,
         message: bytes,
-        recipients: dict[str, dict[str, object]],
+        recipients: dict[str, RecipientStatus],
         owed: list[str],
         attempt: Attempt,
         now: float,
@@ -313,7 +319,7 @@ class Recorder:
         self,
         entry: QueueEntry,
         message: bytes,
-        recipients: dict[str, dict[str, object]],
+        recipients: dict[str, RecipientStatus],
         attempt: Attempt,
         now: float,
     ) -> bool:
@@ -423,21 +429,10 @@ def listed(items: Iterable[object]) -> str:
     return ", ".join(map(str, items))
 
 
-def _with_statuses(entry: QueueEntry, recipients: dict[str, dict[str, object]]) -> QueueEntry:
+def _with_statuses(entry: QueueEntry, recipients: dict[str, RecipientStatus]) -> QueueEntry:
     """`entry` as it stands after this attempt (for the bounce builder, which reads recipient statuses)."""
     view = copy.copy(entry)
-    view.recipients = []
-    for address, record in recipients.items():
-        error = record.get("last_error")
-        via = record.get("via")
-        view.recipients.append(
-            RecipientStatus(
-                address,
-                str(record["status"]),
-                error if isinstance(error, str) else None,
-                via if isinstance(via, str) else None,
-            )
-        )
+    view.recipients = list(recipients.values())
     return view
 
 

@@ -24,6 +24,9 @@ _LITERAL = "literal"  # [domain literal]
 # How many characters of an offending text an error message shows.
 _EXCERPT_LIMIT = 100
 # Octets of a reverse-path or forward-path, with its <>: the most SMTP carries (RFC 5321 4.5.3.1.3).
+# Who is told of a double bounce when the admin cannot be (RFC 5321 4.5.1: every host has a postmaster; a
+# bare local name, so aliases decide whose mailbox it is: root's, or in user mode the user's own).
+POSTMASTER = "postmaster"
 MAX_PATH = 256
 
 

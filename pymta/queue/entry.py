@@ -129,8 +129,6 @@ class RecipientStatus:
         self.last_error = last_error
         self.via = via
         self.reported = reported
-        if expired is None and status == "failed":
-            expired = _legacy_expiry(last_error)
         self.expired = expired
 
     def record(self) -> dict[str, object]:
@@ -147,14 +145,15 @@ class RecipientStatus:
     @classmethod
     def from_record(cls, address: str, record: object) -> RecipientStatus:
         known = record if isinstance(record, dict) else {}
+        status = _text(known, "status") or "pending"
+        last_error = _optional_text(known, "last_error")
         expired = known.get("expired")
+        if expired is not None:
+            typed: Expiry | None = Expiry.from_json(expired)
+        else:  # a state file written before `expired` existed
+            typed = _legacy_expiry(last_error) if status == "failed" else None
         return cls(
-            address,
-            _text(known, "status") or "pending",
-            _optional_text(known, "last_error"),
-            _optional_text(known, "via"),
-            known.get("reported") is True,
-            None if expired is None else Expiry.from_json(expired),
+            address, status, last_error, _optional_text(known, "via"), known.get("reported") is True, typed
         )
 
 

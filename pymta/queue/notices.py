@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
+from pymta.mail.address import POSTMASTER
 from pymta.mail.dsn import (
     EXPIRED_STATUS,
     MAIL_DELIVERY_SYSTEM,
@@ -36,9 +37,7 @@ from pymta.mail.dsn import (
 )
 from pymta.queue.entry import Expiry, QueueEntry
 
-# Who is told of a double bounce when the admin cannot be (RFC 5321 4.5.1: every host has a postmaster; a
-# bare local name, so aliases decide whose mailbox it is: root's, or in user mode the user's own).
-POSTMASTER = "postmaster"
+__all__ = ["POSTMASTER"]  # who is told of a double bounce: defined with the addresses, used here by name
 
 
 def reported_recipients(

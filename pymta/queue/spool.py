@@ -409,16 +409,12 @@ class Spool(PickUp, Locks):
                 continue
         return sorted(name for name in self._names("queue") if times.get(name, 0.0) <= now)
 
-    def write_state(self, name: str, state: MessageState | dict[str, object], next_attempt: float) -> None:
+    def write_state(self, name: str, state: MessageState, next_attempt: float) -> None:
         """Replace state/NAME atomically and durably; its mtime records `next_attempt`. Raises SpoolError
-        (SpoolFullError when out of space) that says what to fix.
+        (SpoolFullError when out of space) that says what to fix."""
+        import json  # lazy: sendmail never writes a state
 
-        A dict (what the flush still passes) goes through `MessageState.from_json` first, so that what is
-        written is always a state `MessageState` reads back; ValueError when it is not one."""
-        import json
-
-        record = state if isinstance(state, MessageState) else MessageState.from_json(state)
-        data = json.dumps(record.to_json(), separators=(",", ":")).encode()
+        data = json.dumps(state.to_json(), separators=(",", ":")).encode()
         try:
             self._write_private(os.path.join(self.dir("state"), name), data, mtime=next_attempt)
         except OSError as exc:
