@@ -72,6 +72,13 @@ class QueueLimitError(SpoolFullError):
     exit_code = EX_TEMPFAIL
 
 
+class WriteError(PymtaError):
+    """A file the command installs (an imported config, a password file) cannot be written, or is there
+    already and was not to be replaced."""
+
+    exit_code = EX_CANTCREAT
+
+
 class PermissionDeniedError(PymtaError):
     """The user may not do this."""
 

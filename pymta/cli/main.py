@@ -76,6 +76,7 @@ def _progress_line(done: int, total: int) -> None:
 def _register_command_groups() -> None:
     # lazy: each command group is its own module, so that a later change can load only the one that runs
     from pymta.cli.config import config_group  # lazy: see above
+    from pymta.cli.importer import import_command  # lazy: see above
     from pymta.cli.queue import queue_group  # lazy: see above
     from pymta.cli.setup import setup_command  # lazy: see above
     from pymta.cli.smarthost import password_group, test_command  # lazy: see above
@@ -85,6 +86,7 @@ def _register_command_groups() -> None:
     cli.add_command(test_command)
     cli.add_command(password_group)
     cli.add_command(setup_command)
+    cli.add_command(import_command)
 
 
 _register_command_groups()
