@@ -373,3 +373,16 @@ def test_ssmtp_does_not_show_the_value_of_a_key_it_does_not_know(tmp_path: Path)
     (host,) = yaml.safe_load(result.stdout)["smarthosts"]
     assert (host["port"], host["security"], host["username"]) == (25, "none", "box")
     assert "password" not in host
+
+
+def test_ssmtp_ipv6_mailhub_and_a_hostile_path_stays_in_its_comment(tmp_path: Path) -> None:
+    directory = tmp_path / "a\rb"
+    directory.mkdir()
+    conf = directory / "ssmtp.conf"
+    conf.write_text("mailhub=[2001:db8::25]:2525\nhostname=box.example.org\n")
+    result = run("import", "ssmtp", str(conf), home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (host,) = yaml.safe_load(result.stdout)["smarthosts"]
+    assert (host["host"], host["port"]) == ("2001:db8::25", 2525)
+    assert "\r" not in result.stdout
+    checked(tmp_path, result.stdout)

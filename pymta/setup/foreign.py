@@ -289,11 +289,16 @@ def read_ssmtp(path: str, secrets_dir: str) -> Imported:
 def _ssmtp_mailhub(
     hub: str, settings: dict[str, str], path: str, imported: Imported, secrets_dir: str
 ) -> dict[str, object]:
-    name, colon, port = hub.rpartition(":") if ":" in hub.strip("[]") else (hub, "", "")
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", hub)  # [2001:db8::1]:587
+    if bracketed:
+        name, port = bracketed.group(1), bracketed.group(2) or ""
+        colon = ":" if bracketed.group(2) is not None else ""
+    else:
+        name, colon, port = hub.partition(":")
     use_tls, use_starttls = _yes(settings.pop("usetls", "no")), _yes(settings.pop("usestarttls", "no"))
     security = "starttls" if use_starttls else "tls" if use_tls else "none"
     host: dict[str, object] = {
-        "host": name.strip("[]"),
+        "host": name,
         "port": _port(port, f"{path}: mailhub") if colon else (465 if security == "tls" else 25),
         "security": security,
     }

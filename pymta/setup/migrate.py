@@ -80,20 +80,26 @@ _Dumper.add_representer(dict, _Dumper.represent_dict)
 def render(imported: foreign.Imported) -> str:
     """The pymta.yaml text: where it came from, what did not carry over, then the keys."""
     lines = [
-        f"# pymta.yaml made by `pymta import {imported.relay}` from {', '.join(imported.sources)}",
+        _comment(f"pymta.yaml made by `pymta import {imported.relay}` from {', '.join(imported.sources)}"),
         "# Check it with `pymta config check -C FILE`; every key is in pymta.yaml(5).",
     ]
     for pending in imported.secrets:
         lines.append(
-            f"# The password of {pending.owner_of} is not shown: `pymta import --write` puts it in "
-            f"{pending.path} (0600)."
+            _comment(
+                f"The password of {pending.owner_of} is not shown: `pymta import --write` puts it in "
+                f"{pending.path} (0600)."
+            )
         )
     if imported.notes:
         lines += ["#", "# Not carried over, or different in pymta:"]
-        notes = dict.fromkeys(" ".join(note.split()) for note in imported.notes)  # once each, in order
-        lines += [f"# - {note}" for note in notes]
+        lines += [_comment(f"- {note}") for note in dict.fromkeys(imported.notes)]  # once each, in order
     body = yaml.dump(imported.document, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=110)
     return "\n".join(lines) + "\n\n" + body
+
+
+def _comment(text: str) -> str:
+    """One comment line: what came from the foreign file cannot end the comment or control the terminal."""
+    return "# " + " ".join("".join(c if c.isprintable() else "?" for c in text).split())
 
 
 def check(text: str, config_path: str) -> Config:
