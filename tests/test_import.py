@@ -386,3 +386,16 @@ def test_ssmtp_ipv6_mailhub_and_a_hostile_path_stays_in_its_comment(tmp_path: Pa
     assert (host["host"], host["port"]) == ("2001:db8::25", 2525)
     assert "\r" not in result.stdout
     checked(tmp_path, result.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory to another user")
+def test_write_as_root_refuses_a_secrets_directory_another_user_owns(tmp_path: Path) -> None:
+    rc = tmp_path / "msmtprc"
+    rc.write_text(MSMTPRC)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    os.chown(secrets, 65534, 65534)  # nobody: a password written here would be theirs to read
+    config = tmp_path / "pymta.yaml"
+    result = run("import", "msmtp", str(rc), "--write", "-C", str(config), home=tmp_path)
+    assert result.returncode == 73 and "another user" in result.stderr
+    assert not config.exists() and list(secrets.iterdir()) == []
