@@ -357,7 +357,10 @@ def format_date(moment: float) -> str:
     writer (email.utils.formatdate gives the same text, but importing `email` would cost sendmail)."""
     import time
 
-    local = time.localtime(moment)
+    whole = int(moment)
+    if round((moment - whole) * 1e6) >= 1_000_000:
+        whole += 1  # as datetime (and so formatdate) rounds to the microsecond: 1.9999995 is 00:00:02
+    local = time.localtime(whole)
     offset = local.tm_gmtoff // 60
     zone = f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
     return (
