@@ -28,12 +28,6 @@ LAYERS: dict[str, int] = {
 LAZY_MARK = "# lazy:"  # a function-level import of pymta says why it is not at the top of its module
 MAX_LINES = 650  # "no module over ~600 lines"
 
-# Debts still being paid while issue 13 lands, one block per area so that work in one area does not touch
-# another's lines. Each entry goes when its module is fixed; the test fails on an entry no longer needed.
-KNOWN_LAYER: set[str] = set()
-KNOWN_CYCLES: set[str] = set()
-KNOWN_UNMARKED: set[str] = set()
-KNOWN_LARGE: set[str] = set()
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -110,9 +104,7 @@ def test_layers(importer: str) -> None:
             continue
         if target_rank > rank or (target_rank == rank and area != "pymta"):
             wrong.append(f"{importer} -> {target}")
-    known = {entry for entry in KNOWN_LAYER if entry.startswith(f"{importer} -> ")}
-    assert sorted(set(wrong) - known) == [], f"{importer} imports a higher layer or a peer"
-    assert sorted(known - set(wrong)) == [], "fixed: remove these from KNOWN_LAYER"
+    assert wrong == [], f"{importer} imports a higher layer or a peer"
 
 
 def test_no_cycles() -> None:
@@ -137,8 +129,7 @@ def test_no_cycles() -> None:
     for node in sorted(edges):
         if node not in state:
             visit(node)
-    assert sorted(set(cycles) - KNOWN_CYCLES) == [], "import cycles"
-    assert sorted(KNOWN_CYCLES - set(cycles)) == [], "fixed: remove these from KNOWN_CYCLES"
+    assert cycles == [], "import cycles"
 
 
 def _parents(name: str) -> list[str]:
@@ -153,19 +144,13 @@ def test_function_level_imports_say_why(path: pathlib.Path) -> None:
     for target, line, end, at_top in imports_of(path):
         if not at_top and not any(LAZY_MARK in text for text in lines[line - 1 : end]):
             unmarked.append(f"{path.name}:{line}: {target} imported in a function without '{LAZY_MARK} why'")
-    if module_name(path) in KNOWN_UNMARKED:
-        assert unmarked, "fixed: remove this module from KNOWN_UNMARKED"
-    else:
-        assert not unmarked, "\n".join(unmarked)
+    assert not unmarked, "\n".join(unmarked)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_name)
 def test_module_size(path: pathlib.Path) -> None:
     count = len(path.read_text(encoding="utf-8").splitlines())
-    if module_name(path) in KNOWN_LARGE:
-        assert count > MAX_LINES, "fixed: remove this module from KNOWN_LARGE"
-    else:
-        assert count <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {count} lines; split it by job"
+    assert count <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {count} lines; split it by job"
 
 
 def test_package_inits_stay_empty() -> None:
