@@ -33,8 +33,8 @@ from pymta.config.load import load
 from pymta.delivery.flush import Flusher
 from pymta.delivery.local import LocalOutcome
 from pymta.delivery.record import Recorder
+from pymta.fsutil import read_all as _read_all
 from pymta.queue.directory import encode_json, is_queue_id, new_id, quoted
-from pymta.queue.directory import read_all as _read_all
 from pymta.queue.entry import MAX_TIME, QueueEntry
 from pymta.queue.listing import entry_to_json
 from pymta.queue.pickup import MAX_ADDRESS, MAX_PICKUP_PER_USER, validate_drop

@@ -13,6 +13,7 @@ import os
 import time
 
 from pymta.errors import SpoolError, SpoolFullError
+from pymta.fsutil import read_all
 from pymta.queue.entry import (
     MAX_ENVELOPE_LINE,
     MAX_STATE_SIZE,
@@ -92,24 +93,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_all(fd: int, size: int = 0, limit: int | None = None) -> bytes:
-    """Everything in the file behind `fd`, from its start whatever the descriptor's offset, or its first
-    `limit` bytes. `size` (what fstat said) lets a file that size come in one read: a shorter read than
-    asked is the end of the file."""
-    chunks = []
-    offset = 0
-    wanted = size + 1 if size else 65536
-    while True:
-        if limit is not None:
-            wanted = min(wanted, limit - offset)
-        chunk = os.pread(fd, wanted, offset)
-        chunks.append(chunk)
-        offset += len(chunk)
-        if len(chunk) < wanted or offset == limit:
-            return b"".join(chunks)
-        wanted = 65536
 
 
 def unlink_at(dir_fd: int, name: str) -> None:

@@ -15,6 +15,7 @@ import errno
 import os
 import time
 
+from pymta.fsutil import read_all
 from pymta.queue.directory import (
     READ_FLAGS,
     SpoolDirectory,
@@ -22,7 +23,6 @@ from pymta.queue.directory import (
     fsync_dir,
     is_queue_id,
     quoted,
-    read_all,
 )
 from pymta.queue.entry import ENVELOPE_VERSION, MAX_ENVELOPE_LINE, parse_envelope, time_field, uid_from_head
 
