@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pymta.mail.message import CRLF, get_header, header_fields, normalise_line_endings
+from pymta.mail.message import CRLF, format_date, get_header, header_fields, normalise_line_endings
 from pymta.mail.mime import (
     LINE_WIDTH,
     ascii_field,
@@ -44,7 +44,6 @@ from pymta.mail.mime import (
     header_bytes,
     quoted_printable,
     readable,
-    rfc5322_date,
     seven_bit_clean,
     text_part,
     wrap,
@@ -263,7 +262,7 @@ def build_dsn(
         ("From", f"{MAIL_DELIVERY_SYSTEM} <{MAILER_DAEMON}@{hostname}>"),
         ("To", _to_value(to)),
         ("Subject", SUBJECTS[action]),
-        ("Date", rfc5322_date(now)),
+        ("Date", format_date(now)),
         (
             "Message-ID",
             dsn_message_id(ascii_token(entry.id), action, hostname, (r.address for r in recipients)),
@@ -371,10 +370,10 @@ def _notification_text(
             "successful delivery when it was sent."
         )
     else:
-        until = f" and will keep trying until {rfc5322_date(retry_until)}" if retry_until is not None else ""
+        until = f" and will keep trying until {format_date(retry_until)}" if retry_until is not None else ""
         paragraphs.append(
             f"{'The' if double else 'Your'} message has not yet been delivered to {whom}. "
-            f"The mail system has been trying since {rfc5322_date(entry.queued_at)}{until}."
+            f"The mail system has been trying since {format_date(entry.queued_at)}{until}."
         )
     blocks = [wrap(paragraph) for paragraph in paragraphs]
     blocks.append(
@@ -395,7 +394,7 @@ def _notification_text(
                 "again only if it finally cannot be delivered."
             )
         )
-    details = [f"    Queue ID:  {readable(entry.id)}", f"    Queued:    {rfc5322_date(entry.queued_at)}"]
+    details = [f"    Queue ID:  {readable(entry.id)}", f"    Queued:    {format_date(entry.queued_at)}"]
     subject = _subject_text(message)
     if subject is not None:
         details.append(f"    Subject:   {subject}")
@@ -496,7 +495,7 @@ def _delivery_status(
     per_message = [("Reporting-MTA", f"dns; {hostname}"), ("X-Pymta-Queue-ID", ascii_field(entry.id))]
     if entry.dsn_envid:
         per_message.append(("Original-Envelope-Id", ascii_field(entry.dsn_envid)))
-    per_message.append(("Arrival-Date", rfc5322_date(entry.queued_at)))
+    per_message.append(("Arrival-Date", format_date(entry.queued_at)))
     blocks = [header_bytes(per_message)]
     for recipient in recipients:
         fields: list[tuple[str, str]] = []
@@ -513,9 +512,9 @@ def _delivery_status(
             kind = "smtp" if recipient.smtp_reply else LOCAL_DIAGNOSTIC_TYPE
             fields.append(("Diagnostic-Code", f"{kind}; {ascii_field(recipient.diagnostic)}"))
         if recipient.last_attempt is not None:
-            fields.append(("Last-Attempt-Date", rfc5322_date(recipient.last_attempt)))
+            fields.append(("Last-Attempt-Date", format_date(recipient.last_attempt)))
         if action == "delayed" and retry_until is not None:
-            fields.append(("Will-Retry-Until", rfc5322_date(retry_until)))
+            fields.append(("Will-Retry-Until", format_date(retry_until)))
         blocks.append(header_bytes(fields))
     return CRLF.join(blocks)
 

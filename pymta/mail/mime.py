@@ -118,12 +118,5 @@ def ascii_token(text: str) -> str:
     return "".join(char for char in text if 33 <= ord(char) < 127 and char not in '<>@\\"') or "unknown"
 
 
-def rfc5322_date(moment: float) -> str:
-    """`moment` as an RFC 5322 date in the local time zone (RFC 3464 dates are RFC 5322 dates)."""
-    from email.utils import formatdate
-
-    return formatdate(moment, localtime=True)
-
-
 def wrap(paragraph: str) -> str:
     return "\n".join(textwrap.wrap(paragraph, LINE_WIDTH, break_on_hyphens=False))
