@@ -29,7 +29,6 @@ LAZY_MARK = "# lazy:"  # a function-level import of pymta says why it is not at 
 MAX_LINES = 650  # "no module over ~600 lines"
 
 
-
 def module_name(path: pathlib.Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
