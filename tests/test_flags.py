@@ -101,6 +101,8 @@ CALLERS: dict[str, tuple[list[str], dict[str, object]]] = {
     "-- keeps dashes": (["--", "-odd@example.org"], {"recipients": ["-odd@example.org"]}),
     "-bm": (["-bm", "root"], {"mode": "deliver"}),
     "-q runs the queue": (["-q"], {"mode": "flush"}),
+    "-q30m runs it now": (["-q30m"], {"mode": "flush", "queue_limits": []}),
+    "-qR limits it": (["-qRx.org"], {"mode": "flush", "queue_limits": [("--recipient", "x.org")]}),
     "-bp": (["-bp"], {"mode": "list"}),
     "-bi": (["-bi"], {"mode": "newaliases"}),
     "-I": (["-I"], {"mode": "newaliases"}),
@@ -144,7 +146,6 @@ IGNORED = [
     ["-o8"],
     ["-oA/etc/aliases"],
     ["-oL9"],
-    ["-q30m"],
     ["-v"],
 ]
 

@@ -9,28 +9,38 @@ import sys
 import click
 
 from pymta import __version__, log
+from pymta.cli.options import name_config_for_subcommands
 from pymta.config.load import load
 from pymta.delivery.privsep import run_flush
 from pymta.errors import EX_TEMPFAIL, EX_USAGE, PymtaError
 from pymta.queue.directory import write_error
+from pymta.queue.selection import Selection
+
+config_option = click.option(
+    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pymta")
-def cli() -> None:
+@click.option(
+    "-C",
+    "--config",
+    "config_file",
+    metavar="FILE",
+    help="Read this config file for the command (a -C given to the command itself wins).",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None) -> None:
     """pymta: a small, trustworthy mail relay.
 
     `sendmail` queues each message in the spool; `pymta flush` delivers the queue to the configured
     smarthost. These commands let you look at and manage what is waiting.
 
-    The config is read from -C FILE, else $PYMTA_CONFIG, else /etc/pymta/pymta.yaml, else
-    $XDG_CONFIG_HOME/pymta/pymta.yaml. See pymta(1) and pymta.yaml(5).
+    The config is read from -C FILE (given before or after the command), else $PYMTA_CONFIG, else
+    /etc/pymta/pymta.yaml, else $XDG_CONFIG_HOME/pymta/pymta.yaml. See pymta(1) and pymta.yaml(5).
     """
-
-
-config_option = click.option(
-    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
-)
+    name_config_for_subcommands(ctx, config_file)
 
 
 @cli.command()
@@ -41,8 +51,37 @@ config_option = click.option(
     "--now", "force", is_flag=True, help="Try every waiting message now, not only those that are due."
 )
 @click.option("--background", is_flag=True, hidden=True, help="Started by sendmail: print nothing.")
+@click.option(
+    "--id",
+    "ids",
+    metavar="TEXT",
+    multiple=True,
+    help="Only messages whose queue id contains TEXT (repeatable; as sendmail -qI).",
+)
+@click.option(
+    "--recipient",
+    "recipients",
+    metavar="TEXT",
+    multiple=True,
+    help="Only messages with a waiting recipient that contains TEXT, e.g. a domain (as sendmail -qR).",
+)
+@click.option(
+    "--sender",
+    "senders",
+    metavar="TEXT",
+    multiple=True,
+    help="Only messages whose envelope sender contains TEXT (as sendmail -qS).",
+)
 @config_option
-def flush(verbose: bool, force: bool, background: bool, config_file: str | None) -> None:
+def flush(
+    verbose: bool,
+    force: bool,
+    background: bool,
+    ids: tuple[str, ...],
+    recipients: tuple[str, ...],
+    senders: tuple[str, ...],
+    config_file: str | None,
+) -> None:
     """Deliver the queue: to local mailboxes and to the smarthost.
 
     Picks up what `sendmail` queued, then delivers every message that is due (with --now: every waiting
@@ -56,11 +95,17 @@ def flush(verbose: bool, force: bool, background: bool, config_file: str | None)
     On a system spool, start it as root: it delivers as the spool's owner and writes each local mailbox
     as its recipient (pymta(1), PRIVILEGES); other users are refused with exit 77.
     Every attempt is logged to syslog (facility mail) as `id=... to=<...> relay=... status=...`.
+
+    --id, --recipient and --sender limit the run to the messages they name: each is a text that the
+    queue id, a recipient still waiting, or the sender contains (case does not matter). Several of one
+    kind add up; different kinds must all match. Others wait for the next run.
     """
     config = load(config_file)
     logger = log.setup(verbose=verbose and not background)
     show_progress = not (verbose or background) and sys.stderr.isatty()
-    report = run_flush(config, logger, force=force, progress=_progress_line if show_progress else None)
+    selection = Selection(ids=ids, recipients=recipients, senders=senders)
+    progress = _progress_line if show_progress else None
+    report = run_flush(config, logger, force=force, progress=progress, selection=selection)
     if show_progress:
         click.echo("", err=True)
     if verbose or (not background and sys.stdout.isatty()):

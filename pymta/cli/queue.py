@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from pymta import log
+from pymta.cli.options import name_config_for_subcommands
 from pymta.config.load import load
 from pymta.config.model import Config
 from pymta.delivery.privsep import become_spool_owner
@@ -164,6 +165,7 @@ def queue_group(ctx: click.Context, as_json: bool, states: tuple[str, ...], conf
     """
     ctx.meta["pymta.queue.json"] = as_json
     ctx.meta["pymta.queue.config"] = config_file
+    name_config_for_subcommands(ctx, config_file)
     if ctx.invoked_subcommand is None:
         ctx.invoke(list_queue, as_json=as_json, states=states, config_file=config_file)
 

@@ -36,7 +36,10 @@ Queue the message on standard input for the recipients and exit; 'pymta flush' d
   -v            say what was queued, and which flags were ignored
   -bm           queue the message (the default);  -bp  list the queue (as mailq)
   -bs           speak SMTP on standard input and output;  -bi  check the aliases (as newaliases)
-  -q            deliver everything waiting now (as 'pymta flush --now')
+  -q            deliver everything waiting now (as 'pymta flush --now'); -qf is the same, and an
+                interval (-q30m) is ignored: pymta needs no daemon
+  -qIID, -qRRCPT, -qSSENDER  only the messages whose queue id, waiting recipient or sender
+                contains that text (as 'pymta flush --id/--recipient/--sender')
 Other sendmail flags (-oem, -odi, -m, -U, ...) are accepted and ignored. It exits 0 once
 the message is safely queued, else with a sysexits(3) code: 64 usage, 65 bad message, 73 cannot
 write the spool, 75 try again later, 78 broken config. See sendmail(8) and pymta(1).
@@ -85,8 +88,15 @@ def _run(argv: list[str]) -> int:
     if invocation.mode == "flush":  # -q: try everything waiting now, as `pymta flush --now`
         from pymta.cli.main import main as pymta_main  # lazy: click and the flush, for -q only
 
+        for line in invocation.warnings:
+            _say(line)
+        if invocation.verbose:
+            for note in invocation.notes:
+                _say(note)
         config = ["-C", invocation.config] if invocation.config else []
-        return pymta_main(["flush", "--now", *(["--verbose"] if invocation.verbose else []), *config])
+        limits = [f"{option}={value}" for option, value in invocation.queue_limits]
+        verbose = ["--verbose"] if invocation.verbose else []
+        return pymta_main(["flush", "--now", *verbose, *limits, *config])
     if invocation.mode == "newaliases":
         return _newaliases(invocation)
     if invocation.mode == "smtp":  # -bs: each message of the session is queued by submit(), as here

@@ -52,6 +52,7 @@ from pymta.mail.message import rewrite_from
 from pymta.privileges import lookup_user
 from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus
 from pymta.queue.ops import expire_failed
+from pymta.queue.selection import Selection
 from pymta.queue.spool import Spool
 
 # At most this many recipients per message, aliases included: a runaway alias file must not fan out forever.
@@ -108,6 +109,7 @@ class Flusher:
     _upcoming: str | None = None  # the due message after the one being delivered: the one to prefetch
     _prefetched: Prefetched | None = None  # that message, locked and read while a reply was awaited
     _attempted: Attempt | None = None  # the attempt being recorded, for `_park` when that fails
+    selection = Selection()  # the limits of this run (`sendmail -qR...`, `pymta flush --recipient`): none
 
     def __init__(
         self,
@@ -138,11 +140,20 @@ class Flusher:
             local_delivery = deliver_as_recipient
         self.local_delivery: LocalDelivery = local_delivery
 
-    def run(self, *, force: bool = False, progress: Callable[[int, int], None] | None = None) -> FlushReport:
+    def run(
+        self,
+        *,
+        force: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        selection: Selection | None = None,
+    ) -> FlushReport:
         """Deliver what is due (with `force`, everything waiting); report what happened.
 
-        `progress(done, total)` is called after each message, for a progress display.
+        `progress(done, total)` is called after each message, for a progress display. A `selection` limits
+        the run to the messages it takes; pick-up and housekeeping still cover the whole spool.
         """
+        if selection is not None:
+            self.selection = selection
         report = FlushReport()
         if not self.spool.exists():
             return report
@@ -169,7 +180,7 @@ class Flusher:
         return report
 
     def due(self, force: bool) -> list[str]:
-        return self.spool.due(NEVER - 1 if force else self.clock())
+        return self.selection.among(self.spool, self.spool.due(NEVER - 1 if force else self.clock()))
 
     def _one_pass(
         self, report: FlushReport, force: bool, progress: Callable[[int, int], None] | None

@@ -63,6 +63,7 @@ from pymta.queue.spool import Spool
 if TYPE_CHECKING:
     from pymta.config.model import Config, Local
     from pymta.delivery.flush import LocalDelivery
+    from pymta.queue.selection import Selection
 
 # What the delivery process (and a command that became the spool's owner) imports before the switch, so that
 # it comes from memory (the module docstring says why): every module of these packages, found on disk, so
@@ -149,6 +150,7 @@ def run_flush(
     *,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    selection: Selection | None = None,
 ) -> FlushReport:
     """One flush, split by privilege when we are root on a system spool (see the module docstring)."""
     owner = spool_owner(config.spool)
@@ -159,13 +161,13 @@ def run_flush(
                 f"only root and {owner_name} (the spool's owner) may deliver the queue {config.spool}"
                 f"; the timer or cron line that 'pymta setup' installed does it"
             )
-        return Flusher(config, logger).run(force=force, progress=progress)
+        return Flusher(config, logger).run(force=force, progress=progress, selection=selection)
     logger.debug(f"delivery runs as {owner.pw_name} (uid {owner.pw_uid}); local delivery as each recipient")
     parent_end, child_end = socket.socketpair()
 
     def delivery_process() -> int:  # pragma: no cover - runs in the delivery process; the tests check it
         parent_end.close()
-        return _delivery_process(config, logger, owner, child_end, force, progress)
+        return _delivery_process(config, logger, owner, child_end, force, progress, selection)
 
     pid = privileges.fork_child(delivery_process, failed=EX_SOFTWARE)
     child_end.close()
@@ -217,11 +219,13 @@ def _delivery_process(
     channel: socket.socket,
     force: bool,
     progress: Callable[[int, int], None] | None,
+    selection: Selection | None = None,
 ) -> int:  # pragma: no cover - runs in the delivery process
     try:
         become(owner)
         agent = _LocalAgent(channel, frames.payload_limit(config))
-        report = Flusher(config, logger, local_delivery=agent.deliver).run(force=force, progress=progress)
+        flusher = Flusher(config, logger, local_delivery=agent.deliver)
+        report = flusher.run(force=force, progress=progress, selection=selection)
         frames.send(channel, {"op": "done", "report": asdict(report)})
         return 0
     except PymtaError as error:

@@ -35,6 +35,8 @@ class Invocation:
         "queue_only",
         "recipients",
         "notes",
+        "queue_limits",
+        "warnings",
     )
 
     def __init__(self) -> None:
@@ -52,6 +54,8 @@ class Invocation:
         self.queue_only = False
         self.recipients: list[str] = []
         self.notes: list[str] = []  # what was accepted and ignored, said under -v
+        self.queue_limits: list[tuple[str, str]] = []  # -qR...: (`pymta flush` option, substring)
+        self.warnings: list[str] = []  # said on stderr even without -v
 
 
 def _ignored(reason: str) -> Callable[[Invocation, str | None], None]:
@@ -122,12 +126,48 @@ def _mode(invocation: Invocation, value: str | None) -> None:
 
 
 def _queue_run(invocation: Invocation, value: str | None) -> None:
-    if value:  # -q30m and friends start a daemon's periodic run: Postfix ignores them too
-        invocation.notes.append(
-            f"-q{value}: ignored; pymta's timer (pymta-flush.timer) decides when to retry"
+    """-q and its forms (sendmail(8), Postfix's sendmail(1)): each runs the queue now, in the foreground."""
+    text = value or ""
+    invocation.mode = "flush"
+    if text in ("", "f"):  # -qf: sendmail's "do not fork"; a pymta queue run never forks off
+        return
+    if text[0] in QUEUE_LIMITS:
+        if len(text) == 1:
+            raise UsageError(f"-q{text}: needs a value glued to it (e.g. -q{text}example.org)")
+        invocation.queue_limits.append((QUEUE_LIMITS[text[0]], text[1:]))
+        return
+    if text[0] == "!" and text[1:2] in QUEUE_LIMITS:
+        raise UsageError(f"-q!{text[1]}: negated limits are not supported; run 'pymta flush' without it")
+    if text[0] in "QL":
+        raise UsageError(f"-q{text}: pymta has no quarantine; see 'pymta queue hold'")
+    if text[0] == "G":
+        invocation.notes.append(f"-q{text}: there are no queue groups; the whole queue runs")
+        return
+    interval = text[1:] if text[0] == "p" else text
+    if _is_interval(interval):  # -q30m, -q1h30m, -qp (persistent), -qp15m
+        invocation.warnings.append(
+            f"-q{text}: the interval is ignored; pymta needs no daemon (a timer or 'deliver: immediate'"
+            " runs 'pymta flush'), so the queue runs once now"
         )
         return
-    invocation.mode = "flush"
+    raise UsageError(
+        f"-q{text}: unknown queue run; pymta knows -q, -qf, -q<interval>, -qI<id>, -qR<recipient>,"
+        " -qS<sender>"
+    )
+
+
+def _is_interval(text: str) -> bool:
+    """sendmail's time form: numbers each followed by s, m, h, d or w (`1h30m`); a bare number is minutes.
+    Empty (`-qp` alone) counts: the daemon's own default interval."""
+    number = False
+    for char in text:
+        if char.isdigit():
+            number = True
+        elif char in "smhdw" and number:
+            number = False
+        else:
+            return False
+    return True
 
 
 def _option(invocation: Invocation, value: str | None) -> None:
@@ -188,6 +228,9 @@ FLAGS: dict[str, tuple[bool, Callable[[Invocation, str | None], None]]] = {
     "p": (True, _ignored("-p: ignored; the protocol is always local submission")),
     "e": (True, _error_mode),  # Exim's -e<x> is -oe<x>
 }
+
+# -q<x><substring>: the letter -> the `pymta flush` option that limits the run the same way.
+QUEUE_LIMITS = {"I": "--id", "R": "--recipient", "S": "--sender"}
 
 # -o<x>: prefix -> handler of the rest. Checked in order; anything else is ignored with a note.
 OPTIONS: tuple[tuple[str, Callable[[Invocation, str | None], None]], ...] = (
@@ -255,6 +298,11 @@ def parse_args(args: list[str]) -> Invocation:
                 position += 1
             handler(invocation, letters)
             break
+    if words and invocation.mode == "flush":
+        raise UsageError(
+            f"-q: a queue run takes no recipients ({words[0]!r}); a limit is glued to its letter:"
+            f" -qR{words[0]}"
+        )
     if words:
         invocation.recipients = recipients_from_args(words)
     return invocation
