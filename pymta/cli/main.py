@@ -101,7 +101,7 @@ def flush(
     kind add up; different kinds must all match. Others wait for the next run.
     """
     config = load(config_file)
-    logger = log.setup(verbose=verbose and not background)
+    logger = log.setup(verbose=verbose and not background, target=config.log)
     show_progress = not (verbose or background) and sys.stderr.isatty()
     selection = Selection(ids=ids, recipients=recipients, senders=senders)
     progress = _progress_line if show_progress else None

@@ -133,8 +133,8 @@ def _report(results: list[queue_ids.Result], as_json: bool) -> None:
     click.get_current_context().exit(queue_ids.exit_code(results))
 
 
-def _logger() -> logging.Logger:
-    return log.setup()
+def _logger(config: Config) -> logging.Logger:
+    return log.setup(target=config.log)
 
 
 @click.group("queue", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -305,7 +305,7 @@ def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: flo
     delivered); past that it says so and exits 75.
     """
     as_json, config = _settings(as_json, config_file, "hold")
-    _report(queue_ops.hold(config, list(ids), wait=wait, logger=_logger()), as_json)
+    _report(queue_ops.hold(config, list(ids), wait=wait, logger=_logger(config)), as_json)
 
 
 @queue_group.command("release")
@@ -322,7 +322,7 @@ def release(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: 
     It never delivers by itself and never deletes anything; it waits for a running delivery as hold does.
     """
     as_json, config = _settings(as_json, config_file, "release")
-    _report(queue_ops.release(config, list(ids), wait=wait, logger=_logger()), as_json)
+    _report(queue_ops.release(config, list(ids), wait=wait, logger=_logger(config)), as_json)
 
 
 @queue_group.command("retry")
@@ -343,7 +343,7 @@ def retry(ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | N
     targets = _targets(ids, every, ("deferred",), config)
     if targets is None:
         return _nothing(as_json, "No deferred messages to retry")
-    _report(queue_ops.retry(config, targets, wait=wait, logger=_logger()), as_json)
+    _report(queue_ops.retry(config, targets, wait=wait, logger=_logger(config)), as_json)
 
 
 @queue_group.command("delete")
@@ -387,7 +387,7 @@ def delete(
         return _nothing(
             as_json, f"No {' or '.join(states)} messages to delete" if states else "Nothing to delete"
         )
-    _report(queue_ops.delete(config, targets, wait=wait, logger=_logger()), as_json)
+    _report(queue_ops.delete(config, targets, wait=wait, logger=_logger(config)), as_json)
 
 
 @queue_group.command("bounce")
@@ -407,7 +407,7 @@ def bounce(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: f
     as hold does.
     """
     as_json, config = _settings(as_json, config_file, "bounce")
-    _report(queue_ops.bounce(config, list(ids), wait=wait, logger=_logger()), as_json)
+    _report(queue_ops.bounce(config, list(ids), wait=wait, logger=_logger(config)), as_json)
 
 
 for _command in (hold, release, retry, delete, bounce):

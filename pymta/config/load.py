@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from pymta import log
 from pymta.config.limits import parse_size
 from pymta.config.model import (
     AUTH_CHOICES,
@@ -122,6 +123,13 @@ def _absolute_path(value: object, where: _Where) -> str:
             f"{_show(path)} is not an absolute path; write the full path starting with / (~ is not expanded)"
         )
     return path
+
+
+def _log_target(value: object, where: _Where) -> str:
+    target = _text(value, where, "auto, journal, syslog, stderr, none or an absolute path")
+    if problem := log.target_problem(target):
+        raise where.fail(problem)
+    return target
 
 
 def _domain_name(value: object, where: _Where) -> str:
@@ -441,6 +449,7 @@ _TOP_KEYS: Mapping[str, _Key] = {
     "trusted_users": _Key("trusted_users", _login_names),
     "sender_policy": _Key("sender_policy", _choice(*SENDER_POLICY_CHOICES)),
     "max_queued_per_user": _Key("max_queued_per_user", _queue_limit),
+    "log": _Key("log", _log_target),
 }
 # Where a misplaced key belongs, for "unknown key here; it belongs under retry:".
 _NESTED: Mapping[str, Mapping[str, _Key]] = {

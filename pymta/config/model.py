@@ -294,6 +294,7 @@ class Config:
     sender_policy: SenderPolicyChoice = DEFAULT_SENDER_POLICY  # what an untrusted foreign sender gets
     # messages a user other than root may have queued (system mode); None: no limit
     max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER
+    log: str = "auto"  # where the flush logs: auto, journal, syslog, stderr, none or a file (pymta.log)
 
     @property
     def hostname(self) -> str:
@@ -325,4 +326,5 @@ class Config:
             "trusted_users": list(self.trusted_users),
             "sender_policy": self.sender_policy,
             "max_queued_per_user": "none" if self.max_queued_per_user is None else self.max_queued_per_user,
+            "log": self.log,
         }
