@@ -9,7 +9,7 @@ import sys
 import click
 
 from pymta import __version__, log
-from pymta.cli.options import name_config_for_subcommands
+from pymta.cli.options import complete_queue_ids, name_config_for_subcommands
 from pymta.config.load import load
 from pymta.delivery.privsep import run_flush
 from pymta.errors import EX_TEMPFAIL, EX_USAGE, PymtaError
@@ -56,6 +56,7 @@ def cli(ctx: click.Context, config_file: str | None) -> None:
     "ids",
     metavar="TEXT",
     multiple=True,
+    shell_complete=complete_queue_ids,
     help="Only messages whose queue id contains TEXT (repeatable; as sendmail -qI).",
 )
 @click.option(

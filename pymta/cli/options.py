@@ -7,8 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
+
+from pymta.config.load import load
+from pymta.delivery.privsep import become_spool_owner
+from pymta.queue.listing import load_visible, printable
 
 CONFIG_PARAMETER = "config_file"  # the name every command's -C/--config option stores its value under
+
+
+# The help shown beside a queue id in zsh and fish: the start of its recipients.
+COMPLETION_HELP = 60
 
 
 def config_defaults(group: click.Group, path: str) -> dict[str, Any]:
@@ -29,3 +38,46 @@ def name_config_for_subcommands(ctx: click.Context, config_file: str | None) -> 
     """The callback of a group with its own -C: its subcommands default to the config it names."""
     if config_file is not None and isinstance(ctx.command, click.Group):
         ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, config_file)}
+
+
+def _config_named(ctx: click.Context) -> str | None:
+    """The -C of the command line being completed: the nearest one, the command's own first. (While the
+    shell completes, click invokes no group callback, so `name_config_for_subcommands` has not run.)"""
+    context: click.Context | None = ctx
+    while context is not None:
+        named = context.params.get(CONFIG_PARAMETER)
+        if named:
+            return str(named)
+        context = context.parent
+    return None
+
+
+def complete_queue_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The ids in this user's queue (their own view in system mode) that start with what was typed, each
+    with its recipients as the help that zsh and fish show. Anything that goes wrong completes nothing."""
+    try:
+        spool = load(_config_named(ctx)).spool
+        become_spool_owner(spool)  # as root, read the spool as its owner (pymta(1), PRIVILEGES)
+        entries = load_visible(spool).entries
+        return [
+            CompletionItem(
+                entry.id, help=printable(", ".join(r.address for r in entry.recipients))[:COMPLETION_HELP]
+            )
+            for entry in entries
+            if entry.id.startswith(incomplete)
+        ]
+    except Exception:  # noqa: BLE001 - a completion must never print a traceback into the command line
+        return []
+
+
+def complete_smarthosts(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """The smarthosts of the config by the name the commands take (`name:`, else `host:`)."""
+    try:
+        hosts = load(_config_named(ctx)).smarthosts
+        return [
+            CompletionItem(host.label, help=host.host if host.label != host.host else None)
+            for host in hosts
+            if host.label.lower().startswith(incomplete.lower())
+        ]
+    except Exception:  # noqa: BLE001 - as above
+        return []

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from pymta import log
-from pymta.cli.options import name_config_for_subcommands
+from pymta.cli.options import complete_queue_ids, name_config_for_subcommands
 from pymta.config.load import load
 from pymta.config.model import Config
 from pymta.delivery.privsep import become_spool_owner
@@ -219,7 +219,7 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
 
 
 @queue_group.command("show")
-@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1, required=True)
 @click.option("--body", is_flag=True, help="Print the whole stored message instead of its headers.")
 @_options(results=False)
 def show(ids: tuple[str, ...], body: bool, as_json: bool, config_file: str | None) -> None:
@@ -289,7 +289,7 @@ With several ids, the status is that of the first id that failed."""
 
 
 @queue_group.command("hold")
-@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1, required=True)
 @_options()
 def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float) -> None:
     """Hold messages: keep them in the queue, undelivered, until released.
@@ -309,7 +309,7 @@ def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: flo
 
 
 @queue_group.command("release")
-@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1, required=True)
 @_options()
 def release(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float) -> None:
     """Release held messages: back to the state they were held in, due now.
@@ -326,7 +326,7 @@ def release(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: 
 
 
 @queue_group.command("retry")
-@click.argument("ids", metavar="ID...", nargs=-1)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Every deferred message.")
 @_options()
 def retry(ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | None, wait: float) -> None:
@@ -347,7 +347,7 @@ def retry(ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | N
 
 
 @queue_group.command("delete")
-@click.argument("ids", metavar="ID...", nargs=-1)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1)
 @click.option(
     "--all", "every", is_flag=True, help="Every message in --state STATE (or, with --yes, every message)."
 )
@@ -391,7 +391,7 @@ def delete(
 
 
 @queue_group.command("bounce")
-@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1, required=True)
 @_options()
 def bounce(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float) -> None:
     """Give up on messages now, and tell their senders.

@@ -18,6 +18,7 @@ from typing import NoReturn
 import click
 
 from pymta import log
+from pymta.cli.options import complete_smarthosts
 from pymta.config.load import load
 from pymta.config.model import Config, Smarthost
 from pymta.delivery.credentials import (
@@ -202,7 +203,7 @@ def password_group() -> None:
 
 
 @password_group.command("set")
-@click.argument("host")
+@click.argument("host", shell_complete=complete_smarthosts)
 @_config_option
 @click.pass_context
 def password_set(ctx: click.Context, host: str, config_file: str | None) -> None:
@@ -227,7 +228,7 @@ def password_set(ctx: click.Context, host: str, config_file: str | None) -> None
 
 
 @password_group.command("delete")
-@click.argument("host")
+@click.argument("host", shell_complete=complete_smarthosts)
 @_config_option
 @click.pass_context
 def password_delete(ctx: click.Context, host: str, config_file: str | None) -> None:
