@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 from conftest import MtaEnv
+from mailservers import PASSWORD, SmtpServer, certificates, smtp_server
+from test_privsep import configure, system_mta
+
+__all__ = ["certificates", "smtp_server", "system_mta"]  # fixtures imported for use
 
 MESSAGE = b"Subject: log\n\nbody\n"
 
@@ -253,3 +257,18 @@ def test_the_env_socket_paths_are_only_for_sockets(mta: MtaEnv, sockets: Path) -
     assert (sockets / "journal").read_text() == ""
     assert any(b"status=deferred" in d for d in datagrams(syslog))
     assert os.path.exists(sockets / "log")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the split flush needs root")
+def test_a_split_flush_logs_to_a_file_that_only_root_may_open(
+    system_mta: MtaEnv, smtp_server: SmtpServer, sockets: Path
+) -> None:
+    configure(system_mta, smtp_server, f"echo {PASSWORD}")
+    path = system_mta.root / "pymta.log"
+    with system_mta.config.open("a") as config:
+        config.write(f"log: {path}\n")
+    assert system_mta.sendmail("bob@example.net", input=MESSAGE).returncode == 0
+    assert flush(system_mta, env_with(system_mta, sockets)) == (0, b"")
+    assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (0, 0o640)  # the delivery process cannot
+    (line,) = [line for line in path.read_text().splitlines() if "status=sent" in line]  # yet it logged
+    assert "to=<bob@example.net>" in line

@@ -8,14 +8,18 @@ before the command counts for it, unless the command names its own.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import MtaEnv
-from mailservers import SmtpServer
+from mailservers import PASSWORD, SmtpServer, certificates, smtp_server
+from test_privsep import configure, system_mta
 
 from pymta.queue.spool import Spool
+
+__all__ = ["certificates", "smtp_server", "system_mta"]  # fixtures imported for use
 
 MESSAGE = b"Subject: run\n\nbody\n"
 
@@ -240,3 +244,16 @@ def test_every_command_with_a_config_option_takes_the_one_before_it() -> None:
         for parameter in command.params:
             if "-C" in getattr(parameter, "opts", ()):
                 assert parameter.name == CONFIG_PARAMETER, command.name  # else `pymta -C FILE` misses it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the split flush needs root")
+def test_a_limit_holds_in_the_delivery_process_of_a_split_flush(
+    system_mta: MtaEnv, smtp_server: SmtpServer
+) -> None:
+    configure(system_mta, smtp_server, f"echo {PASSWORD}")
+    for recipient in ("ann@one.example", "bob@two.example"):
+        assert system_mta.sendmail(recipient, input=MESSAGE).returncode == 0
+    result = system_mta.sendmail("-qRtwo.example")
+    assert result.returncode == 0, result.stderr
+    assert received(smtp_server) == ["bob@two.example"]
+    assert waiting(system_mta) == ["ann@one.example"]
