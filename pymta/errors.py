@@ -79,6 +79,13 @@ class WriteError(PymtaError):
     exit_code = EX_CANTCREAT
 
 
+class LauncherError(PymtaError):
+    """A launcher (`pymta.setup.launcher`) cannot be written: a foreign file is in the way, or the place or
+    the install is unsafe."""
+
+    exit_code = EX_CANTCREAT
+
+
 class PermissionDeniedError(PymtaError):
     """The user may not do this."""
 

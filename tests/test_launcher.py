@@ -4,20 +4,22 @@ never written over a file that is not pymta's."""
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import MtaEnv, script
 
+from pymta.errors import LauncherError
 from pymta.setup.launcher import (
     ENTRY_POINTS,
     MARKER,
     Install,
-    LauncherError,
     kind_of,
     launcher_text,
     this_install,
@@ -230,3 +232,59 @@ def test_kind_of_tells_what_is_in_the_way_without_blocking(tmp_path: Path) -> No
     assert kind_of(str(tmp_path / "other")) == "foreign"
     (tmp_path / "marker-late").write_bytes(b"#!/bin/sh\n" + b"\n" * 10 + MARKER + b"\n")
     assert kind_of(str(tmp_path / "marker-late")) == "foreign"  # the marker is where a launcher has it
+
+
+def _hostile_pymta(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory with a `pymta` package that only leaves a mark: what a user's PYTHONPATH could hold."""
+    hostile = tmp_path / "evil"
+    mark = tmp_path / "evil-ran"
+    (hostile / "pymta").mkdir(parents=True)
+    code = f"open({str(mark)!r}, 'w').close()\n"
+    (hostile / "pymta" / "__init__.py").write_text(code)
+    (hostile / "pymta" / "__main__.py").write_text(code)
+    return hostile, mark
+
+
+def _wait_delivered(mailbox: Path, mark: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not mark.exists():
+        if mailbox.exists() and b"job output" in mailbox.read_bytes():
+            return
+        time.sleep(0.05)
+
+
+def test_the_flush_sendmail_starts_ignores_pythonpath(mta: MtaEnv, tmp_path: Path) -> None:
+    # deliver: immediate in user mode: sendmail starts `python -m pymta flush` itself; a PYTHONPATH that
+    # the launcher ignored must not decide what that flush runs either.
+    mta.write_config("domain: example.org\nhostname: mx.example.org\n")
+    hostile, mark = _hostile_pymta(tmp_path)
+    directory = launchers(tmp_path)
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    env = {**mta.env, "PYTHONPATH": str(hostile)}
+    result = run(directory / "sendmail", mta, owner, input=MESSAGE, env=env, cwd=tmp_path)  # not this tree
+    assert result.returncode == 0, result.stderr
+    mailbox = mta.mail_spool / owner
+    _wait_delivered(mailbox, mark)
+    assert not mark.exists(), "the started flush imported the pymta on PYTHONPATH"
+    assert b"job output" in mailbox.read_bytes()
+
+
+def test_the_flush_a_queue_command_restarts_ignores_pythonpath(
+    mta: MtaEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pymta.config.load import load
+    from pymta.queue.ops import _Operations
+
+    mta.write_config("domain: example.org\nhostname: mx.example.org\n")
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    queued = run(script("sendmail"), mta, "-odq", owner, input=MESSAGE)
+    assert queued.returncode == 0, queued.stderr
+    hostile, mark = _hostile_pymta(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(hostile))
+    monkeypatch.setenv("PYMTA_CONFIG", str(mta.config))
+    monkeypatch.chdir(tmp_path)  # not this source tree, which `-m` would find first
+    _Operations(load(str(mta.config)), 0.0, None, None)._restart_flush()
+    mailbox = mta.mail_spool / owner
+    _wait_delivered(mailbox, mark)
+    assert not mark.exists(), "the restarted flush imported the pymta on PYTHONPATH"
+    assert b"job output" in mailbox.read_bytes()

@@ -316,7 +316,7 @@ class _Operations:
         try:
             if self.config.deliver == "queue" or os.stat(self.spool.dir("new")).st_uid != os.geteuid():
                 return
-            argv = [sys.executable, "-m", "pymta", "flush", "--background"]
+            argv = [sys.executable, "-I", "-m", "pymta", "flush", "--background"]  # as sendmail's: isolated
             if self.config.source:
                 argv += ["-C", self.config.source]
             actions = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]

@@ -35,7 +35,7 @@ import sysconfig
 from dataclasses import dataclass
 
 import pymta
-from pymta.errors import EX_CANTCREAT, PymtaError
+from pymta.errors import LauncherError
 
 # Each program and its entry function: the same as pyproject.toml's [project.scripts] (a test compares them).
 ENTRY_POINTS = {
@@ -52,12 +52,6 @@ MARKER = b"# pymta launcher (pymta.setup.launcher)"
 SHEBANG_MAX = 127
 # A launcher or a console script is a few hundred bytes; a file in the way is read no further than this.
 SNIFF_SIZE = 4096
-
-
-class LauncherError(PymtaError):
-    """A launcher cannot be written: a foreign file is in the way, or the place or the install is unsafe."""
-
-    exit_code = EX_CANTCREAT
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,8 @@ def _start_flush(invocation: Invocation) -> None:
     none of them, so it never delays the caller. Many flushes started at once are harmless: the spool's
     flush lock lets one deliver, and the others ask it to look again.
     """
-    argv = [sys.executable, "-m", "pymta", "flush", "--background"]
+    # Isolated (-I): no PYTHONPATH, user site or working directory decides which pymta the flush runs.
+    argv = [sys.executable, "-I", "-m", "pymta", "flush", "--background"]
     if invocation.config:
         argv += ["-C", invocation.config]
     devnull = os.devnull
