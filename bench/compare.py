@@ -18,7 +18,7 @@ and run the same way. `--venv DIR` installs into DIR (made when missing) and kee
    127.0.0.1 (bench/sink.py, in a process of its own), beside a one-connection smtplib loop sending the
    same messages to the same sink (the loop alone timed, in its own process of the same interpreter);
    --rounds rounds, each ratio taken within its round. The queue is written straight into new/ in
-   sendmail's on-disk format (`pymta.queue.spool`'s docstring) and os.sync()ed before the flush starts.
+   sendmail's on-disk format (`pymta.queue.commit`'s docstring) and os.sync()ed before the flush starts.
 4. A 30 MB message enqueued and flushed: the peak RSS of each.
 5. With --big: the flush of --big-flush (10,000) messages beside the smtplib loop, then --big-queue
    (100,000) messages deferred and not due, written straight into queue/ and state/ as a flush leaves

@@ -76,13 +76,13 @@ def test_a_submission_interrupted_during_its_commit_leaves_no_entry(tmp_path: Pa
     durable (the fsync of new/, milliseconds) made sendmail say "interrupted; nothing was queued" and exit 75
     while the entry stayed in new/, to be delivered; the caller, told it failed, sends it again. The commit
     takes the entry back on any interruption, as it does when the fsync fails."""
-    from pymta.queue import spool as spool_module
+    from pymta.queue import commit as commit_module
     from pymta.queue.spool import Spool
 
     def interrupted(directory: str, fd: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(spool_module, "_sync_new_name", interrupted)
+    monkeypatch.setattr(commit_module, "_sync_new_name", interrupted)
     spool = Spool(str(tmp_path / "spool"))
     envelope = {"sender": "a@example.org", "recipients": ["b@example.org"], "uid": 0}
     with pytest.raises(KeyboardInterrupt):

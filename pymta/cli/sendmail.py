@@ -8,8 +8,6 @@ checks the module list of a real run); what only another mode needs (-bp, -bs, -
 when that mode runs.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 

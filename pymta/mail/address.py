@@ -5,8 +5,6 @@ scanner stands in for `re` and `email`. Main invariant: every `Mailbox` records 
 the text it came from, so callers can qualify a bare local part in place without touching any other character.
 """
 
-from __future__ import annotations
-
 from pymta.errors import AddressError
 
 TYPE_CHECKING = False
@@ -307,7 +305,7 @@ def qualify(addr: str, domain: str) -> str:
     return addr
 
 
-def recipient_addrs(mailboxes: Iterable[Mailbox], source: str) -> list[str]:
+def recipient_addrs(mailboxes: "Iterable[Mailbox]", source: str) -> list[str]:
     """The addr-specs of `mailboxes` as envelope recipients; refuses <>, bytes that are not UTF-8 and
     paths SMTP cannot carry."""
     addrs = []
@@ -340,7 +338,7 @@ def has_raw_bytes(text: str) -> bool:
     return any(0xDC80 <= ord(char) <= 0xDCFF for char in text)
 
 
-def unique_addresses(addrs: Iterable[str]) -> list[str]:
+def unique_addresses(addrs: "Iterable[str]") -> list[str]:
     """`addrs` in order without repeats; addresses differing only in case count as the same."""
     seen: set[str] = set()
     unique = []

@@ -10,8 +10,6 @@ addresses in place. Main invariant: every other byte, and the whole body, stays 
 which runs at delivery, imports `email.utils` and `email.header`, inside the function.
 """
 
-from __future__ import annotations
-
 from pymta.errors import AddressError, MessageError
 from pymta.mail.address import (
     excerpt,

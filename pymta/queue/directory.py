@@ -1,19 +1,23 @@
 """The spool directory: where its parts are, the file primitives every part of the queue uses (an atomic
 private write, a bounded read, an fsync of a directory, a one-line error for a failed write), and reading
-a queued message and its state (`SpoolDirectory`). What the parts hold, and the commit protocol that writes
-them, is in `pymta.queue.spool`'s docstring.
-
-`sendmail` imports this module: module level imports only os, time and errno.
+a queued message and its state (`SpoolDirectory`). What the parts hold is in `pymta.queue.spool`'s docstring,
+the commit protocol that writes them in `pymta.queue.commit`'s. The primitives that sendmail's commit needs
+as well live there, and are imported from here too.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import time
 
-from pymta.errors import SpoolError, SpoolFullError
 from pymta.fsutil import read_all
+from pymta.queue.commit import encode_json as encode_json
+from pymta.queue.commit import fsync_dir as fsync_dir
+from pymta.queue.commit import new_id as new_id
+from pymta.queue.commit import unlink_at as unlink_at
+from pymta.queue.commit import unlink_quietly as unlink_quietly
+from pymta.queue.commit import write_all as write_all
+from pymta.queue.commit import write_error as write_error
 from pymta.queue.entry import (
     MAX_ENVELOPE_LINE,
     MAX_STATE_SIZE,
@@ -28,13 +32,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-
-def new_id() -> str:
-    """A queue id: 8 hex digits of the time (so ids sort by submission) and 64 unguessable random bits."""
-    return f"{int(time.time()):08x}{os.urandom(8).hex()}"
 
 
 def is_queue_id(name: str) -> bool:
@@ -48,88 +46,6 @@ def quoted(name: str) -> str:
     if name and name.isascii() and name.isprintable() and " " not in name:
         return name
     return ascii(name)
-
-
-def _json_string(text: str) -> str:
-    out = ['"']
-    for char in text:
-        code = ord(char)
-        if char == '"' or char == "\\":
-            out.append("\\" + char)
-        elif 0x20 <= code < 0x7F:
-            out.append(char)
-        elif code > 0xFFFF:
-            code -= 0x10000
-            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
-        else:
-            out.append(f"\\u{code:04x}")
-    out.append('"')
-    return "".join(out)
-
-
-def encode_json(value: object) -> str:
-    """JSON for the envelope's plain values, ASCII only, without importing json (it pulls in re)."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return _json_string(value)
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(encode_json(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{_json_string(str(k))}:{encode_json(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot encode {type(value).__name__} in an envelope")
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory's entries durable (after a create, rename or unlink in it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unlink_at(dir_fd: int, name: str) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def write_error(what: str, path: str, exc: OSError, then: str = "send again") -> SpoolError:
-    """The one-line SpoolError for a failed write to `path`: what failed, why, and what to do (`then`, after
-    freeing space). Out of space or quota is SpoolFullError (try again later: 75); the rest 73."""
-    reason = exc.strerror or str(exc)
-    if exc.errno in _NO_SPACE:
-        return SpoolFullError(f"{what} {path}: {reason}; free some space, then {then}")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return SpoolError(f"{what} {path}: {reason}; check its owner, mode and mount (pymta setup --check)")
-    if exc.errno == errno.ENOENT:
-        return SpoolError(
-            f"{what} {path}: it does not exist; run 'pymta setup' or fix 'spool:' in the config"
-        )
-    return SpoolError(f"{what} {path}: {reason}")
-
-
-def unlink_quietly(path: str) -> None:
-    """Unlink `path` if it is there; a file already gone, or one we may not remove, is not an error here."""
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 class SpoolDirectory:

@@ -29,11 +29,12 @@ dataclasses (which loads re and inspect).
 
 from __future__ import annotations
 
+from pymta.queue.commit import ENVELOPE_VERSION as ENVELOPE_VERSION
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-ENVELOPE_VERSION = 1
 # An envelope line longer than this is not one we wrote: refuse it rather than read a huge file into memory.
 MAX_ENVELOPE_LINE = 4 * 1024 * 1024
 # A state file larger than this is not one we wrote (one of a message with the largest envelope and a long

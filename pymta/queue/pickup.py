@@ -6,7 +6,8 @@ its sender is judged against its owner (`sender_policy`), a user over `max_queue
 and no run looks at more than `MAX_PICKUP_PER_USER` drops of one user. A drop that is not what sendmail
 writes costs only itself: it is moved to corrupt/ for the admin (invariants 10 and 11).
 
-The layout and the commit protocol that fills new/ are in `pymta.queue.spool`'s docstring.
+The layout is in `pymta.queue.spool`'s docstring, the commit protocol that fills new/ in
+`pymta.queue.commit`'s.
 """
 
 from __future__ import annotations

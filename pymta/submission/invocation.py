@@ -6,11 +6,8 @@ recipients, and `--` ends them. What each flag means, and why the ignored ones a
 It is on sendmail's start-up path (ARCHITECTURE.md, invariant 5): it imports nothing heavy.
 """
 
-from __future__ import annotations
-
 from pymta.errors import UsageError
 from pymta.mail.address import parse_envelope_address, recipients_from_args
-from pymta.queue.pickup import is_envid, is_notify
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -58,7 +55,7 @@ class Invocation:
         self.warnings: list[str] = []  # said on stderr even without -v
 
 
-def _ignored(reason: str) -> Callable[[Invocation, str | None], None]:
+def _ignored(reason: str) -> "Callable[[Invocation, str | None], None]":
     def note(invocation: Invocation, value: str | None) -> None:
         invocation.notes.append(reason)
 
@@ -76,7 +73,7 @@ def _set_full_name(invocation: Invocation, value: str | None) -> None:
     invocation.full_name = name
 
 
-def _choice(field: str, flag: str, allowed: tuple[str, ...]) -> Callable[[Invocation, str | None], None]:
+def _choice(field: str, flag: str, allowed: tuple[str, ...]) -> "Callable[[Invocation, str | None], None]":
     def store(invocation: Invocation, value: str | None) -> None:
         normal = (value or "").strip().upper() if flag == "-B" else (value or "").strip().lower()
         if normal not in allowed:
@@ -87,6 +84,8 @@ def _choice(field: str, flag: str, allowed: tuple[str, ...]) -> Callable[[Invoca
 
 
 def _set_notify(invocation: Invocation, value: str | None) -> None:
+    from pymta.queue.pickup import is_notify  # lazy: the pick-up's checks, for -N only
+
     notify = ",".join(word.strip().lower() for word in (value or "").split(","))
     if not is_notify(notify):
         raise UsageError(
@@ -96,6 +95,8 @@ def _set_notify(invocation: Invocation, value: str | None) -> None:
 
 
 def _set_envid(invocation: Invocation, value: str | None) -> None:
+    from pymta.queue.pickup import is_envid  # lazy: the pick-up's checks, for -V only
+
     envid = value or ""
     if not is_envid(envid):
         raise UsageError("-V: the envelope id must be 1 to 100 printable ASCII characters without spaces")
@@ -106,7 +107,7 @@ def _set_config(invocation: Invocation, value: str | None) -> None:
     invocation.config = value
 
 
-def _set(field: str, value: object) -> Callable[[Invocation, str | None], None]:
+def _set(field: str, value: object) -> "Callable[[Invocation, str | None], None]":
     def store(invocation: Invocation, _: str | None) -> None:
         setattr(invocation, field, value)
 
@@ -198,7 +199,7 @@ def _delivery_mode(invocation: Invocation, value: str | None) -> None:
 
 
 # flag letter -> (takes a value, handler). Letters not listed are usage errors.
-FLAGS: dict[str, tuple[bool, Callable[[Invocation, str | None], None]]] = {
+FLAGS: dict[str, tuple[bool, "Callable[[Invocation, str | None], None]"]] = {
     "t": (False, _set("extract", True)),
     "i": (False, _set("ignore_dots", True)),
     "v": (False, _set("verbose", True)),
@@ -233,7 +234,7 @@ FLAGS: dict[str, tuple[bool, Callable[[Invocation, str | None], None]]] = {
 QUEUE_LIMITS = {"I": "--id", "R": "--recipient", "S": "--sender"}
 
 # -o<x>: prefix -> handler of the rest. Checked in order; anything else is ignored with a note.
-OPTIONS: tuple[tuple[str, Callable[[Invocation, str | None], None]], ...] = (
+OPTIONS: tuple[tuple[str, "Callable[[Invocation, str | None], None]"], ...] = (
     ("i", _set("ignore_dots", True)),
     ("e", _error_mode),
     ("d", _delivery_mode),

@@ -2,12 +2,10 @@
 
 `submit` is what `sendmail` and each message of `sendmail -bs` end in: prepare the message (normalise, -t,
 strip Bcc), check the size limit, the sender policy and the user's queue limit, commit it to the spool
-(`pymta.queue.spool`'s commit protocol) and, in user mode with `deliver: immediate`, start a detached flush.
+(`pymta.queue.commit`'s protocol) and, in user mode with `deliver: immediate`, start a detached flush.
 It runs for every message on the machine, so it imports nothing heavy and reads the config without YAML
 (`read_settings`); it never touches the network (ARCHITECTURE.md, invariant 5).
 """
-
-from __future__ import annotations
 
 import os
 import sys
@@ -19,8 +17,7 @@ from pymta.config import paths as quickconfig
 from pymta.errors import MessageError, PymtaError, UsageError
 from pymta.mail.address import unique_addresses
 from pymta.mail.message import prepare_submission
-from pymta.queue.spool import SUBMIT_MIN_FREE, Spool, real_user
-from pymta.queue.views import hold_quota, quota_refusal
+from pymta.queue.commit import SUBMIT_MIN_FREE, commit, real_user
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -141,7 +138,7 @@ def read_settings(config_file: str | None) -> Settings:
     )
 
 
-def _check_sender(invocation: Invocation, login: str, sender: str) -> None:
+def _check_sender(invocation: "Invocation", login: str, sender: str) -> None:
     """Under `sender_policy: strict`, refuse (EX_NOPERM) a sender that `login` may not set.
 
     The rare path (-f with another address than the login name, and a strict policy): only here is the whole
@@ -164,7 +161,7 @@ def _check_sender(invocation: Invocation, login: str, sender: str) -> None:
         )
 
 
-def submit(invocation: Invocation, data: bytes, settings: Settings | None = None) -> tuple[str, list[str]]:
+def submit(invocation: "Invocation", data: bytes, settings: Settings | None = None) -> tuple[str, list[str]]:
     """Prepare the message read from stdin and commit it to the spool; return its queue id and recipients.
 
     `settings` are what `read_settings` read from the config (read here when not given, as for -bs).
@@ -202,34 +199,47 @@ def submit(invocation: Invocation, data: bytes, settings: Settings | None = None
         "envid": invocation.envid,
         "body_type": invocation.body_type,
     }
-    spool = Spool(settings.spool)
     quota = _check_queue_limit(settings, uid)  # holds the user's drop ledger until released
     try:
         # The default user spool may be the first thing under ~/.local/state on a fresh machine.
-        queue_id = spool.submit(
-            envelope, message, create_parents=settings.default_spool, reserve=SUBMIT_MIN_FREE
+        queue_id, private = commit(
+            settings.spool, envelope, message, create_parents=settings.default_spool, reserve=SUBMIT_MIN_FREE
         )
-        quota.record(queue_id, time.time())
+        if quota is not None:
+            quota.record(queue_id, time.time())
     except PymtaError:
         for warning in settings.warnings:
             say(warning)
         raise
     finally:
-        quota.release()
+        if quota is not None:
+            quota.release()
     for warning in settings.warnings:  # one line: what is wrong, and that the mail is safe all the same
         say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {settings.spool}")
     for problem in unreadable:  # a logwatch report with one typo in To: still reaches the others
         say(f"{problem}; that address was left out, the message queued for the others as {queue_id}")
     # In system mode the spool's owner delivers (a systemd path unit or the timer); in user mode we start it.
-    if settings.deliver != "queue" and not invocation.queue_only and spool.private:
+    if settings.deliver != "queue" and not invocation.queue_only and private:
         _start_flush(invocation)
     return queue_id, recipients
 
 
-def _check_queue_limit(settings: Settings, uid: int) -> QuotaHold:
+def _check_queue_limit(settings: Settings, uid: int) -> "QuotaHold | None":
     """System mode: refuse (EX_TEMPFAIL) a user with `max_queued_per_user` messages waiting, as the last
     delivery run counted them and as the user's drops since then add up (`pymta.queue.views.hold_quota`);
-    nothing is queued. Else the hold, to record the drop in and release. Costs a few stats and small reads."""
+    nothing is queued. Else the hold, to record the drop in and release (None: no limit applies, root's or
+    none set). Costs a few stats and small reads."""
+    # What hold_quota decides first, without importing the views: no limit for root, or with none set, or
+    # in user mode (new/ is the user's own).
+    if settings.max_queued is None or uid == 0:
+        return None
+    try:
+        if os.stat(os.path.join(settings.spool, "new")).st_uid == os.geteuid():
+            return None
+    except OSError:
+        return None  # the commit reports what is wrong with the spool
+    from pymta.queue.views import hold_quota  # lazy: the views, only for a user under a queue limit
+
     hold = hold_quota(settings.spool, uid, settings.max_queued, record=True)
     if hold.refusal:
         for warning in settings.warnings:
@@ -238,9 +248,11 @@ def _check_queue_limit(settings: Settings, uid: int) -> QuotaHold:
     return hold
 
 
-def refusal_of(invocation: Invocation) -> str | None:
+def refusal_of(invocation: "Invocation") -> str | None:
     """Why the running user may not queue a message now (`max_queued_per_user`), or None: for `-bs`, which
     answers MAIL FROM with it."""
+    from pymta.queue.views import quota_refusal  # lazy: the views, for -bs only
+
     settings = read_settings(invocation.config)
     return quota_refusal(settings.spool, real_user()[2], settings.max_queued)
 
@@ -253,7 +265,7 @@ def _too_large(settings: Settings) -> PymtaError:
     )
 
 
-def _start_flush(invocation: Invocation) -> None:
+def _start_flush(invocation: "Invocation") -> None:
     """Start `pymta flush` detached: its own session, no stdio of the caller's, never waited for.
 
     The caller (cron, PHP, sudo) waits for sendmail's exit and for its stdout/stderr to close; the flush holds
