@@ -26,6 +26,7 @@ from pymta.cli.main import main
 from pymta.config.load import load, loads
 from pymta.setup import install, steps
 from pymta.setup.files import owner_of
+from pymta.setup.launcher import kind_of
 from pymta.setup.units import path_unit, service_unit, timer_unit
 
 BIN = Path(sys.executable).parent
@@ -230,20 +231,20 @@ def test_dry_run_changes_nothing(run_setup: Setup, root: Path) -> None:
     assert snapshot(root) == before
 
 
-# --- Links ---
+# --- Launchers ---
 
 
-def test_links_point_at_the_console_scripts_and_work(run_setup: Setup, root: Path, tmp_path: Path) -> None:
+def test_the_launchers_are_installed_and_work(run_setup: Setup, root: Path, tmp_path: Path) -> None:
     config_file = write_sandbox_config(root)
     config_text = config_file.read_text()
     result = run_setup()
     assert result.code == 0, result.lines
     assert config_file.read_text() == config_text, "an existing config is never overwritten"
     assert any("left as it is" in line for line in run_setup().lines)
-    for link, script in install.LINKS:
+    for link, _ in install.LINKS:
         path = root / link.lstrip("/")
-        assert path.is_symlink(), path
-        assert os.readlink(path) == str(BIN / script)
+        assert kind_of(str(path)) == "launcher", path
+        assert mode(path) == 0o755
     # The spool is the one the config names (as this machine sees it): the unit watches it from inside.
     assert (
         unit_settings(root / "etc/systemd/system/pymta-flush.path")["PathChanged"] == "/var/spool/pymta/new"
@@ -287,14 +288,14 @@ def test_an_existing_sendmail_is_backed_up_and_uninstall_restores_it(run_setup: 
     assert result.code == 0
     backup = root / "usr/sbin/sendmail.pre-pymta"
     assert (
-        f"[backup] {sendmail} (a regular file) moved to {backup}; {sendmail} -> {BIN / 'sendmail'}"
+        f"[backup] {sendmail} (a regular file) moved to {backup}; {sendmail}: pymta's launcher"
         in result.lines
     )
     assert any(
         line.startswith(f"[backup] {mailq} (a link to /usr/sbin/sendmail.postfix)") for line in result.lines
     )
     assert backup.read_text() == "#!/bin/sh\necho another MTA\n"
-    assert os.readlink(sendmail) == str(BIN / "sendmail")
+    assert kind_of(str(sendmail)) == "launcher"
     assert run_setup().changes == []
 
     removed = run_setup("--uninstall")
@@ -337,10 +338,12 @@ def test_a_backup_is_never_overwritten(run_setup: Setup, root: Path) -> None:
     assert sendmail.read_text() == "new"
     assert (root / "usr/sbin/sendmail.pre-pymta").read_text() == "old"
     # The other steps were done all the same.
-    assert os.readlink(root / "usr/bin/mailq") == str(BIN / "mailq")
+    assert kind_of(str(root / "usr/bin/mailq")) == "launcher"
 
 
-def test_a_correct_link_is_left_alone_and_another_pymta_is_replaced(run_setup: Setup, root: Path) -> None:
+def test_pips_scripts_and_links_to_them_are_replaced_by_the_launcher(run_setup: Setup, root: Path) -> None:
+    # What an earlier pymta setup left (links to this or another environment's console scripts), or a copy
+    # of pip's script: pymta's, so replaced without a backup; --check says each is the slower script.
     sendmail = root / "usr/sbin/sendmail"
     sendmail.parent.mkdir(parents=True)
     sendmail.symlink_to(BIN / "sendmail")
@@ -350,10 +353,55 @@ def test_a_correct_link_is_left_alone_and_another_pymta_is_replaced(run_setup: S
     mailq = root / "usr/bin/mailq"
     mailq.parent.mkdir(parents=True)
     mailq.symlink_to(other)
+    lib = root / "usr/lib/sendmail"
+    lib.parent.mkdir(parents=True)
+    shutil.copy(BIN / "sendmail", lib)
+    checked = "\n".join(run_setup("--check").marked("problem"))
+    assert (
+        f"[problem] {sendmail} is a link to {BIN / 'sendmail'}, a script of pymta's that starts slower"
+        in checked
+    )
+    assert f"[problem] {mailq} is a link to {other}" in checked
+    assert (
+        f"[problem] {lib} is pip's console script of pymta, which starts slower than pymta's launcher"
+        in checked
+    )
+    assert "fix: pymta setup" in checked
     result = run_setup()
-    assert not any(str(sendmail) in line for line in result.changes)
-    assert f"[fix] {mailq} -> {BIN / 'mailq'} (was -> {other}, another pymta)" in result.lines
-    assert not list(root.rglob("*.pre-pymta"))
+    assert result.code == 0, result.lines
+    assert f"[fix] {mailq}: pymta's launcher (was a link to {other})" in result.lines
+    assert f"[fix] {lib}: pymta's launcher (was pip's console script)" in result.lines
+    for path in (sendmail, mailq, lib):
+        assert kind_of(str(path)) == "launcher", path
+    assert other.exists() and not list(root.rglob("*.pre-pymta"))
+    assert run_setup("--check").changes == []
+
+
+def test_launchers_replace_this_environments_pip_scripts(
+    run_setup: Setup, root: Path, tmp_path: Path
+) -> None:
+    # `pymta setup --launchers`, the README's user-mode install: under --root, into ROOT + this venv's bin.
+    bin_dir = root / str(BIN).lstrip("/")
+    bin_dir.mkdir(parents=True)
+    for name in ("sendmail", "mailq", "newaliases"):
+        shutil.copy(BIN / name, bin_dir / name)  # pip's console scripts
+    checked = run_setup("--launchers", "--check")
+    assert checked.code == 1
+    assert f"[problem] {bin_dir / 'sendmail'} is pip's console script of pymta" in "\n".join(checked.lines)
+    result = run_setup("--launchers")
+    assert result.code == 0, result.lines
+    assert sorted(os.listdir(bin_dir)) == ["mailq", "newaliases", "sendmail"]
+    assert all(kind_of(str(bin_dir / name)) == "launcher" for name in os.listdir(bin_dir))
+    assert run_setup("--launchers", "--check").code == 0
+    assert sorted(path for path in root.rglob("*") if not path.is_dir()) == sorted(bin_dir.iterdir())
+    config = tmp_path / "pymta.yaml"
+    config.write_text(f"spool: {tmp_path / 'spool'}\ndeliver: queue\n{local_sandbox(tmp_path)}")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYMTA_CONFIG": str(config), "LANG": "C.UTF-8"}
+    sent = subprocess.run(
+        [bin_dir / "sendmail", "-i", "you@example.org"], input=b"\n", env=env, capture_output=True, timeout=60
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert len(os.listdir(tmp_path / "spool" / "new")) == 1
 
 
 # --- --check ---
@@ -394,12 +442,9 @@ def test_check_reports_tampering_each_with_its_fix(run_setup: Setup, root: Path)
     assert result.code == 1
     problems = "\n".join(result.marked("problem"))
     assert f"[problem] {new} has mode 0755, should be 1733; fix: chmod 1733 {new}" in problems
+    assert f"[problem] {root}/usr/bin/mailq is missing; fix: pymta setup" in problems
     assert (
-        f"[problem] {root}/usr/bin/mailq is missing; fix: ln -s {BIN / 'mailq'} {root}/usr/bin/mailq"
-        in problems
-    )
-    assert (
-        f"[problem] {lib} is a link to /bin/true, not pymta's; fix: mv {lib} {lib}.pre-pymta && ln -s"
+        f"[problem] {lib} is a link to /bin/true, not pymta's; fix: mv {lib} {lib}.pre-pymta && pymta setup"
         in problems
     )
     assert f"[problem] {root}/etc/systemd/system/pymta-flush.path is missing; fix: pymta setup" in problems
@@ -416,7 +461,7 @@ def test_check_reports_tampering_each_with_its_fix(run_setup: Setup, root: Path)
     assert f"[fix] {new}: mode 0755 -> 1733" in fixed.lines
     assert run_setup("--check").changes == []
     assert mode(new) == 0o1733
-    assert os.readlink(lib) == str(BIN / "sendmail")
+    assert kind_of(str(lib)) == "launcher"
     assert os.readlink(f"{lib}.pre-pymta") == "/bin/true"
 
 

@@ -13,7 +13,7 @@ import click
 from pymta.errors import UsageError
 from pymta.setup import plan
 from pymta.setup.install import Install, require_root
-from pymta.setup.steps import install_plan
+from pymta.setup.steps import bin_launchers_step, install_plan
 from pymta.setup.uninstall import uninstall_plan
 
 
@@ -45,6 +45,12 @@ from pymta.setup.uninstall import uninstall_plan
 )
 @click.option("--no-systemd", is_flag=True, help="Install a cron file instead of the systemd units.")
 @click.option(
+    "--launchers",
+    is_flag=True,
+    help="Only make this environment's sendmail, mailq and newaliases pymta's launchers (Python isolated and "
+    "without site: they start faster than pip's scripts); no root needed. With --check: only check them.",
+)
+@click.option(
     "-C",
     "--config",
     "config_file",
@@ -61,6 +67,7 @@ def setup_command(
     root: str | None,
     user: str,
     no_systemd: bool,
+    launchers: bool,
     config_file: str | None,
 ) -> None:
     """Set up system mode: one spool for the whole machine, owned by a system user.
@@ -72,21 +79,28 @@ def setup_command(
        drops mail; queue/ state/ done/ corrupt/ 0700; flush.lock 0600; owner pymta;
     3. /etc/pymta/pymta.yaml (0644; the example with its smarthost lines
        commented out, never overwritten) and /etc/pymta/secrets (0700 pymta);
-    4. links /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq and
-       /usr/bin/newaliases to this environment's scripts; whatever was there is
-       moved to NAME.pre-pymta;
+    4. /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq and
+       /usr/bin/newaliases: pymta's launchers for this environment (Python
+       isolated and without site); whatever else was there is moved to
+       NAME.pre-pymta;
     5. pymta-flush.service, .timer (every 5 minutes) and .path (when mail is
        dropped) in /etc/systemd/system, enabled and started; or, with
        --no-systemd or without a running systemd, /etc/cron.d/pymta.
 
     Run it as root; --root DIR, --check and --dry-run do not need root.
+    --launchers does step 4 only, for this environment's own bin directory
+    (a user's install: see the README's quickstart).
     """
     if sum((dry_run, check, uninstall)) > 1 and not (dry_run and uninstall):
         raise UsageError("pymta setup: --check goes with neither --dry-run nor --uninstall")
     if purge and not uninstall:
         raise UsageError("pymta setup: --purge goes with --uninstall only")
+    if launchers and uninstall:
+        raise UsageError("pymta setup: --launchers does not go with --uninstall")
     install = Install(root=root, user=user, template=config_file, systemd=False if no_systemd else None)
     mode = plan.CHECK if check else plan.DRY_RUN if dry_run else plan.APPLY
+    if launchers:
+        ctx.exit(plan.run([bin_launchers_step(install)], mode, click.echo))
     require_root(install, mode)
     steps = uninstall_plan(install, purge) if uninstall else install_plan(install)
     status = plan.run(steps, mode, click.echo)

@@ -65,7 +65,7 @@ def set_attributes(path: str, mode: int, owner: Owner, directory: bool) -> None:
         os.close(fd)
 
 
-def _make_parents(path: str) -> None:
+def make_parents(path: str) -> None:
     """Create the missing directories above `path`, 0755 whatever the umask."""
     missing = []
     parent = os.path.dirname(path)
@@ -78,7 +78,7 @@ def _make_parents(path: str) -> None:
 
 
 def _make_dir(path: str, mode: int, owner: Owner) -> None:
-    _make_parents(path)
+    make_parents(path)
     os.mkdir(path, 0o700)
     set_attributes(path, mode, owner, directory=True)
 
@@ -86,7 +86,7 @@ def _make_dir(path: str, mode: int, owner: Owner) -> None:
 def _fresh_tmp_beside(path: str) -> str:
     """The name to build `path` under before it is renamed into place: its parents made, a leftover of an
     interrupted run removed."""
-    _make_parents(path)
+    make_parents(path)
     tmp_path = f"{path}.pymta-setup"
     try:
         os.unlink(tmp_path)

@@ -16,15 +16,16 @@ from pymta.config.load import load
 from pymta.errors import EX_CONFIG, ConfigError
 from pymta.queue import audit as spool_audit
 from pymta.queue.views import STATUS_DIR, STATUS_MODE
+from pymta.setup import launcher
 from pymta.setup.checks import scripts_step, unreachable_parents, untold_step, warning
 from pymta.setup.files import (
     Owner,
     describe_owner,
     dir_changes,
     file_changes,
-    is_pymta_script,
     kind_of,
     lstat_or_none,
+    make_parents,
     node_changes,
     set_attributes,
     symlink,
@@ -224,75 +225,90 @@ def _config_file_changes(install: Install, path: str, admin: Owner) -> list[Chan
     return changes
 
 
-def links_step(install: Install) -> Step:
+def launchers_step(install: Install) -> Step:
+    """/usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq and /usr/bin/newaliases are pymta's launchers
+    (`pymta.setup.launcher`: Python isolated and without site, this install's packages only), not links to
+    pip's console scripts, which start slower and honour a user's PYTHONPATH."""
+
     def check() -> list[Change]:
+        this = launcher.this_install()
         changes = []
         for link, name in LINKS:
-            target = install.script(name)
-            if target is not None:
-                changes += _link_changes(install.host(link), target)
+            changes += _launcher_changes(install.host(link), name, this)
         return changes
 
     names = ", ".join(link for link, _ in LINKS)
-    return Step(f"links {names} -> {install.bin_dir}", check)
+    return Step(f"launchers {names} for {install.bin_dir}", check)
 
 
-def _link_changes(path: str, target: str) -> list[Change]:
-    info = lstat_or_none(path)
+def bin_launchers_step(install: Install) -> Step:
+    """`pymta setup --launchers`: the environment's own sendmail, mailq and newaliases (pip's console
+    scripts) become launchers; what a user-mode install runs (the README's quickstart). No root needed."""
+
+    def check() -> list[Change]:
+        this = launcher.this_install()
+        changes = []
+        for name in launcher.FAST_PROGRAMS:
+            changes += _launcher_changes(install.host(os.path.join(install.bin_dir, name)), name, this)
+        return changes
+
+    names = ", ".join(launcher.FAST_PROGRAMS)
+    return Step(f"launchers {names} in {install.host(install.bin_dir)}", check)
+
+
+def _launcher_changes(path: str, name: str, this: launcher.Install) -> list[Change]:
+    text = launcher.launcher_text(name, this)
     backup = path + BACKUP_SUFFIX
-    if info is None:
-        return [
-            Change(
-                "create",
-                f"{path} -> {target}",
-                f"{path} is missing",
-                f"ln -s {shlex.quote(target)} {shlex.quote(path)}",
-                lambda: symlink(target, path),
-            )
-        ]
-    if stat.S_ISLNK(info.st_mode):
-        current = os.readlink(path)
-        if current == target:
-            return []
-        if is_pymta_script(path):  # another environment's pymta: replaced, not kept
+    fix = "pymta setup"
+    slower = "which starts slower than pymta's launcher and honours a user's PYTHONPATH"
+
+    def write() -> None:
+        make_parents(path)
+        launcher.write_launchers(os.path.dirname(path), this, (name,), replace=True)
+
+    kind = launcher.kind_of(path)
+    if kind == "absent":
+        return [Change("create", f"{path}: pymta's launcher", f"{path} is missing", fix, write)]
+    if kind == "launcher":
+        with open(path, "rb") as handle:
+            if handle.read(len(text) + 1) == text:
+                return []
+        was, problem = "another install's launcher", f"{path} is the launcher of another pymta install"
+    elif kind == "console script":
+        was, problem = "pip's console script", f"{path} is pip's console script of pymta, {slower}"
+    elif os.path.islink(path) and launcher.kind_of(os.path.realpath(path)) in ("launcher", "console script"):
+        # What pymta setup made before it wrote launchers: a link to this or another environment's script.
+        was = f"a link to {os.readlink(path)}"
+        problem = f"{path} is {was}, a script of pymta's that {slower.removeprefix('which ')}"
+    else:
+        info = os.lstat(path)
+        was = f"a link to {os.readlink(path)}" if stat.S_ISLNK(info.st_mode) else kind_of(info)
+        if os.path.lexists(backup):
             return [
                 Change(
-                    "fix",
-                    f"{path} -> {target} (was -> {current}, another pymta)",
-                    f"{path} points at {current}, not at {target}",
-                    f"ln -sfn {shlex.quote(target)} {shlex.quote(path)}",
-                    lambda: symlink(target, path),
+                    "backup",
+                    "",
+                    f"{path} is {was}, not pymta's, and {backup} exists already",
+                    f"move {shlex.quote(path)} or {shlex.quote(backup)} away, then run pymta setup",
                 )
             ]
-        was = f"a link to {current}"
-    else:
-        was = kind_of(info)
-    if os.path.lexists(backup):
+
+        def move_and_write() -> None:
+            if os.path.lexists(backup):
+                raise FileExistsError(f"{backup} exists")
+            os.rename(path, backup)
+            write()
+
         return [
             Change(
                 "backup",
-                "",
-                f"{path} is {was}, not pymta's, and {backup} exists already",
-                f"move {shlex.quote(path)} or {shlex.quote(backup)} away, then run pymta setup",
+                f"{path} ({was}) moved to {backup}; {path}: pymta's launcher",
+                f"{path} is {was}, not pymta's",
+                f"mv {shlex.quote(path)} {shlex.quote(backup)} && pymta setup",
+                move_and_write,
             )
         ]
-
-    def move_and_link() -> None:
-        if os.path.lexists(backup):
-            raise FileExistsError(f"{backup} exists")
-        os.rename(path, backup)
-        symlink(target, path)
-
-    return [
-        Change(
-            "backup",
-            f"{path} ({was}) moved to {backup}; {path} -> {target}",
-            f"{path} is {was}, not pymta's",
-            f"mv {shlex.quote(path)} {shlex.quote(backup)} && "
-            f"ln -s {shlex.quote(target)} {shlex.quote(path)}",
-            move_and_link,
-        )
-    ]
+    return [Change("fix", f"{path}: pymta's launcher (was {was})", problem, fix, write)]
 
 
 def units_step(install: Install) -> Step:
@@ -412,7 +428,7 @@ def install_plan(install: Install) -> list[Step]:
         spool_step(install),
         config_step(install),
         scripts_step(install),
-        links_step(install),
+        launchers_step(install),
     ]
     if install.systemd:
         steps += [units_step(install), enable_step(install)]

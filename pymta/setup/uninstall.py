@@ -10,6 +10,7 @@ import shlex
 import shutil
 from collections.abc import Callable
 
+from pymta.setup import launcher
 from pymta.setup.files import is_pymta_script
 from pymta.setup.install import BACKUP_SUFFIX, CONFIG_DIR, CRON_FILE, ENABLED, LINKS, UNIT_DIR, UNITS, Install
 from pymta.setup.plan import Change, Step
@@ -117,8 +118,8 @@ def _restore_links_step(install: Install) -> Step:
         for link, name in LINKS:
             path = install.host(link)
             backup = path + BACKUP_SUFFIX
-            ours = os.path.islink(path) and (
-                os.readlink(path) == install.script(name) or is_pymta_script(path)
+            ours = launcher.kind_of(path) == "launcher" or (
+                os.path.islink(path) and (os.readlink(path) == install.script(name) or is_pymta_script(path))
             )
             if ours:
                 changes.append(Change("remove", path, f"{path} is pymta's", f"rm {path}", _remove(path)))
