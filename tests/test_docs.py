@@ -307,7 +307,10 @@ def test_ci_treats_no_tests_as_failure(tmp_path: Path) -> None:
     assert "no tests" in run.stderr
 
 
-INSTALL_STEP = re.compile(r"^python3 -m venv (?P<venv>\S+) && (?P=venv)/bin/pip install (?:-U pip )?\. && ")
+INSTALL_STEP = re.compile(
+    r"^python3 -m venv (?P<venv>\S+) && (?P=venv)/bin/pip install (?:-U pip )?\. && "
+    r"(?P=venv)/bin/pymta setup --launchers && "  # tests/test_setup.py runs it (into a --root)
+)
 
 
 def wait_for_flush(spool: Path, timeout: float = 10.0) -> None:
@@ -329,7 +332,7 @@ def test_quickstart_works(tmp_path: Path) -> None:
         pytest.skip("this machine has a system-wide pymta; the quickstart would use it")
     command = fenced_block_after("<!-- quickstart -->").strip()
     install = INSTALL_STEP.match(command)
-    assert install, "the quickstart should start by installing into a venv with pip install ."
+    assert install, "the quickstart should install into a venv with pip install . and pymta setup --launchers"
     # Only the install is replaced: by the console scripts of the environment running the tests.
     command = command[install.end() :].replace(f"{install['venv']}/bin/", f"{BIN}/")
     assert re.search(r"sendmail -v ", command), "the quickstart should queue a message with sendmail -v"
