@@ -22,8 +22,9 @@ What a system-mode install is (DESIGN.md, "Two ways to run"), with `SPOOL` = /va
                                         because whoever can write it decides where the mail goes.
     /etc/pymta/secrets/    0700  pymta  files for `password: {file: ...}`, readable by pymta (and root) only.
     /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq, /usr/bin/newaliases
-                                        symbolic links to this environment's console scripts; whatever was
-                                        there is moved to NAME.pre-pymta and put back by --uninstall.
+                           0755  root   pymta's launchers for this environment (`pymta.setup.launcher`);
+                                        whatever else was there is moved to NAME.pre-pymta and put back by
+                                        --uninstall.
     /etc/systemd/system/pymta-flush.{service,timer,path}
                            0644  root   the flush every 5 minutes and whenever something is dropped into new/;
                                         or, without systemd, /etc/cron.d/pymta (0644 root) every 5 minutes.
@@ -78,7 +79,7 @@ DROP_DIRS = ("tmp", "new")
 PRIVATE_DIRS = ("queue", "state", "done", "corrupt")
 LOCK_FILE = "flush.lock"
 
-# Each link and the console script it points at.
+# Each launcher `pymta setup` writes, and the program it starts.
 LINKS: tuple[tuple[str, str], ...] = (
     ("/usr/sbin/sendmail", "sendmail"),
     ("/usr/lib/sendmail", "sendmail"),
