@@ -5,9 +5,10 @@
 
 What is measured is what a Debian user gets: `--python` (default /usr/bin/python3) makes a venv and
 installs this source tree into it the way the README says (`python3 -m venv DIR && DIR/bin/pip install
--U pip .`, not editable), and the console scripts that pip wrote there are run. Beside them, the launcher
-prototype (`pymta.setup.launcher`, `-I -S` and an explicit path) is written into a directory of its own
-and run the same way. `--venv DIR` installs into DIR (made when missing) and keeps it for the next run.
+-U pip .`, not editable), and the console scripts that pip wrote there are run. Beside them, the
+launchers that the README's next step (`pymta setup --launchers`) and `pymta setup` install
+(`pymta.setup.launcher`, `-I -S` and an explicit path) are written into a directory of their own and run
+the same way. `--venv DIR` installs into DIR (made when missing) and keeps it for the next run.
 
 1. Start-up, interleaved over --runs rounds: one `sendmail` enqueue (a cron-sized message, as Debian's
    cron calls it), `sendmail --version`, and `python3 -c pass`, `-S -c pass`, `-I -S -c pass` of the
