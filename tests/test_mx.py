@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -247,3 +248,17 @@ def test_a_dns_server_on_ipv6_loopback_and_an_aaaa_only_host() -> None:
         assert destination.relays() == [(MxHost("mx.six.test", 10, ("::1",)), "::1")]
     finally:
         server.stop()
+
+
+def test_the_record_types_read_are_imported_with_the_module() -> None:
+    """dnspython imports a record type's class when it first parses one, and falls back to a generic
+    record (no `.preference`, no `.address`) when that import fails: after the privilege switch, a Python
+    the `pymta` user cannot read would break every lookup. Importing the module (the preload) loads them."""
+    code = (
+        "import sys, pymta.delivery.mx; "
+        "print(' '.join(sorted(name for name in sys.modules if name.startswith('dns.rdtypes.'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(result.stdout.split())
+    for name in ("ANY.MX", "ANY.CNAME", "ANY.NS", "ANY.SOA", "IN.A", "IN.AAAA"):
+        assert f"dns.rdtypes.{name}" in loaded

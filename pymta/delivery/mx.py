@@ -19,9 +19,18 @@ import random
 import re
 from dataclasses import dataclass
 
+# dnspython imports a record type's class when it first parses one, and falls back to a generic record
+# without fields when that fails. The rdtypes imported here are loaded before the privilege switch with the
+# rest of delivery/ (`privsep.preload`): the types this module reads, and those a server puts beside them.
 import dns.exception
 import dns.name
 import dns.rdatatype
+import dns.rdtypes.ANY.CNAME  # noqa: F401
+import dns.rdtypes.ANY.MX  # noqa: F401
+import dns.rdtypes.ANY.NS  # noqa: F401
+import dns.rdtypes.ANY.SOA  # noqa: F401
+import dns.rdtypes.IN.A  # noqa: F401
+import dns.rdtypes.IN.AAAA  # noqa: F401
 import dns.resolver
 
 from pymta.errors import EX_TEMPFAIL, EX_UNAVAILABLE, PymtaError

@@ -70,9 +70,10 @@ if TYPE_CHECKING:
 # the list cannot go stale ...
 PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery")
 # ... and the modules the standard library imports on first use, which no import statement of pymta shows
-# (time.strptime, email's parser and policies, the IDNA codec). tests/test_preload.py holds both: every
-# import inside a function of those packages is loaded by then, and each name here is still needed.
-PRELOAD_STDLIB = ("_strptime", "email.parser", "email.policy", "encodings.idna")
+# (time.strptime, email's policies; email's parser and the IDNA codec now come with dnspython, imported by
+# delivery/mx.py). tests/test_preload.py holds both: every import inside a function of those packages is
+# loaded by then, and each name here is still needed.
+PRELOAD_STDLIB = ("_strptime", "email.policy")
 
 
 def preload() -> list[str]:
