@@ -33,10 +33,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# What a listing reads of a queue file at first: the envelope line is almost always shorter.
+_HEAD = 8192
 
 
 def is_queue_id(name: str) -> bool:
-    """Whether `name` is what `new_id` makes: 24 lower-case hexadecimal digits."""
+    """Whether `name` is what `new_id` makes (now or in earlier versions): 24 lower-case hex digits."""
     return len(name) == 24 and all(char in "0123456789abcdef" for char in name)
 
 
@@ -74,27 +76,42 @@ class SpoolDirectory:
         except FileNotFoundError:
             return
 
-    def read_entry(self, location: str, name: str) -> QueueEntry:
-        """Read the envelope of new/NAME or queue/NAME, and state/NAME if there is one."""
+    def read_entry(
+        self, location: str, name: str, dir_fd: int | None = None, state_fd: int | None = None
+    ) -> QueueEntry:
+        """Read the envelope of new/NAME or queue/NAME, and state/NAME if there is one. `dir_fd` and
+        `state_fd` (descriptors of that directory and of state/) spare a listing the lookup of each path.
+
+        The envelope line comes from the file's first bytes (one pread; a longer line, up to
+        MAX_ENVELOPE_LINE, takes a second): the message itself is not read."""
         import stat
 
         path = os.path.join(self.dir(location), name)
-        fd = os.open(path, READ_FLAGS)
+        fd = os.open(path if dir_fd is None else name, READ_FLAGS, dir_fd=dir_fd)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise ValueError("not a regular file")
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                line = handle.readline(MAX_ENVELOPE_LINE)
+            head = os.pread(fd, _HEAD, 0)
+            end = head.find(b"\n")
+            if end < 0 and len(head) == _HEAD:
+                head = os.pread(fd, MAX_ENVELOPE_LINE, 0)
+                end = head.find(b"\n")
         finally:
             os.close(fd)
-        if not line.endswith(b"\n"):
+        if end < 0:
             raise ValueError("no envelope line: not a pymta queue file")
-        envelope = parse_envelope(line)
-        state = self.read_state(name, time_field(envelope, "queued_at", 0)) if location == "queue" else None
-        return QueueEntry(location, path, envelope, state, info.st_size - len(line), info.st_uid)
+        envelope = parse_envelope(head[: end + 1])
+        state = (
+            self.read_state(name, time_field(envelope, "queued_at", 0), state_fd)
+            if location == "queue"
+            else None
+        )
+        return QueueEntry(location, path, envelope, state, info.st_size - end - 1, info.st_uid)
 
-    def read_state(self, name: str, queued_at: float = 0.0) -> MessageState | None:
+    def read_state(
+        self, name: str, queued_at: float = 0.0, state_fd: int | None = None
+    ) -> MessageState | None:
         """state/NAME (`MessageState`; without a next attempt, due from `queued_at`), or None when there is
         none. Opened without following a link or waiting on
         a FIFO, and read only when it is a regular file of at most MAX_STATE_SIZE bytes: whatever the
@@ -102,13 +119,17 @@ class SpoolDirectory:
         import stat
 
         try:
-            fd = os.open(os.path.join(self.dir("state"), name), READ_FLAGS)
+            if state_fd is None:
+                fd = os.open(os.path.join(self.dir("state"), name), READ_FLAGS)
+            else:
+                fd = os.open(name, READ_FLAGS, dir_fd=state_fd)
         except FileNotFoundError:
             return None  # never tried: the common case on the flush's hot path, so no file object is made
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 raise ValueError("state file is not a regular file")
-            data = read_all(fd, limit=MAX_STATE_SIZE + 1)
+            data = read_all(fd, min(info.st_size, MAX_STATE_SIZE), limit=MAX_STATE_SIZE + 1)
             if len(data) > MAX_STATE_SIZE:
                 raise ValueError(f"state file is larger than {MAX_STATE_SIZE} bytes")
         finally:

@@ -432,8 +432,8 @@ def parse_envelope(line: bytes) -> dict[str, object]:
     """The envelope line of a queue file as a dict; ValueError when it is not one of ours."""
     import json
 
-    try:
-        envelope = json.loads(line)
+    try:  # decoded first: json.loads of bytes guesses their encoding, a cost a listing pays per message
+        envelope = json.loads(line.decode())
     except (ValueError, RecursionError):  # RecursionError: arrays nested 200,000 deep
         raise ValueError("the envelope line is not JSON: not a pymta queue file") from None
     if not isinstance(envelope, dict) or envelope.get("v") != ENVELOPE_VERSION:
@@ -446,7 +446,7 @@ def parse_state(data: bytes, queued_at: float = 0.0) -> MessageState:
     import json
 
     try:
-        value = json.loads(data)
+        value = json.loads(data.decode())
     except RecursionError:
         raise ValueError("state file is nested too deeply") from None
     return MessageState.from_json(value, queued_at)

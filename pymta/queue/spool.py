@@ -39,9 +39,13 @@ from pymta.queue.commit import SUBDIRS as SUBDIRS
 from pymta.queue.commit import SUBMIT_MIN_FREE as SUBMIT_MIN_FREE
 from pymta.queue.commit import real_user as real_user
 from pymta.queue.directory import quoted, unlink_quietly, write_error
-from pymta.queue.entry import MessageState, QueueEntry
+from pymta.queue.entry import NEVER, MessageState, QueueEntry
 from pymta.queue.locks import Locks
 from pymta.queue.pickup import PickUp, PickUpBudget
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # A writer killed mid-message leaves tmp/ID behind; Maildir's rule says such files may go after 36 hours.
 STALE_TMP_AGE = 36 * 3600
@@ -102,29 +106,62 @@ class Spool(PickUp, Locks):
 
     # -- the read side (pymta queue, mailq, the flush) --
     def entries(self) -> tuple[list[QueueEntry], list[str]]:
-        """Every committed message, oldest first, and a line for each entry that could not be read.
+        """Every committed message, oldest first, and a line for each entry that could not be read
+        (`scan`, held in lists)."""
+        found: list[QueueEntry] = []
+        problems: list[str] = []
+        for item in self.scan():
+            if isinstance(item, str):
+                problems.append(item)
+            else:
+                found.append(item)
+        return found, problems
+
+    def scan(self) -> Iterator[QueueEntry | str]:
+        """Every committed message, oldest first (by id: `new_id`), read one at a time as it is yielded,
+        and a line (a str) for each entry that could not be read. Only the names are held, so a listing
+        of 100,000 messages starts printing at once and holds one message at a time.
 
         Of one user's files waiting in new/ (root's and ours aside) no more than `MAX_PICKUP_PER_USER` are
         read, as the pick-up does: 300,000 files dropped there would make every listing and every user's
-        view (`pymta.queue.views`) huge. One line says how many more there are."""
-        found: list[QueueEntry] = []
-        problems: list[str] = []
+        view (`pymta.queue.views`) huge. One line says how many more there are (at the end).
+
+        PermissionError (at once, not when the first is read) when this user may not list the spool."""
         budget = PickUpBudget(self)
-        for location in ("new", "queue"):
-            for name in self._names(location):
+        names: list[tuple[str, str]] = []
+        problems: list[str] = []
+        for name in self._names("new"):  # before queue/: one picked up meanwhile is found there
+            try:
+                if budget.admits(os.lstat(os.path.join(self.dir("new"), name)).st_uid):
+                    names.append((name, "new"))
+            except FileNotFoundError:
+                continue  # picked up or deleted while we looked
+            except OSError as exc:
+                problems.append(f"new/{quoted(name)}: {exc}")
+        names.extend((name, "queue") for name in self._names("queue"))
+        names.sort()
+        return self._read_listed(names, problems, budget)
+
+    def _read_listed(
+        self, names: list[tuple[str, str]], problems: list[str], budget: PickUpBudget
+    ) -> Iterator[QueueEntry | str]:
+        yield from problems
+        fds = {location: _open_dir_quietly(self.dir(location)) for location in ("new", "queue", "state")}
+        try:
+            for name, location in names:
                 try:
-                    if location == "new" and not budget.admits(
-                        os.lstat(os.path.join(self.dir("new"), name)).st_uid
-                    ):
-                        continue
-                    found.append(self.read_entry(location, name))
+                    yield self.read_entry(location, name, fds[location], fds["state"])
                 except FileNotFoundError:
                     continue  # picked up or deleted while we looked
                 except (OSError, ValueError) as exc:
-                    problems.append(f"{location}/{quoted(name)}: {exc}")
-        budget.report(problems.append)
-        found.sort(key=lambda entry: (entry.queued_at, entry.id))
-        return found, problems
+                    yield f"{location}/{quoted(name)}: {exc}"
+        finally:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+        left: list[str] = []
+        budget.report(left.append)
+        yield from left
 
     def remove_stale_tmp(self, now: float) -> int:
         """Remove submissions abandoned mid-write (their writer was killed); return how many."""
@@ -141,13 +178,35 @@ class Spool(PickUp, Locks):
 
     def due(self, now: float) -> list[str]:
         """The ids in queue/ whose next attempt has come, oldest submission first. Reads no file."""
-        times = {}
-        for name in self._names("state"):
-            try:
-                times[name] = os.stat(os.path.join(self.dir("state"), name)).st_mtime
-            except FileNotFoundError:
-                continue
-        return sorted(name for name in self._names("queue") if times.get(name, 0.0) <= now)
+        return self.schedule(now)[0]
+
+    def schedule(self, now: float) -> tuple[list[str], list[str]]:
+        """The ids in queue/ whose next attempt has come (`due`), and those parked with no attempt planned
+        (their state's mtime is NEVER: failed or held, what `ops.expire_failed` looks at), each sorted:
+        one stat of state/ID per queued message and no file read, and nothing held of the others (an idle
+        flush of 100,000 deferred messages holds two empty lists)."""
+        due: list[str] = []
+        parked: list[str] = []
+        state_fd = _open_dir_quietly(self.dir("state"))
+        try:
+            for name in self._names("queue"):
+                try:
+                    if state_fd is None:
+                        mtime = os.stat(os.path.join(self.dir("state"), name)).st_mtime
+                    else:
+                        mtime = os.stat(name, dir_fd=state_fd).st_mtime
+                except OSError:  # never tried; or a state the delivery cannot read either and sets aside
+                    mtime = 0.0
+                if mtime <= now:
+                    due.append(name)
+                elif mtime >= NEVER:
+                    parked.append(name)
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
+        due.sort()
+        parked.sort()
+        return due, parked
 
     def write_state(self, name: str, state: MessageState, next_attempt: float) -> None:
         """Replace state/NAME atomically and durably; its mtime records `next_attempt`. Raises SpoolError
@@ -167,3 +226,13 @@ class Spool(PickUp, Locks):
         finished)."""
         for name in self._names("done"):
             unlink_quietly(os.path.join(self.dir("done"), name))
+
+
+def _open_dir_quietly(path: str) -> int | None:
+    """A descriptor of the directory `path` to open names in; None when it cannot be opened (then each
+    name is opened by its path, and fails or not as it would)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
