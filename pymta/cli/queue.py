@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,11 +21,11 @@ import click
 from pymta import log
 from pymta.cli.options import complete_queue_ids, name_config_for_subcommands
 from pymta.config.load import load
-from pymta.config.model import Config
+from pymta.config.model import Config, parse_duration
 from pymta.delivery.privsep import become_spool_owner
 from pymta.errors import ConfigError
-from pymta.queue import contract, listing
 from pymta.queue import ids as queue_ids
+from pymta.queue import listing
 from pymta.queue import ops as queue_ops
 from pymta.submission.submit import read_settings
 
@@ -49,6 +50,11 @@ IDS_HELP = """\b
 ID is a full queue id or a unique prefix of at least 4 of its digits, as
 `pymta queue` lists them; an ambiguous prefix is refused with its candidates."""
 
+FILTERS_HELP = """\b
+Instead of ids, --sender, --recipient, --older-than (and, where the command
+has it, --state) choose the messages: every message they all match."""
+
+
 JSON_RESULTS = """\b
 With --json: a JSON array with one object per id: argument (as given), id
 (the full id, or null), ok, result (a word: held, released, due now,
@@ -57,19 +63,16 @@ busy, ...), detail (the line printed without --json), exit_code, state (the
 message's state afterwards, or null) and candidates (of an ambiguous prefix)."""
 
 STATE_CHOICE = click.Choice(queue_ops.STATES)
+CONFIG_OPTION = click.option(
+    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
+)
 
 
 def _options(*, results: bool = True) -> Callable[[F], F]:
     """--json, -C and (for commands that change messages) the hidden --wait."""
 
     def decorate(function: F) -> F:
-        function = click.option(
-            "-C",
-            "--config",
-            "config_file",
-            metavar="FILE",
-            help="Read this config file instead of the usual ones.",
-        )(function)
+        function = CONFIG_OPTION(function)
         function = click.option(
             "--json",
             "as_json",
@@ -137,20 +140,88 @@ def _logger(config: Config) -> logging.Logger:
     return log.setup(target=config.log)
 
 
+def _filter_options(*, states: bool = True) -> Callable[[F], F]:
+    """--state (where it is not an option of its own), --sender, --recipient and --older-than."""
+
+    def decorate(function: F) -> F:
+        function = click.option(
+            "--older-than",
+            metavar="AGE",
+            callback=_duration,
+            help="Only messages queued longer ago than AGE (90s, 30m, 4h, 2d, 1w).",
+        )(function)
+        function = click.option(
+            "--recipient",
+            "recipients",
+            metavar="ADDRESS",
+            multiple=True,
+            help="Only messages to ADDRESS (or any address @domain) still to be delivered (repeatable).",
+        )(function)
+        function = click.option(
+            "--sender",
+            "senders",
+            metavar="ADDRESS",
+            multiple=True,
+            help="Only messages from ADDRESS (@domain: any sender there; <>: the null sender) (repeatable).",
+        )(function)
+        if states:
+            function = click.option(
+                "--state",
+                "states",
+                type=STATE_CHOICE,
+                multiple=True,
+                help="Only messages in this state (repeatable).",
+            )(function)
+        return function
+
+    return decorate
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an age: give 90s, 30m, 4h, 2d or 1w") from None
+
+
+class _Listing:
+    """The options of a listing, given to `pymta queue` or to `pymta queue list`."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        parent = click.get_current_context().find_root().meta.get("pymta.queue.listing", {})
+        self.as_json = bool(params["as_json"] or parent.get("as_json"))
+        self.summary = bool(params["summary"] or parent.get("summary"))
+        self.config_file = params["config_file"] or parent.get("config_file")
+        self.filter = listing.Filter(
+            params["states"] or parent.get("states", ()),
+            params["senders"] or parent.get("senders", ()),
+            params["recipients"] or parent.get("recipients", ()),
+            params["older_than"] if params["older_than"] is not None else parent.get("older_than"),
+        )
+
+
+def _listing_options(function: F) -> F:
+    function = CONFIG_OPTION(function)
+    function = _filter_options()(function)
+    function = click.option(
+        "--summary", is_flag=True, help="Count the messages by state, by destination domain and by age."
+    )(function)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print a JSON array (the format scripts rely on)."
+    )(function)
+
+
 @click.group("queue", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the format scripts rely on).")
-@click.option(
-    "--state", "states", type=STATE_CHOICE, multiple=True, help="Only messages in this state (repeatable)."
-)
-@click.option(
-    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
-)
+@_listing_options
 @click.pass_context
-def queue_group(ctx: click.Context, as_json: bool, states: tuple[str, ...], config_file: str | None) -> None:
+def queue_group(ctx: click.Context, /, **params: Any) -> None:
     """See what is waiting in the queue, and why; hold, release, retry, delete or bounce messages.
 
-    With no subcommand, lists the queue like `pymta queue list`: one line per message with its id, age,
-    size, state, sender and the recipients still to be delivered, and the last error below it.
+    With no subcommand, lists the queue like `pymta queue list`: the messages grouped by why they wait
+    (the largest group first), one line per message with its id, age, size, state, sender and the
+    recipients still to be delivered. --summary counts them instead.
 
     \b
     With --json: a JSON array, one object per message with id, state (queued, deferred, held, failed),
@@ -163,27 +234,30 @@ def queue_group(ctx: click.Context, as_json: bool, states: tuple[str, ...], conf
     messages, as the last delivery run published them, and may change none (exit 77). Run as root, the
     commands do their work as the spool's owner.
     """
-    ctx.meta["pymta.queue.json"] = as_json
-    ctx.meta["pymta.queue.config"] = config_file
-    name_config_for_subcommands(ctx, config_file)
+    ctx.meta["pymta.queue.json"] = params["as_json"]
+    ctx.meta["pymta.queue.config"] = params["config_file"]
+    ctx.meta["pymta.queue.listing"] = params
+    name_config_for_subcommands(ctx, params["config_file"])
     if ctx.invoked_subcommand is None:
-        ctx.invoke(list_queue, as_json=as_json, states=states, config_file=config_file)
+        ctx.invoke(list_queue, **params)
 
 
 @queue_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the format scripts rely on).")
-@click.option(
-    "--state", "states", type=STATE_CHOICE, multiple=True, help="Only messages in this state (repeatable)."
-)
-@click.option(
-    "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
-)
-def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) -> None:
-    """List the queued messages, oldest first.
+@_listing_options
+def list_queue(**params: Any) -> None:
+    """List the queued messages, oldest first, grouped by why they wait.
+
+    Messages that wait for the same reason (their state and last error) are listed under one line that
+    gives how many and why, the largest group first. `mailq` stays the sendmail-style view: every message
+    in order, its last error below it.
 
     --state keeps only the messages in that state: queued (not tried yet), deferred (waiting for its next
     attempt), held (by `pymta queue hold`) or failed (every recipient done, some failed; kept for
-    failed_retention, 7 days by default, so you can see what was bounced). `mailq` stays the quick view.
+    failed_retention, 7 days by default, so you can see what was bounced). --sender, --recipient and
+    --older-than narrow it down further (the commands that change messages take them too).
+
+    --summary counts the messages instead: by state, and per destination domain by age (under 5 minutes,
+    an hour, 4 hours, a day, 2 days, 7 days, and older), as Postfix's qshape does.
 
     In system mode a user other than root and the spool's owner sees only their own messages, as the
     last delivery run left them, after a line that says so (with --json: only their objects).
@@ -194,28 +268,47 @@ def list_queue(as_json: bool, states: tuple[str, ...], config_file: str | None) 
     \b
     The JSON has one object per message with: id, state (queued, deferred, held, failed), sender ("" is
     the null sender), recipients (address, status, last_error), size, submitted_by, queued_at,
-    next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error.
+    next_attempt (ISO 8601, UTC; null when none is planned), attempts and last_error. It is written one
+    object a line, each as soon as its message is read. With --summary: one object with messages, size,
+    by_state, by_age and by_domain (a list of domain, messages, by_age).
     """
-    parent = click.get_current_context().find_root().meta
-    as_json = as_json or bool(parent.get("pymta.queue.json"))
-    spool, status = _spool_to_list(config_file or parent.get("pymta.queue.config"))
+    options = _Listing(params)
+    spool, status = _spool_to_list(options.config_file)
     _become_spool_owner(spool)
     visible = listing.load_visible(spool)
-    for problem in visible.problems:
-        click.echo(f"pymta: cannot read {problem}", err=True)
-    entries = visible.entries
-    if states:
-        entries = [entry for entry in entries if entry.state in states]
-    if as_json:
-        click.echo(json.dumps([contract.entry_to_json(entry) for entry in entries], indent=2))
+    entries = options.filter.apply(visible.reported(_problem))
+    write = sys.stdout.write
+    if options.summary:
+        summary = listing.summarize(entries)
+        if options.as_json:
+            write(json.dumps(summary.to_json(), indent=2) + "\n")
+        else:
+            write("".join(line + "\n" for line in [*listing.view_notes(visible), *summary.lines()]))
+    elif options.as_json:
+        listing.write_json(entries, write)
     else:
         for note in listing.view_notes(visible):
-            click.echo(note)
-        if states and not entries:
-            click.echo(f"No {' or '.join(states)} messages in the queue")
-        elif entries or not visible.own_view:
-            click.echo("\n".join(listing.format_table(entries)))
+            write(note + "\n")
+        if options.filter:
+            lines = listing.grouped_lines(entries)
+            first = next(lines)
+            if first == "Mail queue is empty":
+                states = options.filter.states
+                only_states = states and not (options.filter.senders or options.filter.recipients)
+                if only_states and options.filter.older_than is None:
+                    write(f"No {' or '.join(sorted(states))} messages in the queue\n")
+                else:
+                    write("No messages in the queue match\n")
+            else:
+                write("".join(line + "\n" for line in (first, *lines)))
+        elif visible.entries or not visible.own_view:
+            write("".join(line + "\n" for line in listing.grouped_lines(entries)))
+    sys.stdout.flush()
     click.get_current_context().exit(status)
+
+
+def _problem(line: str) -> None:
+    click.echo(f"pymta: cannot read {line}", err=True)
 
 
 @queue_group.command("show")
@@ -289,9 +382,10 @@ With several ids, the status is that of the first id that failed."""
 
 
 @queue_group.command("hold")
-@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1, required=True)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1)
+@_filter_options()
 @_options()
-def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float) -> None:
+def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float, **filters: Any) -> None:
     """Hold messages: keep them in the queue, undelivered, until released.
 
     A held message is never delivered, not even by `pymta flush --now` or `sendmail -q`, and never expires:
@@ -305,7 +399,10 @@ def hold(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: flo
     delivered); past that it says so and exits 75.
     """
     as_json, config = _settings(as_json, config_file, "hold")
-    _report(queue_ops.hold(config, list(ids), wait=wait, logger=_logger(config)), as_json)
+    targets = _targets(ids, False, (), config, filters)
+    if targets is None:
+        return _nothing(as_json, "No messages in the queue match")
+    _report(queue_ops.hold(config, targets, wait=wait, logger=_logger(config)), as_json)
 
 
 @queue_group.command("release")
@@ -328,8 +425,11 @@ def release(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: 
 @queue_group.command("retry")
 @click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Every deferred message.")
+@_filter_options(states=False)
 @_options()
-def retry(ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | None, wait: float) -> None:
+def retry(
+    ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | None, wait: float, **filters: Any
+) -> None:
     """Make messages due now, instead of at their next retry time.
 
     The next flush tries them (run `pymta flush` to try at once; `pymta flush --now` and `sendmail -q`
@@ -340,7 +440,7 @@ def retry(ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | N
     failed one (exit 64 for either); it waits for a running delivery as hold does.
     """
     as_json, config = _settings(as_json, config_file, "retry")
-    targets = _targets(ids, every, ("deferred",), config)
+    targets = _targets(ids, every, ("deferred",), config, filters)
     if targets is None:
         return _nothing(as_json, "No deferred messages to retry")
     _report(queue_ops.retry(config, targets, wait=wait, logger=_logger(config)), as_json)
@@ -355,6 +455,7 @@ def retry(ids: tuple[str, ...], every: bool, as_json: bool, config_file: str | N
     "--state", "states", type=STATE_CHOICE, multiple=True, help="With --all: messages in this state."
 )
 @click.option("--yes", is_flag=True, help="With --all and no --state: really delete every message.")
+@_filter_options(states=False)
 @_options()
 def delete(
     ids: tuple[str, ...],
@@ -364,6 +465,7 @@ def delete(
     as_json: bool,
     config_file: str | None,
     wait: float,
+    **filters: Any,
 ) -> None:
     """Delete messages from the queue, without telling their senders.
 
@@ -375,14 +477,15 @@ def delete(
     It never sends anything. It waits for a running delivery as hold does, so a message is never deleted
     in the middle of being sent; one delivered meanwhile is reported as no longer in the queue.
     """
-    if states and not every:
+    narrowed = _narrowed(filters)
+    if states and not every and not narrowed:
         raise click.UsageError("--state selects messages for --all; give --all --state STATE, or ids")
-    if every and not states and not yes:
+    if every and not states and not narrowed and not yes:
         raise click.UsageError(
             "refusing to delete every message: add --state STATE to choose which, or --yes to delete them all"
         )
     as_json, config = _settings(as_json, config_file, "delete")
-    targets = _targets(ids, every, states, config)
+    targets = _targets(ids, every or bool(states), states, config, filters)
     if targets is None:
         return _nothing(
             as_json, f"No {' or '.join(states)} messages to delete" if states else "Nothing to delete"
@@ -391,9 +494,10 @@ def delete(
 
 
 @queue_group.command("bounce")
-@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1, required=True)
+@click.argument("ids", metavar="ID...", shell_complete=complete_queue_ids, nargs=-1)
+@_filter_options()
 @_options()
-def bounce(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float) -> None:
+def bounce(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: float, **filters: Any) -> None:
     """Give up on messages now, and tell their senders.
 
     Every recipient not yet delivered fails with the reason "bounced by the administrator"; recipients
@@ -407,24 +511,47 @@ def bounce(ids: tuple[str, ...], as_json: bool, config_file: str | None, wait: f
     as hold does.
     """
     as_json, config = _settings(as_json, config_file, "bounce")
-    _report(queue_ops.bounce(config, list(ids), wait=wait, logger=_logger(config)), as_json)
+    targets = _targets(ids, False, (), config, filters)
+    if targets is None:
+        return _nothing(as_json, "No messages in the queue match")
+    _report(queue_ops.bounce(config, targets, wait=wait, logger=_logger(config)), as_json)
 
 
 for _command in (hold, release, retry, delete, bounce):
+    _filters = "" if _command is release else f"\n\n{FILTERS_HELP}"
     _command.help = (
-        f"{inspect.cleandoc(_command.help or '')}\n\n{IDS_HELP}\n\n{JSON_RESULTS}\n\n{EXIT_STATUS}"
+        f"{inspect.cleandoc(_command.help or '')}\n\n{IDS_HELP}{_filters}\n\n{JSON_RESULTS}\n\n{EXIT_STATUS}"
     )
 
 
-def _targets(ids: tuple[str, ...], every: bool, states: tuple[str, ...], config: Config) -> list[str] | None:
-    """The ids to act on: those given, or with --all the messages in `states`; None when --all finds none."""
-    if every and ids:
-        raise click.UsageError("give ids or --all, not both")
-    if not every and not ids:
-        raise click.UsageError("give at least one id (or --all)")
-    if not every:
+def _narrowed(filters: dict[str, Any]) -> bool:
+    return any(value not in (None, ()) for value in filters.values())
+
+
+def _targets(
+    ids: tuple[str, ...],
+    every: bool,
+    states: tuple[str, ...],
+    config: Config,
+    filters: dict[str, Any] | None = None,
+) -> list[str] | None:
+    """The ids to act on: those given, or with --all (or the filters: `_filter_options`) the messages in
+    `states` that the filters match; None when these find none."""
+    filters = filters or {}
+    narrowed = _narrowed(filters)
+    if (every or narrowed) and ids:
+        raise click.UsageError("give ids, or --all and filters (--sender, --recipient, ...), not both")
+    if not every and not narrowed and not ids:
+        raise click.UsageError("give at least one id (or --all, or a filter: --sender, --recipient, ...)")
+    if ids:
         return list(ids)
-    return queue_ops.select(config, states) or None
+    wanted = listing.Filter(
+        filters.get("states") or (),
+        filters.get("senders", ()),
+        filters.get("recipients", ()),
+        filters.get("older_than"),
+    )
+    return queue_ops.select(config, states, wanted) or None
 
 
 def _nothing(as_json: bool, line: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 
 from pymta.errors import EX_OK, PermissionDeniedError
 from pymta.queue import views
@@ -84,31 +85,242 @@ def human_size(size: int) -> str:
     return f"{size / (1024 * 1024):.1f}M"
 
 
-def format_table(entries: list[QueueEntry], now: float | None = None) -> list[str]:
-    """The queue as lines of text: a header, a line per message (and its last error), a total."""
-    if not entries:
-        return ["Mail queue is empty"]
+# The width of the ID column: what `new_id` makes (a longer id, from a hand-made drop, widens its own line).
+ID_WIDTH = 24
+
+
+def table_header() -> str:
+    return f"{'ID':<{ID_WIDTH}}  {'AGE':>4}  {'SIZE':>6}  {'STATE':<8}  SENDER -> RECIPIENTS"
+
+
+def pending(entry: QueueEntry) -> list[str]:
+    """The recipients still to be delivered (or that failed): what the listing shows and filters match."""
+    return [r.address for r in entry.recipients if r.status not in ("delivered", "expanded")]
+
+
+def table_row(entry: QueueEntry, now: float) -> str:
+    """A message's line in the table: id, age, size, state, sender and the recipients left."""
+    return (
+        f"{entry.id:<{ID_WIDTH}}  {human_age(now - entry.queued_at):>4}  {human_size(entry.size):>6}  "
+        f"{entry.state:<8}  {entry.sender or '<>'} -> {', '.join(pending(entry)) or '(all delivered)'}"
+    )
+
+
+class Totals:
+    """What the last line of a listing says: how many messages, their size, how many no one was told of."""
+
+    __slots__ = ("count", "size", "untold")
+
+    def __init__(self) -> None:
+        self.count = self.size = self.untold = 0
+
+    def add(self, entry: QueueEntry) -> None:
+        self.count += 1
+        self.size += entry.size
+        self.untold += untold(entry)
+
+    def lines(self) -> list[str]:
+        lines = [f"-- {self.count} message{'s' if self.count != 1 else ''}, {human_size(self.size)} in total"]
+        summary = untold_summary(self.untold)
+        if summary is not None:
+            lines.append(f"-- {summary} ({UNTOLD_FIX})")
+        return lines
+
+
+def table_lines(entries: Iterable[QueueEntry], now: float | None = None) -> Iterator[str]:
+    """`mailq`: a header, a line per message with its last error below it, a total; each line as soon as
+    its message is read (a listing of 100,000 messages starts at once and holds one message)."""
     now = time.time() if now is None else now
-    width = max(len(entry.id) for entry in entries)
-    lines = [f"{'ID':<{width}}  {'AGE':>4}  {'SIZE':>6}  {'STATE':<8}  SENDER -> RECIPIENTS"]
+    totals = Totals()
     for entry in entries:
-        sender = entry.sender or "<>"
-        pending = [r.address for r in entry.recipients if r.status not in ("delivered", "expanded")]
-        lines.append(
-            f"{entry.id:<{width}}  {human_age(now - entry.queued_at):>4}  {human_size(entry.size):>6}  "
-            f"{entry.state:<8}  {sender} -> {', '.join(pending) or '(all delivered)'}"
-        )
+        if not totals.count:
+            yield table_header()
+        totals.add(entry)
+        yield table_row(entry, now)
         if entry.last_error:
-            lines.append(f"{'':<{width}}  ({entry.last_error})")
+            yield f"{'':<{ID_WIDTH}}  ({entry.last_error})"
         if untold(entry):
-            lines.append(f"{'':<{width}}  ({UNTOLD_NOTE})")
-    total = sum(entry.size for entry in entries)
-    count = len(entries)
-    lines.append(f"-- {count} message{'s' if count != 1 else ''}, {human_size(total)} in total")
-    summary = untold_summary(sum(1 for entry in entries if untold(entry)))
-    if summary is not None:
-        lines.append(f"-- {summary} ({UNTOLD_FIX})")
-    return lines
+            yield f"{'':<{ID_WIDTH}}  ({UNTOLD_NOTE})"
+    if not totals.count:
+        yield "Mail queue is empty"
+        return
+    yield from totals.lines()
+
+
+def format_table(entries: Iterable[QueueEntry], now: float | None = None) -> list[str]:
+    """The queue as lines of text (`table_lines`)."""
+    return list(table_lines(entries, now))
+
+
+def reason(entry: QueueEntry) -> str:
+    """Why a message waits, as `pymta queue` groups them: its state and its last error (held: held)."""
+    if entry.state == "held":
+        return "held"
+    if entry.state == "queued" and not entry.last_error:
+        return "queued: not tried yet"
+    return f"{entry.state}: {printable(entry.last_error)}" if entry.last_error else entry.state
+
+
+def grouped_lines(entries: Iterable[QueueEntry], now: float | None = None) -> Iterator[str]:
+    """`pymta queue`: the messages grouped by why they wait (`reason`), the largest group first, each
+    under one line that gives its count and reason once, oldest first within it; then the total. Only a
+    line per message is held until the end, not the messages."""
+    now = time.time() if now is None else now
+    totals = Totals()
+    groups: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for entry in entries:
+        totals.add(entry)
+        why = reason(entry)
+        counts[why] = counts.get(why, 0) + 1
+        rows = groups.setdefault(why, [])
+        rows.append(table_row(entry, now))
+        if untold(entry):
+            rows.append(f"{'':<{ID_WIDTH}}  ({UNTOLD_NOTE})")
+    if not totals.count:
+        yield "Mail queue is empty"
+        return
+    yield table_header()
+    for why in sorted(groups, key=lambda why: -counts[why]):  # stable: equal groups by their oldest
+        yield ""
+        yield f"{counts[why]} {why}"
+        yield from groups.pop(why)
+    yield ""
+    yield from totals.lines()
+
+
+# Age columns of `pymta queue --summary` (after Postfix's qshape, in fewer and rounder steps): a message
+# counts in the first whose bound its age is under; the last column takes the rest.
+AGE_BUCKETS: tuple[tuple[str, float], ...] = (("<5m", 300), ("<1h", 3600), ("<4h", 4 * 3600), ("<1d", 86400))
+AGE_BUCKETS += (("<2d", 2 * 86400), ("<7d", 7 * 86400), (">=7d", float("inf")))
+
+
+def domain_of(address: str) -> str:
+    """The domain an address goes to, lower-case ("" for an address without one)."""
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
+class Summary:
+    """`pymta queue --summary`: the messages counted by state, by age and, per destination domain of the
+    recipients still to be delivered, by age (a message to two domains counts in each)."""
+
+    __slots__ = ("totals", "states", "ages", "domains")
+
+    def __init__(self) -> None:
+        self.totals = Totals()
+        self.states: dict[str, int] = dict.fromkeys(("queued", "deferred", "held", "failed"), 0)
+        self.ages = [0] * len(AGE_BUCKETS)
+        self.domains: dict[str, list[int]] = {}
+
+    def add(self, entry: QueueEntry, now: float) -> None:
+        self.totals.add(entry)
+        self.states[entry.state] = self.states.get(entry.state, 0) + 1
+        age = now - entry.queued_at
+        bucket = next(number for number, (_, bound) in enumerate(AGE_BUCKETS) if age < bound)
+        self.ages[bucket] += 1
+        for domain in sorted({domain_of(address) for address in pending(entry)}):
+            self.domains.setdefault(domain, [0] * len(AGE_BUCKETS))[bucket] += 1
+
+    def by_domain(self) -> list[tuple[str, list[int]]]:
+        """The domains, those with the most messages first (then by name)."""
+        return sorted(self.domains.items(), key=lambda item: (-sum(item[1]), item[0]))
+
+    def lines(self) -> list[str]:
+        if not self.totals.count:
+            return ["Mail queue is empty"]
+        lines = ["STATE        MESSAGES"]
+        lines += [f"{state:<10}  {count:>9}" for state, count in self.states.items()]
+        rows = [("TOTAL", self.ages), *self.by_domain()]
+        width = max(len("DOMAIN"), *(len(name or "(none)") for name, _ in rows))
+        ages = "".join(f"  {label:>6}" for label, _ in AGE_BUCKETS)
+        lines += ["", f"{'DOMAIN':<{width}}  {'TOTAL':>7}{ages}"]
+        for name, counts in rows:
+            cells = "".join(f"  {count:>6}" for count in counts)
+            lines.append(f"{printable(name or '(none)'):<{width}}  {sum(counts):>7}{cells}")
+        return [*lines, "", *self.totals.lines()]
+
+    def to_json(self) -> dict[str, object]:
+        labels = [label for label, _ in AGE_BUCKETS]
+        return {
+            "messages": self.totals.count,
+            "size": self.totals.size,
+            "by_state": self.states,
+            "by_age": dict(zip(labels, self.ages, strict=True)),
+            "by_domain": [
+                {"domain": name, "messages": sum(counts), "by_age": dict(zip(labels, counts, strict=True))}
+                for name, counts in self.by_domain()
+            ],
+        }
+
+
+def summarize(entries: Iterable[QueueEntry], now: float | None = None) -> Summary:
+    now = time.time() if now is None else now
+    summary = Summary()
+    for entry in entries:
+        summary.add(entry, now)
+    return summary
+
+
+class Filter:
+    """Which messages a listing or a queue command takes: `--state`, `--sender`, `--recipient` and
+    `--older-than`, all of them (each repeatable option: any of its values). An address matches itself
+    (case aside), `@domain` every address at that domain, and `<>` the null sender."""
+
+    __slots__ = ("states", "senders", "recipients", "older_than", "now")
+
+    def __init__(
+        self,
+        states: Iterable[str] = (),
+        senders: Iterable[str] = (),
+        recipients: Iterable[str] = (),
+        older_than: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        self.states = frozenset(states)
+        self.senders = tuple(sender.strip().lower() for sender in senders)
+        self.recipients = tuple(recipient.strip().lower() for recipient in recipients)
+        self.older_than = older_than
+        self.now = time.time() if now is None else now
+
+    def __bool__(self) -> bool:
+        """Whether it narrows anything down."""
+        return bool(self.states or self.senders or self.recipients or self.older_than is not None)
+
+    def __call__(self, entry: QueueEntry) -> bool:
+        if self.states and entry.state not in self.states:
+            return False
+        if self.senders and not any(_matches(entry.sender, wanted) for wanted in self.senders):
+            return False
+        if self.recipients and not any(
+            _matches(address, wanted) for address in pending(entry) for wanted in self.recipients
+        ):
+            return False
+        return self.older_than is None or self.now - entry.queued_at > self.older_than
+
+    def apply(self, entries: Iterable[QueueEntry]) -> Iterator[QueueEntry]:
+        return (entry for entry in entries if self(entry)) if self else iter(entries)
+
+
+def _matches(address: str, wanted: str) -> bool:
+    if wanted == "<>":
+        return address == ""
+    if wanted.startswith("@"):
+        return domain_of(address) == wanted[1:]
+    return address.lower() == wanted
+
+
+def write_json(entries: Iterable[QueueEntry], write: Callable[[str], object]) -> None:
+    """`pymta queue --json`: the array of `entry_to_json` objects, one a line, each written as soon as its
+    message is read (`[` first, `]` last), so that a reader of a large queue gets the first at once."""
+    import json
+
+    encode = json.JSONEncoder().encode
+    write("[")
+    separator = "\n"
+    for entry in entries:
+        write(separator + encode(entry_to_json(entry)))
+        separator = ",\n"
+    write("\n]\n" if separator != "\n" else "]\n")
 
 
 def details_to_json(details: Details) -> dict[str, object]:
@@ -220,15 +432,16 @@ def load(spool_path: str) -> tuple[list[QueueEntry], list[str]]:
 
 
 class Visible:
-    """What this user may see of the queue: the entries and a line per unreadable one; for a user who sees
-    only their own view (`own_view`), when the last delivery run published it (None: it found no message
-    of theirs), the limit it counted against, and who else sees the whole queue (`owner`)."""
+    """What this user may see of the queue: the entries (read as they are iterated, oldest first) and the
+    lines for unreadable ones, given to `report` as they are met; for a user who sees only their own view
+    (`own_view`), when the last delivery run published it (None: it found no message of theirs), the limit
+    it counted against, and who else sees the whole queue (`owner`)."""
 
     __slots__ = ("entries", "problems", "own_view", "published", "limit", "owner")
 
     def __init__(
         self,
-        entries: list[QueueEntry],
+        entries: Iterable[QueueEntry | str],
         problems: list[str],
         own_view: bool = False,
         published: float | None = None,
@@ -242,11 +455,22 @@ class Visible:
         self.limit = limit
         self.owner = owner
 
+    def reported(self, report: Callable[[str], object]) -> Iterator[QueueEntry]:
+        """The entries, each problem given to `report` where it is met (a user's own: first)."""
+        for problem in self.problems:
+            report(problem)
+        for item in self.entries:
+            if isinstance(item, str):
+                report(item)
+            else:
+                yield item
+
 
 def load_visible(spool_path: str) -> Visible:
-    """The whole queue when this user may read it (`load`); else, in system mode, their own view."""
+    """The whole queue when this user may read it (`Spool.scan`: read while iterated, the problems among
+    the entries as str); else, in system mode, their own view."""
     try:
-        return Visible(*Spool(spool_path).entries())
+        return Visible(Spool(spool_path).scan(), [])
     except PermissionError:
         if not views.own_view_only(spool_path):
             return Visible(*load(spool_path))  # raises PermissionDeniedError
@@ -308,7 +532,8 @@ def view_notes(visible: Visible, now: float | None = None) -> list[str]:
         since = SINCE.removeprefix("; ")
         return [f"you have no messages in the queue as of the last delivery run ({when}{since}); {whole}"]
     notes = [f"your messages as of {clock(visible.published, now)} (the last delivery run{SINCE}); {whole}"]
-    if visible.limit is not None and len(visible.entries) >= visible.limit:
+    count = len(visible.entries) if isinstance(visible.entries, list) else 0  # a view: a list
+    if visible.limit is not None and count >= visible.limit:
         notes.append(
             f"you have reached max_queued_per_user ({visible.limit}): sendmail takes no new message from "
             "you until some of these are delivered"
@@ -318,13 +543,17 @@ def view_notes(visible: Visible, now: float | None = None) -> list[str]:
 
 def print_queue(spool_path: str) -> int:
     """`mailq` and `sendmail -bp`: print the table (a user's own view: the note, then the table of their
-    messages); unreadable entries are reported on stderr."""
+    messages), a line as soon as its message is read; unreadable entries are reported on stderr."""
     visible = load_visible(spool_path)
-    lines = view_notes(visible)
-    if visible.entries or not visible.own_view:
-        lines += format_table(visible.entries)
-    for problem in visible.problems:
+
+    def report(problem: str) -> None:
         os.write(2, f"mailq: cannot read {problem}\n".encode("utf-8", "replace"))
-    sys.stdout.write("\n".join(lines) + "\n")
+
+    write = sys.stdout.write
+    for note in view_notes(visible):
+        write(note + "\n")
+    if visible.entries or not visible.own_view:
+        for line in table_lines(visible.reported(report)):
+            write(line + "\n")
     sys.stdout.flush()
     return EX_OK

@@ -41,12 +41,21 @@ from pymta.queue.ids import (
     ambiguous,
     denied,
     gone,
-    listed_names,
     resolve,
     unreadable,
     wanted_id,
 )
-from pymta.queue.listing import SINCE, Details, clock, load, own_view, untold, view_notes, whole_queue_note
+from pymta.queue.listing import (
+    SINCE,
+    Details,
+    Filter,
+    clock,
+    load,
+    own_view,
+    untold,
+    view_notes,
+    whole_queue_note,
+)
 from pymta.queue.spool import Spool, real_user
 
 TYPE_CHECKING = False
@@ -61,10 +70,15 @@ _PENDING = ("pending", "deferred")
 _POLL = 0.05
 
 
-def select(config: Config, states: tuple[str, ...]) -> list[str]:
-    """The ids of the messages in one of `states` (all of them when empty), oldest first."""
+def select(config: Config, states: tuple[str, ...], wanted: Filter | None = None) -> list[str]:
+    """The ids of the messages in one of `states` (all of them when empty) that `wanted` takes (`--sender`,
+    `--recipient`, `--older-than`), oldest first."""
     entries, _ = load(config.spool)
-    return [entry.id for entry in entries if not states or entry.state in states]
+    return [
+        entry.id
+        for entry in entries
+        if (not states or entry.state in states) and (wanted is None or wanted(entry))
+    ]
 
 
 def message_headers(message: bytes) -> list[tuple[str, str]]:
@@ -135,7 +149,11 @@ def _show_own(spool_path: str, arguments: list[str], body: bool) -> list[Details
     for argument in arguments:
         try:
             wanted = wanted_id(argument)
-            found = [entry for entry in visible.entries if entry.id.startswith(wanted)]
+            found = [
+                entry
+                for entry in visible.entries
+                if isinstance(entry, QueueEntry) and entry.id.startswith(wanted)
+            ]
             if len(found) > 1:
                 raise ambiguous(sorted(entry.id for entry in found))
             if not found:
@@ -509,7 +527,11 @@ def failed_since(entry: QueueEntry) -> float:
 
 
 def expire_failed(
-    spool: Spool, config: Config, now: float, logger: logging.Logger | None = None
+    spool: Spool,
+    config: Config,
+    now: float,
+    logger: logging.Logger | None = None,
+    parked: list[str] | None = None,
 ) -> list[str]:
     """Remove the failed messages whose failure is older than `config.failed_retention`; their ids.
 
@@ -517,13 +539,14 @@ def expire_failed(
     bounce sent, or a held one), so this costs a stat per state file. Held messages, messages whose bounce
     is still owed (`bounce_due`), messages no one was told about (`listing.untold`: they stay until an
     admin deletes them) and messages a queue command or delivery holds are left alone.
+
+    `parked`: those ids, when the caller has them from `Spool.schedule` (the flush: one stat pass for
+    both); else they are found here the same way.
     """
     logger = logger or logging.getLogger(log.LOGGER_NAME)
     removed = []
-    for name in sorted(listed_names(spool, "state")):
+    for name in spool.schedule(now)[1] if parked is None else parked:
         try:
-            if os.stat(os.path.join(spool.dir("state"), name)).st_mtime < NEVER:
-                continue
             lock = spool.lock_message(name)
         except OSError:
             continue  # gone, or no message (a link): the delivery of the queue sets that aside

@@ -235,4 +235,3 @@ def _open_dir_quietly(path: str) -> int | None:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
-
