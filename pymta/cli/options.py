@@ -58,7 +58,7 @@ def complete_queue_ids(ctx: click.Context, param: click.Parameter, incomplete: s
     try:
         spool = load(_config_named(ctx)).spool
         become_spool_owner(spool)  # as root, read the spool as its owner (pymta(1), PRIVILEGES)
-        entries = load_visible(spool).entries
+        entries = load_visible(spool).reported(lambda problem: None)  # an unreadable entry completes nothing
         return [
             CompletionItem(
                 entry.id, help=printable(", ".join(r.address for r in entry.recipients))[:COMPLETION_HELP]

@@ -108,6 +108,7 @@ class Flusher:
     _in_flight: InFlight | None = None  # the message started on a session and not yet finished
     _upcoming: str | None = None  # the due message after the one being delivered: the one to prefetch
     _prefetched: Prefetched | None = None  # that message, locked and read while a reply was awaited
+    _parked: list[str] = []  # noqa: RUF012 -- replaced, never changed: the parked ids `due` found
     _attempted: Attempt | None = None  # the attempt being recorded, for `_park` when that fails
     selection = Selection()  # the limits of this run (`sendmail -qR...`, `pymta flush --recipient`): none
 
@@ -180,7 +181,10 @@ class Flusher:
         return report
 
     def due(self, force: bool) -> list[str]:
-        return self.selection.among(self.spool, self.spool.due(NEVER - 1 if force else self.clock()))
+        """What this pass delivers; the messages parked with no attempt planned go to `_parked`, for
+        `expire_failed`: one stat per queued message finds both (`Spool.schedule`)."""
+        due, self._parked = self.spool.schedule(NEVER - 1 if force else self.clock())
+        return self.selection.among(self.spool, due)
 
     def _one_pass(
         self, report: FlushReport, force: bool, progress: Callable[[int, int], None] | None
@@ -192,11 +196,11 @@ class Flusher:
             max_queued_per_user=self.config.max_queued_per_user,
         )
         report.picked_up += len(picked)
+        due = self.due(force)  # before expiring, which removes only parked messages, never a due one
         if not report.housekeeping_done:  # once a run: another pass (for a bounce just queued) needs none
             self.spool.remove_stale_tmp(self.clock())
-            expire_failed(self.spool, self.config, self.clock(), self.log)
+            expire_failed(self.spool, self.config, self.clock(), self.log, parked=self._parked)
             report.housekeeping_done = True
-        due = self.due(force)
         if due:
             unwritable = self.spool.state_problem()
             if unwritable is not None:
