@@ -793,3 +793,10 @@ def test_library_reports_results_without_printing(mta: MtaEnv, capsys: pytest.Ca
     assert ids.exit_code(results) == 67 and ids.exit_code(results[:1]) == 0
     assert capsys.readouterr() == ("", "")
     assert os.path.exists(mta.spool / "queue" / queue_id)
+
+
+def test_show_reads_header_fields_as_the_message_module_does() -> None:
+    """`pymta queue show` unfolds what message.header_fields finds: folds joined, bad bytes replaced, a
+    blank before the colon (obsolete syntax) dropped; the block ends at the first line that is no field."""
+    message = b"Subject : a\r\n long\r\n\tsubject\r\nX-Raw: \xff\r\nnot a field\r\nTo: x@y.z\r\n\r\nbody\r\n"
+    assert queue_ops.message_headers(message) == [("Subject", "a long subject"), ("X-Raw", "\ufffd")]

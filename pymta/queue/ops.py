@@ -32,6 +32,7 @@ import time
 from pymta import log
 from pymta.config.identity import policy_of
 from pymta.errors import EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE, PermissionDeniedError
+from pymta.mail.message import header_fields
 from pymta.queue import notices, views
 from pymta.queue.directory import fsync_dir, unlink_quietly
 from pymta.queue.entry import NEVER, MessageState, QueueEntry, RecipientStatus
@@ -82,22 +83,12 @@ def select(config: Config, states: tuple[str, ...], wanted: Filter | None = None
 
 
 def message_headers(message: bytes) -> list[tuple[str, str]]:
-    """The header fields of a stored message as (name, value), unfolded, in order; undecodable bytes are
-    replaced. The header block ends at the first empty line or at the first line that is not a header."""
-    fields: list[tuple[str, str]] = []
-    for raw in message.split(b"\n"):
-        line = raw.rstrip(b"\r").decode("utf-8", "replace")
-        if not line:
-            break
-        if line[0] in " \t" and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, f"{value} {line.strip()}".strip())
-            continue
-        name, colon, value = line.partition(":")
-        name = name.rstrip(" \t")  # obsolete syntax allows blanks before the colon
-        if not colon or not name or any(char in name for char in " \t"):
-            break
-        fields.append((name, value.strip()))
+    """The header fields of a stored message as (name, value), unfolded, in order (`message.header_fields`
+    reads the header block); undecodable bytes are replaced."""
+    fields = []
+    for name, raw in header_fields(message):
+        value = raw[raw.index(b":") + 1 :].decode("utf-8", "replace")
+        fields.append((name.rstrip(" \t"), " ".join(part.strip() for part in value.splitlines()).strip()))
     return fields
 
 
