@@ -17,6 +17,7 @@ import os
 import time
 
 from pymta.fsutil import read_all
+from pymta.mail.address import has_control
 from pymta.queue.directory import (
     READ_FLAGS,
     SpoolDirectory,
@@ -431,6 +432,6 @@ def _address_problem(text: str) -> str | None:
         return "is empty"
     if len(text) > MAX_ADDRESS:
         return f"is longer than {MAX_ADDRESS} characters"
-    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+    if has_control(text):
         return "holds a control character (header injection?)"
     return None
