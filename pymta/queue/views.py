@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 
+from pymta.fsutil import open_directory
 from pymta.queue.contract import entry_to_json
 from pymta.queue.directory import SpoolDirectory, write_all
 
@@ -71,7 +72,6 @@ STALE_TMP_AGE = 3600.0
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 # --- writing (the flush, as root) ---
@@ -133,7 +133,7 @@ def _open_status_dir(spool_fd: int, queue: os.stat_result) -> int:
         os.mkdir(STATUS_DIR, 0o700, dir_fd=spool_fd)
     except FileExistsError:
         pass
-    fd = os.open(STATUS_DIR, _DIR_FLAGS, dir_fd=spool_fd)
+    fd = open_directory(STATUS_DIR, spool_fd, lookup_only=False)  # it is fchowned and fchmodded
     try:
         info = os.fstat(fd)
         if info.st_uid not in (0, queue.st_uid):
@@ -393,9 +393,6 @@ LEDGER_PREFIX = ".quota-"
 MAX_LEDGER = 1 << 20
 
 
-_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 def _open_ledger(spool_path: str, uid: int, create: bool) -> int | None:
     """tmp/.quota-UID of this user, opened (with `create`, created if missing) and locked; None when there is
     none or it cannot be used."""
@@ -406,7 +403,7 @@ def _open_ledger(spool_path: str, uid: int, create: bool) -> int | None:
         os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     )
     try:
-        tmp = os.open(os.path.join(spool_path, "tmp"), _DIRECTORY_FLAGS)
+        tmp = open_directory(os.path.join(spool_path, "tmp"))
     except OSError:
         return None
     try:
@@ -425,7 +422,7 @@ def _open_ledger(spool_path: str, uid: int, create: bool) -> int | None:
 
 def _remove_ledger(spool_path: str, uid: int) -> None:
     try:
-        tmp = os.open(os.path.join(spool_path, "tmp"), _DIRECTORY_FLAGS)
+        tmp = open_directory(os.path.join(spool_path, "tmp"))
     except OSError:
         return
     try:
