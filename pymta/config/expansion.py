@@ -43,6 +43,7 @@ from pymta.config.aliases import (
 from pymta.config.include import Reader
 from pymta.errors import ConfigError
 from pymta.mail.address import POSTMASTER, is_local_part_only
+from pymta.mail.idn import domain_key
 
 # How many aliases deep an expansion may go: sendmail's MaxAliasRecursion default.
 MAX_DEPTH = 10
@@ -117,7 +118,7 @@ class _Expander:
 
     def __init__(self, aliases: Aliases, local_domains: Iterable[str]) -> None:
         self.aliases = aliases
-        self.local_domains = {domain.lower() for domain in local_domains}
+        self.local_domains = {domain_key(domain) for domain in local_domains}
         self.targets: list[str] = []
         self.problems: list[Problem] = []
         self.loops: list[_Loop] = []
@@ -144,7 +145,7 @@ class _Expander:
         if target.kind == "local":
             return target.value
         local, _, domain = target.value.rpartition("@")
-        if domain.lower() in self.local_domains and is_local_part_only(local):
+        if domain_key(domain) in self.local_domains and is_local_part_only(local):
             return local[1:-1] if len(local) >= 2 and local[0] == local[-1] == '"' else local
         return None
 

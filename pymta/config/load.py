@@ -48,6 +48,7 @@ from pymta.config.model import (
 )
 from pymta.config.paths import find_config, yaml_problem
 from pymta.errors import ConfigError
+from pymta.mail.idn import a_label
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
@@ -349,7 +350,17 @@ def _warn_after(value: object, where: _Where) -> float | None:
 def _domains(value: object, where: _Where) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise where.fail(f"must be a list of domain names such as [example.org], not {_show(value)}")
-    return tuple(_domain_name(item, where.index(number)).lower() for number, item in enumerate(value))
+    return tuple(_mail_domain(item, where.index(number)).lower() for number, item in enumerate(value))
+
+
+def _mail_domain(value: object, where: _Where) -> str:
+    """A domain of mail addresses: as `_domain_name`, or an international one (`müller.de`) that has an
+    A-label; kept as written, compared as `idn.domain_key` does."""
+    if isinstance(value, str) and not value.isascii():
+        ascii_form = a_label(value)
+        if ascii_form is not None and _HOSTNAME_RE.fullmatch(ascii_form):
+            return value
+    return _domain_name(value, where)
 
 
 def _login_names(value: object, where: _Where) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from pymta.config.identity import host_names
 from pymta.config.model import Config
 from pymta.errors import ConfigError
 from pymta.mail.address import qualify
+from pymta.mail.idn import domain_key
 
 # The mailbox of last resort: where the admin's mail goes when the admin address leads to no mailbox.
 LAST_RESORT_MAILBOX = "root"
@@ -46,8 +47,8 @@ class Plan:
 
 def local_domains(config: Config) -> set[str]:
     """The domains whose mail is for local users: this host's names (`identity.host_names`) and the
-    configured local_domains, in lower case."""
-    return {*host_names(config.hostname), *(domain.lower() for domain in config.local_domains)}
+    configured local_domains, as `idn.domain_key` compares them (A-label and U-label are one domain)."""
+    return {domain_key(domain) for domain in (*host_names(config.hostname), *config.local_domains)}
 
 
 class Router:
@@ -66,7 +67,7 @@ class Router:
         local, at, domain = address.rpartition("@")
         if not at:
             return address
-        return local if domain.lower().rstrip(".") in self.local_domains else None
+        return local if domain_key(domain) in self.local_domains else None
 
     def sender_is_local(self, sender: str) -> bool:
         """Whether mail from `sender` comes from a local account, or is our own notice (the null sender):
@@ -74,8 +75,8 @@ class Router:
         if not sender:
             return True
         local, at, domain = sender.rpartition("@")
-        domain = domain.lower().rstrip(".")
-        return not at or domain in self.local_domains or domain == self.config.domain.lower()
+        domain = domain_key(domain)
+        return not at or domain in self.local_domains or domain == domain_key(self.config.domain)
 
     def plan(self, address: str, *, expanded: bool = False, use_admin: bool = True) -> Plan | None:
         """How to deliver `address`: None when it goes to a smarthost as it is.

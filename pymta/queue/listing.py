@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from pymta.errors import EX_OK, PermissionDeniedError
+from pymta.mail.idn import display_address
 from pymta.queue import views
 from pymta.queue.contract import entry_from_json, entry_to_json, iso_utc
 from pymta.queue.entry import QueueEntry
@@ -100,9 +101,11 @@ def pending(entry: QueueEntry) -> list[str]:
 
 def table_row(entry: QueueEntry, now: float) -> str:
     """A message's line in the table: id, age, size, state, sender and the recipients left."""
+    sender = display_address(entry.sender) if entry.sender else "<>"  # domains as people write them
+    recipients = ", ".join(display_address(address) for address in pending(entry)) or "(all delivered)"
     return (
         f"{entry.id:<{ID_WIDTH}}  {human_age(now - entry.queued_at):>4}  {human_size(entry.size):>6}  "
-        f"{entry.state:<8}  {entry.sender or '<>'} -> {', '.join(pending(entry)) or '(all delivered)'}"
+        f"{entry.state:<8}  {sender} -> {recipients}"
     )
 
 

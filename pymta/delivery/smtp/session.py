@@ -24,9 +24,11 @@ mismatch, STARTTLS or AUTH missing or refused, a password source failing, 421, t
 `SessionError`, one line that says what failed, why and what to do. The caller defers on it.
 
 ESMTP parameters are sent only when the server offers them: SIZE; BODY=8BITMIME for a message with 8-bit
-bytes (without 8BITMIME such a message goes as it is: no MIME down-conversion); SMTPUTF8 when an address is
-non-ASCII (without it those recipients fail with 553 5.6.7, as RFC 6531 and Postfix do: no smarthost
-setting can make the address deliverable there); NOTIFY, RET, ENVID and ORCPT (xtext, RFC 3461) with DSN.
+bytes (without 8BITMIME the message is converted to 7-bit first, `mail.downgrade`); SMTPUTF8 when a local
+part is non-ASCII or a header field holds raw UTF-8; NOTIFY, RET, ENVID and ORCPT (xtext, RFC 3461) with DSN.
+An international domain goes as its A-label (IDNA 2008, `mail.idn`) unless the transaction uses SMTPUTF8;
+what cannot be expressed without SMTPUTF8 (a non-ASCII local part, a domain that is not valid IDNA) fails
+with 553 5.6.7, as RFC 6531 and Postfix do: no smarthost setting can make it deliverable there.
 
 Connecting, TLS and AUTH, and their invariants, are `connection.Connection`'s, under this class.
 """
@@ -43,6 +45,8 @@ from pymta.delivery.smtp.connection import Connection
 from pymta.delivery.smtp.explain import unanswered
 from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, known_status, status_of
 from pymta.delivery.smtp.replies import transaction_reply
+from pymta.mail.downgrade import downgrade
+from pymta.mail.idn import wire_address
 from pymta.mail.message import fit_line_length
 
 if TYPE_CHECKING:
@@ -50,9 +54,12 @@ if TYPE_CHECKING:
     from pymta.delivery.credentials import Secret
 
 
-# RFC 6531 3.4: a non-ASCII address cannot go to a server without SMTPUTF8; the message is undeliverable
-# there (Postfix bounces with the same code). Down-conversion (RFC 6857) is not attempted.
-SMTPUTF8_MISSING_REPLY = "553 5.6.7 {address}: non-ASCII address, and the smarthost does not offer SMTPUTF8"
+# RFC 6531 3.4: a non-ASCII local part cannot go to a server without SMTPUTF8, nor a domain that has no
+# A-label; the message is undeliverable there (Postfix bounces with the same code). Down-conversion of
+# addresses (RFC 6857) is not attempted.
+SMTPUTF8_MISSING_REPLY = "553 5.6.7 {address}: {what}, and the smarthost does not offer SMTPUTF8"
+NON_ASCII_LOCAL_PART = "non-ASCII local part"
+NOT_IDNA = "the domain is not a valid international domain name (IDNA 2008)"
 
 _DOT_LINE_RE = re.compile(rb"^\.", re.MULTILINE)
 
@@ -153,19 +160,24 @@ class SmtpSession(Connection):
         message = fit_line_length(message)  # a line over 998 octets would be refused, and the mail bounced
         features = client.esmtp_features
         dsn = "dsn" in features
-        needs_utf8 = not sender.isascii() or not all(r.isascii() for r in recipients)
+        wire = {address: wire_address(address) for address in (sender, *recipients)}  # domains as A-labels
+        head_utf8 = not message.partition(b"\r\n\r\n")[0].isascii()
+        needs_utf8 = head_utf8 or not all(address.isascii() for address in wire.values())
         utf8 = needs_utf8 and "smtputf8" in features
+        if utf8:  # the server takes addresses as people write them
+            wire = {address: address for address in wire}
         outcomes: dict[str, RecipientOutcome] = {}
-        if needs_utf8 and not utf8:
-            for recipient in recipients:
-                if not (sender.isascii() and recipient.isascii()):
-                    address = sender if not sender.isascii() else recipient
-                    outcomes[recipient] = RecipientOutcome(
-                        recipient, "failed", SMTPUTF8_MISSING_REPLY.format(address=address)
-                    )
+        for recipient in recipients if not utf8 else ():
+            address = sender if not wire[sender].isascii() else recipient
+            if not wire[address].isascii():
+                what = NON_ASCII_LOCAL_PART if not address.rpartition("@")[0].isascii() else NOT_IDNA
+                outcomes[recipient] = RecipientOutcome(
+                    recipient, "failed", SMTPUTF8_MISSING_REPLY.format(address=address, what=what)
+                )
         pending = [r for r in dict.fromkeys(recipients) if r not in outcomes]
         if not pending:
             return Transaction(list(recipients), outcomes)
+        message = _for_server(message, features, utf8=utf8)
 
         mail_params = []
         if "size" in features:
@@ -176,8 +188,10 @@ class SmtpSession(Connection):
             mail_params.append("SMTPUTF8")
         if dsn:
             mail_params += params.mail
-        mail = f"MAIL FROM:<{sender}>{join(mail_params)}"
-        rcpts = [f"RCPT TO:<{r}>{join(params.for_recipient(r, expanded) if dsn else [])}" for r in pending]
+        mail = f"MAIL FROM:<{wire[sender]}>{join(mail_params)}"
+        rcpts = [
+            f"RCPT TO:<{wire[r]}>{join(params.for_recipient(r, expanded) if dsn else [])}" for r in pending
+        ]
         reset = self._transactions > 0
         self._transactions += 1
         transaction = Transaction(
@@ -392,3 +406,14 @@ class SmtpSession(Connection):
         failure = self._fail("closed", unanswered(error, self.smarthost.data_timeout))
         failure.outcome_unknown = True
         return failure
+
+
+def _for_server(message: bytes, features: Collection[str], *, utf8: bool) -> bytes:
+    """The message as this server can take it: converted to 7-bit (`mail.downgrade`) only when it has 8-bit
+    bytes the server did not agree to (no 8BITMIME; raw UTF-8 header fields without SMTPUTF8); else the
+    same bytes. The one place delivery changes a message's encoding."""
+    if message.isascii():
+        return message
+    body = "8bitmime" not in features
+    headers = not utf8 and not message.partition(b"\r\n\r\n")[0].isascii()
+    return downgrade(message, body=body, headers=headers) if body or headers else message
