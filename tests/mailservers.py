@@ -187,6 +187,8 @@ class Handler:
     slow: dict[str, float] = field(default_factory=dict)
     messages: list[Received] = field(default_factory=list)
     ehlo_names: list[str] = field(default_factory=list)
+    mail_froms: list[str] = field(default_factory=list)  # every MAIL FROM address, answered or refused
+    rcpts_seen: list[str] = field(default_factory=list)  # every RCPT TO address, accepted or refused
     resets: int = 0
     sessions: set[int] = field(default_factory=set)
     _rcpt_options: dict[str, list[str]] = field(default_factory=dict)
@@ -203,6 +205,7 @@ class Handler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self.mail_froms.append(address)
         if self.mail_reply:
             return self.mail_reply
         envelope.mail_from = address
@@ -216,6 +219,7 @@ class Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self.rcpts_seen.append(address)
         if address in self.rejections:
             return self.rejections[address]
         envelope.rcpt_tos.append(address)

@@ -175,7 +175,9 @@ def test_to_reports_a_refused_recipient_and_keeps_the_message(
     smtp_server: SmtpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYMTA_TEST_PW", PASSWORD)
-    smtp_server.handler.rejections["nobody@example.org"] = "550 5.1.1 no such user"
+    # Refused at the end of DATA: the probe (MAIL, RCPT, RSET) passes; a refusal at RCPT shows in the probe,
+    # before anything is queued (test_auth_required.py).
+    smtp_server.handler.data_reply = "550 5.1.1 no such user"
     assert smtp_server.tls is not None
     config = write_config(
         tmp_path, smarthost_yaml(smtp_server.port, extra=auth_yaml(smtp_server.tls.ca_file))

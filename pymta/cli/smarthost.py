@@ -4,7 +4,8 @@ A thin layer over `pymta.delivery.smtp` and `pymta.delivery.credentials`: each c
 makes one library
 call per smarthost and turns a library error into one line that says what failed and what to do.
 `pymta test` is `msmtp --serverinfo` for every configured smarthost: it connects, shows TLS, the certificate,
-the server's extensions and whether AUTH succeeds, and sends nothing.
+the server's extensions and whether AUTH succeeds, then probes MAIL FROM and RCPT TO as cron's mail would
+(`probe_addresses`) and says RSET: it sends nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pymta import log
 from pymta.cli.options import complete_smarthosts
 from pymta.config.load import load
 from pymta.config.model import Config, Smarthost
+from pymta.config.routing import Router
 from pymta.delivery.credentials import (
     CredentialError,
     Secret,
@@ -30,6 +32,7 @@ from pymta.delivery.credentials import (
     store_in_keyring,
 )
 from pymta.delivery.privsep import become_spool_owner, run_flush
+from pymta.delivery.sessions import route
 from pymta.delivery.smtp.connection import fetch_certificate
 from pymta.delivery.smtp.outcome import SessionError
 from pymta.delivery.smtp.session import SmtpSession
@@ -59,7 +62,9 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
 
     For every smarthost in the config: the TLS version and cipher, the server certificate (subject, issuer,
     expiry, fingerprint and how it was verified), the extensions the server offers, and whether AUTH
-    succeeds with the configured password. Each failure is explained with the fix.
+    succeeds with the configured password. Then MAIL FROM with the sender cron's mail will have (after
+    rewrite:) and RCPT TO the --to address, else admin:, else that sender, then RSET: a missing login, a
+    sender policy or a refused relay shows here. Each failure is explained with the fix.
 
     With --to ADDR, a short test message is then queued for ADDR and a flush delivers it, like any
     other mail; the result for ADDR is shown.
@@ -92,11 +97,15 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
             err=True,
         )
         ctx.exit(ConfigError.exit_code)
+    try:
+        probes = [probe_addresses(settings, smarthost, to) for smarthost in settings.smarthosts]
+    except PymtaError as error:  # --to is no address
+        _fail(ctx, error)
     failures = 0
-    for number, smarthost in enumerate(settings.smarthosts):
+    for number, (smarthost, probe) in enumerate(zip(settings.smarthosts, probes, strict=True)):
         if number:
             click.echo()
-        if not _check(smarthost, settings.hostname):
+        if not _check(smarthost, settings.hostname, probe):
             failures += 1
     if to is not None:
         click.echo()
@@ -121,12 +130,37 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
     ctx.exit(EX_UNAVAILABLE if failures else EX_OK)
 
 
-def _check(smarthost: Smarthost, hostname: str) -> bool:
-    """Open one session, print what it learned; True when everything up to AUTH worked."""
+def probe_addresses(settings: Config, smarthost: Smarthost, to: str | None) -> tuple[str, str]:
+    """The envelope `pymta test` probes `smarthost` with: the sender cron's mail gets (root, qualified,
+    after `rewrite:` as the flush applies it), and `to`, else the admin, else that sender itself."""
+    router = Router(settings)
+    sender = router.wire_address("root")
+    route_rewrite = route(settings, sender)[1]
+    rewrite = route_rewrite or smarthost.rewrite or settings.rewrite
+    if rewrite is not None and rewrite.envelope:
+        sender = rewrite.from_address
+    if to is not None:
+        recipients = recipients_from_args([to])
+        if recipients:
+            return sender, router.wire_address(recipients[0])
+    if settings.admin and router.local_part(settings.admin) is None:
+        return sender, settings.admin
+    return sender, sender
+
+
+def _check(smarthost: Smarthost, hostname: str, probe: tuple[str, str]) -> bool:
+    """Open one session, probe MAIL and RCPT as a delivery would (`SmtpSession.probe`), print what it
+    learned; True when all of it worked."""
     session = SmtpSession(smarthost, hostname)
     error: SessionError | None = None
+    refused: str | None = None
+    replies: tuple[str, str | None] = ("", None)
+    opened = False
     try:
         session.open()
+        opened = True
+        replies = session.probe(*probe)
+        refused = _refusal(probe, replies)
     except SessionError as failure:
         error = failure
     finally:
@@ -142,17 +176,44 @@ def _check(smarthost: Smarthost, hostname: str) -> bool:
         _field("TLS", "none (security: none): mail travels unencrypted")
     if info.extensions:
         _field("extensions", ", ".join(info.extensions))
-    if error is None:
-        if smarthost.username:
-            _field("auth", f"ok, {info.authenticated}")
-        else:
-            _field("auth", "not used (no username configured)")
+    if opened:
+        _field(
+            "auth", f"ok, {info.authenticated}" if info.authenticated else "not used (no username configured)"
+        )
+    if replies[0]:
+        _field("probe", f"MAIL FROM:<{probe[0]}> {replies[0]}")
+        if replies[1] is not None:
+            _field("", f"RCPT TO:<{probe[1]}> {replies[1]}; RSET, nothing sent")
+    if error is None and refused is None:
         click.echo("  result:       OK")
         return True
+    if refused is not None:
+        click.echo(f"  FAILED:       {refused}")
+        return False
+    assert error is not None
     if error.certificate_failed:
         _offer_pin(smarthost, hostname)
     click.echo(f"  FAILED:       {error.reason}")
     return False
+
+
+def _refusal(probe: tuple[str, str], replies: tuple[str, str | None]) -> str | None:
+    """What a refused probe means for real mail, and the fix, in one line; None when both were taken."""
+    sender, recipient = probe
+    mail, rcpt = replies
+    if rcpt is None:
+        when = "waits" if mail.startswith("4") else "bounces"
+        return (
+            f"the smarthost refuses the sender <{sender}> ({mail}), so cron's mail {when}; set rewrite: "
+            "from: to your account's address there (pymta.yaml(5), REWRITE)"
+        )
+    if not rcpt.startswith("2"):
+        when = "waits" if rcpt.startswith("4") else "bounces"
+        return (
+            f"the smarthost refuses mail to <{recipient}> ({rcpt}), so such mail {when}; check that your "
+            "account may send to other domains, or name another address with --to"
+        )
+    return None
 
 
 def _certificate(certificate: Certificate) -> None:

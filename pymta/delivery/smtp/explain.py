@@ -25,6 +25,27 @@ class Explained(NamedTuple):
     certificate_failed: bool = False  # the server's certificate did not verify: `pymta test` shows it
 
 
+def auth_wanted(code: int, reply: str) -> bool:
+    """Whether a reply to MAIL or RCPT says the server wants a login first: 530 (RFC 4954 6), or an
+    "authentication required" in other words (5.7.0 and 4.7.0 servers, e.g. "550 5.7.0 Authentication
+    required")."""
+    text = reply.lower()
+    return code == 530 or (code // 100 in (4, 5) and "authentication required" in text)
+
+
+def auth_wanted_reason(reply: str, step: str, smarthost: Smarthost) -> str:
+    """Why the mail waits when the server wants AUTH at `step`, and the fix."""
+    if not smarthost.username:
+        return (
+            f"the smarthost requires AUTH (it answered {step} with {reply}): set username and password for "
+            f"it in pymta.yaml, then run pymta test"
+        )
+    return (
+        f"the smarthost answered {step} with {reply} although pymta logged in as {smarthost.username}; "
+        "check with your provider that this account may send mail"
+    )
+
+
 def unanswered(error: BaseException, data_timeout: float) -> str:
     """The text and its final dot went out, and no answer came: the server may have the message (it
     answers once it has taken it, and a scanner may take long), or may not. Either way it is deferred; the

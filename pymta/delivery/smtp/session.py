@@ -30,6 +30,9 @@ An international domain goes as its A-label (IDNA 2008, `mail.idn`) unless the t
 what cannot be expressed without SMTPUTF8 (a non-ASCII local part, a domain that is not valid IDNA) fails
 with 553 5.6.7, as RFC 6531 and Postfix do: no smarthost setting can make it deliverable there.
 
+A server that wants AUTH from a client that did not log in (530 at MAIL or RCPT) ends the session with
+the fix (`explain.auth_wanted`): the admin's mistake defers the mail, it never bounces it.
+
 Connecting, TLS and AUTH, and their invariants, are `connection.Connection`'s, under this class.
 """
 
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from pymta.delivery.smtp.commands import check_arguments, command_lines, doing, join
 from pymta.delivery.smtp.connection import Connection
-from pymta.delivery.smtp.explain import unanswered
+from pymta.delivery.smtp.explain import auth_wanted, auth_wanted_reason, unanswered
 from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, known_status, status_of
 from pymta.delivery.smtp.replies import transaction_reply
 from pymta.mail.downgrade import downgrade
@@ -246,6 +249,8 @@ class SmtpSession(Connection):
         replies = self._exchange(lines, reset=reset, written=transaction.written)
         transaction.written = True
         code, reply = replies[0]
+        if auth_wanted(code, reply):
+            raise self._auth_wanted(reply, "MAIL FROM")
         status = known_status(code)
         if status != "delivered":  # with PIPELINING the RCPTs and DATA were answered too (503): moot
             if pipelining and replies[-1][0] == 354:
@@ -258,6 +263,8 @@ class SmtpSession(Connection):
 
         accepted = []
         for recipient, (code, reply) in zip(pending, rcpt_replies, strict=True):
+            if auth_wanted(code, reply):
+                raise self._auth_wanted(reply, "RCPT TO")
             status = known_status(code)
             if status == "delivered":
                 accepted.append(recipient)
@@ -278,6 +285,37 @@ class SmtpSession(Connection):
             status = known_status(code)
             outcomes.update((r, RecipientOutcome(r, status, reply)) for r in accepted)
         return self._finished(transaction)
+
+    def probe(self, sender: str, recipient: str) -> tuple[str, str | None]:
+        """MAIL FROM `sender` and RCPT TO `recipient` as a message would send them, then RSET: what a
+        delivery will meet, sending nothing (`pymta test`). The replies to MAIL and to RCPT (None when
+        MAIL was refused). Raises SessionError as `send()` does, a server wanting AUTH included."""
+        client = self._require_open()
+        wire = [wire_address(sender), wire_address(recipient)]
+        utf8 = not all(address.isascii() for address in wire) and "smtputf8" in client.esmtp_features
+        client.command_encoding = "utf-8" if utf8 else "ascii"
+        if utf8:
+            wire = [sender, recipient]
+        replies: list[str] = []
+        for verb, arguments, step in (
+            ("MAIL", f"FROM:<{wire[0]}>{' SMTPUTF8' if utf8 else ''}", "MAIL FROM"),
+            ("RCPT", f"TO:<{wire[1]}>", "RCPT TO"),
+        ):
+            code, reply = self._command(verb, arguments, step)
+            if auth_wanted(code, reply):
+                raise self._auth_wanted(reply, step)
+            replies.append(reply)
+            if status_of(code) != "delivered":
+                break
+        self._command("RSET", "", "RSET")
+        return replies[0], replies[1] if len(replies) > 1 else None
+
+    def _auth_wanted(self, reply: str, step: str) -> SessionError:
+        """The server wants a login at MAIL or RCPT: the config's to fix, so every message waits; nothing of
+        this one was sent (another smarthost may take it)."""
+        failure = self._fail("auth", auth_wanted_reason(reply, step, self.smarthost), reply=reply)
+        failure.untouched = True
+        return failure
 
     def _finished(self, transaction: Transaction) -> list[RecipientOutcome]:
         self._started.pop(0)
