@@ -129,3 +129,19 @@ def test_to_that_is_no_address_is_one_line(plain: SmtpServer, tmp_path: Path) ->
     assert code == AddressError.exit_code, out
     assert out.startswith("pymta: ") and len(out.strip().splitlines()) == 1
     assert plain.handler.mail_froms == []
+
+
+def test_a_route_rewrite_applies_only_to_its_smarthost(plain: SmtpServer, tmp_path: Path) -> None:
+    with SmtpServer("plain", auth_require_tls=False) as other:
+        path = tmp_path / "pymta.yaml"
+        path.write_text(
+            f"spool: {tmp_path / 'spool'}\nhostname: client.example.org\ndomain: example.org\n"
+            f"{local_sandbox(tmp_path)}admin: admin@example.net\n"
+            f"smarthosts:\n  - {{host: {HOST}, port: {plain.port}, security: none, name: one}}\n"
+            f"  - {{host: {HOST}, port: {other.port}, security: none, name: two}}\n"
+            'routes: [{sender: "*@example.org", smarthost: two, rewrite: {from: routed@example.net}}]\n'
+        )
+        code, out = run_test(path)
+        assert code == 0, out
+        assert other.handler.mail_froms == ["routed@example.net"]
+    assert plain.handler.mail_froms == ["root@example.org"]  # cron's mail never goes this way

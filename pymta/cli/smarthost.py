@@ -135,7 +135,9 @@ def probe_addresses(settings: Config, smarthost: Smarthost, to: str | None) -> t
     after `rewrite:` as the flush applies it), and `to`, else the admin, else that sender itself."""
     router = Router(settings)
     sender = router.wire_address("root")
-    route_rewrite = route(settings, sender)[1]
+    hosts, route_rewrite = route(settings, sender)
+    if smarthost not in hosts:  # cron's mail takes another route: this host sees only other senders
+        route_rewrite = None
     rewrite = route_rewrite or smarthost.rewrite or settings.rewrite
     if rewrite is not None and rewrite.envelope:
         sender = rewrite.from_address
