@@ -207,7 +207,7 @@ def _refusal(probe: tuple[str, str], replies: tuple[str, str | None]) -> str | N
         when = "waits" if mail.startswith("4") else "bounces"
         return (
             f"the smarthost refuses the sender <{sender}> ({mail}), so cron's mail {when}; set rewrite: "
-            "from: to your account's address there (pymta.yaml(5), REWRITE)"
+            "from: to your account's address there (pymta.yaml(5), REWRITE KEYS)"
         )
     if not rcpt.startswith("2"):
         when = "waits" if rcpt.startswith("4") else "bounces"
@@ -250,7 +250,8 @@ def _offer_pin(smarthost: Smarthost, hostname: str) -> None:
 
 
 def _field(name: str, value: str) -> None:
-    click.echo(f"  {name + ':':<13} {value}")
+    """One line of a smarthost's report; a `name` of "" continues the field above."""
+    click.echo(f"  {name + ':' if name else '':<13} {value}")
 
 
 # --- pymta password ---
