@@ -255,6 +255,18 @@ def test_what_a_header_field_cannot_express_stays_and_bad_bytes_do_not_break_it(
     assert subject.isascii() and str(parsed(result)["Subject"]) == "caf\ufffd \ufffd"
 
 
+def test_a_non_ascii_file_name_becomes_an_rfc_2231_parameter() -> None:
+    part = (
+        b"MIME-Version: 1.0\r\nContent-Type: application/pdf\r\n"
+        b'Content-Disposition: attachment; filename="Gr\xc3\xbc\xc3\x9fe 1.pdf"; size=3\r\n\r\nabc\r\n'
+    )
+    result = downgrade(part, body=False, headers=True)
+    assert result.isascii()
+    assert b"filename*=utf-8''Gr%C3%BC%C3%9Fe%201.pdf; size=3" in result.replace(b"\r\n ", b" ")
+    message = parsed(result)
+    assert message.get_filename() == "Grüße 1.pdf" and message.get_content_type() == "application/pdf"
+
+
 def test_bare_text_without_header_fields_gets_them() -> None:
     result = downgrade("Grüße\r\n\r\nzweiter Absatz\r\n".encode(), body=True, headers=True)
     assert result.isascii()

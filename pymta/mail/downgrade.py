@@ -10,7 +10,10 @@ the server did not agree to take:
   message; a part already in base64 or quoted-printable is left as it is.
 - the header fields (`headers=True`): a field holding 8-bit bytes gets RFC 2047 encoded words for its
   non-ASCII words and quoted display names, and its address domains as A-labels (a non-ASCII local part
-  cannot be expressed and stays).
+  cannot be expressed and stays); a Content-* field's parameters (a file name) go as RFC 2231 writes them.
+  The header fields of the parts of a converted body are converted with it: they are body too.
+Multiparts are parsed as deep and as much as `message.fit_line_length` parses them (MAX_PART_DEPTH,
+MAX_PART_WORK); below that a part goes as it is.
 
 Main invariant: only what must change changes. A message that needs no conversion is returned as the same
 object, and every part, line and header field without 8-bit bytes keeps its bytes. A conversion breaks a
@@ -36,6 +39,7 @@ _PARAM_RE = re.compile(rb';\s*([!#-\'*+.0-9A-Z^-~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[
 # A header value's pieces: quoted strings, angle addresses, bare addresses, other words, and the rest
 # (white space, commas, specials) as separators.
 _TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|<[^<>]*>|[^\s"<>,;()]+@[^\s"<>,;()]+|[^\s"<>,;()]+|\s+|.', re.S)
+_MIME_PARAM_RE = re.compile(r'([!#-\'*+.0-9A-Z^-~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]+)', re.ASCII)
 _ADDRESS_FIELDS = frozenset(
     {b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc", b"resent-from", b"resent-sender", b"resent-to",
      b"resent-cc", b"resent-bcc", b"return-path", b"disposition-notification-to"}
@@ -209,6 +213,8 @@ def _encode_field(field: bytes, name: bytes) -> bytes:
     """A header field with 8-bit bytes as 7-bit: encoded words, A-label domains; folded."""
     label, _, value = field.partition(b":")
     text = value.replace(_CRLF, b"").decode("utf-8", "surrogateescape").strip()
+    if name.startswith(b"content-"):  # MIME parameters (a file name): RFC 2231, not encoded words
+        return label + b":" + _fold(re.split(r"(\s+)", _MIME_PARAM_RE.sub(_rfc2231, text)), len(label) + 1)
     addresses = name in _ADDRESS_FIELDS
     # In an unstructured field an encoded word must stand between white space (RFC 2047 5): words there
     # are what lies between white space.
@@ -245,6 +251,19 @@ def _encode_field(field: bytes, name: bytes) -> bytes:
             run.append(token)
     close_run()
     return label + b":" + _fold(pieces, len(label) + 1)
+
+
+def _rfc2231(found: re.Match[str]) -> str:
+    """A parameter with a non-ASCII value as RFC 2231 writes it: name*=utf-8''percent-encoded."""
+    key, raw = found.group(1), found.group(2)
+    if raw.isascii():
+        return found.group(0)
+    value = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+    data = value.encode("utf-8", "surrogateescape")
+    return f"{key}*=utf-8''" + "".join(
+        chr(byte) if chr(byte).isalnum() and byte < 128 or chr(byte) in "-._~" else f"%{byte:02X}"
+        for byte in data
+    )
 
 
 def _encoded_words(text: str) -> list[str]:
