@@ -70,11 +70,11 @@ if TYPE_CHECKING:
 # the list cannot go stale ...
 PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery")
 # ... and the modules the standard library imports on first use, which no import statement of pymta shows
-# (time.strptime, email's policies; email's parser and the IDNA codec come with dnspython, imported by
-# delivery/mx.py), and the `idna` package with the tables and codec it loads on first use (`mail.idn`
-# imports it only for an international domain). tests/test_preload.py holds both: every import inside a
+# (time.strptime, email's policies; email's parser, the IDNA codec and the `idna` package come with
+# dnspython, imported by delivery/mx.py), and the tables and codec `idna` loads on first use (`mail.idn`
+# uses it only for an international domain). tests/test_preload.py holds both: every import inside a
 # function of those packages is loaded by then, and each name here is still needed.
-PRELOAD_STDLIB = ("_strptime", "email.policy", "idna", "idna.uts46data", "encodings.punycode")
+PRELOAD_STDLIB = ("_strptime", "email.policy", "idna.uts46data", "encodings.punycode")
 
 
 def preload() -> list[str]:
