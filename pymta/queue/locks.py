@@ -5,8 +5,8 @@
     flush.request   asks the flush that holds the lock to look at the queue once more (`request_flush`)
     queue/ID        flock'ed while a flush delivers it or a `pymta queue` command changes it (`lock_message`)
 
-A delivered message is unlinked at once (that is the decision), and a background thread, the reaper,
-closes its last descriptor, which is what frees its blocks (`remove`).
+A delivered message is unlinked at once (that is the decision), and background threads, the reapers,
+close its last descriptor, which is what frees its blocks (`remove`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,16 @@ if TYPE_CHECKING:
 
     from pymta.queue.entry import QueueEntry
 
+# Threads that close the descriptors of delivered messages. On ext4 one thread closing unlinked files frees
+# about 300 a second on a busy disk, and falls ever further behind a flush of thousands; two or more free
+# ten times as many in the same time (their journal work is batched), so the flush never waits for them.
+REAPERS = 4
+
 
 class Locks(SpoolDirectory):
     """The locks of a spool and its reaper (`pymta.queue.spool.Spool` has them)."""
 
-    _reaper: threading.Thread | None = None  # frees delivered messages in the background
+    _reapers: list[threading.Thread] | None = None  # free delivered messages in the background
     _doomed: queue.SimpleQueue[int | None]
 
     def remove(self, entry: QueueEntry, lock: int | None = None) -> None:
@@ -52,13 +57,17 @@ class Locks(SpoolDirectory):
             raise
         if entry.has_state:
             unlink_quietly(os.path.join(self.dir("state"), entry.id))
-        if self._reaper is None:
+        if self._reapers is None:
             import queue
             import threading
 
             self._doomed = queue.SimpleQueue()
-            self._reaper = threading.Thread(target=self._reap, name="pymta-reaper", daemon=True)
-            self._reaper.start()
+            self._reapers = [
+                threading.Thread(target=self._reap, name=f"pymta-reaper-{number}", daemon=True)
+                for number in range(REAPERS)
+            ]
+            for reaper in self._reapers:
+                reaper.start()
         self._doomed.put(fd)
 
     def _reap(self) -> None:
@@ -67,10 +76,12 @@ class Locks(SpoolDirectory):
 
     def finish_removals(self) -> None:
         """Wait until every message handed to `remove` is freed."""
-        if self._reaper is not None:
-            self._doomed.put(None)
-            self._reaper.join()
-            self._reaper = None
+        if self._reapers is not None:
+            for _ in self._reapers:
+                self._doomed.put(None)
+            for reaper in self._reapers:
+                reaper.join()
+            self._reapers = None
 
     def lock_flush(self) -> int | None:
         """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""

@@ -60,7 +60,7 @@ class Spool(PickUp, Locks):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.private = True  # after submit(): whether the spool is this user's own (user mode)
-        self._reaper = None
+        self._reapers = None
         self.limit_warned = set()
 
     # -- the write side (sendmail's is `pymta.queue.commit`) --
