@@ -122,8 +122,10 @@ def walk(
     """Every command under `command`, with its path of names, hidden ones left out."""
     yield path, command
     if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
-            if not sub.hidden:
+        context = click.Context(command)  # the commands as click lists them: `pymta`'s load lazily
+        for name in command.list_commands(context):
+            sub = command.get_command(context, name)
+            if sub is not None and not sub.hidden:
                 yield from walk(sub, (*path, name))
 
 

@@ -4,14 +4,13 @@ two library calls and turns a library error (PymtaError) into one line on stderr
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from pymta import __version__, log
 from pymta.cli.options import complete_queue_ids, name_config_for_subcommands
-from pymta.config.load import load
-from pymta.delivery.privsep import run_flush
 from pymta.errors import EX_TEMPFAIL, EX_USAGE, PymtaError
 from pymta.queue.directory import write_error
 from pymta.queue.selection import Selection
@@ -20,8 +19,35 @@ config_option = click.option(
     "-C", "--config", "config_file", metavar="FILE", help="Read this config file instead of the usual ones."
 )
 
+# Each command group's module by its name, loaded only when it runs (or `--help` lists it): `pymta flush`
+# does not pay for the queue commands, nor `pymta queue` and `pymta --version` for SMTP, TLS and click's
+# prompts. The flush itself is below, and imports its library when it runs.
+LAZY_COMMANDS = {
+    "config": "pymta.cli.config:config_group",
+    "import": "pymta.cli.importer:import_command",
+    "password": "pymta.cli.smarthost:password_group",
+    "queue": "pymta.cli.queue:queue_group",
+    "setup": "pymta.cli.setup:setup_command",
+    "test": "pymta.cli.smarthost:test_command",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A click group whose commands (`LAZY_COMMANDS`) are imported when they are looked up by name."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, _, name = LAZY_COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pymta")
 @click.option(
     "-C",
@@ -101,6 +127,9 @@ def flush(
     queue id, a recipient still waiting, or the sender contains (case does not matter). Several of one
     kind add up; different kinds must all match. Others wait for the next run.
     """
+    from pymta.config.load import load  # lazy: YAML, not for --version or --help
+    from pymta.delivery.privsep import run_flush  # lazy: the delivery stage, for this command only
+
     config = load(config_file)
     logger = log.setup(verbose=verbose and not background, target=config.log)
     show_progress = not (verbose or background) and sys.stderr.isatty()
@@ -117,25 +146,6 @@ def _progress_line(done: int, total: int) -> None:
     """A one-line progress display on the terminal: messages done of the total, and the percentage."""
     if total >= 10:
         click.echo(f"\rdelivering {done}/{total} ({100 * done // total}%)", err=True, nl=False)
-
-
-def _register_command_groups() -> None:
-    # lazy: each command group is its own module, so that a later change can load only the one that runs
-    from pymta.cli.config import config_group  # lazy: see above
-    from pymta.cli.importer import import_command  # lazy: see above
-    from pymta.cli.queue import queue_group  # lazy: see above
-    from pymta.cli.setup import setup_command  # lazy: see above
-    from pymta.cli.smarthost import password_group, test_command  # lazy: see above
-
-    cli.add_command(queue_group)
-    cli.add_command(config_group)
-    cli.add_command(test_command)
-    cli.add_command(password_group)
-    cli.add_command(setup_command)
-    cli.add_command(import_command)
-
-
-_register_command_groups()
 
 
 def main(argv: list[str] | None = None) -> int:

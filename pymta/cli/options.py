@@ -9,10 +9,6 @@ from typing import Any
 import click
 from click.shell_completion import CompletionItem
 
-from pymta.config.load import load
-from pymta.delivery.privsep import become_spool_owner
-from pymta.queue.listing import load_visible, printable
-
 CONFIG_PARAMETER = "config_file"  # the name every command's -C/--config option stores its value under
 
 
@@ -55,6 +51,11 @@ def _config_named(ctx: click.Context) -> str | None:
 def complete_queue_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """The ids in this user's queue (their own view in system mode) that start with what was typed, each
     with its recipients as the help that zsh and fish show. Anything that goes wrong completes nothing."""
+    # lazy: cli/main imports this module, and `pymta --version` loads neither YAML nor the delivery stage
+    from pymta.config.load import load  # lazy: see above
+    from pymta.delivery.privsep import become_spool_owner  # lazy: see above
+    from pymta.queue.listing import load_visible, printable  # lazy: see above
+
     try:
         spool = load(_config_named(ctx)).spool
         become_spool_owner(spool)  # as root, read the spool as its owner (pymta(1), PRIVILEGES)
@@ -72,6 +73,8 @@ def complete_queue_ids(ctx: click.Context, param: click.Parameter, incomplete: s
 
 def complete_smarthosts(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """The smarthosts of the config by the name the commands take (`name:`, else `host:`)."""
+    from pymta.config.load import load  # lazy: see complete_queue_ids
+
     try:
         hosts = load(_config_named(ctx)).smarthosts
         return [

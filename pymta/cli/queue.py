@@ -22,7 +22,6 @@ from pymta import log
 from pymta.cli.options import complete_queue_ids, name_config_for_subcommands
 from pymta.config.load import load
 from pymta.config.model import Config, parse_duration
-from pymta.delivery.privsep import become_spool_owner
 from pymta.errors import ConfigError
 from pymta.queue import ids as queue_ids
 from pymta.queue import listing
@@ -108,6 +107,8 @@ def _settings(as_json: bool, config_file: str | None, verb: str = "") -> tuple[b
 def _become_spool_owner(spool: str) -> None:
     """As root on a system spool, list as its owner (pymta(1), PRIVILEGES): what the owner planted in the
     queue (a FIFO, a link to a file of root's) is then read with the owner's rights, never root's."""
+    from pymta.delivery.privsep import become_spool_owner  # lazy: it loads the flush, for root only
+
     become_spool_owner(spool)
 
 

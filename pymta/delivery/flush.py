@@ -46,7 +46,6 @@ from pymta.config.model import Config, Smarthost, format_duration
 from pymta.config.routing import Router
 from pymta.delivery.record import PENDING, Attempt, Recorder, alias_targets, asks_success, listed
 from pymta.delivery.sessions import Sessions, route
-from pymta.delivery.smtp.session import SmtpSession
 from pymta.errors import ConfigError, SpoolError
 from pymta.mail.message import rewrite_from
 from pymta.privileges import lookup_user
@@ -60,6 +59,7 @@ MAX_RECIPIENTS = 1000
 if TYPE_CHECKING:
     from pymta.config.model import Local
     from pymta.delivery.local import LocalOutcome
+    from pymta.delivery.smtp.session import SmtpSession
 
     class LocalDelivery(Protocol):
         """Writes one local recipient's mailbox (`local.deliver_as_recipient`'s signature)."""

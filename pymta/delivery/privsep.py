@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any
 
 from pymta import privileges
 from pymta.delivery import frames
-from pymta.delivery.flush import Flusher, FlushReport
 from pymta.delivery.local import LocalOutcome, child_time_limit, deliver_as_recipient
 from pymta.errors import EX_SOFTWARE, PermissionDeniedError, PymtaError
 from pymta.log import one_line
@@ -62,13 +61,13 @@ from pymta.queue.spool import Spool
 
 if TYPE_CHECKING:
     from pymta.config.model import Config, Local
-    from pymta.delivery.flush import LocalDelivery
+    from pymta.delivery.flush import FlushReport, LocalDelivery
     from pymta.queue.selection import Selection
 
 # What the delivery process (and a command that became the spool's owner) imports before the switch, so that
 # it comes from memory (the module docstring says why): every module of these packages, found on disk, so
 # the list cannot go stale ...
-PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery")
+PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery", "pymta.delivery.smtp")
 # ... and the modules the standard library imports on first use, which no import statement of pymta shows
 # (time.strptime, email's policies; email's parser, the IDNA codec and the `idna` package come with
 # dnspython, imported by delivery/mx.py), and the tables and codec `idna` loads on first use (`mail.idn`
@@ -155,6 +154,8 @@ def run_flush(
     selection: Selection | None = None,
 ) -> FlushReport:
     """One flush, split by privilege when we are root on a system spool (see the module docstring)."""
+    from pymta.delivery.flush import Flusher  # lazy: not for a queue command, which only becomes the owner
+
     owner = spool_owner(config.spool)
     if owner is None:
         if views.own_view_only(config.spool):
@@ -223,6 +224,8 @@ def _delivery_process(
     progress: Callable[[int, int], None] | None,
     selection: Selection | None = None,
 ) -> int:  # pragma: no cover - runs in the delivery process
+    from pymta.delivery.flush import Flusher  # lazy: see run_flush
+
     try:
         become(owner)
         agent = _LocalAgent(channel, frames.payload_limit(config))
@@ -352,6 +355,8 @@ def _answer(outcome: LocalOutcome) -> dict[str, object]:
 
 def _last_word(request: dict[str, Any]) -> FlushReport:
     """The report of a `done` frame; a DeliveryProcessError for an `error` frame or a malformed report."""
+    from pymta.delivery.flush import FlushReport  # lazy: see run_flush
+
     if request.get("op") == "error":
         code = request.get("code")
         message = request.get("message")

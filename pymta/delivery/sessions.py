@@ -10,12 +10,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymta.config.model import Config, Rewrite, Smarthost
 from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, Status
-from pymta.delivery.smtp.session import SmtpSession, Transaction
 from pymta.queue.entry import QueueEntry
+
+if TYPE_CHECKING:
+    from pymta.delivery.smtp.session import SmtpSession, Transaction
 
 # A smarthost whose sessions break this many times in a row in one run (no answer within a limit, the
 # connection lost in the middle of a message), with no message answered in between, is not tried again in
@@ -237,6 +239,8 @@ class Sessions:
             return None
         session = self.open.get(host)
         if session is None:
+            from pymta.delivery.smtp.session import SmtpSession  # lazy: smtplib and ssl, for a smarthost only
+
             session = SmtpSession(host, self.config.hostname)
             try:
                 session.open()

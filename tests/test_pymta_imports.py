@@ -1,0 +1,75 @@
+"""What `pymta`'s commands import: each pays only for what it uses (issue 12). `pymta flush` loads SMTP and
+TLS only when it opens a smarthost session, `pymta queue` never, and no command loads another's module.
+The figures (milliseconds) are bench/compare.py's; this holds the list, which does not drift with the load.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import MtaEnv
+
+# Only for a smarthost session (SMTP, TLS) or a password from the keyring.
+SESSION_ONLY = {
+    "smtplib", "ssl", "keyring", "email", "pymta.delivery.smtp.session", "pymta.delivery.credentials"
+}  # fmt: skip
+# Each command group's own module (cli/main.py's LAZY_COMMANDS).
+OTHER_COMMANDS = {"pymta.cli.queue", "pymta.cli.smarthost", "pymta.cli.setup", "pymta.cli.config"}
+
+
+def imported(mta: MtaEnv, *args: str) -> set[str]:
+    """The modules loaded once `pymta ARGS` has run (sys.modules: `-X importtime` does not see the lazy
+    group's importlib.import_module), in the test's interpreter (click is installed beside it)."""
+    code = (
+        "import sys\nfrom pymta.cli.main import main\n"
+        f"code = main({list(args)!r})\n"
+        "sys.stderr.write('MODULES ' + ' '.join(sys.modules) + '\\n')\nsys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=mta.env, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stderr.decode().splitlines()[-1]
+    assert line.startswith("MODULES "), result.stderr[-2000:]
+    modules = set(line.split()[1:])
+    assert "pymta.cli.main" in modules  # the measurement saw pymta
+    return modules
+
+
+def loaded(modules: set[str], names: set[str]) -> list[str]:
+    return sorted(m for m in modules if m in names or m.split(".")[0] in names)
+
+
+@pytest.fixture
+def with_smarthost(mta: MtaEnv) -> MtaEnv:
+    mta.write_config(
+        "hostname: mx.example.org\ndeliver: queue\n"
+        "smarthosts:\n  - host: 127.0.0.1\n    port: 9\n    security: none\n"
+    )
+    return mta
+
+
+def test_version_loads_no_command(with_smarthost: MtaEnv) -> None:
+    modules = imported(with_smarthost, "--version")
+    assert loaded(modules, SESSION_ONLY | OTHER_COMMANDS | {"yaml", "pymta.delivery"}) == []
+
+
+def test_flush_with_nothing_due_opens_no_session(with_smarthost: MtaEnv) -> None:
+    modules = imported(with_smarthost, "flush")
+    assert "pymta.delivery.flush" in modules and "yaml" in modules
+    assert loaded(modules, SESSION_ONLY | OTHER_COMMANDS) == []
+
+
+def test_flush_of_a_local_message_opens_no_session(with_smarthost: MtaEnv) -> None:
+    assert with_smarthost.sendmail("root", input=b"Subject: local\n\nbody\n").returncode == 0
+    modules = imported(with_smarthost, "flush")
+    assert "pymta.delivery.local" in modules and with_smarthost.entries() == []  # delivered
+    assert loaded(modules, SESSION_ONLY | OTHER_COMMANDS) == []
+
+
+def test_queue_loads_neither_the_flush_nor_a_session(with_smarthost: MtaEnv) -> None:
+    assert with_smarthost.sendmail("someone@example.net", input=b"Subject: q\n\nbody\n").returncode == 0
+    modules = imported(with_smarthost, "queue")
+    assert "pymta.cli.queue" in modules
+    others = OTHER_COMMANDS - {"pymta.cli.queue"}
+    assert loaded(modules, SESSION_ONLY | others | {"pymta.delivery.flush"}) == []
