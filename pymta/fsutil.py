@@ -11,20 +11,20 @@ LOOKUP_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXE
 _CHUNK = 65536
 
 
-def read_all(fd: int, size: int = 0, limit: int | None = None) -> bytes:
-    """Everything in the file behind `fd`, from its start whatever the descriptor's offset, or its first
-    `limit` bytes. `size` (what fstat said) lets a file that size come in one read: a shorter read than
-    asked is the end of the file."""
+def read_all(fd: int, size: int = 0, limit: int | None = None, start: int = 0) -> bytes:
+    """Everything in the file behind `fd` from offset `start` (its start: whatever the descriptor's offset),
+    or its first `limit` bytes from there. `size` (what fstat said) lets a file that size come in one read: a
+    shorter read than asked is the end of the file."""
     chunks = []
-    offset = 0
-    wanted = size + 1 if size else _CHUNK
+    offset = start
+    wanted = size - start + 1 if size > start else _CHUNK
     while True:
         if limit is not None:
-            wanted = min(wanted, limit - offset)
+            wanted = min(wanted, limit - (offset - start))
         chunk = os.pread(fd, wanted, offset)
         chunks.append(chunk)
         offset += len(chunk)
-        if len(chunk) < wanted or offset == limit:
+        if len(chunk) < wanted or offset - start == limit:
             return b"".join(chunks)
         wanted = _CHUNK
 

@@ -50,6 +50,11 @@ def quoted(name: str) -> str:
     return ascii(name)
 
 
+# The envelope line is looked for in this much of a queue file's start; a longer one (thousands of
+# recipients) is found in a read of the whole file.
+ENVELOPE_READ = 65536
+
+
 class SpoolDirectory:
     """A spool directory and what reads it. Cheap to construct; nothing touches the disk until a method is
     called. `pymta.queue.spool.Spool` adds the commit protocol, the pick-up and the locks."""
@@ -156,11 +161,17 @@ class SpoolDirectory:
                 raise FileNotFoundError(errno.ENOENT, "deleted since it was opened", path)
             if not stat.S_ISREG(info.st_mode):
                 raise ValueError("not a regular file")
-            data = read_all(fd, info.st_size)
+            # The envelope line first, then the message in a read of its own: slicing it off one read of the
+            # whole file would hold the message twice for a moment (60 MB for a 30 MB message).
+            head = read_all(fd, limit=ENVELOPE_READ)
+            cut = head.find(b"\n")
+            if cut >= 0:
+                line, newline, message = head[:cut], b"\n", read_all(fd, info.st_size, start=cut + 1)
+            else:
+                line, newline, message = read_all(fd, info.st_size).partition(b"\n")
         finally:
             if own:
                 os.close(fd)
-        line, newline, message = data.partition(b"\n")
         if not newline:
             raise ValueError("no envelope line: not a pymta queue file")
         envelope = parse_envelope(line)
