@@ -792,3 +792,20 @@ def test_format_date_writes_what_email_utils_writes(moment: float) -> None:
     from email.utils import formatdate
 
     assert format_date(moment) == formatdate(moment, localtime=True)
+
+
+@given(
+    st.lists(st.sampled_from([b"x" * 997, b"y" * 998, b"z" * 999, b"\r", b"\n", b"\r\n", b"a"]), max_size=40),
+    st.integers(min_value=1, max_value=3000),
+)
+def test_a_long_line_is_found_across_the_slices_of_a_large_text(pieces: list[bytes], scan: int) -> None:
+    """Sliced (`LINE_SCAN`, small here), the look for a line over 998 octets sees what one split sees."""
+    import pymta.mail.message as message
+
+    data = b"".join(pieces)
+    whole = max(map(len, data.split(b"\r\n"))) > 998
+    saved, message.LINE_SCAN = message.LINE_SCAN, scan
+    try:
+        assert message._long_lines(data) == whole
+    finally:
+        message.LINE_SCAN = saved
