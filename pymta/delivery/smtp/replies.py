@@ -56,6 +56,7 @@ class Client(smtplib.SMTP):
         self._buffer = b""  # read from `_buffer_of`; from `_start` on not yet returned
         self._start = 0
         self._buffer_of: socket.socket | None = None
+        self._waited = False  # a read set the socket's timeout to what was left of a reply's deadline
 
     def getreply(self, timeout: float | None = None) -> tuple[int, bytes]:
         """One reply, as smtplib's: (code, the lines' text joined by LF); -1 and the whole line when it has
@@ -67,8 +68,11 @@ class Client(smtplib.SMTP):
         try:
             return self._reply(deadline, limit)
         finally:
-            if self.sock is not None:
-                self.sock.settimeout(self.timeout)  # what sends after this expect, not the rest of a deadline
+            # What sends after this expect, not the rest of a deadline; only when a read changed it: each
+            # settimeout is a system call, and most replies of a pipelined group are in the buffer already.
+            if self.sock is not None and self._waited:
+                self.sock.settimeout(self.timeout)
+                self._waited = False
 
     def send(self, s: ReadableBuffer | str) -> None:
         """smtplib's send, in blocks of DATA_BLOCK bytes, each within the timeout: the socket's timeout
@@ -121,6 +125,7 @@ class Client(smtplib.SMTP):
                 if wait <= 0:
                     raise TimeoutError
                 sock.settimeout(wait)
+                self._waited = True
                 chunk = sock.recv(65536)
             except TimeoutError as exc:
                 self.close()
