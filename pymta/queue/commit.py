@@ -250,9 +250,11 @@ def commit_to(
     # The uid right after the version, where `queued_per_uid` reads it.
     head = {"v": ENVELOPE_VERSION, "uid": envelope["uid"]} if "uid" in envelope else {"v": ENVELOPE_VERSION}
     envelope = {**head, "id": message_id, **envelope}
-    data = encode_json(envelope).encode("ascii") + b"\n" + message
+    # The envelope line and the message, written one after the other: joined, a 30 MB message would be
+    # held twice.
+    data = (encode_json(envelope).encode("ascii") + b"\n", message)
     if reserve:
-        _check_room(spool, len(data) + reserve)
+        _check_room(spool, len(data[0]) + len(message) + reserve)
     if not private:
         _commit_shared(spool, message_id, data)
         return message_id
@@ -266,7 +268,8 @@ def commit_to(
     renamed = False
     try:
         os.fchmod(fd, mode)  # whatever the caller's umask
-        write_all(fd, data)
+        for part in data:
+            write_all(fd, part)
         os.fsync(fd)
         os.rename(tmp_path, target)
         renamed = True
@@ -348,7 +351,7 @@ def _open_drop_dir(spool_fd: int, path: str, owner: int) -> int:
     return fd
 
 
-def _commit_shared(spool: str, message_id: str, data: bytes) -> None:
+def _commit_shared(spool: str, message_id: str, data: tuple[bytes, ...]) -> None:
     """The commit protocol in a spool that is not ours (system mode), with every name resolved from a
     directory descriptor: the spool's owner can swap tmp/ or new/ for a link to another directory, and
     a submitter who followed it would write the mail there (root: anywhere). So tmp/ and new/ are opened
@@ -371,7 +374,7 @@ def _commit_shared(spool: str, message_id: str, data: bytes) -> None:
         os.close(spool_fd)
 
 
-def _commit_in(spool: str, message_id: str, data: bytes, tmp_fd: int, new_fd: int) -> None:
+def _commit_in(spool: str, message_id: str, data: tuple[bytes, ...], tmp_fd: int, new_fd: int) -> None:
     try:
         fd = os.open(message_id, _OPEN_FLAGS, 0o644, dir_fd=tmp_fd)
     except OSError as exc:
@@ -379,7 +382,8 @@ def _commit_in(spool: str, message_id: str, data: bytes, tmp_fd: int, new_fd: in
     renamed = False
     try:
         os.fchmod(fd, 0o644)  # whatever the caller's umask
-        write_all(fd, data)
+        for part in data:
+            write_all(fd, part)
         os.fsync(fd)
         os.rename(message_id, message_id, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
         renamed = True
