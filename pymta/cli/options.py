@@ -16,24 +16,32 @@ CONFIG_PARAMETER = "config_file"  # the name every command's -C/--config option 
 COMPLETION_HELP = 60
 
 
-def config_defaults(group: click.Group, path: str) -> dict[str, Any]:
-    """A click `default_map` that makes `path` the default -C of every command under `group`: so the
-    config named before a command counts for it, and a -C the command is given itself still wins."""
+def config_defaults(
+    group: click.Group, path: str, ctx: click.Context, only: str | None = None
+) -> dict[str, Any]:
+    """A click `default_map` that makes `path` the default -C of every command under `group` (or of the one
+    named `only`): so the config named before a command counts for it, and a -C the command is given itself
+    still wins. Commands are looked up as click does (`pymta`'s group loads them lazily)."""
     defaults: dict[str, Any] = {}
-    for name, command in group.commands.items():
+    for name in group.list_commands(ctx) if only is None else [only]:
+        command = group.get_command(ctx, name)
+        if command is None:
+            continue
         entry: dict[str, Any] = {}
         if any(parameter.name == CONFIG_PARAMETER for parameter in command.params):
             entry[CONFIG_PARAMETER] = path
         if isinstance(command, click.Group):
-            entry.update(config_defaults(command, path))
+            entry.update(config_defaults(command, path, ctx))
         defaults[name] = entry
     return defaults
 
 
 def name_config_for_subcommands(ctx: click.Context, config_file: str | None) -> None:
-    """The callback of a group with its own -C: its subcommands default to the config it names."""
-    if config_file is not None and isinstance(ctx.command, click.Group):
-        ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, config_file)}
+    """The callback of a group with its own -C: the subcommand that runs defaults to the config it names
+    (only that one is looked up: the others' modules stay unloaded)."""
+    if config_file is not None and isinstance(ctx.command, click.Group) and ctx.invoked_subcommand:
+        defaults = config_defaults(ctx.command, config_file, ctx, only=ctx.invoked_subcommand)
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
 def _config_named(ctx: click.Context) -> str | None:
