@@ -5,6 +5,8 @@ local delivery can all use it without importing each other.
 
 import os
 
+# Opens a file to read it whole: never blocking on a FIFO, never making a terminal ours.
+READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 # Opens a directory only to look up names in it: without read rights where the system has O_PATH (Linux; a
 # drop directory is 1733), and never through a symbolic link as its last part.
 LOOKUP_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW

@@ -228,7 +228,7 @@ def test_expired_recipients_are_5_4_7_with_our_own_reason() -> None:
 
 
 def test_an_expired_recipient_keeps_the_last_reply_of_the_server_that_gave_it() -> None:
-    reason = notices.expiry_reason("2h", "451 4.3.0 try later", "smtp.example.com[192.0.2.7]:587")
+    reason = notices.expiry("2h", "451 4.3.0 try later", "smtp.example.com[192.0.2.7]:587").reason
     assert reason == (
         "5.4.7 expired: not delivered within 2h; "
         "the last reply from smtp.example.com[192.0.2.7]:587 was: 451 4.3.0 try later"
@@ -269,7 +269,7 @@ def test_an_expiry_survives_the_state_file(tmp_path: Path) -> None:
     queue_id = spool.submit(envelope, b"x\n", create_parents=True)
     assert spool.pick_up(10**6, pytest.fail) == [queue_id]
     relay = "smtp.example.com[192.0.2.7]:587"
-    reason = notices.expiry_reason("2h", "451 4.3.0 try later", relay)
+    reason = notices.expiry("2h", "451 4.3.0 try later", relay).reason
     record = {"status": "failed", "last_error": reason}
     state = MessageState.from_json({"state": "failed", "recipients": {"slow@example.com": record}})
     spool.write_state(queue_id, state, QUEUED)
@@ -281,7 +281,7 @@ def test_an_expiry_survives_the_state_file(tmp_path: Path) -> None:
 
 
 def test_an_expired_recipient_no_server_answered_keeps_our_own_reason() -> None:
-    reason = notices.expiry_reason("2h", "smtp.example.com: cannot connect: refused", "none")
+    reason = notices.expiry("2h", "smtp.example.com: cannot connect: refused", "none").reason
     assert reason == "5.4.7 expired: not delivered within 2h"
     entry = make_entry(statuses={"slow@example.com": ("failed", reason)})
     message = parse(failed_dsn_of(entry))

@@ -34,14 +34,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pymta.errors import AddressError, ConfigError
-from pymta.fsutil import read_all
+from pymta.fsutil import READ_FLAGS, read_all
 from pymta.mail.address import has_control, has_raw_bytes, is_local_part_only, parse_list
 
 TargetKind = Literal["local", "address", "include", "refused"]
 Severity = Literal["error", "warning"]
 UnhonouredKind = Literal["program", "file"]
-
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +112,7 @@ def load(path: str) -> Aliases:
     Raises ConfigError when the file exists but cannot be used (unreadable, not a file, writable by everyone).
     """
     try:
-        fd = os.open(path, _READ_FLAGS)
+        fd = os.open(path, READ_FLAGS)
     except FileNotFoundError:
         return Aliases(source=path)
     except OSError as error:

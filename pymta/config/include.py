@@ -27,14 +27,13 @@ import pwd
 import stat
 from dataclasses import dataclass
 
-from pymta.fsutil import open_directory, read_all
+from pymta.fsutil import READ_FLAGS, open_directory, read_all
 
 # Bytes: an include file is a list of addresses; a bigger one is not what the admin meant to include.
 MAX_INCLUDE_SIZE = 1024 * 1024
 # Symbolic links followed on the way to one include file: Linux's own limit (MAXSYMLINKS).
 MAX_SYMLINKS = 40
 
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _SEARCH, _READ = 0o1, 0o4  # the x and r mode bits
 
 
@@ -144,7 +143,7 @@ def _enter_directory(info: os.stat_result, reader: Reader | None) -> Reader | No
 def _open_last(directory: int, name: str, reader: Reader | None) -> tuple[int, Reader | None]:
     """The last part of an include file's path, opened in `directory` and checked (see open_include)."""
     try:
-        fd = os.open(name, _READ_FLAGS | os.O_NOFOLLOW, dir_fd=directory)
+        fd = os.open(name, READ_FLAGS | os.O_NOFOLLOW, dir_fd=directory)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise RefusedError(

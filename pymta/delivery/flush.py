@@ -6,12 +6,12 @@ A run picks up new submissions, then takes the due messages oldest first. Each r
 their mailbox as the recipient, the rest go to the first smarthost of the message's route that answers, over
 one SMTP connection per smarthost for the whole run (`sessions.Sessions`). After each message the outcome of
 every recipient is written to its state, under the message's lock, before the text of the next message is
-sent, so a recipient that was delivered is never sent again (DESIGN.md invariant 3). Only the next message's
-commands (RSET, MAIL, RCPT, DATA) may go out earlier: with PIPELINING they ride behind the current text, so a
-message costs one round trip (`SmtpSession.start`); the next message is started, still locked, before the
-current one is finished and recorded. While the answer to the current text is awaited, the message after next
-is locked and read, and nothing more (`Flusher._prefetch`): that wait overlaps our own work, and nothing of
-that message is sent, delivered or recorded before the current one is recorded.
+sent, so a recipient that was delivered is never sent again (ARCHITECTURE.md invariant 3). Only the next
+message's commands (RSET, MAIL, RCPT, DATA) may go out earlier: with PIPELINING they ride behind the current
+text, so a message costs one round trip (`SmtpSession.start`); the next message is started, still locked,
+before the current one is finished and recorded. While the answer to the current text is awaited, the message
+after next is locked and read, and nothing more (`Flusher._prefetch`): that wait overlaps our own work, and
+nothing of that message is sent, delivered or recorded before the current one is recorded.
 
 What an answer means (DESIGN.md, "Temporary vs permanent"): 2xx delivers a recipient; 4xx, a network, timeout,
 TLS or AUTH problem, or a password source that fails defers it; only a 5xx answer to MAIL, RCPT or DATA (or a
@@ -50,7 +50,6 @@ from pymta.errors import ConfigError, SpoolError
 from pymta.mail.message import rewrite_from
 from pymta.privileges import lookup_user
 from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus
-from pymta.queue.ops import expire_failed
 from pymta.queue.selection import Selection
 from pymta.queue.spool import Spool
 
@@ -199,7 +198,10 @@ class Flusher:
         due = self.due(force)  # before expiring, which removes only parked messages, never a due one
         if not report.housekeeping_done:  # once a run: another pass (for a bounce just queued) needs none
             self.spool.remove_stale_tmp(self.clock())
-            expire_failed(self.spool, self.config, self.clock(), self.log, parked=self._parked)
+            if self._parked:
+                from pymta.queue.ops import expire_failed  # lazy: notices and listing, for parked mail only
+
+                expire_failed(self.spool, self.config, self.clock(), self.log, parked=self._parked)
             report.housekeeping_done = True
         if due:
             unwritable = self.spool.state_problem()
@@ -342,7 +344,7 @@ class Flusher:
 
     def _park(self, name: str, error: Exception, sent: bool = False, done: Attempt | None = None) -> None:
         """After an unexpected failure with queue/NAME (locked by the caller): log it, defer its pending
-        recipients (`Recorder.park`), and go on with the next message (DESIGN.md invariant 11)."""
+        recipients (`Recorder.park`), and go on with the next message (ARCHITECTURE.md invariant 11)."""
         self.recorder.park(name, self._unexpected(name, error, sent), done)
 
     def _abandon_in_flight(self) -> None:

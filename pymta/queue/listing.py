@@ -150,11 +150,6 @@ def table_lines(entries: Iterable[QueueEntry], now: float | None = None) -> Iter
     yield from totals.lines()
 
 
-def format_table(entries: Iterable[QueueEntry], now: float | None = None) -> list[str]:
-    """The queue as lines of text (`table_lines`)."""
-    return list(table_lines(entries, now))
-
-
 def reason(entry: QueueEntry) -> str:
     """Why a message waits, as `pymta queue` groups them: its state and its last error (held: held)."""
     if entry.state == "held":

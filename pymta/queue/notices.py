@@ -50,7 +50,7 @@ def reported_recipients(
     """The recipients of `entry` a DSN of `action` reports on: status `failed` for "failed", `pending` or
     `deferred` for "delayed", each with its status code from its last reply. `remote_mta` (the relay of the
     last attempt; "none" or "" for no server) is named only beside a reply that came from a server. A
-    recipient that expired (`expiry_reason`) after a server's reply is reported with that reply and that
+    recipient that expired (`expiry`) after a server's reply is reported with that reply and that
     server, and status 5.4.7. (A success notice reports what one attempt did, which the queue entry does not
     hold: the flush builds its recipients from the attempt.)"""
     wanted = ("failed",) if action == "failed" else ("pending", "deferred")
@@ -93,11 +93,6 @@ def expiry(within: str, last_reply: str | None = None, relay: str | None = None)
     if last_reply and is_smtp_reply(last_reply) and relay and relay not in ("none", "local"):
         return Expiry(within, " ".join(last_reply.split()), relay)
     return Expiry(within)
-
-
-def expiry_reason(within: str, last_reply: str | None = None, relay: str | None = None) -> str:
-    """The reason text of `expiry` (what the flush records as the recipient's last error)."""
-    return expiry(within, last_reply, relay).reason
 
 
 def notify_words(entry: QueueEntry) -> frozenset[str] | None:

@@ -16,7 +16,15 @@ import os
 from collections.abc import Callable
 
 from pymta.errors import ConfigError
-from pymta.setup.foreign import _AUTH_MECHANISMS, _WHY_NO_VERIFY, Imported, _port, _secure_login, read_text
+from pymta.setup.foreign import (
+    _AUTH_MECHANISMS,
+    _WHY_NO_VERIFY,
+    MSMTP_SYSTEM,
+    Imported,
+    _port,
+    _secure_login,
+    read_text,
+)
 
 # Commands pymta has no use for, and why; a command in neither table is noted as unknown.
 _DROPPED = {
@@ -60,7 +68,7 @@ def default_path() -> str:
     for path in (os.path.join(home, ".msmtprc"), os.path.join(xdg, "msmtp", "config")):
         if os.path.exists(path):
             return path
-    return "/etc/msmtprc"
+    return MSMTP_SYSTEM
 
 
 def _argument(text: str, where: str) -> str:
