@@ -16,7 +16,8 @@ socket listening, a file that cannot be opened) falls back to what auto finds, a
 --verbose adds stderr to any of them, never twice. $PYMTA_JOURNAL_SOCKET and $PYMTA_SYSLOG_SOCKET move
 the sockets (a container with them mounted elsewhere; the tests).
 
-Passwords never reach this module (DESIGN.md invariant 7): callers pass replies and reasons, never secrets.
+Passwords never reach this module (ARCHITECTURE.md invariant 7): callers pass replies and reasons, never
+secrets.
 """
 
 from __future__ import annotations

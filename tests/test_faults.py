@@ -4,7 +4,7 @@ Each test queues a message with the real `sendmail`, runs a flush and checks thr
 outcome (deferred for 4xx, network, timeout, TLS and AUTH trouble; failed only for a 5xx to MAIL, RCPT or
 DATA), a one-line `last_error` that names the cause, and that nothing is lost (the queued message is still
 there, byte for byte, unless every recipient was delivered). The last test runs whole flushes and looks for
-the password everywhere a run leaves traces (DESIGN.md invariant 7).
+the password everywhere a run leaves traces (ARCHITECTURE.md invariant 7).
 """
 
 from __future__ import annotations
@@ -444,7 +444,7 @@ def test_a_corrupt_spool_entry_is_set_aside(mta: MtaEnv, damage: str) -> None:
     assert mta.entries() == []
 
 
-# --- secrets never leak (DESIGN.md invariant 7) ---
+# --- secrets never leak (ARCHITECTURE.md invariant 7) ---
 
 
 class SlowHandler(Handler):

@@ -4,9 +4,10 @@ Alice, a real user of a real system-mode install (`tests/system_install.py`), sk
 new/ what she likes: an envelope whose numbers overflow a float, arrays nested 200,000 deep, a date past any
 calendar, a file name that forges a log line, a file she grows after the flusher opened it. Bob sends a
 message through sendmail as usual. Then root runs `pymta flush`, as the timer does, with a real smarthost
-(aiosmtpd on loopback). What must hold (DESIGN.md invariants 10 and 11): the run ends well (exit 0), bob's
-mail reaches the smarthost, alice's file lands in corrupt/ with exactly one log line naming it, and root's
-`pymta queue` and alice's `mailq` still work. An admin removes what was set aside with `pymta queue delete`.
+(aiosmtpd on loopback). What must hold (ARCHITECTURE.md invariants 10 and 11): the run ends well (exit 0),
+bob's mail reaches the smarthost, alice's file lands in corrupt/ with exactly one log line naming it, and
+root's `pymta queue` and alice's `mailq` still work. An admin removes what was set aside with `pymta queue
+delete`.
 
 Everything skips when not run as root.
 """

@@ -860,7 +860,7 @@ def test_hold_and_release_keep_what_was_reported_so_no_second_bounce(mta: MtaEnv
     assert [m.rcpt_tos for m in server.handler.messages] == [[SENDER], ["a@example.net"]]  # no second bounce
 
 
-# --- a notice our own spool cannot take (DESIGN.md invariant 3) ---
+# --- a notice our own spool cannot take (ARCHITECTURE.md invariant 3) ---
 
 DISK_FULL = "cannot write the message to the spool: No space left on device; free some space, then send again"
 

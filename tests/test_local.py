@@ -1,4 +1,5 @@
-"""Local delivery (pymta/local.py): what mail readers read back, locking, refusals, a full disk, privileges.
+"""Local delivery (pymta/delivery/local.py): what mail readers read back, locking, refusals, a full disk,
+privileges.
 
 Every mailbox lives in a temporary directory: nothing here writes /var/mail or a real home. The tests that
 need root (a mailbox owned by someone else, delivery as a freshly created user) skip without it.

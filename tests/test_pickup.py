@@ -1,5 +1,5 @@
 """The pick-up's checks of a drop and the flush's barrier around each message (issue 10 H3, M1; issue 11
-items 6 and 8; DESIGN.md invariants 10 and 11).
+items 6 and 8; ARCHITECTURE.md invariants 10 and 11).
 
 `validate_drop` is tried with the hostile envelopes found in review and with hypothesis: whatever a drop's
 envelope holds, the check either keeps it, in ranges every later reader can convert, or refuses it with

@@ -6,7 +6,7 @@ frames cut short, frames over the limits, frames that stall, and well-framed hea
 JSON can hold. Whatever comes, root must end (never hang: every session here is given a deadline),
 raise nothing but DeliveryProcessError, answer each complete request once, stay in step for the next
 one, and call the local delivery function only for a well-formed request: a real local user, a sender
-SMTP can carry, a time asctime() can write (DESIGN.md invariant 10). The real-users end of the same
+SMTP can carry, a time asctime() can write (ARCHITECTURE.md invariant 10). The real-users end of the same
 promise is in tests/test_security_protocol.py.
 """
 

@@ -1,4 +1,4 @@
-"""Root never touches the spool by path (DESIGN.md invariant 10; issue 10, C1 and M3), with real users.
+"""Root never touches the spool by path (ARCHITECTURE.md invariant 10; issue 10, C1 and M3), with real users.
 
 The hostile side here is the spool's owner (`pymta`, as a compromised delivery process would be) and, for
 sendmail, any user: they own or can write the directories root's commands work in, so they swap a spool

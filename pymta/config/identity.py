@@ -1,11 +1,11 @@
 """Sender identity: who may set which envelope sender, and what happens when someone sets another's.
 
-The submitting user is who the operating system says (DESIGN.md invariant 6): in system mode the owner of
-the drop file. A user may always send as themselves: their login name bare, or `login@` one of this
-host's names (hostname, domain, local_domains, localhost). Setting any other sender with `-f`/`-r` (or
-MAIL FROM under `-bs`) is a claim only `trusted_users` may make freely. The null sender `<>` counts as
-another sender: it says "this is a delivery notice from the mail system" and makes failures of the message
-vanish, so an untrusted user who sets it is treated as setting any other address.
+The submitting user is who the operating system says (ARCHITECTURE.md invariant 6): in system mode the owner
+of the drop file. A user may always send as themselves: their login name bare, or `login@` one of this host's
+names (hostname, domain, local_domains, localhost). Setting any other sender with `-f`/`-r` (or MAIL FROM
+under `-bs`) is a claim only `trusted_users` may make freely. The null sender `<>` counts as another sender:
+it says "this is a delivery notice from the mail system" and makes failures of the message vanish, so an
+untrusted user who sets it is treated as setting any other address.
 
 What an untrusted claim gets, by `sender_policy`:
 

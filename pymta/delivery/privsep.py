@@ -16,12 +16,12 @@ The privilege model (system mode, as `pymta setup` makes it; pymta(1), "PRIVILEG
     pymta test, as root     it stays the owner's and what the owner planted there (a link, a FIFO) is met
                             with the owner's rights.
 
-The rule under all of it (DESIGN.md invariant 10): root never creates, opens, renames or changes anything
-inside the spool by path. It becomes the spool's owner first, or (the users' views, `views.publish`; a
-submission, `Spool.submit`) works through `openat()` from a directory descriptor it opened without
-following a link and checked. Nothing the owner could swap decides who root acts as: that is the owner of
-the spool directory itself, whose name lives in a directory of root's (`spool_owner`). So no file in the
-spool is ever root's to "give back".
+The rule under all of it (ARCHITECTURE.md invariant 10): root never creates, opens, renames or changes
+anything inside the spool by path. It becomes the spool's owner first, or (the users' views, `views.publish`;
+a submission, `Spool.submit`) works through `openat()` from a directory descriptor it opened without following
+a link and checked. Nothing the owner could swap decides who root acts as: that is the owner of the spool
+directory itself, whose name lives in a directory of root's (`spool_owner`). So no file in the spool is ever
+root's to "give back".
 
 The two talk in length-framed frames with limits (`frames`). Root treats the delivery process as
 untrusted: it checks every frame against its limits and every request field before it acts, answers a bad

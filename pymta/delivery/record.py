@@ -2,7 +2,7 @@
 
 `Attempt` holds one `RecipientOutcome` per recipient (the same shape an SMTP session returns, with the relay
 that gave it). `Recorder.record` writes them to the message's state under its lock, before the text of the
-next message is sent (DESIGN.md invariant 3), queues the bounce, delay or success notice they call for
+next message is sent (ARCHITECTURE.md invariant 3), queues the bounce, delay or success notice they call for
 (`queue.notices` decides, `mail.dsn` builds), and removes a message every recipient has. A notice that our own
 spool cannot take never stops the outcomes from being recorded: a bounce stays owed (`bounce_due`), a delay
 notice is tried again at the next attempt, and a success notice is lost. `Recorder.park` records an unexpected
@@ -96,7 +96,7 @@ class Recorder:
 
     def park(self, name: str, reason: str, done: Attempt | None = None) -> None:
         """After an unexpected failure with queue/NAME (locked by the caller): defer its pending recipients
-        with `reason`, on the retry schedule (DESIGN.md invariant 11).
+        with `reason`, on the retry schedule (ARCHITECTURE.md invariant 11).
         `done`: the attempt whose outcomes were being recorded; who it delivered stays delivered (invariant
         3). With nothing left to deliver, the message stays failed and owes its notice, so a later run
         tries that again. One that cannot even be read, or that has failed so past its lifetime, goes to

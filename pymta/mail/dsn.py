@@ -1,7 +1,7 @@
 """Delivery status notifications (RFC 3464): the message itself, built from plain values.
 
-A DSN is an ordinary message from the null sender `<>`, queued like any other (DESIGN.md invariant 2): the
-flush decides *when*; `pymta.queue.notices` decides *whether* and *to whom*, and which recipients it
+A DSN is an ordinary message from the null sender `<>`, queued like any other (ARCHITECTURE.md invariant 2):
+the flush decides *when*; `pymta.queue.notices` decides *whether* and *to whom*, and which recipients it
 reports on (`ReportedRecipient`); this module builds the bytes (`build_dsn`) from the message it is about
 (anything shaped like `Original`: a queue entry is one). It is pure: no I/O, no clock, no printing, and it
 knows nothing of the queue.

@@ -5,7 +5,7 @@ socket unit in examples/ (`pymta-smtpd.socket`, Accept=yes, bound to 127.0.0.1:2
 that can only speak SMTP to localhost:25 (monit, rsyslog's ommail, AIDE) get one `sendmail -bs` per
 connection, with the connection as its standard input and output. This module has no network code at all: it
 reads one file descriptor and writes another. It never relays and never opens a socket; it only queues
-(DESIGN.md invariants 5 and 9).
+(ARCHITECTURE.md invariants 5 and 9).
 
 Every message is queued by the `queue` function it is handed, which is plain sendmail's `submit()`: the
 same `prepare_submission`, the same envelope (submitted_by is the real user running this process), the same

@@ -9,7 +9,7 @@ trips: its commands, and its text. A caller with many messages starts the next o
 current one (`start()`, then `finish()` in the same order): the next message's commands then ride in the
 write of the current one's text, behind its final dot, and a message costs one round trip. The current
 message's final reply is read and returned before any of the next one's text is sent, so the caller records
-it first (DESIGN.md invariant 3); nothing of a message is delivered before its text has gone out.
+it first (ARCHITECTURE.md invariant 3); nothing of a message is delivered before its text has gone out.
 
 Each wait has its limit, as RFC 5321 4.5.3.2 gives each step its own: `timeout` (short) for the
 connection, the greeting, each command's reply and each block of text sent; `data_timeout` (10 minutes by
