@@ -49,14 +49,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pymta.config import paths as quickconfig
+from pymta.config import paths
 from pymta.config.load import load
 from pymta.errors import PermissionDeniedError, UsageError
 from pymta.setup.files import Owner, group_name, owner_of
 from pymta.setup.plan import APPLY
 
-SYSTEM_CONFIG = quickconfig.SYSTEM_CONFIG
-SYSTEM_SPOOL = quickconfig.SYSTEM_SPOOL
+SYSTEM_CONFIG = paths.SYSTEM_CONFIG
+SYSTEM_SPOOL = paths.SYSTEM_SPOOL
 CONFIG_DIR = os.path.dirname(SYSTEM_CONFIG)
 SECRETS_DIR = os.path.join(CONFIG_DIR, "secrets")
 # The password file the installed config's comments suggest (and `pymta test` names, in system mode).
@@ -142,7 +142,7 @@ class Install:
             source = self.template or ""
         value: str | None = None
         if source:
-            value = quickconfig.read_plain(source, frozenset({"spool"}))[0].get("spool")
+            value = paths.read_plain(source, frozenset({"spool"}))[0].get("spool")
         if not value or not os.path.isabs(value):
             return SYSTEM_SPOOL
         value = os.path.normpath(value)

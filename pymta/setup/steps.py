@@ -14,7 +14,7 @@ import subprocess
 
 from pymta.config.load import load
 from pymta.errors import EX_CONFIG, ConfigError
-from pymta.queue import audit as spool_audit
+from pymta.queue import audit
 from pymta.queue.views import STATUS_DIR, STATUS_MODE
 from pymta.setup import launcher
 from pymta.setup.checks import scripts_step, unreachable_parents, untold_step, warning
@@ -128,7 +128,7 @@ def spool_step(install: Install) -> Step:
         changes += node_changes(lock, LOCK_MODE, owner, False, lambda: write_file(lock, "", LOCK_MODE, owner))
         changes += unreachable_parents(spool, install.root)
         directories = (*DROP_DIRS, *PRIVATE_DIRS, STATUS_DIR)
-        changes += [warning(*finding) for finding in spool_audit.spool_findings(spool, directories)]
+        changes += [warning(*finding) for finding in audit.spool_findings(spool, directories)]
         return changes
 
     return Step(
@@ -148,7 +148,7 @@ def config_step(install: Install) -> Step:
         changes = dir_changes(directory, CONFIG_DIR_MODE, admin)
         changes += _config_file_changes(install, path, admin)
         changes += dir_changes(secrets, SECRETS_MODE, install.spool_owner())
-        changes += [warning(*finding) for finding in spool_audit.secret_findings(secrets)]
+        changes += [warning(*finding) for finding in audit.secret_findings(secrets)]
         return changes
 
     exists = "exists, left as it is (setup never overwrites it)" if os.path.lexists(path) else "0644"

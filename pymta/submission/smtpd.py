@@ -45,7 +45,7 @@ from __future__ import annotations
 import os
 import select
 
-from pymta.config import paths as quickconfig
+from pymta.config import paths
 from pymta.config.limits import DEFAULT_MAX_MESSAGE_SIZE, parse_size
 from pymta.errors import (
     EX_CANTCREAT,
@@ -539,9 +539,9 @@ def _settings(config: str | None) -> tuple[str, int]:
     """How the greeting names us (`hostname:`, else the node name: no DNS lookup) and the message size limit
     (`max_message_size:`), read without YAML where possible. A broken config never stops the session."""
     values: dict[str, str | None] = {}
-    path = quickconfig.find_config(config)
+    path = paths.find_config(config)
     if path is not None:
-        values = quickconfig.read_plain(path, frozenset(("hostname", "max_message_size")))[0]
+        values = paths.read_plain(path, frozenset(("hostname", "max_message_size")))[0]
     hostname = values.get("hostname") or os.uname().nodename or "localhost"
     max_size = DEFAULT_MAX_SIZE
     text = values.get("max_message_size")

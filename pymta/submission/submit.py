@@ -12,8 +12,7 @@ import sys
 import time
 
 from pymta import errors
-from pymta.config import limits
-from pymta.config import paths as quickconfig
+from pymta.config import limits, paths
 from pymta.errors import MessageError, PymtaError, UsageError
 from pymta.mail.address import unique_addresses
 from pymta.mail.message import prepare_submission
@@ -90,9 +89,9 @@ def read_settings(config_file: str | None) -> Settings:
     broken: read without YAML where possible. A broken config never stops a submission."""
     warnings: list[str] = []
     values: dict[str, str | None] = {}
-    path = quickconfig.find_config(config_file)
+    path = paths.find_config(config_file)
     if path is not None:
-        values, problem = quickconfig.read_plain(path, _SETTING_KEYS)
+        values, problem = paths.read_plain(path, _SETTING_KEYS)
         if problem is not None:
             reason = getattr(problem, "strerror", None) or str(problem)
             warnings.append(f"cannot read the config {path} ({reason}); fix it and run 'pymta config check'")
@@ -128,7 +127,7 @@ def read_settings(config_file: str | None) -> Settings:
         spool = None
     default = not spool
     return Settings(
-        spool or quickconfig.default_spool(),
+        spool or paths.default_spool(),
         default,
         values.get("deliver"),
         max_size,
