@@ -11,7 +11,7 @@
         dns_server.servfail.add("broken.test")     # answers SERVFAIL
         dns_server.silent.add("slow.test")         # never answers: the client times out
         dns_server.truncate.add("big.test")        # UDP answers truncated: the client retries on TCP
-        settings = dns_server.settings(timeout=1)   # pymta.delivery.mx.DnsSettings pointing here
+        settings = dns_server.settings(timeout=1)   # pymta.config.model.DnsSettings pointing here
 
 A name in `zone` exists (with no records of a type: an empty answer); any other name is NXDOMAIN. A CNAME
 is followed within the zone, as an authoritative server does for its own names. Both sockets share one
@@ -34,7 +34,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from pymta.delivery.mx import DnsSettings
+from pymta.config.model import DnsSettings
 
 TTL = 300
 MAX_CNAME_CHAIN = 8

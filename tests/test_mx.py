@@ -10,9 +10,9 @@ import sys
 import pytest
 from dnsserver import DnsServer, dns_server
 
+from pymta.config.model import DnsSettings
 from pymta.delivery.mx import (
     Destination,
-    DnsSettings,
     DnsTemporaryError,
     MxHost,
     MxResolver,

@@ -68,7 +68,7 @@ def render(settings: Config) -> str:
         header = f"# {settings.source}: valid; effective settings, defaults filled in, passwords masked\n"
     else:
         header = "# no config file; using defaults\n"
-    if not settings.smarthosts:
+    if not settings.smarthosts and not settings.direct:
         header += "# no smarthosts: local mail is delivered locally, other mail waits in the queue\n"
     return header + yaml.dump(settings.masked(), Dumper=_SettingsDumper, sort_keys=False, allow_unicode=True)
 

@@ -20,9 +20,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import Any
 
 from pymta import log
 from pymta.config.limits import parse_size
@@ -31,13 +29,17 @@ from pymta.config.model import (
     DEFAULT_PORTS,
     DEFAULT_SECURITY,
     DELIVER_CHOICES,
+    DIRECT,
     MAILBOX_CHOICES,
+    MX_TLS_CHOICES,
     ORIGINAL_FROM_CHOICES,
     PASSWORD_KINDS,
     SECURITY_CHOICES,
     SENDER_POLICY_CHOICES,
     Config,
+    DnsSettings,
     Local,
+    Mx,
     PasswordKind,
     PasswordSource,
     Retry,
@@ -46,9 +48,10 @@ from pymta.config.model import (
     Smarthost,
     parse_duration,
 )
-from pymta.config.paths import find_config, yaml_problem
+from pymta.config.paths import find_config
+from pymta.config.yamlfile import read_yaml
 from pymta.errors import ConfigError
-from pymta.mail.idn import a_label
+from pymta.mail.idn import a_label, domain_key
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
@@ -302,10 +305,10 @@ def _section(keys: Mapping[str, _Key], value: object, where: _Where, what: str) 
 
 
 def _unknown_key(key: object, keys: Mapping[str, _Key]) -> str:
-    close = difflib.get_close_matches(key, list(keys), n=1) if isinstance(key, str) else []
-    if close:
-        return f'unknown key; did you mean "{close[0]}"?'
     home = next((name for name, table in _NESTED.items() if key in table and table is not keys), None)
+    close = difflib.get_close_matches(key, list(keys), n=1) if isinstance(key, str) else []
+    if close and not (home and close[0] not in _NESTED):  # tls_policy: under mx:, not sender_policy
+        return f'unknown key; did you mean "{close[0]}"?'
     if home:
         return f"unknown key here; it belongs under {home}:"
     return f"unknown key; the keys here are {', '.join(keys)}"
@@ -334,7 +337,13 @@ def _smarthosts(value: object, where: _Where) -> tuple[Smarthost, ...]:
 
 
 def _route(value: object, where: _Where) -> Route:
-    return Route(**_section(_ROUTE_KEYS, value, where, "a mapping with sender: and smarthost:"))
+    fields = _section(_ROUTE_KEYS, value, where, "a mapping with sender: (or recipient:) and smarthost:")
+    if ("sender" in fields) == ("recipient" in fields):
+        raise where.fail(
+            'needs exactly one of sender: and recipient:, e.g. sender: "*@example.com"; write two routes '
+            "to match both"
+        )
+    return Route(**{"sender": None, **fields})
 
 
 def _routes(value: object, where: _Where) -> tuple[Route, ...]:
@@ -394,6 +403,33 @@ def _rewrite(value: object, where: _Where) -> Rewrite:
     return Rewrite(**fields)
 
 
+def _tls_policy(value: object, where: _Where) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise where.fail(f"must be a mapping of domains to opportunistic or verify, not {_show(value)}")
+    policy: dict[str, str] = {}
+    for domain, choice in value.items():
+        at = where.key(domain)
+        key = domain_key(_mail_domain(domain, at))
+        if key in policy:
+            raise at.fail("is the same domain as another one here; remove one of them")
+        policy[key] = _choice(*MX_TLS_CHOICES)(choice, at)
+    return tuple(policy.items())
+
+
+def _nameservers(value: object, where: _Where) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise where.fail(f"must be a list of IP addresses such as [127.0.0.1], not {_show(value)}")
+    servers = []
+    for number, item in enumerate(value):
+        try:
+            servers.append(str(ipaddress.ip_address(item if isinstance(item, str) else "")))
+        except ValueError:
+            raise where.index(number).fail(
+                f"{_show(item)} is not an IP address; write e.g. 127.0.0.1"
+            ) from None
+    return tuple(servers)
+
+
 def _retry(value: object, where: _Where) -> Retry:
     return Retry(**_section(_RETRY_KEYS, value, where, "a mapping with schedule: and lifetime:"))
 
@@ -425,15 +461,12 @@ _LOCAL_KEYS: Mapping[str, _Key] = {
     "maildir": _Key("maildir", _home_path),
 }
 _ROUTE_KEYS: Mapping[str, _Key] = {
-    "sender": _Key(
-        "sender",
-        lambda value, where: _text(value, where, "a sender pattern"),
-        required='write a sender pattern, e.g. sender: "*@example.com"',
-    ),
+    "sender": _Key("sender", lambda value, where: _text(value, where, "a sender pattern")),
+    "recipient": _Key("recipient", lambda value, where: _text(value, where, "a recipient pattern")),
     "smarthost": _Key(
         "smarthost",
         lambda value, where: _text(value, where, "a smarthost name"),
-        required="name one of the smarthosts (its name: or host:)",
+        required=f"name one of the smarthosts (its name: or host:), or {DIRECT} for the MX hosts",
     ),
     "rewrite": _Key("rewrite", _rewrite),
 }
@@ -441,6 +474,17 @@ _RETRY_KEYS: Mapping[str, _Key] = {
     "schedule": _Key("schedule", _schedule),
     "lifetime": _Key("lifetime", _duration),
     "warn_after": _Key("warn_after", _warn_after),
+}
+_MX_KEYS: Mapping[str, _Key] = {
+    "port": _Key("port", _port),
+    "tls": _Key("tls", _choice(*MX_TLS_CHOICES)),
+    "tls_policy": _Key("tls_policy", _tls_policy),
+    "timeout": _Key("timeout", _duration),
+}
+_DNS_KEYS: Mapping[str, _Key] = {
+    "nameservers": _Key("nameservers", _nameservers),
+    "port": _Key("port", _port),
+    "timeout": _Key("timeout", _duration),
 }
 _TOP_KEYS: Mapping[str, _Key] = {
     "spool": _Key("spool", _absolute_path),
@@ -461,6 +505,14 @@ _TOP_KEYS: Mapping[str, _Key] = {
     "sender_policy": _Key("sender_policy", _choice(*SENDER_POLICY_CHOICES)),
     "max_queued_per_user": _Key("max_queued_per_user", _queue_limit),
     "log": _Key("log", _log_target),
+    "direct": _Key("direct", _boolean),
+    "mx": _Key(
+        "mx", lambda value, where: Mx(**_section(_MX_KEYS, value, where, "a mapping with tls: and port:"))
+    ),
+    "dns": _Key(
+        "dns",
+        lambda value, where: DnsSettings(**_section(_DNS_KEYS, value, where, "a mapping with nameservers:")),
+    ),
 }
 # Where a misplaced key belongs, for "unknown key here; it belongs under retry:".
 _NESTED: Mapping[str, Mapping[str, _Key]] = {
@@ -469,6 +521,8 @@ _NESTED: Mapping[str, Mapping[str, _Key]] = {
     "retry": _RETRY_KEYS,
     "local": _LOCAL_KEYS,
     "rewrite": _REWRITE_KEYS,
+    "mx": _MX_KEYS,
+    "dns": _DNS_KEYS,
 }
 
 # Every key of the file by its path, for documentation tests and tools.
@@ -479,6 +533,8 @@ KEYS: tuple[str, ...] = (
     *(f"retry.{key}" for key in _RETRY_KEYS),
     *(f"local.{key}" for key in _LOCAL_KEYS),
     *(f"rewrite.{key}" for key in _REWRITE_KEYS),
+    *(f"mx.{key}" for key in _MX_KEYS),
+    *(f"dns.{key}" for key in _DNS_KEYS),
 )
 
 
@@ -492,8 +548,17 @@ def parse(document: object, source: str) -> Config:
     )
     config = Config(source=source, **fields)
     labels = [host.label for host in config.smarthosts]
+    if DIRECT in labels:
+        number = labels.index(DIRECT)
+        raise (
+            where.key("smarthosts")
+            .index(number)
+            .fail(f'is called "{DIRECT}", the name routes use for the MX hosts; give it another name:')
+        )
     for number, route in enumerate(config.routes):
         at = where.key("routes").index(number).key("smarthost")
+        if route.smarthost == DIRECT:
+            continue
         if route.smarthost not in labels:
             close = difflib.get_close_matches(route.smarthost, labels, n=1)
             known = ", ".join(labels) or "none"
@@ -506,69 +571,9 @@ def parse(document: object, source: str) -> Config:
     return config
 
 
-# --- YAML ---
-
-
-def _refuse_duplicates(loader: yaml.constructor.SafeConstructor, node: yaml.MappingNode) -> None:
-    """A key given twice is an error rather than the last one winning."""
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, str | int | float | bool) and key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {_show(key)}; remove one of them", key_node.start_mark
-            )
-        seen.add(key if isinstance(key, str | int | float | bool) else id(key))
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice is an error (`_refuse_duplicates`)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        _refuse_duplicates(self, node)
-        return super().construct_mapping(node, deep=deep)
-
-
-# libyaml's parser, when PyYAML was built with it, reads a config several times faster than the pure Python
-# one; the constructor, where a duplicate key is caught, is the same. Its error texts are terser (no hint for
-# a tab), so a file it refuses is read again by the Python parser for the error the admin sees.
-if TYPE_CHECKING:
-    _CSafeLoader = yaml.SafeLoader
-else:
-    _CSafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _FastStrictLoader(_CSafeLoader):
-    """`_StrictLoader` on libyaml's parser."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        _refuse_duplicates(self, node)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_error(error: yaml.YAMLError, source: str) -> ConfigError:
-    return _Where(source).fail(yaml_problem(error))
-
-
 def loads(text: str | bytes, source: str = "<string>") -> Config:
     """The Config in YAML `text`, naming `source` in errors."""
-    if _CSafeLoader is not yaml.SafeLoader:
-        try:
-            return parse(yaml.load(text, Loader=_FastStrictLoader), source)
-        except (yaml.YAMLError, RecursionError):
-            pass  # the Python parser below says what is wrong in its own words
-    try:
-        document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as error:
-        raise _yaml_error(error, source) from None
-    except RecursionError:  # PyYAML recurses once per level of nesting: `[[[[...` a few thousand deep
-        raise _Where(source).fail(
-            "is nested too deeply to read (lists or mappings inside each other thousands of times); "
-            "no pymta setting nests more than a few levels"
-        ) from None
-    return parse(document, source)
+    return parse(read_yaml(text, source), source)
 
 
 # What to do about a file that cannot be read, by the kind of failure.

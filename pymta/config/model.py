@@ -18,6 +18,7 @@ from typing import Literal
 
 from pymta.config.limits import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_PER_USER, format_size
 from pymta.config.paths import default_spool
+from pymta.mail.idn import domain_key
 
 Deliver = Literal["immediate", "queue"]
 Security = Literal["starttls", "tls", "none"]
@@ -34,6 +35,11 @@ ORIGINAL_FROM_CHOICES: tuple[OriginalFrom, ...] = ("x-original-from", "reply-to"
 PASSWORD_KINDS: tuple[PasswordKind, ...] = ("keyring", "command", "env", "file")
 SenderPolicyChoice = Literal["warn", "strict"]
 SENDER_POLICY_CHOICES: tuple[SenderPolicyChoice, ...] = ("warn", "strict")
+MxTls = Literal["opportunistic", "verify"]
+MX_TLS_CHOICES: tuple[MxTls, ...] = ("opportunistic", "verify")
+# The smarthost name a route gives to send its mail to the recipients' MX hosts (issue 15); no smarthost
+# may be called this.
+DIRECT = "direct"
 
 # --- Defaults, each with the reason it is what it is. ---
 
@@ -67,6 +73,17 @@ DEFAULT_MAILDIR = "~/Maildir"
 DEFAULT_TRUSTED_USERS: tuple[str, ...] = ("root",)
 # warn: mark a foreign sender with X-Authentication-Warning (sendmail's way), never lose the mail for it.
 DEFAULT_SENDER_POLICY: SenderPolicyChoice = "warn"
+# Direct delivery (issue 15). Port 25 is where MX hosts take mail from other MTAs (RFC 5321 2.3.5).
+DEFAULT_MX_PORT = 25
+# Opportunistic STARTTLS is what MTAs do between MX hosts: most offer it, few have a certificate for the
+# name their MX record gives, and refusing them would stop the mail (RFC 3207 4.1, RFC 7435).
+DEFAULT_MX_TLS: MxTls = "opportunistic"
+# Seconds per SMTP command with an MX host: RFC 5321 4.5.3.2 asks a client to wait 5 minutes for the
+# greeting, MAIL and RCPT; a receiving MTA may be slow on purpose (tarpitting) and must not be given up.
+DEFAULT_MX_TIMEOUT = 300
+# Seconds a DNS lookup may take, retries over the servers included; a slow one defers the domain.
+DEFAULT_DNS_TIMEOUT = 10
+DEFAULT_DNS_PORT = 53
 # Seconds to wait for the resolver when naming this host: /etc/hosts answers at once, a dead DNS server never.
 HOSTNAME_LOOKUP_TIMEOUT = 2.0
 
@@ -256,18 +273,63 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Mail from senders matching `sender` (a shell pattern, e.g. *@example.com) goes via one smarthost."""
+    """Mail from senders matching `sender`, or to recipients matching `recipient` (shell patterns such as
+    *@example.com; exactly one is set), goes via one smarthost, or to the MX hosts (`DIRECT`)."""
 
-    sender: str
-    smarthost: str  # the smarthost's name (or host)
+    sender: str | None
+    smarthost: str  # the smarthost's name (or host), or DIRECT
     # Sender rewriting for this route; default: the smarthost's, else the top-level one.
     rewrite: Rewrite | None = None
+    recipient: str | None = None
 
     def masked(self) -> dict[str, object]:
         return {
             "sender": self.sender,
+            "recipient": self.recipient,
             "smarthost": self.smarthost,
             "rewrite": self.rewrite.masked() if self.rewrite else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """Which DNS servers direct delivery asks: none given means the system's (/etc/resolv.conf).
+    `nameservers` and `port` are a test and advanced option (a local resolver on another port)."""
+
+    nameservers: tuple[str, ...] = ()  # IP addresses
+    port: int = DEFAULT_DNS_PORT
+    timeout: float = DEFAULT_DNS_TIMEOUT
+
+    def masked(self) -> dict[str, object]:
+        return {
+            "nameservers": list(self.nameservers),
+            "port": self.port,
+            "timeout": format_duration(self.timeout),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Mx:
+    """How direct delivery talks to MX hosts: the port, the TLS policy (by default and per recipient
+    domain) and the time given to each command."""
+
+    port: int = DEFAULT_MX_PORT
+    tls: MxTls = DEFAULT_MX_TLS
+    # (domain_key(domain), policy) pairs, in the order written: a mapping would not be hashable
+    tls_policy: tuple[tuple[str, MxTls], ...] = ()
+    timeout: float = DEFAULT_MX_TIMEOUT
+
+    def tls_for(self, domain: str) -> MxTls:
+        """The TLS policy for mail to `domain` (U-label or A-label, any case)."""
+        key = domain_key(domain)
+        return next((policy for name, policy in self.tls_policy if name == key), self.tls)
+
+    def masked(self) -> dict[str, object]:
+        return {
+            "port": self.port,
+            "tls": self.tls,
+            "tls_policy": dict(self.tls_policy),
+            "timeout": format_duration(self.timeout),
         }
 
 
@@ -295,6 +357,9 @@ class Config:
     # messages a user other than root may have queued (system mode); None: no limit
     max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER
     log: str = "auto"  # where the flush logs: auto, journal, syslog, stderr, none or a file (pymta.log)
+    direct: bool = False  # mail no smarthost or route takes goes to the recipients' MX hosts (issue 15)
+    mx: Mx = field(default_factory=Mx)
+    dns: DnsSettings = field(default_factory=DnsSettings)
 
     @property
     def hostname(self) -> str:
@@ -327,4 +392,7 @@ class Config:
             "sender_policy": self.sender_policy,
             "max_queued_per_user": "none" if self.max_queued_per_user is None else self.max_queued_per_user,
             "log": self.log,
+            "direct": self.direct,
+            "mx": self.mx.masked(),
+            "dns": self.dns.masked(),
         }

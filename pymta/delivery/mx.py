@@ -33,6 +33,7 @@ import dns.rdtypes.IN.A  # noqa: F401
 import dns.rdtypes.IN.AAAA  # noqa: F401
 import dns.resolver
 
+from pymta.config.model import DnsSettings
 from pymta.errors import EX_TEMPFAIL, EX_UNAVAILABLE, PymtaError
 
 # MX hosts looked up per domain: the best ones after the shuffle, the rest dropped. Each costs two lookups,
@@ -40,25 +41,12 @@ from pymta.errors import EX_TEMPFAIL, EX_UNAVAILABLE, PymtaError
 MAX_MX_HOSTS = 10
 # Addresses kept per domain, over all its hosts: each unreachable one costs a connect timeout per attempt.
 MAX_ADDRESSES = 12
-# Seconds a lookup may take, retries over the configured servers included; a slow one defers, not fails.
-DNS_TIMEOUT = 10.0
-DNS_PORT = 53
 
 # A host name as it may appear in an MX record: letters, digits, hyphens (and underscores, seen in the
 # wild), dot-separated labels of 1 to 63 characters.
 _HOST_NAME = re.compile(
     r"(?i)^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class DnsSettings:
-    """Which DNS servers to ask: none given means the system's (/etc/resolv.conf). `nameservers` and
-    `port` are a test and advanced option (a local resolver on another port)."""
-
-    nameservers: tuple[str, ...] = ()
-    port: int = DNS_PORT
-    timeout: float = DNS_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)

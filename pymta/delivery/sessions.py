@@ -30,7 +30,7 @@ def route(config: Config, sender: str) -> tuple[tuple[Smarthost, ...], Rewrite |
     """The smarthosts to try for a message from `sender`, in order, and the route's own rewrite: the first
     route whose pattern matches (fnmatch, case-insensitive), else every configured smarthost and None."""
     for rule in config.routes:
-        if fnmatch.fnmatchcase(sender.lower(), rule.sender.lower()):
+        if rule.sender is not None and fnmatch.fnmatchcase(sender.lower(), rule.sender.lower()):
             return tuple(host for host in config.smarthosts if host.label == rule.smarthost), rule.rewrite
     return config.smarthosts, None
 
