@@ -6,12 +6,21 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from conftest import MtaEnv
 from dnsserver import DnsServer, dns_server
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pymta.config.load import loads
 from pymta.delivery.mx import MxResolver
-from pymta.delivery.readiness import Finding, Readiness, check_readiness, spf_verdict
+from pymta.delivery.readiness import (
+    Finding,
+    Readiness,
+    check_config,
+    check_readiness,
+    direct_sender_domains,
+    spf_verdict,
+)
 
 __all__ = ["dns_server"]  # the fixture, imported for pytest
 
@@ -303,3 +312,89 @@ def test_a_sender_domain_that_is_no_domain_name_is_a_problem(dns_server: DnsServ
     readiness = check(dns_server, domains=("x" * 70 + ".example.net",))
     assert readiness.findings[-1].problem.endswith("is not a valid domain name")
     assert readiness.findings[-1].fix == "set `domain:` (or the rewrite address) to a domain you own"
+
+
+# --- Which domains a config sends from directly ---
+
+
+def test_a_config_without_direct_delivery_is_not_checked() -> None:
+    config = loads("hostname: mail.example.net\nsmarthosts:\n  - host: relay.example.net\n", "t.yaml")
+    assert check_config(config) is None
+
+
+def test_the_sender_domains_of_direct_mail_come_from_domain_rewrites_and_routes() -> None:
+    config = loads(
+        "hostname: mail.example.net\ndirect: true\nrewrite: {from: me@example.org}\n"
+        "routes:\n"
+        '  - sender: "*@lists.example.com"\n    smarthost: direct\n'
+        '  - sender: "*@*.example.com"\n    smarthost: direct\n'
+        '  - recipient: "*@corp.example"\n    smarthost: direct\n    rewrite: {from: ops@corp.example}\n',
+        "t.yaml",
+    )
+    assert direct_sender_domains(config) == [
+        "mail.example.net",
+        "example.org",
+        "corp.example",
+        "lists.example.com",
+    ]
+
+
+# --- pymta config check ---
+
+
+def direct_config(mta: MtaEnv, server: DnsServer, text: str = "direct: true\n") -> None:
+    mta.write_config(
+        f"hostname: {HOST}\ndomain: example.net\n{text}"
+        f"dns:\n  nameservers: [{server.host}]\n  port: {server.port}\n  timeout: 2s\n"
+    )
+
+
+def test_config_check_prints_the_findings_of_a_direct_config_and_exits_0(
+    mta: MtaEnv, dns_server: DnsServer
+) -> None:
+    zone = good_zone()
+    del zone[PTR_NAME]
+    dns_server.zone = zone
+    direct_config(mta, dns_server)
+    result = mta.run("pymta", ["config", "check"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"# {mta.config}: valid".encode())
+    assert result.stderr.decode().splitlines() == [
+        f"pymta: direct delivery: what a receiving MX will find for {HOST} ({ADDRESS}):",
+        f"[problem] {ADDRESS} has no PTR record (reverse DNS); Gmail and most providers refuse its mail; "
+        f"fix: ask whoever assigned {ADDRESS} (your hosting provider, not your DNS host) "
+        f"for a PTR naming {HOST}",
+        f"[ok] the hostname {HOST} resolves to {ADDRESS}",
+        f"[ok] example.net's SPF record permits {ADDRESS} (ip4:198.51.100.0/24)",
+        "[ok] example.net publishes a DMARC record at _dmarc.example.net (p=none)",
+        "pymta: direct delivery: 1 problem(s), 0 warning(s): receivers may refuse or junk mail from here "
+        "until they are fixed (README: Sending without a smarthost)",
+    ]
+
+
+def test_config_check_of_a_route_to_direct_reports_a_dns_failure_as_unknown(
+    mta: MtaEnv, dns_server: DnsServer
+) -> None:
+    dns_server.zone = good_zone()
+    dns_server.servfail.add(HOST)
+    direct_config(
+        mta,
+        dns_server,
+        "smarthosts:\n  - host: relay.example.net\n"
+        'routes:\n  - recipient: "*@corp.example"\n    smarthost: direct\n',
+    )
+    result = mta.run("pymta", ["config", "check"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert lines[1] == (
+        f"[unknown] could not check that the hostname {HOST} resolves: the DNS server failed the A lookup "
+        "(SERVFAIL); fix: check again later; if it lasts, check the DNS servers in `dns:` or /etc/resolv.conf"
+    )
+    assert lines[-1] == "pymta: direct delivery: no problem found; 1 not checked (DNS)"
+
+
+def test_config_check_without_direct_delivery_asks_no_dns(mta: MtaEnv, dns_server: DnsServer) -> None:
+    direct_config(mta, dns_server, "smarthosts:\n  - host: relay.example.net\n")
+    result = mta.run("pymta", ["config", "check"])
+    assert result.returncode == 0 and result.stderr == b""
+    assert dns_server.queries == []

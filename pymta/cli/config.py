@@ -10,7 +10,7 @@ import click
 import yaml
 
 from pymta.config.load import load
-from pymta.config.model import Config
+from pymta.config.model import DIRECT, Config
 from pymta.config.routing import Router
 from pymta.errors import EX_CONFIG, ConfigError
 
@@ -48,9 +48,19 @@ def check(config_file: str | None) -> None:
     A valid config that will not do what it says gets a warning on stderr: an admin address on this
     machine that leads to no mailbox (its mail then goes to root's).
 
+    With direct: true, or a route to direct, it also asks DNS (the servers under dns:, else
+    /etc/resolv.conf's) what a receiving MX will check, and prints one line per finding on stderr,
+    [problem], [warn], [unknown] (DNS did not answer), [note] or [ok], each with its fix: the hostname
+    is fully qualified and resolves; each of its public addresses has a PTR naming a host that
+    resolves back to it (FCrDNS), the hostname itself; no address is private or loopback; each sender
+    domain (domain:, a rewrite's address, a route's *@DOMAIN sender) has one SPF record that does not
+    refuse those addresses (SPF is read, not evaluated: include: and redirect= are not followed); and
+    a DMARC record.
+
     \b
-    Exit status: 0 when the config is valid; 78 (EX_CONFIG) when it is not,
-    with one line on stderr naming the file, the key, what is wrong and the fix.
+    Exit status: 0 when the config is valid, whatever DNS says; 78 (EX_CONFIG)
+    when it is not, with one line on stderr naming the file, the key, what is
+    wrong and the fix.
     """
     try:
         settings = load(config_file)
@@ -60,6 +70,15 @@ def check(config_file: str | None) -> None:
     warning = Router(settings).admin_warning()
     if warning:
         click.echo(f"pymta: warning: {warning}", err=True)
+    if settings.direct or any(route.smarthost == DIRECT for route in settings.routes):
+        from pymta.delivery.readiness import check_config  # lazy: DNS, only for a config that sends directly
+
+        readiness = check_config(settings)
+        if readiness is not None:
+            click.echo(f"pymta: {readiness.heading()}", err=True)
+            for line in readiness.lines():
+                click.echo(line, err=True)
+            click.echo(f"pymta: {readiness.summary()}", err=True)
 
 
 def render(settings: Config) -> str:

@@ -36,6 +36,7 @@ import dns.rdtypes.ANY.TXT  # noqa: F401
 import dns.resolver
 import dns.reversename
 
+from pymta.config.model import DIRECT, Config
 from pymta.delivery.mx import DnsTemporaryError, MxResolver, NoSuchDomainError, ascii_domain
 from pymta.log import one_line
 
@@ -100,6 +101,24 @@ class Readiness:
     def problems(self) -> tuple[Finding, ...]:
         return tuple(finding for finding in self.findings if finding.severity == "problem")
 
+    def heading(self) -> str:
+        """What was checked, for the line before the findings."""
+        where = f" ({', '.join(self.addresses)})" if self.addresses else ""
+        return f"direct delivery: what a receiving MX will find for {self.hostname}{where}:"
+
+    def summary(self) -> str:
+        """The verdict in one line: how many problems and warnings, and where to read on."""
+        counts = {severity: 0 for severity in SEVERITIES}
+        for finding in self.findings:
+            counts[finding.severity] += 1
+        if not counts["problem"] and not counts["warn"]:
+            unknown = f"; {counts['unknown']} not checked (DNS)" if counts["unknown"] else ""
+            return f"direct delivery: no problem found{unknown}"
+        return (
+            f"direct delivery: {counts['problem']} problem(s), {counts['warn']} warning(s): receivers may "
+            "refuse or junk mail from here until they are fixed (README: Sending without a smarthost)"
+        )
+
     def lines(self) -> list[str]:
         """The findings, worst first (stable within a severity), one line each."""
         ordered = sorted(self.findings, key=lambda finding: SEVERITIES.index(finding.severity))
@@ -160,6 +179,40 @@ class _Dns:
             return self.records(name, rdtype)
         except _Missing:
             return []
+
+
+def uses_direct(config: Config) -> bool:
+    """Whether any mail goes to MX hosts: `direct: true`, or a route to `direct`."""
+    return config.direct or any(route.smarthost == DIRECT for route in config.routes)
+
+
+def direct_sender_domains(config: Config) -> list[str]:
+    """The domains in the envelope senders of mail sent directly, as far as the config says them: the
+    `domain` that qualifies local senders, the address of each rewrite that may apply (the top-level one
+    and those of routes to `direct`), and a `sender: "*@DOMAIN"` route's domain. A user who gives another
+    sender (`sendmail -f`) is not foreseen here."""
+    domains = [config.domain]
+    rewrites = [config.rewrite] + [route.rewrite for route in config.routes if route.smarthost == DIRECT]
+    for rewrite in rewrites:
+        if rewrite is not None and rewrite.envelope:
+            domains.append(rewrite.from_address.rpartition("@")[2])
+    for route in config.routes:
+        pattern = route.sender or ""
+        if (
+            route.smarthost == DIRECT
+            and pattern.startswith("*@")
+            and not any(c in pattern[2:] for c in "*?[]")
+        ):
+            domains.append(pattern[2:])
+    return domains
+
+
+def check_config(config: Config, resolver: MxResolver | None = None) -> Readiness | None:
+    """The readiness of this host for the direct delivery `config` asks for (its hostname, its senders'
+    domains, asked of its `dns:`), or None when it sends nothing directly."""
+    if not uses_direct(config):
+        return None
+    return check_readiness(config.hostname, direct_sender_domains(config), resolver or MxResolver(config.dns))
 
 
 def check_readiness(hostname: str, sender_domains: Iterable[str], resolver: MxResolver) -> Readiness:
