@@ -217,7 +217,7 @@ def test_example_config_loads(path: Path) -> None:
 
 
 def test_the_examples_the_readme_promises_exist() -> None:
-    for name in ("webde.yaml", "gmx.yaml", "gmail.yaml", "isp-relay.yaml"):
+    for name in ("webde.yaml", "gmx.yaml", "gmail.yaml", "isp-relay.yaml", "direct.yaml"):
         assert (ROOT / "examples" / name).is_file(), name
         assert f"examples/{name}" in README, name
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 from conftest import MtaEnv
@@ -398,3 +399,17 @@ def test_config_check_without_direct_delivery_asks_no_dns(mta: MtaEnv, dns_serve
     result = mta.run("pymta", ["config", "check"])
     assert result.returncode == 0 and result.stderr == b""
     assert dns_server.queries == []
+
+
+def test_the_direct_example_passes_config_check_on_a_host_that_is_ready(
+    mta: MtaEnv, dns_server: DnsServer
+) -> None:
+    dns_server.zone = good_zone()
+    example = (Path(__file__).parent.parent / "examples" / "direct.yaml").read_text()
+    mta.write_config(f"{example}dns:\n  nameservers: [{dns_server.host}]\n  port: {dns_server.port}\n")
+    result = mta.run("pymta", ["config", "check"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert lines[0] == f"pymta: direct delivery: what a receiving MX will find for {HOST} ({ADDRESS}):"
+    assert lines[-1] == "pymta: direct delivery: no problem found"
+    assert b"direct: true" in result.stdout and b"bank.example: verify" in result.stdout
