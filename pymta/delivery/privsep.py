@@ -71,9 +71,10 @@ PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery
 # ... and the modules the standard library imports on first use, which no import statement of pymta shows
 # (time.strptime, email's policies; email's parser, the IDNA codec and the `idna` package come with
 # dnspython, imported by delivery/mx.py), and the tables and codec `idna` loads on first use (`mail.idn`
-# uses it only for an international domain). tests/test_preload.py holds both: every import inside a
-# function of those packages is loaded by then, and each name here is still needed.
-PRELOAD_STDLIB = ("_strptime", "email.policy", "idna.uts46data", "encodings.punycode")
+# uses it only for an international domain), and http.client, which `mtasts` imports only to fetch a
+# policy. tests/test_preload.py holds both: every import inside a function of those packages is loaded
+# by then, and each name here is still needed.
+PRELOAD_STDLIB = ("_strptime", "email.policy", "idna.uts46data", "encodings.punycode", "http.client")
 
 
 def preload() -> list[str]:

@@ -28,17 +28,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-import dns.exception
-import dns.name
-import dns.rdatatype
-import dns.rdtypes.ANY.PTR  # noqa: F401  (loaded before the privilege switch, as mx.py says of its types)
-import dns.rdtypes.ANY.TXT  # noqa: F401
-import dns.resolver
 import dns.reversename
 
 from pymta.config.model import DIRECT, Config
+from pymta.delivery.lookups import DnsLookups, NoSuchName
 from pymta.delivery.mx import DnsTemporaryError, MxResolver, NoSuchDomainError, ascii_domain
-from pymta.log import one_line
 
 Severity = Literal["problem", "warn", "unknown", "note", "ok"]
 # In the order a report lists them: what will get mail refused first, what passed last.
@@ -125,62 +119,6 @@ class Readiness:
         return [finding.line() for finding in ordered]
 
 
-class _Missing(Exception):
-    """The name does not exist (NXDOMAIN)."""
-
-
-class _Dns:
-    """The lookups of one check on the resolver's dnspython resolver: records as text, NXDOMAIN as
-    `_Missing`, a failure as `DnsTemporaryError`. After a timeout it asks nothing more."""
-
-    def __init__(self, resolver: MxResolver) -> None:
-        self.mx = resolver
-        self.silent = ""
-
-    def records(self, name: str, rdtype: str) -> list[str]:
-        """The records of `rdtype` at `name` as text ([] when the name has none); TXT strings joined.
-        ValueError for a name that is not a domain name (one an SPF term names)."""
-        try:
-            query = dns.name.from_text(name)
-        except dns.exception.DNSException as error:
-            raise ValueError(f"{name}: {error}") from None
-        if self.silent:
-            raise DnsTemporaryError(name, f"not asked: {self.silent}")
-        try:
-            answer = self.mx.resolver.resolve(
-                query,
-                dns.rdatatype.from_text(rdtype),
-                search=False,
-                raise_on_no_answer=False,
-            )
-        except dns.resolver.NXDOMAIN:
-            raise _Missing(name) from None
-        except dns.resolver.LifetimeTimeout:
-            self.silent = f"the DNS server did not answer within {self.mx.settings.timeout:g}s"
-            raise DnsTemporaryError(name, f"no answer to the {rdtype} lookup") from None
-        except dns.resolver.NoNameservers:
-            raise DnsTemporaryError(name, f"the DNS server failed the {rdtype} lookup (SERVFAIL)") from None
-        except dns.exception.DNSException as error:
-            raise DnsTemporaryError(name, f"the {rdtype} lookup failed: {error}") from None
-        if answer.rrset is None:
-            return []
-        if rdtype == "TXT":
-            # what DNS says is shown to the admin: no control character reaches the terminal
-            return [one_line(b"".join(record.strings).decode("utf-8", "replace")) for record in answer.rrset]
-        if rdtype in ("A", "AAAA"):
-            return [record.address for record in answer.rrset]
-        if rdtype == "MX":
-            return [record.exchange.to_text(omit_final_dot=True).lower() for record in answer.rrset]
-        return [record.to_text().rstrip(".").lower() for record in answer.rrset]
-
-    def existing(self, name: str, rdtype: str) -> list[str]:
-        """As `records`, with [] for a name that does not exist."""
-        try:
-            return self.records(name, rdtype)
-        except _Missing:
-            return []
-
-
 def uses_direct(config: Config) -> bool:
     """Whether any mail goes to MX hosts: `direct: true`, or a route to `direct`."""
     return config.direct or any(route.smarthost == DIRECT for route in config.routes)
@@ -217,7 +155,7 @@ def check_config(config: Config, resolver: MxResolver | None = None) -> Readines
 
 def check_readiness(hostname: str, sender_domains: Iterable[str], resolver: MxResolver) -> Readiness:
     """What a receiving MX will find when this host (HELO `hostname`) sends mail from `sender_domains`."""
-    lookups = _Dns(resolver)
+    lookups = DnsLookups(resolver)
     findings: list[Finding] = []
     addresses = _check_hostname(hostname, lookups, findings)
     public = [address for address in addresses if not _behind_nat(address)]
@@ -258,7 +196,7 @@ def _unknown(what: str, error: DnsTemporaryError) -> Finding:
 # --- (a) the hostname, (d) its addresses ---
 
 
-def _check_hostname(hostname: str, lookups: _Dns, findings: list[Finding]) -> list[str]:
+def _check_hostname(hostname: str, lookups: DnsLookups, findings: list[Finding]) -> list[str]:
     """The hostname's addresses, with findings on its form, its lookup and private addresses."""
     fix_name = "set `hostname:` to a name in a domain you control (e.g. mail.example.net) with an A record"
     try:
@@ -285,7 +223,7 @@ def _check_hostname(hostname: str, lookups: _Dns, findings: list[Finding]) -> li
         return []
     try:
         addresses = lookups.records(name, "A") + lookups.records(name, "AAAA")
-    except _Missing:
+    except NoSuchName:
         findings.append(Finding("problem", f"the hostname {name} does not exist in DNS (NXDOMAIN)", fix_name))
         return []
     except DnsTemporaryError as error:
@@ -318,13 +256,13 @@ def _behind_nat(address: str) -> bool:
 # --- (b) forward-confirmed reverse DNS ---
 
 
-def _check_reverse(address: str, hostname: str, lookups: _Dns) -> Finding:
+def _check_reverse(address: str, hostname: str, lookups: DnsLookups) -> Finding:
     ask_provider = f"ask whoever assigned {address} (your hosting provider, not your DNS host) for a PTR"
     ask_provider += f" naming {hostname}"
     reverse = dns.reversename.from_address(address).to_text(omit_final_dot=True)
     try:
         names = lookups.records(reverse, "PTR")[:MAX_PTR_NAMES]
-    except _Missing:
+    except NoSuchName:
         names = []
     except DnsTemporaryError as error:
         return _unknown(f"the PTR record of {address}", error)
@@ -363,12 +301,12 @@ def _check_reverse(address: str, hostname: str, lookups: _Dns) -> Finding:
 # --- (c) SPF, read not evaluated ---
 
 
-def _check_spf(domain: str, addresses: list[str], hostname: str, lookups: _Dns) -> list[Finding]:
+def _check_spf(domain: str, addresses: list[str], hostname: str, lookups: DnsLookups) -> list[Finding]:
     terms = " ".join(f"ip{ipaddress.ip_address(a).version}:{a}" for a in addresses) or f"a:{_ascii(hostname)}"
     publish = f'publish one TXT record at {domain}: "v=spf1 {terms} -all"'
     try:
         texts = lookups.records(domain, "TXT")
-    except _Missing:
+    except NoSuchName:
         return [
             Finding(
                 "problem",
@@ -407,7 +345,7 @@ def _is_spf(text: str) -> bool:
     return text[:6].lower() == "v=spf1" and (len(text) == 6 or text[6] == " ")
 
 
-def _spf_finding(domain: str, record: str, address: str, lookups: _Dns) -> Finding:
+def _spf_finding(domain: str, record: str, address: str, lookups: DnsLookups) -> Finding:
     add = f"add ip{ipaddress.ip_address(address).version}:{address} to {domain}'s SPF record, before its all"
     try:
         result, term = spf_verdict(record, domain, address, lookups.existing)
@@ -442,7 +380,7 @@ def _spf_finding(domain: str, record: str, address: str, lookups: _Dns) -> Findi
 # --- (e) DMARC, a note ---
 
 
-def _check_dmarc(domain: str, lookups: _Dns) -> Finding:
+def _check_dmarc(domain: str, lookups: DnsLookups) -> Finding:
     """The DMARC record for `domain`: at _dmarc.DOMAIN, else at its parents' (the tree walk of DMARCbis,
     which needs no public suffix list); the top-level domain is not asked."""
     labels = domain.split(".")
