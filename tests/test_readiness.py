@@ -201,6 +201,8 @@ def test_a_hostname_that_does_not_exist_is_a_problem_and_stops_the_address_check
         ("myhost", "is not fully qualified"),
         ("myhost.local", "is in .local"),
         ("box.fritz.home.arpa", "in .home.arpa"),
+        ("198.51.100.7", "is an address; HELO needs a host name"),
+        ("", "is not fully qualified"),
     ],
 )
 def test_a_hostname_no_receiver_can_look_up_is_refused_without_asking(

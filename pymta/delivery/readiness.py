@@ -204,6 +204,11 @@ def _check_hostname(hostname: str, lookups: DnsLookups, findings: list[Finding])
     except NoSuchDomainError as error:
         findings.append(Finding("problem", f"the hostname {hostname!r} is {error.reason}", fix_name))
         return []
+    if _is_address(name):
+        findings.append(
+            Finding("problem", f"the hostname {name} is an address; HELO needs a host name", fix_name)
+        )
+        return []
     if "." not in name:
         findings.append(
             Finding(
@@ -246,6 +251,14 @@ def _check_hostname(hostname: str, lookups: DnsLookups, findings: list[Finding])
                 )
             )
     return addresses
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _behind_nat(address: str) -> bool:
