@@ -35,7 +35,7 @@ V6_PTR = "7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.ar
 def good_zone() -> dict[str, dict[str, list[str]]]:
     """A host that any receiver accepts mail from: A, PTR back to it, SPF naming it, DMARC."""
     return {
-        HOST: {"A": [ADDRESS]},
+        HOST: {"A": [ADDRESS], "TXT": ['"v=spf1 a -all"']},
         PTR_NAME: {"PTR": [f"{HOST}."]},
         "example.net": {"TXT": ['"v=spf1 mx ip4:198.51.100.0/24 -all"', '"google-site-verification=x"']},
         "_dmarc.example.net": {"TXT": ['"v=DMARC1; p=none; rua=mailto:dmarc@example.net"']},
@@ -59,13 +59,33 @@ def test_a_host_ready_for_direct_delivery_has_only_ok_findings(dns_server: DnsSe
     dns_server.zone = good_zone()
     readiness = check(dns_server)
     assert readiness.addresses == (ADDRESS,)
-    assert severities(readiness) == ["ok"] * 4
+    assert severities(readiness) == ["ok"] * 5
     assert not readiness.problems
     assert readiness.lines() == [
         f"[ok] the hostname {HOST} resolves to {ADDRESS}",
         f"[ok] the PTR of {ADDRESS} is {HOST}, which resolves back to it (FCrDNS)",
         f"[ok] example.net's SPF record permits {ADDRESS} (ip4:198.51.100.0/24)",
         "[ok] example.net publishes a DMARC record at _dmarc.example.net (p=none)",
+        f"[ok] {HOST}'s SPF record permits {ADDRESS} (a)",
+    ]
+
+
+def test_the_helo_name_s_spf_is_checked_for_bounces_as_a_warning_at_most(dns_server: DnsServer) -> None:
+    dns_server.zone = good_zone()
+    dns_server.zone[HOST]["TXT"] = ['"v=spf1 ip4:203.0.113.1 -all"']
+    warning = only(check(dns_server), "warn")
+    assert warning.problem.startswith(f"{HOST}'s SPF record refuses {ADDRESS} (-all)")
+    del dns_server.zone[HOST]["TXT"]
+    note = only(check(dns_server), "note")
+    assert note.problem == (
+        f"the HELO name {HOST} publishes no SPF record; receivers check it for bounces, which are sent "
+        "with an empty sender"
+    )
+    assert note.fix == f'publish one TXT record at {HOST}: "v=spf1 a -all"'
+    # the HELO name that is the sender domain too is checked once, as a sender domain
+    assert [line for line in check(dns_server, domains=(HOST,)).lines() if "SPF" in line] == [
+        f"[problem] {HOST} publishes no SPF record; Gmail refuses mail that passes neither SPF nor DKIM, and "
+        f'pymta does not sign with DKIM; fix: publish one TXT record at {HOST}: "v=spf1 ip4:{ADDRESS} -all"'
     ]
 
 
@@ -219,7 +239,7 @@ def test_a_servfail_is_could_not_check_never_a_problem(dns_server: DnsServer) ->
     dns_server.servfail.add("example.net")
     readiness = check(dns_server)
     assert not readiness.problems
-    assert severities(readiness) == ["ok", "unknown", "unknown", "ok"]
+    assert severities(readiness) == ["ok", "unknown", "unknown", "ok", "ok"]
     unknown = readiness.findings[1]
     assert unknown.problem == (
         f"could not check the PTR record of {ADDRESS}: the DNS server failed the PTR lookup (SERVFAIL)"
@@ -306,15 +326,16 @@ def test_what_dns_says_reaches_the_terminal_without_controls_and_cut_short(dns_s
     problem = only(check(dns_server), "problem")
     assert "\x1b" not in problem.line() and "\x07" not in problem.line()
     zone["example.net"] = {"TXT": ['"v=spf1 a:' + "x" * 200 + '.example.net -all"']}
-    (line,) = [line for line in check(dns_server).lines() if "SPF" in line]
+    (line,) = [line for line in check(dns_server).lines() if line.startswith("[problem]")]
     assert "a:xxx" in line and "x" * 100 not in line
 
 
 def test_a_sender_domain_that_is_no_domain_name_is_a_problem(dns_server: DnsServer) -> None:
     dns_server.zone = good_zone()
     readiness = check(dns_server, domains=("x" * 70 + ".example.net",))
-    assert readiness.findings[-1].problem.endswith("is not a valid domain name")
-    assert readiness.findings[-1].fix == "set `domain:` (or the rewrite address) to a domain you own"
+    problem = only(readiness, "problem")
+    assert problem.problem.endswith("is not a valid domain name")
+    assert problem.fix == "set `domain:` (or the rewrite address) to a domain you own"
 
 
 # --- Which domains a config sends from directly ---
@@ -370,6 +391,7 @@ def test_config_check_prints_the_findings_of_a_direct_config_and_exits_0(
         f"[ok] the hostname {HOST} resolves to {ADDRESS}",
         f"[ok] example.net's SPF record permits {ADDRESS} (ip4:198.51.100.0/24)",
         "[ok] example.net publishes a DMARC record at _dmarc.example.net (p=none)",
+        f"[ok] {HOST}'s SPF record permits {ADDRESS} (a)",
         "pymta: direct delivery: 1 problem(s), 0 warning(s): receivers may refuse or junk mail from here "
         "until they are fixed (README: Sending without a smarthost)",
     ]

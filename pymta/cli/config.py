@@ -54,8 +54,8 @@ def check(config_file: str | None) -> None:
     is fully qualified and resolves; each of its public addresses has a PTR naming a host that
     resolves back to it (FCrDNS), the hostname itself; no address is private or loopback; each sender
     domain (domain:, a rewrite's address, a route's *@DOMAIN sender) has one SPF record that does not
-    refuse those addresses (SPF is read, not evaluated: include: and redirect= are not followed); and
-    a DMARC record.
+    refuse those addresses (SPF is read, not evaluated: include: and redirect= are not followed), and
+    so does the hostname (for bounces); and a DMARC record.
 
     \b
     Exit status: 0 when the config is valid, whatever DNS says; 78 (EX_CONFIG)

@@ -7,7 +7,8 @@ checked, each with its severity, what was found and how to fix it:
   (a) the hostname (the HELO name) is fully qualified and resolves (A/AAAA);
   (b) each of its public addresses has a PTR record naming a host that resolves back to the address
       (forward-confirmed reverse DNS), and that host is the HELO name;
-  (c) each sender domain publishes one SPF record, and it does not obviously refuse our addresses;
+  (c) each sender domain publishes one SPF record, and it does not obviously refuse our addresses; so
+      does the HELO name, which receivers check for bounces (a warning or a note there);
   (d) none of the addresses is private or loopback (then a receiver sees a NAT's address, not this one);
   (e) each sender domain has a DMARC record (a note: Gmail asks bulk senders for one).
 
@@ -175,6 +176,8 @@ def check_readiness(hostname: str, sender_domains: Iterable[str], resolver: MxRe
             findings.append(
                 Finding("problem", f"the sender domain {key!r} is not a valid domain name", FIX_DOMAIN)
             )
+    if public and name not in seen:
+        findings += _check_helo_spf(name, public, lookups)
     return Readiness(hostname, tuple(addresses), tuple(findings))
 
 
@@ -352,6 +355,27 @@ def _check_spf(domain: str, addresses: list[str], hostname: str, lookups: DnsLoo
             Finding("note", f"{domain} publishes an SPF record; not checked against an address (none known)")
         ]
     return [_spf_finding(domain, records[0], address, lookups) for address in addresses]
+
+
+def _check_helo_spf(name: str, addresses: list[str], lookups: DnsLookups) -> list[Finding]:
+    """The SPF record of the HELO name, when it is no sender domain: receivers check it for mail with an
+    empty sender (bounces, RFC 7208 2.3), so a refusal there is a warning, and no record a note."""
+    try:
+        records = [text for text in lookups.existing(name, "TXT") if _is_spf(text)]
+    except DnsTemporaryError as error:
+        return [_unknown(f"the SPF record of the HELO name {name}", error)]
+    if len(records) != 1:
+        published = f"{len(records)} SPF records" if records else "no SPF record"
+        return [
+            Finding(
+                "note",
+                f"the HELO name {name} publishes {published}; receivers check it for bounces, which are sent "
+                "with an empty sender",
+                f'publish one TXT record at {name}: "v=spf1 a -all"',
+            )
+        ]
+    findings = [_spf_finding(name, records[0], address, lookups) for address in addresses]
+    return [Finding("warn", f.problem, f.fix) if f.severity == "problem" else f for f in findings]
 
 
 def _is_spf(text: str) -> bool:
