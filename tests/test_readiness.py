@@ -335,7 +335,7 @@ def test_a_sender_domain_that_is_no_domain_name_is_a_problem(dns_server: DnsServ
     readiness = check(dns_server, domains=("x" * 70 + ".example.net",))
     problem = only(readiness, "problem")
     assert problem.problem.endswith("is not a valid domain name")
-    assert problem.fix == "set `domain:` (or the rewrite address) to a domain you own"
+    assert problem.fix == "set `domain:` to a domain you own"
 
 
 # --- Which domains a config sends from directly ---
@@ -346,21 +346,17 @@ def test_a_config_without_direct_delivery_is_not_checked() -> None:
     assert check_config(config) is None
 
 
-def test_the_sender_domains_of_direct_mail_come_from_domain_rewrites_and_routes() -> None:
+def test_the_sender_domains_of_direct_mail_are_the_domain_and_those_routes_name() -> None:
     config = loads(
         "hostname: mail.example.net\ndirect: true\nrewrite: {from: me@example.org}\n"
         "routes:\n"
         '  - sender: "*@lists.example.com"\n    smarthost: direct\n'
         '  - sender: "*@*.example.com"\n    smarthost: direct\n'
-        '  - recipient: "*@corp.example"\n    smarthost: direct\n    rewrite: {from: ops@corp.example}\n',
+        '  - recipient: "*@corp.example"\n    smarthost: direct\n',
         "t.yaml",
     )
-    assert direct_sender_domains(config) == [
-        "mail.example.net",
-        "example.org",
-        "corp.example",
-        "lists.example.com",
-    ]
+    # the rewrite is for a smarthost's account: direct delivery sends the sender as it is
+    assert direct_sender_domains(config) == ["mail.example.net", "lists.example.com"]
 
 
 # --- pymta config check ---

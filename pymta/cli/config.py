@@ -53,7 +53,7 @@ def check(config_file: str | None) -> None:
     [problem], [warn], [unknown] (DNS did not answer), [note] or [ok], each with its fix: the hostname
     is fully qualified and resolves; each of its public addresses has a PTR naming a host that
     resolves back to it (FCrDNS), the hostname itself; no address is private or loopback; each sender
-    domain (domain:, a rewrite's address, a route's *@DOMAIN sender) has one SPF record that does not
+    domain (domain:, and a route's *@DOMAIN sender to direct) has one SPF record that does not
     refuse those addresses (SPF is read, not evaluated: include: and redirect= are not followed), and
     so does the hostname (for bounces); and a DMARC record.
 

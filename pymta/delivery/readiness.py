@@ -67,7 +67,7 @@ NAT_RANGES = tuple(
 )
 # Characters of an SPF term quoted in a finding: a record may hold one of hundreds.
 MAX_TERM_SHOWN = 80
-FIX_DOMAIN = "set `domain:` (or the rewrite address) to a domain you own"
+FIX_DOMAIN = "set `domain:` to a domain you own"
 SPF_RESULTS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
 
 
@@ -127,14 +127,10 @@ def uses_direct(config: Config) -> bool:
 
 def direct_sender_domains(config: Config) -> list[str]:
     """The domains in the envelope senders of mail sent directly, as far as the config says them: the
-    `domain` that qualifies local senders, the address of each rewrite that may apply (the top-level one
-    and those of routes to `direct`), and a `sender: "*@DOMAIN"` route's domain. A user who gives another
-    sender (`sendmail -f`) is not foreseen here."""
+    `domain` that qualifies local senders, and a `sender: "*@DOMAIN"` route's domain. Rewrites are not
+    among them: direct delivery sends the sender as it is (a rewrite is for a smarthost's account). A user
+    who gives another sender (`sendmail -f`) is not foreseen here."""
     domains = [config.domain]
-    rewrites = [config.rewrite] + [route.rewrite for route in config.routes if route.smarthost == DIRECT]
-    for rewrite in rewrites:
-        if rewrite is not None and rewrite.envelope:
-            domains.append(rewrite.from_address.rpartition("@")[2])
     for route in config.routes:
         pattern = route.sender or ""
         if (
