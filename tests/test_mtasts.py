@@ -249,6 +249,14 @@ def test_an_answer_that_is_no_policy_is_refused(
     assert len(https.requests) == 1
 
 
+@pytest.mark.parametrize(
+    "domain", ["bad..example", "x" * 250 + ".example", "exa mple.net", "bü..example", "\u200d.example"]
+)
+def test_a_recipient_domain_that_is_no_domain_name_has_no_policy(dns_server: DnsServer, domain: str) -> None:
+    found = policy_for(domain, MxResolver(dns_server.settings(timeout=1)), PolicyCache("/nonexistent/x"))
+    assert found.policy is None and found.note.isprintable()
+
+
 def test_nothing_listening_is_a_failed_fetch(dns_server: DnsServer, ca: trustme.CA) -> None:
     dns_server.zone = zone()
     closed = PolicyServer(port=9)

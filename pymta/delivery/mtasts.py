@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pymta.delivery.lookups import DnsLookups, NoSuchName
-from pymta.delivery.mx import DnsTemporaryError, MxResolver, ascii_domain
+from pymta.delivery.mx import DnsTemporaryError, MxResolver, NoSuchDomainError, ascii_domain
 from pymta.fsutil import READ_FLAGS, open_directory, read_all
 from pymta.log import one_line
 
@@ -300,7 +300,10 @@ def policy_for(
     """The MTA-STS policy that applies to mail for `domain` now (RFC 8461 5.1), and how it was found.
     `port` and `context` are for tests (a loopback HTTPS server and its CA)."""
     now = time.time() if now is None else now
-    name = ascii_domain(domain)
+    try:
+        name = ascii_domain(domain)
+    except NoSuchDomainError as error:
+        return StsLookup(None, one_line(f"no MTA-STS policy: {error}"))
     lookups = DnsLookups(resolver)
     cached = cache.get(name) if cache is not None else None
     if cached is not None and cached.expires <= now:
