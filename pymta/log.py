@@ -195,11 +195,19 @@ def _journal_field(key: str, value: str) -> bytes:
 
 
 def delivery_line(
-    queue_id: str, recipient: str, relay: str, delay: float, tries: int, status: str, reply: str
+    queue_id: str,
+    recipient: str,
+    relay: str,
+    delay: float,
+    tries: int,
+    status: str,
+    reply: str,
+    tls: str = "",
 ) -> str:
-    """One delivery attempt of one recipient, Postfix style."""
+    """One delivery attempt of one recipient, Postfix style; `tls` (direct delivery) follows the relay."""
+    shown_tls = f" tls={tls}" if tls else ""
     return (
-        f"id={queue_id} to=<{recipient}> relay={relay} delay={delay:.1f} tries={tries} "
+        f"id={queue_id} to=<{recipient}> relay={relay}{shown_tls} delay={delay:.1f} tries={tries} "
         f"status={status} ({' '.join(reply.split())})"
     )
 

@@ -337,7 +337,7 @@ class _Controller(Controller):
     """aiosmtpd's threaded controller, serving on a socket bound beforehand (port 0: no races)."""
 
     def __init__(self, handler: Handler, sock: socket.socket, **kwargs: Any) -> None:
-        super().__init__(handler, hostname=HOST, port=sock.getsockname()[1], **kwargs)
+        super().__init__(handler, hostname=sock.getsockname()[0], port=sock.getsockname()[1], **kwargs)
         self._sock = sock
 
     def _create_server(self) -> Any:
@@ -360,7 +360,11 @@ class SmtpServer:
         server_context: ssl.SSLContext | None = None,
         auth_require_tls: bool = True,
         lifetime: float = 30.0,
+        sock: socket.socket | None = None,
+        server_hostname: str = "mx.test",
     ) -> None:
+        """`sock`: a listening socket to serve on (another 127.0.0.x address, a port shared with other
+        servers); default: a new one on 127.0.0.1. `server_hostname` is the name it gives in its replies."""
         self.mode = mode
         self.lifetime = lifetime
         self._stopped = threading.Lock()
@@ -372,13 +376,13 @@ class SmtpServer:
         if mode != "plain" and server_context is None:
             assert tls is not None, "a TLS mode needs certificates"
             server_context = tls.server_context()
-        sock = socket.create_server((HOST, 0))
-        self.port = sock.getsockname()[1]
+        sock = sock or socket.create_server((HOST, 0))
+        self.host, self.port = sock.getsockname()[:2]
         kwargs: dict[str, Any] = {
             "authenticator": self.auth,
             # aiosmtpd knows only STARTTLS as TLS; with implicit TLS the whole connection is encrypted.
             "auth_require_tls": auth_require_tls and mode != "tls",
-            "server_hostname": "mx.test",
+            "server_hostname": server_hostname,
             "ready_timeout": 5.0,
             "timeout": lifetime,  # a client connection idle this long is dropped
         }

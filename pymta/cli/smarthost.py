@@ -31,6 +31,7 @@ from pymta.delivery.credentials import (
     keyring_fix,
     store_in_keyring,
 )
+from pymta.delivery.direct import DirectRoutes
 from pymta.delivery.privsep import become_spool_owner, run_flush
 from pymta.delivery.sessions import route
 from pymta.delivery.smtp.connection import fetch_certificate
@@ -67,13 +68,18 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
     sender policy or a refused relay shows here. Each failure is explained with the fix.
 
     With --to ADDR, a short test message is then queued for ADDR and a flush delivers it, like any
-    other mail; the result for ADDR is shown.
+    other mail; the result for ADDR is shown. When ADDR's mail goes to its domain's MX hosts (direct:
+    true, or a route to direct), the MX hosts are shown instead, then the first that answers: the TLS
+    it got, and its answer to MAIL FROM and RCPT TO ADDR, then RSET; nothing is sent or queued.
 
     \b
     Exit status: 0 when every smarthost passes; 69 (EX_UNAVAILABLE) when one fails;
     78 (EX_CONFIG) when the config is invalid or names no smarthost.
     """
     settings = _load(ctx, config_file)
+    direct_to = _direct_recipient(ctx, settings, to)
+    if direct_to is not None:  # not through a smarthost: its MX host is the one to check
+        ctx.exit(EX_OK if _check_direct(settings, direct_to) else EX_UNAVAILABLE)
     if not settings.smarthosts:
         where = settings.source or "/etc/pymta/pymta.yaml (or -C FILE)"
         if Spool(settings.spool).is_shared():  # system mode: the flush runs as a user with no keyring
@@ -130,13 +136,80 @@ def test_command(ctx: click.Context, to: str | None, config_file: str | None) ->
     ctx.exit(EX_UNAVAILABLE if failures else EX_OK)
 
 
+def _direct_recipient(ctx: click.Context, settings: Config, to: str | None) -> str | None:
+    """`to` as it goes out when its mail goes to its domain's MX hosts (`direct`), else None."""
+    if to is None:
+        return None
+    try:
+        recipients = recipients_from_args([to])
+    except PymtaError as error:
+        _fail(ctx, error)
+    router = Router(settings)
+    if not recipients or router.local_part(recipients[0]) is not None:
+        return None
+    wire = router.wire_address(recipients[0])
+    hosts, _ = route(settings, router.wire_address("root"), wire)
+    return wire if hosts is None else None
+
+
+def _check_direct(settings: Config, to: str) -> bool:
+    """For a recipient whose mail goes to the MX hosts: the MX hosts of its domain, then a session with the
+    first that answers (its TLS, as the domain's policy gets it), MAIL FROM and RCPT TO `to`, and RSET:
+    nothing is sent. True when the recipient would be taken."""
+    from pymta.delivery.mx import MxLookupError  # lazy: dnspython, for direct delivery only
+
+    domain = to.rpartition("@")[2]
+    click.echo(f"{to} goes to the MX hosts of {domain} (direct delivery, TLS {settings.mx.tls_for(domain)}):")
+    routes = DirectRoutes(settings)
+    try:
+        destination = routes.destination(domain)
+        relays = routes.relays(domain)
+    except MxLookupError as error:
+        click.echo(f"  FAILED:       {error.reply}")
+        return False
+    for host in destination.hosts:
+        kind = "implicit MX (no MX records)" if destination.implicit else f"MX {host.preference}"
+        _field(kind, f"{host.name} {', '.join(host.addresses)}")
+    for note in destination.notes:
+        _field("note", note)
+    sender = Router(settings).wire_address("root")
+    for relay in relays:
+        session = SmtpSession(relay, settings.hostname)
+        try:
+            session.open()
+            replies = session.probe(sender, to)
+        except SessionError as error:
+            _field("not used", str(error))
+            continue
+        finally:
+            session.close()
+        info = session.info
+        click.echo(f"{info.relay} (tls={session.tls_level})")
+        _field("greeting", info.greeting)
+        if info.tls:
+            _field("TLS", f"{info.tls.version}, {info.tls.cipher} ({info.tls.bits} bits)")
+            _certificate(info.tls.certificate)
+        else:
+            _field("TLS", "none: the MX host does not offer STARTTLS (or its handshake failed)")
+        _field("probe", f"MAIL FROM:<{sender}> {replies[0]}")
+        if replies[1] is not None:
+            _field("", f"RCPT TO:<{to}> {replies[1]}; RSET, nothing sent")
+        accepted = replies[1] is not None and replies[1].startswith("2")
+        click.echo(
+            "  result:       OK" if accepted else "  FAILED:       the MX host does not take this mail now"
+        )
+        return accepted
+    click.echo("  FAILED:       no MX host of the domain could be reached; the mail would wait")
+    return False
+
+
 def probe_addresses(settings: Config, smarthost: Smarthost, to: str | None) -> tuple[str, str]:
     """The envelope `pymta test` probes `smarthost` with: the sender cron's mail gets (root, qualified,
     after `rewrite:` as the flush applies it), and `to`, else the admin, else that sender itself."""
     router = Router(settings)
     sender = router.wire_address("root")
     hosts, route_rewrite = route(settings, sender)
-    if smarthost not in hosts:  # cron's mail takes another route: this host sees only other senders
+    if hosts is None or smarthost not in hosts:  # cron's mail goes elsewhere: this host sees other senders
         route_rewrite = None
     rewrite = route_rewrite or smarthost.rewrite or settings.rewrite
     if rewrite is not None and rewrite.envelope:

@@ -3,8 +3,9 @@
 One flush runs at a time (an flock on the spool; a second one asks the first to look again and exits at once).
 A run picks up new submissions, then takes the due messages oldest first. Each recipient is routed
 (`routing.Router`: aliases, the admin address, a local mailbox, or a smarthost); local ones are written to
-their mailbox as the recipient, the rest go to the first smarthost of the message's route that answers, over
-one SMTP connection per smarthost for the whole run (`sessions.Sessions`). After each message the outcome of
+their mailbox as the recipient, the rest go to the first smarthost of their route that answers, or to the MX
+hosts of their domain (direct delivery, `direct.py`), over one SMTP connection per smarthost or MX address for
+the whole run (`sessions.Sessions`). After each message the outcome of
 every recipient is written to its state, under the message's lock, before the text of the next message is
 sent, so a recipient that was delivered is never sent again (ARCHITECTURE.md invariant 3). Only the next
 message's commands (RSET, MAIL, RCPT, DATA) may go out earlier: with PIPELINING they ride behind the current
@@ -32,6 +33,7 @@ happens when our own spool cannot take a notice is said there.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import random
@@ -42,10 +44,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from pymta import log
 from pymta.config.identity import policy_of
-from pymta.config.model import Config, Smarthost, format_duration
+from pymta.config.model import Config, Rewrite, Smarthost, format_duration
 from pymta.config.routing import Router
+from pymta.delivery.direct import DirectRoutes, recipient_domain
 from pymta.delivery.record import PENDING, Attempt, Recorder, alias_targets, asks_success, listed
-from pymta.delivery.sessions import Sessions, route
+from pymta.delivery.sessions import Delivery, Sessions, route
+from pymta.delivery.smtp.outcome import Result
 from pymta.errors import ConfigError, SpoolError
 from pymta.mail.message import rewrite_from
 from pymta.privileges import lookup_user
@@ -128,6 +132,7 @@ class Flusher:
         self.clock = clock
         self.jitter = jitter
         self.sessions = Sessions(config, self.log)
+        self.direct = DirectRoutes(config)  # MX lookups, once per domain per run
         self.recorder = Recorder(config, self.spool, self.log, clock, jitter)
         # User mode: a spool of our own, no root. A split flush (`privsep`, which passes its own local
         # delivery) and a flush of a system spool keep every mailbox its owner's; without root, mail for
@@ -448,12 +453,53 @@ class Flusher:
             self._send_remote(entry, completed, remote, attempt)
 
     def _send_remote(self, entry: QueueEntry, message: bytes, remote: list[str], attempt: Attempt) -> None:
+        """Start each remote recipient where it goes (`sessions.route`): those of one smarthost route
+        together, those for the MX hosts (`direct`) by domain, so a message may become several deliveries;
+        their outcomes are read once the next message is started (`attempt.remote`)."""
         sender = self.router.wire_address(entry.sender)
-        hosts, route_rewrite = route(self.config, sender)
-        if not hosts:
-            for address in remote:
-                attempt.set(address, "deferred", NO_SMARTHOST, "none")
-            return
+        # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
+        on_wire = {address: self.router.wire_address(address) for address in remote}
+        expanded: frozenset[str] = frozenset()
+        if asks_success(entry):  # alias targets are not asked for success (RFC 3461 5.2.7.3)
+            targets = alias_targets(entry, attempt)
+            named = {on_wire[a] for a in remote if a not in targets}
+            expanded = frozenset(on_wire[a] for a in remote if a in targets) - named
+        groups: dict[tuple[tuple[Smarthost, ...] | str, Rewrite | None], list[str]] = {}
+        for address in remote:
+            hosts, route_rewrite = route(self.config, sender, on_wire[address])
+            where = recipient_domain(on_wire[address]) if hosts is None else hosts
+            groups.setdefault((where, route_rewrite), []).append(address)
+        finishes = []
+        for (where, route_rewrite), addresses in groups.items():
+            if isinstance(where, str):
+                hosts = self._mx_relays(where, addresses, on_wire, attempt)
+                prepare: Callable[[Smarthost], tuple[str, bytes]] = lambda _: (sender, message)  # noqa: E731
+            else:
+                hosts, prepare = where, self._as_sent_through(entry, message, sender, route_rewrite)
+            if hosts is None:
+                continue  # the domain's lookup decided
+            if not hosts:
+                for address in addresses:
+                    attempt.set(address, "deferred", NO_SMARTHOST, "none")
+                continue
+            wire = list(dict.fromkeys(on_wire[address] for address in addresses))
+            delivery = self.sessions.start(hosts, entry, wire, prepare, expanded)
+            finish = functools.partial(self._finish_remote, delivery, addresses, on_wire, attempt)
+            if delivery.result is not None:
+                finish()  # known already: no smarthost works, or it cannot go over SMTP
+            else:
+                finishes.append(finish)
+        if finishes:
+
+            def finish_all() -> None:
+                for finish in finishes:  # in the order started: a session finishes its messages in order
+                    finish()
+
+            attempt.remote = finish_all
+
+    def _as_sent_through(
+        self, entry: QueueEntry, message: bytes, sender: str, route_rewrite: Rewrite | None
+    ) -> Callable[[Smarthost], tuple[str, bytes]]:
         local_sender = self.router.sender_is_local(entry.sender)
 
         def as_sent_through(host: Smarthost) -> tuple[str, bytes]:
@@ -467,31 +513,43 @@ class Flusher:
                 rewrite_from(message, rewrite.from_address, rewrite.original) if rewrite.header else message,
             )
 
-        # Bare local parts go out qualified; `root` and `root@domain` are one recipient on the wire.
-        on_wire = {address: self.router.wire_address(address) for address in remote}
-        expanded: frozenset[str] = frozenset()
-        if asks_success(entry):  # alias targets are not asked for success (RFC 3461 5.2.7.3)
-            targets = alias_targets(entry, attempt)
-            named = {on_wire[a] for a in remote if a not in targets}
-            expanded = frozenset(on_wire[a] for a in remote if a in targets) - named
-        wire = list(dict.fromkeys(on_wire.values()))
-        delivery = self.sessions.start(hosts, entry, wire, as_sent_through, expanded)
+        return as_sent_through
 
-        def finish() -> None:
-            results, relay = self.sessions.finish(delivery, while_waiting=self._prefetch)
-            if delivery.untried is not None:
-                self.log.info(f"id={entry.id} not tried: {delivery.untried}; it waits for the next run")
-                return
-            if asks_success(entry):  # only then does it matter (and it costs a look per message)
-                attempt.relay_reports = _offers_dsn(delivery.session)
+    def _mx_relays(
+        self, domain: str, remote: list[str], on_wire: dict[str, str], attempt: Attempt
+    ) -> tuple[Smarthost, ...] | None:
+        """The MX relays of `domain` (`direct.DirectRoutes`); None when its lookup decided for `remote`: a
+        null MX, a domain that does not exist or a loop fails them, a DNS server that fails defers them."""
+        from pymta.delivery.mx import MxLookupError  # lazy: dnspython, for direct delivery only
+
+        try:
+            return self.direct.relays(domain)
+        except MxLookupError as error:
             for address in remote:
-                outcome = results[on_wire[address]]
-                attempt.set(address, outcome.status, outcome.reply, relay, wire=outcome.recipient)
+                status: Result = "failed" if error.permanent else "deferred"
+                attempt.set(address, status, error.reply, "none", wire=on_wire[address])
+            return None
 
-        if delivery.result is not None:
-            finish()  # known already: no smarthost works, or it cannot go over SMTP
-        else:
-            attempt.remote = finish
+    def _finish_remote(
+        self, delivery: Delivery, remote: list[str], on_wire: dict[str, str], attempt: Attempt
+    ) -> None:
+        """Read the outcomes of a started delivery into `attempt` (an MX host's carry their relay and TLS)."""
+        results, relay = self.sessions.finish(delivery, while_waiting=self._prefetch)
+        if delivery.untried is not None:
+            self.log.info(f"id={delivery.entry.id} not tried: {delivery.untried}; it waits for the next run")
+            return
+        if asks_success(delivery.entry):  # only then does it matter (and it costs a look per message)
+            attempt.relay_reports = _offers_dsn(delivery.session)
+        for address in remote:
+            outcome = results[on_wire[address]]
+            attempt.set(
+                address,
+                outcome.status,
+                outcome.reply,
+                outcome.relay or relay,
+                outcome.recipient,
+                tls=outcome.tls,
+            )
 
     def _record(
         self, entry: QueueEntry, message: bytes, attempt: Attempt, report: FlushReport, lock: int

@@ -6,7 +6,8 @@ addresses; a domain without MX records is its own host (the implicit MX). What c
 exception carrying its RFC 3463 code and a `reply` in the form of a recipient's outcome: a null MX
 (RFC 7505) `NullMxError` 5.1.10, a domain that does not exist `NoSuchDomainError` 5.1.2, a domain with no
 usable host `NoRouteError` 5.4.4 (all permanent), a DNS server that fails or does not answer
-`DnsTemporaryError` 4.4.3 (the message waits for the next run).
+`DnsTemporaryError` 4.4.3 (the message waits for the next run). `RoutingLoopError` 5.4.6 is raised by
+the caller that knows our own names (`delivery.direct`).
 
 Invariant: every name and address in a `Destination` came from DNS and was checked (a host name, an IP
 address that can be connected to); a hostile answer costs the domain, never a line of the log.
@@ -119,6 +120,14 @@ class NoRouteError(MxLookupError):
 
     exit_code = EX_UNAVAILABLE
     enhanced = "5.4.4"
+    permanent = True
+
+
+class RoutingLoopError(MxLookupError):
+    """The domain's best MX host is this host (RFC 5321 5.1): sending there would loop back to us."""
+
+    exit_code = EX_UNAVAILABLE
+    enhanced = "5.4.6"
     permanent = True
 
 

@@ -69,8 +69,9 @@ class Attempt:
         relay: str,
         wire: str | None = None,
         expired: Expiry | None = None,
+        tls: str = "",
     ) -> None:
-        self.results[address] = RecipientOutcome(wire or address, status, reply, relay)
+        self.results[address] = RecipientOutcome(wire or address, status, reply, relay, tls)
         if expired is not None:
             self.expired[address] = expired
         if relay not in ("none", "local"):
@@ -231,6 +232,7 @@ class Recorder:
                             attempts,
                             LOGGED_STATUS[status],
                             reply,
+                            outcome.tls,
                         )
                     )
             recipients[recipient.address] = recipient

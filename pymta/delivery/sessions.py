@@ -2,7 +2,9 @@
 
 `Sessions` opens a smarthost's session on first use and reuses it for every message; a smarthost that
 cannot be reached is not tried again in the run, and the next one of the message's route is. `route` says
-which smarthosts a sender's mail goes through. The delivery loop (`flush.Flusher`) records what comes back.
+which smarthosts a sender's mail (to a recipient) goes through, or that it goes to the recipient's MX hosts;
+an MX address is a target like a smarthost (`direct.MxRelay`), and a recipient one MX host defers (4xx) is
+tried on the next (`_next_mx`). The delivery loop (`flush.Flusher`) records what comes back.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from pymta.config.model import Config, Rewrite, Smarthost
+from pymta.config.model import DIRECT, Config, Rewrite, Smarthost
+from pymta.delivery.direct import MxRelay
 from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, Status
 from pymta.queue.entry import QueueEntry
 
@@ -26,13 +30,32 @@ if TYPE_CHECKING:
 MAX_BROKEN_SESSIONS = 2
 
 
-def route(config: Config, sender: str) -> tuple[tuple[Smarthost, ...], Rewrite | None]:
-    """The smarthosts to try for a message from `sender`, in order, and the route's own rewrite: the first
-    route whose pattern matches (fnmatch, case-insensitive), else every configured smarthost and None."""
-    for rule in config.routes:
-        if rule.sender is not None and fnmatch.fnmatchcase(sender.lower(), rule.sender.lower()):
-            return tuple(host for host in config.smarthosts if host.label == rule.smarthost), rule.rewrite
-    return config.smarthosts, None
+def route(
+    config: Config, sender: str, recipient: str | None = None
+) -> tuple[tuple[Smarthost, ...] | None, Rewrite | None]:
+    """The smarthosts to try for mail from `sender` (to `recipient`), in order, and the route's own
+    rewrite: the first route whose recipient pattern matches `recipient`, else the first whose sender
+    pattern matches `sender` (fnmatch, case-insensitive), else every configured smarthost and None.
+    None for the smarthosts means the recipient's MX hosts: a route to `direct`, or `direct: true`."""
+    matched = next(
+        (
+            rule
+            for rule in config.routes
+            if rule.recipient is not None and _matches(recipient, rule.recipient)
+        ),
+        None,
+    ) or next(
+        (rule for rule in config.routes if rule.sender is not None and _matches(sender, rule.sender)), None
+    )
+    if matched is None:
+        return (None if config.direct else config.smarthosts), None
+    if matched.smarthost == DIRECT:
+        return None, None
+    return tuple(host for host in config.smarthosts if host.label == matched.smarthost), matched.rewrite
+
+
+def _matches(address: str | None, pattern: str) -> bool:
+    return address is not None and fnmatch.fnmatchcase(address.lower(), pattern.lower())
 
 
 class Delivery:
@@ -215,7 +238,34 @@ class Sessions:
         except ValueError as exc:
             return _all(recipients, "failed", f"554 5.6.0 cannot be sent over SMTP: {exc}"), session.relay
         self.breaks.pop(host, None)  # it answers: a later break starts the count again
-        return {outcome.recipient: outcome for outcome in outcomes}, session.relay
+        answered = {outcome.recipient: outcome for outcome in outcomes}
+        if isinstance(host, MxRelay):
+            answered = self._next_mx(delivery, host, session, answered)
+        return answered, session.relay
+
+    def _next_mx(
+        self, delivery: Delivery, host: MxRelay, session: SmtpSession, outcomes: dict[str, RecipientOutcome]
+    ) -> dict[str, RecipientOutcome]:
+        """The outcomes an MX host gave, each with its relay and TLS; the recipients it deferred (4xx) are
+        tried on the next MX relays in this run (RFC 5321 5.1), those free now (`idle`). When none of
+        them answers, the deferring reply stands."""
+        outcomes = {
+            recipient: replace(outcome, relay=session.relay, tls=session.tls_level)
+            for recipient, outcome in outcomes.items()
+        }
+        deferred = [recipient for recipient, outcome in outcomes.items() if outcome.status == "deferred"]
+        rest = self.idle(delivery.hosts[delivery.hosts.index(host) + 1 :])
+        if not deferred or not rest:
+            return outcomes
+        again = Delivery(rest, delivery.entry, deferred, delivery.prepare, delivery.expanded)
+        self._begin(again)
+        if again.result is not None:
+            return outcomes
+        more, relay = self._finish(again)
+        return outcomes | {
+            recipient: outcome if outcome.relay else replace(outcome, relay=relay)
+            for recipient, outcome in more.items()
+        }
 
     def _may_fail_over(self, delivery: Delivery) -> bool:
         """Whether `delivery` can be started on the next working smarthost of its route now: there is one,
@@ -252,7 +302,7 @@ class Sessions:
 
     def _drop(self, host: Smarthost, reason: str) -> None:
         """`host` cannot be reached: it is not tried again in this run."""
-        self.log.warning(f"smarthost {host.label}: {reason}")
+        self.log.warning(f"{_kind(host)} {host.label}: {reason}")
         self.broken[host] = reason
         session = self.open.pop(host, None)
         if session is not None:
@@ -267,15 +317,28 @@ class Sessions:
     def _broke(self, host: Smarthost, reason: str) -> None:
         """A session with `host` broke in the middle of a message: count it, and give the smarthost up for
         this run after MAX_BROKEN_SESSIONS in a row."""
-        self.log.warning(f"smarthost {host.label}: {reason}")
+        self.log.warning(f"{_kind(host)} {host.label}: {reason}")
         breaks = self.breaks.get(host, 0) + 1
         self.breaks[host] = breaks
         if breaks >= MAX_BROKEN_SESSIONS:
-            self.given_up[host] = f"smarthost {host.label} broke off {breaks} sessions in a row in this run"
-            self.log.warning(
-                f"smarthost {host.label}: {breaks} sessions in a row broke off mid-message; not tried again "
-                "in this run: the messages left for it wait, untried, for the next run"
+            self.given_up[host] = (
+                f"{_kind(host)} {host.label} broke off {breaks} sessions in a row in this run"
             )
+            self.log.warning(
+                f"{_kind(host)} {host.label}: {breaks} sessions in a row broke off mid-message; not tried "
+                "again in this run: the messages left for it wait, untried, for the next run"
+            )
+
+    def idle(self, hosts: tuple[Smarthost, ...]) -> tuple[Smarthost, ...]:
+        """Those of `hosts` a message can be started on and finished at once: not broken or given up in
+        this run, and no other message is started on their session (messages are finished in the order
+        they were started on a session)."""
+        busy = {waiting.session for waiting in self.waiting if waiting.session is not None}
+        return tuple(
+            host
+            for host in hosts
+            if host not in self.broken and host not in self.given_up and self.open.get(host) not in busy
+        )
 
     def close(self) -> None:
         """QUIT every open session (a session with a message half sent is only closed)."""
@@ -283,6 +346,10 @@ class Sessions:
             session.close()
         self.open.clear()
         self.waiting.clear()
+
+
+def _kind(host: Smarthost) -> str:
+    return "MX host" if isinstance(host, MxRelay) else "smarthost"
 
 
 def _dsn(delivery: Delivery) -> dict[str, Any]:

@@ -4,6 +4,8 @@ and how a failure closes it (`SmtpSession` adds the mail transactions on top).
 Invariants kept here:
 - Certificates are verified, always with an explicit `ssl.SSLContext` (`tls`).
 - `security: starttls` never falls back to plain text: a server that does not offer STARTTLS is an error.
+- An MX host (`direct.MxRelay`) is never sent AUTH; its TLS is its domain's policy (`_open_direct`):
+  opportunistic takes what it gets, verify only a certificate valid for the MX name.
 - AUTH is sent only over TLS, unless the smarthost says `auth_plaintext: true`.
 - The secret is fetched only when AUTH is about to be sent, travels as `credentials.Secret`, and appears
   in no exception, log line or repr: AUTH dialogues are never logged, and a server reply quoted in an
@@ -17,9 +19,10 @@ import smtplib
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 from pymta.delivery.credentials import CredentialError, Secret, resolve
+from pymta.delivery.direct import MxRelay
 from pymta.delivery.smtp import auth, tls
 from pymta.delivery.smtp.explain import error_text, explain
 from pymta.delivery.smtp.outcome import SessionError, Stage
@@ -30,6 +33,10 @@ if TYPE_CHECKING:
     from pymta.config.model import Smarthost
 
 log = logging.getLogger("pymta.delivery.smtp")  # the name it had as one module
+
+# What TLS a session got, for the log line of a direct delivery (`tls=`): a certificate verified for the
+# server's name, encryption without that (opportunistic TLS), or none.
+TlsLevel = Literal["verified", "encrypted", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,7 @@ class Connection:
         self._tls: TlsInfo | None = None
         self._authenticated: str | None = None
         self._sent_secrets: list[str] = []  # what AUTH put on the wire, scrubbed from quoted replies
+        self.tls_level: TlsLevel = "none"  # what the open session got
 
     # -- public --
 
@@ -93,6 +101,10 @@ class Connection:
         if self._client is not None:
             raise RuntimeError("the session is already open")
         self._client = Client(self.smarthost, self.hostname)
+        self.tls_level = "none"
+        if isinstance(self.smarthost, MxRelay):
+            self._open_direct(self.smarthost)
+            return self.info
         try:
             self._connect()
             self._ehlo()
@@ -105,6 +117,51 @@ class Connection:
             self._abort()
             raise
         return self.info
+
+    def _open_direct(self, relay: MxRelay) -> None:
+        """Open a session with an MX host: STARTTLS with the certificate verified for the MX name; with the
+        opportunistic policy, a certificate that does not verify is taken unverified on a new connection
+        (tls=encrypted), and a server that does not offer STARTTLS, refuses it or fails the handshake gets
+        the mail in clear (tls=none, on a new connection after a failure), as MTAs do between MX hosts
+        (RFC 3207 4.1, RFC 7435). The verify policy takes nothing less than a verified certificate: the
+        recipients wait (4.7.5). Never AUTH. Raises SessionError as `open` does."""
+        verify = relay.tls_policy == "verify"
+        level: TlsLevel = "verified"
+        while True:
+            self.tls_level = level  # `_tls_context` and `_verification` follow it
+            try:
+                self._connect()
+                self._ehlo()
+                if level != "none" and self._require_client().has_extn("starttls"):
+                    self._starttls()
+                    self._ehlo()
+                elif verify:
+                    raise self._fail("tls", "the MX host does not offer STARTTLS")
+                else:
+                    self.tls_level = "none"
+                return
+            except SessionError as error:
+                self._abort()
+                if error.stage == "tls" and verify:
+                    raise self._refused_unverified(relay, error) from None
+                if error.stage != "tls" or level == "none":
+                    raise
+                # A certificate that does not verify still encrypts; a handshake that fails gives nothing.
+                log.debug("%s: TLS (%s) failed: %s; connecting again", self.relay, level, error.reason)
+                level = "encrypted" if level == "verified" and error.certificate_failed else "none"
+                self._client = Client(relay, self.hostname)  # the failed handshake spent the connection
+
+    def _refused_unverified(self, relay: MxRelay, error: SessionError) -> SessionError:
+        """The verify policy met an MX host without a valid certificate: its recipients wait (4.7.5)."""
+        what = error.reason.split("; ")[0]  # the fix that explain() offers is a smarthost's
+        return SessionError(
+            error.relay,
+            f"4.7.5 no TLS with a certificate valid for {relay.host}, and the TLS policy for the domain is "
+            f"verify (mx.tls_policy): {what}",
+            stage="tls",
+            reply=error.reply,
+            certificate_failed=error.certificate_failed,
+        )
 
     def close(self) -> None:
         """Say QUIT and close the connection; never raises. A closed session can be opened again."""
@@ -134,6 +191,8 @@ class Connection:
     def _connect(self) -> None:
         client = self._require_client()
         host, port = self.smarthost.host, self.smarthost.port
+        if isinstance(self.smarthost, MxRelay):
+            host = self.smarthost.address  # the certificate is checked against the MX name (client._host)
         try:
             context = self._tls_context() if self.smarthost.security == "tls" else None
             client.tls_context = context
@@ -271,6 +330,8 @@ class Connection:
     # -- TLS --
 
     def _tls_context(self) -> ssl.SSLContext:
+        if self.tls_level == "encrypted":  # opportunistic TLS after a certificate that did not verify
+            return tls.unverified_context()
         try:
             return tls.verifying_context(self.smarthost)
         except (OSError, ssl.SSLError) as error:
@@ -291,9 +352,13 @@ class Connection:
         if not isinstance(sock, ssl.SSLSocket):
             return
         self._tls = tls.tls_info(sock, self._verification())
+        if self.tls_level == "none":  # a smarthost's certificate is always verified (or pinned)
+            self.tls_level = "verified"
         log.debug("%s: %s %s", self.relay, self._tls.version, self._tls.cipher)
 
     def _verification(self) -> str:
+        if self.tls_level == "encrypted":
+            return "NOT verified (opportunistic TLS: the certificate did not verify for the MX name)"
         return tls.verification(self.smarthost)
 
     def _scrub(self, text: str) -> str:

@@ -28,6 +28,7 @@ class RecipientOutcome:
     status: Result  # delivered (2xx to DATA), deferred (4xx), failed (5xx); expanded only from the flush
     reply: str  # "550 5.1.1 <x@example.org>: user unknown": code, enhanced code, text, on one line
     relay: str = ""  # who gave it: "host[ip]:port", "local" or "none"; "" from a session (`session.relay`)
+    tls: str = ""  # the TLS a direct delivery got (verified, encrypted, none), for the log; "" otherwise
 
     @property
     def code(self) -> int:

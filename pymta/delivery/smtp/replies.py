@@ -14,6 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from pymta.delivery.direct import MxRelay
 from pymta.delivery.smtp.outcome import SessionError, Stage
 from pymta.delivery.smtp.tls import verify_pin
 
@@ -168,6 +169,8 @@ class Client(smtplib.SMTP):
 
     def _tcp_connect(self, host: str, port: int, timeout: float) -> socket.socket:
         last_error: OSError | None = None
+        if isinstance(self.smarthost, MxRelay):
+            timeout = min(timeout, self.smarthost.connect_timeout)
         for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
             self.peer_ip = str(address[0])
             sock = socket.socket(family, kind, proto)
