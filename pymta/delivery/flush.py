@@ -469,7 +469,8 @@ class Flusher:
             hosts, route_rewrite = route(self.config, sender, on_wire[address])
             where = recipient_domain(on_wire[address]) if hosts is None else hosts
             groups.setdefault((where, route_rewrite), []).append(address)
-        finishes = []
+        # Every lookup before anything is started: a slow DNS server must not hold a started session.
+        planned = []
         for (where, route_rewrite), addresses in groups.items():
             if isinstance(where, str):
                 hosts = self._mx_relays(where, addresses, on_wire, attempt)
@@ -482,6 +483,9 @@ class Flusher:
                 for address in addresses:
                     attempt.set(address, "deferred", NO_SMARTHOST, "none")
                 continue
+            planned.append((hosts, prepare, addresses))
+        finishes = []
+        for hosts, prepare, addresses in planned:
             wire = list(dict.fromkeys(on_wire[address] for address in addresses))
             delivery = self.sessions.start(hosts, entry, wire, prepare, expanded)
             finish = functools.partial(self._finish_remote, delivery, addresses, on_wire, attempt)
