@@ -13,7 +13,8 @@
         dns_server.truncate.add("big.test")        # UDP answers truncated: the client retries on TCP
         settings = dns_server.settings(timeout=1)   # pymta.config.model.DnsSettings pointing here
 
-A name in `zone` exists (with no records of a type: an empty answer); any other name is NXDOMAIN. A CNAME
+A name in `zone` exists (with no records of a type: an empty answer); any other name is NXDOMAIN. Records
+are answered in the order the zone lists them (no round robin). A CNAME
 is followed within the zone, as an authoritative server does for its own names. Both sockets share one
 free port; `queries` records (transport, name, type) of each question, in order.
 """
@@ -126,7 +127,7 @@ class DnsServer:
             if records.get(rdtype):
                 response.answer.append(self._rrset(name, rdtype, records[rdtype]))
             break
-        wire_out = response.to_wire()
+        wire_out = response.to_wire(want_shuffle=False)  # records in the order the zone lists them
         if transport == "udp" and len(wire_out) > limit:
             response.answer.clear()
             response.flags |= dns.flags.TC

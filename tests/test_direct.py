@@ -188,6 +188,17 @@ def test_an_mx_that_is_down_is_passed_over_for_the_next(world: World) -> None:
     assert any("MX host mx1.b.test" in line and "refused" in line for line in lines), lines
 
 
+def test_every_address_of_an_mx_host_is_tried(world: World) -> None:
+    (_, dead), (name, alive) = world.down("mx.multi.test"), world.server("mx.multi.test")
+    world.dns.zone["multi.test"] = {"MX": ["10 mx.multi.test."]}
+    world.dns.zone["mx.multi.test"] = {"A": [dead, alive]}
+    enqueue(world.mta, "bob@multi.test")
+    lines = run_flush(world)
+    assert world.received(name) == [(SENDER, ["bob@multi.test"])]
+    assert f"relay=mx.multi.test[{alive}]:{world.port} tls=verified " in line_for(lines, "bob@multi.test")
+    assert any(f"MX host mx.multi.test[{dead}]" in line for line in lines), lines  # tried first
+
+
 def test_equal_preferences_are_shuffled_and_both_used(world: World) -> None:
     one, two = world.server("one.c.test", mode="plain"), world.server("two.c.test", mode="plain")
     domains = [f"d{n}.c.test" for n in range(6)]

@@ -101,7 +101,7 @@ class Connection:
         if self._client is not None:
             raise RuntimeError("the session is already open")
         self._client = Client(self.smarthost, self.hostname)
-        self.tls_level = "none"
+        self.tls_level, self._tls = "none", None  # what an earlier session of this one got is gone
         if isinstance(self.smarthost, MxRelay):
             self._open_direct(self.smarthost)
             return self.info
