@@ -20,11 +20,13 @@ from hypothesis import strategies as st
 from pymta.errors import MessageError
 from pymta.mail.message import (
     MAX_LINE,
+    LineEndings,
     complete,
     fit_line_length,
     format_date,
     get_header,
     header_fields,
+    header_read,
     normalise_line_endings,
     prepare_submission,
 )
@@ -587,6 +589,54 @@ def test_prepare_on_arbitrary_bytes(data: bytes, extract: bool) -> None:
             )
         if not data:
             assert stored == b""
+
+
+# The bytes where streaming can go wrong: line ends split between blocks, folds, mbox lines, Bcc.
+_stream_pieces = st.sampled_from(
+    [
+        b"To: a@b",
+        b"Bcc: h@x",
+        b"Subject: x",
+        b" cont",
+        b"From x",
+        b"text",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b":",
+        b"\xff",
+    ]
+)
+
+
+@given(st.lists(_stream_pieces, max_size=30), st.integers(0, 200), st.lists(st.integers(1, 20), max_size=30))
+@example([b"To: a", b"\r\n", b"\r\n", b"x\r", b"\nz"], 12, [2])  # a block ends between CR and LF
+def test_a_message_streamed_in_blocks_is_stored_as_the_whole_would_be(
+    pieces: list[bytes], read: int, blocks: list[int]
+) -> None:
+    # sendmail (pymta.submission.submit.read_message) looks for the header block in what it has read, then
+    # prepares those whole lines and streams the rest through LineEndings, in blocks of any size.
+    data = b"".join(pieces)
+    whole = prepare_submission(data, extract_recipients=True, unreadable=[])
+    cut = header_read(data[:read])
+    if not cut:
+        return
+    head, recipients = prepare_submission(data[:cut], extract_recipients=True, unreadable=[])
+    endings = LineEndings()
+    rest, streamed = data[cut:], [head]
+    for size in blocks:
+        block, rest = rest[:size], rest[size:]
+        streamed.append(endings.feed(block))
+    streamed += [endings.feed(rest), endings.end()]
+    assert (b"".join(streamed), recipients) == whole
+
+
+def test_the_header_block_is_read_once_the_line_that_ends_it_has_come() -> None:
+    assert header_read(b"To: a\nSubject: b\n") == 0  # the next line may continue the field
+    assert header_read(b"To: a\nSubject: b\n cont") == 0
+    assert header_read(b"To: a\n\nbody") == len(b"To: a\n\n")
+    assert header_read(b"To: a\r") == 0 and header_read(b"To: a\r\rb") == len(b"To: a\r\r")  # CR, LF?
+    assert header_read(b"From me\n") == 0 and header_read(b"bare text\nmore") == len(b"bare text\n")
 
 
 @given(

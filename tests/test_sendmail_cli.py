@@ -721,7 +721,16 @@ FORBIDDEN_IMPORTS = {
     "functools",
     "pathlib",
     "__future__",
+    # os and what it loads (_collections_abc, stat, posixpath) cost a millisecond per message: the path
+    # uses the built-in posix module instead (pymta.queue.commit).
+    "os",
+    "_collections_abc",
+    "stat",
+    "posixpath",
+    "genericpath",
 }
+# The standard library modules a cron job's sendmail may load beyond those of `python3 -S -c pass`.
+SENDMAIL_STDLIB = {"errno", "pwd"}
 # Every pymta module a cron job's sendmail may import (a plain enqueue, and -t): the commit, not the spool's
 # reading side, the pick-up, the locks, the views (only a user under max_queued_per_user in system mode) or
 # the JSON contract. A module that joins this path costs every message on the machine: add it here only
@@ -751,6 +760,7 @@ def test_sendmail_imports_nothing_heavy(mta: MtaEnv, deliver: str, args: str) ->
     # -S: without site, the editable install's path hook (which imports re, pathlib...) is not loaded, so
     # the list below is pymta's own doing; the project root goes on sys.path through PYTHONPATH instead.
     mta.write_config(f"deliver: {deliver}\n")
+    Spool(str(mta.spool)).create_private()  # as after the user's first message (making it needs os)
     argv = ["sendmail", *args.split()]
     code = f"import sys; from pymta.cli.sendmail import main; sys.exit(main({argv!r}))"
     env = {**mta.env, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -762,18 +772,29 @@ def test_sendmail_imports_nothing_heavy(mta: MtaEnv, deliver: str, args: str) ->
         timeout=30,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    modules = set()
-    for line in result.stderr.decode().splitlines():
-        if line.startswith("import time:") and "|" in line and "imported package" not in line:
-            modules.add(line.rsplit("|", 1)[1].strip())
+    modules = _imported(result.stderr)
     assert "pymta.cli.sendmail" in modules and "pymta.queue.commit" in modules  # the measurement saw pymta
     assert len(mta.entries()) == 1
     heavy = sorted(m for m in modules if m.split(".")[0] in FORBIDDEN_IMPORTS)
     assert heavy == [], heavy
     beyond = sorted(m for m in modules if m.split(".")[0] == "pymta" and m not in SENDMAIL_MODULES)
     assert beyond == [], f"on sendmail's path, beyond its budget: {beyond}"
+    floor = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", "-c", "pass"], capture_output=True, env=env, timeout=30
+    )
+    stdlib = sorted(m for m in modules - _imported(floor.stderr) if m.split(".")[0] != "pymta")
+    assert set(stdlib) <= SENDMAIL_STDLIB, f"sendmail loads more of the standard library: {stdlib}"
     if deliver == "immediate":
         _wait_for_flush_to_finish(mta)
+
+
+def _imported(importtime: bytes) -> set[str]:
+    """The modules that `-X importtime` saw imported."""
+    modules = set()
+    for line in importtime.decode().splitlines():
+        if line.startswith("import time:") and "|" in line and "imported package" not in line:
+            modules.add(line.rsplit("|", 1)[1].strip())
+    return modules
 
 
 # --- deliver: immediate starts a detached flush; -odq and deliver: queue do not ---

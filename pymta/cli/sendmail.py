@@ -5,18 +5,28 @@ it does as little as it can: parse the flags (`pymta.submission.invocation`), re
 the spool (`pymta.submission.submit`) and exit with a sysexits code. It never touches the network
 (ARCHITECTURE.md, invariant 5) and imports nothing heavy: no email, json, re, typing, yaml or click (a test
 checks the module list of a real run); what only another mode needs (-bp, -bs, -q, newaliases) is imported
-when that mode runs.
+when that mode runs. Nor does it import os (`pymta.queue.commit` says why), and a plain enqueue ends the
+process with `posix._exit` once its output is flushed (`_end`): there is nothing to clean up that the
+kernel does not, and the interpreter's own teardown would cost more than a millisecond per message.
 """
 
-import os
+import posix
 import sys
 
 from pymta import __version__, errors
 from pymta.errors import PymtaError
 from pymta.submission.invocation import Invocation, parse_args
-from pymta.submission.submit import read_settings, read_stdin, refusal_of, say, submit
+from pymta.submission.submit import read_message, read_settings, refusal_of, say, submit
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 PROGRAM = "sendmail"
+# Whether the run may end with `_end` (posix._exit): set for what runs nothing but pymta's own code, with
+# nothing of its own to flush at exit (--version, --help, a plain enqueue); not for -q, -bs, -bp or
+# newaliases, which run more of pymta (logging, the flush) and end as Python ends.
+QUICK_EXIT = False
 
 USAGE = {
     "sendmail": """\
@@ -57,10 +67,11 @@ nothing would be ignored, 65 otherwise. See sendmail(8).
 
 
 def _run(argv: list[str]) -> int:
-    global PROGRAM  # messages name the program as it was called: sendmail, mailq or newaliases
-    name = os.path.basename(argv[0]) if argv else "sendmail"
+    global PROGRAM, QUICK_EXIT  # messages name the program as it was called: sendmail, mailq or newaliases
+    name = argv[0].rpartition("/")[2] if argv else "sendmail"
     PROGRAM = name if name in ("mailq", "newaliases") else "sendmail"
     if "--help" in argv[1:2] or "--version" in argv[1:2]:  # GNU long options, first word only
+        QUICK_EXIT = True
         text = USAGE[PROGRAM] if argv[1] == "--help" else f"{PROGRAM} (pymta) {__version__}\n"
         sys.stdout.write(text)
         return errors.EX_OK
@@ -78,7 +89,7 @@ def _run(argv: list[str]) -> int:
         settings = read_settings(invocation.config)
         for warning in settings.warnings:
             _say(warning)
-        if os.geteuid() == 0:  # root lists a system spool as its owner (pymta(1), PRIVILEGES)
+        if posix.geteuid() == 0:  # root lists a system spool as its owner (pymta(1), PRIVILEGES)
             from pymta.delivery.privsep import become_spool_owner  # lazy: root's mailq only
 
             become_spool_owner(settings.spool)
@@ -101,12 +112,15 @@ def _run(argv: list[str]) -> int:
         from pymta.submission.smtpd import serve_stdio  # lazy: the SMTP dialogue, for -bs only
 
         return serve_stdio(invocation, submit, refusal_of)
+    QUICK_EXIT = True
     if invocation.verbose:
         for note in invocation.notes:
             _say(note)
     settings = read_settings(invocation.config)
-    data = read_stdin(stop_at_dot=not invocation.ignore_dots and os.isatty(0), limit=settings.max_size)
-    queue_id, recipients = submit(invocation, data, settings)
+    data, rest = read_message(
+        stop_at_dot=not invocation.ignore_dots and posix.isatty(0), limit=settings.max_size
+    )
+    queue_id, recipients = submit(invocation, data, settings, rest)
     if invocation.verbose:
         _say(f"queued as {queue_id} for {', '.join(recipients)}")
     return errors.EX_OK
@@ -121,6 +135,8 @@ def _newaliases(invocation: Invocation) -> int:
     """newaliases(1): there is no database to rebuild (the flush reads the aliases file as it is), so check
     the file and report each problem with its line number. Exit 0 when it has no errors (warnings, such as
     an alias loop, are printed too), EX_DATAERR when something in it would be ignored."""
+    import os  # newaliases only: sendmail's path does without os
+
     from pymta.config import expansion  # lazy: newaliases only
     from pymta.config.load import load  # lazy: the YAML parser, for newaliases only
     from pymta.config.routing import local_domains  # lazy: newaliases only
@@ -145,18 +161,35 @@ def main(argv: list[str] | None = None) -> int:
 
     # Python ignores SIGPIPE; sendmail(8) dies of it like any C program, and must not queue when it does.
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+    program = argv is None  # run as a program, not called by Python code that goes on afterwards
     argv = sys.argv if argv is None else argv
     try:
-        return _run(argv)
+        code = _run(argv)
     except PymtaError as exc:
         _say(str(exc))
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         _say("interrupted; nothing was queued")
-        return errors.EX_TEMPFAIL
+        code = errors.EX_TEMPFAIL
     except MemoryError:
         _say("out of memory while reading the message; nothing was queued")
-        return errors.EX_TEMPFAIL
+        code = errors.EX_TEMPFAIL
+    if program and QUICK_EXIT:
+        _end(code)
+    return code
+
+
+def _end(code: int) -> "NoReturn":
+    """Exit now with `code`, once what is buffered for stdout and stderr is written, skipping the
+    interpreter's teardown (the module docstring): the message is durable already, no file is open for
+    writing, and no atexit handler of pymta's is registered on these paths."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            code = code or 120  # what Python's own exit gives when it cannot flush stdout
+    posix._exit(code)
 
 
 def mailq() -> int:

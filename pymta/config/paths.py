@@ -10,12 +10,17 @@ A config file that is broken *elsewhere* does not stop `sendmail`: the mail is q
 validates the whole file (`pymta.config.load`), refuses to run until it is fixed. Mail is kept, not lost.
 
 The search order for the config file (DESIGN.md) lives here too, so `sendmail` and `pymta` agree on it.
+Like the rest of sendmail's path it does without os (`pymta.queue.commit` says why): `getenv`, `join`
+and `posix` stand in for os.environ, os.path.join and os.
 """
 
-import os
+import posix
+import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import yaml
 
 ENV_CONFIG = "PYMTA_CONFIG"
@@ -26,32 +31,64 @@ SYSTEM_SPOOL = "/var/spool/pymta"
 _YAML_INDICATORS = frozenset("[]{}&*!|>%@`,?")
 
 
+def environ() -> "Mapping[str, str] | Mapping[bytes, bytes]":
+    """The environment: os.environ once os is loaded (the process may have changed it through os), else
+    the built-in posix.environ that os.environ is made from (bytes)."""
+    os = sys.modules.get("os")
+    return posix.environ if os is None else os.environ
+
+
+def getenv(name: str) -> str:
+    """`os.environ.get(name, "")`, without importing os."""
+    os = sys.modules.get("os")
+    if os is not None:
+        return os.environ.get(name, "")  # type: ignore[no-any-return]
+    value = posix.environ.get(name.encode())
+    return "" if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
+def join(directory: str, *names: str) -> str:
+    """`os.path.join` of a directory and relative names, without importing os."""
+    path = directory
+    for name in names:
+        path = path + name if not path or path.endswith("/") else f"{path}/{name}"
+    return path
+
+
+def _exists(path: str, directory: bool = False) -> bool:
+    try:
+        mode = posix.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not directory or mode & 0o170000 == 0o040000
+
+
 def _home() -> str:
     """The real user's home: $HOME unless it is unset or "/" (sudo runs sendmail with HOME=/), else passwd."""
-    home = os.environ.get("HOME", "")
+    home = getenv("HOME")
     if home and home != "/":
         return home
     import pwd
 
     try:
-        return pwd.getpwuid(os.getuid()).pw_dir or "/"
+        return pwd.getpwuid(posix.getuid()).pw_dir or "/"
     except KeyError:  # a uid with no passwd entry
         return home or "/"
 
 
 def _xdg(variable: str, fallback: str) -> str:
-    value = os.environ.get(variable, "")
-    return value if os.path.isabs(value) else os.path.join(_home(), fallback)
+    value = getenv(variable)
+    return value if value.startswith("/") else join(_home(), fallback)
 
 
 def config_candidates(explicit: str | None = None) -> list[str]:
     """The config files in the order they are tried; a `-C` file or $PYMTA_CONFIG is the only one."""
     if explicit:
         return [explicit]
-    from_env = os.environ.get(ENV_CONFIG, "")
+    from_env = getenv(ENV_CONFIG)
     if from_env:
         return [from_env]
-    return [SYSTEM_CONFIG, os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "pymta", "pymta.yaml")]
+    return [SYSTEM_CONFIG, join(_xdg("XDG_CONFIG_HOME", ".config"), "pymta", "pymta.yaml")]
 
 
 def find_config(explicit: str | None = None) -> str | None:
@@ -60,19 +97,19 @@ def find_config(explicit: str | None = None) -> str | None:
     A file named explicitly (`-C`, $PYMTA_CONFIG) is returned even if missing, so reading it reports that.
     """
     candidates = config_candidates(explicit)
-    if explicit or os.environ.get(ENV_CONFIG, ""):
+    if explicit or getenv(ENV_CONFIG):
         return candidates[0]
     for path in candidates:
-        if os.path.exists(path):
+        if _exists(path):
             return path
     return None
 
 
 def default_spool() -> str:
     """The spool when the config names none: the system spool once `pymta setup` made it, else the user's."""
-    if os.path.isdir(os.path.join(SYSTEM_SPOOL, "new")):
+    if _exists(join(SYSTEM_SPOOL, "new"), directory=True):
         return SYSTEM_SPOOL
-    return os.path.join(_xdg("XDG_STATE_HOME", os.path.join(".local", "state")), "pymta")
+    return join(_xdg("XDG_STATE_HOME", join(".local", "state")), "pymta")
 
 
 class UnsureError(Exception):

@@ -93,8 +93,40 @@ def normalise_line_endings(data: bytes) -> bytes:
     """`data` with every line ending (CRLF, bare LF, lone CR) as CRLF; an unterminated end gets one."""
     if not data:
         return data
-    normalised = data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
-    return normalised if normalised.endswith(CRLF) else normalised + CRLF
+    endings = LineEndings()
+    return endings.feed(data) + endings.end()
+
+
+class LineEndings:
+    """`normalise_line_endings` for a body that comes in blocks, after a head of whole lines (sendmail
+    streams a large message): `feed` each block, then `end`. A CR ending a block waits for the next."""
+
+    __slots__ = ("held", "ends_line")
+
+    def __init__(self) -> None:
+        self.held = b""
+        self.ends_line = True  # the head before the first block ends with a line ending
+
+    def feed(self, block: bytes) -> bytes:
+        data = self.held + block if self.held else block
+        self.held = b"\r" if data.endswith(b"\r") else b""
+        if self.held:
+            data = data[:-1]
+        out = data.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
+        self.ends_line = out.endswith(CRLF) if out else self.ends_line
+        return out
+
+    def end(self) -> bytes:
+        return CRLF if self.held or not self.ends_line else b""
+
+
+def header_read(data: bytes) -> int:
+    """How many bytes of `data`, the start of a message as submitted with more to come, are whole lines
+    holding all of its header block, so that the rest is body (`prepare_submission` of those, then
+    `LineEndings` over the rest, store the whole); 0 while the line that ends the block has not come."""
+    cut = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1  # a last CR: an LF may follow
+    message = _drop_mbox_separator(normalise_line_endings(data[:cut]))
+    return cut if _header_block(message).end < len(message) else 0
 
 
 def _field_name(message: bytes, start: int, end: int) -> str | None:

@@ -32,15 +32,27 @@ submitter's own, steps 1, 4 and 5 resolve the names from descriptors of tmp/ and
 following a link and checked (`_commit_shared`): the spool's owner cannot make root, or any user, write
 the mail into a directory of its choosing (ARCHITECTURE.md, invariant 10).
 
-`sendmail` imports this module on every cron job: it imports only os and errno (and pwd when it runs),
-and pymta.errors; no json (it pulls in re: `encode_json` writes the envelope), no annotations future.
+`sendmail` imports this module on every cron job: it imports only posix, errno and time (and pwd when it
+runs), pymta.errors and pymta.config.paths; no json (it pulls in re: `encode_json` writes the envelope), no
+annotations future, and not even os: `posix` is the built-in module under it, already loaded by the
+interpreter, while os (with _collections_abc, stat and posixpath) costs a millisecond per message. Only
+`create_private`, which runs once per user, imports os.
+
+The message is given whole (bytes) or as an iterable of blocks (sendmail streams a large message from its
+standard input: the blocks are written as they come, and an exception raised by the iterable, such as a
+size limit reached, takes the commit back like any other).
 """
 
 import errno
-import os
+import posix
 import time
 
+from pymta.config.paths import join
 from pymta.errors import SpoolError, SpoolFullError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 SUBDIRS = ("tmp", "new", "queue", "state", "corrupt")
 ENVELOPE_VERSION = 1  # the `v` of every envelope line (`pymta.queue.entry` reads it)
@@ -51,11 +63,11 @@ STATE_MIN_FREE = 256 * 1024
 # delivers nothing it could not record (`Spool.state_problem`), so a queue filled to its last bytes would
 # stop the very runs that drain it. Postfix's queue_minfree keeps room for the same reason.
 SUBMIT_MIN_FREE = 4 * STATE_MIN_FREE
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_FLAGS = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Opens a directory to resolve names from, without read rights (a drop directory is 1733) where the system
 # has O_PATH (Linux); never through a link.
-_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = getattr(posix, "O_PATH", posix.O_RDONLY) | posix.O_DIRECTORY | posix.O_CLOEXEC
 _STICKY = 0o1000
 
 
@@ -71,13 +83,15 @@ def new_id() -> str:
     global _last_tick
     tick = max(time.time_ns() * 65536 // 1_000_000_000, _last_tick + 1)
     _last_tick = tick
-    return f"{tick:012x}{os.urandom(6).hex()}"
+    return f"{tick:012x}{posix.urandom(6).hex()}"
 
 
 _last_tick = 0
 
 
 def _json_string(text: str) -> str:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'  # the common case, without a loop over the characters
     out = ['"']
     for char in text:
         code = ord(char)
@@ -115,16 +129,16 @@ def encode_json(value: object) -> str:
 
 def fsync_dir(path: str) -> None:
     """Make a directory's entries durable (after a create, rename or unlink in it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        posix.fsync(fd)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def unlink_at(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(name, dir_fd=dir_fd)
+        posix.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -132,7 +146,7 @@ def unlink_at(dir_fd: int, name: str) -> None:
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = posix.write(fd, view)
         view = view[written:]
 
 
@@ -154,7 +168,7 @@ def write_error(what: str, path: str, exc: OSError, then: str = "send again") ->
 def unlink_quietly(path: str) -> None:
     """Unlink `path` if it is there; a file already gone, or one we may not remove, is not an error here."""
     try:
-        os.unlink(path)
+        posix.unlink(path)
     except OSError:
         pass
 
@@ -164,7 +178,7 @@ def real_user() -> tuple[str, str, int]:
     name, GECOS full name, uid. A uid without a passwd entry is named `uid<N>`."""
     import pwd
 
-    uid = os.getuid()
+    uid = posix.getuid()
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
@@ -179,6 +193,8 @@ def real_user() -> tuple[str, str, int]:
 def create_private(spool: str, parents: bool = False) -> None:
     """Create a user-mode spool (directories 0700). Its parent must exist unless `parents` (the default
     spool under ~/.local/state): a typo in a configured spool is not silently made."""
+    import os  # only when a spool is made: sendmail's path does without os (see the module docstring)
+
     if not parents and not os.path.isdir(os.path.dirname(os.path.abspath(spool))):
         parent = os.path.dirname(os.path.abspath(spool))
         raise SpoolError(
@@ -202,7 +218,7 @@ def create_private(spool: str, parents: bool = False) -> None:
 def commit(
     spool: str,
     envelope: dict[str, object],
-    message: bytes,
+    message: "bytes | Iterable[bytes]",
     *,
     create: bool = True,
     create_parents: bool = False,
@@ -214,7 +230,7 @@ def commit(
     `envelope` gets `v` and `id` added. Raises SpoolError (EX_CANTCREAT) when the spool cannot be
     written and SpoolFullError (EX_TEMPFAIL) when the disk or the file size limit is full, or when the
     message would leave less than `reserve` bytes free; either way nothing is left that a reader
-    could pick up.
+    could pick up. `message` is bytes, or blocks of bytes written as they come (the module docstring).
     """
     private = open_spool(spool, create=create, create_parents=create_parents)
     return commit_to(spool, private, envelope, message, reserve), private
@@ -223,55 +239,60 @@ def commit(
 def open_spool(spool: str, *, create: bool = True, create_parents: bool = False) -> bool:
     """Whether `spool` is this user's own (user mode), created first (`create_private`) when it is missing
     and `create`. SpoolError when it cannot be used."""
-    new_dir = os.path.join(spool, "new")
+    new_dir = join(spool, "new")
     try:
-        owner = os.stat(spool).st_uid
-        drop = os.lstat(new_dir)
+        owner = posix.stat(spool).st_uid
+        drop = posix.lstat(new_dir)
     except FileNotFoundError:
         if not create or _is_nonempty_dir(spool):
             raise SpoolError(
                 f"the spool {spool} has no new/ directory; run 'pymta setup' or fix 'spool:' in the config"
             ) from None
         create_private(spool, parents=create_parents)
-        owner, drop = os.stat(spool).st_uid, os.lstat(new_dir)
+        owner, drop = posix.stat(spool).st_uid, posix.lstat(new_dir)
     except OSError as exc:
         raise write_error("cannot use the spool", spool, exc) from None
     # A spool owned by someone else is the system-mode maildrop: the flusher must read the file, and
     # nothing in it is followed (`_commit_shared`).
-    return owner == drop.st_uid == os.geteuid()
+    return owner == drop.st_uid == posix.geteuid()
 
 
 def commit_to(
-    spool: str, private: bool, envelope: dict[str, object], message: bytes, reserve: int = 0
+    spool: str,
+    private: bool,
+    envelope: dict[str, object],
+    message: "bytes | Iterable[bytes]",
+    reserve: int = 0,
 ) -> str:
     """`commit`'s protocol in a spool that `open_spool` found `private` or not; the id."""
-    new_dir = os.path.join(spool, "new")
+    new_dir = join(spool, "new")
     message_id = new_id()
     # The uid right after the version, where `queued_per_uid` reads it.
     head = {"v": ENVELOPE_VERSION, "uid": envelope["uid"]} if "uid" in envelope else {"v": ENVELOPE_VERSION}
     envelope = {**head, "id": message_id, **envelope}
     # The envelope line and the message, written one after the other: joined, a 30 MB message would be
     # held twice.
-    data = (encode_json(envelope).encode("ascii") + b"\n", message)
-    if reserve:
-        _check_room(spool, len(data[0]) + len(message) + reserve)
+    line = encode_json(envelope).encode("ascii") + b"\n"
+    data = _Parts(line, message, spool, reserve)
+    if reserve:  # a streamed message is checked again once it is written (`_Parts`)
+        _check_room(spool, len(line) + (len(message) if isinstance(message, bytes) else 0) + reserve)
     if not private:
         _commit_shared(spool, message_id, data)
         return message_id
     mode = 0o600
-    tmp_path = os.path.join(spool, "tmp", message_id)
+    tmp_path = join(spool, "tmp", message_id)
     try:
-        fd = os.open(tmp_path, _OPEN_FLAGS, mode)
+        fd = posix.open(tmp_path, _OPEN_FLAGS, mode)
     except OSError as exc:
-        raise write_error("cannot write to the spool", os.path.join(spool, "tmp"), exc) from None
-    target = os.path.join(new_dir, message_id)
+        raise write_error("cannot write to the spool", join(spool, "tmp"), exc) from None
+    target = join(new_dir, message_id)
     renamed = False
     try:
-        os.fchmod(fd, mode)  # whatever the caller's umask
+        posix.fchmod(fd, mode)  # whatever the caller's umask
         for part in data:
             write_all(fd, part)
-        os.fsync(fd)
-        os.rename(tmp_path, target)
+        posix.fsync(fd)
+        posix.rename(tmp_path, target)
         renamed = True
         _sync_new_name(new_dir, fd)
     except BaseException as exc:
@@ -287,14 +308,37 @@ def commit_to(
             raise write_error("cannot make the queued message durable", new_dir, exc) from None
         raise write_error("cannot write the message to the spool", spool, exc) from None
     finally:
-        os.close(fd)
+        posix.close(fd)
     return message_id
+
+
+class _Parts:
+    """What a commit writes: the envelope line, then the message, whole or block by block. A streamed
+    message is counted as it goes, and once it is all written the spool must still have `reserve` bytes
+    free (SpoolFullError), as a whole one is checked with its size before anything is written."""
+
+    __slots__ = ("line", "message", "spool", "reserve")
+
+    def __init__(self, line: bytes, message: "bytes | Iterable[bytes]", spool: str, reserve: int) -> None:
+        self.line = line
+        self.message = message
+        self.spool = spool
+        self.reserve = reserve
+
+    def __iter__(self) -> "Iterator[bytes]":
+        yield self.line
+        if isinstance(self.message, bytes):
+            yield self.message
+            return
+        yield from self.message
+        if self.reserve:
+            _check_room(self.spool, self.reserve)
 
 
 def _check_room(spool: str, needed: int) -> None:
     """SpoolFullError unless the spool's file system has `needed` bytes free for ordinary users."""
     try:
-        info = os.statvfs(spool)
+        info = posix.statvfs(spool)
     except OSError:
         return  # the commit that follows says what is wrong with the spool
     free = info.f_bavail * info.f_frsize
@@ -313,15 +357,15 @@ def _sync_new_name(directory: str, fd: int) -> None:
     try:
         fsync_dir(directory)
     except PermissionError:
-        os.fsync(fd)
+        posix.fsync(fd)
 
 
 def _open_dir(name: str, parent_fd: int | None, path: str) -> int:
     """A descriptor of the directory `name` (relative to `parent_fd`, never through a link); `path` names
     it in the SpoolError raised when it cannot be opened."""
-    flags = _DIR_FLAGS if parent_fd is None else _DIR_FLAGS | os.O_NOFOLLOW
+    flags = _DIR_FLAGS if parent_fd is None else _DIR_FLAGS | posix.O_NOFOLLOW
     try:
-        return os.open(name, flags, dir_fd=parent_fd)
+        return posix.open(name, flags, dir_fd=parent_fd)
     except OSError as exc:
         if parent_fd is not None and exc.errno in (errno.ENOTDIR, errno.ELOOP):
             raise SpoolError(
@@ -336,22 +380,22 @@ def _open_drop_dir(spool_fd: int, path: str, owner: int) -> int:
     """tmp/ or new/ of a spool owned by `owner`, checked: a directory (no link) of `owner` or root (of anyone
     in a spool directory of root's), in which other users cannot rename or remove our file (not writable
     by them, or sticky)."""
-    fd = _open_dir(os.path.basename(path), spool_fd, path)
-    info = os.fstat(fd)
+    fd = _open_dir(path.rpartition("/")[2], spool_fd, path)
+    info = posix.fstat(fd)
     problem = None
     if owner != 0 and info.st_uid not in (owner, 0):  # in a spool of root's nobody else can swap it
         problem = f"belongs to uid {info.st_uid}, not to the spool's owner (uid {owner})"
     elif info.st_mode & 0o022 and not info.st_mode & _STICKY:
         problem = f"has mode {info.st_mode & 0o7777:04o}: other users may remove what is queued there"
     if problem is not None:
-        os.close(fd)
+        posix.close(fd)
         raise SpoolError(
             f"cannot write to the spool: {path} {problem}; nothing was queued; run 'pymta setup --check'"
         )
     return fd
 
 
-def _commit_shared(spool: str, message_id: str, data: tuple[bytes, ...]) -> None:
+def _commit_shared(spool: str, message_id: str, data: "Iterable[bytes]") -> None:
     """The commit protocol in a spool that is not ours (system mode), with every name resolved from a
     directory descriptor: the spool's owner can swap tmp/ or new/ for a link to another directory, and
     a submitter who followed it would write the mail there (root: anywhere). So tmp/ and new/ are opened
@@ -360,42 +404,42 @@ def _commit_shared(spool: str, message_id: str, data: tuple[bytes, ...]) -> None
     durable relative to them. The file is 0644: the flusher must read it."""
     spool_fd = _open_dir(spool, None, spool)
     try:
-        owner = os.fstat(spool_fd).st_uid
-        tmp_fd = _open_drop_dir(spool_fd, os.path.join(spool, "tmp"), owner)
+        owner = posix.fstat(spool_fd).st_uid
+        tmp_fd = _open_drop_dir(spool_fd, join(spool, "tmp"), owner)
         try:
-            new_fd = _open_drop_dir(spool_fd, os.path.join(spool, "new"), owner)
+            new_fd = _open_drop_dir(spool_fd, join(spool, "new"), owner)
             try:
                 _commit_in(spool, message_id, data, tmp_fd, new_fd)
             finally:
-                os.close(new_fd)
+                posix.close(new_fd)
         finally:
-            os.close(tmp_fd)
+            posix.close(tmp_fd)
     finally:
-        os.close(spool_fd)
+        posix.close(spool_fd)
 
 
-def _commit_in(spool: str, message_id: str, data: tuple[bytes, ...], tmp_fd: int, new_fd: int) -> None:
+def _commit_in(spool: str, message_id: str, data: "Iterable[bytes]", tmp_fd: int, new_fd: int) -> None:
     try:
-        fd = os.open(message_id, _OPEN_FLAGS, 0o644, dir_fd=tmp_fd)
+        fd = posix.open(message_id, _OPEN_FLAGS, 0o644, dir_fd=tmp_fd)
     except OSError as exc:
-        raise write_error("cannot write to the spool", os.path.join(spool, "tmp"), exc) from None
+        raise write_error("cannot write to the spool", join(spool, "tmp"), exc) from None
     renamed = False
     try:
-        os.fchmod(fd, 0o644)  # whatever the caller's umask
+        posix.fchmod(fd, 0o644)  # whatever the caller's umask
         for part in data:
             write_all(fd, part)
-        os.fsync(fd)
-        os.rename(message_id, message_id, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
+        posix.fsync(fd)
+        posix.rename(message_id, message_id, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
         renamed = True
         try:
-            directory = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=new_fd)
+            directory = posix.open(".", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC, dir_fd=new_fd)
         except PermissionError:
-            os.fsync(fd)  # a user may not open the drop directory: see `_sync_new_name`
+            posix.fsync(fd)  # a user may not open the drop directory: see `_sync_new_name`
         else:
             try:
-                os.fsync(directory)
+                posix.fsync(directory)
             finally:
-                os.close(directory)
+                posix.close(directory)
     except BaseException as exc:
         # Not durable, or interrupted: take it back, whichever name it has by now (see `commit`).
         unlink_at(tmp_fd, message_id)
@@ -403,17 +447,15 @@ def _commit_in(spool: str, message_id: str, data: tuple[bytes, ...], tmp_fd: int
         if not isinstance(exc, OSError):
             raise
         if renamed:
-            raise write_error(
-                "cannot make the queued message durable", os.path.join(spool, "new"), exc
-            ) from None
+            raise write_error("cannot make the queued message durable", join(spool, "new"), exc) from None
         raise write_error("cannot write the message to the spool", spool, exc) from None
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _is_nonempty_dir(path: str) -> bool:
     try:
-        return bool(os.listdir(path))
+        return bool(posix.listdir(path))
     except FileNotFoundError:
         return False
     except OSError:

@@ -4,10 +4,15 @@
 strip Bcc), check the size limit, the sender policy and the user's queue limit, commit it to the spool
 (`pymta.queue.commit`'s protocol) and, in user mode with `deliver: immediate`, start a detached flush.
 It runs for every message on the machine, so it imports nothing heavy and reads the config without YAML
-(`read_settings`); it never touches the network (ARCHITECTURE.md, invariant 5).
+(`read_settings`); it never touches the network (ARCHITECTURE.md, invariant 5). Nor does it import os:
+the built-in `posix` under it is loaded already (`pymta.queue.commit` says why).
+
+A message larger than `STREAM_AFTER` is not held whole: once its header block has been read, the rest is
+read block by block as it is written to the spool (`read_message`, `submit`), with the same size limit and
+the same line endings, so a 30 MB message costs a few MiB of memory rather than three copies of itself.
 """
 
-import os
+import posix
 import sys
 import time
 
@@ -15,46 +20,84 @@ from pymta import errors
 from pymta.config import limits, paths
 from pymta.errors import MessageError, PymtaError, UsageError
 from pymta.mail.address import unique_addresses
-from pymta.mail.message import prepare_submission
+from pymta.mail.message import LineEndings, header_read, prepare_submission
 from pymta.queue.commit import SUBMIT_MIN_FREE, commit, real_user
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pymta.queue.views import QuotaHold
     from pymta.submission.invocation import Invocation
 
 
-def read_stdin(stop_at_dot: bool, limit: int | None = None) -> bytes:
-    """The whole of standard input as bytes; with `stop_at_dot`, up to a line holding only '.'.
+# A message read up to this size is handled whole; past it, once its header block is read, the rest
+# streams to the spool. Most mail is far smaller, and takes exactly the path it always took.
+STREAM_AFTER = 1 << 20
+_BLOCK = 1 << 20
+
+
+def read_blocks(stop_at_dot: bool, limit: int | None = None) -> "Iterator[bytes]":
+    """Standard input, block by block (line by line at a terminal); with `stop_at_dot`, up to a line
+    holding only '.'.
 
     DESIGN.md, "Lone dot": reading ends at EOF, except at a terminal without -i/-oi, where a line with only
     '.' ends the message as sendmail(8) always did. With a `limit`, reading stops once more than `limit`
-    bytes have come (at most `limit + 1` are kept): the caller refuses the message as too large.
+    bytes have come (at most `limit + 1` are given): the caller refuses the message as too large.
     """
     room = -1 if limit is None else limit + 1  # bytes still wanted; -1: no limit
     if stop_at_dot:
-        lines = []
-        with os.fdopen(os.dup(0), "rb", buffering=0) as terminal:
+        with open(posix.dup(0), "rb", buffering=0) as terminal:
             while room:
                 line = terminal.readline(room)
                 if not line or line.rstrip(b"\r\n") == b".":
                     break
-                lines.append(line)
+                yield line
                 room = max(room - len(line), 0) if room > 0 else room
-        return b"".join(lines)
-    chunks = []
-    try:
-        while room:
-            chunk = os.read(0, 1 << 20 if room < 0 else min(room, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            room = room - len(chunk) if room > 0 else room
-    except OSError as exc:
-        raise errors.NoInputError(
-            f"cannot read the message from standard input: {exc.strerror}; pipe the message into sendmail"
-        ) from None
-    return b"".join(chunks)
+        return
+    while room:
+        try:
+            chunk = posix.read(0, _BLOCK if room < 0 else min(room, _BLOCK))
+        except OSError as exc:
+            raise errors.NoInputError(
+                f"cannot read the message from standard input: {exc.strerror}; pipe the message into sendmail"
+            ) from None
+        if not chunk:
+            break
+        yield chunk
+        room = room - len(chunk) if room > 0 else room
+
+
+def read_stdin(stop_at_dot: bool, limit: int | None = None) -> bytes:
+    """The whole of standard input as bytes (`read_blocks`, joined)."""
+    return b"".join(read_blocks(stop_at_dot, limit))
+
+
+def read_message(stop_at_dot: bool, limit: int | None = None) -> "tuple[bytes, Iterator[bytes] | None]":
+    """The message on standard input (`read_blocks`): whole, with None; or, once more than `STREAM_AFTER`
+    bytes have come and they hold the whole header block, those whole lines and the blocks still to come
+    (for `submit`, which writes them to the spool as they are read)."""
+    blocks = read_blocks(stop_at_dot, limit)
+    parts: list[bytes] = []
+    size = 0
+    checked = 0  # the size when the header block was last looked for
+    for block in blocks:
+        parts.append(block)
+        size += len(block)
+        if size >= STREAM_AFTER and size >= 2 * checked:  # look again only once it has doubled
+            checked = size
+            data = b"".join(parts)
+            parts = [data]
+            cut = header_read(data)
+            if cut:
+                return data[:cut], _chained(data[cut:], blocks)
+    return b"".join(parts), None
+
+
+def _chained(first: bytes, blocks: "Iterator[bytes]") -> "Iterator[bytes]":
+    if first:
+        yield first
+    yield from blocks
 
 
 class Settings:
@@ -119,7 +162,7 @@ def read_settings(config_file: str | None) -> Settings:
                 "applies; fix it and run 'pymta config check'"
             )
     spool = values.get("spool")
-    if spool and not os.path.isabs(spool):
+    if spool and not spool.startswith("/"):
         warnings.append(
             f"{path}: spool: {spool!r} is not an absolute path, so the message goes to the default spool; "
             "fix it and run 'pymta config check'"
@@ -160,10 +203,18 @@ def _check_sender(invocation: "Invocation", login: str, sender: str) -> None:
         )
 
 
-def submit(invocation: "Invocation", data: bytes, settings: Settings | None = None) -> tuple[str, list[str]]:
+def submit(
+    invocation: "Invocation",
+    data: bytes,
+    settings: Settings | None = None,
+    rest: "Iterator[bytes] | None" = None,
+) -> tuple[str, list[str]]:
     """Prepare the message read from stdin and commit it to the spool; return its queue id and recipients.
 
-    `settings` are what `read_settings` read from the config (read here when not given, as for -bs).
+    `settings` are what `read_settings` read from the config (read here when not given, as for -bs). With
+    `rest` (`read_message`), `data` is the start of the message, whole lines holding its header block, and
+    `rest` the blocks that follow: they are read, their line endings made CRLF, counted against
+    max_message_size and written as the commit goes.
     """
     settings = settings or read_settings(invocation.config)
     if len(data) > settings.max_size:  # read_stdin stopped just past the limit
@@ -201,8 +252,9 @@ def submit(invocation: "Invocation", data: bytes, settings: Settings | None = No
     quota = _check_queue_limit(settings, uid)  # holds the user's drop ledger until released
     try:
         # The default user spool may be the first thing under ~/.local/state on a fresh machine.
+        body = message if rest is None else _streamed(message, rest, settings, len(data))
         queue_id, private = commit(
-            settings.spool, envelope, message, create_parents=settings.default_spool, reserve=SUBMIT_MIN_FREE
+            settings.spool, envelope, body, create_parents=settings.default_spool, reserve=SUBMIT_MIN_FREE
         )
         if quota is not None:
             quota.record(queue_id, time.time())
@@ -233,7 +285,7 @@ def _check_queue_limit(settings: Settings, uid: int) -> "QuotaHold | None":
     if settings.max_queued is None or uid == 0:
         return None
     try:
-        if os.stat(os.path.join(settings.spool, "new")).st_uid == os.geteuid():
+        if posix.stat(paths.join(settings.spool, "new")).st_uid == posix.geteuid():
             return None
     except OSError:
         return None  # the commit reports what is wrong with the spool
@@ -256,9 +308,33 @@ def refusal_of(invocation: "Invocation") -> str | None:
     return quota_refusal(settings.spool, real_user()[2], settings.max_queued)
 
 
+def _streamed(head: bytes, rest: "Iterator[bytes]", settings: Settings, read: int) -> "Iterator[bytes]":
+    """The stored message: `head` as `prepare_submission` left it, then the rest with its line endings made
+    CRLF. MessageError (the commit takes back what it wrote) once either the bytes read (`read` so far) or
+    the bytes stored pass max_message_size, as `submit` refuses a whole message."""
+    yield head
+    stored = len(head)
+    endings = LineEndings()
+    for block in rest:
+        read += len(block)
+        out = endings.feed(block)
+        stored += len(out)
+        if read > settings.max_size or stored > settings.max_size:
+            raise _too_large_error(settings)
+        yield out
+    tail = endings.end()
+    if stored + len(tail) > settings.max_size:
+        raise _too_large_error(settings)
+    yield tail
+
+
 def _too_large(settings: Settings) -> PymtaError:
     for warning in settings.warnings:  # a max_message_size that could not be read says so
         say(warning)
+    return _too_large_error(settings)
+
+
+def _too_large_error(settings: Settings) -> PymtaError:
     return errors.MessageError(
         f"message too large: more than {settings.max_size} bytes (max_message_size); nothing was queued"
     )
@@ -275,14 +351,14 @@ def _start_flush(invocation: "Invocation") -> None:
     argv = [sys.executable, "-I", "-m", "pymta", "flush", "--background"]
     if invocation.config:
         argv += ["-C", invocation.config]
-    devnull = os.devnull
+    devnull = "/dev/null"
     actions = [
-        (os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0),
+        (posix.POSIX_SPAWN_OPEN, 0, devnull, posix.O_RDONLY, 0),
+        (posix.POSIX_SPAWN_OPEN, 1, devnull, posix.O_WRONLY, 0),
+        (posix.POSIX_SPAWN_OPEN, 2, devnull, posix.O_WRONLY, 0),
     ]
     try:
-        os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setsid=True)
+        posix.posix_spawn(sys.executable, argv, paths.environ(), file_actions=actions, setsid=True)
     except OSError as exc:
         if invocation.verbose:
             say(f"could not start a delivery now ({exc.strerror}); the timer will deliver the message")
@@ -292,6 +368,6 @@ def say(line: str, program: str = "sendmail") -> None:
     """One line on stderr, named for the program; a caller that closed stderr (at, anacron) must not make us
     fail."""
     try:
-        os.write(2, f"{program}: {line}\n".encode("utf-8", "replace"))
+        posix.write(2, f"{program}: {line}\n".encode("utf-8", "replace"))
     except OSError:
         pass
