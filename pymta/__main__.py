@@ -2,6 +2,6 @@
 
 import sys
 
-from pymta.cli.main import main
+from pymta.cli.entry import main
 
 sys.exit(main())

@@ -19,11 +19,12 @@ SESSION_ONLY = {
 OTHER_COMMANDS = {"pymta.cli.queue", "pymta.cli.smarthost", "pymta.cli.setup", "pymta.cli.config"}
 
 
-def imported(mta: MtaEnv, *args: str) -> set[str]:
+def imported(mta: MtaEnv, *args: str, entry: str = "pymta.cli.main") -> set[str]:
     """The modules loaded once `pymta ARGS` has run (sys.modules: `-X importtime` does not see the lazy
-    group's importlib.import_module), in the test's interpreter (click is installed beside it)."""
+    group's importlib.import_module), in the test's interpreter (click is installed beside it), entering
+    through the click group (`pymta.cli.main`) or the console script's entry (`pymta.cli.entry`)."""
     code = (
-        "import sys\nfrom pymta.cli.main import main\n"
+        f"import sys\nfrom {entry} import main\n"
         f"code = main({list(args)!r})\n"
         "sys.stderr.write('MODULES ' + ' '.join(sys.modules) + '\\n')\nsys.exit(code)\n"
     )
@@ -32,7 +33,7 @@ def imported(mta: MtaEnv, *args: str) -> set[str]:
     line = result.stderr.decode().splitlines()[-1]
     assert line.startswith("MODULES "), result.stderr[-2000:]
     modules = set(line.split()[1:])
-    assert "pymta.cli.main" in modules  # the measurement saw pymta
+    assert entry in modules  # the measurement saw pymta
     return modules
 
 
@@ -73,3 +74,44 @@ def test_queue_loads_neither_the_flush_nor_a_session(with_smarthost: MtaEnv) -> 
     assert "pymta.cli.queue" in modules
     others = OTHER_COMMANDS - {"pymta.cli.queue"}
     assert loaded(modules, SESSION_ONLY | others | {"pymta.delivery.flush"}) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--version"], ["flush"], ["flush", "--background"], ["flush", "--now", "-v", "--config", "CONFIG"]],
+)
+def test_the_commonest_command_lines_do_without_click(with_smarthost: MtaEnv, args: list[str]) -> None:
+    # The timer's flush, deliver: immediate's (--background, -C) and sendmail -q's (--now -v): click was a
+    # third of an idle flush.
+    args = [str(with_smarthost.config) if arg == "CONFIG" else arg for arg in args]
+    modules = imported(with_smarthost, *args, entry="pymta.cli.entry")
+    assert loaded(modules, {"click", "pymta.cli.main"}) == []
+    if args != ["--version"]:
+        assert "pymta.delivery.flush" in modules
+
+
+@pytest.mark.parametrize(
+    "args", [["flush", "--id", "x"], ["-C", "CONFIG", "flush"], ["queue"], ["flush", "-h"]]
+)
+def test_every_other_command_line_goes_to_click(with_smarthost: MtaEnv, args: list[str]) -> None:
+    args = [str(with_smarthost.config) if arg == "CONFIG" else arg for arg in args]
+    assert "click" in imported(with_smarthost, *args, entry="pymta.cli.entry")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["flush", "--bogus"], b"No such option '--bogus'"), (["flush", "-C"], b"requires an argument")],
+)
+def test_a_flush_command_line_the_short_path_cannot_read_is_clicks_usage_error(
+    mta: MtaEnv, args: list[str], words: bytes
+) -> None:
+    result = mta.run("pymta", args)
+    assert result.returncode == 64 and words in result.stderr, result.stderr
+
+
+def test_version_says_what_click_says(mta: MtaEnv) -> None:
+    code = "import sys\nfrom pymta.cli.main import main\nsys.exit(main(['--version']))\n"
+    clicks = subprocess.run([sys.executable, "-c", code], capture_output=True, env=mta.env, timeout=60)
+    ours = mta.run("pymta", ["--version"])
+    assert ours.returncode == clicks.returncode == 0
+    assert ours.stdout == clicks.stdout and b"pymta, version" in ours.stdout

@@ -1,5 +1,7 @@
 """The `pymta` command: a thin click layer over the library. Each command parses its options, makes one or
 two library calls and turns a library error (PymtaError) into one line on stderr and its sysexits code.
+The console script enters through `pymta.cli.entry`, which runs the commonest flush and `--version`
+without click and hands every other command line to `main` here.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ import sys
 
 import click
 
-from pymta import __version__, log
+from pymta import __version__
+from pymta.cli.flush import failure
+from pymta.cli.flush import flush as run_flush_command
 from pymta.cli.options import complete_queue_ids, name_config_for_subcommands
 from pymta.errors import EX_TEMPFAIL, EX_USAGE, PymtaError
-from pymta.queue.directory import write_error
 from pymta.queue.selection import Selection
 
 config_option = click.option(
@@ -127,29 +130,15 @@ def flush(
     queue id, a recipient still waiting, or the sender contains (case does not matter). Several of one
     kind add up; different kinds must all match. Others wait for the next run.
     """
-    from pymta.config.load import load  # lazy: YAML, not for --version or --help
-    from pymta.delivery.privsep import run_flush  # lazy: the delivery stage, for this command only
-
-    config = load(config_file)
-    logger = log.setup(verbose=verbose and not background, target=config.log)
-    show_progress = not (verbose or background) and sys.stderr.isatty()
     selection = Selection(ids=ids, recipients=recipients, senders=senders)
-    progress = _progress_line if show_progress else None
-    report = run_flush(config, logger, force=force, progress=progress, selection=selection)
-    if show_progress:
-        click.echo("", err=True)
-    if verbose or (not background and sys.stdout.isatty()):
-        click.echo(report.summary())
-
-
-def _progress_line(done: int, total: int) -> None:
-    """A one-line progress display on the terminal: messages done of the total, and the percentage."""
-    if total >= 10:
-        click.echo(f"\rdelivering {done}/{total} ({100 * done // total}%)", err=True, nl=False)
+    run_flush_command(
+        verbose=verbose, force=force, background=background, selection=selection, config_file=config_file
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `pymta` console script: click's usage errors become EX_USAGE (64)."""
+    """Run the `pymta` command line `argv` through click (`pymta.cli.entry` hands over every command line it
+    does not run itself): click's usage errors become EX_USAGE (64)."""
     try:
         code = cli.main(args=argv, prog_name="pymta", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -160,15 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return EX_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
-    except PymtaError as exc:
-        click.echo(f"pymta: {exc}", err=True)
-        return exc.exit_code
-    except BrokenPipeError:
-        return 0
-    except OSError as exc:  # a file of the spool that could not be written: say which, why and what to do
-        error = write_error("cannot use", exc.filename or "a file of the spool", exc, "run it again")
-        click.echo(f"pymta: {error}", err=True)
-        return error.exit_code
+    except (PymtaError, OSError) as exc:
+        return failure(exc)
     return code if isinstance(code, int) else 0
 
 

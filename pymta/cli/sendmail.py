@@ -95,7 +95,7 @@ def _run(argv: list[str]) -> int:
             become_spool_owner(settings.spool)
         return print_queue(settings.spool)
     if invocation.mode == "flush":  # -q: try everything waiting now, as `pymta flush --now`
-        from pymta.cli.main import main as pymta_main  # lazy: click and the flush, for -q only
+        from pymta.cli.entry import main as pymta_main  # lazy: the flush, for -q only
 
         for line in invocation.warnings:
             _say(line)

@@ -39,7 +39,7 @@ from pymta.errors import LauncherError
 
 # Each program and its entry function: the same as pyproject.toml's [project.scripts] (a test compares them).
 ENTRY_POINTS = {
-    "pymta": ("pymta.cli.main", "main"),
+    "pymta": ("pymta.cli.entry", "main"),
     "sendmail": ("pymta.cli.sendmail", "main"),
     "mailq": ("pymta.cli.sendmail", "mailq"),
     "newaliases": ("pymta.cli.sendmail", "newaliases"),
