@@ -284,7 +284,8 @@ class Bench:
             "import sys\nfrom pymta.setup.launcher import ENTRY_POINTS, this_install, write_launchers\n"
             "write_launchers(sys.argv[1], this_install(), tuple(ENTRY_POINTS))\n"
         )
-        subprocess.run([str(self.bin / "python3"), "-c", code, str(self.launchers)], check=True)
+        # -I: the install's pymta, not one in the working directory (the launchers would name its path)
+        subprocess.run([str(self.bin / "python3"), "-I", "-c", code, str(self.launchers)], check=True)
 
     def configs(self, port: int) -> None:
         """Two spools: one that the enqueue figures fill, one that each flush empties."""
