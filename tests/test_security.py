@@ -760,7 +760,13 @@ def test_the_queue_quota_refuses_more_and_leaves_direct_drops_waiting(system: Sy
     [line] = refused.stderr.decode().splitlines()
     assert line.startswith("sendmail: ") and "max_queued_per_user" in line
     assert system.names("new") == []
-    submit(system, bob, "friend@example.net")  # bob has his own quota
+    # A message large enough to be streamed to the spool is checked once read, and refused alike.
+    large = b"Subject: large\n\n" + b"a line of a large message, streamed rather than held\n" * 40_000
+    refused = system.sendmail(alice, "friend@example.net", input=large)
+    assert refused.returncode == EX_TEMPFAIL, refused.stderr
+    assert refused.stderr.decode().splitlines() == [line]
+    assert system.names("new") == [] and system.names("tmp") == []
+    submit(system, bob, "friend@example.net", message=large)  # bob has his own quota
 
     direct = []
     for _ in range(2):

@@ -25,7 +25,7 @@ from pymta.queue.commit import SUBMIT_MIN_FREE, commit, real_user
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from pymta.queue.views import QuotaHold
     from pymta.submission.invocation import Invocation
@@ -249,22 +249,33 @@ def submit(
         "envid": invocation.envid,
         "body_type": invocation.body_type,
     }
-    quota = _check_queue_limit(settings, uid)  # holds the user's drop ledger until released
+    holds: list[QuotaHold] = []  # the user's drop ledger, held from the check until the id is recorded
+
+    def check_queue_limit() -> None:
+        hold = _check_queue_limit(settings, uid)
+        if hold is not None:
+            holds.append(hold)
+
+    # A streamed message is checked once it is read, just before the commit makes it durable: the ledger
+    # is not held while a slow writer (a cron job's output as it comes) fills the pipe.
+    if rest is None:
+        check_queue_limit()
     try:
         # The default user spool may be the first thing under ~/.local/state on a fresh machine.
-        body = message if rest is None else _streamed(message, rest, settings, len(data))
+        body = message if rest is None else _streamed(message, rest, settings, len(data), check_queue_limit)
         queue_id, private = commit(
             settings.spool, envelope, body, create_parents=settings.default_spool, reserve=SUBMIT_MIN_FREE
         )
-        if quota is not None:
-            quota.record(queue_id, time.time())
-    except PymtaError:
-        for warning in settings.warnings:
-            say(warning)
+        for hold in holds:
+            hold.record(queue_id, time.time())
+    except PymtaError as exc:
+        if not isinstance(exc, errors.QueueLimitError) or rest is None:  # else said by _check_queue_limit
+            for warning in settings.warnings:
+                say(warning)
         raise
     finally:
-        if quota is not None:
-            quota.release()
+        for hold in holds:
+            hold.release()
     for warning in settings.warnings:  # one line: what is wrong, and that the mail is safe all the same
         say(f"{warning.rstrip('.')}; the message was queued all the same, as {queue_id} in {settings.spool}")
     for problem in unreadable:  # a logwatch report with one typo in To: still reaches the others
@@ -308,10 +319,13 @@ def refusal_of(invocation: "Invocation") -> str | None:
     return quota_refusal(settings.spool, real_user()[2], settings.max_queued)
 
 
-def _streamed(head: bytes, rest: "Iterator[bytes]", settings: Settings, read: int) -> "Iterator[bytes]":
+def _streamed(
+    head: bytes, rest: "Iterator[bytes]", settings: Settings, read: int, then: "Callable[[], None]"
+) -> "Iterator[bytes]":
     """The stored message: `head` as `prepare_submission` left it, then the rest with its line endings made
     CRLF. MessageError (the commit takes back what it wrote) once either the bytes read (`read` so far) or
-    the bytes stored pass max_message_size, as `submit` refuses a whole message."""
+    the bytes stored pass max_message_size, as `submit` refuses a whole message; `then` runs once all of it
+    is read and checked, before the commit goes on."""
     yield head
     stored = len(head)
     endings = LineEndings()
@@ -325,6 +339,7 @@ def _streamed(head: bytes, rest: "Iterator[bytes]", settings: Settings, read: in
     tail = endings.end()
     if stored + len(tail) > settings.max_size:
         raise _too_large_error(settings)
+    then()  # the last check, once the whole message is read (`submit`: the queue limit)
     yield tail
 
 
