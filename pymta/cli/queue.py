@@ -291,9 +291,9 @@ def list_queue(**params: Any) -> None:
         for note in listing.view_notes(visible):
             write(note + "\n")
         if options.filter:
-            lines = listing.grouped_lines(entries)
-            first = next(lines)
-            if first == "Mail queue is empty":
+            blocks = listing.grouped_text(entries)
+            first = next(blocks)
+            if first == "Mail queue is empty\n":
                 states = options.filter.states
                 only_states = states and not (options.filter.senders or options.filter.recipients)
                 if only_states and options.filter.older_than is None:
@@ -301,9 +301,12 @@ def list_queue(**params: Any) -> None:
                 else:
                     write("No messages in the queue match\n")
             else:
-                write("".join(line + "\n" for line in (first, *lines)))
+                write(first)
+                for block in blocks:
+                    write(block)
         elif visible.entries or not visible.own_view:
-            write("".join(line + "\n" for line in listing.grouped_lines(entries)))
+            for block in listing.grouped_text(entries):
+                write(block)
     sys.stdout.flush()
     click.get_current_context().exit(status)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from stat import S_ISREG
 
 from pymta.fsutil import read_all
 from pymta.queue.commit import encode_json as encode_json
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # What a listing reads of a queue file at first: the envelope line is almost always shorter.
 _HEAD = 8192
+# A state file smaller than this is read in one pread (a longer read would only be shorter at its end).
+_STATE_READ = 16384
 
 
 def is_queue_id(name: str) -> bool:
@@ -89,13 +92,11 @@ class SpoolDirectory:
 
         The envelope line comes from the file's first bytes (one pread; a longer line, up to
         MAX_ENVELOPE_LINE, takes a second): the message itself is not read."""
-        import stat
-
-        path = os.path.join(self.dir(location), name)
+        path = f"{self.dir(location)}/{name}"
         fd = os.open(path if dir_fd is None else name, READ_FLAGS, dir_fd=dir_fd)
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
+            if not S_ISREG(info.st_mode):
                 raise ValueError("not a regular file")
             head = os.pread(fd, _HEAD, 0)
             end = head.find(b"\n")
@@ -107,11 +108,12 @@ class SpoolDirectory:
         if end < 0:
             raise ValueError("no envelope line: not a pymta queue file")
         envelope = parse_envelope(head[: end + 1])
-        state = (
-            self.read_state(name, time_field(envelope, "queued_at", 0), state_fd)
-            if location == "queue"
-            else None
-        )
+        state = None
+        if location == "queue":
+            queued_at = envelope.get("queued_at", 0)
+            if type(queued_at) is not float:
+                queued_at = time_field(envelope, "queued_at", 0)
+            state = self.read_state(name, queued_at, state_fd)
         return QueueEntry(location, path, envelope, state, info.st_size - end - 1, info.st_uid)
 
     def read_state(
@@ -121,8 +123,6 @@ class SpoolDirectory:
         none. Opened without following a link or waiting on
         a FIFO, and read only when it is a regular file of at most MAX_STATE_SIZE bytes: whatever the
         spool's owner planted there costs a listing one line, never a hang or the memory."""
-        import stat
-
         try:
             if state_fd is None:
                 fd = os.open(os.path.join(self.dir("state"), name), READ_FLAGS)
@@ -132,9 +132,12 @@ class SpoolDirectory:
             return None  # never tried: the common case on the flush's hot path, so no file object is made
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
+            if not S_ISREG(info.st_mode):
                 raise ValueError("state file is not a regular file")
-            data = read_all(fd, min(info.st_size, MAX_STATE_SIZE), limit=MAX_STATE_SIZE + 1)
+            if info.st_size < _STATE_READ:  # the usual state: one read, to the end of the file
+                data = os.pread(fd, _STATE_READ, 0)
+            else:
+                data = read_all(fd, min(info.st_size, MAX_STATE_SIZE), limit=MAX_STATE_SIZE + 1)
             if len(data) > MAX_STATE_SIZE:
                 raise ValueError(f"state file is larger than {MAX_STATE_SIZE} bytes")
         finally:
@@ -149,8 +152,6 @@ class SpoolDirectory:
         that file has no name any more (deleted by a queue command between the open and the lock; queue
         files are only ever unlinked, never replaced, and only the one flush renames them).
         """
-        import stat
-
         path = os.path.join(self.dir("queue"), name)
         own = fd is None
         if fd is None:
@@ -159,7 +160,7 @@ class SpoolDirectory:
             info = os.fstat(fd)
             if info.st_nlink == 0:
                 raise FileNotFoundError(errno.ENOENT, "deleted since it was opened", path)
-            if not stat.S_ISREG(info.st_mode):
+            if not S_ISREG(info.st_mode):
                 raise ValueError("not a regular file")
             # The envelope line first, then the message in a read of its own: slicing it off one read of the
             # whole file would hold the message twice for a moment (60 MB for a 30 MB message).

@@ -99,10 +99,15 @@ def pending(entry: QueueEntry) -> list[str]:
     return [r.address for r in entry.recipients if r.status not in ("delivered", "expanded")]
 
 
+def _shown(address: str) -> str:
+    """An address with its domain as people write it (`display_address`): as it is without an A-label."""
+    return display_address(address) if "xn--" in address.lower() else address
+
+
 def table_row(entry: QueueEntry, now: float) -> str:
     """A message's line in the table: id, age, size, state, sender and the recipients left."""
-    sender = display_address(entry.sender) if entry.sender else "<>"  # domains as people write them
-    recipients = ", ".join(display_address(address) for address in pending(entry)) or "(all delivered)"
+    sender = _shown(entry.sender) if entry.sender else "<>"
+    recipients = ", ".join(map(_shown, pending(entry))) or "(all delivered)"
     return (
         f"{entry.id:<{ID_WIDTH}}  {human_age(now - entry.queued_at):>4}  {human_size(entry.size):>6}  "
         f"{entry.state:<8}  {sender} -> {recipients}"
@@ -159,32 +164,64 @@ def reason(entry: QueueEntry) -> str:
     return f"{entry.state}: {printable(entry.last_error)}" if entry.last_error else entry.state
 
 
-def grouped_lines(entries: Iterable[QueueEntry], now: float | None = None) -> Iterator[str]:
+def grouped_text(entries: Iterable[QueueEntry], now: float | None = None) -> Iterator[str]:
     """`pymta queue`: the messages grouped by why they wait (`reason`), the largest group first, each
-    under one line that gives its count and reason once, oldest first within it; then the total. Only a
-    line per message is held until the end, not the messages."""
+    under one line that gives its count and reason once, oldest first within it; then the total. The text
+    comes in blocks of whole lines, each ending with a newline. Only the text of the rows is held until
+    the end, joined in blocks of `_BLOCK` rows, not the messages (100,000 rows: about 10 MiB)."""
     now = time.time() if now is None else now
     totals = Totals()
-    groups: dict[str, list[str]] = {}
-    counts: dict[str, int] = {}
+    groups: dict[str, _Group] = {}
     for entry in entries:
         totals.add(entry)
         why = reason(entry)
-        counts[why] = counts.get(why, 0) + 1
-        rows = groups.setdefault(why, [])
-        rows.append(table_row(entry, now))
+        group = groups.get(why)
+        if group is None:
+            group = groups[why] = _Group()
+        group.add(table_row(entry, now))
         if untold(entry):
-            rows.append(f"{'':<{ID_WIDTH}}  ({UNTOLD_NOTE})")
+            group.rows.append(f"{'':<{ID_WIDTH}}  ({UNTOLD_NOTE})")
     if not totals.count:
-        yield "Mail queue is empty"
+        yield "Mail queue is empty\n"
         return
-    yield table_header()
-    for why in sorted(groups, key=lambda why: -counts[why]):  # stable: equal groups by their oldest
-        yield ""
-        yield f"{counts[why]} {why}"
-        yield from groups.pop(why)
-    yield ""
-    yield from totals.lines()
+    yield table_header() + "\n"
+    for why in sorted(groups, key=lambda why: -groups[why].count):  # stable: equal groups by their oldest
+        group = groups.pop(why)
+        yield f"\n{group.count} {why}\n"
+        yield from group.text()
+    yield "\n" + "".join(line + "\n" for line in totals.lines())
+
+
+# How many rows of a group `grouped_text` joins into one string: the per-string cost of 100,000 rows is
+# then paid 100,000 / _BLOCK times.
+_BLOCK = 256
+
+
+class _Group:
+    """The rows of one group of `grouped_text`: the latest as strings, the earlier joined in blocks."""
+
+    __slots__ = ("count", "rows", "blocks")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.rows: list[str] = []
+        self.blocks: list[str] = []
+
+    def add(self, row: str) -> None:
+        self.count += 1
+        self.rows.append(row)
+        if len(self.rows) >= _BLOCK:
+            self.blocks.append("\n".join(self.rows) + "\n")
+            self.rows.clear()
+
+    def text(self) -> Iterator[str]:
+        """The rows, in blocks of whole lines; each block is let go of as it is given out."""
+        blocks, self.blocks = self.blocks, []
+        blocks.reverse()
+        while blocks:
+            yield blocks.pop()
+        if self.rows:
+            yield "\n".join(self.rows) + "\n"
 
 
 # Age columns of `pymta queue --summary` (after Postfix's qshape, in fewer and rounder steps): a message
@@ -343,6 +380,10 @@ def details_to_json(details: Details) -> dict[str, object]:
 
 def printable(text: str) -> str:
     """`text` safe for a terminal: control characters (an escape sequence in a header) shown as \\xNN."""
+    if (
+        text.isascii() and text.isprintable()
+    ):  # the usual text: nothing to change (a listing asks 100,000 times)
+        return text
     return "".join(
         char
         if char == "\t" or (ord(char) >= 0x20 and not 0x7F <= ord(char) < 0xA0)
