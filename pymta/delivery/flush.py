@@ -55,7 +55,7 @@ from pymta.mail.message import rewrite_from
 from pymta.privileges import lookup_user
 from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus
 from pymta.queue.selection import Selection
-from pymta.queue.spool import Spool
+from pymta.queue.spool import Names, Spool
 
 # At most this many recipients per message, aliases included: a runaway alias file must not fan out forever.
 MAX_RECIPIENTS = 1000
@@ -111,7 +111,7 @@ class Flusher:
     _in_flight: InFlight | None = None  # the message started on a session and not yet finished
     _upcoming: str | None = None  # the due message after the one being delivered: the one to prefetch
     _prefetched: Prefetched | None = None  # that message, locked and read while a reply was awaited
-    _parked: list[str] = []  # noqa: RUF012 -- replaced, never changed: the parked ids `due` found
+    _parked = Names()  # the parked ids `due` found
     _attempted: Attempt | None = None  # the attempt being recorded, for `_park` when that fails
     selection = Selection()  # the limits of this run (`sendmail -qR...`, `pymta flush --recipient`): none
 
@@ -184,7 +184,7 @@ class Flusher:
             lock = self.spool.lock_flush() if self.spool.has_flush_request() else None
         return report
 
-    def due(self, force: bool) -> list[str]:
+    def due(self, force: bool) -> Names:
         """What this pass delivers; the messages parked with no attempt planned go to `_parked`, for
         `expire_failed`: one stat per queued message finds both (`Spool.schedule`)."""
         due, self._parked = self.spool.schedule(NEVER - 1 if force else self.clock())

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 
 from pymta import log
 from pymta.config.identity import policy_of
@@ -522,7 +523,7 @@ def expire_failed(
     config: Config,
     now: float,
     logger: logging.Logger | None = None,
-    parked: list[str] | None = None,
+    parked: Iterable[str] | None = None,
 ) -> list[str]:
     """Remove the failed messages whose failure is older than `config.failed_retention`; their ids.
 

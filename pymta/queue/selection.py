@@ -10,11 +10,10 @@ which sets it aside with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pymta.queue.entry import QueueEntry
-from pymta.queue.spool import Spool
+from pymta.queue.spool import Names, Spool
 
 # A recipient in one of these states is done: a limit does not look at it.
 DONE = ("delivered", "failed", "expanded")
@@ -39,10 +38,10 @@ class Selection:
             and _any_in(self.senders, [entry.sender])
         )
 
-    def among(self, spool: Spool, names: Iterable[str]) -> list[str]:
+    def among(self, spool: Spool, names: Names) -> Names:
         """The ids of queue/ in `names` (kept in their order) whose message this selection takes."""
         if not self:
-            return list(names)
+            return names
         taken = []
         for name in names:
             if self.ids and not _any_in(self.ids, [name]):
@@ -53,7 +52,7 @@ class Selection:
                 continue
             if self.matches(entry):
                 taken.append(name)
-        return taken
+        return Names(taken)
 
 
 def _any_in(limits: tuple[str, ...], values: list[str]) -> bool:

@@ -31,6 +31,8 @@ in `pymta.queue.commit`: sendmail imports that module alone, not this one.
 from __future__ import annotations
 
 import os
+from array import array
+from itertools import accumulate
 
 from pymta.errors import SpoolError, SpoolFullError
 from pymta.queue import commit as _commit
@@ -45,7 +47,7 @@ from pymta.queue.pickup import PickUp, PickUpBudget
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 # A writer killed mid-message leaves tmp/ID behind; Maildir's rule says such files may go after 36 hours.
 STALE_TMP_AGE = 36 * 3600
@@ -180,25 +182,27 @@ class Spool(PickUp, Locks):
                 continue
         return removed
 
-    def due(self, now: float) -> list[str]:
+    def due(self, now: float) -> Names:
         """The ids in queue/ whose next attempt has come, oldest submission first. Reads no file."""
         return self.schedule(now)[0]
 
-    def schedule(self, now: float) -> tuple[list[str], list[str]]:
+    def schedule(self, now: float) -> tuple[Names, Names]:
         """The ids in queue/ whose next attempt has come (`due`), and those parked with no attempt planned
         (their state's mtime is NEVER: failed or held, what `ops.expire_failed` looks at), each sorted:
         one stat of state/ID per queued message and no file read, and nothing held of the others (an idle
-        flush of 100,000 deferred messages holds two empty lists)."""
+        flush of 100,000 deferred messages holds two empty lists). The ids are kept as `Names`: a flush
+        of 100,000 due messages holds 3 MB of them while it delivers, not 9."""
         due: list[str] = []
         parked: list[str] = []
         state_fd = _open_dir_quietly(self.dir("state"))
         try:
+            stat = os.stat
             for name in self._names("queue"):
                 try:
                     if state_fd is None:
-                        mtime = os.stat(os.path.join(self.dir("state"), name)).st_mtime
+                        mtime = stat(os.path.join(self.dir("state"), name)).st_mtime
                     else:
-                        mtime = os.stat(name, dir_fd=state_fd).st_mtime
+                        mtime = stat(name, dir_fd=state_fd).st_mtime
                 except OSError:  # never tried; or a state the delivery cannot read either and sets aside
                     mtime = 0.0
                 if mtime <= now:
@@ -210,7 +214,7 @@ class Spool(PickUp, Locks):
                 os.close(state_fd)
         due.sort()
         parked.sort()
-        return due, parked
+        return Names(due), Names(parked)
 
     def write_state(self, name: str, state: MessageState, next_attempt: float) -> None:
         """Replace state/NAME atomically and durably; its mtime records `next_attempt`. Raises SpoolError
@@ -230,6 +234,46 @@ class Spool(PickUp, Locks):
         finished)."""
         for name in self._names("done"):
             unlink_quietly(os.path.join(self.dir("done"), name))
+
+
+class Names:
+    """Names in the order given, held as one string and where each one ends: a list of 100,000 queue ids
+    costs 9 MB (88 bytes an id: the string and its pointer), this 3 MB (24 bytes and an offset). A
+    sequence (len, index, iteration), equal to a list or tuple of the same names."""
+
+    __slots__ = ("_text", "_ends")
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        names = names if isinstance(names, list) else list(names)
+        self._text = "".join(names)
+        self._ends = array("Q", accumulate(map(len, names)))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> str:
+        if index < 0:
+            index += len(self._ends)
+        end = self._ends[index]  # IndexError when out of range
+        return self._text[self._ends[index - 1] if index else 0 : end]
+
+    def __iter__(self) -> Iterator[str]:
+        text, start = self._text, 0
+        for end in self._ends:
+            yield text[start:end]
+            start = end
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, list | tuple | Names):
+            return NotImplemented
+        return len(self) == len(other) and all(
+            mine == theirs for mine, theirs in zip(self, other, strict=True)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists: as unhashable as they are
+
+    def __repr__(self) -> str:
+        return f"Names({list(self)!r})"
 
 
 def _open_dir_quietly(path: str) -> int | None:
