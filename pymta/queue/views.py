@@ -178,19 +178,33 @@ def entries_as(spool: Spool, uid: int, gid: int) -> list[QueueEntry]:
     return entries
 
 
+def _view_lines(spool: Spool, owner: int, group: int) -> dict[int, list[str]]:
+    """The `entry_to_json` line of each message that is in a user's view, by that user: the queue read one
+    message at a time with the rights of its owner (as `entries_as` does), so that of 100,000 messages
+    only the lines of those users submitted are held, never the messages. Root's ids are back before this
+    returns."""
+    import json
+
+    from pymta.privileges import looking_as  # lazy: as in entries_as
+
+    lines: dict[int, list[str]] = {}
+    with looking_as(owner, group, []):
+        for entry in spool.scan():
+            if isinstance(entry, str):
+                continue  # unreadable: the flush's to report, not ours
+            uid = viewer(entry, owner)
+            if uid is not None:
+                lines.setdefault(uid, []).append(json.dumps(entry_to_json(entry)))
+    return lines
+
+
 def _publish_in(
     status_fd: int, spool: Spool, queue: os.stat_result, config: Config, logger: logging.Logger
 ) -> int:
     import json
     import time
 
-    spool_owner = queue.st_uid
-    entries = entries_as(spool, queue.st_uid, queue.st_gid)
-    lines: dict[int, list[str]] = {}
-    for entry in entries:
-        uid = viewer(entry, spool_owner)
-        if uid is not None:
-            lines.setdefault(uid, []).append(json.dumps(entry_to_json(entry)))
+    lines = _view_lines(spool, queue.st_uid, queue.st_gid)
     published = time.time()
     written = 0
     for uid, messages in lines.items():
