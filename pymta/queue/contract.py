@@ -12,8 +12,20 @@ from pymta.queue.entry import MessageState, QueueEntry
 
 
 def iso_utc(timestamp: float) -> str:
-    """ISO 8601 in UTC with a Z, to the second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    """ISO 8601 in UTC with a Z, to the second. The texts of recent seconds are kept: the messages of a
+    large queue were mostly queued, and are due, in the same few seconds."""
+    if not timestamp >= 0:  # gmtime floors a time before 1970, int() does not; and NaN
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    second = int(timestamp)  # what gmtime takes of it
+    text = _ISO_SECONDS.get(second)
+    if text is None:
+        if len(_ISO_SECONDS) >= 4096:
+            _ISO_SECONDS.clear()
+        text = _ISO_SECONDS[second] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    return text
+
+
+_ISO_SECONDS: dict[int, str] = {}
 
 
 # A recipient replaced by its alias targets (or the admin) was handed on: to scripts, it is delivered;
