@@ -392,3 +392,32 @@ def test_an_envelope_is_read_as_the_checks_read_it_whatever_its_values(fields: d
     except ValueError as exc:
         got = str(exc)
     assert got == expected
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.one_of(
+        st.text(max_size=20),
+        st.tuples(
+            st.sampled_from(["", " ", "\n", "\u00a0"]), JSON_VALUES, st.text(" \t\r\nx,]", max_size=3)
+        ).map(lambda parts: parts[0] + json.dumps(parts[1]) + parts[2]),
+    )
+)
+def test_state_and_envelope_json_is_read_as_json_loads_reads_it(text: str) -> None:
+    """The parser of state files and envelope lines (`entry._json_value`, json.loads without its white
+    space searches when there is nothing around the value) gives json.loads' value, or its error."""
+    from pymta.queue.entry import _json_value
+
+    def outcome(parse: Callable[[str], object]) -> object:
+        try:
+            return json.dumps(parse(text))
+        except ValueError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    assert outcome(_json_value) == outcome(json.loads)

@@ -582,17 +582,28 @@ def view_notes(visible: Visible, now: float | None = None) -> list[str]:
 
 def print_queue(spool_path: str) -> int:
     """`mailq` and `sendmail -bp`: print the table (a user's own view: the note, then the table of their
-    messages), a line as soon as its message is read; unreadable entries are reported on stderr."""
+    messages), as its messages are read; unreadable entries are reported on stderr."""
     visible = load_visible(spool_path)
+    write = sys.stdout.write
+    block: list[str] = []  # lines written in blocks: 100,000 messages make 200,000 of them
+
+    def write_block() -> None:
+        if block:
+            write("\n".join(block) + "\n")
+            block.clear()
 
     def report(problem: str) -> None:
+        write_block()  # the lines before it first, as on a terminal
+        sys.stdout.flush()
         os.write(2, f"mailq: cannot read {problem}\n".encode("utf-8", "replace"))
 
-    write = sys.stdout.write
     for note in view_notes(visible):
         write(note + "\n")
     if visible.entries or not visible.own_view:
         for line in table_lines(visible.reported(report)):
-            write(line + "\n")
+            block.append(line)
+            if len(block) >= 512:
+                write_block()
+        write_block()
     sys.stdout.flush()
     return EX_OK
