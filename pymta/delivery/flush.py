@@ -52,6 +52,7 @@ from pymta.delivery.sessions import Delivery, Sessions, route
 from pymta.delivery.smtp.outcome import Result
 from pymta.errors import ConfigError, SpoolError
 from pymta.mail.message import rewrite_from
+from pymta.mail.text import Text
 from pymta.privileges import lookup_user
 from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus
 from pymta.queue.selection import Selection
@@ -260,7 +261,7 @@ class Flusher:
                 self.spool.unlock_message(lock)
 
     def _deliver_locked(
-        self, name: str, lock: int, report: FlushReport, loaded: tuple[QueueEntry, bytes] | None = None
+        self, name: str, lock: int, report: FlushReport, loaded: tuple[QueueEntry, Text] | None = None
     ) -> bool:
         """Attempt one message (`loaded`: its entry and text when `_prefetch` read them already, under this
         lock). True when its lock is taken care of: the message is in flight (its remote recipients are
@@ -270,7 +271,7 @@ class Flusher:
             entry, message = loaded
         else:
             try:
-                entry, message = self.spool.load(name, lock)  # through the lock's descriptor: no second open
+                entry, message = self.spool.load_text(name, lock)  # through the lock: no second open
             except FileNotFoundError:
                 return False  # deleted by an admin while we worked
             except (OSError, ValueError) as exc:
@@ -381,14 +382,14 @@ class Flusher:
         if lock is None:
             return
         try:
-            entry, message = self.spool.load(name, lock)
+            entry, message = self.spool.load_text(name, lock)
         except Exception:
             self.spool.unlock_message(lock)
             return
         self._prefetched = Prefetched(name, lock, entry, message)
 
     def _attempt(
-        self, entry: QueueEntry, message: bytes, pending: list[RecipientStatus], attempt: Attempt
+        self, entry: QueueEntry, message: Text, pending: list[RecipientStatus], attempt: Attempt
     ) -> None:
         """Route every pending recipient (aliases, admin, local or smarthost) and deliver it."""
         router = self.router
@@ -435,6 +436,7 @@ class Flusher:
         if not (local or remote):
             return
         completed = self.recorder.as_sent(entry, message)
+        whole = completed.whole() if local else b""  # a mailbox takes it in one piece
         # One copy per mailbox: `root root@localhost` is one, and so are `root` and `Root@localhost`.
         delivered_to: dict[str, LocalOutcome] = {}
         for address, user in local:
@@ -442,7 +444,7 @@ class Flusher:
             if mailbox not in delivered_to:
                 delivered_to[mailbox] = self.local_delivery(
                     user,
-                    completed,
+                    whole,
                     sender=router.wire_address(entry.sender),
                     local=self.config.local,
                     now=self.clock(),
@@ -452,7 +454,7 @@ class Flusher:
         if remote:
             self._send_remote(entry, completed, remote, attempt)
 
-    def _send_remote(self, entry: QueueEntry, message: bytes, remote: list[str], attempt: Attempt) -> None:
+    def _send_remote(self, entry: QueueEntry, message: Text, remote: list[str], attempt: Attempt) -> None:
         """Start each remote recipient where it goes (`sessions.route`): those of one smarthost route
         together, those for the MX hosts (`direct`) by domain, so a message may become several deliveries;
         their outcomes are read once the next message is started (`attempt.remote`)."""
@@ -474,7 +476,7 @@ class Flusher:
         for (where, route_rewrite), addresses in groups.items():
             if isinstance(where, str):
                 hosts = self._mx_relays(where, addresses, on_wire, attempt)
-                prepare: Callable[[Smarthost], tuple[str, bytes]] = lambda _: (sender, message)  # noqa: E731
+                prepare: Callable[[Smarthost], tuple[str, Text]] = lambda _: (sender, message)  # noqa: E731
             else:
                 hosts, prepare = where, self._as_sent_through(entry, message, sender, route_rewrite)
             if hosts is None:
@@ -502,11 +504,11 @@ class Flusher:
             attempt.remote = finish_all
 
     def _as_sent_through(
-        self, entry: QueueEntry, message: bytes, sender: str, route_rewrite: Rewrite | None
-    ) -> Callable[[Smarthost], tuple[str, bytes]]:
+        self, entry: QueueEntry, message: Text, sender: str, route_rewrite: Rewrite | None
+    ) -> Callable[[Smarthost], tuple[str, Text]]:
         local_sender = self.router.sender_is_local(entry.sender)
 
-        def as_sent_through(host: Smarthost) -> tuple[str, bytes]:
+        def as_sent_through(host: Smarthost) -> tuple[str, Text]:
             """The envelope sender and message for `host`: rewritten for a local sender (or our own notice)
             when its provider takes only the account's address (web.de, GMX, Gmail: 554 otherwise)."""
             rewrite = route_rewrite or host.rewrite or self.config.rewrite
@@ -514,7 +516,9 @@ class Flusher:
                 return sender, message
             return (
                 rewrite.from_address if rewrite.envelope else sender,
-                rewrite_from(message, rewrite.from_address, rewrite.original) if rewrite.header else message,
+                message.with_head(rewrite_from(message.head, rewrite.from_address, rewrite.original))
+                if rewrite.header
+                else message,
             )
 
         return as_sent_through
@@ -556,7 +560,7 @@ class Flusher:
             )
 
     def _record(
-        self, entry: QueueEntry, message: bytes, attempt: Attempt, report: FlushReport, lock: int
+        self, entry: QueueEntry, message: Text, attempt: Attempt, report: FlushReport, lock: int
     ) -> bool:
         """Record one attempt (`Recorder.record`); True when the message was removed, its lock with it."""
         if not attempt.results and not entry.bounce_due:
@@ -572,7 +576,7 @@ class Prefetched:
     name: str
     lock: int
     entry: QueueEntry
-    message: bytes
+    message: Text  # read through `lock` as it is sent
 
 
 @dataclass
@@ -580,7 +584,7 @@ class InFlight:
     """A message whose remote recipients are started and not finished; it keeps its lock until then."""
 
     entry: QueueEntry
-    message: bytes
+    message: Text  # read through `lock` as it is sent
     attempt: Attempt
     lock: int
 

@@ -23,7 +23,8 @@ from pymta.config.routing import Plan
 from pymta.delivery.smtp.outcome import RecipientOutcome, Result
 from pymta.errors import SpoolError
 from pymta.mail.address import POSTMASTER
-from pymta.mail.message import complete
+from pymta.mail.message import complete_head
+from pymta.mail.text import Text
 from pymta.queue.entry import NEVER, Expiry, QueueEntry, RecipientStatus, record_attempt
 from pymta.queue.spool import Spool
 
@@ -150,11 +151,12 @@ class Recorder:
         counting the `held` seconds it spent on hold."""
         return entry.queued_at + held + self.config.retry.lifetime
 
-    def as_sent(self, entry: QueueEntry, message: bytes) -> bytes:
-        """The message as delivery sends it (`message.complete`: Date, Message-ID, From added): what a
-        notice returns, so the sender sees the headers that went out."""
-        return complete(
-            message,
+    def as_sent(self, entry: QueueEntry, message: Text) -> Text:
+        """The message as delivery sends it (`message.complete_head`: Date, Message-ID, From added): what a
+        notice returns, so the sender sees the headers that went out. Only its head is made anew; a large
+        body stays in the spool file, read as it is sent (`Text`)."""
+        head, end = complete_head(
+            message.head,
             queued_at=entry.queued_at,
             message_id=entry.id,
             sender=entry.sender,
@@ -163,8 +165,9 @@ class Recorder:
             domain=self.config.domain,
             hostname=self.config.hostname,
         )
+        return message.with_head(b"".join((head, memoryview(message.head)[end:])))
 
-    def copy_unhonoured(self, entry: QueueEntry, message: bytes, address: str, plan: Plan) -> str | None:
+    def copy_unhonoured(self, entry: QueueEntry, message: Text, address: str, plan: Plan) -> str | None:
         """Queue a copy of the message for the admin (postmaster when there is none) in place of the
         `|program` and `/file` targets that `address` led to, each named in an X-Pymta-Unhonoured header
         (pymta.yaml(5)); what to say it was sent on to. None when our spool cannot take it: the caller
@@ -187,7 +190,7 @@ class Recorder:
             "body_type": entry.body_type,  # the original's body, 8-bit or not
             "dsn_of": entry.id,  # ours: should it fail, it is kept for the admin, never bounced again
         }
-        copied = unhonoured_header(plan.unhonoured) + self.as_sent(entry, message)
+        copied = unhonoured_header(plan.unhonoured) + self.as_sent(entry, message).whole()
         try:
             queue_id = self.spool.submit(envelope, copied)
         except SpoolError as exc:
@@ -202,7 +205,7 @@ class Recorder:
         return f"<{to}> (copy {queue_id}: {items} not honoured)"
 
     def record(
-        self, entry: QueueEntry, message: bytes, attempt: Attempt, lock: int, count: Callable[[str], None]
+        self, entry: QueueEntry, message: Text, attempt: Attempt, lock: int, count: Callable[[str], None]
     ) -> bool:
         """Write the outcome of one attempt to the message's state, send the bounce or delay notice it calls
         for, and remove the message when every recipient is done and nothing is owed. True when it was
@@ -285,7 +288,7 @@ class Recorder:
     def _bounce(
         self,
         entry: QueueEntry,
-        message: bytes,
+        message: Text,
         recipients: dict[str, RecipientStatus],
         owed: list[str],
         attempt: Attempt,
@@ -320,7 +323,7 @@ class Recorder:
     def _warn(
         self,
         entry: QueueEntry,
-        message: bytes,
+        message: Text,
         recipients: dict[str, RecipientStatus],
         attempt: Attempt,
         now: float,
@@ -348,7 +351,7 @@ class Recorder:
     def _queue_notice(
         self,
         entry: QueueEntry,
-        message: bytes,
+        message: Text,
         reported: list[ReportedRecipient],
         action: Action,
         to: str,
@@ -364,7 +367,7 @@ class Recorder:
 
         dsn = bounce.build_dsn(
             entry,
-            self.as_sent(entry, message),
+            self.as_sent(entry, message).whole(),
             reported,
             action=action,
             to=to,
@@ -384,7 +387,7 @@ class Recorder:
             pass  # it is queued: the next run delivers it
         return queue_id
 
-    def _notify_success(self, entry: QueueEntry, message: bytes, attempt: Attempt, now: float) -> None:
+    def _notify_success(self, entry: QueueEntry, message: Text, attempt: Attempt, now: float) -> None:
         """Queue the success notice `-N success` asked for (RFC 3461 4.2, 5.2), one for the recipients this
         attempt delivered: "delivered" for a local mailbox, "relayed" for a smarthost that does not offer
         DSN. A smarthost that does was given NOTIFY=SUCCESS and reports itself; so no notice from us."""

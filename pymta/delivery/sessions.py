@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pymta.config.model import DIRECT, Config, Rewrite, Smarthost
 from pymta.delivery.direct import MxRelay
 from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, Status
+from pymta.mail.text import Text
 from pymta.queue.entry import QueueEntry
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class Delivery:
         hosts: tuple[Smarthost, ...],
         entry: QueueEntry,
         recipients: list[str],
-        prepare: Callable[[Smarthost], tuple[str, bytes]],
+        prepare: Callable[[Smarthost], tuple[str, Text]],
         expanded: frozenset[str] = frozenset(),
     ) -> None:
         self.hosts = hosts
@@ -137,7 +138,7 @@ class Sessions:
         hosts: tuple[Smarthost, ...],
         entry: QueueEntry,
         recipients: list[str],
-        prepare: Callable[[Smarthost], tuple[str, bytes]],
+        prepare: Callable[[Smarthost], tuple[str, Text]],
     ) -> tuple[dict[str, RecipientOutcome], str]:
         """Send one message through the first smarthost that works; the outcome of each recipient and the
         relay that gave it. `prepare(host)` gives the envelope sender and the message as that host gets
@@ -149,7 +150,7 @@ class Sessions:
         hosts: tuple[Smarthost, ...],
         entry: QueueEntry,
         recipients: list[str],
-        prepare: Callable[[Smarthost], tuple[str, bytes]],
+        prepare: Callable[[Smarthost], tuple[str, Text]],
         expanded: frozenset[str] = frozenset(),
     ) -> Delivery:
         """Start one message (arguments as for `send`; `expanded` the recipients that are alias targets) on

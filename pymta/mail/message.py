@@ -21,6 +21,10 @@ from pymta.mail.address import (
     unique_addresses,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 CRLF = b"\r\n"
 # A leading line in mbox format that is no header field (Postfix, nullmailer and dma drop it too).
 _MBOX_SEPARATORS = (b"From ", b">From ")
@@ -399,7 +403,21 @@ def format_date(moment: float) -> str:
     )
 
 
-def complete(
+def complete(message: bytes, **fields: "Any") -> bytes:
+    """The copy of a prepared message to deliver (`complete_head`, same keywords): the completed header
+    block, then the rest of `message` byte for byte."""
+    head, end = complete_head(message, **fields)
+    return b"".join((head, memoryview(message)[end:]))  # the body is copied once, into the result
+
+
+def header_known(head: bytes) -> bool:
+    """Whether `head`, the start of a message, holds its whole header block and the line that ends it, so
+    that `complete_head` and `rewrite_from` give the same for it as for the whole message."""
+    complete_lines = head[: head.rfind(b"\n") + 1]
+    return _header_block(complete_lines).end < len(complete_lines)
+
+
+def complete_head(
     message: bytes,
     *,
     queued_at: float,
@@ -409,16 +427,17 @@ def complete(
     full_name: str,
     domain: str,
     hostname: str,
-) -> bytes:
-    """The copy of a prepared message to deliver: Date, Message-ID and From added when missing, bare addresses
-    qualified.
+) -> tuple[bytes, int]:
+    """A prepared message's header block as delivery sends it, and where in `message` the rest (the empty
+    line and the body, untouched) begins: Date, Message-ID and From added when missing, bare addresses
+    qualified. `message` may be only the start of it, when that holds the whole header (`header_known`).
 
     The result depends only on the arguments, so every delivery attempt of one queued message carries the same
     Message-ID. New fields go after the existing ones; a message without a header block gets them followed by
-    an empty line. The body is not touched.
+    an empty line.
     """
     block = _header_block(message)
-    parts: list[bytes | memoryview] = []
+    parts: list[bytes] = []
     present: set[str] = set()
     for name, field in block.fields:
         lower = name.lower()
@@ -436,8 +455,7 @@ def complete(
     parts.extend(_encoded(line) for line in generated)
     if not block.fields or block.separator_missing:
         parts.append(CRLF)
-    parts.append(memoryview(message)[block.end :])  # the body is copied once, into the result
-    return b"".join(parts)
+    return b"".join(parts), block.end
 
 
 def rewrite_from(message: bytes, address: str, original: str = "x-original-from") -> bytes:

@@ -8,10 +8,13 @@ as well live there, and are imported from here too.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from stat import S_ISREG
 
 from pymta.fsutil import read_all
+from pymta.mail.message import header_known
+from pymta.mail.text import BLOCK, Text
 from pymta.queue.commit import encode_json as encode_json
 from pymta.queue.commit import fsync_dir as fsync_dir
 from pymta.queue.commit import new_id as new_id
@@ -145,12 +148,20 @@ class SpoolDirectory:
         return parse_state(data, queued_at)
 
     def load(self, name: str, fd: int | None = None) -> tuple[QueueEntry, bytes]:
+        """A picked-up message and its entry, read whole (`load_text`, then all of it in memory)."""
+        entry, text = self.load_text(name, fd)
+        return entry, text.whole()
+
+    def load_text(self, name: str, fd: int | None = None) -> tuple[QueueEntry, Text]:
         """A picked-up message and its entry, from one read of queue/NAME (the flush's hot path).
 
         `fd`, when given, is a descriptor of queue/NAME that is already open (the one `lock_message`
-        returned): the file is read through it, from its start, and it stays open. FileNotFoundError when
-        that file has no name any more (deleted by a queue command between the open and the lock; queue
-        files are only ever unlinked, never replaced, and only the one flush renames them).
+        returned): the file is read through it, from its start, and it stays open. A message larger than
+        `text.BLOCK` is then read only as far as its header block goes (`message.header_known`); the `Text`
+        reads the rest through `fd` as it is sent, so `fd` must stay open while the `Text` is used.
+        FileNotFoundError when that file has no name any more (deleted by a queue command between the open
+        and the lock; queue files are only ever unlinked, never replaced, and only the one flush renames
+        them).
         """
         path = os.path.join(self.dir("queue"), name)
         own = fd is None
@@ -166,10 +177,12 @@ class SpoolDirectory:
             # whole file would hold the message twice for a moment (60 MB for a 30 MB message).
             head = read_all(fd, limit=ENVELOPE_READ)
             cut = head.find(b"\n")
-            if cut >= 0:
-                line, newline, message = head[:cut], b"\n", read_all(fd, info.st_size, start=cut + 1)
-            else:
+            if cut < 0:
                 line, newline, message = read_all(fd, info.st_size).partition(b"\n")
+                text = Text(message)
+            else:
+                line, newline = head[:cut], b"\n"
+                text = _text_of(fd, cut + 1, info.st_size, streamed=not own)
         finally:
             if own:
                 os.close(fd)
@@ -177,10 +190,10 @@ class SpoolDirectory:
             raise ValueError("no envelope line: not a pymta queue file")
         envelope = parse_envelope(line)
         state = self.read_state(name, time_field(envelope, "queued_at", 0))
-        entry = QueueEntry("queue", path, envelope, state, len(message), info.st_uid)
+        entry = QueueEntry("queue", path, envelope, state, len(text), info.st_uid)
         if entry.id != name:
             raise ValueError(f"its envelope claims the id {entry.id!r}, not its file name")
-        return entry, message
+        return entry, text
 
     def read_message(self, entry: QueueEntry) -> bytes:
         """The stored message of an entry, without its envelope line."""
@@ -248,3 +261,21 @@ class SpoolDirectory:
         except BaseException:
             unlink_quietly(tmp_path)
             raise
+
+
+def _text_of(fd: int, start: int, size: int, *, streamed: bool) -> Text:
+    """The message in the file behind `fd` from offset `start` to `size`: whole in memory when it is small
+    or not `streamed`; else its start, as far as its header block goes, and the rest read later through
+    `fd` (`Text`)."""
+    if not streamed or size - start <= BLOCK:
+        return Text(read_all(fd, size, start=start))
+    head = b""
+    want = BLOCK
+    while True:
+        head = read_all(fd, start + want, limit=want, start=start)
+        if len(head) < want or header_known(head):
+            break
+        want *= 4  # a header of more than a block: rare; the whole of it is held, as it must be
+    if len(head) < want and start + len(head) >= size:
+        return Text(head)
+    return Text(head, functools.partial(os.pread, fd), start + len(head), size - start - len(head))

@@ -38,19 +38,20 @@ Connecting, TLS and AUTH, and their invariants, are `connection.Connection`'s, u
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymta.delivery.smtp.commands import check_arguments, command_lines, doing, join
 from pymta.delivery.smtp.connection import Connection
+from pymta.delivery.smtp.data import DataEncoder
 from pymta.delivery.smtp.explain import auth_wanted, auth_wanted_reason, unanswered
 from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, known_status, status_of
 from pymta.delivery.smtp.replies import transaction_reply
 from pymta.mail.downgrade import downgrade
 from pymta.mail.idn import wire_address
 from pymta.mail.message import fit_line_length
+from pymta.mail.text import BLOCK, Text, UnreadableText
 
 if TYPE_CHECKING:
     from pymta.config.model import Smarthost
@@ -64,11 +65,6 @@ SMTPUTF8_MISSING_REPLY = "553 5.6.7 {address}: {what}, and the smarthost does no
 NON_ASCII_LOCAL_PART = "non-ASCII local part"
 NOT_IDNA = "the domain is not a valid international domain name (IDNA 2008)"
 
-_DOT_LINE_RE = re.compile(rb"^\.", re.MULTILINE)
-# A message text larger than this goes out in a write of its own rather than joined to its end and the next
-# message's commands: joining would copy it (30 MB more memory for a 30 MB message) to save one write.
-LARGE_TEXT = 256 * 1024
-
 
 @dataclass(eq=False, slots=True)
 class Transaction:
@@ -77,7 +73,7 @@ class Transaction:
     recipients: list[str]  # as given to start(), in order
     outcomes: dict[str, RecipientOutcome]  # decided so far; those known without the server at start
     pending: list[str] = field(default_factory=list)  # the recipients that go to the server
-    message: bytes = b""
+    message: Text = field(default_factory=lambda: Text(b""))
     mail: str = ""  # the MAIL command
     rcpts: list[str] = field(default_factory=list)  # the RCPT commands, one per pending recipient
     reset: bool = False  # RSET goes first: a message went before on this connection
@@ -108,7 +104,7 @@ class SmtpSession(Connection):
         self,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: bytes | Text,
         *,
         notify: str | None = None,
         ret: str | None = None,
@@ -118,7 +114,8 @@ class SmtpSession(Connection):
     ) -> list[RecipientOutcome]:
         """Send one message; one outcome per recipient, in the order given.
 
-        `message` has CRLF line endings and is not dot-stuffed. `notify` ("never" or a comma list of
+        `message` (bytes, or a `Text` read from the spool as it is sent) has CRLF line endings and is not
+        dot-stuffed. `notify` ("never" or a comma list of
         success, failure, delay), `ret` ("hdrs"/"full") and `envid` go out as DSN parameters when the
         server offers DSN, `body_type` ("8BITMIME"/"7BIT") asks for BODY=8BITMIME (which is also used
         whenever the message has 8-bit bytes and the server offers it). The `expanded` recipients are the
@@ -147,7 +144,7 @@ class SmtpSession(Connection):
         self,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: bytes | Text,
         *,
         notify: str | None = None,
         ret: str | None = None,
@@ -163,11 +160,13 @@ class SmtpSession(Connection):
         """
         client = self._require_open()
         params = check_arguments(sender, recipients, notify, ret, envid)
-        message = fit_line_length(message)  # a line over 998 octets would be refused, and the mail bounced
+        text = message if isinstance(message, Text) else Text(message)
+        if text.has_long_lines():  # a line over 998 octets would be refused, and the mail bounced
+            text = Text(fit_line_length(text.whole()))
         features = client.esmtp_features
         dsn = "dsn" in features
         wire = {address: wire_address(address) for address in (sender, *recipients)}  # domains as A-labels
-        head_utf8 = not message.partition(b"\r\n\r\n")[0].isascii()
+        head_utf8 = not text.header_isascii()
         needs_utf8 = head_utf8 or not all(address.isascii() for address in wire.values())
         utf8 = needs_utf8 and "smtputf8" in features
         if utf8:  # the server takes addresses as people write them
@@ -183,12 +182,12 @@ class SmtpSession(Connection):
         pending = [r for r in dict.fromkeys(recipients) if r not in outcomes]
         if not pending:
             return Transaction(list(recipients), outcomes)
-        message = _for_server(message, features, utf8=utf8)
+        text = _for_server(text, features, utf8=utf8)
 
         mail_params = []
         if "size" in features:
-            mail_params.append(f"SIZE={len(message)}")
-        if "8bitmime" in features and (utf8 or body_type == "8BITMIME" or not message.isascii()):
+            mail_params.append(f"SIZE={len(text)}")
+        if "8bitmime" in features and (utf8 or body_type == "8BITMIME" or not text.isascii()):
             mail_params.append("BODY=8BITMIME")
         if utf8:
             mail_params.append("SMTPUTF8")
@@ -204,7 +203,7 @@ class SmtpSession(Connection):
             list(recipients),
             outcomes,
             pending,
-            message,
+            text,
             mail,
             rcpts,
             reset=reset,
@@ -257,7 +256,7 @@ class SmtpSession(Connection):
         status = known_status(code)
         if status != "delivered":  # with PIPELINING the RCPTs and DATA were answered too (503): moot
             if pipelining and replies[-1][0] == 354:
-                self._data(b"")  # the server took DATA anyway; end the empty transaction
+                self._data(Text(b""))  # the server took DATA anyway; end the empty transaction
             outcomes.update((r, RecipientOutcome(r, status, reply)) for r in pending)
             return self._finished(transaction)
         rcpt_replies = (
@@ -279,7 +278,7 @@ class SmtpSession(Connection):
             code, reply = self._command("DATA", "", "DATA")
         if code == 354:
             if not accepted:  # every RCPT refused, yet the server wants the text: send none (RFC 2920 3.1)
-                self._data(b"")
+                self._data(Text(b""))
                 return self._finished(transaction)
             code, reply = self._data(message, while_waiting)
         elif accepted and status_of(code) == "delivered":
@@ -390,22 +389,28 @@ class SmtpSession(Connection):
             raise self._fail("protocol", f"unexpected reply to {doing}: {reply!r}", reply=reply)
         return code, reply
 
-    def _data(self, message: bytes, while_waiting: Callable[[], None] | None = None) -> tuple[int, str]:
+    def _data(self, message: Text, while_waiting: Callable[[], None] | None = None) -> tuple[int, str]:
         """Send the text of the first started message and read the reply to its end; the commands of the
         message started behind it go out in the same write (the module docstring says why that is safe).
-        `while_waiting` runs between the write and the read (`finish`)."""
+        `while_waiting` runs between the write and the read (`finish`).
+
+        A small message goes out in one write with its end and those commands. A larger one is read from
+        the spool and sent block by block (`data.DataEncoder`), never held whole. When the spool file cannot
+        be read on the way, the connection is dropped without the final dot, so the server discards what
+        it got, and UnreadableText goes up (the flush defers that message): nothing of it was delivered."""
         client = self._require_open()
-        body = message
-        if body.startswith(b".") or b"\n." in body:  # most messages have no line to dot-stuff: no copy
-            body = _DOT_LINE_RE.sub(b"..", body)
-        if body and not body.endswith(b"\r\n"):
-            body += b"\r\n"
+        encoder = DataEncoder()
         try:
-            if len(body) <= LARGE_TEXT:  # one write: the text, its end and the next message's commands
-                client.send(b"".join((body, b".\r\n", self._commands_behind())))
-            else:  # no copy of a large text: it goes out as it is, the rest in a second write
-                client.send(body)
-                client.send(b"".join((b".\r\n", self._commands_behind())))
+            if len(message) <= BLOCK:  # one write: the text, its end and the next message's commands
+                text = encoder.encode(message.whole())
+                client.send(b"".join((text, encoder.finish(), self._commands_behind())))
+            else:
+                for block in message.blocks():
+                    client.send(encoder.encode(block))
+                client.send(b"".join((encoder.finish(), self._commands_behind())))
+        except UnreadableText:
+            self._abort()  # no final dot: the server drops the part it got
+            raise
         except Exception as error:
             raise self._network_failure(error, "the message text (DATA)") from error
         if while_waiting is not None:
@@ -453,12 +458,14 @@ class SmtpSession(Connection):
         return failure
 
 
-def _for_server(message: bytes, features: Collection[str], *, utf8: bool) -> bytes:
+def _for_server(message: Text, features: Collection[str], *, utf8: bool) -> Text:
     """The message as this server can take it: converted to 7-bit (`mail.downgrade`) only when it has 8-bit
     bytes the server did not agree to (no 8BITMIME; raw UTF-8 header fields without SMTPUTF8); else the
     same bytes. The one place delivery changes a message's encoding."""
     if message.isascii():
         return message
     body = "8bitmime" not in features
-    headers = not utf8 and not message.partition(b"\r\n\r\n")[0].isascii()
-    return downgrade(message, body=body, headers=headers) if body or headers else message
+    headers = not utf8 and not message.header_isascii()
+    if not (body or headers):
+        return message
+    return Text(downgrade(message.whole(), body=body, headers=headers))  # whole: rare, and never streamed
