@@ -177,6 +177,10 @@ class Client(smtplib.SMTP):
             try:
                 sock.settimeout(timeout)
                 sock.connect(address)
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    # Our writes are whole already (a text, its end and the next message's commands in
+                    # one): Nagle would only hold the last small one back for an ACK.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
             except OSError as error:
                 sock.close()
