@@ -11,7 +11,8 @@ sent, so a recipient that was delivered is never sent again (ARCHITECTURE.md inv
 message's commands (RSET, MAIL, RCPT, DATA) may go out earlier: with PIPELINING they ride behind the current
 text, so a message costs one round trip (`SmtpSession.start`); the next message is started, still locked,
 before the current one is finished and recorded. While the answer to the current text is awaited, the message
-after next is locked and read, and nothing more (`Flusher._prefetch`): that wait overlaps our own work, and
+after next is locked, read and its header completed, and nothing more (`Flusher._prefetch`): that wait
+overlaps our own work, and
 nothing of that message is sent, delivered or recorded before the current one is recorded.
 
 What an answer means (DESIGN.md, "Temporary vs permanent"): 2xx delivers a recipient; 4xx, a network, timeout,
@@ -112,6 +113,7 @@ class Flusher:
     _in_flight: InFlight | None = None  # the message started on a session and not yet finished
     _upcoming: str | None = None  # the due message after the one being delivered: the one to prefetch
     _prefetched: Prefetched | None = None  # that message, locked and read while a reply was awaited
+    _completed: Text | None = None  # the message being delivered as it is sent, when `_prefetch` made it
     _parked = Names()  # the parked ids `due` found
     _attempted: Attempt | None = None  # the attempt being recorded, for `_park` when that fails
     selection = Selection()  # the limits of this run (`sendmail -qR...`, `pymta flush --recipient`): none
@@ -232,9 +234,11 @@ class Flusher:
             self.spool.unlock_message(prefetched.lock)
             prefetched = None
         loaded = None
+        self._completed = None
         if prefetched is not None:
             lock: int | None = prefetched.lock
             loaded = (prefetched.entry, prefetched.message)
+            self._completed = prefetched.completed
         else:
             try:
                 lock = self.spool.lock_message(name)
@@ -367,8 +371,9 @@ class Flusher:
                 self.spool.unlock_message(prefetched.lock)
 
     def _prefetch(self) -> None:
-        """Lock and read the message after next while the server's answer to the one in flight is awaited
-        (`SmtpSession.finish`'s `while_waiting`): that wait then overlaps our own work. Only local reading:
+        """Lock and read the message after next, and complete its header (`Recorder.as_sent`, which depends
+        on nothing else), while the server's answer to the one in flight is awaited (`SmtpSession.finish`'s
+        `while_waiting`): that wait then overlaps our own work. Only local reading and computing:
         nothing of it is sent, delivered or recorded until the message in flight is recorded (invariant 3).
         Anything unusual (locked by a queue command, deleted, unreadable) is undone and left to `_deliver`,
         which meets it at its turn exactly as without the prefetch. Never raises."""
@@ -386,7 +391,11 @@ class Flusher:
         except Exception:
             self.spool.unlock_message(lock)
             return
-        self._prefetched = Prefetched(name, lock, entry, message)
+        try:  # made here too: the headers it gets depend on nothing but the message and the config
+            completed: Text | None = self.recorder.as_sent(entry, message)
+        except Exception:
+            completed = None  # `_attempt` makes it, and meets what fails, at its turn
+        self._prefetched = Prefetched(name, lock, entry, message, completed)
 
     def _attempt(
         self, entry: QueueEntry, message: Text, pending: list[RecipientStatus], attempt: Attempt
@@ -435,7 +444,7 @@ class Flusher:
                     work.append((target, True))
         if not (local or remote):
             return
-        completed = self.recorder.as_sent(entry, message)
+        completed, self._completed = self._completed or self.recorder.as_sent(entry, message), None
         whole = completed.whole() if local else b""  # a mailbox takes it in one piece
         # One copy per mailbox: `root root@localhost` is one, and so are `root` and `Root@localhost`.
         delivered_to: dict[str, LocalOutcome] = {}
@@ -577,6 +586,7 @@ class Prefetched:
     lock: int
     entry: QueueEntry
     message: Text  # read through `lock` as it is sent
+    completed: Text | None = None  # as it is sent (`Recorder.as_sent`), made while a reply was awaited
 
 
 @dataclass

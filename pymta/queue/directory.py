@@ -45,7 +45,7 @@ _STATE_READ = 16384
 
 def is_queue_id(name: str) -> bool:
     """Whether `name` is what `new_id` makes (now or in earlier versions): 24 lower-case hex digits."""
-    return len(name) == 24 and all(char in "0123456789abcdef" for char in name)
+    return len(name) == 24 and not name.strip("0123456789abcdef")
 
 
 def quoted(name: str) -> str:
@@ -173,13 +173,15 @@ class SpoolDirectory:
                 raise FileNotFoundError(errno.ENOENT, "deleted since it was opened", path)
             if not S_ISREG(info.st_mode):
                 raise ValueError("not a regular file")
-            # The envelope line first, then the message in a read of its own: slicing it off one read of the
-            # whole file would hold the message twice for a moment (60 MB for a 30 MB message).
-            head = read_all(fd, limit=ENVELOPE_READ)
+            # The envelope line first (a small file comes whole with it), then a larger message in a read
+            # of its own: slicing it off one read of the whole file would hold it twice for a moment.
+            head = read_all(fd, info.st_size, limit=ENVELOPE_READ)
             cut = head.find(b"\n")
             if cut < 0:
                 line, newline, message = read_all(fd, info.st_size).partition(b"\n")
                 text = Text(message)
+            elif len(head) == info.st_size:  # all of it in that one read: most messages
+                line, newline, text = head[:cut], b"\n", Text(head[cut + 1 :])
             else:
                 line, newline = head[:cut], b"\n"
                 text = _text_of(fd, cut + 1, info.st_size, streamed=not own)
