@@ -5,15 +5,21 @@ completed from the start of a message is the one completed from all of it."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailservers import SmtpServer, certificates, smtp_server
 
+from pymta.delivery.maildir import deliver_maildir
+from pymta.delivery.mbox import deliver_mbox, from_line, mbox_entry
 from pymta.delivery.smtp.data import DataEncoder, encoded
 from pymta.delivery.smtp.session import SmtpSession
+from pymta.delivery.writing import DeferredError, unix_lines
 from pymta.mail.message import complete, complete_head, header_known, normalise_line_endings, rewrite_from
 from pymta.mail.text import Text, UnreadableText
 from pymta.queue.spool import Spool
@@ -208,3 +214,58 @@ def test_a_queue_file_that_fails_while_it_is_sent_delivers_nothing(smtp_server: 
             raise AssertionError("a queue file that ended early was sent as a whole message")
         assert not s.is_open and len(passes) == looks
     assert len(smtp_server.handler.messages) == 1
+
+
+# --- into a mailbox ---
+
+
+def whole_mbox_entry(message: bytes, sender: str, now: float) -> bytes:
+    """What local delivery wrote before it streamed: the whole message with LF line ends, quoted at once."""
+    data = b"Return-Path: <" + sender.encode() + b">\n" + message.replace(b"\r\n", b"\n")
+    body = (b"\n" + data).replace(b"\nFrom ", b"\n>From ")[1:]
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return from_line(sender, now) + b"\n" + body + b"\n"
+
+
+mbox_pieces = st.sampled_from(
+    [b"From ", b"\r\n", b"\n", b"\r", b">From ", b"x", b"From", b" ", b"\r\nFrom x"]
+)
+
+
+@given(
+    st.lists(mbox_pieces, max_size=40).map(b"".join),
+    st.integers(min_value=0, max_value=100),
+    st.integers(min_value=1, max_value=50),
+)
+@settings(max_examples=400)
+def test_an_mbox_entry_written_block_by_block_is_the_one_written_whole(
+    message: bytes, head: int, block: int
+) -> None:
+    text = _blocked(spooled(message, head), block)
+    pieces = [b"Return-Path: <a@example.org>\n", *unix_lines(text.blocks(block))]
+    assert all(piece.endswith(b"\n") for piece in pieces[:-1])
+    streamed = b"".join(mbox_entry(pieces, "a@example.org", 1.8e9))
+    assert streamed == whole_mbox_entry(message, "a@example.org", 1.8e9)
+
+
+def test_a_queue_file_that_fails_while_a_mailbox_is_written_leaves_the_mailbox_as_it_was(
+    tmp_path: Path,
+) -> None:
+    entry = pwd.getpwuid(os.getuid())
+    mbox = tmp_path / entry.pw_name
+    mbox.write_bytes(b"From someone Mon Dec  7 06:00:00 2026\nSubject: before\n\nkept\n\n")
+    before = mbox.read_bytes()
+    mbox.chmod(0o600)
+
+    def pieces() -> Iterator[bytes]:
+        yield b"From a@example.org Mon Dec  7 07:00:00 2026\nSubject: cut\n\n" + b"x" * 100_000
+        raise UnreadableText("the queued message is shorter than when it was read")
+
+    with pytest.raises(DeferredError, match="shorter than when it was read; the mailbox is unchanged"):
+        deliver_mbox(str(mbox), pieces, entry, 1.0, in_child=True)
+    assert mbox.read_bytes() == before
+    maildir = tmp_path / "Maildir"
+    with pytest.raises(DeferredError, match="shorter than when it was read"):
+        deliver_maildir(str(maildir), pieces, entry, create=True)
+    assert not list((maildir / "new").iterdir()) and not list((maildir / "tmp").iterdir())

@@ -105,3 +105,33 @@ def test_a_streamed_message_over_the_size_limit_leaves_nothing(mta: MtaEnv) -> N
     code, stderr, _ = _sendmail_peak_rss(mta, ["-i", "big@example.net"], data * 2)  # over it as read
     assert code == 65 and b"message too large" in stderr, stderr
     assert mta.entries() == [] and os.listdir(mta.spool / "tmp") == []
+def test_a_30_mb_message_for_a_local_mailbox_is_written_without_holding_it(mta: MtaEnv) -> None:
+    """The mbox gets the message read from the queue file block by block (LF line ends, `>From ` quoting
+    at every line start, block edges or not); neither the flush nor its delivery child holds it whole."""
+    text = b"From the start of a line\n" + BODY[:15_000_000] + b"\nFrom here\nend\n"
+    mta.write_config("domain: example.org\nhostname: mx.example.org\ndeliver: queue\n")
+    submitted = mta.sendmail("-i", "root", input=b"Subject: 30 MB\n\n" + text)
+    assert submitted.returncode == 0, submitted.stderr
+    submitted = mta.sendmail("-i", "root", input=b"Subject: 15 MB\n\n" + text)  # twice: over 30 MB queued
+    assert submitted.returncode == 0, submitted.stderr
+    flushed = subprocess.run(
+        [sys.executable, "-S", "-c", PEAK_RSS, script("pymta"), "flush"],
+        capture_output=True,
+        env=mta.env,
+        timeout=120,
+    )
+    assert flushed.returncode == 0, flushed.stderr
+    assert mta.entries() == []
+    [mbox] = list((mta.root / "mail").iterdir())
+    data = mbox.read_bytes()
+    quoted = text.replace(b"\nFrom ", b"\n>From ")
+    expected_body = b">" + quoted if quoted.startswith(b"From ") else quoted
+    messages = data.split(b"\n\nFrom ")
+    assert len(messages) == 2
+    for message in messages:  # each ends with its blank line; the split took the first one's
+        body = message.partition(b"\n\n")[2].rstrip(b"\n")
+        assert hashlib.sha256(body).hexdigest() == hashlib.sha256(expected_body.rstrip(b"\n")).hexdigest()
+    peak = int(flushed.stderr.split()[-1]) / MIB
+    assert peak < 60, f"pymta flush peaked at {peak:.0f} MiB writing 2 x 15 MB into an mbox: held whole"
+
+

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
         """Writes one local recipient's mailbox (`local.deliver_as_recipient`'s signature)."""
 
         def __call__(
-            self, user: str, message: bytes, *, sender: str, local: Local, now: float
+            self, user: str, message: bytes | Text, *, sender: str, local: Local, now: float
         ) -> LocalOutcome: ...
 
 
@@ -445,7 +445,6 @@ class Flusher:
         if not (local or remote):
             return
         completed, self._completed = self._completed or self.recorder.as_sent(entry, message), None
-        whole = completed.whole() if local else b""  # a mailbox takes it in one piece
         # One copy per mailbox: `root root@localhost` is one, and so are `root` and `Root@localhost`.
         delivered_to: dict[str, LocalOutcome] = {}
         for address, user in local:
@@ -453,7 +452,7 @@ class Flusher:
             if mailbox not in delivered_to:
                 delivered_to[mailbox] = self.local_delivery(
                     user,
-                    whole,
+                    completed,
                     sender=router.wire_address(entry.sender),
                     local=self.config.local,
                     now=self.clock(),

@@ -9,7 +9,9 @@ Where the mail goes: `~/Maildir` (config `local.maildir`, ~ is the recipient's h
 created (cur, new, tmp, 0700) and the message goes there, and so does all later mail, since `auto` now finds
 it; the delivery's reason says so, so the log tells it once. Every delivery begins with a
 `Return-Path: <sender>` line (RFC 5321 4.4, final delivery) and has LF line endings (the message arrives in
-SMTP form, CRLF).
+SMTP form, CRLF). A large message is written as it is read from its queue file, block by block
+(`writing.unix_lines`), by this process or the child, which inherits the file's descriptor; only the frame
+that a split flush sends root holds it whole (`privsep`).
 
 How an mbox is written and locked is `mbox`'s docstring; how a Maildir is, `maildir`'s.
 
@@ -53,6 +55,7 @@ import re
 import select
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pymta.config.model import Local
@@ -61,6 +64,7 @@ from pymta.delivery.maildir import deliver_maildir
 from pymta.delivery.mbox import CREATE_FLAGS, LOCK_TIMEOUT, deliver_mbox, mbox_entry
 from pymta.delivery.smtp.outcome import Status
 from pymta.delivery.writing import DeferredError, LockedError, UncreatableError, clean, describe
+from pymta.mail.text import Text
 from pymta.privileges import (
     become,
     exit_text,
@@ -132,7 +136,7 @@ def user_name_problem(user: str) -> str:
 
 def deliver(
     user: str,
-    message: bytes,
+    message: bytes | Text,
     *,
     sender: str,
     local: Local,
@@ -163,7 +167,7 @@ def _user_entry(user: str) -> pwd.struct_passwd | LocalOutcome:
 
 def _deliver(
     entry: pwd.struct_passwd,
-    message: bytes,
+    message: bytes | Text,
     sender: str,
     local: Local,
     now: float,
@@ -175,12 +179,12 @@ def _deliver(
 ) -> LocalOutcome:
     """Deliver to the Maildir when `to_maildir` (None: as `local` says, `_uses_maildir`), else to the mbox;
     an mbox that may not be created falls back to the Maildir only when `may_fall_back`."""
-    data = (
-        b"Return-Path: <"
-        + clean(sender).encode("utf-8", "surrogateescape")
-        + b">\n"
-        + message.replace(b"\r\n", b"\n")
-    )
+    return_path = b"Return-Path: <" + clean(sender).encode("utf-8", "surrogateescape") + b">\n"
+
+    def data() -> Iterator[bytes]:  # LF line ends; a large message read from the queue file as it goes
+        yield return_path
+        yield from writing.unix_lines(message.blocks() if isinstance(message, Text) else (message,))
+
     maildir = _maildir_path(local, entry)
     use_maildir = _uses_maildir(local, entry) if to_maildir is None else to_maildir
     path = maildir if use_maildir else os.path.join(local.mail_spool, entry.pw_name)
@@ -188,7 +192,7 @@ def _deliver(
         if use_maildir:
             name = deliver_maildir(maildir, data, entry, create=local.mailbox == "maildir")
             return LocalOutcome("delivered", f"delivered to {name}", maildir)
-        deliver_mbox(path, mbox_entry(data, sender, now), entry, lock_timeout, in_child=in_child)
+        deliver_mbox(path, lambda: mbox_entry(data(), sender, now), entry, lock_timeout, in_child=in_child)
         return LocalOutcome("delivered", f"delivered to {path}", path)
     except UncreatableError as why:
         if local.mailbox != "auto" or not may_fall_back:
@@ -201,7 +205,7 @@ def _deliver(
 
 
 def _fall_back_to_maildir(
-    maildir: str, data: bytes, entry: pwd.struct_passwd, why: UncreatableError
+    maildir: str, data: writing.Pieces, entry: pwd.struct_passwd, why: UncreatableError
 ) -> LocalOutcome:
     """`mailbox: auto` and the mbox may not be created (Debian's /var/mail lets only root and the group
     mail create files; user mode has neither): create the user's Maildir and deliver there. From then on
@@ -239,7 +243,7 @@ def _maildir_path(local: Local, entry: pwd.struct_passwd) -> str:
 
 def deliver_as_recipient(
     user: str,
-    message: bytes,
+    message: bytes | Text,
     *,
     sender: str,
     local: Local,
@@ -275,7 +279,12 @@ _found_locked: dict[str, tuple[float, LocalOutcome]] = {}
 
 
 def _deliver_with_rights(
-    entry: pwd.struct_passwd, message: bytes, sender: str, local: Local, now: float, lock_timeout: float
+    entry: pwd.struct_passwd,
+    message: bytes | Text,
+    sender: str,
+    local: Local,
+    now: float,
+    lock_timeout: float,
 ) -> LocalOutcome:
     euid = writing.euid()
     if entry.pw_uid == euid != 0:  # root's own mailbox too is written by a child (pymta(1), PRIVILEGES)
@@ -327,7 +336,7 @@ def _child_groups(entry: pwd.struct_passwd, local: Local) -> list[int]:
 
 def _deliver_in_child(
     entry: pwd.struct_passwd,
-    message: bytes,
+    message: bytes | Text,
     sender: str,
     local: Local,
     now: float,
@@ -373,7 +382,7 @@ def _child(
     entry: pwd.struct_passwd,
     groups: tuple[list[int], list[int]],
     answer_fd: int,
-    message: bytes,
+    message: bytes | Text,
     sender: str,
     local: Local,
     now: float,

@@ -16,7 +16,8 @@ import socket
 import time
 
 from pymta.delivery import writing
-from pymta.delivery.writing import NO_SPACE, DeferredError, describe
+from pymta.delivery.writing import DeferredError, Pieces, failure_text
+from pymta.mail.text import UnreadableText
 from pymta.queue.directory import unlink_at
 
 _maildir_counter = itertools.count(1)
@@ -29,7 +30,7 @@ def _unique_name() -> str:
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_maildir_counter)}.{host}"
 
 
-def deliver_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, *, create: bool) -> str:
+def deliver_maildir(maildir: str, data: Pieces, entry: pwd.struct_passwd, *, create: bool) -> str:
     """Write `data` into the Maildir's new/ (through tmp/); the file's path in new/.
 
     Everything goes through descriptors of the checked directories (the user's own, not links), so the
@@ -71,7 +72,7 @@ def _open_maildir_part(maildir: str, directory: str, entry: pwd.struct_passwd, p
     return fd
 
 
-def _write_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, tmp_fd: int, new_fd: int) -> str:
+def _write_maildir(maildir: str, data: Pieces, entry: pwd.struct_passwd, tmp_fd: int, new_fd: int) -> str:
     for _ in range(10):
         name = _unique_name()
         try:
@@ -89,9 +90,7 @@ def _write_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, tmp_fd: 
                 os.fchmod(fd, 0o600)
                 if writing.euid() == 0:
                     os.fchown(fd, entry.pw_uid, entry.pw_gid)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                writing.write_pieces(fd, data())
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -99,10 +98,9 @@ def _write_maildir(maildir: str, data: bytes, entry: pwd.struct_passwd, tmp_fd: 
         except FileExistsError:
             unlink_at(tmp_fd, name)
             continue
-        except OSError as error:
+        except (OSError, UnreadableText) as error:
             unlink_at(tmp_fd, name)
-            full = " (disk full or over quota?)" if error.errno in NO_SPACE else ""
-            raise DeferredError(f"writing into {maildir} failed: {describe(error)}{full}") from None
+            raise DeferredError(f"writing into {maildir} failed: {failure_text(error)}") from None
         os.unlink(name, dir_fd=tmp_fd)
         os.fsync(new_fd)
         return os.path.join(maildir, "new", name)

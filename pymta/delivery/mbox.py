@@ -29,9 +29,20 @@ import pwd
 import stat
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from itertools import chain
 
 from pymta.delivery import writing
-from pymta.delivery.writing import NO_SPACE, DeferredError, LockedError, UncreatableError, clean, describe
+from pymta.delivery.writing import (
+    DeferredError,
+    LockedError,
+    Pieces,
+    UncreatableError,
+    clean,
+    describe,
+    failure_text,
+)
+from pymta.mail.text import UnreadableText
 from pymta.privileges import user_name
 
 # Seconds to wait for a locked mbox before deferring: mail readers hold the lock only while they rewrite it.
@@ -61,18 +72,25 @@ def from_line(sender: str, now: float) -> bytes:
     return f"From {ascii_sender or 'MAILER-DAEMON'} {time.asctime(time.localtime(now))}".encode()
 
 
-def mbox_entry(data: bytes, sender: str, now: float) -> bytes:
-    """`data` (LF line endings) as one mbox message: From_ line, `>From ` quoting, trailing blank line."""
-    body = (b"\n" + data).replace(b"\nFrom ", b"\n>From ")[1:]
-    if not body.endswith(b"\n"):
-        body += b"\n"
-    return from_line(sender, now) + b"\n" + body + b"\n"
+def mbox_entry(data: Iterable[bytes], sender: str, now: float) -> Iterator[bytes]:
+    """`data` (LF line endings, in pieces that each end a line but the last: `writing.unix_lines`) as one
+    mbox message, piece by piece: From_ line, `>From ` quoting, trailing blank line."""
+    yield from_line(sender, now) + b"\n"
+    last = b""
+    for piece in data:
+        if piece.startswith(b"From ") or b"\nFrom " in piece:  # each piece starts a line
+            piece = (b"\n" + piece).replace(b"\nFrom ", b"\n>From ")[1:]
+        if piece:
+            yield piece
+            last = piece
+    yield b"\n" if last.endswith(b"\n") else b"\n\n"
 
 
 def deliver_mbox(
-    path: str, entry_bytes: bytes, entry: pwd.struct_passwd, lock_timeout: float, *, in_child: bool
+    path: str, entry_bytes: Pieces, entry: pwd.struct_passwd, lock_timeout: float, *, in_child: bool
 ) -> None:
-    """Append `entry_bytes` (a whole mbox message) to the mbox at `path`, locked."""
+    """Append `entry_bytes` (the pieces of a whole mbox message, `mbox_entry`) to the mbox at `path`,
+    locked."""
     if in_child:  # one thread; and a lock another thread of the parent held at fork() would never be freed
         _deliver_locked(path, entry_bytes, entry, time.monotonic() + lock_timeout, lock_timeout)
         return
@@ -86,7 +104,7 @@ def deliver_mbox(
 
 
 def _deliver_locked(
-    path: str, entry_bytes: bytes, entry: pwd.struct_passwd, deadline: float, lock_timeout: float
+    path: str, entry_bytes: Pieces, entry: pwd.struct_passwd, deadline: float, lock_timeout: float
 ) -> None:
     while True:
         fd = _open_mbox(path, entry)
@@ -94,7 +112,7 @@ def _deliver_locked(
             dotlock = _lock(fd, path, deadline, lock_timeout)
             try:
                 if _same_file(fd, path):
-                    _append(fd, path, entry_bytes)
+                    _append(fd, path, entry_bytes())
                     return
             finally:
                 _unlock(fd, dotlock)
@@ -239,30 +257,27 @@ def _unlock(fd: int, dotlock: str | None) -> None:
     fcntl.lockf(fd, fcntl.LOCK_UN)
 
 
-def _append(fd: int, path: str, entry: bytes) -> None:
+def _append(fd: int, path: str, entry: Iterable[bytes]) -> None:
     """Append `entry` to the locked mbox; on any failure cut the file back to its size before and defer."""
     size = os.fstat(fd).st_size
     tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, size, 0)
     if tail and not tail.endswith(b"\n"):
-        entry = b"\n\n" + entry  # end the last line, then the blank line before our From_ line
+        entry = chain((b"\n\n",), entry)  # end the last line, then the blank line before our From_ line
     elif size >= 2 and tail != b"\n\n":
-        entry = b"\n" + entry  # the blank line before our From_ line
+        entry = chain((b"\n",), entry)  # the blank line before our From_ line
     try:
         writing.begin_writing()
-        view = memoryview(entry)
-        while view:
-            view = view[os.write(fd, view) :]
+        writing.write_pieces(fd, entry)
         os.fsync(fd)
-    except OSError as error:
+    except (OSError, UnreadableText) as error:
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
         except OSError as undo:
             raise DeferredError(
-                f"writing {path} failed ({describe(error)}) and so did cutting it back ({describe(undo)}):"
-                " the mailbox may end in a partial message"
+                f"writing {path} failed ({failure_text(error)}) and so did cutting it back"
+                f" ({describe(undo)}): the mailbox may end in a partial message"
             ) from None
-        full = " (disk full or over quota?)" if error.errno in NO_SPACE else ""
         raise DeferredError(
-            f"writing {path} failed: {describe(error)}{full}; the mailbox is unchanged"
+            f"writing {path} failed: {failure_text(error)}; the mailbox is unchanged"
         ) from None

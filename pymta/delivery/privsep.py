@@ -56,6 +56,7 @@ from pymta.delivery import frames
 from pymta.delivery.local import LocalOutcome, child_time_limit, deliver_as_recipient
 from pymta.errors import EX_SOFTWARE, PermissionDeniedError, PymtaError
 from pymta.log import one_line
+from pymta.mail.text import Text
 from pymta.queue import views
 from pymta.queue.spool import Spool
 
@@ -258,11 +259,14 @@ class _LocalAgent:
         self.broken = ""  # why root no longer answers, once it did not
 
     def deliver(
-        self, user: str, message: bytes, *, sender: str, local: Local, now: float
+        self, user: str, message: bytes | Text, *, sender: str, local: Local, now: float
     ) -> LocalOutcome:  # pragma: no cover - runs in the delivery process
-        """Ask root to deliver `message` to `user`; root uses its own `local` settings, not ours."""
+        """Ask root to deliver the message to `user`; root uses its own `local` settings, not ours. The frame
+        holds it whole (bounded by `max_payload`): root never reads the spool by path."""
         if self.broken:
             return LocalOutcome("deferred", self.broken)
+        if isinstance(message, Text):
+            message = message.whole()
         header: dict[str, object] = {"op": "deliver", "user": user, "sender": sender, "now": now}
         request = frames.delivery_request(header, len(message), self.max_payload)
         if isinstance(request, frames.Refusal):  # root would refuse it: no need to ask

@@ -1,6 +1,10 @@
 """What writing a mailbox shares (`mbox`, `maildir`): the deferrals that stop a write, and the word a
 delivery child sends its parent when the write begins.
 
+A message reaches the writers as `Pieces`: a function that gives its pieces, LF line ends, each cut at a line
+end (`unix_lines`), anew for every try. A large one is so read from the queue file as it is written, never
+held whole (`mail.text.Text`); one that cannot be read on the way is a deferral like a full disk.
+
 A write that cannot happen raises DeferredError with the reason, one line saying what to fix; `local` turns
 it into the recipient's deferral. In a delivery child (`local`), the child announces the moment it holds the
 mailbox and begins to write (`begin_writing`): from then on its parent gives it CHILD_WRITE_TIMEOUT to
@@ -11,11 +15,19 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Iterable, Iterator
+
+from pymta.mail.text import UnreadableText
 
 # errno values that mean "no room": disk full, quota, file size limit.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # What the child sends down the answer pipe before the write; from then its deadline is CHILD_WRITE_TIMEOUT.
 WRITING = b"W"
+
+
+# A message to write: a function that gives its pieces, anew for each try (an mbox replaced while we waited
+# for its lock is written again).
+Pieces = Callable[[], Iterable[bytes]]
 
 
 class DeferredError(Exception):
@@ -65,3 +77,35 @@ def begin_writing() -> None:
     if _writing_fd is not None:
         os.write(_writing_fd, WRITING)
         _writing_fd = None
+
+
+def unix_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """A message's blocks (CRLF line ends) with LF line ends, in pieces that each end a line (but the last):
+    a CRLF is never split, and what is done per line (`>From ` quoting) never meets half of one."""
+    carried = b""
+    for block in blocks:
+        data = carried + block if carried else block
+        cut = data.rfind(b"\n") + 1
+        carried = data[cut:]
+        if cut:
+            yield data[:cut].replace(b"\r\n", b"\n")
+    if carried:
+        yield carried.replace(b"\r\n", b"\n")
+
+
+def write_pieces(fd: int, pieces: Iterable[bytes]) -> None:
+    """Write every piece to `fd`. OSError as os.write raises it; UnreadableText when the queue file behind
+    them fails (the caller undoes what was written either way)."""
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def failure_text(error: OSError | UnreadableText) -> str:
+    """What went wrong with a write, for a deferral's reason (`describe`, or why the message could not be
+    read), and a hint when it was no room."""
+    if isinstance(error, UnreadableText):
+        return str(error)
+    full = " (disk full or over quota?)" if error.errno in NO_SPACE else ""
+    return f"{describe(error)}{full}"
