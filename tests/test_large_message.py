@@ -35,6 +35,18 @@ sys.exit(os.waitstatus_to_exitcode(status))
 MIB = 1024  # ru_maxrss is in KiB on Linux
 
 
+def flush_peak_mib(mta: MtaEnv) -> float:
+    """Run the installed `pymta flush`; its peak resident memory (and its delivery children's) in MiB."""
+    flushed = subprocess.run(
+        [sys.executable, "-S", "-c", PEAK_RSS, script("pymta"), "flush"],
+        capture_output=True,
+        env=mta.env,
+        timeout=120,
+    )
+    assert flushed.returncode == 0, flushed.stderr
+    return int(flushed.stderr.split()[-1]) / MIB
+
+
 def test_a_30_mb_message_arrives_byte_for_byte_and_is_never_held_whole(mta: MtaEnv) -> None:
     assert len(BODY) > 30_000_000
     handler = Handler()
@@ -45,13 +57,7 @@ def test_a_30_mb_message_arrives_byte_for_byte_and_is_never_held_whole(mta: MtaE
         )
         submitted = mta.sendmail("-i", "big@example.net", input=b"Subject: 30 MB\n\n" + BODY)
         assert submitted.returncode == 0, submitted.stderr
-        flushed = subprocess.run(
-            [sys.executable, "-S", "-c", PEAK_RSS, script("pymta"), "flush"],
-            capture_output=True,
-            env=mta.env,
-            timeout=120,
-        )
-        assert flushed.returncode == 0, flushed.stderr
+        peak = flush_peak_mib(mta)
     [received] = handler.messages
     assert received.rcpt_tos == ["big@example.net"]
     header, _, body = received.data.partition(b"\r\n\r\n")
@@ -60,7 +66,6 @@ def test_a_30_mb_message_arrives_byte_for_byte_and_is_never_held_whole(mta: MtaE
     assert len(body) == len(expected)
     assert hashlib.sha256(body).hexdigest() == hashlib.sha256(expected).hexdigest()
     assert mta.entries() == []
-    peak = int(flushed.stderr.split()[-1]) / MIB
     assert peak < 60, f"pymta flush peaked at {peak:.0f} MiB for a 30 MB message: it was held whole"
 
 
@@ -114,13 +119,7 @@ def test_a_30_mb_message_for_a_local_mailbox_is_written_without_holding_it(mta: 
     assert submitted.returncode == 0, submitted.stderr
     submitted = mta.sendmail("-i", "root", input=b"Subject: 15 MB\n\n" + text)  # twice: over 30 MB queued
     assert submitted.returncode == 0, submitted.stderr
-    flushed = subprocess.run(
-        [sys.executable, "-S", "-c", PEAK_RSS, script("pymta"), "flush"],
-        capture_output=True,
-        env=mta.env,
-        timeout=120,
-    )
-    assert flushed.returncode == 0, flushed.stderr
+    peak = flush_peak_mib(mta)
     assert mta.entries() == []
     [mbox] = list((mta.root / "mail").iterdir())
     data = mbox.read_bytes()
@@ -131,7 +130,6 @@ def test_a_30_mb_message_for_a_local_mailbox_is_written_without_holding_it(mta: 
     for message in messages:  # each ends with its blank line; the split took the first one's
         body = message.partition(b"\n\n")[2].rstrip(b"\n")
         assert hashlib.sha256(body).hexdigest() == hashlib.sha256(expected_body.rstrip(b"\n")).hexdigest()
-    peak = int(flushed.stderr.split()[-1]) / MIB
     assert peak < 60, f"pymta flush peaked at {peak:.0f} MiB writing 2 x 15 MB into an mbox: held whole"
 
 
