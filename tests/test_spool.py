@@ -275,6 +275,30 @@ def test_remove_unlinks_at_once_and_frees_the_file_in_the_background(tmp_path: P
         os.fstat(lock)  # the lock went along, and was closed by the background thread
 
 
+def test_a_removal_is_made_durable_by_the_end_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a power loss an unlink that no fsync of its directory covered may be undone, and a delivered
+    message delivered again: the run fsyncs queue/ and state/ after its last removal (ARCHITECTURE.md,
+    invariant 3), and in the background at most REMOVAL_SYNC_INTERVAL after each one."""
+    spool, queue_id = _queued(tmp_path)
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        synced.append((info.st_dev, info.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    directories = {name: os.stat(spool.dir(name)) for name in ("queue", "state")}
+    entry, _ = spool.load(queue_id)
+    spool.remove(entry)
+    spool.finish_removals()
+    for name, info in directories.items():
+        assert (info.st_dev, info.st_ino) in synced, f"{name}/ was not fsynced after the removal"
+
+
 def test_remove_without_a_lock(tmp_path: Path) -> None:
     spool, queue_id = _queued(tmp_path)
     entry, _ = spool.load(queue_id)

@@ -6,7 +6,10 @@
     queue/ID        flock'ed while a flush delivers it or a `pymta queue` command changes it (`lock_message`)
 
 A delivered message is unlinked at once (that is the decision), and background threads, the reapers,
-close its last descriptor, which is what frees its blocks (`remove`).
+close its last descriptor, which is what frees its blocks (`remove`). The unlinks are made durable in
+batches: a reaper fsyncs queue/ and state/ at most REMOVAL_SYNC_INTERVAL after a removal, and the run does
+once more after its last one (`finish_removals`). A power loss before that fsync can only bring back a
+message that was delivered (a duplicate, never a loss): ARCHITECTURE.md, invariant 3.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 
-from pymta.queue.directory import READ_FLAGS, SpoolDirectory, unlink_quietly, write_error
+from pymta.queue.directory import READ_FLAGS, SpoolDirectory, fsync_dir, unlink_quietly, write_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -27,6 +30,12 @@ if TYPE_CHECKING:
 # about 300 a second on a busy disk, and falls ever further behind a flush of thousands; two or more free
 # ten times as many in the same time (their journal work is batched), so the flush never waits for them.
 REAPERS = 4
+# Seconds after a removal within which a reaper makes it durable (an fsync of queue/ and state/, in the
+# background): one fsync a second for any number of messages, where one each would cost a journal commit
+# per message; and a power loss can bring back only the messages of the last second, delivered again.
+REMOVAL_SYNC_INTERVAL = 1.0
+# What a reaper is handed, beside descriptors to close, when the removals before are to be made durable.
+_SYNC = -1
 
 
 class Locks(SpoolDirectory):
@@ -34,6 +43,7 @@ class Locks(SpoolDirectory):
 
     _reapers: list[threading.Thread] | None = None  # free delivered messages in the background
     _doomed: queue.SimpleQueue[int | None]
+    _sync_due = 0.0  # time.monotonic() from which the next removal asks a reaper for an fsync
 
     def remove(self, entry: QueueEntry, lock: int | None = None) -> None:
         """Forget a message whose every recipient is done: unlink queue/ID (that unlink is the decision),
@@ -68,20 +78,37 @@ class Locks(SpoolDirectory):
             ]
             for reaper in self._reapers:
                 reaper.start()
+            self._sync_due = time.monotonic() + REMOVAL_SYNC_INTERVAL
         self._doomed.put(fd)
+        if time.monotonic() >= self._sync_due:
+            self._sync_due = time.monotonic() + REMOVAL_SYNC_INTERVAL
+            self._doomed.put(_SYNC)
 
     def _reap(self) -> None:
         while (fd := self._doomed.get()) is not None:
-            os.close(fd)
+            if fd == _SYNC:
+                self._sync_removals()
+            else:
+                os.close(fd)
+
+    def _sync_removals(self) -> None:
+        """Make the unlinks in queue/ and state/ durable. A failure is not the run's: at worst a power loss
+        brings those delivered messages back, to be delivered again."""
+        for location in ("queue", "state"):
+            try:
+                fsync_dir(self.dir(location))
+            except OSError:
+                continue
 
     def finish_removals(self) -> None:
-        """Wait until every message handed to `remove` is freed."""
+        """Wait until every message handed to `remove` is freed, and make their removal durable."""
         if self._reapers is not None:
             for _ in self._reapers:
                 self._doomed.put(None)
             for reaper in self._reapers:
                 reaper.join()
             self._reapers = None
+            self._sync_removals()
 
     def lock_flush(self) -> int | None:
         """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""
