@@ -21,30 +21,33 @@ LINE = b"a line of a large attachment, as base64 would send it: 76 characters wi
 BODY = b"".join((b"." + LINE if number % 1000 == 0 else LINE) for number in range(390_000)) + b"no newline"
 
 
-# The flush runs under this small parent, which reports the peak resident memory of that child alone
-# (wait4): ru_maxrss of a child of pytest's would start from pytest's own size, copied at fork.
-PEAK_RSS = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss, file=sys.stderr)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
+# A command runs under this small parent, which reports the peak resident memory of that child alone
+# (wait4): ru_maxrss of a child of pytest's would start from pytest's own size, copied at fork, and this
+# test's process holds the 30 MB body several times over.
+PEAK_RSS = (
+    "import os, sys\n"
+    "pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "sys.stderr.write(f'PEAK RSS {usage.ru_maxrss}\\n')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
 MIB = 1024  # ru_maxrss is in KiB on Linux
+
+
+def peak_rss(mta: MtaEnv, command: list[str], data: bytes | None = None) -> tuple[int, bytes, float]:
+    """Run an installed command (with `data` piped in): its exit code, stderr, and peak RSS in MiB (its
+    children's, such as the flush's delivery child, count too)."""
+    argv = [sys.executable, "-S", "-c", PEAK_RSS, script(command[0]), *command[1:]]
+    result = subprocess.run(argv, input=data, capture_output=True, env=mta.env, timeout=120)
+    stderr, _, peak = result.stderr.rpartition(b"PEAK RSS ")
+    return result.returncode, stderr, int(peak) / MIB
 
 
 def flush_peak_mib(mta: MtaEnv) -> float:
     """Run the installed `pymta flush`; its peak resident memory (and its delivery children's) in MiB."""
-    flushed = subprocess.run(
-        [sys.executable, "-S", "-c", PEAK_RSS, script("pymta"), "flush"],
-        capture_output=True,
-        env=mta.env,
-        timeout=120,
-    )
-    assert flushed.returncode == 0, flushed.stderr
-    return int(flushed.stderr.split()[-1]) / MIB
+    code, stderr, peak = peak_rss(mta, ["pymta", "flush"])
+    assert code == 0, stderr
+    return peak
 
 
 def test_a_30_mb_message_arrives_byte_for_byte_and_is_never_held_whole(mta: MtaEnv) -> None:
@@ -69,28 +72,9 @@ def test_a_30_mb_message_arrives_byte_for_byte_and_is_never_held_whole(mta: MtaE
     assert peak < 60, f"pymta flush peaked at {peak:.0f} MiB for a 30 MB message: it was held whole"
 
 
-# Started from a small interpreter, not from pytest: a child's peak RSS counts what its parent held when it
-# was forked, and this test's parent holds the 30 MB body several times over.
-_PEAK_RSS = (
-    "import os, sys\n"
-    "pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "sys.stderr.write(f'PEAK RSS {usage.ru_maxrss}\\n')\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
-
-
-def _sendmail_peak_rss(mta: MtaEnv, args: list[str], data: bytes) -> tuple[int, bytes, float]:
-    """Run the installed sendmail with `data` piped in: exit code, stderr, and its peak RSS in MiB."""
-    argv = [sys.executable, "-c", _PEAK_RSS, script("sendmail"), *args]
-    result = subprocess.run(argv, input=data, capture_output=True, env=mta.env, timeout=120)
-    stderr, _, peak = result.stderr.rpartition(b"PEAK RSS ")
-    return result.returncode, stderr, int(peak) / 1024
-
-
 def test_a_30_mb_message_is_streamed_to_the_spool(mta: MtaEnv) -> None:
     data = b"Subject: 30 MB\nBcc: hidden@example.net\n\n" + BODY
-    code, stderr, peak = _sendmail_peak_rss(mta, ["-i", "big@example.net"], data)
+    code, stderr, peak = peak_rss(mta, ["sendmail", "-i", "big@example.net"], data)
     assert code == 0, stderr
     # Held whole, the message and its CRLF copy took about 70 MiB; streamed, a few MiB above Python's own.
     assert peak < 60, f"sendmail's peak RSS was {peak:.0f} MiB for a 30 MB message"
@@ -103,13 +87,15 @@ def test_a_streamed_message_over_the_size_limit_leaves_nothing(mta: MtaEnv) -> N
     # Within the limit as read, over it once its 50,000 line ends are CRLF: refused while it streams.
     data = b"Subject: big\n\n" + b"x" * 58 + b"\n" + (b"y" * 59 + b"\n") * 49_998
     assert len(data) < 3_000_000 < len(data) + 50_000
-    code, stderr, _ = _sendmail_peak_rss(mta, ["-i", "big@example.net"], data)
+    code, stderr, _ = peak_rss(mta, ["sendmail", "-i", "big@example.net"], data)
     assert code == 65, stderr
     assert b"message too large: more than 3000000 bytes" in stderr
     assert mta.entries() == [] and os.listdir(mta.spool / "tmp") == []
-    code, stderr, _ = _sendmail_peak_rss(mta, ["-i", "big@example.net"], data * 2)  # over it as read
+    code, stderr, _ = peak_rss(mta, ["sendmail", "-i", "big@example.net"], data * 2)  # over it as read
     assert code == 65 and b"message too large" in stderr, stderr
     assert mta.entries() == [] and os.listdir(mta.spool / "tmp") == []
+
+
 def test_a_30_mb_message_for_a_local_mailbox_is_written_without_holding_it(mta: MtaEnv) -> None:
     """The mbox gets the message read from the queue file block by block (LF line ends, `>From ` quoting
     at every line start, block edges or not); neither the flush nor its delivery child holds it whole."""
@@ -131,5 +117,3 @@ def test_a_30_mb_message_for_a_local_mailbox_is_written_without_holding_it(mta: 
         body = message.partition(b"\n\n")[2].rstrip(b"\n")
         assert hashlib.sha256(body).hexdigest() == hashlib.sha256(expected_body.rstrip(b"\n")).hexdigest()
     assert peak < 60, f"pymta flush peaked at {peak:.0f} MiB writing 2 x 15 MB into an mbox: held whole"
-
-
