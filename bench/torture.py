@@ -1246,7 +1246,7 @@ def _fuzz_targets(workdir: Path) -> list[Target]:
     from pymta.config import aliases, expansion
     from pymta.config.load import loads
     from pymta.errors import PymtaError, SpoolError, SpoolFullError
-    from pymta.mail import message
+    from pymta.mail import linefit, message
     from pymta.mail.address import parse_envelope_address, parse_list, recipients_from_args
     from pymta.submission import invocation, smtpd, submit
 
@@ -1274,7 +1274,7 @@ def _fuzz_targets(workdir: Path) -> list[Target]:
             sender=rng.choice(["", "a@x.org", "bare", "j\udcc3@x"]), submitted_by="user",
             full_name=rng.choice(names), domain=rng.choice(["example.org", ""]), hostname="h.example.org",
         )  # fmt: skip
-        fitted = message.fit_line_length(completed)
+        fitted = linefit.fit_line_length(completed)
         return message.rewrite_from(
             fitted, "account@example.org", rng.choice(["x-original-from", "reply-to", "drop"])
         )

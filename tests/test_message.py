@@ -18,11 +18,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pymta.errors import MessageError
+from pymta.mail.linefit import fit_line_length
 from pymta.mail.message import (
     MAX_LINE,
     LineEndings,
     complete,
-    fit_line_length,
     format_date,
     get_header,
     header_fields,
@@ -819,9 +819,9 @@ def test_parts_nested_deeper_than_the_limit_are_fitted_as_opaque_text() -> None:
 def test_big_parts_are_parsed_fewer_levels_deep(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each level costs a few passes over what it holds: a 30 MB message nested 50 deep took 40 s at
     # every delivery attempt. A part is parsed only while its depth times its size stays under a bound.
-    from pymta.mail import message
+    from pymta.mail import linefit
 
-    monkeypatch.setattr(message, "MAX_PART_WORK", 100_000)
+    monkeypatch.setattr(linefit, "MAX_PART_WORK", 100_000)
     fitted = fit_line_length(nested_multipart(10, 20_000))  # within MAX_PART_DEPTH, over the bound
     assert max(len(line) for line in _lines_of(fitted)) <= MAX_LINE
     assert b"quoted-printable" not in fitted  # the inner text part was reached only as opaque text
@@ -850,12 +850,12 @@ def test_format_date_writes_what_email_utils_writes(moment: float) -> None:
 )
 def test_a_long_line_is_found_across_the_slices_of_a_large_text(pieces: list[bytes], scan: int) -> None:
     """Sliced (`LINE_SCAN`, small here), the look for a line over 998 octets sees what one split sees."""
-    import pymta.mail.message as message
+    import pymta.mail.linefit as linefit
 
     data = b"".join(pieces)
     whole = max(map(len, data.split(b"\r\n"))) > 998
-    saved, message.LINE_SCAN = message.LINE_SCAN, scan
+    saved, linefit.LINE_SCAN = linefit.LINE_SCAN, scan
     try:
-        assert message._long_lines(data) == whole
+        assert linefit._long_lines(data) == whole
     finally:
-        message.LINE_SCAN = saved
+        linefit.LINE_SCAN = saved

@@ -12,7 +12,7 @@ the server did not agree to take:
   non-ASCII words and quoted display names, and its address domains as A-labels (a non-ASCII local part
   cannot be expressed and stays); a Content-* field's parameters (a file name) go as RFC 2231 writes them.
   The header fields of the parts of a converted body are converted with it: they are body too.
-Multiparts are parsed as deep and as much as `message.fit_line_length` parses them (MAX_PART_DEPTH,
+Multiparts are parsed as deep and as much as `linefit.fit_line_length` parses them (MAX_PART_DEPTH,
 MAX_PART_WORK); below that a part goes as it is.
 
 Main invariant: only what must change changes. A message that needs no conversion is returned as the same
@@ -28,7 +28,8 @@ import binascii
 import re
 
 from pymta.mail.idn import wire_address
-from pymta.mail.message import MAX_PART_DEPTH, MAX_PART_WORK, header_fields
+from pymta.mail.linefit import MAX_PART_DEPTH, MAX_PART_WORK
+from pymta.mail.message import header_fields
 
 _CRLF = b"\r\n"
 # RFC 2047 2: an encoded word is at most 75 characters; 45 bytes of text make 60 of base64, with

@@ -32,15 +32,6 @@ _FOLD_STARTS = (ord(" "), ord("\t"))
 _FIELD_NAME_BYTES = bytes(range(33, 127))  # printable ASCII: what a field name is made of (':' ends it)
 # RFC 5322 specials: a display name holding one of these must be quoted.
 _DISPLAY_SPECIALS = frozenset('()<>[]:;@\\,."')
-# MIME parts nested deeper than this are not parsed when lines are fitted for SMTP: what lies below is
-# treated as opaque text (its long lines broken as Postfix does). Real mail nests a few levels (a forward
-# of a forward with attachments); each level costs a pass over what it holds and a few stack frames, and
-# a message nested 400 deep hit Python's recursion limit and stopped every flush.
-MAX_PART_DEPTH = 50
-# And a part is parsed only while its depth times its size stays under this many octets: each level costs a
-# few passes over all it holds, and a 30 MB message nested 50 deep took 40 s at every delivery attempt.
-# A 1 MB message is still parsed 50 levels deep, one of 35 MB (max_message_size) 2 levels.
-MAX_PART_WORK = 100_000_000
 
 
 class _FieldRule:
@@ -130,7 +121,7 @@ def header_read(data: bytes) -> int:
     `LineEndings` over the rest, store the whole); 0 while the line that ends the block has not come."""
     cut = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1  # a last CR: an LF may follow
     message = _drop_mbox_separator(normalise_line_endings(data[:cut]))
-    return cut if _header_block(message).end < len(message) else 0
+    return cut if header_block(message).end < len(message) else 0
 
 
 def _field_name(message: bytes, start: int, end: int) -> str | None:
@@ -148,7 +139,7 @@ def _field_name(message: bytes, start: int, end: int) -> str | None:
     return name.decode("ascii")
 
 
-def _header_block(message: bytes) -> _HeaderBlock:
+def header_block(message: bytes) -> _HeaderBlock:
     """Find the header fields at the start of `message` (lines end in LF or CRLF).
 
     The block ends at the first empty line. When the first line is not a field there is no header block at all
@@ -185,7 +176,7 @@ def _header_block(message: bytes) -> _HeaderBlock:
 
 def header_fields(message: bytes) -> list[tuple[str, bytes]]:
     """The header fields of `message`: (name as written, raw bytes with continuation lines and CRLF)."""
-    return _header_block(message).fields
+    return header_block(message).fields
 
 
 def _raw_value(field: bytes) -> bytes:
@@ -218,7 +209,7 @@ def _unfolded(field: bytes) -> str:
 def get_header(message: bytes, name: str) -> str | None:
     """The unfolded value of the first field called `name` (any case), or None when there is none."""
     wanted = name.lower()
-    for field_name, field in _header_block(message).fields:
+    for field_name, field in header_block(message).fields:
         if field_name.lower() == wanted:
             return _unfolded(field)
     return None
@@ -230,7 +221,7 @@ def prepend_field(message: bytes, field: bytes) -> bytes:
     A message without a header block (bare text, or a first line starting with blanks) gets an empty line
     after the new field, so that none of its text is taken for a header, nor for a continuation of `field`.
     """
-    if message and not message.startswith((CRLF, b"\n")) and not _header_block(message).fields:
+    if message and not message.startswith((CRLF, b"\n")) and not header_block(message).fields:
         return field + CRLF + message
     return field + message
 
@@ -256,7 +247,7 @@ def prepare_submission(
     if not data:
         return b"", []
     message = _drop_mbox_separator(normalise_line_endings(data))
-    block = _header_block(message)
+    block = header_block(message)
     kept: list[bytes] = []
     recipient_fields: dict[str, list[tuple[str, bytes]]] = {"original": [], "resent": []}
     resent = False
@@ -414,7 +405,7 @@ def header_known(head: bytes) -> bool:
     """Whether `head`, the start of a message, holds its whole header block and the line that ends it, so
     that `complete_head` and `rewrite_from` give the same for it as for the whole message."""
     complete_lines = head[: head.rfind(b"\n") + 1]
-    return _header_block(complete_lines).end < len(complete_lines)
+    return header_block(complete_lines).end < len(complete_lines)
 
 
 def complete_head(
@@ -436,7 +427,7 @@ def complete_head(
     Message-ID. New fields go after the existing ones; a message without a header block gets them followed by
     an empty line.
     """
-    block = _header_block(message)
+    block = header_block(message)
     parts: list[bytes] = []
     present: set[str] = set()
     for name, field in block.fields:
@@ -466,7 +457,7 @@ def rewrite_from(message: bytes, address: str, original: str = "x-original-from"
 
     A message without a From: header, or with one that cannot be parsed, gets `From: <address>`.
     """
-    block = _header_block(message)
+    block = header_block(message)
     header: list[bytes] = []
     old_value: str | None = None
     has_reply_to = False
@@ -506,163 +497,3 @@ def rewrite_from(message: bytes, address: str, original: str = "x-original-from"
 # RFC 5321 4.5.3.1.6 and RFC 5322 2.1.1: at most 998 octets on a line, CRLF not counted. Servers that defend
 # against SMTP smuggling, and aiosmtpd, refuse longer ones ("500 Line too long"); cron output has them.
 MAX_LINE = 998
-# Bodies that quoted-printable can carry as they are: one text part in no encoding of its own.
-_PLAIN_ENCODINGS = ("", "7bit", "8bit", "binary")
-
-
-# A larger text is looked at in slices of this size: a list of all the lines of a 30 MB message would cost
-# 45 MB more for a moment.
-LINE_SCAN = 1 << 20
-
-
-def _long_lines(data: bytes) -> bool:
-    """Whether a line of `data` (CRLF-separated) is over MAX_LINE octets: a split and a max, in C (a regex
-    search would retry at every byte, which on a 1 MB message takes seconds), slice by slice. The slices
-    overlap by more than a line's limit, and none ends inside a CRLF, so each piece is part of one line
-    and every long line is seen whole in the slice where it starts."""
-    if len(data) <= LINE_SCAN:
-        return max(map(len, data.split(CRLF))) > MAX_LINE
-    for start in range(0, len(data), LINE_SCAN):
-        end = min(start + LINE_SCAN + MAX_LINE + 3, len(data))
-        begin = start + 1 if start and data[start - 1 : start + 1] == CRLF else start
-        stop = end - 1 if data[end - 1 : end + 1] == CRLF else end
-        if max(map(len, data[begin:stop].split(CRLF))) > MAX_LINE:
-            return True
-    return False
-
-
-def _break_line(line: bytes, *, fold: bool = False, soft: bool = False) -> bytes:
-    """A line (no CRLF) over MAX_LINE cut into lines that fit. With `fold` (a header field) it is cut before
-    a blank where it has one, so unfolding restores it exactly. With `soft` (a quoted-printable body) each
-    cut ends in a soft line break `=` (RFC 2045 6.7), never inside an =XX escape, so decoding restores it.
-    Elsewhere, and in a field without blanks, a space starts each later piece (as Postfix's
-    smtp_line_length_limit does); such a cut never splits a UTF-8 character.
-
-    Each cut looks only at the next MAX_LINE + 1 octets (`head`), so the work is linear in the line: taking
-    the rest of the line again after each cut copied it, and a 30 MB line took minutes."""
-    pieces = []
-    lead = b""  # the space that starts the rest after a cut without a blank
-    start = 0  # where the rest of `line` begins: what is left to cut is `lead + line[start:]`
-    while len(lead) + len(line) - start > MAX_LINE:
-        head = lead + line[start : start + MAX_LINE + 1 - len(lead)]
-        cut = max(head.rfind(b" ", 1, MAX_LINE), head.rfind(b"\t", 1, MAX_LINE)) if fold else -1
-        if cut > 0:
-            pieces.append(head[:cut])
-            after = b""
-        elif soft:
-            cut = MAX_LINE - 1
-            cut -= 2 if head[cut - 2 : cut - 1] == b"=" else 1 if head[cut - 1 : cut] == b"=" else 0
-            pieces.append(head[:cut] + b"=")
-            after = b""
-        else:
-            cut = MAX_LINE - 1
-            while cut > MAX_LINE - 4 and 0x80 <= head[cut] < 0xC0:  # a UTF-8 continuation byte: back off
-                cut -= 1
-            pieces.append(head[:cut])
-            after = b" "
-        start += cut - len(lead)
-        lead = after
-    pieces.append(lead + line[start:])
-    return CRLF.join(pieces)
-
-
-def _break_lines(text: bytes, *, fold: bool = False, soft: bool = False) -> bytes:
-    return CRLF.join(
-        _break_line(line, fold=fold, soft=soft) if len(line) > MAX_LINE else line for line in text.split(CRLF)
-    )
-
-
-def fit_line_length(message: bytes, *, part: bool = False, depth: int = 0) -> bytes:
-    """`message` (CRLF) with no line over 998 octets, as SMTP requires; the same object when it has none.
-
-    Too long a header line is folded at a blank. The body of a single text part (no Content-Type, or text/*,
-    in no transfer encoding) is encoded quoted-printable (RFC 2045 6.7), which keeps every byte: the
-    recipient reads exactly what was submitted; MIME-Version is added when missing (not to a `part` of a
-    multipart), and a Content-Type naming UTF-8 when there is none and the body is UTF-8 beyond ASCII. A
-    single part in quoted-printable already gets soft line breaks, which decoding removes. A multipart body
-    has each of its parts fitted the same way, the rest left byte for byte. What is left (base64, a
-    preamble, a multipart without a boundary) has each long line broken with a space inserted, as Postfix
-    does: that changes its text, which is why it comes last. So does a multipart nested more than
-    MAX_PART_DEPTH deep (`depth` counts the levels above `message`), or so deep for its size that parsing
-    it would cost more than MAX_PART_WORK: it is not parsed, but fitted as opaque text.
-    """
-    if len(message) <= MAX_LINE or not _long_lines(message):
-        return message
-    block = _header_block(message)
-    head, rest = message[: block.end], message[block.end :]
-    separator = CRLF if rest.startswith(CRLF) or block.separator_missing or not block.fields else b""
-    body = rest[2:] if rest.startswith(CRLF) else rest
-    head = _break_lines(head[:-2], fold=True) + CRLF if _long_lines(head) else head
-    if not _long_lines(body):
-        return head + separator + body
-    raw_type = get_header(message, "content-type") or "text/plain"
-    content_type = raw_type.strip().lower()
-    encoding = (get_header(message, "content-transfer-encoding") or "").strip().lower()
-    if content_type.startswith("multipart/") and depth < MAX_PART_DEPTH and depth * len(body) < MAX_PART_WORK:
-        fitted = _fit_parts(raw_type, body, depth + 1)
-        if fitted is not None:
-            return head + separator + fitted
-    single = not content_type.startswith(("multipart/", "message/"))
-    if single and encoding == "quoted-printable":
-        return head + separator + _break_lines(body, soft=True)
-    if not content_type.startswith("text/") or encoding not in _PLAIN_ENCODINGS:
-        return head + separator + _break_lines(body)
-    import binascii
-
-    if not body.endswith(CRLF):
-        body += CRLF  # b2a_qp ends its soft breaks as the first line ends: it must be CRLF, never bare LF
-
-    fields = [
-        field for name, field in _header_block(head).fields if name.lower() != "content-transfer-encoding"
-    ]
-    names = {name.lower() for name, _ in block.fields}
-    added = [b"Content-Transfer-Encoding: quoted-printable\r\n"]
-    if "mime-version" not in names and not part:
-        added.insert(0, b"MIME-Version: 1.0\r\n")
-    if "content-type" not in names and not body.isascii():
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-        else:
-            added.insert(1, b"Content-Type: text/plain; charset=utf-8\r\n")
-    encoded = binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
-    return b"".join((*fields, *added, CRLF, encoded))
-
-
-def _fit_parts(content_type: str, body: bytes, depth: int) -> bytes | None:
-    """A multipart `body` with each part fitted (`fit_line_length`, the parts `depth` levels deep), its
-    boundaries, preamble and epilogue kept; None when the Content-Type names no boundary."""
-    from email.message import Message
-
-    holder = Message()
-    holder["Content-Type"] = content_type
-    boundary = holder.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary:
-        return None
-    delimiter = b"--" + boundary.encode("utf-8", "surrogateescape")
-    out: list[bytes] = []
-    part: list[bytes] | None = None  # the lines of the part being read; None in the preamble and epilogue
-    for line in body.split(CRLF):
-        bare = line.rstrip(b" \t")  # transport padding after a delimiter (RFC 2046 5.1.1)
-        if bare in (delimiter, delimiter + b"--"):
-            if part is not None:
-                out.extend(_fit_part(part, depth))
-            out.append(line)
-            part = [] if bare == delimiter else None
-        elif part is not None:
-            part.append(line)
-        else:
-            out.append(line)
-    if part is not None:  # a part the sender never closed
-        out.extend(_fit_part(part, depth))
-    joined = CRLF.join(out)
-    return _break_lines(joined) if _long_lines(joined) else joined
-
-
-def _fit_part(lines: list[bytes], depth: int) -> list[bytes]:
-    """The lines of one MIME part `depth` levels deep (its header and body; the CRLF before the next
-    delimiter is not its own) with none over 998 octets."""
-    text = CRLF.join(lines) + CRLF
-    fitted = fit_line_length(text, part=True, depth=depth)
-    return (fitted[:-2] if fitted.endswith(CRLF) else fitted).split(CRLF)

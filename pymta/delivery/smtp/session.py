@@ -50,7 +50,7 @@ from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, known_st
 from pymta.delivery.smtp.replies import transaction_reply
 from pymta.mail.downgrade import downgrade
 from pymta.mail.idn import wire_address
-from pymta.mail.message import fit_line_length
+from pymta.mail.linefit import fit_line_length
 from pymta.mail.text import BLOCK, Text, UnreadableText
 
 if TYPE_CHECKING:
