@@ -203,9 +203,11 @@ def delivery_line(
     status: str,
     reply: str,
     tls: str = "",
+    sts: str = "",
 ) -> str:
-    """One delivery attempt of one recipient, Postfix style; `tls` (direct delivery) follows the relay."""
-    shown_tls = f" tls={tls}" if tls else ""
+    """One delivery attempt of one recipient, Postfix style; `tls` and `sts` (direct delivery: the TLS it
+    got, the MTA-STS mode that applied) follow the relay."""
+    shown_tls = (f" tls={tls}" if tls else "") + (f" sts={sts}" if sts else "")
     return (
         f"id={queue_id} to=<{recipient}> relay={relay}{shown_tls} delay={delay:.1f} tries={tries} "
         f"status={status} ({' '.join(reply.split())})"

@@ -40,6 +40,7 @@ from pymta.delivery.smtp.session import SmtpSession
 from pymta.delivery.smtp.tls import Certificate
 from pymta.errors import EX_OK, EX_UNAVAILABLE, ConfigError, PymtaError, UsageError
 from pymta.mail.address import recipients_from_args
+from pymta.mail.idn import domain_key
 from pymta.queue.entry import QueueEntry
 from pymta.queue.spool import Spool, real_user
 
@@ -160,18 +161,24 @@ def _check_direct(settings: Config, to: str) -> bool:
 
     domain = to.rpartition("@")[2]
     click.echo(f"{to} goes to the MX hosts of {domain} (direct delivery, TLS {settings.mx.tls_for(domain)}):")
-    routes = DirectRoutes(settings)
+    quiet = logging.Logger("pymta.test")  # what the flush would log is shown here instead
+    quiet.addHandler(logging.NullHandler())
+    routes = DirectRoutes(settings, logger=quiet)
+    names: list[str] = []
     try:
         destination = routes.destination(domain)
+        for host in destination.hosts:
+            kind = "implicit MX (no MX records)" if destination.implicit else f"MX {host.preference}"
+            _field(kind, f"{host.name} {', '.join(host.addresses)}")
+            names.append(host.name)
+        for note in destination.notes:
+            _field("note", note)
         relays = routes.relays(domain)
     except MxLookupError as error:
+        _sts_field(routes, domain, names)
         click.echo(f"  FAILED:       {error.reply}")
         return False
-    for host in destination.hosts:
-        kind = "implicit MX (no MX records)" if destination.implicit else f"MX {host.preference}"
-        _field(kind, f"{host.name} {', '.join(host.addresses)}")
-    for note in destination.notes:
-        _field("note", note)
+    _sts_field(routes, domain, names)
     sender = Router(settings).wire_address("root")
     for relay in relays:
         session = SmtpSession(relay, settings.hostname)
@@ -201,6 +208,23 @@ def _check_direct(settings: Config, to: str) -> bool:
         return accepted
     click.echo("  FAILED:       no MX host of the domain could be reached; the mail would wait")
     return False
+
+
+def _sts_field(routes: DirectRoutes, domain: str, names: list[str]) -> None:
+    """The MTA-STS policy that applies to `domain` (whose MX hosts are `names`), and how it was found."""
+    found = routes.sts.get(domain_key(domain))
+    if found is None:  # mta_sts.enabled: false, or the MX lookup failed first
+        return
+    policy = found.policy
+    if policy is not None:
+        what = f"mode {policy.mode}, mx: {', '.join(policy.mx) or '-'}, max_age {policy.max_age}"
+        if policy.mode == "enforce":
+            what += "; only these MX hosts, with a certificate valid for their name"
+        _field("MTA-STS", what)
+        unnamed = [name for name in names if not policy.matches(name)]
+        if policy.mode == "testing" and unnamed:
+            _field("", f"in mode enforce, {', '.join(unnamed)} would not get the mail")
+    _field("MTA-STS" if policy is None else "", found.note)
 
 
 def probe_addresses(settings: Config, smarthost: Smarthost, to: str | None) -> tuple[str, str]:

@@ -39,6 +39,7 @@ from pymta.config.model import (
     Config,
     DnsSettings,
     Local,
+    MtaSts,
     Mx,
     PasswordKind,
     PasswordSource,
@@ -486,6 +487,11 @@ _DNS_KEYS: Mapping[str, _Key] = {
     "port": _Key("port", _port),
     "timeout": _Key("timeout", _duration),
 }
+_MTA_STS_KEYS: Mapping[str, _Key] = {
+    "enabled": _Key("enabled", _boolean),
+    "port": _Key("port", _port),
+    "ca_file": _Key("ca_file", _absolute_path),
+}
 _TOP_KEYS: Mapping[str, _Key] = {
     "spool": _Key("spool", _absolute_path),
     "hostname": _Key("configured_hostname", _domain_name),
@@ -513,6 +519,12 @@ _TOP_KEYS: Mapping[str, _Key] = {
         "dns",
         lambda value, where: DnsSettings(**_section(_DNS_KEYS, value, where, "a mapping with nameservers:")),
     ),
+    "mta_sts": _Key(
+        "mta_sts",
+        lambda value, where: MtaSts(
+            **_section(_MTA_STS_KEYS, value, where, "a mapping such as {enabled: false}")
+        ),
+    ),
 }
 # Where a misplaced key belongs, for "unknown key here; it belongs under retry:".
 _NESTED: Mapping[str, Mapping[str, _Key]] = {
@@ -523,6 +535,7 @@ _NESTED: Mapping[str, Mapping[str, _Key]] = {
     "rewrite": _REWRITE_KEYS,
     "mx": _MX_KEYS,
     "dns": _DNS_KEYS,
+    "mta_sts": _MTA_STS_KEYS,
 }
 
 # Every key of the file by its path, for documentation tests and tools.
@@ -535,6 +548,7 @@ KEYS: tuple[str, ...] = (
     *(f"rewrite.{key}" for key in _REWRITE_KEYS),
     *(f"mx.{key}" for key in _MX_KEYS),
     *(f"dns.{key}" for key in _DNS_KEYS),
+    *(f"mta_sts.{key}" for key in _MTA_STS_KEYS),
 )
 
 

@@ -84,6 +84,12 @@ DEFAULT_MX_TIMEOUT = 300
 # Seconds a DNS lookup may take, retries over the servers included; a slow one defers the domain.
 DEFAULT_DNS_TIMEOUT = 10
 DEFAULT_DNS_PORT = 53
+# MTA-STS (RFC 8461) is applied wherever mail goes to MX hosts, unless switched off: a domain that publishes
+# a policy asks for verified TLS to named MX hosts, and without it an attacker on the path can strip
+# STARTTLS or answer for the MX. It costs one TXT lookup per domain and run, and one HTTPS fetch per
+# policy and max_age (the cache in SPOOL/mta-sts); a domain without a record costs only the lookup.
+DEFAULT_MTA_STS = True
+DEFAULT_MTA_STS_PORT = 443
 # Seconds to wait for the resolver when naming this host: /etc/hosts answers at once, a dead DNS server never.
 HOSTNAME_LOOKUP_TIMEOUT = 2.0
 
@@ -334,6 +340,19 @@ class Mx:
 
 
 @dataclass(frozen=True, slots=True)
+class MtaSts:
+    """Whether direct delivery applies the recipient domains' MTA-STS policies (RFC 8461); `port` and
+    `ca_file` (the HTTPS port and CA of the policy hosts) are a test and advanced option."""
+
+    enabled: bool = DEFAULT_MTA_STS
+    port: int = DEFAULT_MTA_STS_PORT
+    ca_file: str | None = None  # None: the system's CA store
+
+    def masked(self) -> dict[str, object]:
+        return {"enabled": self.enabled, "port": self.port, "ca_file": self.ca_file}
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """pymta's effective settings. `Config()` is the configuration used when there is no file."""
 
@@ -360,6 +379,7 @@ class Config:
     direct: bool = False  # mail no smarthost or route takes goes to the recipients' MX hosts (issue 15)
     mx: Mx = field(default_factory=Mx)
     dns: DnsSettings = field(default_factory=DnsSettings)
+    mta_sts: MtaSts = field(default_factory=MtaSts)
 
     @property
     def hostname(self) -> str:
@@ -395,4 +415,5 @@ class Config:
             "direct": self.direct,
             "mx": self.mx.masked(),
             "dns": self.dns.masked(),
+            "mta_sts": self.mta_sts.masked(),
         }

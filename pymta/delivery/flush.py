@@ -135,7 +135,7 @@ class Flusher:
         self.clock = clock
         self.jitter = jitter
         self.sessions = Sessions(config, self.log)
-        self.direct = DirectRoutes(config)  # MX lookups, once per domain per run
+        self.direct = DirectRoutes(config, logger=self.log)  # MX and MTA-STS lookups, once per domain per run
         self.recorder = Recorder(config, self.spool, self.log, clock, jitter)
         # User mode: a spool of our own, no root. A split flush (`privsep`, which passes its own local
         # delivery) and a flush of a system spool keep every mailbox its owner's; without root, mail for
@@ -565,6 +565,7 @@ class Flusher:
                 outcome.relay or relay,
                 outcome.recipient,
                 tls=outcome.tls,
+                sts=outcome.sts,
             )
 
     def _record(

@@ -1,5 +1,6 @@
 """MTA-STS (RFC 8461): whether a recipient domain asks for TLS with a verified certificate to its MX hosts,
-and which MX hosts it names. Library only: direct delivery applies it (not wired in yet).
+and which MX hosts it names. Direct delivery applies it (`direct.DirectRoutes`, `mta_sts:` in the config):
+enforce keeps only the MX hosts the policy names, with the verify TLS policy, else `StsRefusedError`.
 
 `policy_for(domain, resolver, cache)` is the sender's side of RFC 8461 section 5.1: the `_mta-sts.DOMAIN`
 TXT record ("v=STSv1; id=..."); when its id differs from the cached policy's, the policy is fetched over
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pymta.delivery.lookups import DnsLookups, NoSuchName
-from pymta.delivery.mx import DnsTemporaryError, MxResolver, NoSuchDomainError, ascii_domain
+from pymta.delivery.mx import DnsTemporaryError, MxLookupError, MxResolver, NoSuchDomainError, ascii_domain
 from pymta.fsutil import READ_FLAGS, open_directory, read_all
 from pymta.log import one_line
 
@@ -58,6 +59,13 @@ _PATTERN = re.compile(rf"(?:\*\.)?(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+")
 
 class PolicyFetchError(Exception):
     """The policy could not be fetched or is not valid: the reason, for the log."""
+
+
+class StsRefusedError(MxLookupError):
+    """The domain's MTA-STS policy (mode enforce) names none of its MX hosts: the mail waits (4.7.5), it is
+    never sent to a host the domain did not name (RFC 8461 5.1)."""
+
+    enhanced = "4.7.5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +105,7 @@ class StsLookup:
 
     policy: StsPolicy | None
     note: str
+    failed: bool = False  # the lookup or the fetch failed (the note says why): worth a warning
 
 
 def parse_policy(text: str) -> tuple[Mode, tuple[str, ...], int]:
@@ -313,7 +322,7 @@ def policy_for(
         current = record_id(name, lookups)
     except (DnsTemporaryError, ValueError) as error:
         reason = error.reason if isinstance(error, DnsTemporaryError) else str(error)
-        return StsLookup(cached, f"_mta-sts.{name}: {reason}; {kept}")
+        return StsLookup(cached, f"_mta-sts.{name}: {reason}; {kept}", failed=True)
     if current is None:
         return StsLookup(cached, f"no MTA-STS record at _mta-sts.{name}; {kept}")
     if cached is not None and cached.policy_id == current:
@@ -322,7 +331,8 @@ def policy_for(
         text = fetch_policy_text(name, lookups, port=port, context=context, timeout=timeout)
         mode, patterns, max_age = parse_policy(text)
     except (PolicyFetchError, ValueError) as error:
-        return StsLookup(cached, f"the policy of {name} (id {current}) could not be fetched: {error}; {kept}")
+        note = f"the policy of {name} (id {current}) could not be fetched: {error}; {kept}"
+        return StsLookup(cached, note, failed=True)
     policy = StsPolicy(name, current, mode, patterns, max_age, now)
     note = f"the policy of {name} (id {current}) fetched: mode {mode}, max_age {max_age}"
     if cache is not None:

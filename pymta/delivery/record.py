@@ -71,8 +71,9 @@ class Attempt:
         wire: str | None = None,
         expired: Expiry | None = None,
         tls: str = "",
+        sts: str = "",
     ) -> None:
-        self.results[address] = RecipientOutcome(wire or address, status, reply, relay, tls)
+        self.results[address] = RecipientOutcome(wire or address, status, reply, relay, tls, sts)
         if expired is not None:
             self.expired[address] = expired
         if relay not in ("none", "local"):
@@ -236,6 +237,7 @@ class Recorder:
                             LOGGED_STATUS[status],
                             reply,
                             outcome.tls,
+                            outcome.sts,
                         )
                     )
             recipients[recipient.address] = recipient

@@ -251,7 +251,7 @@ class Sessions:
         tried on the next MX relays in this run (RFC 5321 5.1), those free now (`idle`). When none of
         them answers, the deferring reply stands."""
         outcomes = {
-            recipient: replace(outcome, relay=session.relay, tls=session.tls_level)
+            recipient: replace(outcome, relay=session.relay, tls=session.tls_level, sts=host.sts)
             for recipient, outcome in outcomes.items()
         }
         deferred = [recipient for recipient, outcome in outcomes.items() if outcome.status == "deferred"]
@@ -299,6 +299,11 @@ class Sessions:
                 self._drop(host, str(exc))
                 return None
             self.open[host] = session
+            if isinstance(host, MxRelay) and host.sts == "testing" and session.tls_level != "verified":
+                self.log.warning(
+                    f"MX host {host.label}: tls={session.tls_level}; its domain's MTA-STS policy is in mode "
+                    f"testing, and in mode enforce the mail would wait (no certificate valid for {host.host})"
+                )
         return session
 
     def _drop(self, host: Smarthost, reason: str) -> None:

@@ -23,6 +23,8 @@ Layout of a spool directory (ARCHITECTURE.md, "On disk"):
     flush.lock   held (flock) by the one flush that may run; flush.request asks it to look again
     status/UID   system mode: user UID's view of their own queued messages, written by the root flush
                  (`pymta.queue.views`)
+    mta-sts/     direct delivery's cache of MTA-STS policies, one file per domain (0700, made by the
+                 flush as the spool's owner on first use: `pymta.delivery.mtasts.PolicyCache`)
 
 A submission file, and the commit protocol that writes it durably (what a crash at each step leaves), are
 in `pymta.queue.commit`: sendmail imports that module alone, not this one.

@@ -154,10 +154,14 @@ class Connection:
     def _refused_unverified(self, relay: MxRelay, error: SessionError) -> SessionError:
         """The verify policy met an MX host without a valid certificate: its recipients wait (4.7.5)."""
         what = error.reason.split("; ")[0]  # the fix that explain() offers is a smarthost's
+        why = (
+            "the domain's MTA-STS policy is enforce (RFC 8461)"
+            if relay.sts == "enforce"
+            else "the TLS policy for the domain is verify (mx.tls_policy)"
+        )
         return SessionError(
             error.relay,
-            f"4.7.5 no TLS with a certificate valid for {relay.host}, and the TLS policy for the domain is "
-            f"verify (mx.tls_policy): {what}",
+            f"4.7.5 no TLS with a certificate valid for {relay.host}, and {why}: {what}",
             stage="tls",
             reply=error.reply,
             certificate_failed=error.certificate_failed,

@@ -29,6 +29,7 @@ class RecipientOutcome:
     reply: str  # "550 5.1.1 <x@example.org>: user unknown": code, enhanced code, text, on one line
     relay: str = ""  # who gave it: "host[ip]:port", "local" or "none"; "" from a session (`session.relay`)
     tls: str = ""  # the TLS a direct delivery got (verified, encrypted, none), for the log; "" otherwise
+    sts: str = ""  # the MTA-STS mode its MX host was chosen under (enforce, testing), for the log
 
     @property
     def code(self) -> int:
