@@ -6,9 +6,11 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,3 +348,48 @@ def test_what_is_planted_in_the_cache_is_never_taken_for_a_policy(tmp_path: Path
     os.mkfifo(tmp_path / "fifo.example")
     assert cache.get("fifo.example") is None  # no hang on a FIFO
     assert cache.get("../etc") is None and cache.get("..") is None
+
+
+def test_a_policy_host_that_drips_its_answer_is_given_up_at_the_deadline(
+    dns_server: DnsServer, ca: trustme.CA
+) -> None:
+    """Each byte comes within the read timeout, the whole never: the fetch must end at its own deadline,
+    not hold the queue run for as long as the server likes."""
+    dns_server.zone = zone()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOST).configure_cert(context)
+    listener = socket.create_server(("127.0.0.1", 0))
+    hung_up = threading.Event()
+
+    def drip() -> None:
+        connection, _ = listener.accept()
+        with context.wrap_socket(connection, server_side=True) as tls:
+            tls.recv(4096)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Slow: ")
+            for _ in range(150):  # 15 s of headers, a byte at a time
+                try:
+                    tls.sendall(b"a")
+                except OSError:
+                    hung_up.set()
+                    return
+                time.sleep(0.1)
+            tls.sendall(b"\r\nContent-Length: %d\r\n\r\n%s" % (len(POLICY), POLICY.encode()))
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    try:
+        found = policy_for(
+            DOMAIN,
+            MxResolver(dns_server.settings(timeout=1)),
+            None,
+            port=listener.getsockname()[1],
+            context=client(ca),
+            timeout=1,
+            now=NOW,
+        )
+        assert found.policy is None and found.failed
+        assert "no complete answer within 1s" in found.note, found.note
+        thread.join(timeout=30)
+        assert hung_up.is_set()  # the client went away while the server was still dripping
+    finally:
+        listener.close()

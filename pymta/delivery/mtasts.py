@@ -17,6 +17,7 @@ cut short costs a fetch, never a crash or a policy the domain did not publish.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import socket
 import stat
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pymta.delivery.lookups import DnsLookups, NoSuchName
 from pymta.delivery.mx import DnsTemporaryError, MxLookupError, MxResolver, NoSuchDomainError, ascii_domain
@@ -43,8 +44,8 @@ HTTPS_PORT = 443
 # RFC 8461 3.3: a policy larger than 64 KiB is refused; and 3.2: max_age is at most 31557600 s (a year).
 MAX_POLICY_SIZE = 64 * 1024
 MAX_AGE_LIMIT = 31557600
-# Seconds for the connection and each read of the fetch: RFC 8461 3.3 suggests a minute at the most, and a
-# delivery waits for it.
+# Seconds for the whole fetch, every address tried included: RFC 8461 3.3 suggests a minute at the most,
+# and the queue run waits for it (a server that sends a byte at a time must not hold it longer).
 FETCH_TIMEOUT = 60.0
 # Addresses of mta-sts.DOMAIN tried, in order.
 MAX_FETCH_ADDRESSES = 4
@@ -166,7 +167,7 @@ def fetch_policy_text(
 ) -> str:
     """The body of https://mta-sts.DOMAIN/.well-known/mta-sts.txt, its host looked up through `lookups`
     (the same DNS as the delivery's) and its certificate verified for that name (`context`: the system's
-    CAs by default). PolicyFetchError with the reason otherwise."""
+    CAs by default), all within `timeout` seconds. PolicyFetchError with the reason otherwise."""
     import http.client  # only for a domain with a policy to fetch: it loads the email package
     import ssl
 
@@ -179,26 +180,77 @@ def fetch_policy_text(
         raise PolicyFetchError(f"{host} has no address")
     context = context or ssl.create_default_context()
     reasons = []
+    deadline = time.monotonic() + timeout
     for address in addresses[:MAX_FETCH_ADDRESSES]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reasons.append(f"{host}[{address}]: not tried, the fetch took {timeout:g}s already")
+            break
         # connected to the address DNS gave, the certificate checked for the name: http.client would ask
         # the system's resolver instead
-        connection = http.client.HTTPSConnection(host, port, timeout=timeout)
+        connection = http.client.HTTPSConnection(host, port, timeout=left)
+        tls = None
         try:
-            raw = socket.create_connection((address, port), timeout=timeout)
-            connection.sock = context.wrap_socket(raw, server_hostname=host)
+            raw = socket.create_connection((address, port), timeout=left)
+            tls = context.wrap_socket(raw, server_hostname=host)
+            connection.sock = _DeadlineSocket(tls, deadline)
             connection.request("GET", WELL_KNOWN, headers={"User-Agent": "pymta", "Connection": "close"})
             response = connection.getresponse()
             body = response.read(MAX_POLICY_SIZE + 1)
         except ssl.SSLCertVerificationError as error:
             reasons.append(f"{host}[{address}]: certificate not valid for {host} ({error.verify_message})")
             continue
+        except TimeoutError:
+            reasons.append(f"{host}[{address}]: no complete answer within {timeout:g}s")
+            continue
         except (OSError, http.client.HTTPException) as error:
             reasons.append(f"{host}[{address}]: {one_line(str(error)) or type(error).__name__}")
             continue
         finally:
             connection.close()
+            if tls is not None:
+                tls.close()
         return _body(host, response.status, response.getheader("Content-Type") or "", body)
     raise PolicyFetchError("; ".join(reasons))
+
+
+class _DeadlineSocket:
+    """The TLS socket of a fetch, as http.client uses it (sendall, makefile, close), with every read ending
+    by one deadline: http.client gives each read its timeout anew, so a server that sends a byte at a
+    time would otherwise hold the fetch as long as it liked."""
+
+    def __init__(self, sock: ssl.SSLSocket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+    def arm(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("past the deadline")
+        self.sock.settimeout(left)
+
+    def sendall(self, data: bytes) -> None:
+        self.arm()
+        self.sock.sendall(data)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        """Nothing: http.client closes the connection once it has the headers of an answer that ends with
+        it, and the body is still to be read; `fetch_policy_text` closes the socket when it is done."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, owner: _DeadlineSocket) -> None:
+        self.owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.owner.arm()
+        return self.owner.sock.recv_into(buffer)
 
 
 def _body(host: str, status: int, content_type: str, body: bytes) -> str:
