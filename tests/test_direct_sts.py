@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import trustme
 from click.testing import CliRunner
-from dnsserver import dns_server
-from mailservers import certificates
+from dnsserver import DnsServer, dns_server
+from mailservers import SmtpServer, certificates
+from system_install import SystemInstall
 from test_direct import SENDER, World, enqueue, line_for, outcome, run_flush, shared_port, world
 
 from pymta.cli import smarthost as smarthost_cli
@@ -131,8 +132,19 @@ def publish(
     world: World, hosts: PolicyHosts, domain: str, body: bytes, policy_id: str = "1", at: str = POLICY_ADDRESS
 ) -> None:
     """`domain` publishes an MTA-STS record with `policy_id` and the policy `body` at mta-sts.DOMAIN."""
-    world.dns.zone[f"_mta-sts.{domain}"] = {"TXT": [f'"v=STSv1; id={policy_id}"']}
-    world.dns.zone[f"mta-sts.{domain}"] = {"A": [at]}
+    publish_in(world.dns.zone, hosts, domain, body, policy_id, at)
+
+
+def publish_in(
+    zone: dict[str, dict[str, list[str]]],
+    hosts: PolicyHosts,
+    domain: str,
+    body: bytes,
+    policy_id: str = "1",
+    at: str = POLICY_ADDRESS,
+) -> None:
+    zone[f"_mta-sts.{domain}"] = {"TXT": [f'"v=STSv1; id={policy_id}"']}
+    zone[f"mta-sts.{domain}"] = {"A": [at]}
     hosts.answers[f"mta-sts.{domain}"] = Answer(body)
 
 
@@ -364,3 +376,41 @@ def test_pymta_test_shows_an_mx_the_policy_refuses(world: World, sts: PolicyHost
     assert result.exit_code != 0
     assert "mx.evil.test" in result.stdout and "names none of its MX hosts" in result.stdout, result.stdout
     assert world.servers["mx.evil.test"].handler.ehlo_names == []
+
+
+# --- system mode: the cache is the spool owner's ---
+
+
+def test_in_system_mode_the_delivery_process_keeps_the_cache_as_the_spool_owner(
+    system: SystemInstall, dns_server: DnsServer
+) -> None:
+    directory = system.base / "sts"
+    directory.mkdir(exist_ok=True)
+    directory.chmod(0o755)
+    hosts = PolicyHosts(directory)  # its CA file where the spool's owner can read it
+    hosts.ca_file.chmod(0o644)
+    mx = SmtpServer("plain", server_hostname="mx1.sys.test").start()
+    try:
+        dns_server.zone = {"sys.test": {"MX": ["10 mx1.sys.test."]}, "mx1.sys.test": {"A": [mx.host]}}
+        publish_in(dns_server.zone, hosts, "sys.test", policy("testing", "mx1.sys.test"))
+        system.write_config(
+            "direct: true\n"
+            f"mx: {{port: {mx.port}, timeout: 5s}}\n"
+            f"dns: {{nameservers: [{dns_server.host}], port: {dns_server.port}, timeout: 2s}}\n"
+            f"mta_sts: {{port: {hosts.port}, ca_file: {hosts.ca_file}}}\n"
+        )
+        queued = system.sendmail(system.alice, "bob@sys.test", input=b"Subject: sts\n\nhello\n")
+        assert queued.returncode == 0, queued.stderr
+        flushed = system.flush()
+        assert flushed.returncode == 0, flushed.stderr
+        assert [m.rcpt_tos for m in mx.handler.messages] == [["bob@sys.test"]]
+        assert b" tls=none sts=testing " in flushed.stderr, flushed.stderr
+        owner = system.spool_user.uid
+        cache = system.spool / "mta-sts"
+        info, kept = cache.lstat(), (cache / "sys.test").lstat()
+        assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == owner
+        assert stat.S_IMODE(kept.st_mode) == 0o600 and kept.st_uid == owner
+        assert fetches(hosts) == ["mta-sts.sys.test"]
+    finally:
+        mx.stop()
+        hosts.close()
