@@ -8,6 +8,7 @@ An attacker's HTTPS server on 127.0.0.21 shares the port; the tests are written 
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import ssl
 import stat
@@ -23,8 +24,11 @@ from dnsserver import DnsServer, dns_server
 from mailservers import SmtpServer, certificates
 from system_install import SystemInstall
 from test_direct import SENDER, World, enqueue, line_for, outcome, run_flush, shared_port, world
+from test_flush import LogLines
 
 from pymta.cli import smarthost as smarthost_cli
+from pymta.config.load import load
+from pymta.delivery.flush import Flusher
 
 __all__ = ["certificates", "dns_server", "world"]  # fixtures imported for use
 
@@ -146,6 +150,20 @@ def publish_in(
     zone[f"_mta-sts.{domain}"] = {"TXT": [f'"v=STSv1; id={policy_id}"']}
     zone[f"mta-sts.{domain}"] = {"A": [at]}
     hosts.answers[f"mta-sts.{domain}"] = Answer(body)
+
+
+def run_flush_warnings(world: World) -> tuple[list[str], list[str]]:
+    """As `run_flush`, and the lines logged as warnings (or worse) apart."""
+    for sock in world.socks.values():
+        sock.close()
+    world.socks.clear()
+    logger = logging.Logger("pymta-test", logging.DEBUG)
+    everything, warned = LogLines(), LogLines()
+    warned.setLevel(logging.WARNING)
+    logger.addHandler(everything)
+    logger.addHandler(warned)
+    Flusher(load(str(world.mta.config)), logger).run()
+    return everything.lines, warned.lines
 
 
 def fetches(hosts: PolicyHosts, which: str = "policy") -> list[str]:
@@ -347,6 +365,22 @@ def test_an_answer_that_is_no_policy_leaves_the_cached_one(
     assert world.servers["mx.evil.test"].handler.ehlo_names == []
     assert any(reason in line and "the cached policy (id 1) applies" in line for line in lines), lines
     assert fetches(sts, "attacker") == []
+
+
+def test_a_link_planted_as_the_cache_is_not_followed_and_the_log_says_so(
+    world: World, sts: PolicyHosts, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    world.mx("sts.test", (10, world.server("mx1.sts.test")))
+    publish(world, sts, "sts.test", policy("enforce", "mx1.sts.test"))
+    enqueue(world.mta, "bob@sts.test")
+    (world.mta.spool / "mta-sts").symlink_to(elsewhere)
+    lines, warned = run_flush_warnings(world)
+    assert world.received("mx1.sts.test") == [(SENDER, ["bob@sts.test"])]  # the policy applies all the same
+    assert " sts=enforce " in line_for(lines, "bob@sts.test")
+    assert os.listdir(elsewhere) == []
+    assert any("MTA-STS:" in line and "not cached" in line for line in warned), lines
 
 
 # --- pymta test --to ---

@@ -106,7 +106,9 @@ class StsLookup:
 
     policy: StsPolicy | None
     note: str
-    failed: bool = False  # the lookup or the fetch failed (the note says why): worth a warning
+    # the lookup, the fetch or the cache failed (the note says why): worth a warning, since a policy not
+    # kept no longer protects the mail when an attacker later blocks the lookup
+    failed: bool = False
 
 
 def parse_policy(text: str) -> tuple[Mode, tuple[str, ...], int]:
@@ -391,5 +393,5 @@ def policy_for(
         try:
             cache.put(policy)
         except OSError as error:
-            note += f"; not cached ({one_line(str(error))})"
+            return StsLookup(policy, f"{note}; not cached ({one_line(str(error))})", failed=True)
     return StsLookup(policy, note)
