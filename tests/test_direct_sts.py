@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import logging
 import os
+import re
 import ssl
 import stat
 import threading
@@ -27,8 +28,10 @@ from test_direct import SENDER, World, enqueue, line_for, outcome, run_flush, sh
 from test_flush import LogLines
 
 from pymta.cli import smarthost as smarthost_cli
-from pymta.config.load import load
+from pymta.config.load import load, loads
+from pymta.config.model import MtaSts
 from pymta.delivery.flush import Flusher
+from pymta.errors import ConfigError
 
 __all__ = ["certificates", "dns_server", "world"]  # fixtures imported for use
 
@@ -168,6 +171,22 @@ def run_flush_warnings(world: World) -> tuple[list[str], list[str]]:
 
 def fetches(hosts: PolicyHosts, which: str = "policy") -> list[str]:
     return [host for server, host, _ in hosts.requests if server == which]
+
+
+# --- the config ---
+
+
+def test_mta_sts_is_on_by_default_and_its_keys_are_checked() -> None:
+    assert loads("direct: true\n", "/f").mta_sts == MtaSts(enabled=True, port=443, ca_file=None)
+    assert loads("mta_sts: {enabled: false}\n", "/f").mta_sts.enabled is False
+    for text, error in [
+        ("mta_sts: false\n", "mta_sts: must be a mapping such as {enabled: false}, not false"),
+        ("mta_sts: {enable: false}\n", 'mta_sts.enable: unknown key; did you mean "enabled"?'),
+        ("mta_sts: {ca_file: ca.pem}\n", 'mta_sts.ca_file: "ca.pem" is not an absolute path'),
+        ("mta_sts: {port: 0}\n", "mta_sts.port: must be a whole number from 1 to 65535"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            loads(text, "/f")
 
 
 # --- enforce ---
