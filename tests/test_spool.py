@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posix
 import pwd
+import queue
 import resource
 import shutil
 import stat
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
 from pymta.queue.directory import encode_json, new_id
 from pymta.queue.entry import MessageState
+from pymta.queue.locks import REAP_BATCH
 from pymta.queue.spool import Names, Spool
 
 ENVELOPE: dict[str, object] = {
@@ -299,6 +302,49 @@ def test_a_removal_is_made_durable_by_the_end_of_the_run(
     spool.finish_removals()
     for name, info in directories.items():
         assert (info.st_dev, info.st_ino) in synced, f"{name}/ was not fsynced after the removal"
+
+
+def test_remove_lets_go_of_the_lock_at_once(tmp_path: Path) -> None:
+    """The descriptor of a removed message waits for the reapers with others (REAP_BATCH), its lock let go:
+    a queue command that opened the message before its removal is not kept waiting by it."""
+    spool, queue_id = _queued(tmp_path)
+    lock = spool.lock_message(queue_id)
+    assert lock is not None
+    waiting = os.open(os.path.join(spool.dir("queue"), queue_id), os.O_RDONLY)
+    try:
+        entry, _ = spool.load(queue_id, lock)
+        spool.remove(entry, lock)
+        fcntl.flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the flush holds it
+    finally:
+        os.close(waiting)
+        spool.finish_removals()
+
+
+def test_removals_wake_the_reapers_once_a_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each hand-over wakes a thread, and the interpreter lock goes back and forth with it: descriptors go to
+    the reapers REAP_BATCH at a time, not one a message (issue 12: the flush's futex calls per message)."""
+    handed: list[object] = []
+
+    class Counted(queue.SimpleQueue):  # type: ignore[type-arg]
+        def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
+            handed.append(item)
+            super().put(item, block, timeout)
+
+    monkeypatch.setattr(queue, "SimpleQueue", Counted)
+    spool, _ = _queued(tmp_path)
+    count = 3 * REAP_BATCH
+    for _ in range(count):
+        spool.submit(ENVELOPE, b"Subject: hi\r\n\r\nbody\r\n")
+    spool.pick_up(1 << 20, print)
+    for name in os.listdir(spool.dir("queue")):
+        lock = spool.lock_message(name)
+        assert lock is not None
+        spool.remove(spool.load(name, lock)[0], lock)
+    spool.finish_removals()
+    assert os.listdir(spool.dir("queue")) == []
+    batches = [item for item in handed if item is not None]
+    assert len(batches) <= 3 + 1 + 2  # the batches, the last one at the end, at most two fsync requests
+    assert sum(len(batch) for batch in batches) >= count + 1  # type: ignore[arg-type]
 
 
 def test_remove_without_a_lock(tmp_path: Path) -> None:
