@@ -191,6 +191,30 @@ def test_log_none_logs_nowhere_even_with_a_journal(mta: MtaEnv, sockets: Path) -
     assert datagrams(journal, at_least=0, timeout=0.3) == []
 
 
+def test_a_log_that_goes_nowhere_makes_no_lines() -> None:
+    """With nowhere to write (`log: none`, or auto with stderr a pipe and no socket), a flush makes no line
+    at all: a record per recipient made for nothing cost a tenth of a message's time (issue 12)."""
+    from pymta import log
+
+    made: list[str] = []
+
+    class Counting(log.logging.Handler):
+        def emit(self, record: log.logging.LogRecord) -> None:
+            made.append(record.getMessage())
+
+    try:
+        logger = log.setup(target="none")
+        assert not logger.isEnabledFor(log.logging.INFO)
+        logger.info("nowhere")
+        log.logging.getLogger("pymta.delivery.smtp").addHandler(counting := Counting())
+        log.logging.getLogger("pymta.delivery.smtp").warning("its own handler still gets it")
+        assert made == ["its own handler still gets it"]
+        log.logging.getLogger("pymta.delivery.smtp").removeHandler(counting)
+        assert log.setup(target="stderr").isEnabledFor(log.logging.INFO)
+    finally:
+        log.setup(target="none")
+
+
 def test_log_syslog_skips_the_journal(mta: MtaEnv, sockets: Path) -> None:
     queue_one(mta, "log: syslog\n")
     journal, syslog = listen(sockets / "journal"), listen(sockets / "log")

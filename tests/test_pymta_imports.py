@@ -59,6 +59,8 @@ def test_flush_with_nothing_due_opens_no_session(with_smarthost: MtaEnv) -> None
     modules = imported(with_smarthost, "flush")
     assert "pymta.delivery.flush" in modules and "yaml" in modules
     assert loaded(modules, SESSION_ONLY | OTHER_COMMANDS) == []
+    # Nor what only a mistake in the config (did-you-mean) or a syslog target needs.
+    assert loaded(modules, {"difflib", "logging.handlers", "pickle"}) == []
 
 
 def test_flush_of_a_local_message_opens_no_session(with_smarthost: MtaEnv) -> None:

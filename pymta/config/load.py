@@ -12,13 +12,12 @@ The dataclasses are in `pymta.config.model`, the size limits in `pymta.config.li
 none of this (it reads a few keys with `pymta.config.paths`); the CLI and the flusher do.
 """
 
-import difflib
 import ipaddress
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,7 +281,7 @@ def _password(value: object, where: _Where) -> PasswordSource:
         raise where.fail(f"must name exactly one password source; {_PASSWORD_FIX}")
     ((kind, reference),) = value.items()
     if kind not in _PASSWORD_REFERENCES:
-        close = difflib.get_close_matches(str(kind), PASSWORD_KINDS, n=1)
+        close = _close_matches(str(kind), PASSWORD_KINDS, n=1)
         hint = f'did you mean "{close[0]}"?' if close else _PASSWORD_FIX
         raise where.key(kind).fail(f"unknown password source; {hint}")
     return PasswordSource(kind, _PASSWORD_REFERENCES[kind](reference, where.key(kind)))
@@ -307,7 +306,7 @@ def _section(keys: Mapping[str, _Key], value: object, where: _Where, what: str) 
 
 def _unknown_key(key: object, keys: Mapping[str, _Key]) -> str:
     home = next((name for name, table in _NESTED.items() if key in table and table is not keys), None)
-    close = difflib.get_close_matches(key, list(keys), n=1) if isinstance(key, str) else []
+    close = _close_matches(key, list(keys), n=1) if isinstance(key, str) else []
     if close and not (home and close[0] not in _NESTED):  # tls_policy: under mx:, not sender_policy
         return f'unknown key; did you mean "{close[0]}"?'
     if home:
@@ -574,7 +573,7 @@ def parse(document: object, source: str) -> Config:
         if route.smarthost == DIRECT:
             continue
         if route.smarthost not in labels:
-            close = difflib.get_close_matches(route.smarthost, labels, n=1)
+            close = _close_matches(route.smarthost, labels, n=1)
             known = ", ".join(labels) or "none"
             hint = f'did you mean "{close[0]}"?' if close else f"the smarthosts are: {known}"
             raise at.fail(f"{_show(route.smarthost)} is not a smarthost's name or host; {hint}")
@@ -616,3 +615,10 @@ def load(path: str | None = None) -> Config:
         problem = fix.format(path=found) if fix else f"cannot be read: {error.strerror or error}"
         raise _Where(found).fail(problem) from None
     return loads(data, found)
+
+
+def _close_matches(word: str, choices: Sequence[str], n: int) -> list[str]:
+    """difflib's guesses for a did-you-mean, loaded only when a config has a mistake to name."""
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=n)

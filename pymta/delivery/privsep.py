@@ -73,9 +73,18 @@ PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery
 # (time.strptime, email's policies; email's parser, the IDNA codec and the `idna` package come with
 # dnspython, imported by delivery/mx.py), and the tables and codec `idna` loads on first use (`mail.idn`
 # uses it only for an international domain), and http.client, which `mtasts` imports only to fetch a
-# policy. tests/test_preload.py holds both: every import inside a function of those packages is loaded
-# by then, and each name here is still needed.
-PRELOAD_STDLIB = ("_strptime", "email.policy", "idna.uts46data", "encodings.punycode", "http.client")
+# policy, and logging.handlers and difflib, which `log` and `config.load` import only for a syslog
+# target and a config's mistake. tests/test_preload.py holds both: every import inside a function of
+# those packages is loaded by then, and each name here is still needed.
+PRELOAD_STDLIB = (
+    "_strptime",
+    "email.policy",
+    "idna.uts46data",
+    "encodings.punycode",
+    "http.client",
+    "logging.handlers",
+    "difflib",
+)
 
 
 def preload() -> list[str]:

@@ -227,6 +227,7 @@ class Recorder:
                     last_error = reply
                 if status != "expanded":
                     count(outcome.status)
+                if status != "expanded" and self.log.isEnabledFor(logging.INFO):  # made only to be written
                     self.log.info(
                         log.delivery_line(
                             entry.id,
