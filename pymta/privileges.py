@@ -98,7 +98,7 @@ def fork_child(work: Callable[[], int], failed: int) -> int:
     Never returns in the child: it ends with `os._exit`, so nothing of the parent's (atexit handlers,
     buffered files, the test runner) runs twice. Raises OSError when the fork fails."""
     with warnings.catch_warnings():
-        # Python 3.12+ warns about fork() in a process with threads (the spool's reaper): the child takes
+        # Python 3.12+ warns about fork() in a process with threads (a reaper's, a test's): the child takes
         # none of their locks and ends with os._exit.
         warnings.filterwarnings("ignore", r".*fork\(\) may lead to deadlocks", DeprecationWarning)
         pid = os.fork()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import posix
 import pwd
-import queue
 import resource
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -20,10 +21,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pymta import privileges
 from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
 from pymta.queue.directory import encode_json, new_id
 from pymta.queue.entry import MessageState
-from pymta.queue.locks import REAP_BATCH
+from pymta.queue.reaper import REAP_BATCH
 from pymta.queue.spool import Names, Spool
 
 ENVELOPE: dict[str, object] = {
@@ -320,31 +322,62 @@ def test_remove_lets_go_of_the_lock_at_once(tmp_path: Path) -> None:
         spool.finish_removals()
 
 
-def test_removals_wake_the_reapers_once_a_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each hand-over wakes a thread, and the interpreter lock goes back and forth with it: descriptors go to
-    the reapers REAP_BATCH at a time, not one a message (issue 12: the flush's futex calls per message)."""
-    handed: list[object] = []
-
-    class Counted(queue.SimpleQueue):  # type: ignore[type-arg]
-        def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
-            handed.append(item)
-            super().put(item, block, timeout)
-
-    monkeypatch.setattr(queue, "SimpleQueue", Counted)
-    spool, _ = _queued(tmp_path)
-    count = 3 * REAP_BATCH
+def _many_queued(tmp_path: Path, count: int) -> Spool:
+    spool = Spool(str(tmp_path / "spool"))
     for _ in range(count):
         spool.submit(ENVELOPE, b"Subject: hi\r\n\r\nbody\r\n")
-    spool.pick_up(1 << 20, print)
+    assert len(spool.pick_up(1 << 20, print)) == count
+    return spool
+
+
+def _remove_all(spool: Spool) -> None:
     for name in os.listdir(spool.dir("queue")):
         lock = spool.lock_message(name)
         assert lock is not None
         spool.remove(spool.load(name, lock)[0], lock)
+
+
+def _open_removed(spool: Spool) -> list[str]:
+    """The files of queue/ that this process holds open after their removal."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(spool.dir("queue") + "/") and target.endswith(" (deleted)"):
+                found.append(target)
+    return found
+
+
+def test_removals_go_to_the_reaper_a_batch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The descriptors of removed messages go to the reaper process REAP_BATCH at a time, one message on its
+    socket each (issue 12: a thread woken per message took the interpreter lock from the delivery loop), and
+    the flush keeps none of them: the reaper's copy is the last, and it is gone by `finish_removals`."""
+    handed: list[int] = []
+    send_fds = socket.send_fds
+
+    def counted(sock: socket.socket, buffers: list[bytes], fds: list[int], *args: object) -> int:
+        handed.append(len(fds))
+        return send_fds(sock, buffers, fds, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "send_fds", counted)
+    spool = _many_queued(tmp_path, 3 * REAP_BATCH + 1)
+    try:
+        _remove_all(spool)
+        assert len(_open_removed(spool)) == 1  # the rest of the last batch; the others went
+    finally:
+        spool.finish_removals()
+    assert os.listdir(spool.dir("queue")) == [] and _open_removed(spool) == []
+    assert handed[:3] == [REAP_BATCH] * 3 and sum(handed) == 3 * REAP_BATCH + 1 and len(handed) <= 5
+
+
+def test_a_few_removals_fork_no_reaper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that removes fewer than a batch closes them itself at its end: a fork would cost more."""
+    forked: list[object] = []
+    monkeypatch.setattr(privileges, "fork_child", lambda *args: forked.append(args) or 0)
+    spool = _many_queued(tmp_path, 3)
+    _remove_all(spool)
     spool.finish_removals()
-    assert os.listdir(spool.dir("queue")) == []
-    batches = [item for item in handed if item is not None]
-    assert len(batches) <= 3 + 1 + 2  # the batches, the last one at the end, at most two fsync requests
-    assert sum(len(batch) for batch in batches) >= count + 1  # type: ignore[arg-type]
+    assert forked == [] and os.listdir(spool.dir("queue")) == []
 
 
 def test_remove_without_a_lock(tmp_path: Path) -> None:

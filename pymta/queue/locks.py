@@ -5,13 +5,12 @@
     flush.request   asks the flush that holds the lock to look at the queue once more (`request_flush`)
     queue/ID        flock'ed while a flush delivers it or a `pymta queue` command changes it (`lock_message`)
 
-A delivered message is unlinked at once (that is the decision) and its lock let go, and background
-threads, the reapers, close its last descriptor, which is what frees its blocks (`remove`): the
-descriptors go to them REAP_BATCH at a time, so that the flush wakes a thread once per batch, not once per
-message. The unlinks are made durable in batches: a reaper fsyncs queue/ and state/ at most
-REMOVAL_SYNC_INTERVAL after a removal, and the run does once more after its last one (`finish_removals`).
-A power loss before that fsync can only bring back a message that was delivered (a duplicate, never a
-loss): ARCHITECTURE.md, invariant 3.
+A delivered message is unlinked at once (that is the decision) and its lock let go; freeing its blocks,
+which the close of its last descriptor does, is left to the reaper, a process of the flush's own
+(`pymta.queue.reaper`), REAP_BATCH descriptors at a time. The unlinks are made durable in batches: the
+reaper fsyncs queue/ and state/ at most REMOVAL_SYNC_INTERVAL after a removal, and the run does once more
+after its last one (`finish_removals`). A power loss before that fsync can only bring back a message that
+was delivered (a duplicate, never a loss): ARCHITECTURE.md, invariant 3.
 """
 
 from __future__ import annotations
@@ -19,47 +18,34 @@ from __future__ import annotations
 import os
 import time
 
-from pymta.queue.directory import READ_FLAGS, SpoolDirectory, fsync_dir, unlink_quietly, write_error
+from pymta.queue.directory import READ_FLAGS, SpoolDirectory, unlink_quietly, write_error
+from pymta.queue.reaper import REAP_BATCH, Reaper, close_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import queue
-    import threading
-
     from pymta.queue.entry import QueueEntry
 
-# Threads that close the descriptors of delivered messages. On ext4 one thread closing unlinked files frees
-# about 300 a second on a busy disk, and falls ever further behind a flush of thousands; two or more free
-# ten times as many in the same time (their journal work is batched), so the flush never waits for them.
-REAPERS = 4
-# Descriptors of delivered messages handed to the reapers at once. Handing each over on its own woke a thread
-# per message, and the interpreter lock went back and forth with it: 18 futex calls a message, a fifth of a
-# flush's time on two cores. A batch keeps at most this many unlinked files open (their locks let go).
-REAP_BATCH = 32
-# Seconds after a removal within which a reaper makes it durable (an fsync of queue/ and state/, in the
+# Seconds after a removal within which the reaper makes it durable (an fsync of queue/ and state/, in the
 # background): one fsync a second for any number of messages, where one each would cost a journal commit
 # per message; and a power loss can bring back only the messages of the last second, delivered again.
 REMOVAL_SYNC_INTERVAL = 1.0
-# What a reaper is handed, beside descriptors to close, when the removals before are to be made durable.
-_SYNC = -1
 
 
 class Locks(SpoolDirectory):
     """The locks of a spool and its reaper (`pymta.queue.spool.Spool` has them)."""
 
-    _reapers: list[threading.Thread] | None = None  # free delivered messages in the background
-    _doomed: queue.SimpleQueue[list[int] | None]
-    _batch: list[int]  # descriptors of removed messages not yet handed to the reapers
-    _sync_due = 0.0  # time.monotonic() from which the next removal asks a reaper for an fsync
+    _reaper: Reaper | None = None  # frees delivered messages in the background, from the first removal on
+    _batch: list[int]  # descriptors of removed messages not yet handed to the reaper
+    _sync_due = 0.0  # time.monotonic() from which the next removal asks the reaper for an fsync
 
     def remove(self, entry: QueueEntry, lock: int | None = None) -> None:
         """Forget a message whose every recipient is done: unlink queue/ID (that unlink is the decision),
         then state/ID.
 
         A descriptor of the file stays open across the unlink, its lock is let go (the message is gone by
-        name: nobody can take it again), and a background thread closes it while the flush goes on, with
-        the REAP_BATCH removed before it: whoever lets go of an unlinked file last pays for freeing its
-        blocks, and for a file that was fsynced that costs three renames here, ten times the unlink itself.
+        name: nobody can take it again), and the reaper closes it while the flush goes on, with the
+        REAP_BATCH removed before it: whoever lets go of an unlinked file last pays for freeing its blocks,
+        and for a file that was fsynced that costs three renames here, ten times the unlink itself.
         `finish_removals` waits for those closes. A crash leaves nothing behind: the kernel frees an
         unlinked file whose last descriptor goes (after a power loss, when the file system is mounted again).
 
@@ -79,56 +65,30 @@ class Locks(SpoolDirectory):
             import fcntl
 
             fcntl.flock(fd, fcntl.LOCK_UN)  # as the close would, at once: a waiting `pymta queue` says gone
-        if self._reapers is None:
-            import queue
-            import threading
-
-            self._doomed = queue.SimpleQueue()
+        if self._reaper is None:
+            self._reaper = Reaper((self.dir("queue"), self.dir("state")))
             self._batch = []
-            self._reapers = [
-                threading.Thread(target=self._reap, name=f"pymta-reaper-{number}", daemon=True)
-                for number in range(REAPERS)
-            ]
-            for reaper in self._reapers:
-                reaper.start()
             self._sync_due = time.monotonic() + REMOVAL_SYNC_INTERVAL
         self._batch.append(fd)
         sync = time.monotonic() >= self._sync_due
         if sync or len(self._batch) >= REAP_BATCH:
-            self._doomed.put(self._batch)
-            self._batch = []
-        if sync:
-            self._sync_due = time.monotonic() + REMOVAL_SYNC_INTERVAL
-            self._doomed.put([_SYNC])
-
-    def _reap(self) -> None:
-        while (batch := self._doomed.get()) is not None:
-            for fd in batch:
-                if fd == _SYNC:
-                    self._sync_removals()
-                else:
-                    os.close(fd)
-
-    def _sync_removals(self) -> None:
-        """Make the unlinks in queue/ and state/ durable. A failure is not the run's: at worst a power loss
-        brings those delivered messages back, to be delivered again."""
-        for location in ("queue", "state"):
-            try:
-                fsync_dir(self.dir(location))
-            except OSError:
-                continue
+            if sync:
+                self._sync_due = time.monotonic() + REMOVAL_SYNC_INTERVAL
+            batch, self._batch = self._batch, []
+            self._reaper.hand_over(batch, sync)
 
     def finish_removals(self) -> None:
-        """Wait until every message handed to `remove` is freed, and make their removal durable."""
-        if self._reapers is not None:
-            self._doomed.put(self._batch)
+        """Wait until every message handed to `remove` is freed, and make their removal durable. A run that
+        filled no batch closes its few here (a fork for them would cost more) and forked no reaper."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            if reaper.running:
+                reaper.hand_over(self._batch)
+            else:
+                close_all(self._batch)
             self._batch = []
-            for _ in self._reapers:
-                self._doomed.put(None)
-            for reaper in self._reapers:
-                reaper.join()
-            self._reapers = None
-            self._sync_removals()
+            reaper.finish()
+            reaper.sync()
 
     def lock_flush(self) -> int | None:
         """Take the flush lock without waiting: a descriptor to `release_flush`, or None when it is held."""

@@ -5,7 +5,8 @@ message (`write_state`, `due`). It knows nothing of SMTP. Beside it, by job:
     entry.py      the one typed record of a queued message: envelope (`QueueEntry`) and state
                   (`MessageState`, the keys of state/ID)
     pickup.py     the pick-up gate: new/ to queue/, drop validation, sender policy, per-user limits
-    locks.py      flush.lock, flush.request, the message locks, the reaper of delivered messages
+    locks.py      flush.lock, flush.request, the message locks, the removal of delivered messages
+    reaper.py     the process that frees delivered messages (closes their last descriptors) and fsyncs
 
 Layout of a spool directory (ARCHITECTURE.md, "On disk"):
 
@@ -64,7 +65,7 @@ class Spool(PickUp, Locks):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.private = True  # after submit(): whether the spool is this user's own (user mode)
-        self._reapers = None
+        self._reaper = None
         self.limit_warned = set()
 
     # -- the write side (sendmail's is `pymta.queue.commit`) --
