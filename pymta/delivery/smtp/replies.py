@@ -64,6 +64,18 @@ class Client(smtplib.SMTP):
         no code. At most MAX_REPLY_LINES lines, and the whole reply within `timeout` (default: the
         session's) plus REPLY_TRANSFER_TIME (`timeout` alone bounds only each wait for data). Past either
         the connection is closed and SMTPServerDisconnected says why."""
+        # Most replies of a pipelined group came with the one before: a one-line reply in the buffer is
+        # taken as `_reply` would take it, with no deadline to compute and no read to bound.
+        start, buffer = self._start, self._buffer
+        end = buffer.find(b"\n", start)
+        if (
+            0 <= end - start < MAX_REPLY_LINE
+            and buffer[start + 3 : start + 4] == b" "
+            and buffer[start : start + 3].isdigit()
+            and self._buffer_of is self.sock is not None
+        ):
+            self._start = end + 1
+            return int(buffer[start : start + 3]), buffer[start + 4 : end + 1].strip(b" \t\r\n")
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit + REPLY_TRANSFER_TIME
         try:
