@@ -370,6 +370,33 @@ def test_removals_go_to_the_reaper_a_batch_at_a_time(tmp_path: Path, monkeypatch
     assert handed[:3] == [REAP_BATCH] * 3 and sum(handed) == 3 * REAP_BATCH + 1 and len(handed) <= 5
 
 
+def test_the_reaper_keeps_nothing_of_the_flush(tmp_path: Path) -> None:
+    """The forked reaper holds only its socket and what it was handed: not the flush lock, not a message
+    lock of the flush's, not its connections (their ends would outlive the flush's own closes)."""
+    spool = _many_queued(tmp_path, REAP_BATCH)
+    flush_lock = spool.lock_flush()
+    assert flush_lock is not None
+    try:
+        _remove_all(spool)
+        reaper = spool._reaper
+        assert reaper is not None and reaper._pid is not None
+        deadline = time.monotonic() + 10
+        while True:  # until it has let go of what the fork gave it, its first act
+            held = []
+            for fd in os.listdir(f"/proc/{reaper._pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if int(fd) > 2:  # stdin, stdout and stderr are kept
+                        held.append(os.readlink(f"/proc/{reaper._pid}/fd/{fd}"))
+            kept = [t for t in held if not t.startswith(("socket:", spool.dir("queue") + "/"))]
+            if not kept or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert kept == [] and len(held) <= 1 + REAP_BATCH
+    finally:
+        spool.finish_removals()
+        spool.release_flush(flush_lock)
+
+
 def test_a_few_removals_fork_no_reaper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that removes fewer than a batch closes them itself at its end: a fork would cost more."""
     forked: list[object] = []

@@ -109,9 +109,7 @@ class Reaper:
             theirs.close()
         self._channel = ours
 
-    def _serve(
-        self, channel: int
-    ) -> int:  # pragma: no cover - runs in the reaper; the tests check what it does
+    def _serve(self, channel: int) -> int:  # pragma: no cover - runs in the reaper (tests see its work)
         """The reaper's life: keep only `channel`, close what comes over it, fsync when asked, end at EOF."""
         import queue
         import threading
