@@ -96,6 +96,11 @@ class Reaper:
                 continue
 
     def _start(self) -> None:
+        # What the reaper imports, imported here: a thread of the flush (the hostname lookup) may hold the
+        # import lock at the fork, and the child would wait for it for ever.
+        import queue  # noqa: F401
+        import threading  # noqa: F401
+
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError:
