@@ -553,3 +553,38 @@ def test_state_and_envelope_json_is_read_as_json_loads_reads_it(text: str) -> No
             return f"{type(exc).__name__}: {exc}"
 
     assert outcome(_json_value) == outcome(json.loads)
+
+
+def test_a_listing_reads_a_usual_state_without_an_fstat_and_still_knows_a_planted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state file is read with one pread and no fstat (a listing reads 100,000 of them); what is not a
+    usual state (a directory, a FIFO, an empty or a long file) still gets the checks' answer."""
+    spool = Spool(str(tmp_path / "spool"))
+    names = [spool.submit({**ENVELOPE, "recipients": ["a@example.org"]}, b"x\r\n") for _ in range(6)]
+    for name in names:
+        os.rename(os.path.join(spool.dir("new"), name), os.path.join(spool.dir("queue"), name))
+    usual, long, empty, directory, fifo, missing = names
+    deferred = MessageState(state="deferred", attempts=1, last_error="451 later")
+    spool.write_state(usual, deferred, time.time() + 60)
+    spool.write_state(long, MessageState(state="deferred", last_error="4" * 20000), time.time() + 60)
+    Path(spool.dir("state"), empty).write_bytes(b"")
+    os.mkdir(os.path.join(spool.dir("state"), directory))
+    os.mkfifo(os.path.join(spool.dir("state"), fifo))
+    fstats: list[int] = []
+    real_fstat = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: fstats.append(fd) or real_fstat(fd))
+    found = {item.id: item for item in spool.scan() if not isinstance(item, str)}
+    problems = sorted(item for item in spool.scan() if isinstance(item, str))
+    assert found[usual].state == "deferred" and found[usual].last_error == "451 later"
+    assert found[long].last_error == "4" * 20000
+    assert found[missing].state == "queued"
+    assert problems == sorted(
+        [
+            f"queue/{empty}: Expecting value: line 1 column 1 (char 0)",
+            f"queue/{directory}: state file is not a regular file",
+            f"queue/{fifo}: state file is not a regular file",
+        ]
+    )
+    # Per scan: one fstat per queue file (its size and owner), and one per state that is not usual.
+    assert len(fstats) == 2 * (len(names) + 4)

@@ -134,15 +134,25 @@ class SpoolDirectory:
         except FileNotFoundError:
             return None  # never tried: the common case on the flush's hot path, so no file object is made
         try:
-            info = os.fstat(fd)
-            if not S_ISREG(info.st_mode):
-                raise ValueError("state file is not a regular file")
-            if info.st_size < _STATE_READ:  # the usual state: one read, to the end of the file
+            # The usual state: one read, to the end of the file, and no fstat (a listing reads 100,000).
+            # What else the spool's owner can put here (a FIFO, a directory, a hard link to a device
+            # every user may read and write: /dev/null, /dev/zero, /dev/tty, ...; protected_hardlinks
+            # allows no other) fails that read (opened without waiting), fills it, or gives nothing:
+            # each of those goes to fstat, which says what it is, before anything is parsed.
+            try:
                 data = os.pread(fd, _STATE_READ, 0)
-            else:
-                data = read_all(fd, min(info.st_size, MAX_STATE_SIZE), limit=MAX_STATE_SIZE + 1)
-            if len(data) > MAX_STATE_SIZE:
-                raise ValueError(f"state file is larger than {MAX_STATE_SIZE} bytes")
+            except OSError:
+                data = b""
+            if not 0 < len(data) < _STATE_READ:
+                info = os.fstat(fd)
+                if not S_ISREG(info.st_mode):
+                    raise ValueError("state file is not a regular file")
+                if info.st_size < _STATE_READ:
+                    data = os.pread(fd, _STATE_READ, 0)
+                else:
+                    data = read_all(fd, min(info.st_size, MAX_STATE_SIZE), limit=MAX_STATE_SIZE + 1)
+                if len(data) > MAX_STATE_SIZE:
+                    raise ValueError(f"state file is larger than {MAX_STATE_SIZE} bytes")
         finally:
             os.close(fd)
         return parse_state(data, queued_at)

@@ -156,14 +156,14 @@ class RecipientStatus:
             typed: Expiry | None = Expiry.from_json(expired)
         else:  # a state file written before `expired` existed
             typed = _legacy_expiry(last_error) if status == "failed" else None
-        return cls(
-            address,
-            status or "pending",
-            last_error,
-            via if isinstance(via, str) else None,
-            get("reported") is True,
-            typed,
-        )
+        made = object.__new__(cls)
+        made.address = address
+        made.status = status or "pending"
+        made.last_error = last_error
+        made.via = via if isinstance(via, str) else None
+        made.reported = get("reported") is True
+        made.expired = typed
+        return made
 
 
 class MessageState:
@@ -269,25 +269,29 @@ class MessageState:
         per_recipient = get("recipients")
         per_recipient = per_recipient if isinstance(per_recipient, dict) else {}
         last_error, relay, held_from = get("last_error"), get("relay"), get("held_from")
-        return cls(
-            state=state or "queued",
-            attempts=attempts,
-            next_attempt=next_attempt,
-            last_attempt=_optional_time(data, "last_attempt"),
-            last_error=last_error if isinstance(last_error, str) else None,
-            relay=relay if isinstance(relay, str) else None,
-            warned=get("warned") is True,
-            bounce_due=get("bounce_due") is True,
-            held_from=held_from if isinstance(held_from, str) else None,
-            held_at=None if get("held_at") is None else _optional_time(data, "held_at"),
-            held_seconds=float(held_seconds),
-            failed_at=None if get("failed_at") is None else _optional_time(data, "failed_at"),
-            recipients={
-                str(address): RecipientStatus.from_record(str(address), record)
-                for address, record in per_recipient.items()
-            },
-            unknown=_unknown(data),
-        )
+        last_attempt = get("last_attempt")
+        if type(last_attempt) is not float or not 0 <= last_attempt <= MAX_TIME:
+            last_attempt = _optional_time(data, "last_attempt")
+        # Made without __init__'s keywords, each slot set once: a listing makes 100,000 of them.
+        made = object.__new__(cls)
+        made.state = state or "queued"
+        made.attempts = attempts
+        made.next_attempt = next_attempt
+        made.last_attempt = last_attempt
+        made.last_error = last_error if isinstance(last_error, str) else None
+        made.relay = relay if isinstance(relay, str) else None
+        made.warned = get("warned") is True
+        made.bounce_due = get("bounce_due") is True
+        made.held_from = held_from if isinstance(held_from, str) else None
+        made.held_at = None if get("held_at") is None else _optional_time(data, "held_at")
+        made.held_seconds = float(held_seconds)
+        made.failed_at = None if get("failed_at") is None else _optional_time(data, "failed_at")
+        from_record = RecipientStatus.from_record
+        made.recipients = {
+            str(address): from_record(str(address), record) for address, record in per_recipient.items()
+        }
+        made.unknown = {} if _STATE_KEYS.issuperset(data) else _unknown(data)
+        return made
 
 
 def _unknown(data: dict[str, object]) -> dict[str, object]:
@@ -401,21 +405,27 @@ class QueueEntry:
         self.dsn_envid = envid if isinstance(envid, str) else None
         self.body_type = body_type if isinstance(body_type, str) else None
         addresses = get("recipients")
-        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+        if not isinstance(addresses, list) or not (
+            (len(addresses) == 1 and type(addresses[0]) is str) or all(isinstance(a, str) for a in addresses)
+        ):
             raise ValueError("envelope has no recipient list")
         self.has_state = state is not None
         self.record = state if state is not None else MessageState(next_attempt=self.queued_at)
         known = self.record.recipients
         # The envelope's recipients, then those the flush added (alias targets), in the state's order.
-        if len(known) > len(addresses) or not known.keys() <= set(addresses):
-            addresses = [*addresses, *(address for address in known if address not in addresses)]
-        self.recipients = [known.get(address) or RecipientStatus(address) for address in addresses]
+        if len(known) == len(addresses) == 1 and addresses[0] in known:  # the usual message: one, tried
+            self.recipients = [known[addresses[0]]]
+        else:
+            if len(known) > len(addresses) or not known.keys() <= set(addresses):
+                addresses = [*addresses, *(address for address in known if address not in addresses)]
+            self.recipients = [known.get(address) or RecipientStatus(address) for address in addresses]
         self.size = size
         self.owner_uid = owner_uid
-        self.dsn_of = _optional_text(envelope, "dsn_of")  # this is a notice about that message
+        dsn_of = get("dsn_of")
+        self.dsn_of = dsn_of if isinstance(dsn_of, str) else None  # this is a notice about that message
         # The last-resort notice to postmaster (`notices.bounce_recipient`): routed without the admin rule,
         # and a failure of it is told to no one.
-        self.to_postmaster = envelope.get("to_postmaster") is True
+        self.to_postmaster = get("to_postmaster") is True
 
     # The state's fields that every reader of an entry asks for.
     @property
