@@ -250,3 +250,22 @@ def test_filters_choose_what_each_command_acts_on(mta: MtaEnv) -> None:
     )
     both = pymta(mta, "queue", "hold", ids[0], "--sender", "<>")
     assert both.returncode == 64 and b"not both" in both.stderr
+
+
+def test_the_grouped_listing_gives_back_every_row_as_it_was_made_across_its_blocks() -> None:
+    """`pymta queue` holds the rows of a large group in compressed blocks: what comes out is each row as
+    `table_row` made it, in order, whatever the text (non-ASCII, a lone surrogate from a JSON escape)."""
+    from pymta.queue.entry import MessageState, QueueEntry
+    from pymta.queue.listing import grouped_text, table_header, table_row
+
+    now = 1_800_000_000.0
+    senders = ["robot@example.org", "j\u00f6rg@example.org", "odd\udc80\ud800@example.org"]
+    entries = []
+    for number in range(1300):
+        envelope = {"id": f"{number:024x}", "sender": senders[number % 3], "recipients": ["a@example.net"]}
+        envelope["queued_at"] = now - number
+        state = MessageState(state="deferred", attempts=1, last_error="451 later", next_attempt=now + 60)
+        entries.append(QueueEntry("queue", "", envelope, state, 1000 + number, 0))
+    text = "".join(grouped_text(entries, now))
+    rows = "".join(table_row(entry, now) + "\n" for entry in entries)
+    assert text.startswith(f"{table_header()}\n\n1300 deferred: 451 later\n{rows}\n-- 1300 messages, ")

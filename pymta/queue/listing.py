@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 
 from pymta.errors import EX_OK, PermissionDeniedError
@@ -170,7 +171,8 @@ def grouped_text(entries: Iterable[QueueEntry], now: float | None = None) -> Ite
     """`pymta queue`: the messages grouped by why they wait (`reason`), the largest group first, each
     under one line that gives its count and reason once, oldest first within it; then the total. The text
     comes in blocks of whole lines, each ending with a newline. Only the text of the rows is held until
-    the end, joined in blocks of `_BLOCK` rows, not the messages (100,000 rows: about 10 MiB)."""
+    the end, not the messages: in blocks of `_BLOCK` rows, compressed (100,000 rows: about 1 MiB rather
+    than 9)."""
     now = time.time() if now is None else now
     totals = Totals()
     groups: dict[str, _Group] = {}
@@ -202,26 +204,29 @@ def grouped_text(entries: Iterable[QueueEntry], now: float | None = None) -> Ite
     yield "\n" + "".join(line + "\n" for line in totals.lines())
 
 
-# How many rows of a group `grouped_text` joins into one string: the per-string cost of 100,000 rows is
+# How many rows of a group `grouped_text` joins into one block: the per-block cost of 100,000 rows is
 # then paid 100,000 / _BLOCK times.
-_BLOCK = 256
+_BLOCK = 512
 
 
 class _Group:
-    """The rows of one group of `grouped_text`: the latest as strings, the earlier joined in blocks."""
+    """The rows of one group of `grouped_text`: the latest as strings, the earlier joined in blocks and
+    compressed with zlib's fastest level (rows of one group differ in little but their id: a tenth of
+    the size, for about a second's hundredth per 100,000 rows)."""
 
     __slots__ = ("count", "rows", "blocks")
 
     def __init__(self) -> None:
         self.count = 0
         self.rows: list[str] = []
-        self.blocks: list[str] = []
+        self.blocks: list[bytes] = []
 
     def add(self, row: str) -> None:
         self.count += 1
         self.rows.append(row)
         if len(self.rows) >= _BLOCK:
-            self.blocks.append("\n".join(self.rows) + "\n")
+            text = ("\n".join(self.rows) + "\n").encode("utf-8", "surrogatepass")
+            self.blocks.append(zlib.compress(text, 1))
             self.rows.clear()
 
     def text(self) -> Iterator[str]:
@@ -229,7 +234,7 @@ class _Group:
         blocks, self.blocks = self.blocks, []
         blocks.reverse()
         while blocks:
-            yield blocks.pop()
+            yield zlib.decompress(blocks.pop()).decode("utf-8", "surrogatepass")
         if self.rows:
             yield "\n".join(self.rows) + "\n"
 

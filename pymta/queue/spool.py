@@ -145,15 +145,21 @@ class Spool(PickUp, Locks):
                 problems.append(f"new/{quoted(name)}: {exc}")
         names = [*waiting, *self._names("queue")]  # bare names: 100,000 pairs would cost 6 MiB more
         names.sort()
-        return self._read_listed(names, waiting, problems, budget)
+        # Held as one string, each name ended by a NUL (which no file name holds): 100,000 names are then
+        # 2.5 MiB rather than 9 MiB of str objects and the list, for as long as the listing runs.
+        listed = "\0".join(names) + "\0" if names else ""
+        del names
+        return self._read_listed(listed, waiting, problems, budget)
 
     def _read_listed(
-        self, names: list[str], waiting: set[str], problems: list[str], budget: PickUpBudget
+        self, listed: str, waiting: set[str], problems: list[str], budget: PickUpBudget
     ) -> Iterator[QueueEntry | str]:
         yield from problems
         fds = {location: _open_dir_quietly(self.dir(location)) for location in ("new", "queue", "state")}
         try:
-            for name in names:
+            start, find = 0, listed.find
+            while (end := find("\0", start)) >= 0:
+                name, start = listed[start:end], end + 1
                 location = "queue"
                 if name in waiting:  # a name listed in both: the first of the two is new/'s
                     waiting.discard(name)
