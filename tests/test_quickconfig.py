@@ -358,3 +358,50 @@ def test_read_scalars_errors(tmp_path: Path) -> None:
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         quickconfig.read_scalars(str(path), KEYS)
+
+
+def test_the_settings_are_read_with_system_calls_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sendmail reads its config on every message: with open, read and close, no file object (which adds
+    an fstat, an ioctl and two seeks); a file longer than one read comes whole, a directory is OSError."""
+    import builtins
+
+    config = tmp_path / "pymta.yaml"
+    config.write_text("# " + "x" * 200_000 + "\nspool: /var/tmp/s\n")
+
+    def no_file_object(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a file object was made")
+
+    monkeypatch.setattr(builtins, "open", no_file_object)
+    assert quickconfig.read_plain(str(config), frozenset({"spool"})) == ({"spool": "/var/tmp/s"}, None)
+    values, problem = quickconfig.read_plain(str(tmp_path), frozenset({"spool"}))
+    assert values == {} and isinstance(problem, OSError) and problem.strerror == "Is a directory"
+
+
+def test_sendmail_reads_a_small_message_in_reads_of_64_kib_and_a_large_one_in_growing_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read of n bytes allocates n first: a cron job's message is read in 64 KiB (what a pipe holds), not
+    in the mebibyte a large one from a file is read in."""
+    import posix
+
+    from pymta.submission.submit import read_blocks
+
+    def reads(data: bytes) -> list[int]:
+        asked: list[int] = []
+        rest = [data]
+
+        def read(fd: int, size: int) -> bytes:
+            assert fd == 0
+            asked.append(size)
+            chunk, rest[0] = rest[0][:size], rest[0][size:]
+            return chunk
+
+        with monkeypatch.context() as patch:
+            patch.setattr(posix, "read", read)
+            assert b"".join(read_blocks(False)) == data
+        return asked
+
+    assert reads(b"Subject: cron\n\nout\n") == [65536, 65536]
+    assert reads(b"x" * 3_000_000) == [65536, 131072, 262144, 524288, 1048576, 1048576, 1048576]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 # streams to the spool. Most mail is far smaller, and takes exactly the path it always took.
 STREAM_AFTER = 1 << 20
 _BLOCK = 1 << 20
+_FIRST_BLOCK = 1 << 16
 
 
 def read_blocks(stop_at_dot: bool, limit: int | None = None) -> "Iterator[bytes]":
@@ -55,9 +56,13 @@ def read_blocks(stop_at_dot: bool, limit: int | None = None) -> "Iterator[bytes]
                 yield line
                 room = max(room - len(line), 0) if room > 0 else room
         return
+    # Reads of 64 KiB (what a pipe holds), growing to `_BLOCK` while they come back full (a file): a read
+    # of n bytes allocates n first, and a mebibyte is a mapping of its own (mmap, mremap, munmap) that a
+    # cron job's message never needs.
+    block = _FIRST_BLOCK
     while room:
         try:
-            chunk = posix.read(0, _BLOCK if room < 0 else min(room, _BLOCK))
+            chunk = posix.read(0, block if room < 0 else min(room, block))
         except OSError as exc:
             raise errors.NoInputError(
                 f"cannot read the message from standard input: {exc.strerror}; pipe the message into sendmail"
@@ -66,6 +71,8 @@ def read_blocks(stop_at_dot: bool, limit: int | None = None) -> "Iterator[bytes]
             break
         yield chunk
         room = room - len(chunk) if room > 0 else room
+        if len(chunk) == block:  # more is waiting than a pipe holds (a file): larger reads
+            block = min(2 * block, _BLOCK)
 
 
 def read_stdin(stop_at_dot: bool, limit: int | None = None) -> bytes:
