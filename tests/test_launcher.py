@@ -134,6 +134,44 @@ def test_a_launcher_loads_neither_site_nor_re(mta: MtaEnv, tmp_path: Path) -> No
     assert len(mta.entries()) == 1
 
 
+def test_a_launcher_finds_pymtas_modules_at_their_path_without_searching_sys_path(tmp_path: Path) -> None:
+    """The launcher's finder: pymta's modules come from the install at their one path, neither the
+    install's directory nor pymta's packages are listed for them (as the search of `sys.path` did on every
+    message), and a name that is not there is ModuleNotFoundError as ever."""
+    directory = launchers(tmp_path)
+    install = this_install()
+    lines = (directory / "sendmail").read_text().splitlines()
+    assert lines[-2:] == ["from pymta.cli.sendmail import main", "sys.exit(main())"]
+    probe = "\n".join(
+        [
+            *lines[1:-2],
+            "import pymta.cli.sendmail, pymta.queue.listing",
+            "searched = sorted(str(key) for key in sys.path_importer_cache)",
+            "try:",
+            "    import pymta.no_such_module",
+            "except ModuleNotFoundError as exc:",
+            "    missing = exc.name",
+            "print(pymta.cli.sendmail.__file__, pymta.queue.listing.__spec__.parent, missing)",
+            "print(*searched, sep='\\n')",
+        ]
+    )
+    result = subprocess.run(
+        [install.interpreter, "-I", "-S", "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    first, *searched = result.stdout.splitlines()
+    parent = next(path for path in install.paths if os.path.isdir(os.path.join(path, "pymta")))
+    assert first == f"{parent}/pymta/cli/sendmail.py pymta.queue pymta.no_such_module"
+    assert not [path for path in searched if path.startswith(parent)], searched
+
+
+def test_no_pymta_module_has_the_name_of_a_package() -> None:
+    """The launcher's finder takes NAME.py before NAME/__init__.py, the usual search the other way round:
+    they agree while no module and package share a name."""
+    package = ROOT / "pymta"
+    modules = {path.with_suffix("") for path in package.rglob("*.py")}
+    assert not {path for path in modules if path.is_dir()}
+
+
 @pytest.mark.parametrize("where", ["a" * 130, "with blank"])
 def test_an_interpreter_path_too_long_or_with_a_blank_is_started_by_sh(
     mta: MtaEnv, tmp_path: Path, where: str
