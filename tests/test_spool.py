@@ -588,3 +588,19 @@ def test_a_listing_reads_a_usual_state_without_an_fstat_and_still_knows_a_plante
     )
     # Per scan: one fstat per queue file (its size and owner), and one per state that is not usual.
     assert len(fstats) == 2 * (len(names) + 4)
+
+
+def test_a_scan_gives_every_name_oldest_first_across_the_runs_it_holds_them_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Spool.scan` holds the sorted names as strings of `_RUN` names: none is lost or reordered at the
+    edge of one, in new/ or in queue/."""
+    from pymta.queue import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "_RUN", 2)
+    spool = Spool(str(tmp_path / "spool"))
+    names = [spool.submit(ENVELOPE, b"x\r\n") for _ in range(7)]
+    for name in names[::2]:
+        os.rename(os.path.join(spool.dir("new"), name), os.path.join(spool.dir("queue"), name))
+    listed = [item.id for item in spool.scan() if not isinstance(item, str)]
+    assert listed == sorted(names)

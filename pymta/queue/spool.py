@@ -145,21 +145,23 @@ class Spool(PickUp, Locks):
                 problems.append(f"new/{quoted(name)}: {exc}")
         names = [*waiting, *self._names("queue")]  # bare names: 100,000 pairs would cost 6 MiB more
         names.sort()
-        # Held as one string, each name ended by a NUL (which no file name holds): 100,000 names are then
-        # 2.5 MiB rather than 9 MiB of str objects and the list, for as long as the listing runs.
-        listed = "\0".join(names) + "\0" if names else ""
-        del names
-        return self._read_listed(listed, waiting, problems, budget)
+        # Held as strings of _RUN names, each ended by a NUL (which no file name holds), made from the end
+        # of the list as it shrinks: 100,000 names are then 2.5 MiB rather than 9 MiB of str objects and
+        # the list, for as long as the listing runs.
+        runs: list[str] = []
+        while names:
+            runs.append("\0".join(names[-_RUN:]) + "\0")
+            del names[-_RUN:]
+        runs.reverse()
+        return self._read_listed(runs, waiting, problems, budget)
 
     def _read_listed(
-        self, listed: str, waiting: set[str], problems: list[str], budget: PickUpBudget
+        self, runs: list[str], waiting: set[str], problems: list[str], budget: PickUpBudget
     ) -> Iterator[QueueEntry | str]:
         yield from problems
         fds = {location: _open_dir_quietly(self.dir(location)) for location in ("new", "queue", "state")}
         try:
-            start, find = 0, listed.find
-            while (end := find("\0", start)) >= 0:
-                name, start = listed[start:end], end + 1
+            for name in _names_of(runs):
                 location = "queue"
                 if name in waiting:  # a name listed in both: the first of the two is new/'s
                     waiting.discard(name)
@@ -283,6 +285,21 @@ class Names:
 
     def __repr__(self) -> str:
         return f"Names({list(self)!r})"
+
+
+# How many names `Spool.scan` joins into one string.
+_RUN = 4096
+
+
+def _names_of(runs: list[str]) -> Iterator[str]:
+    """The names in `runs` (strings of names each ended by a NUL), in order; each run let go of once read."""
+    runs.reverse()
+    while runs:
+        run = runs.pop()
+        start, find = 0, run.find
+        while (end := find("\0", start)) >= 0:
+            yield run[start:end]
+            start = end + 1
 
 
 def _open_dir_quietly(path: str) -> int | None:
