@@ -110,7 +110,7 @@ class SpoolDirectory:
             os.close(fd)
         if end < 0:
             raise ValueError("no envelope line: not a pymta queue file")
-        envelope = parse_envelope(head[: end + 1])
+        envelope = parse_envelope(head[:end])  # without its line end: the fast path of `_json_value`
         state = None
         if location == "queue":
             queued_at = envelope.get("queued_at", 0)

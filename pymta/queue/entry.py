@@ -496,9 +496,9 @@ def _json_value(text: str) -> object:
     but a line end after it (what pymta writes): a listing of 100,000 messages reads 200,000 of them.
     Anything else goes to json.loads, which reads it or raises its own error."""
     global _raw_decode
-    import json
-
     if _raw_decode is None:
+        import json
+
         _raw_decode = json.JSONDecoder().raw_decode
     try:
         value, end = _raw_decode(text)
@@ -506,6 +506,8 @@ def _json_value(text: str) -> object:
         end = -1
     if end == len(text) or (end > 0 and not text[end:].strip(" \t\n\r")):
         return value
+    import json
+
     return json.loads(text)
 
 
