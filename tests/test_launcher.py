@@ -164,6 +164,19 @@ def test_a_launcher_finds_pymtas_modules_at_their_path_without_searching_sys_pat
     assert not [path for path in searched if path.startswith(parent)], searched
 
 
+def test_a_launcher_without_its_finder_still_runs_with_the_usual_search(mta: MtaEnv, tmp_path: Path) -> None:
+    """A launcher outlives the files it was written for (an upgrade that moved the finder): without it,
+    sendmail still queues, by the usual search of `sys.path`."""
+    directory = launchers(tmp_path)
+    sendmail = directory / "sendmail"
+    text = sendmail.read_text()
+    assert "pymta/setup/finder.py" in text
+    sendmail.write_text(text.replace("pymta/setup/finder.py", "pymta/setup/no_finder.py"))
+    result = run(sendmail, mta, "root", input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    assert len(mta.entries()) == 1
+
+
 def test_no_pymta_module_has_the_name_of_a_package() -> None:
     """The launcher's finder takes NAME.py before NAME/__init__.py, the usual search the other way round:
     they agree while no module and package share a name."""

@@ -12,17 +12,18 @@ itself, after the standard library as `site` would, imports the one entry functi
     # pymta launcher (pymta.setup.launcher): ...
     import sys
     sys.path.append('/opt/pymta/lib/python3.11/site-packages')
-    try:  # pymta's modules at their path, not searched for ...
-        ...
-        sys.meta_path.insert(0, _Pymta)
-    except ImportError:
+    try:  # pymta's modules at their path, not searched for along sys.path (pymta.setup.finder)
+        from _frozen_importlib_external import SourceFileLoader
+        exec(SourceFileLoader('pymta.setup.finder', '/opt/.../pymta/setup/finder.py').get_code(None))
+        install('/opt/pymta/lib/python3.11/site-packages')
+    except (ImportError, OSError):
         pass
     from pymta.cli.sendmail import main
     sys.exit(main())
 
-Between the two, a finder of pymta's own modules (`_finder_lines`): `pymta.x.y` is the file x/y.py (or
-the package x/y/__init__.py) of the install's pymta directory, found with a stat rather than searched for
-along `sys.path`, which lists lib-dynload, site-packages and each of pymta's packages on every message
+Between the two, the finder of pymta's own modules (`pymta.setup.finder`): `pymta.x.y` is the file x/y.py
+(or the package x/y/__init__.py) of the install's pymta directory, found with a stat rather than searched
+for along `sys.path`, which lists lib-dynload, site-packages and each of pymta's packages on every message
 (about a third of sendmail's imports). What it does not find there goes to the usual search.
 
 An interpreter path the kernel cannot take on a `#!` line (over `SHEBANG_MAX` bytes, or with a blank in it)
@@ -118,28 +119,17 @@ def _package_parent(install: Install) -> str:
 
 
 def _finder_lines(parent: str) -> list[str]:
-    """The launcher's finder of pymta's own modules: each is looked for at its one path under `parent`
-    (a stat), not searched along `sys.path` (a directory listing of lib-dynload, of site-packages and of
-    each pymta package, and a try of each suffix): about a third of sendmail's import time. The loader
-    is Python's own, from the import system's frozen module (nothing to import); an interpreter without
-    it, or a name not found there, is left to the usual search."""
-    base = ascii(parent.rstrip("/") + "/")
+    """The lines that put `pymta.setup.finder` first on `sys.meta_path`: its code run from its cached
+    bytecode by the loader the import system is made of (compiling the finder into every launcher cost
+    sendmail 0.1 ms a message). An interpreter without that loader, or a pymta without that file, gets
+    the usual search."""
+    finder = ascii(os.path.join(parent, "pymta", "setup", "finder.py"))
     return [
-        "try:  # pymta's modules at their path, not searched for (pymta.setup.launcher._finder_lines)",
-        "    from _frozen_importlib_external import spec_from_file_location as _spec",
-        "    from posix import stat as _stat",
-        "    class _Pymta:",
-        "        def find_spec(name, path=None, target=None):",
-        "            if name == 'pymta' or name.startswith('pymta.'):",
-        f"                base = {base} + name.replace('.', '/')",
-        "                for file, where in ((base + '.py', None), (base + '/__init__.py', [base])):",
-        "                    try:",
-        "                        _stat(file)",
-        "                    except OSError:",
-        "                        continue",
-        "                    return _spec(name, file, submodule_search_locations=where)",
-        "    sys.meta_path.insert(0, _Pymta)",
-        "except ImportError:",
+        "try:  # pymta's modules at their path, not searched for along sys.path (pymta.setup.finder)",
+        "    from _frozen_importlib_external import SourceFileLoader",
+        f"    exec(SourceFileLoader('pymta.setup.finder', {finder}).get_code(None))",
+        f"    install({ascii(parent)})",
+        "except (ImportError, OSError):",
         "    pass",
     ]
 
