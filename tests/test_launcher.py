@@ -151,7 +151,8 @@ def test_a_launcher_finds_pymtas_modules_at_their_path_without_searching_sys_pat
             "    import pymta.no_such_module",
             "except ModuleNotFoundError as exc:",
             "    missing = exc.name",
-            "print(pymta.cli.sendmail.__file__, pymta.queue.listing.__spec__.parent, missing)",
+            "loader = type(pymta.cli.sendmail.__spec__.loader).__name__",
+            "print(pymta.cli.sendmail.__file__, pymta.queue.listing.__spec__.parent, missing, loader)",
             "print(*searched, sep='\\n')",
         ]
     )
@@ -160,7 +161,7 @@ def test_a_launcher_finds_pymtas_modules_at_their_path_without_searching_sys_pat
     )
     first, *searched = result.stdout.splitlines()
     parent = next(path for path in install.paths if os.path.isdir(os.path.join(path, "pymta")))
-    assert first == f"{parent}/pymta/cli/sendmail.py pymta.queue pymta.no_such_module"
+    assert first == f"{parent}/pymta/cli/sendmail.py pymta.queue pymta.no_such_module PymtaLoader"
     assert not [path for path in searched if path.startswith(parent)], searched
 
 
@@ -175,6 +176,22 @@ def test_a_launcher_without_its_finder_still_runs_with_the_usual_search(mta: Mta
     result = run(sendmail, mta, "root", input=MESSAGE)
     assert result.returncode == 0, result.stderr
     assert len(mta.entries()) == 1
+
+
+def test_a_launcher_loads_an_install_without_bytecode_and_caches_it(mta: MtaEnv, tmp_path: Path) -> None:
+    """The finder's loader reads source as well as cached bytecode: an install with no .pyc yet (as a
+    copy without __pycache__) queues, and leaves the bytecode behind for the next message."""
+    import shutil
+
+    copy = tmp_path / "install"
+    shutil.copytree(ROOT / "pymta", copy / "pymta", ignore=shutil.ignore_patterns("__pycache__"))
+    install = this_install()
+    directory = launchers(tmp_path, Install(install.interpreter, (str(copy), *install.paths)))
+    for _ in range(2):
+        result = run(directory / "sendmail", mta, "root", input=MESSAGE)
+        assert result.returncode == 0, result.stderr
+    assert len(mta.entries()) == 2
+    assert list((copy / "pymta" / "cli" / "__pycache__").glob("sendmail.*.pyc"))
 
 
 def test_no_pymta_module_has_the_name_of_a_package() -> None:
