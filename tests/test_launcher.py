@@ -194,12 +194,20 @@ def test_a_launcher_loads_an_install_without_bytecode_and_caches_it(mta: MtaEnv,
     assert list((copy / "pymta" / "cli" / "__pycache__").glob("sendmail.*.pyc"))
 
 
-def test_no_pymta_module_has_the_name_of_a_package() -> None:
-    """The launcher's finder takes NAME.py before NAME/__init__.py, the usual search the other way round:
-    they agree while no module and package share a name."""
-    package = ROOT / "pymta"
-    modules = {path.with_suffix("") for path in package.rglob("*.py")}
-    assert not {path for path in modules if path.is_dir()}
+def test_a_module_left_beside_the_package_that_replaced_it_is_not_loaded(mta: MtaEnv, tmp_path: Path) -> None:
+    """An install upgraded in place may keep files of an older layout (pymta/cli.py beside pymta/cli/):
+    the launcher's finder takes the package, as the usual search does, and sendmail still queues."""
+    import shutil
+
+    copy = tmp_path / "install"
+    shutil.copytree(ROOT / "pymta", copy / "pymta", ignore=shutil.ignore_patterns("__pycache__"))
+    for stale in ("cli", "config", "queue", "mail", "submission"):
+        (copy / "pymta" / f"{stale}.py").write_text("raise ImportError('a module of an old layout')\n")
+    install = this_install()
+    directory = launchers(tmp_path, Install(install.interpreter, (str(copy), *install.paths)))
+    result = run(directory / "sendmail", mta, "root", input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    assert len(mta.entries()) == 1
 
 
 @pytest.mark.parametrize("where", ["a" * 130, "with blank"])

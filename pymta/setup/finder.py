@@ -37,8 +37,9 @@ class PymtaLoader(SourceFileLoader):
 
 class PymtaFinder:
     """A `sys.meta_path` finder of the modules of the pymta package in `parent` (the directory that holds
-    it). NAME.py is taken before NAME/__init__.py (the usual search: the other way round), which agree
-    while no module of pymta has the name of a package (a test holds that)."""
+    it). NAME/__init__.py is taken before NAME.py, as the usual search does: an install upgraded in place
+    may keep a module of an older layout beside the package that replaced it (pymta/cli.py beside
+    pymta/cli/), and the package is the one its version imports."""
 
     def __init__(self, parent: str) -> None:
         self.parent = parent.rstrip("/") + "/"
@@ -47,7 +48,7 @@ class PymtaFinder:
         if name != "pymta" and not name.startswith("pymta."):
             return None
         base = self.parent + name.replace(".", "/")
-        for file, where in ((base + ".py", None), (base + "/__init__.py", [base])):
+        for file, where in ((base + "/__init__.py", [base]), (base + ".py", None)):
             try:
                 posix.stat(file)
             except OSError:
