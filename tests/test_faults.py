@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -43,6 +44,7 @@ from mailservers import (
     greet,
     self_signed_context,
     smtp_server,
+    wait_until,
 )
 
 from pymta.config.load import load
@@ -232,6 +234,29 @@ def test_closing_mid_data(mta: MtaEnv) -> None:
         r"(closed the connection|connection was reset) during the message text \(DATA\)"
         r"|the connection ended before the server answered the end of the message text \(DATA\)"
     )
+
+
+def test_sendmail_q_flushes_with_sigpipe_ignored(mta: MtaEnv) -> None:
+    """sendmail sets SIGPIPE to kill it, as it does a C program (it must not queue what a dead pipe cut).
+    `sendmail -q` runs the flush in that process: a write to a smarthost that hung up must come back as
+    EPIPE (the message deferred, the run finished with its last fsync), so the flush ignores SIGPIPE again,
+    as Python does. Seen in /proc while the flush waits for a greeting."""
+    with ScriptedServer([Hang()]) as server:
+        configure(mta, host(server.port))
+        Queued(mta, "a@example.net")
+        flush = subprocess.Popen(
+            [script("sendmail"), "-q"], env=mta.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            wait_until(lambda: server.connections == 1, what="the flush to connect")
+            status = Path(f"/proc/{flush.pid}/status").read_text()
+            found = re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M)
+            assert found, status
+            ignored = int(found.group(1), 16)
+            assert ignored & (1 << (signal.SIGPIPE - 1)), "the flush of sendmail -q dies of SIGPIPE"
+        finally:
+            flush.kill()
+            flush.communicate(timeout=30)
 
 
 # --- answers: 451 to MAIL, 452 and 550 to RCPT, 552 to the message ---

@@ -105,6 +105,11 @@ def _run(argv: list[str]) -> int:
         config = ["-C", invocation.config] if invocation.config else []
         limits = [f"{option}={value}" for option, value in invocation.queue_limits]
         verbose = ["--verbose"] if invocation.verbose else []
+        import signal  # the flush loads enum anyway
+
+        # The flush runs here: a smarthost that hangs up must be EPIPE (deferred, the run finished), as
+        # under Python's own SIGPIPE setting, not the end of the process by the signal `main` set.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         return pymta_main(["flush", "--now", *verbose, *limits, *config])
     if invocation.mode == "newaliases":
         return _newaliases(invocation)
