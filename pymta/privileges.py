@@ -115,13 +115,15 @@ def reap(pid: int, timeout: float) -> int:
     """Wait for the child `pid` to exit, at most `timeout` seconds; one seen stopped (by the user whose
     process it is), or still there at the deadline, is killed. Its wait status."""
     deadline = time.monotonic() + timeout
+    pause = 0.001  # doubled up to POLL_INTERVAL: most children are done within a few milliseconds
     while True:
         done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
         if done and not os.WIFSTOPPED(status):
             return status
         if done or time.monotonic() >= deadline:
             return kill(pid)
-        time.sleep(POLL_INTERVAL)
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_INTERVAL)
 
 
 def stopped(pid: int) -> str:

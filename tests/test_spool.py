@@ -10,10 +10,12 @@ import posix
 import pwd
 import resource
 import shutil
+import signal
 import socket
 import stat
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from hypothesis import strategies as st
 
 from pymta import privileges
 from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
+from pymta.queue import locks
+from pymta.queue import reaper as reaper_module
 from pymta.queue.directory import encode_json, new_id
 from pymta.queue.entry import MessageState
 from pymta.queue.reaper import REAP_BATCH
@@ -286,7 +290,7 @@ def test_a_removal_is_made_durable_by_the_end_of_the_run(
 ) -> None:
     """After a power loss an unlink that no fsync of its directory covered may be undone, and a delivered
     message delivered again: the run fsyncs queue/ and state/ after its last removal (ARCHITECTURE.md,
-    invariant 3), and in the background at most REMOVAL_SYNC_INTERVAL after each one."""
+    invariant 3), and at the first removal REMOVAL_SYNC_INTERVAL or more after the last fsync."""
     spool, queue_id = _queued(tmp_path)
     synced: list[tuple[int, int]] = []
     real_fsync = os.fsync
@@ -405,6 +409,48 @@ def test_a_few_removals_fork_no_reaper(tmp_path: Path, monkeypatch: pytest.Monke
     _remove_all(spool)
     spool.finish_removals()
     assert forked == [] and os.listdir(spool.dir("queue")) == []
+
+
+def test_a_few_removals_with_an_fsync_due_fork_no_reaper_and_are_made_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removals a second or more apart make their fsync due at once: a run of a few such (a slow smarthost)
+    fsyncs queue/ and state/ itself at that removal, and forks no reaper for a handful of descriptors."""
+    forked: list[object] = []
+    monkeypatch.setattr(privileges, "fork_child", lambda *args: forked.append(args) or 0)
+    spool = _many_queued(tmp_path, 3)
+    synced: list[int] = []
+    real_fsync = posix.fsync
+    monkeypatch.setattr(posix, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    clock = [time.monotonic()]
+    monkeypatch.setattr(locks, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    queue_dir = os.stat(spool.dir("queue")).st_ino
+    for number, queue_id in enumerate(sorted(os.listdir(spool.dir("queue")))):
+        entry, _ = spool.load(queue_id)
+        spool.remove(entry)
+        if number:
+            assert synced.count(queue_dir) == number, "a removal with an fsync due was not made durable"
+        clock[0] += 2 * locks.REMOVAL_SYNC_INTERVAL
+    spool.finish_removals()
+    assert forked == [] and os.listdir(spool.dir("queue")) == []
+
+
+def test_a_reaper_that_is_stopped_is_killed_at_the_end_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper runs as the spool's owner, who may stop it (SIGSTOP): the end of the run does not wait
+    for it for ever (it would hold the flush lock), it kills it; the kernel frees what it held."""
+    monkeypatch.setattr(reaper_module, "FINISH_TIMEOUT", 1.0)
+    spool = _many_queued(tmp_path, REAP_BATCH)
+    _remove_all(spool)
+    reaper = spool._reaper
+    assert reaper is not None and reaper._pid is not None
+    pid = reaper._pid
+    os.kill(pid, signal.SIGSTOP)
+    spool.finish_removals()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
+    assert os.listdir(spool.dir("queue")) == [] and _open_removed(spool) == []
 
 
 def test_remove_without_a_lock(tmp_path: Path) -> None:

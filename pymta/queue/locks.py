@@ -7,10 +7,12 @@
 
 A delivered message is unlinked at once (that is the decision) and its lock let go; freeing its blocks,
 which the close of its last descriptor does, is left to the reaper, a process of the flush's own
-(`pymta.queue.reaper`), REAP_BATCH descriptors at a time. The unlinks are made durable in batches: the
-reaper fsyncs queue/ and state/ at most REMOVAL_SYNC_INTERVAL after a removal, and the run does once more
-after its last one (`finish_removals`). A power loss before that fsync can only bring back a message that
-was delivered (a duplicate, never a loss): ARCHITECTURE.md, invariant 3.
+(`pymta.queue.reaper`), REAP_BATCH descriptors at a time. The unlinks are made durable in batches: queue/
+and state/ are fsynced at the first removal that comes REMOVAL_SYNC_INTERVAL or more after the last
+fsync (by the reaper, or here while it is not running), and once more after the run's last removal
+(`finish_removals`); in between, the file system's own commit (about 5 s on ext4) may come first. A power
+loss before that fsync can only bring back a message that was delivered (a duplicate, never a loss):
+ARCHITECTURE.md, invariant 3.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymta.queue.entry import QueueEntry
 
-# Seconds after a removal within which the reaper makes it durable (an fsync of queue/ and state/, in the
-# background): one fsync a second for any number of messages, where one each would cost a journal commit
-# per message; and a power loss can bring back only the messages of the last second, delivered again.
+# Seconds between the fsyncs of queue/ and state/ that make removals durable while removals keep coming:
+# one fsync a second for any number of messages, where one each would cost a journal commit per message;
+# and a power loss can bring back only the messages of the last second, delivered again.
 REMOVAL_SYNC_INTERVAL = 1.0
 
 
@@ -75,7 +77,11 @@ class Locks(SpoolDirectory):
             if sync:
                 self._sync_due = time.monotonic() + REMOVAL_SYNC_INTERVAL
             batch, self._batch = self._batch, []
-            self._reaper.hand_over(batch, sync)
+            if len(batch) < REAP_BATCH and not self._reaper.running:
+                close_all(batch)  # a few, for an fsync that is due: a fork for them would cost more
+                self._reaper.sync()
+            else:
+                self._reaper.hand_over(batch, sync)
 
     def finish_removals(self) -> None:
         """Wait until every message handed to `remove` is freed, and make their removal durable. A run that

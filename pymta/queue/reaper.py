@@ -16,8 +16,8 @@ it fsyncs the spool's queue/ and state/ after the unlinks handed to it: the remo
 It is forked without exec (`privileges.fork_child`) at the first full batch, so a run that removes a few
 messages forks nothing and closes them itself at its end. The child keeps nothing of the flush but its end
 of the socket (no lock, no connection, no spool file), and ends when the flush's end closes: at `finish`,
-which waits for it, or when the flush dies. When it cannot be started or has gone, the flush closes the
-descriptors itself.
+which waits for it (FINISH_TIMEOUT at most: one stopped or stuck is killed), or when the flush dies.
+When it cannot be started or has gone, the flush closes the descriptors itself.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ REAPERS = 4
 # Descriptors handed to the reaper at once: one message and one wake-up for each batch, not each removal.
 # A batch keeps at most this many unlinked files open in the flush (their locks let go).
 REAP_BATCH = 32
+# Seconds the end of a run waits for the reaper to close what it holds (the kernel frees the files of one
+# that is killed): a reaper stopped by its user, or stuck on a hung disk, must not keep the flush lock.
+FINISH_TIMEOUT = 60.0
 # What a batch asks besides its closes: nothing more, or an fsync of the directories (after the closes are
 # queued; the unlinks it makes durable were made before the batch was sent).
 _CLOSE = b"c"
@@ -82,7 +85,7 @@ class Reaper:
         pid, self._pid = self._pid, None
         if pid is not None:
             try:
-                os.waitpid(pid, 0)
+                privileges.reap(pid, FINISH_TIMEOUT)  # a reaper stopped or stuck is killed: nothing is lost
             except ChildProcessError:
                 pass
 
