@@ -405,6 +405,32 @@ def test_one_session_per_mx_for_many_messages(world: World) -> None:
     assert len([q for q in world.dns.queries if q[1] == "f.test" and q[2] == "MX"]) == 1  # looked up once
 
 
+def test_a_started_message_is_finished_before_the_next_one_waits_for_dns(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PIPELINING a started message's text goes out once the next one is started; when the next one
+    must first ask DNS (a domain not looked up yet, perhaps a slow one), the server of the first would hold
+    its 354 for as long: the first is finished before that lookup."""
+    world.mx("a.test", (10, world.server("mx.a.test", mode="plain")))
+    world.mx("b.test", (10, world.server("mx.b.test", mode="plain")))
+    enqueue(world.mta, "bob@a.test")
+    enqueue(world.mta, "carol@b.test")
+    delivered_at_lookup: list[int] = []
+    answer = world.dns.answer
+
+    def watched(wire: bytes, transport: str, limit: int) -> bytes | None:
+        reply = answer(wire, transport, limit)
+        if world.dns.queries and world.dns.queries[-1][1:] == ("b.test", "MX"):
+            delivered_at_lookup.append(len(world.servers["mx.a.test"].handler.messages))
+        return reply
+
+    monkeypatch.setattr(world.dns, "answer", watched)
+    run_flush(world)
+    assert delivered_at_lookup == [1], "b.test was looked up while the message for a.test waited for its text"
+    assert world.received("mx.b.test") == [(SENDER, ["carol@b.test"])]
+    assert world.mta.entries() == []
+
+
 # --- routes ---
 
 

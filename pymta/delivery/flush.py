@@ -299,6 +299,10 @@ class Flusher:
                 expired = expiry(within, recipient.last_error, entry.relay)
                 attempt.set(recipient.address, "failed", expired.reason, "none", expired=expired)
         elif pending:
+            if self._in_flight is not None and self._waits_for_dns(pending):
+                # The message in flight is finished first: its server has said 354 and waits for its text,
+                # which would go out only once this one is started, after DNS (and MTA-STS) answered.
+                self._finish_in_flight(report)
             try:
                 self._attempt(entry, message, pending, attempt)
             except (SpoolError, OSError):
@@ -318,6 +322,14 @@ class Flusher:
             return True
         self._attempted = attempt  # what a failure while it is recorded must not forget (`_park`)
         return self._record(entry, message, attempt, report, lock)
+
+    def _waits_for_dns(self, pending: list[RecipientStatus]) -> bool:
+        """Whether starting `pending` may wait for DNS first: mail may go to MX hosts, and a recipient's
+        domain was not looked up yet in this run (a local one counts too: that costs only the overlap)."""
+        return self.direct.used and any(
+            "@" in recipient.address and not self.direct.known(recipient_domain(recipient.address))
+            for recipient in pending
+        )
 
     def _finish_in_flight(self, report: FlushReport) -> None:
         """Finish the started message, if there is one: read its outcomes, record them, unlock it."""
