@@ -10,7 +10,7 @@ import click
 import yaml
 
 from pymta.config.load import load
-from pymta.config.model import DIRECT, Config
+from pymta.config.model import Config
 from pymta.config.routing import Router
 from pymta.errors import EX_CONFIG, ConfigError
 
@@ -70,7 +70,7 @@ def check(config_file: str | None) -> None:
     warning = Router(settings).admin_warning()
     if warning:
         click.echo(f"pymta: warning: {warning}", err=True)
-    if settings.direct or any(route.smarthost == DIRECT for route in settings.routes):
+    if settings.sends_direct:
         from pymta.delivery.readiness import check_config  # lazy: DNS, only for a config that sends directly
 
         readiness = check_config(settings)

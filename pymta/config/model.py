@@ -391,6 +391,11 @@ class Config:
         """The domain that qualifies bare local parts: as configured, else the hostname."""
         return self.configured_domain or self.hostname
 
+    @property
+    def sends_direct(self) -> bool:
+        """Whether any mail may go to the recipients' MX hosts: `direct: true`, or a route to `direct`."""
+        return self.direct or any(route.smarthost == DIRECT for route in self.routes)
+
     def masked(self) -> dict[str, object]:
         """The effective settings as plain data in the file's own format; a password shows only its source."""
         return {

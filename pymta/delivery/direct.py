@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pymta.config.identity import host_names
-from pymta.config.model import DIRECT, Config, MxTls, Smarthost
+from pymta.config.model import Config, MxTls, Smarthost
 from pymta.log import LOGGER_NAME
 from pymta.mail.idn import domain_key
 
@@ -81,11 +81,6 @@ class DirectRoutes:
 
             self._resolver = MxResolver(self.config.dns)
         return self._resolver
-
-    @property
-    def used(self) -> bool:
-        """Whether any mail may go to MX hosts: `direct: true`, or a route to `direct`."""
-        return self.config.direct or any(rule.smarthost == DIRECT for rule in self.config.routes)
 
     def known(self, domain: str) -> bool:
         """Whether `domain` was looked up in this run already (its relays are at hand, no DNS wait)."""

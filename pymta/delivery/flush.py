@@ -326,7 +326,7 @@ class Flusher:
     def _waits_for_dns(self, pending: list[RecipientStatus]) -> bool:
         """Whether starting `pending` may wait for DNS first: mail may go to MX hosts, and a recipient's
         domain was not looked up yet in this run (a local one counts too: that costs only the overlap)."""
-        return self.direct.used and any(
+        return self.config.sends_direct and any(
             "@" in recipient.address and not self.direct.known(recipient_domain(recipient.address))
             for recipient in pending
         )

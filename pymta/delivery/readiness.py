@@ -120,11 +120,6 @@ class Readiness:
         return [finding.line() for finding in ordered]
 
 
-def uses_direct(config: Config) -> bool:
-    """Whether any mail goes to MX hosts: `direct: true`, or a route to `direct`."""
-    return config.direct or any(route.smarthost == DIRECT for route in config.routes)
-
-
 def direct_sender_domains(config: Config) -> list[str]:
     """The domains in the envelope senders of mail sent directly, as far as the config says them: the
     `domain` that qualifies local senders, and a `sender: "*@DOMAIN"` route's domain. Rewrites are not
@@ -145,7 +140,7 @@ def direct_sender_domains(config: Config) -> list[str]:
 def check_config(config: Config, resolver: MxResolver | None = None) -> Readiness | None:
     """The readiness of this host for the direct delivery `config` asks for (its hostname, its senders'
     domains, asked of its `dns:`), or None when it sends nothing directly."""
-    if not uses_direct(config):
+    if not config.sends_direct:
         return None
     return check_readiness(config.hostname, direct_sender_domains(config), resolver or MxResolver(config.dns))
 
