@@ -81,16 +81,21 @@ def begin_writing() -> None:
 
 def unix_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
     """A message's blocks (CRLF line ends) with LF line ends, in pieces that each end a line (but the last):
-    a CRLF is never split, and what is done per line (`>From ` quoting) never meets half of one."""
-    carried = b""
+    a CRLF is never split, and what is done per line (`>From ` quoting) never meets half of one. A line
+    longer than a block is gathered as a list of its parts and joined once it ends, not copied anew with
+    every block."""
+    carried: list[bytes] = []  # the parts of a line that has not ended yet
     for block in blocks:
-        data = carried + block if carried else block
-        cut = data.rfind(b"\n") + 1
-        carried = data[cut:]
-        if cut:
-            yield data[:cut].replace(b"\r\n", b"\n")
+        cut = block.rfind(b"\n") + 1
+        if not cut:
+            if block:
+                carried.append(block)
+            continue
+        data = b"".join((*carried, block[:cut])) if carried else block[:cut]
+        yield data.replace(b"\r\n", b"\n")
+        carried = [block[cut:]] if cut < len(block) else []
     if carried:
-        yield carried.replace(b"\r\n", b"\n")
+        yield b"".join(carried).replace(b"\r\n", b"\n")
 
 
 def write_pieces(fd: int, pieces: Iterable[bytes]) -> None:
