@@ -13,6 +13,10 @@ from pymta.errors import PymtaError
 from pymta.queue.directory import write_error
 from pymta.queue.selection import Selection
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
+
 
 def flush(
     *,
@@ -45,10 +49,10 @@ def _progress_line(done: int, total: int) -> None:
         _write(sys.stderr, f"\rdelivering {done}/{total} ({100 * done // total}%)")
 
 
-def _write(stream: object, text: str) -> None:
-    if stream is not None:
-        stream.write(text)  # type: ignore[attr-defined]
-        stream.flush()  # type: ignore[attr-defined]
+def _write(stream: TextIO | None, text: str) -> None:
+    if stream is not None:  # None when Python was started without it
+        stream.write(text)
+        stream.flush()
 
 
 def failure(exc: PymtaError | OSError) -> int:
