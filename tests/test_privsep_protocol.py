@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pymta.config.model import Config, Local
-from pymta.delivery import frames, privsep
+from pymta.delivery import frames, local, privsep
 from pymta.delivery.flush import FlushReport
 from pymta.delivery.local import LocalOutcome, user_name_problem
 from pymta.mail.address import MAX_PATH, path_octets
@@ -314,7 +314,7 @@ def test_the_delivery_process_asks_root_only_what_root_would_serve() -> None:
 def test_the_delivery_process_gives_up_on_a_silent_root(monkeypatch: pytest.MonkeyPatch) -> None:
     """Root that takes a request and never answers: the delivery process waits as long as a local delivery
     may take, then defers that message and every later local one at once (the channel is out of step)."""
-    monkeypatch.setattr(privsep, "child_time_limit", lambda lock_timeout=0.0: 0.1)
+    monkeypatch.setattr(local, "child_time_limit", lambda lock_timeout=0.0: 0.1)  # privsep imports it late
     root_end, process_end = socket.socketpair()
     agent = privsep._LocalAgent(process_end, MAX_MESSAGE)
     try:

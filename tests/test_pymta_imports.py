@@ -10,6 +10,9 @@ import sys
 
 import pytest
 from conftest import MtaEnv
+from mailservers import SmtpServer, certificates, smtp_server
+
+__all__ = ["certificates", "smtp_server"]  # fixtures
 
 # Only for a smarthost session (SMTP, TLS) or a password from the keyring.
 SESSION_ONLY = {
@@ -68,6 +71,23 @@ def test_flush_of_a_local_message_opens_no_session(with_smarthost: MtaEnv) -> No
     modules = imported(with_smarthost, "flush")
     assert "pymta.delivery.local" in modules and with_smarthost.entries() == []  # delivered
     assert loaded(modules, SESSION_ONLY | OTHER_COMMANDS) == []
+
+
+def test_a_flush_to_a_smarthost_loads_only_what_it_uses(mta: MtaEnv, smtp_server: SmtpServer) -> None:
+    # The flush runs after every message: typing (a twentieth of its start-up), the aliases and local delivery
+    # (no local recipient), decimal and fractions (no fractional duration), pkgutil (no split flush).
+    mta.write_config(
+        "hostname: mx.example.org\ndeliver: queue\nretry:\n  lifetime: 5d\n  schedule: [5m, 1h30m]\n"
+        f"smarthosts:\n  - host: 127.0.0.1\n    port: {smtp_server.port}\n    security: none\n"
+    )
+    assert mta.sendmail("bob@example.net", input=b"Subject: out\n\nbody\n").returncode == 0
+    modules = imported(mta, "flush", entry="pymta.cli.entry")
+    [received] = smtp_server.handler.messages  # it did deliver
+    assert received.rcpt_tos == ["bob@example.net"] and mta.entries() == []
+    assert "pymta.delivery.smtp.session" in modules
+    unused = {"typing", "decimal", "fractions", "pkgutil", "click", "difflib", "logging.handlers"}
+    unused |= {"pymta.delivery.local", "pymta.config.aliases", "pymta.config.expansion"}
+    assert loaded(modules, unused) == []
 
 
 def test_queue_loads_neither_the_flush_nor_a_session(with_smarthost: MtaEnv) -> None:

@@ -31,15 +31,18 @@ import pwd
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pymta.errors import AddressError, ConfigError
 from pymta.fsutil import READ_FLAGS, read_all
 from pymta.mail.address import has_control, has_raw_bytes, is_local_part_only, parse_list
 
-TargetKind = Literal["local", "address", "include", "refused"]
-Severity = Literal["error", "warning"]
-UnhonouredKind = Literal["program", "file"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    TargetKind = Literal["local", "address", "include", "refused"]
+    Severity = Literal["error", "warning"]
+    UnhonouredKind = Literal["program", "file"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,21 +29,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pymta.config import include as include_file
-from pymta.config.aliases import (
-    Alias,
-    Aliases,
-    Problem,
-    Target,
-    UnhonouredKind,
-    classify,
-    is_user,
-    load,
-    split_targets,
-)
+from pymta.config.aliases import Alias, Aliases, Problem, Target, classify, is_user, load, split_targets
 from pymta.config.include import Reader
 from pymta.errors import ConfigError
 from pymta.mail.address import POSTMASTER, is_local_part_only
 from pymta.mail.idn import domain_key
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymta.config.aliases import UnhonouredKind
 
 # How many aliases deep an expansion may go: sendmail's MaxAliasRecursion default.
 MAX_DEPTH = 10

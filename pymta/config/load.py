@@ -12,6 +12,8 @@ The dataclasses are in `pymta.config.model`, the size limits in `pymta.config.li
 none of this (it reads a few keys with `pymta.config.paths`); the CLI and the flusher do.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import json
 import math
@@ -19,7 +21,6 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pymta import log
 from pymta.config.limits import parse_size
@@ -40,7 +41,6 @@ from pymta.config.model import (
     Local,
     MtaSts,
     Mx,
-    PasswordKind,
     PasswordSource,
     Retry,
     Rewrite,
@@ -52,6 +52,12 @@ from pymta.config.paths import find_config
 from pymta.config.yamlfile import read_yaml
 from pymta.errors import ConfigError
 from pymta.mail.idn import a_label, domain_key
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pymta.config.model import PasswordKind
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
@@ -70,14 +76,14 @@ class _Where:
     source: str
     path: str = ""
 
-    def key(self, name: object) -> "_Where":
+    def key(self, name: object) -> _Where:
         if isinstance(name, str):
             text = name if name.isprintable() and " " not in name else json.dumps(name, ensure_ascii=False)
         else:
             text = "~" if name is None else str(name)  # a null, number or date as key
         return _Where(self.source, f"{self.path}.{text}" if self.path else text)
 
-    def index(self, number: int) -> "_Where":
+    def index(self, number: int) -> _Where:
         return _Where(self.source, f"{self.path}[{number}]")
 
     def fail(self, problem: str) -> ConfigError:
@@ -85,7 +91,8 @@ class _Where:
         return ConfigError(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
-Parser = Callable[[object, _Where], Any]
+if TYPE_CHECKING:
+    Parser = Callable[[object, _Where], Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,8 @@ only reader of raw keys. `Config()` is the configuration when there is no file. 
 `pymta.config.limits`, shared with the YAML-free reader `sendmail` uses (ARCHITECTURE.md).
 """
 
+from __future__ import annotations
+
 import functools
 import os
 import re
@@ -12,30 +14,33 @@ import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
-from fractions import Fraction
-from typing import Literal
 
 from pymta.config.limits import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_PER_USER, format_size
 from pymta.config.paths import default_spool
 from pymta.mail.idn import domain_key
 
-Deliver = Literal["immediate", "queue"]
-Security = Literal["starttls", "tls", "none"]
-AuthMechanism = Literal["auto", "plain", "login", "cram-md5", "xoauth2", "oauthbearer"]
-PasswordKind = Literal["keyring", "command", "env", "file"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fractions import Fraction
+    from typing import Literal
+
+    Deliver = Literal["immediate", "queue"]
+    Security = Literal["starttls", "tls", "none"]
+    AuthMechanism = Literal["auto", "plain", "login", "cram-md5", "xoauth2", "oauthbearer"]
+    PasswordKind = Literal["keyring", "command", "env", "file"]
+    MailboxFormat = Literal["auto", "mbox", "maildir"]
+    OriginalFrom = Literal["x-original-from", "reply-to", "none"]
+    SenderPolicyChoice = Literal["warn", "strict"]
+    MxTls = Literal["opportunistic", "verify"]
+
 
 DELIVER_CHOICES: tuple[Deliver, ...] = ("immediate", "queue")
 SECURITY_CHOICES: tuple[Security, ...] = ("starttls", "tls", "none")
 AUTH_CHOICES: tuple[AuthMechanism, ...] = ("auto", "plain", "login", "cram-md5", "xoauth2", "oauthbearer")
-MailboxFormat = Literal["auto", "mbox", "maildir"]
 MAILBOX_CHOICES: tuple[MailboxFormat, ...] = ("auto", "mbox", "maildir")
-OriginalFrom = Literal["x-original-from", "reply-to", "none"]
 ORIGINAL_FROM_CHOICES: tuple[OriginalFrom, ...] = ("x-original-from", "reply-to", "none")
 PASSWORD_KINDS: tuple[PasswordKind, ...] = ("keyring", "command", "env", "file")
-SenderPolicyChoice = Literal["warn", "strict"]
 SENDER_POLICY_CHOICES: tuple[SenderPolicyChoice, ...] = ("warn", "strict")
-MxTls = Literal["opportunistic", "verify"]
 MX_TLS_CHOICES: tuple[MxTls, ...] = ("opportunistic", "verify")
 # The smarthost name a route gives to send its mail to the recipients' MX hosts (issue 15); no smarthost
 # may be called this.
@@ -101,9 +106,19 @@ _DURATION_RE = re.compile(rf"(?:{_NUMBER}[{''.join(DURATION_UNITS)}])+")
 _DURATION_PART_RE = re.compile(rf"({_NUMBER})([{''.join(DURATION_UNITS)}])")
 
 
-def _seconds(value: Fraction) -> float:
+def _seconds(value: Fraction | int) -> float:
     """A whole number of seconds as int (how it reads back), anything else as float."""
     return int(value) if value.denominator == 1 else float(value)
+
+
+def _exact(number: str) -> Fraction | int:
+    """`number` (`_NUMBER`) exactly: an int, or a Fraction when it has a decimal point (1.5h is 5400s, not
+    5399.999...). `fractions` is imported only then: the flush reads the config on every run."""
+    if "." not in number:
+        return int(number)
+    from fractions import Fraction
+
+    return Fraction(number)
 
 
 def parse_duration(text: str) -> float:
@@ -113,13 +128,10 @@ def parse_duration(text: str) -> float:
     """
     text = text.strip()
     if re.fullmatch(_NUMBER, text):
-        return _seconds(Fraction(text))
+        return _seconds(_exact(text))
     if not _DURATION_RE.fullmatch(text):
         raise ValueError(f"{text!r} is not a duration")
-    total = sum(
-        (Fraction(number) * DURATION_UNITS[unit] for number, unit in _DURATION_PART_RE.findall(text)),
-        Fraction(0),
-    )
+    total = sum(_exact(number) * DURATION_UNITS[unit] for number, unit in _DURATION_PART_RE.findall(text))
     return _seconds(total)
 
 
@@ -129,6 +141,8 @@ def format_duration(seconds: float) -> str:
         raise ValueError("a duration cannot be negative")
     if seconds != int(seconds):
         # repr() is the shortest text that reads back as the same float; Decimal drops its exponent.
+        from decimal import Decimal
+
         return f"{format(Decimal(repr(float(seconds))), 'f')}s"
     whole = int(seconds)
     if whole == 0:

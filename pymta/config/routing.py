@@ -18,14 +18,16 @@ import os
 import pwd
 from dataclasses import dataclass, field
 
-from pymta.config import aliases
-from pymta.config.aliases import Aliases, is_user
-from pymta.config.expansion import Expansion, Unhonoured, resolve
 from pymta.config.identity import host_names
 from pymta.config.model import Config
 from pymta.errors import ConfigError
 from pymta.mail.address import qualify
 from pymta.mail.idn import domain_key
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymta.config.aliases import Aliases
+    from pymta.config.expansion import Expansion, Unhonoured
 
 # The mailbox of last resort: where the admin's mail goes when the admin address leads to no mailbox.
 LAST_RESORT_MAILBOX = "root"
@@ -96,6 +98,8 @@ class Router:
         user = self.local_part(address)
         if user is None:
             return None
+        from pymta.config.aliases import is_user  # lazy: only local recipients need the aliases
+
         admin = self.config.admin if use_admin else None
         admin_user = (self.local_part(admin) or "").lower() if admin else ""
         is_admin = bool(admin_user) and user.lower() == admin_user
@@ -142,6 +146,9 @@ class Router:
             return user
 
     def _expand(self, user: str) -> Expansion:
+        from pymta.config import aliases  # lazy: only local recipients need the aliases
+        from pymta.config.expansion import resolve  # lazy: only local recipients need the aliases
+
         if self._aliases is None:
             self._aliases = aliases.load(self.config.aliases)
         return resolve(self._aliases, user, local_domains=self.local_domains)
@@ -158,6 +165,8 @@ class Router:
             names = self._expand(user).targets
         except ConfigError as error:
             return f"admin: {admin} is a local address that cannot be checked: {error}"
+        from pymta.config.aliases import is_user  # lazy: only local recipients need the aliases
+
         missing = [name for name in names if "@" not in name and not is_user(name)]
         if not missing:
             return None

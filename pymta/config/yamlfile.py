@@ -4,13 +4,18 @@ The one place pymta parses YAML (`pymta.config.load` turns the document into a `
 `ConfigError` line naming the file, the line and the fix.
 """
 
+from __future__ import annotations
+
 import json
-from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pymta.config.paths import yaml_problem
 from pymta.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _refuse_duplicates(loader: yaml.constructor.SafeConstructor, node: yaml.MappingNode) -> None:

@@ -17,11 +17,11 @@ import stat
 import subprocess
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 from pymta.errors import EX_UNAVAILABLE, PymtaError
 from pymta.privileges import user_name
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymta.config.model import PasswordSource
 

@@ -23,27 +23,29 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 from pymta.config.identity import host_names
-from pymta.config.model import Config, MxTls, Smarthost
+from pymta.config.model import Config, Smarthost
 from pymta.log import LOGGER_NAME
 from pymta.mail.idn import domain_key
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
+    from typing import Literal
 
+    from pymta.config.model import MxTls
     from pymta.delivery.mtasts import StsLookup, StsPolicy
     from pymta.delivery.mx import Destination, MxHost, MxLookupError, MxResolver
+
+    # The MTA-STS mode a relay was chosen under, for the log line: "" when no policy applies.
+    StsApplied = Literal["enforce", "testing", ""]
 
 # Seconds to wait for the TCP connection to an MX address (Postfix's smtp_connect_timeout): an address
 # that drops packets must not cost the 5 minutes a live server gets for its greeting.
 MX_CONNECT_TIMEOUT = 30.0
 # The spool's directory for MTA-STS policies (`mtasts.PolicyCache`): made 0700 by its owner on first use.
 STS_CACHE = "mta-sts"
-
-# The MTA-STS mode a relay was chosen under, for the log line: "" when no policy applies.
-StsApplied = Literal["enforce", "testing", ""]
 
 
 @dataclass(frozen=True, slots=True)

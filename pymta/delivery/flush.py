@@ -41,7 +41,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 from pymta import log
 from pymta.config.identity import policy_of
@@ -50,7 +49,6 @@ from pymta.config.routing import Router
 from pymta.delivery.direct import DirectRoutes, recipient_domain
 from pymta.delivery.record import PENDING, Attempt, Recorder, alias_targets, asks_success, listed
 from pymta.delivery.sessions import Delivery, Sessions, route
-from pymta.delivery.smtp.outcome import Result
 from pymta.errors import ConfigError, SpoolError
 from pymta.mail.message import rewrite_from
 from pymta.mail.text import Text
@@ -61,9 +59,13 @@ from pymta.queue.spool import Names, Spool
 
 # At most this many recipients per message, aliases included: a runaway alias file must not fan out forever.
 MAX_RECIPIENTS = 1000
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from pymta.config.model import Local
     from pymta.delivery.local import LocalOutcome
+    from pymta.delivery.smtp.outcome import Result
     from pymta.delivery.smtp.session import SmtpSession
 
     class LocalDelivery(Protocol):
@@ -142,11 +144,16 @@ class Flusher:
         # other users' mailboxes then waits for a flush as root.
         user_mode = local_delivery is None and os.geteuid() != 0 and not self.spool.is_shared()
         self.router = Router(config, user_mode=user_mode)
-        if local_delivery is None:
-            from pymta.delivery.local import deliver_as_recipient  # lazy: a split flush passes its own
+        self._local_delivery = local_delivery  # None: `local.deliver_as_recipient`, imported at first use
 
-            local_delivery = deliver_as_recipient
-        self.local_delivery: LocalDelivery = local_delivery
+    def _local(self) -> LocalDelivery:
+        """What writes a local mailbox: the split flush's agent, or `local.deliver_as_recipient`, whose
+        module a run that delivers nothing locally does not import."""
+        if self._local_delivery is None:
+            from pymta.delivery.local import deliver_as_recipient  # lazy: only a run with local mail
+
+            self._local_delivery = deliver_as_recipient
+        return self._local_delivery
 
     def run(
         self,
@@ -462,7 +469,7 @@ class Flusher:
         for address, user in local:
             mailbox = _account(user)
             if mailbox not in delivered_to:
-                delivered_to[mailbox] = self.local_delivery(
+                delivered_to[mailbox] = self._local()(
                     user,
                     completed,
                     sender=router.wire_address(entry.sender),

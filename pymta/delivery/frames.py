@@ -20,14 +20,15 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
-from pymta.delivery.local import user_name_problem
 from pymta.mail.address import MAX_PATH, path_octets
 from pymta.privileges import lookup_user
 from pymta.queue.entry import MAX_TIME
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Literal
+
     from pymta.config.model import Config
 
 _PREFIX = struct.Struct(">II")
@@ -173,6 +174,8 @@ def delivery_request(header: object, size: int, max_payload: int) -> DeliveryReq
         return Refusal("deferred", "root refused a local delivery request whose user or sender is no text")
     if isinstance(now, bool) or not isinstance(now, int | float) or not 0 <= now <= MAX_TIME:
         return Refusal("deferred", "root refused a local delivery request whose time is out of range")
+    from pymta.delivery.local import user_name_problem  # lazy: only a split flush
+
     problem = user_name_problem(user)
     if problem:
         return Refusal("failed", f"5.1.3 refused: {problem}")

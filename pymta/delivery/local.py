@@ -62,7 +62,6 @@ from pymta.config.model import Local
 from pymta.delivery import writing
 from pymta.delivery.maildir import deliver_maildir
 from pymta.delivery.mbox import CREATE_FLAGS, LOCK_TIMEOUT, deliver_mbox, mbox_entry
-from pymta.delivery.smtp.outcome import Status
 from pymta.delivery.writing import DeferredError, LockedError, UncreatableError, clean, describe
 from pymta.mail.text import Text
 from pymta.privileges import (
@@ -76,6 +75,10 @@ from pymta.privileges import (
     reap,
     stopped,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pymta.delivery.smtp.outcome import Status
 
 # Seconds a delivery run remembers a mailbox it found locked (or whose delivery child it had to kill): later
 # messages for that user are deferred at once instead of each waiting again, so one locked mbox does not

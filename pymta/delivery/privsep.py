@@ -42,27 +42,28 @@ import importlib
 import json
 import logging
 import os
-import pkgutil
 import pwd
 import socket
 import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import TYPE_CHECKING, Any
 
 from pymta import privileges
 from pymta.delivery import frames
-from pymta.delivery.local import LocalOutcome, child_time_limit, deliver_as_recipient
 from pymta.errors import EX_SOFTWARE, PermissionDeniedError, PymtaError
 from pymta.log import one_line
 from pymta.mail.text import Text
 from pymta.queue import views
 from pymta.queue.spool import Spool
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from pymta.config.model import Config, Local
     from pymta.delivery.flush import FlushReport, LocalDelivery
+    from pymta.delivery.local import LocalOutcome
     from pymta.queue.selection import Selection
 
 # What the delivery process (and a command that became the spool's owner) imports before the switch, so that
@@ -74,7 +75,8 @@ PRELOAD_PACKAGES = ("pymta.mail", "pymta.config", "pymta.queue", "pymta.delivery
 # dnspython, imported by delivery/mx.py), and the tables and codec `idna` loads on first use (`mail.idn`
 # uses it only for an international domain), and http.client, which `mtasts` imports only to fetch a
 # policy, and logging.handlers and difflib, which `log` and `config.load` import only for a syslog
-# target and a config's mistake. tests/test_preload.py holds both: every import inside a function of
+# target and a config's mistake, and fractions and decimal, which `config.model` imports only for a
+# duration with a decimal point. tests/test_preload.py holds both: every import inside a function of
 # those packages is loaded by then, and each name here is still needed.
 PRELOAD_STDLIB = (
     "_strptime",
@@ -84,12 +86,16 @@ PRELOAD_STDLIB = (
     "http.client",
     "logging.handlers",
     "difflib",
+    "fractions",
+    "decimal",
 )
 
 
 def preload() -> list[str]:
     """Import everything the delivery process may need later (`PRELOAD_PACKAGES`, `PRELOAD_STDLIB`); the
     names imported."""
+    import pkgutil  # only a split flush preloads
+
     names = list(PRELOAD_STDLIB)
     for package in PRELOAD_PACKAGES:
         path = importlib.import_module(package).__path__
@@ -272,6 +278,8 @@ class _LocalAgent:
     ) -> LocalOutcome:  # pragma: no cover - runs in the delivery process
         """Ask root to deliver the message to `user`; root uses its own `local` settings, not ours. The frame
         holds it whole (bounded by `max_payload`): root never reads the spool by path."""
+        from pymta.delivery.local import LocalOutcome, child_time_limit  # lazy: only a split flush
+
         if self.broken:
             return LocalOutcome("deferred", self.broken)
         if isinstance(message, Text):
@@ -315,6 +323,8 @@ def _serve(
     has no deadline: the delivery process's work between two (SMTP sessions) has its own timeouts, and it
     is the run itself. Raises DeliveryProcessError when the delivery process reports an error or breaks the
     framing; the caller then closes the channel and ends the process (`_reap`)."""
+    from pymta.delivery.local import deliver_as_recipient  # lazy: only a split flush
+
     deliver = deliver or deliver_as_recipient
     limit = frames.payload_limit(config)
     while True:
@@ -351,6 +361,8 @@ def _deliver_one(
     message: bytes,
     logger: logging.Logger,
 ) -> LocalOutcome:
+    from pymta.delivery.local import LocalOutcome  # lazy: only a split flush
+
     if isinstance(request, frames.Refusal):
         logger.warning(f"local delivery: {request.reason}")
         return LocalOutcome(request.status, request.reason)

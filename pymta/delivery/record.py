@@ -15,12 +15,11 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Literal
 
 from pymta import log
 from pymta.config.model import Config
 from pymta.config.routing import Plan
-from pymta.delivery.smtp.outcome import RecipientOutcome, Result
+from pymta.delivery.smtp.outcome import RecipientOutcome
 from pymta.errors import SpoolError
 from pymta.mail.address import POSTMASTER
 from pymta.mail.message import complete_head
@@ -28,8 +27,15 @@ from pymta.mail.text import Text
 from pymta.queue.entry import NEVER, Expiry, QueueEntry, RecipientStatus, record_attempt
 from pymta.queue.spool import Spool
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Literal
+
+    from pymta.delivery.smtp.outcome import Result
     from pymta.mail.dsn import Action, ReportedRecipient
+
+    # What `Recorder._bounce` did about the failed recipients it was given (see there).
+    BounceResult = Literal["reported", "kept", "owed"]
 
 # Deferred messages come back within +-10% of their interval, so a burst does not retry as a burst.
 RETRY_JITTER = 0.1
@@ -37,8 +43,6 @@ RETRY_JITTER = 0.1
 PENDING = ("pending", "deferred")
 # A recipient's status as the log line says it, in Postfix's words.
 LOGGED_STATUS = {"delivered": "sent", "deferred": "deferred", "failed": "bounced"}
-# What `Recorder._bounce` did about the failed recipients it was given (see there).
-BounceResult = Literal["reported", "kept", "owed"]
 # A notice by its action, as the log names it, and what becomes of it when the spool cannot take it; any
 # other action is a success notice.
 _NOTICES: dict[str, tuple[str, str]] = {

@@ -13,15 +13,18 @@ import fnmatch
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
 
 from pymta.config.model import DIRECT, Config, Rewrite, Smarthost
 from pymta.delivery.direct import MxRelay
-from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError, Status
+from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError
 from pymta.mail.text import Text
 from pymta.queue.entry import QueueEntry
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
+    from pymta.delivery.smtp.outcome import Status
     from pymta.delivery.smtp.session import SmtpSession, Transaction
 
 # A smarthost whose sessions break this many times in a row in one run (no answer within a limit, the

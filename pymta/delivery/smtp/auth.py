@@ -13,10 +13,10 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from pymta.delivery.smtp.replies import Client, format_reply
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymta.config.model import Smarthost
     from pymta.delivery.credentials import Secret

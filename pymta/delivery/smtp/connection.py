@@ -19,24 +19,27 @@ import smtplib
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Self
 
 from pymta.delivery.credentials import CredentialError, Secret, resolve
 from pymta.delivery.direct import MxRelay
 from pymta.delivery.smtp import auth, tls
 from pymta.delivery.smtp.explain import error_text, explain
-from pymta.delivery.smtp.outcome import SessionError, Stage
+from pymta.delivery.smtp.outcome import SessionError
 from pymta.delivery.smtp.replies import Client, as_bytes, format_reply
 from pymta.delivery.smtp.tls import Certificate, TlsInfo
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Literal, Self
+
     from pymta.config.model import Smarthost
+    from pymta.delivery.smtp.outcome import Stage
+
+    # What TLS a session got, for the log line of a direct delivery (`tls=`): a certificate verified for
+    # the server's name, encryption without that (opportunistic TLS), or none.
+    TlsLevel = Literal["verified", "encrypted", "none"]
 
 log = logging.getLogger("pymta.delivery.smtp")  # the name it had as one module
-
-# What TLS a session got, for the log line of a direct delivery (`tls=`): a certificate verified for the
-# server's name, encryption without that (opportunistic TLS), or none.
-TlsLevel = Literal["verified", "encrypted", "none"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,19 +10,25 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
 
-from pymta.delivery.smtp.outcome import Stage
 from pymta.delivery.smtp.replies import ReplyLimit
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymta.config.model import Smarthost
+    from pymta.delivery.smtp.outcome import Stage
 
 
-class Explained(NamedTuple):
-    stage: Stage
-    reason: str
-    certificate_failed: bool = False  # the server's certificate did not verify: `pymta test` shows it
+class Explained:
+    """Why a session failed: its stage, the reason with its fix, and whether the server's certificate did
+    not verify (`pymta test` shows it). A plain class: a `typing.NamedTuple` would import typing."""
+
+    __slots__ = ("stage", "reason", "certificate_failed")
+
+    def __init__(self, stage: Stage, reason: str, certificate_failed: bool = False) -> None:
+        self.stage = stage
+        self.reason = reason
+        self.certificate_failed = certificate_failed
 
 
 def auth_wanted(code: int, reply: str) -> bool:

@@ -8,15 +8,18 @@ and `RecipientOutcome` the one shape of it, kept by the flush for every recipien
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from pymta.errors import EX_TEMPFAIL, PymtaError
 
-Status = Literal["delivered", "deferred", "failed"]
-# What one attempt made of a recipient (`delivery.record.Attempt`): a Status, or "expanded" (an alias, sent
-# on to its targets). A session's outcomes are always a Status.
-Result = Literal["delivered", "deferred", "failed", "expanded"]
-Stage = Literal["connect", "greeting", "tls", "auth", "credentials", "protocol", "closed"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Status = Literal["delivered", "deferred", "failed"]
+    # What one attempt made of a recipient (`delivery.record.Attempt`): a Status, or "expanded" (an alias,
+    # sent on to its targets). A session's outcomes are always a Status.
+    Result = Literal["delivered", "deferred", "failed", "expanded"]
+    Stage = Literal["connect", "greeting", "tls", "auth", "credentials", "protocol", "closed"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,18 +12,19 @@ import re
 import smtplib
 import socket
 import time
-from typing import TYPE_CHECKING
 
 from pymta.delivery.direct import MxRelay
-from pymta.delivery.smtp.outcome import SessionError, Stage
+from pymta.delivery.smtp.outcome import SessionError
 from pymta.delivery.smtp.tls import verify_pin
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
 
     from _typeshed import ReadableBuffer
 
     from pymta.config.model import Smarthost
+    from pymta.delivery.smtp.outcome import Stage
 
 # A reply may have this many lines (an EHLO reply has a dozen): a server that never ends one is cut off.
 MAX_REPLY_LINES = 100

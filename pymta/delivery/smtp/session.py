@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pymta.delivery.smtp.commands import check_arguments, command_lines, doing, join
 from pymta.delivery.smtp.connection import Connection
@@ -53,6 +52,7 @@ from pymta.mail.idn import wire_address
 from pymta.mail.linefit import fit_line_length
 from pymta.mail.text import BLOCK, Text, UnreadableText
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymta.config.model import Smarthost
     from pymta.delivery.credentials import Secret

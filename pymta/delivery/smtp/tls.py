@@ -16,10 +16,10 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from pymta.delivery.smtp.outcome import SessionError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymta.config.model import Smarthost
 
