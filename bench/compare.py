@@ -18,8 +18,10 @@ the same way. `--venv DIR` installs into DIR (made when missing) and keeps it fo
 3. `pymta flush` of --flush queued messages of 1 KiB (the whole command, start-up included) to a sink on
    127.0.0.1 (bench/sink.py, in a process of its own), beside a one-connection smtplib loop sending the
    same messages to the same sink (the loop alone timed, in its own process of the same interpreter);
-   --rounds rounds, each ratio taken within its round. The queue is written straight into new/ in
-   sendmail's on-disk format (`pymta.queue.commit`'s docstring) and os.sync()ed before the flush starts.
+   --rounds rounds, each ratio taken within its round. Each round also flushes one message: the command's
+   fixed cost (start-up, connection, end), and from it the cost of each further message beside the loop's.
+   The queue is written straight into new/ in sendmail's on-disk format (`pymta.queue.commit`'s docstring)
+   and os.sync()ed before the flush starts.
 4. A 30 MB message enqueued and flushed: the peak RSS of each.
 5. With --big: the flush of --big-flush (10,000) messages beside the smtplib loop, then --big-queue
    (100,000) messages deferred and not due, written straight into queue/ and state/ as a flush leaves
@@ -363,6 +365,13 @@ class Bench:
             self.figure(f"pymta flush, {count:,}, peak RSS", "MiB").samples.append(result.rss_mib or 0.0)
             start = run([str(self.bin / "pymta"), "--version"], self.flush_env, rss=False)
             self.figure("pymta --version", "ms").samples.append(start.seconds * 1000)
+            # What the whole command pays before and after its messages: a flush of one message.
+            fill(self.flush_spool, 1)
+            one = run([str(self.bin / "pymta"), "flush"], self.flush_env, rss=False)
+            self.figure("pymta flush, one message", "ms").samples.append(one.seconds * 1000)
+            per_message = (result.seconds - one.seconds) / (count - 1) * 1e6
+            self.figure(f"pymta flush, {count:,}, per further message", "us").samples.append(per_message)
+            self.figure(f"smtplib loop, {count:,}, per message", "us").samples.append(1e6 / smtplib_rate)
 
     def large_message(self) -> None:
         line = b"a line of a large attachment, as base64 would send it: 76 characters wide....\n"
@@ -555,6 +564,15 @@ class Bench:
         ):
             out.append(f"| `{name}` | {self.show(name, 2)} | {self.show(f'{name}, peak RSS')} |")
         out.append(f"| `pymta --version` | {self.show('pymta --version')} | |")
+        if self.median("pymta flush, one message") is not None:
+            out.append(f"| `pymta flush` of one message | {self.show('pymta flush, one message')} | |")
+        for count in (self.args.flush, self.args.big_flush):
+            if self.median(f"pymta flush, {count:,}, per further message") is not None:
+                out.append(
+                    f"| each further message of {count:,}: `pymta flush` / the smtplib loop | "
+                    f"{self.show(f'pymta flush, {count:,}, per further message', 0)} / "
+                    f"{self.show(f'smtplib loop, {count:,}, per message', 0)} | |"
+                )
         if self.imports:
             out += ["", "What sendmail imports through the launcher beyond `python3 -I -S -c pass`:", ""]
             out += ["| module | self (us) | cumulative (us) |", "|---|---|---|"]
