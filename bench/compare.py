@@ -336,7 +336,9 @@ class Bench:
         self.flush_spool = self.tmp / "flush-spool"
         (self.tmp / "enqueue.yaml").write_text(f"spool: {self.enqueue_spool}\n{sandbox}")
         (self.tmp / "flush.yaml").write_text(
-            f"spool: {self.flush_spool}\n{sandbox}"
+            # Its log lines (one per message) go to a file, as an admin's would go to the journal: wherever
+            # the bench's own stderr goes (a terminal: nowhere; a file: there) must not decide what is timed.
+            f"spool: {self.flush_spool}\nlog: {self.tmp}/pymta.log\n{sandbox}"
             f"smarthosts:\n  - host: 127.0.0.1\n    port: {port}\n    security: none\n"
         )
         base = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
