@@ -447,3 +447,74 @@ def test_a_drop_that_makes_the_pick_up_fail_is_set_aside_and_the_others_are_pick
         f"refused new/{names['boom']}: it made the pick-up fail (RuntimeError); "
         "moved to corrupt/ for the admin"
     ]
+
+
+# --- what the pick-up of our own drops costs (issue 12): no look for queue/ID before its link ---
+
+
+def _own_drops(spool: Spool, count: int) -> list[str]:
+    names = []
+    for _ in range(count):
+        name = new_id()
+        envelope = {**GOOD, "id": name, "uid": os.geteuid(), "queued_at": time.time()}
+        (Path(spool.dir("new")) / name).write_bytes(encode_json(envelope).encode() + b"\n\nx\n")
+        names.append(name)
+    return sorted(names)
+
+
+def test_our_own_drops_are_linked_without_a_look_for_queue_id_first(
+    mta: MtaEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link fails with EEXIST when queue/ID exists, so an open, lstat or stat of it first only costs
+    system calls; a stat by name of new/ID too (the fstat of its descriptor tells the same), and the run's
+    uid is asked once."""
+    spool = Spool(str(mta.spool))
+    spool.create_private()
+    names = _own_drops(spool, 3)
+    looked: list[tuple[str, str]] = []
+    for call in ("open", "lstat", "stat"):
+        real = getattr(os, call)
+
+        def watched(
+            path: object, *args: object, _real: object = real, _call: str = call, **kwargs: object
+        ) -> object:
+            looked.append((_call, os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path)))
+            return _real(path, *args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(os, call, watched)
+    euids = []
+    real_geteuid = os.geteuid
+    monkeypatch.setattr(os, "geteuid", lambda: euids.append(1) or real_geteuid())
+
+    picked = spool.pick_up(1 << 20, print)
+
+    assert picked == names
+    assert sorted(os.listdir(spool.dir("queue"))) == names and os.listdir(spool.dir("new")) == []
+    queue = spool.dir("queue") + "/"
+    assert [(call, path) for call, path in looked if path.startswith(queue)] == []
+    assert [call for call, path in looked if path.startswith(spool.dir("new") + "/")] == ["open"] * 3
+    assert len(euids) <= 2  # once for the run, once for the budget: not once per drop
+
+
+def test_an_own_drop_whose_id_is_queued_already_is_set_aside_and_the_queued_one_kept(mta: MtaEnv) -> None:
+    """Without a look first, the link's EEXIST is what keeps queue/ID: neither it nor a symbolic link
+    planted there is replaced or followed, and the drop goes to corrupt/ with its line."""
+    spool = Spool(str(mta.spool))
+    spool.create_private()
+    queued, linked, fresh = _own_drops(spool, 3)
+    queue = Path(spool.dir("queue"))
+    (queue / queued).write_bytes(b"the one queued before\n")
+    (queue / linked).symlink_to(mta.root / "elsewhere")
+    lines: list[str] = []
+
+    picked = spool.pick_up(1 << 20, lines.append)
+
+    assert picked == [fresh]
+    assert (queue / queued).read_bytes() == b"the one queued before\n"
+    assert (queue / linked).is_symlink() and not (mta.root / "elsewhere").exists()
+    assert sorted(os.listdir(spool.dir("corrupt"))) == sorted([queued, linked])
+    assert os.listdir(spool.dir("new")) == []
+    assert sorted(lines) == sorted(
+        f"refused new/{name}: a queued message has this id already; moved to corrupt/ for the admin"
+        for name in (queued, linked)
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from stat import S_ISDIR, S_ISREG
 
 from pymta.fsutil import read_all
 from pymta.mail.address import has_control
@@ -77,21 +78,29 @@ class PickUp(SpoolDirectory):
         owner who has that many messages in queue/ already is left in new/ as it is, and picked up by a
         later run once the queue has room; one `report` line per user says how many wait (once per Spool
         object, that is per flush run). The queue is counted only when such a submission turns up, from
-        the first bytes of each queued file (`queued_per_uid`); a file's owner comes from an lstat, so a
-        user over the limit costs no open.
+        the first bytes of each queued file (`queued_per_uid`); a file's owner comes from the fstat of its
+        descriptor (opened without waiting or following a link), so a user over the limit costs an open
+        and nothing of theirs is read.
+
+        What each file costs is kept to what it needs: a file of our own is linked into queue/ without
+        looking for queue/NAME first (the link fails with EEXIST rather than replace it), and looked for
+        there only when it has a second name (the link of a pick-up killed before its unlink).
         """
         limit = _QueueLimit(self, max_queued_per_user) if max_queued_per_user is not None else None
         budget = PickUpBudget(self)
+
+        def admits(uid: int) -> bool:
+            return budget.admits(uid) and (limit is None or limit.admits(uid))
+
+        euid = os.geteuid()  # asked once: the run's user does not change while it picks up
+        new, queue = f"{self.dir('new')}/", f"{self.dir('queue')}/"
         picked = []
         for name in sorted(self._names("new")):
-            source = os.path.join(self.dir("new"), name)
+            source = new + name
             try:
-                # Who dropped it, from a stat by name: a user over their quota or this run's budget costs
-                # no open, and nothing of theirs is read.
-                uid = os.lstat(source).st_uid
-                if not budget.admits(uid) or (limit is not None and not limit.admits(uid)):
-                    continue
-                if self._pick_up_one(name, source, max_size, report, sender_policy, limit):
+                if self._pick_up_one(
+                    name, source, queue + name, max_size, report, sender_policy, limit, admits, euid
+                ):
                     picked.append(name)
             except FileNotFoundError:
                 continue
@@ -151,26 +160,36 @@ class PickUp(SpoolDirectory):
         self,
         name: str,
         source: str,
+        target: str,
         max_size: int,
         report: Callable[[str], None],
         sender_policy: SenderPolicy | None,
-        limit: _QueueLimit | None = None,
+        limit: _QueueLimit | None,
+        admits: Callable[[int], bool],
+        euid: int,
     ) -> bool:
-        import stat
-
+        """Pick up new/NAME (`source`) into queue/NAME (`target`): True when it was, False when it was
+        refused, set aside or left waiting (`admits(uid)` says whether its owner's drops are taken now).
+        `euid` is the run's own uid."""
         try:
             fd = os.open(source, READ_FLAGS)
+        except FileNotFoundError:
+            raise
         except OSError as exc:
+            # Who dropped what cannot be opened, from a stat by name: a user over their quota or this
+            # run's budget gets no line and keeps the file.
+            seen = os.lstat(source)
+            if not admits(seen.st_uid):
+                return False
             if exc.errno == errno.ELOOP:
                 os.unlink(source)
                 report(f"refused new/{quoted(name)}: a symbolic link; removed")
                 return False
             if exc.errno == errno.EACCES:  # mode 000, or a hard link to someone else's private file
-                links = os.lstat(source).st_nlink
-                if links != 1:
+                if seen.st_nlink != 1:
                     os.unlink(source)
                     report(
-                        f"refused new/{quoted(name)}: a hard link ({links} names)"
+                        f"refused new/{quoted(name)}: a hard link ({seen.st_nlink} names)"
                         " that we may not read; removed"
                     )
                 else:
@@ -178,8 +197,16 @@ class PickUp(SpoolDirectory):
                 return False
             raise
         try:
+            # Who dropped it, from its descriptor: a user over their quota or this run's budget costs an
+            # open (without waiting, following no link) and nothing of theirs is read.
             info = os.fstat(fd)
-            if self._picked_up_already(name, info):
+            if not admits(info.st_uid):
+                return False
+            # A pick-up killed after it took the file and before it removed it from new/ left queue/NAME
+            # behind: our own file linked there (a second name), another user's copied (a file of ours).
+            if (info.st_uid != euid or info.st_nlink != 1) and self._picked_up_already(
+                name, target, info, euid
+            ):
                 os.unlink(source)
                 report(
                     f"new/{name} was picked up already (a pick-up stopped between taking it and removing it "
@@ -187,12 +214,12 @@ class PickUp(SpoolDirectory):
                 )
                 return False
             refusal = ""
-            if not stat.S_ISREG(info.st_mode):
+            if not S_ISREG(info.st_mode):
                 refusal = "not a regular file (a FIFO, device or directory)"
             elif info.st_nlink != 1:
                 refusal = f"a hard link ({info.st_nlink} names)"
             if refusal:
-                if stat.S_ISDIR(info.st_mode):
+                if S_ISDIR(info.st_mode):
                     report(f"refused new/{quoted(name)}: {refusal}; left in place for the admin")
                 else:
                     os.unlink(source)
@@ -206,17 +233,21 @@ class PickUp(SpoolDirectory):
             if info.st_size > max_size + MAX_ENVELOPE_LINE:
                 self._set_aside(name, source, f"{info.st_size} bytes, over max_message_size", report)
                 return False
-            target = os.path.join(self.dir("queue"), name)
+            if info.st_uid == euid:
+                # Our own submission (user mode): nobody else could have written it. Moved as it is (link,
+                # then unlink: never over an existing name, whose link fails with EEXIST, so nothing looks
+                # for it first); an unreadable envelope is found, and set aside, when the message is
+                # loaded for delivery.
+                try:
+                    os.link(source, target, follow_symlinks=False)
+                except FileExistsError:
+                    self._set_aside(name, source, "a queued message has this id already", report)
+                    return False
+                os.unlink(source)
+                return True
             if os.path.lexists(target):
                 self._set_aside(name, source, "a queued message has this id already", report)
                 return False
-            if info.st_uid == os.geteuid():
-                # Our own submission (user mode): nobody else could have written it. Moved as it is (link,
-                # then unlink: never over an existing name); an unreadable envelope is found, and set
-                # aside, when the message is loaded for delivery.
-                os.link(source, target, follow_symlinks=False)
-                os.unlink(source)
-                return True
             # Never more than a drop may hold: its writer may grow it after the fstat above (M1).
             data = read_all(fd, limit=max_size + MAX_ENVELOPE_LINE + 1)
         finally:
@@ -257,17 +288,15 @@ class PickUp(SpoolDirectory):
             limit.took(info.st_uid)
         return True
 
-    def _picked_up_already(self, name: str, info: os.stat_result) -> bool:
-        """Whether new/NAME (`info`) is a submission that queue/NAME holds already: a pick-up killed after it
-        linked (user mode: the same file) or copied it (system mode: a file of ours recording the same
-        uid) into queue/ and before it unlinked it from new/. The next flush then removes it from new/, so
-        it is delivered once (issue 11, item 8)."""
-        import stat
-
-        if not is_queue_id(name) or not stat.S_ISREG(info.st_mode):
+    def _picked_up_already(self, name: str, target: str, info: os.stat_result, euid: int) -> bool:
+        """Whether new/NAME (`info`) is a submission that queue/NAME (`target`) holds already: a pick-up
+        killed after it linked (user mode: the same file) or copied it (system mode: a file of ours
+        recording the same uid) into queue/ and before it unlinked it from new/. The next flush then
+        removes it from new/, so it is delivered once (issue 11, item 8). `euid` is the run's own uid."""
+        if not is_queue_id(name) or not S_ISREG(info.st_mode):
             return False
         try:
-            fd = os.open(os.path.join(self.dir("queue"), name), READ_FLAGS)
+            fd = os.open(target, READ_FLAGS)
         except OSError:
             return False
         try:
@@ -276,7 +305,7 @@ class PickUp(SpoolDirectory):
                 return True
             return (
                 info.st_nlink == 1
-                and queued.st_uid == os.geteuid() != info.st_uid
+                and queued.st_uid == euid != info.st_uid
                 and uid_from_head(os.pread(fd, 64, 0)) == info.st_uid
             )
         finally:
