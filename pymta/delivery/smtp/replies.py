@@ -120,12 +120,18 @@ class Client(smtplib.SMTP):
         """A line of the server's (with its line end), read straight from the socket, waiting at most
         `limit` seconds for each piece of it, and never past `deadline`: a buffer that began on another
         socket is dropped, as STARTTLS requires (text sent before the handshake must not count as said
-        under TLS)."""
+        under TLS).
+
+        Each settimeout is a system call, so the socket keeps its own timeout (the session's, which sends
+        need) whenever that is not longer than the wait: a longer wait (DATA's end has `data_timeout`) is
+        made of several reads that each time out, and only a shorter one (a reply's deadline drawing near)
+        sets the socket's, which `getreply` sets back."""
         sock = self.sock
         if sock is None:
             raise smtplib.SMTPServerDisconnected("please run connect() first")
         if self._buffer_of is not sock:
             self._buffer, self._start, self._buffer_of = b"", 0, sock
+        silent_since = None  # when the wait for the next piece began
         while True:
             end = self._buffer.find(b"\n", self._start)
             if end >= 0:
@@ -134,21 +140,33 @@ class Client(smtplib.SMTP):
                 return line
             if len(self._buffer) - self._start > MAX_REPLY_LINE:
                 return self._buffer[self._start :]
-            wait = min(deadline - time.monotonic(), limit)
+            now = time.monotonic()
+            if silent_since is None:
+                silent_since = now
+            wait = min(deadline, silent_since + limit) - now
             try:
                 if wait <= 0:
                     raise TimeoutError
-                sock.settimeout(wait)
-                self._waited = True
-                chunk = sock.recv(65536)
+                own = sock.gettimeout()
+                if own is None or not 0 < own <= wait:
+                    sock.settimeout(wait)
+                    self._waited = True
+                    own = wait
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    if own < wait:  # the socket's own timeout, shorter than this wait: wait on
+                        continue
+                    raise
             except TimeoutError as exc:
                 self.close()
-                if wait < limit:  # the reply's deadline, not one silence, ran out
+                if deadline < silent_since + limit:  # the reply's deadline, not one silence, ran out
                     raise ReplyLimit(f"no complete reply within {limit + REPLY_TRANSFER_TIME:g} s") from None
                 raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc
             except OSError as exc:
                 self.close()
                 raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc
+            silent_since = None
             if not chunk:
                 rest = self._buffer[self._start :]
                 if rest:  # a last line without its CRLF ("421 bye", then the close): still the server's word
