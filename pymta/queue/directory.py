@@ -68,6 +68,10 @@ class SpoolDirectory:
     def __init__(self, path: str) -> None:
         self.path = path
         self._dirs: dict[str, str] = {}
+        # queue/ and state/ with their slash: the path of a file there is one concatenation (the flush
+        # makes a few for every message).
+        self.queue_prefix = os.path.join(path, "queue", "")
+        self.state_prefix = os.path.join(path, "state", "")
 
     def dir(self, name: str) -> str:
         """The path of one of the spool's directories (tmp, new, queue, ...)."""
@@ -128,7 +132,7 @@ class SpoolDirectory:
         spool's owner planted there costs a listing one line, never a hang or the memory."""
         try:
             if state_fd is None:
-                fd = os.open(os.path.join(self.dir("state"), name), READ_FLAGS)
+                fd = os.open(self.state_prefix + name, READ_FLAGS)
             else:
                 fd = os.open(name, READ_FLAGS, dir_fd=state_fd)
         except FileNotFoundError:
@@ -173,7 +177,7 @@ class SpoolDirectory:
         and the lock; queue files are only ever unlinked, never replaced, and only the one flush renames
         them).
         """
-        path = os.path.join(self.dir("queue"), name)
+        path = self.queue_prefix + name
         own = fd is None
         if fd is None:
             fd = os.open(path, READ_FLAGS)

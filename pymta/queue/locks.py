@@ -62,7 +62,7 @@ class Locks(SpoolDirectory):
                 os.close(fd)
             raise
         if entry.has_state:
-            unlink_quietly(os.path.join(self.dir("state"), entry.id))
+            unlink_quietly(self.state_prefix + entry.id)
         if lock is not None:
             import fcntl
 
@@ -121,7 +121,7 @@ class Locks(SpoolDirectory):
         """
         import fcntl
 
-        fd = os.open(os.path.join(self.dir("queue"), name), READ_FLAGS)
+        fd = os.open(self.queue_prefix + name, READ_FLAGS)
         deadline = time.monotonic() + wait
         while True:
             try:

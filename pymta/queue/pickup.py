@@ -93,7 +93,7 @@ class PickUp(SpoolDirectory):
             return budget.admits(uid) and (limit is None or limit.admits(uid))
 
         euid = os.geteuid()  # asked once: the run's user does not change while it picks up
-        new, queue = f"{self.dir('new')}/", f"{self.dir('queue')}/"
+        new, queue = os.path.join(self.dir("new"), ""), self.queue_prefix
         picked = []
         for name in sorted(self._names("new")):
             source = new + name
