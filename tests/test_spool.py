@@ -28,7 +28,7 @@ from pymta.errors import EX_CANTCREAT, EX_TEMPFAIL, SpoolError, SpoolFullError
 from pymta.queue import locks
 from pymta.queue import reaper as reaper_module
 from pymta.queue.directory import encode_json, new_id
-from pymta.queue.entry import MessageState
+from pymta.queue.entry import Expiry, MessageState, RecipientStatus
 from pymta.queue.reaper import REAP_BATCH
 from pymta.queue.spool import Names, Spool
 
@@ -650,3 +650,21 @@ def test_a_scan_gives_every_name_oldest_first_across_the_runs_it_holds_them_in(
         os.rename(os.path.join(spool.dir("new"), name), os.path.join(spool.dir("queue"), name))
     listed = [item.id for item in spool.scan() if not isinstance(item, str)]
     assert listed == sorted(names)
+
+
+def test_a_recipients_copy_has_every_field_and_changes_alone() -> None:
+    """`RecipientStatus.copy` (the flush's one per recipient, in place of copy.copy) misses no field, a
+    field added later included: each is set to something other than its default first."""
+    original = RecipientStatus(
+        "a@example.org", "failed", "550 no", "alias", True, Expiry("5d", "450 busy", "mx")
+    )
+    copied = original.copy()
+    assert copied is not original
+    assert {name: getattr(copied, name) for name in RecipientStatus.__slots__} == {
+        name: getattr(original, name) for name in RecipientStatus.__slots__
+    }
+    assert all(
+        getattr(original, name) != getattr(RecipientStatus("x"), name) for name in RecipientStatus.__slots__
+    )
+    copied.status, copied.reported = "delivered", False
+    assert (original.status, original.reported) == ("failed", True)

@@ -121,7 +121,7 @@ class Recorder:
             self.spool.set_aside_queued(name)
             self.log.error(f"id={name} moved to corrupt/ for the admin: it cannot be delivered or bounced")
             return
-        recipients = {r.address: copy.copy(r) for r in entry.recipients}
+        recipients = {r.address: r.copy() for r in entry.recipients}
         added = done.added if done is not None else {}
         for address, outcome in (done.results if done is not None else {}).items():
             if outcome.status in ("delivered", "expanded"):
@@ -220,7 +220,7 @@ class Recorder:
         recipients: dict[str, RecipientStatus] = {}
         last_error = entry.last_error
         for known in [*entry.recipients, *(RecipientStatus(a, via=v) for a, v in attempt.added.items())]:
-            recipient = copy.copy(known)
+            recipient = known.copy()
             outcome = attempt.results.get(recipient.address)
             if outcome is not None:
                 status, reply = outcome.status, outcome.reply

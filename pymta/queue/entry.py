@@ -132,6 +132,13 @@ class RecipientStatus:
         self.reported = reported
         self.expired = expired
 
+    def copy(self) -> RecipientStatus:
+        """A copy to change, as `copy.copy` makes it without its generic machinery (the flush makes one per
+        recipient of every message)."""
+        return RecipientStatus(
+            self.address, self.status, self.last_error, self.via, self.reported, self.expired
+        )
+
     def record(self) -> dict[str, object]:
         """The recipient as its message's state file stores it (what `from_record` reads back)."""
         record: dict[str, object] = {"status": self.status, "last_error": self.last_error}
