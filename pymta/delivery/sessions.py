@@ -183,10 +183,12 @@ class Sessions:
         reasons = list(delivery.failed_on.values())
         given_up = []
         recipients = delivery.recipients
+        # Each dict is asked only when it holds something: a smarthost (a frozen dataclass) is hashed from all
+        # its fields at every lookup, and in a run where nothing fails they stay empty.
         for host in delivery.hosts:
-            if host in delivery.failed_on:
+            if delivery.failed_on and host in delivery.failed_on:
                 continue
-            if host in self.given_up:
+            if self.given_up and host in self.given_up:
                 given_up.append(self.given_up[host])
                 continue
             session = self._session(host)
@@ -241,7 +243,8 @@ class Sessions:
             return _all(recipients, "deferred", str(exc)), session.relay
         except ValueError as exc:
             return _all(recipients, "failed", f"554 5.6.0 cannot be sent over SMTP: {exc}"), session.relay
-        self.breaks.pop(host, None)  # it answers: a later break starts the count again
+        if self.breaks:
+            self.breaks.pop(host, None)  # it answers: a later break starts the count again
         answered = {outcome.recipient: outcome for outcome in outcomes}
         if isinstance(host, MxRelay):
             answered = self._next_mx(delivery, host, session, answered)
@@ -289,7 +292,7 @@ class Sessions:
         return session is None or not any(waiting.session is session for waiting in self.waiting)
 
     def _session(self, host: Smarthost) -> SmtpSession | None:
-        if host in self.broken:
+        if self.broken and host in self.broken:
             return None
         session = self.open.get(host)
         if session is None:
