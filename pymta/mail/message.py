@@ -340,11 +340,15 @@ def _qualified_field(field: bytes, domain: str) -> bytes:
     return field[:colon] + _encoded(text) + field[colon + len(value) :]
 
 
+# What makes an address field less than plain (`_plainly_qualified`): quotes, comments, escapes, groups.
+_NOT_PLAIN = frozenset('"(\\:;')
+
+
 def _plainly_qualified(text: str) -> bool:
     """True when every address of a simple field already has a domain: no quotes, comments, groups or
     escapes, and each comma-separated member has an @ (inside its <> when it has one). A fast path for the
     common `Name <a@example.org>`; anything less plain goes through the parser."""
-    if any(char in text for char in '"(\\:;'):
+    if not _NOT_PLAIN.isdisjoint(text):
         return False
     for member in text.split(","):
         angle = member.find("<")
