@@ -41,16 +41,19 @@ def route(
     rewrite: the first route whose recipient pattern matches `recipient`, else the first whose sender
     pattern matches `sender` (fnmatch, case-insensitive), else every configured smarthost and None.
     None for the smarthosts means the recipient's MX hosts: a route to `direct`, or `direct: true`."""
-    matched = next(
-        (
-            rule
-            for rule in config.routes
-            if rule.recipient is not None and _matches(recipient, rule.recipient)
-        ),
-        None,
-    ) or next(
-        (rule for rule in config.routes if rule.sender is not None and _matches(sender, rule.sender)), None
-    )
+    matched = None
+    if config.routes:  # none in the usual config: no generator is then made per recipient of every message
+        matched = next(
+            (
+                rule
+                for rule in config.routes
+                if rule.recipient is not None and _matches(recipient, rule.recipient)
+            ),
+            None,
+        ) or next(
+            (rule for rule in config.routes if rule.sender is not None and _matches(sender, rule.sender)),
+            None,
+        )
     if matched is None:
         return (None if config.direct else config.smarthosts), None
     if matched.smarthost == DIRECT:
