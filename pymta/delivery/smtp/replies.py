@@ -146,7 +146,7 @@ class Client(smtplib.SMTP):
             wait = min(deadline, silent_since + limit) - now
             try:
                 if wait <= 0:
-                    raise TimeoutError
+                    raise TimeoutError("timed out")  # as the socket says it
                 own = sock.gettimeout()
                 if own is None or not 0 < own <= wait:
                     sock.settimeout(wait)
