@@ -117,10 +117,7 @@ class SpoolDirectory:
         envelope = parse_envelope(head[:end])  # without its line end: the fast path of `_json_value`
         state = None
         if location == "queue":
-            queued_at = envelope.get("queued_at", 0)
-            if type(queued_at) is not float:
-                queued_at = time_field(envelope, "queued_at", 0)
-            state = self.read_state(name, queued_at, state_fd)
+            state = self.read_state(name, _queued_at(envelope), state_fd)
         return QueueEntry(location, path, envelope, state, info.st_size - end - 1, info.st_uid)
 
     def read_state(
@@ -205,7 +202,7 @@ class SpoolDirectory:
         if not newline:
             raise ValueError("no envelope line: not a pymta queue file")
         envelope = parse_envelope(line)
-        state = self.read_state(name, time_field(envelope, "queued_at", 0))
+        state = self.read_state(name, _queued_at(envelope))
         entry = QueueEntry("queue", path, envelope, state, len(text), info.st_uid)
         if entry.id != name:
             raise ValueError(f"its envelope claims the id {entry.id!r}, not its file name")
@@ -277,6 +274,13 @@ class SpoolDirectory:
         except BaseException:
             unlink_quietly(tmp_path)
             raise
+
+
+def _queued_at(envelope: dict[str, object]) -> float:
+    """When the message of `envelope` was queued, for reading its state: as it is when it is a float (what
+    pymta writes; `QueueEntry` checks its range), else through `time_field`'s checks."""
+    queued_at = envelope.get("queued_at", 0)
+    return queued_at if type(queued_at) is float else time_field(envelope, "queued_at", 0)
 
 
 def _text_of(fd: int, start: int, size: int, *, streamed: bool) -> Text:
