@@ -54,6 +54,11 @@ def target_problem(value: str) -> str | None:
 def setup(verbose: bool = False, *, target: str = "auto") -> logging.Logger:
     """The `pymta` logger, its lines going to `target` (see the module docstring) and, under --verbose,
     to stderr as well."""
+    # What a record would otherwise look up for each line and no line of ours shows: the caller's file and
+    # line (a walk up the stack), the thread, the process (a getpid). logging's own advice for speed; a
+    # flush makes a record per recipient (issue 12).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
