@@ -466,8 +466,8 @@ def test_our_own_drops_are_linked_without_a_look_for_queue_id_first(
     mta: MtaEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The link fails with EEXIST when queue/ID exists, so an open, lstat or stat of it first only costs
-    system calls; a stat by name of new/ID too (the fstat of its descriptor tells the same), and the run's
-    uid is asked once."""
+    system calls; new/ID is looked at with one lstat and not opened (nothing of it is read: an open, an
+    fstat and a close would tell the same), and the run's uid is asked once."""
     spool = Spool(str(mta.spool))
     spool.create_private()
     names = _own_drops(spool, 3)
@@ -492,7 +492,7 @@ def test_our_own_drops_are_linked_without_a_look_for_queue_id_first(
     assert sorted(os.listdir(spool.dir("queue"))) == names and os.listdir(spool.dir("new")) == []
     queue = spool.dir("queue") + "/"
     assert [(call, path) for call, path in looked if path.startswith(queue)] == []
-    assert [call for call, path in looked if path.startswith(spool.dir("new") + "/")] == ["open"] * 3
+    assert [call for call, path in looked if path.startswith(spool.dir("new") + "/")] == ["lstat"] * 3
     assert len(euids) <= 2  # once for the run, once for the budget: not once per drop
 
 

@@ -59,11 +59,12 @@ class PickUp(SpoolDirectory):
         """Move committed submissions from new/ into queue/ and return their ids.
 
         Only what the kernel says is trusted: a file is opened with O_NOFOLLOW and checked on its descriptor
-        (a regular file with one link, at most `max_size` bytes of message). A submission owned by us (user
-        mode) is renamed into place; one owned by another user (system mode) is copied into a file of ours,
-        with `submitted_by` and `uid` taken from the file's owner, so its writer can change it no longer;
-        no more than `max_size` and the envelope allowance of it is read, however it grows meanwhile, and
-        every envelope field is checked before it is used (`validate_drop`). Links, FIFOs and devices are
+        (a regular file with one link, at most `max_size` bytes of message); our own, of which nothing is
+        read, is checked by an lstat. A submission owned by us (user mode) is linked into place; one owned
+        by another user (system mode) is copied into a file of ours, with `submitted_by` and `uid` taken
+        from the file's owner, so its writer can change it no longer; no more than `max_size` and the
+        envelope allowance of it is read, however it grows meanwhile, and every envelope field is checked
+        before it is used (`validate_drop`). Links, FIFOs and devices are
         removed; unreadable, invalid or oversized files, names that are no queue id, and a file whose
         pick-up fails in any other way are moved to corrupt/ (ARCHITECTURE.md 10, 11); each gets
         one `report` line, with the name quoted (`quoted`). No more than `MAX_PICKUP_PER_USER` files of one
@@ -82,9 +83,12 @@ class PickUp(SpoolDirectory):
         descriptor (opened without waiting or following a link), so a user over the limit costs an open
         and nothing of theirs is read.
 
-        What each file costs is kept to what it needs: a file of our own is linked into queue/ without
-        looking for queue/NAME first (the link fails with EEXIST rather than replace it), and looked for
-        there only when it has a second name (the link of a pick-up killed before its unlink).
+        What each file costs is kept to what it needs: a file of our own (user mode, and the flush's own
+        notices) is looked at with one lstat by name and not opened, since nothing of it is read here; it
+        is linked into queue/ without looking for queue/NAME first (the link fails with EEXIST rather than
+        replace it), and looked for there only when it has a second name (the link of a pick-up killed
+        before its unlink). A rename would not be cheaper: it must look for queue/NAME first, since it
+        would replace it, and on ext4 and tmpfs a rename costs what the link and the unlink cost.
         """
         limit = _QueueLimit(self, max_queued_per_user) if max_queued_per_user is not None else None
         budget = PickUpBudget(self)
@@ -172,6 +176,19 @@ class PickUp(SpoolDirectory):
         refused, set aside or left waiting (`admits(uid)` says whether its owner's drops are taken now).
         `euid` is the run's own uid."""
         try:
+            seen = os.lstat(source)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            seen = None  # the open below meets the same and says what it is
+        # Our own regular file with one name (every drop in user mode): nothing of it is read, so the lstat
+        # tells all there is to check, and only a file of ours could replace it under that name (new/ is
+        # ours, or sticky). Anything else is opened and checked on its descriptor below.
+        if seen is not None and seen.st_uid == euid and seen.st_nlink == 1 and S_ISREG(seen.st_mode):
+            if not admits(euid):
+                return False
+            return self._take_own(name, source, target, seen.st_size, max_size, report)
+        try:
             fd = os.open(source, READ_FLAGS)
         except FileNotFoundError:
             raise
@@ -225,6 +242,8 @@ class PickUp(SpoolDirectory):
                     os.unlink(source)
                     report(f"refused new/{quoted(name)} of uid {info.st_uid}: {refusal}; removed")
                 return False
+            if info.st_uid == euid:  # became ours and plain since the lstat above
+                return self._take_own(name, source, target, info.st_size, max_size, report)
             if not is_queue_id(name):
                 self._set_aside(
                     name, source, "its name is not a queue id (sendmail did not write it)", report
@@ -233,18 +252,6 @@ class PickUp(SpoolDirectory):
             if info.st_size > max_size + MAX_ENVELOPE_LINE:
                 self._set_aside(name, source, f"{info.st_size} bytes, over max_message_size", report)
                 return False
-            if info.st_uid == euid:
-                # Our own submission (user mode): nobody else could have written it. Moved as it is (link,
-                # then unlink: never over an existing name, whose link fails with EEXIST, so nothing looks
-                # for it first); an unreadable envelope is found, and set aside, when the message is
-                # loaded for delivery.
-                try:
-                    os.link(source, target, follow_symlinks=False)
-                except FileExistsError:
-                    self._set_aside(name, source, "a queued message has this id already", report)
-                    return False
-                os.unlink(source)
-                return True
             if os.path.lexists(target):
                 self._set_aside(name, source, "a queued message has this id already", report)
                 return False
@@ -286,6 +293,28 @@ class PickUp(SpoolDirectory):
         os.unlink(source)
         if limit is not None:
             limit.took(info.st_uid)
+        return True
+
+    def _take_own(
+        self, name: str, source: str, target: str, size: int, max_size: int, report: Callable[[str], None]
+    ) -> bool:
+        """Move our own submission new/NAME (`source`, a regular file of `size` bytes with one name) into
+        queue/NAME (`target`): True when it was, False when it was set aside. Nobody else could have written
+        it. Moved as it is (link, then unlink: never over an existing name, whose link fails with EEXIST,
+        so nothing looks for it first); an unreadable envelope is found, and set aside, when the message
+        is loaded for delivery."""
+        if not is_queue_id(name):
+            self._set_aside(name, source, "its name is not a queue id (sendmail did not write it)", report)
+            return False
+        if size > max_size + MAX_ENVELOPE_LINE:
+            self._set_aside(name, source, f"{size} bytes, over max_message_size", report)
+            return False
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            self._set_aside(name, source, "a queued message has this id already", report)
+            return False
+        os.unlink(source)
         return True
 
     def _picked_up_already(self, name: str, target: str, info: os.stat_result, euid: int) -> bool:
