@@ -296,3 +296,57 @@ def test_a_split_flush_logs_to_a_file_that_only_root_may_open(
     assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (0, 0o640)  # the delivery process cannot
     (line,) = [line for line in path.read_text().splitlines() if "status=sent" in line]  # yet it logged
     assert "to=<bob@example.net>" in line
+
+
+def test_a_delivery_line_is_written_as_logging_writes_it_without_a_record(
+    tmp_path: Path, sockets: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`log.info` (a flush's line per recipient) writes to each target `setup` makes the bytes that
+    `logger.info` writes there, with no LogRecord made (issue 12); a logger changed since goes through
+    logging as before, and its filter is heeded."""
+    import logging
+
+    from pymta import log
+
+    line = "id=6b0ae6 to=<bob@example.org> relay=smtp.example.org[192.0.2.1]:587 delay=2.1 status=sent"
+    journal = listen(sockets / "journal")
+    monkeypatch.setenv("PYMTA_JOURNAL_SOCKET", str(sockets / "journal"))
+    made: list[str] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: object, **kwargs: object) -> logging.LogRecord:
+        made.append(str(args[4]))
+        return factory(*args, **kwargs)
+
+    logging.setLogRecordFactory(counted)
+    file = tmp_path / "pymta.log"
+    try:
+        for target in ("journal", "stderr", str(file)):
+            logger = log.setup(target=target)
+            try:
+                logger.info(line)
+                log.info(logger, line)
+            finally:
+                if target.startswith("/"):
+                    logger.handlers[0].stream.close()  # type: ignore[attr-defined]  # setup leaves it open
+                log.setup(target="none")
+    finally:
+        logging.setLogRecordFactory(factory)
+    assert made == [line] * 3  # logger.info's, one per target; none of log.info's
+
+    by_logging, by_info = (journal_fields(datagram) for datagram in datagrams(journal, at_least=2))
+    assert by_logging == by_info and by_info["MESSAGE"] == line and by_info["PRIORITY"] == "6"
+    assert capsys.readouterr().err == f"pymta: {line}\n" * 2
+    first, second = file.read_text().splitlines()
+    assert first.endswith(f" pymta[{os.getpid()}]: {line}") and first[20:] == second[20:]
+    stamps = [time.mktime(time.strptime(text[:20], "%Y-%m-%dT%H:%M:%SZ")) for text in (first, second)]
+    assert 0 <= stamps[1] - stamps[0] <= 1 and abs(stamps[1] - time.mktime(time.gmtime())) < 60
+
+    logger = log.setup(target="stderr")
+    try:
+        logger.addFilter(lambda record: "secret" not in record.getMessage())
+        log.info(logger, "a secret line")
+        log.info(logger, "a plain line")
+    finally:
+        log.setup(target="none")
+    assert capsys.readouterr().err == "pymta: a plain line\n"

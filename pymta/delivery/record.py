@@ -232,7 +232,8 @@ class Recorder:
                 if status != "expanded":
                     count(outcome.status)
                 if status != "expanded" and self.log.isEnabledFor(logging.INFO):  # made only to be written
-                    self.log.info(
+                    log.info(
+                        self.log,
                         log.delivery_line(
                             entry.id,
                             outcome.recipient,
@@ -243,7 +244,7 @@ class Recorder:
                             reply,
                             outcome.tls,
                             outcome.sts,
-                        )
+                        ),
                     )
             recipients[recipient.address] = recipient
         warned = entry.warned
