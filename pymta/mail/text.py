@@ -87,7 +87,9 @@ class Text:
     def isascii(self) -> bool:
         """Whether every byte is 7-bit (read through once, then remembered)."""
         if self._ascii is None:
-            self._ascii = all(block.isascii() for block in self.blocks())
+            self._ascii = (
+                self.head.isascii() if not self.rest else all(block.isascii() for block in self.blocks())
+            )
         return self._ascii
 
     def header_isascii(self) -> bool:
