@@ -100,6 +100,10 @@ class Recorder:
         self.log = logger
         self.clock = clock
         self.jitter = jitter
+        # The config's domain and hostname, asked at the first message (the hostname may wait for a lookup
+        # of this machine's name, which a run that sends nothing never needs) and then kept: the config of a
+        # run does not change, and every message's header needs both.
+        self._names: tuple[str, str] | None = None
 
     def park(self, name: str, reason: str, done: Attempt | None = None) -> None:
         """After an unexpected failure with queue/NAME (locked by the caller): defer its pending recipients
@@ -160,6 +164,9 @@ class Recorder:
         """The message as delivery sends it (`message.complete_head`: Date, Message-ID, From added): what a
         notice returns, so the sender sees the headers that went out. Only its head is made anew; a large
         body stays in the spool file, read as it is sent (`Text`)."""
+        if self._names is None:
+            self._names = (self.config.domain, self.config.hostname)
+        domain, hostname = self._names
         head, end = complete_head(
             message.head,
             queued_at=entry.queued_at,
@@ -167,8 +174,8 @@ class Recorder:
             sender=entry.sender,
             submitted_by=entry.submitted_by,
             full_name=entry.full_name,
-            domain=self.config.domain,
-            hostname=self.config.hostname,
+            domain=domain,
+            hostname=hostname,
         )
         return message.with_head(b"".join((head, memoryview(message.head)[end:])))
 
