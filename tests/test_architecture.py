@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "pymta"
 
 # Lower layers never import higher ones. Peers on one layer never import each other (within a package: free).
 LAYERS: dict[str, int] = {
-    "pymta": 0,  # __init__ (the version) and the leaves: errors, log, fsutil, privileges
+    "pymta": 0,  # __init__ (the version) and the leaves: errors, log, fsutil, privileges, records
     "mail": 1,
     "config": 2,
     "queue": 3,

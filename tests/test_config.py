@@ -1,7 +1,6 @@
 """pymta.config.load: every key valid and invalid, one-line errors naming file and key, masking, `config
 check`."""
 
-import dataclasses
 import os
 import shutil
 import socket
@@ -32,6 +31,7 @@ from pymta.config.model import (
     parse_duration,
 )
 from pymta.errors import EX_CONFIG, ConfigError
+from pymta.records import FrozenInstanceError
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "/etc/pymta/pymta.yaml"  # the name errors from loads() carry in these tests
@@ -139,9 +139,9 @@ def test_full_config() -> None:
 
 def test_config_is_immutable() -> None:
     loaded = loads(FULL, FILE)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         loaded.spool = "/tmp"  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         loaded.smarthosts[0].port = 25  # type: ignore[misc]
     assert not hasattr(loaded, "__dict__")  # slots
     assert isinstance(loaded.smarthosts, tuple) and isinstance(loaded.retry.schedule, tuple)

@@ -20,7 +20,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -32,6 +32,7 @@ from pymta.delivery import frames, local, privsep
 from pymta.delivery.flush import FlushReport
 from pymta.delivery.local import LocalOutcome, user_name_problem
 from pymta.mail.address import MAX_PATH, path_octets
+from pymta.records import replace
 
 PREFIX = struct.Struct(">II")
 MAX_MESSAGE = 1000  # the config's max_message_size here; with no allowance, also root's payload limit

@@ -1,6 +1,6 @@
 """The configuration file: YAML in, a typed, validated, immutable `Config` out.
 
-The file is parsed once into frozen dataclasses; nothing else in pymta reads YAML or looks at raw keys. Every
+The file is parsed once into frozen records; nothing else in pymta reads YAML or looks at raw keys. Every
 key is declared in a table (key, field, parser); an unknown key is an error with a did-you-mean, and every
 error is one line that names the file, the key path (`smarthosts[0].port`), what is wrong and the fix.
 
@@ -8,7 +8,7 @@ The file must be readable by every user (`sendmail` reads the spool location fro
 password: passwords come from a source (keyring, command, environment variable or a private file) that
 `pymta.delivery.credentials` resolves at delivery time. A `Config` holds only the reference to that source.
 
-The dataclasses are in `pymta.config.model`, the size limits in `pymta.config.limits`. `sendmail` imports
+The records are in `pymta.config.model`, the size limits in `pymta.config.limits`. `sendmail` imports
 none of this (it reads a few keys with `pymta.config.paths`); the CLI and the flusher do.
 """
 
@@ -20,7 +20,6 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from pymta import log
 from pymta.config.limits import parse_size
@@ -52,6 +51,7 @@ from pymta.config.paths import find_config
 from pymta.config.yamlfile import read_yaml
 from pymta.errors import ConfigError
 from pymta.mail.idn import a_label, domain_key
+from pymta.records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ _HEX_RE = re.compile(r"[0-9A-Fa-f]{64}")
 # --- Reading and validating ---
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class _Where:
     """A place in the config file, for error messages: the file and the key path."""
 
@@ -95,7 +95,7 @@ if TYPE_CHECKING:
     Parser = Callable[[object, _Where], Any]
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class _Key:
     """One config key: the dataclass field it fills, how its value is read, and whether it must be given."""
 

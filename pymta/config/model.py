@@ -1,4 +1,4 @@
-"""The configuration as pymta uses it: frozen dataclasses, the defaults with their reasons, durations.
+"""The configuration as pymta uses it: frozen records, the defaults with their reasons, durations.
 
 A `Config` is immutable and valid by construction: `pymta.config.load` builds it from the YAML file and is the
 only reader of raw keys. `Config()` is the configuration when there is no file. The size limits are in
@@ -13,11 +13,11 @@ import re
 import socket
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from pymta.config.limits import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_PER_USER, format_size
 from pymta.config.paths import default_spool
 from pymta.mail.idn import domain_key
+from pymta.records import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def default_hostname() -> str:
 # --- The typed configuration ---
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class PasswordSource:
     """Where a smarthost password comes from. The reference names the place; it is not the secret."""
 
@@ -191,7 +191,7 @@ class PasswordSource:
         return {self.kind: self.reference}
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Rewrite:
     """Sender rewriting for mail from local senders (root, cron, daemons) sent through a smarthost, whose
     provider accepts only the account's own address (web.de, GMX, Gmail answer 554 otherwise)."""
@@ -210,7 +210,7 @@ class Rewrite:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Local:
     """Delivery to local mailboxes."""
 
@@ -222,7 +222,7 @@ class Local:
         return {"mailbox": self.mailbox, "mail_spool": self.mail_spool, "maildir": self.maildir}
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Smarthost:
     """One server that takes our mail for relaying, and how to talk to it."""
 
@@ -271,7 +271,7 @@ class Smarthost:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Retry:
     """When to try a deferred message again, and when to give up and bounce it."""
 
@@ -291,7 +291,7 @@ class Retry:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Route:
     """Mail from senders matching `sender`, or to recipients matching `recipient` (shell patterns such as
     *@example.com; exactly one is set), goes via one smarthost, or to the MX hosts (`DIRECT`)."""
@@ -311,7 +311,7 @@ class Route:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class DnsSettings:
     """Which DNS servers direct delivery asks: none given means the system's (/etc/resolv.conf).
     `nameservers` and `port` are a test and advanced option (a local resolver on another port)."""
@@ -328,7 +328,7 @@ class DnsSettings:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Mx:
     """How direct delivery talks to MX hosts: the port, the TLS policy (by default and per recipient
     domain) and the time given to each command."""
@@ -353,7 +353,7 @@ class Mx:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class MtaSts:
     """Whether direct delivery applies the recipient domains' MTA-STS policies (RFC 8461); `port` and
     `ca_file` (the HTTPS port and CA of the policy hosts) are a test and advanced option."""
@@ -366,7 +366,7 @@ class MtaSts:
         return {"enabled": self.enabled, "port": self.port, "ca_file": self.ca_file}
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Config:
     """pymta's effective settings. `Config()` is the configuration used when there is no file."""
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import dataclass, field
 
 from pymta.config.identity import host_names
 from pymta.config.model import Config
 from pymta.errors import ConfigError
 from pymta.mail.address import qualify
 from pymta.mail.idn import domain_key
+from pymta.records import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ LAST_RESORT_MAILBOX = "root"
 FIRST_PERSON_UID = 1000
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Plan:
     """What to do with one recipient: deliver to the mailbox of `user`, and/or hand it on to `targets`."""
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 from pymta.config.identity import host_names
 from pymta.config.model import Config, Smarthost
 from pymta.log import LOGGER_NAME
 from pymta.mail.idn import domain_key
+from pymta.records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ MX_CONNECT_TIMEOUT = 30.0
 STS_CACHE = "mta-sts"
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class MxRelay(Smarthost):
     """One address of one MX host as a session target; `host` is the MX name, `tls_policy` the domain's."""
 

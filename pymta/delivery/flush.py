@@ -40,7 +40,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from pymta import log
 from pymta.config.identity import policy_of
@@ -56,6 +55,7 @@ from pymta.privileges import lookup_user
 from pymta.queue.entry import NEVER, QueueEntry, RecipientStatus
 from pymta.queue.selection import Selection
 from pymta.queue.spool import Names, Spool
+from pymta.records import record
 
 # At most this many recipients per message, aliases included: a runaway alias file must not fan out forever.
 MAX_RECIPIENTS = 1000
@@ -79,7 +79,7 @@ if TYPE_CHECKING:
 NO_SMARTHOST = "no smarthost configured; see pymta(1): add one under 'smarthosts:' in the config"
 
 
-@dataclass
+@record
 class FlushReport:
     """What one run did, for the command's summary and for tests."""
 
@@ -597,7 +597,7 @@ class Flusher:
         return self.recorder.record(entry, message, attempt, lock, report.count)
 
 
-@dataclass
+@record
 class Prefetched:
     """The due message after next, locked and read (`Flusher._prefetch`) and not yet attempted."""
 
@@ -608,7 +608,7 @@ class Prefetched:
     completed: Text | None = None  # as it is sent (`Recorder.as_sent`), made while a reply was awaited
 
 
-@dataclass
+@record
 class InFlight:
     """A message whose remote recipients are started and not finished; it keeps its lock until then."""
 

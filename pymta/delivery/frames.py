@@ -19,11 +19,11 @@ import json
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
 from pymta.mail.address import MAX_PATH, path_octets
 from pymta.privileges import lookup_user
 from pymta.queue.entry import MAX_TIME
+from pymta.records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class EndOfStreamError(FrameError):
     """The other side closed the channel between frames."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Refusal:
     """A request root does not serve, and the outcome that answers it."""
 
@@ -148,7 +148,7 @@ def _receive_into(channel: socket.socket, view: memoryview, deadline: float) -> 
     return count
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeliveryRequest:
     """A local delivery root will make: to a local user, from a sender SMTP can carry, at a time asctime()
     can write."""

@@ -47,7 +47,6 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
 
 from pymta import privileges
 from pymta.delivery import frames
@@ -56,6 +55,7 @@ from pymta.log import one_line
 from pymta.mail.text import Text
 from pymta.queue import views
 from pymta.queue.spool import Spool
+from pymta.records import asdict, fields
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 from pymta.config.model import DIRECT, Config, Rewrite, Smarthost
 from pymta.delivery.direct import MxRelay
 from pymta.delivery.smtp.outcome import RecipientOutcome, SessionError
 from pymta.mail.text import Text
 from pymta.queue.entry import QueueEntry
+from pymta.records import replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -10,16 +10,15 @@ which sets it aside with the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pymta.queue.entry import QueueEntry
 from pymta.queue.spool import Names, Spool
+from pymta.records import record
 
 # A recipient in one of these states is done: a limit does not look at it.
 DONE = ("delivered", "failed", "expanded")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Selection:
     """The limits of one run; empty when nothing limits it."""
 

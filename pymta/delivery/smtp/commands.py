@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+
+from pymta.records import record
 
 _NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 _UNSAFE_ADDRESS_RE = re.compile(r"[\x00-\x1f\x7f<>]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class DsnParams:
     mail: list[str]
     rcpt: list[str]

@@ -18,7 +18,6 @@ import logging
 import smtplib
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 
 from pymta.delivery.credentials import CredentialError, Secret, resolve
 from pymta.delivery.direct import MxRelay
@@ -27,6 +26,7 @@ from pymta.delivery.smtp.explain import error_text, explain
 from pymta.delivery.smtp.outcome import SessionError
 from pymta.delivery.smtp.replies import Client, as_bytes, format_reply
 from pymta.delivery.smtp.tls import Certificate, TlsInfo
+from pymta.records import record, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pymta.delivery.smtp")  # the name it had as one module
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ServerInfo:
     """What the session learned about the server, for `pymta test`; filled as far as the session got."""
 

@@ -7,9 +7,8 @@ and `RecipientOutcome` the one shape of it, kept by the flush for every recipien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pymta.errors import EX_TEMPFAIL, PymtaError
+from pymta.records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     Stage = Literal["connect", "greeting", "tls", "auth", "credentials", "protocol", "closed"]
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class RecipientOutcome:
     """What became of one recipient of one message: what the server said, or what local delivery, the
     aliases or the flush decided (`delivery.record.Attempt` keeps one per recipient)."""

@@ -39,7 +39,6 @@ Connecting, TLS and AUTH, and their invariants, are `connection.Connection`'s, u
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
 
 from pymta.delivery.smtp.commands import check_arguments, command_lines, doing, join
 from pymta.delivery.smtp.connection import Connection
@@ -51,6 +50,7 @@ from pymta.mail.downgrade import downgrade
 from pymta.mail.idn import wire_address
 from pymta.mail.linefit import fit_line_length
 from pymta.mail.text import BLOCK, Text, UnreadableText
+from pymta.records import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ NON_ASCII_LOCAL_PART = "non-ASCII local part"
 NOT_IDNA = "the domain is not a valid international domain name (IDNA 2008)"
 
 
-@dataclass(eq=False, slots=True)
+@record(eq=False, slots=True)
 class Transaction:
     """A message started on a session (`SmtpSession.start`) and not finished yet."""
 

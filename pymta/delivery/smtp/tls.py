@@ -14,17 +14,17 @@ import hmac
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pymta.delivery.smtp.outcome import SessionError
+from pymta.records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pymta.config.model import Smarthost
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Certificate:
     """The server certificate as `pymta test` shows it."""
 
@@ -35,7 +35,7 @@ class Certificate:
     verification: str  # how it was checked, in words
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class TlsInfo:
     version: str  # "TLSv1.3"
     cipher: str  # "TLS_AES_256_GCM_SHA384"
