@@ -5,6 +5,7 @@ The figures (milliseconds) are bench/compare.py's; this holds the list, which do
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -68,9 +69,19 @@ def test_flush_with_nothing_due_opens_no_session(with_smarthost: MtaEnv) -> None
 
 def test_flush_of_a_local_message_opens_no_session(with_smarthost: MtaEnv) -> None:
     assert with_smarthost.sendmail("root", input=b"Subject: local\n\nbody\n").returncode == 0
-    modules = imported(with_smarthost, "flush")
+    # Through the console script's entry: click (which the click group loads) imports inspect.
+    modules = imported(with_smarthost, "flush", entry="pymta.cli.entry")
     assert "pymta.delivery.local" in modules and with_smarthost.entries() == []  # delivered
     assert loaded(modules, SESSION_ONLY | OTHER_COMMANDS) == []
+    assert loaded(modules, {"dataclasses", "inspect"}) == []  # the aliases and local delivery: records too
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="in user mode every local name is the running user's mailbox")
+def test_a_flush_that_bounces_loads_no_dataclasses(with_smarthost: MtaEnv) -> None:
+    assert with_smarthost.sendmail("nosuchuser-pymta-test", input=b"Subject: lost\n\nbody\n").returncode == 0
+    modules = imported(with_smarthost, "flush", entry="pymta.cli.entry")
+    assert "pymta.mail.dsn" in modules  # no such local user: a bounce to root
+    assert loaded(modules, {"dataclasses", "inspect"}) == []
 
 
 def test_a_flush_to_a_smarthost_loads_only_what_it_uses(mta: MtaEnv, smtp_server: SmtpServer) -> None:

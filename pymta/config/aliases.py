@@ -30,11 +30,11 @@ import os
 import pwd
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from pymta.errors import AddressError, ConfigError
 from pymta.fsutil import READ_FLAGS, read_all
 from pymta.mail.address import has_control, has_raw_bytes, is_local_part_only, parse_list
+from pymta.records import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     UnhonouredKind = Literal["program", "file"]
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Problem:
     """Something wrong in an aliases or include file, with where it is.
 
@@ -64,7 +64,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Target:
     """One target of an alias as written, classified."""
 
@@ -77,7 +77,7 @@ class Target:
     unhonoured: UnhonouredKind | None = None  # refused only: a program or file target (sent to the admin)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Alias:
     """One entry of the aliases file."""
 
@@ -86,7 +86,7 @@ class Alias:
     line: int
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Aliases:
     """A parsed aliases file: entries by lower-cased name, and what was wrong with the file."""
 

@@ -26,7 +26,6 @@ bounce: problems name the file, the line and what is wrong. Only what the file m
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from pymta.config import include as include_file
 from pymta.config.aliases import Alias, Aliases, Problem, Target, classify, is_user, load, split_targets
@@ -34,6 +33,7 @@ from pymta.config.include import Reader
 from pymta.errors import ConfigError
 from pymta.mail.address import POSTMASTER, is_local_part_only
 from pymta.mail.idn import domain_key
+from pymta.records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ MAX_INCLUDE_DEPTH = 5
 POSTMASTER_ALIAS = "root"
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Unhonoured:
     """A `|program` or `/file` target met while expanding an alias: pymta does not run or write it, and the
     flush sends the mail to the admin instead, with `header()` saying where the target was written."""
@@ -80,7 +80,7 @@ def unhonoured_header(items: Iterable[Unhonoured]) -> bytes:
     return "".join(lines).encode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Expansion:
     """Where mail for one local name goes (`resolve`)."""
 
@@ -90,13 +90,13 @@ class Expansion:
     unhonoured: list[Unhonoured]  # program and file targets met: the admin gets the mail for them
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class _Loop:
     names: tuple[str, ...]  # the chain from the name that is repeated, ending with it again
     line: int  # where the alias the chain starts at is defined
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class _Include:
     """What one include file gave, read with some rights: its targets, the rights its own includes are
     read with, the problems met, and the problem that made it unusable (None when it was read)."""

@@ -25,9 +25,9 @@ import errno
 import os
 import pwd
 import stat
-from dataclasses import dataclass
 
 from pymta.fsutil import READ_FLAGS, open_directory, read_all
+from pymta.records import record
 
 # Bytes: an include file is a list of addresses; a bigger one is not what the admin meant to include.
 MAX_INCLUDE_SIZE = 1024 * 1024
@@ -37,7 +37,7 @@ MAX_SYMLINKS = 40
 _SEARCH, _READ = 0o1, 0o4  # the x and r mode bits
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Reader:
     """A user whose rights an include file is read with (the include rule in the module docstring)."""
 

@@ -56,7 +56,6 @@ import select
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from pymta.config.model import Local
 from pymta.delivery import writing
@@ -75,6 +74,7 @@ from pymta.privileges import (
     reap,
     stopped,
 )
+from pymta.records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ MAX_USER_LENGTH = 250
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class LocalOutcome:
     """How one local delivery ended: delivered, deferred (try again later) or failed (bounce), and why."""
 

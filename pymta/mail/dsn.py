@@ -32,7 +32,6 @@ import hashlib
 import re
 import textwrap
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pymta.mail.message import CRLF, format_date, get_header, header_fields, normalise_line_endings
@@ -48,6 +47,7 @@ from pymta.mail.mime import (
     text_part,
     wrap,
 )
+from pymta.records import record
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 ACTIONS: tuple[Action, ...] = ("failed", "delayed", "delivered", "relayed", "expanded")
@@ -157,7 +157,7 @@ class Original(Protocol):
     def recipients(self) -> Sequence[OriginalRecipient]: ...
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class ReportedRecipient:
     """One recipient a DSN reports on: the per-recipient fields of RFC 3464 2.3."""
 
