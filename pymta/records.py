@@ -35,8 +35,8 @@ class _Missing:
 
 
 MISSING: Any = _Missing()  # no default (dataclasses.MISSING's role)
-# What a record's __init__ methods write themselves: a class that defines one is refused, not overridden.
-_WRITTEN = ("__init__", "__repr__", "__eq__", "__hash__", "__setattr__", "__delattr__", "__post_init__")
+# What a record writes itself (or would have to call): a class that defines one is refused, not overridden.
+_WRITTEN = "__init__ __repr__ __eq__ __hash__ __setattr__ __delattr__ __getstate__ __setstate__ __post_init__"
 # Annotations dataclasses reads as something other than a field; a record supports none of them.
 _NOT_FIELDS = frozenset({"ClassVar", "typing.ClassVar", "InitVar", "dataclasses.InitVar", "KW_ONLY"})
 # What asdict copies, as copy.deepcopy would: immutable values stay as they are.
@@ -80,7 +80,7 @@ def _record(cls: type | None = None, /, *, eq: bool = True, frozen: bool = False
 
 def _make(cls: type, eq: bool, frozen: bool, slots: bool) -> type:
     own = cls.__dict__
-    for name in _WRITTEN:
+    for name in _WRITTEN.split():
         if name in own:
             raise TypeError(f"{cls.__qualname__} defines {name}, which @record does not support")
     found = _fields_of(cls, frozen)

@@ -295,6 +295,7 @@ def refused_shapes() -> list[tuple[str, Callable[[], object]]]:
         ("both defaults", lambda: records.field(default=1, default_factory=list)),  # type: ignore[call-overload]
         ("__post_init__", post_init),
         ("own __eq__", own_eq),
+        ("own __setstate__", lambda: record(type("C", (), {"__setstate__": lambda self, state: None}))),
         ("ClassVar", class_var),
         ("mutable default", mutable_default),
         ("default first", default_first),
