@@ -97,6 +97,15 @@ def test_spool_without_layout_is_not_silently_reused(tmp_path: Path) -> None:
         Spool(str(tmp_path / "spool")).submit(ENVELOPE, b"x\r\n")
 
 
+def test_a_spool_another_sendmail_is_still_making_is_finished_not_refused(tmp_path: Path) -> None:
+    # Found by the torture suite: eight cron jobs' first messages at once. One sendmail had made the spool
+    # and tmp/ but not yet new/ when another looked, found a non-empty directory without new/, and exited 73.
+    (tmp_path / "spool" / "tmp").mkdir(parents=True)
+    Spool(str(tmp_path / "spool")).submit(ENVELOPE, b"x\r\n")
+    assert len(os.listdir(tmp_path / "spool" / "new")) == 1
+    assert sorted(os.listdir(tmp_path / "spool")) == ["corrupt", "new", "queue", "state", "tmp"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only directories")
 def test_unwritable_spool_is_cantcreat(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool"))

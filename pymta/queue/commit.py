@@ -244,7 +244,7 @@ def open_spool(spool: str, *, create: bool = True, create_parents: bool = False)
         owner = posix.stat(spool).st_uid
         drop = posix.lstat(new_dir)
     except FileNotFoundError:
-        if not create or _is_nonempty_dir(spool):
+        if not create or _holds_other_things(spool):
             raise SpoolError(
                 f"the spool {spool} has no new/ directory; run 'pymta setup' or fix 'spool:' in the config"
             ) from None
@@ -453,9 +453,12 @@ def _commit_in(spool: str, message_id: str, data: "Iterable[bytes]", tmp_fd: int
         posix.close(fd)
 
 
-def _is_nonempty_dir(path: str) -> bool:
+def _holds_other_things(path: str) -> bool:
+    """Whether directory `path` holds anything but a spool's own subdirectories: a directory of someone
+    else's that `spool:` names by mistake, never made a spool here. A spool another sendmail is still making
+    (its tmp/ made, its new/ not yet: the first messages of several cron jobs at once) is finished instead."""
     try:
-        return bool(posix.listdir(path))
+        return not set(posix.listdir(path)) <= set(SUBDIRS)
     except FileNotFoundError:
         return False
     except OSError:
