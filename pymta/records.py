@@ -266,21 +266,17 @@ def _state(names: tuple[str, ...]) -> tuple[Callable[[Any], list[Any]], Callable
     return __getstate__, __setstate__
 
 
-def _record_fields(class_or_instance: object) -> tuple[Field, ...]:
+def _fields(class_or_instance: object) -> tuple[Field, ...]:
+    """The record's fields, in order; a TypeError for anything that is no record."""
     found: tuple[Field, ...] | None = getattr(class_or_instance, "__record_fields__", None)
     if found is None:
         raise TypeError("must be called with a record type or instance")
     return found
 
 
-def _fields(class_or_instance: object) -> tuple[Field, ...]:
-    """The record's fields, in order."""
-    return _record_fields(class_or_instance)
-
-
 def _replace(obj: Any, /, **changes: Any) -> Any:
     """A new record like `obj` with `changes`; a name that is not a field is __init__'s TypeError."""
-    for item in _record_fields(obj):
+    for item in _fields(obj):
         if item.name not in changes:
             changes[item.name] = getattr(obj, item.name)
     return obj.__class__(**changes)
@@ -291,7 +287,7 @@ def _asdict(obj: Any) -> dict[str, Any]:
     does. A value of any other kind than plain immutable ones is a TypeError (dataclasses would deepcopy)."""
     if isinstance(obj, type):
         raise TypeError("asdict() should be called on record instances")
-    _record_fields(obj)
+    _fields(obj)
     plain: dict[str, Any] = _plain(obj)
     return plain
 

@@ -186,7 +186,7 @@ class Sessions:
         reasons = list(delivery.failed_on.values())
         given_up = []
         recipients = delivery.recipients
-        # Each dict is asked only when it holds something: a smarthost (a frozen dataclass) is hashed from all
+        # Each dict is asked only when it holds something: a smarthost (a frozen record) is hashed from all
         # its fields at every lookup, and in a run where nothing fails they stay empty.
         for host in delivery.hosts:
             if delivery.failed_on and host in delivery.failed_on:
